@@ -1,0 +1,207 @@
+"""One frozen, validated configuration tree; the only module that reads the environment.
+
+A changed setting is a new object (`dataclasses.replace`). Values a user can get wrong
+raise `ConfigError`, whose message is shown as it is, without a stack trace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served name of the embedded default model
+DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: vLLM's default, small enough to waste little
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB holds ~46k tokens of the default model in bf16
+LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32"}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says what and which flag fixes it."""
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+               "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size_bytes(text: str | int) -> int:
+    """'1GiB' -> 1073741824, '512M' -> 512000000, 4096 -> 4096."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ConfigError(f"Cannot read {text!r} as a size: use a number of bytes or e.g. 512MiB, 2GiB.")
+    unit = (match.group(2) or "").upper().removesuffix("B")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling (`rope_type: llama3`); other types are rejected."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArchConfig:
+    """The shapes of a Llama-architecture model, read from config.json or GGUF metadata."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+    torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ArchConfig:
+        """Build from a Hugging Face config.json dict."""
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"Architecture {arch!r} is not supported; fitserve serves {', '.join(SUPPORTED_ARCHITECTURES)}."
+            )
+        num_heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=arch,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        )
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """K and V elements per token over all layers; times the KV dtype's size gives bytes."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    rope_type = raw.get("rope_type", raw.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3').")
+    return RopeScaling(
+        factor=float(raw["factor"]),
+        low_freq_factor=float(raw["low_freq_factor"]),
+        high_freq_factor=float(raw["high_freq_factor"]),
+        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = DEFAULT_BLOCK_SIZE
+    gpu_memory_utilization: float = 0.9  # vLLM's meaning: fraction of total device memory
+    kv_cache_memory_bytes: int | None = None  # explicit KV size; the CPU default is DEFAULT_CPU_KV_CACHE_BYTES
+    num_gpu_blocks_override: int | None = None  # exact block count, for tests and debugging
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two, got {self.block_size}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ConfigError("--kv-cache-memory-bytes must be positive.")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ConfigError("--num-gpu-blocks-override must be at least 1.")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # requests in one step
+    max_num_batched_tokens: int = 2048  # tokens fed in one step, prefill chunks and decodes together
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}.")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"--max-num-batched-tokens must be at least 1, got {self.max_num_batched_tokens}.")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}.")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded default; else a folder, a .gguf file or a hub id
+    served_model_name: str | None = None
+    tokenizer: str | None = None  # a folder or hub id; None: the model's own
+    load_format: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))
+
+    def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.")
+        dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        object.__setattr__(self, "dtype", dtype)
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in the `model` field."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model or DEFAULT_MODEL_NAME
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hf_home_hint() -> str:
+    """Where the Hugging Face cache lives, for error messages."""
+    return os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )

@@ -1,0 +1,28 @@
+"""The seams that let CPU bookkeeping and device work be built and tested apart.
+
+The engine sees a model runner only through `ModelRunner`; a fake that returns
+`(last token + 1) % vocab` stands in for it in scheduler, engine and API tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from fitserve.core.outputs import RunnerOutput, SchedulerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class KVCapacity:
+    num_blocks: int  # KV blocks allocated per layer
+    block_size: int  # tokens per block
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+class ModelRunner(Protocol):
+    def kv_capacity(self) -> KVCapacity: ...
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...

@@ -1,0 +1,54 @@
+"""What crosses the seam between the scheduler (CPU bookkeeping) and the runner (device work).
+
+Both types are torch-free and frozen: the runner must not mutate the scheduler's plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fitserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """One request's share of a step."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # fed this step: a prompt chunk, or the last sampled token; len >= 1
+    num_computed_tokens: int  # tokens already in the cache before this step (= position of token_ids[0])
+    block_table: tuple[int, ...]  # KV block ids covering num_computed_tokens + len(token_ids) tokens
+    samples: bool  # False for a prefill chunk that does not reach the end of the known tokens
+    sampling_params: SamplingParams
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        """Context length after this step."""
+        return self.num_computed_tokens + len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """One engine step: the requests to run and what the runner may forget."""
+
+    scheduled: tuple[ScheduledRequest, ...]
+    finished_request_ids: frozenset[str]  # finished or aborted since the last step: drop their state
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    """Per sampling request (those with `samples=True`, in scheduled order), the sampled token."""
+
+    sampled_token_ids: dict[str, int]
