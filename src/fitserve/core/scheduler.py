@@ -1,0 +1,189 @@
+"""Continuous batching with one token budget per step.
+
+Each step feeds at most `max_num_batched_tokens` tokens from at most `max_num_seqs`
+requests. Running requests go first, in arrival order: a decoding request takes one token
+of the budget, a request still prefilling takes the next chunk of its prompt. What is left
+admits waiting requests, first come first served. There is no separate prefill or decode
+phase: a step may mix both.
+
+When the cache has no free block for a running request, the newest running request is
+preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed (prompt and the tokens it had generated) when blocks are free again. Its
+output is unchanged by this, since the recomputed K/V equal the lost ones.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from fitserve.core.kv_cache_manager import KVCacheManager
+from fitserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from fitserve.request import Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int  # prompt + output tokens a request may reach
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, kv_cache: KVCacheManager) -> None:
+        self.limits = limits
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_since_last_step: set[str] = set()
+        self.num_preemptions_total = 0
+
+    # -- queue changes -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
+        assert request.sampling_params.max_tokens is not None, "the engine resolves max_tokens"
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus, stop_reason: int | str | None = None) -> None:
+        """End a request from outside the step (abort, or a stop string the detokenizer found)."""
+        assert status.finished
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return  # already finished: aborts race with natural ends
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._release(request, status, stop_reason)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget_tokens = self.limits.max_num_batched_tokens
+        chunks: list[tuple[Request, int]] = []
+        budget_tokens, preempted = self._schedule_running(budget_tokens, chunks)
+        if not preempted:  # a cache that just ran dry admits nobody new
+            self._schedule_waiting(budget_tokens, chunks)
+        scheduled = tuple(self._to_scheduled(request, num_new) for request, num_new in chunks)
+        for request, num_new in chunks:
+            request.num_computed_tokens += num_new
+        finished = frozenset(self._finished_since_last_step)
+        self._finished_since_last_step.clear()
+        return SchedulerOutput(scheduled=scheduled, finished_request_ids=finished)
+
+    def _schedule_running(self, budget_tokens: int, chunks: list[tuple[Request, int]]) -> tuple[int, bool]:
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget_tokens > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget_tokens)
+            total = request.num_computed_tokens + num_new
+            while not self.kv_cache.allocate_slots(request.request_id, total):
+                victim = self.running.pop()  # the newest running request loses its blocks
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    return budget_tokens, preempted
+            chunks.append((request, num_new))
+            budget_tokens -= num_new
+            index += 1
+        return budget_tokens, preempted
+
+    def _schedule_waiting(self, budget_tokens: int, chunks: list[tuple[Request, int]]) -> None:
+        while self.waiting and budget_tokens > 0 and len(self.running) < self.limits.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget_tokens)
+            if not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+                break  # first come first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append((request, num_new))
+            budget_tokens -= num_new
+
+    def _to_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.token_ids_slice(start, start + num_new),
+            num_computed_tokens=start,
+            block_table=tuple(self.kv_cache.block_table(request.request_id)),
+            samples=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    # -- after the step ----------------------------------------------------------------------
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+    ) -> list[tuple[Request, int]]:
+        """Append each sampled token; finish requests that hit a stop condition.
+
+        Returns (request, new token id) for every request that sampled this step.
+        """
+        sampled: list[tuple[Request, int]] = []
+        for chunk in scheduler_output.scheduled:
+            if not chunk.samples:
+                continue
+            request = self.requests.get(chunk.request_id)
+            if request is None:  # finished from outside between schedule and update
+                continue
+            token_id = runner_output.sampled_token_ids[chunk.request_id]
+            request.output_token_ids.append(token_id)
+            sampled.append((request, token_id))
+            status, stop_reason = self._stop_condition(request, token_id)
+            if status is not None:
+                self.requests.pop(request.request_id)
+                self.running.remove(request)
+                self._release(request, status, stop_reason)
+        return sampled
+
+    def _stop_condition(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
+        params = request.sampling_params
+        if not params.ignore_eos and token_id in params.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED, None
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token_id
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.limits.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _release(self, request: Request, status: RequestStatus, stop_reason: int | str | None) -> None:
+        request.status = status
+        request.stop_reason = stop_reason
+        self.kv_cache.free(request.request_id)
+        self._finished_since_last_step.add(request.request_id)
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        self.kv_cache.check_invariants()
+        running_ids = {r.request_id for r in self.running}
+        waiting_ids = {r.request_id for r in self.waiting}
+        assert len(running_ids) == len(self.running) and len(waiting_ids) == len(self.waiting)
+        assert not running_ids & waiting_ids, "a request is both running and waiting"
+        assert running_ids | waiting_ids == set(self.requests), "queues and the request map disagree"
+        assert len(self.running) <= self.limits.max_num_seqs
+        for request in self.running:
+            assert request.status == RequestStatus.RUNNING
+            table = self.kv_cache.block_table(request.request_id)
+            assert len(table) * self.kv_cache.block_size >= request.num_computed_tokens, "tokens beyond the table"
+            assert request.num_computed_tokens <= request.num_tokens
+        for request in self.waiting:
+            assert request.status == RequestStatus.WAITING
+            assert not self.kv_cache.block_table(request.request_id), "a waiting request holds blocks"

@@ -1,0 +1,166 @@
+"""The engine behind the HTTP server: a background thread steps the LLMEngine while
+requests stream their outputs to asyncio tasks.
+
+The step loop runs in its own thread so that the event loop stays free for HTTP work
+while the model computes (torch releases the interpreter lock inside its kernels). The
+two sides meet in two places only: a locked inbox of new requests and aborts, and
+`call_soon_threadsafe`, which hands each step's outputs to the event loop in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fitserve.engine.errors import EngineDeadError
+from fitserve.engine.llm_engine import LLMEngine
+from fitserve.engine.outputs import RequestOutput
+from fitserve.request import Request
+from fitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class _Stream:
+    """Where one request's outputs wait for its consumer."""
+
+    __slots__ = ("loop", "queue", "finished")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_model_len = engine.max_model_len
+        self._tokenizer = tokenizer
+        self._inbox_lock = threading.Lock()
+        self._new_requests: list[Request] = []
+        self._aborts: list[str] = []
+        self._wakeup = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stop = False
+        self._dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="fitserve-engine", daemon=True)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        self._stop = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def is_healthy(self) -> bool:
+        return self._dead_error is None and self._thread.is_alive()
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead_error is not None:
+            raise EngineDeadError("The engine has stopped after an internal error.")
+        request = self.engine.make_request(request_id, prompt_token_ids, sampling_params)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id} is already in use")
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        with self._inbox_lock:
+            self._new_requests.append(request)
+        self._wakeup.set()
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            # Reached on normal end, on an error, and when the consumer closes us early
+            # (client disconnect): in the last two cases the request is still running.
+            self._streams.pop(request_id, None)
+            if not stream.finished:
+                self._request_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._request_abort(request_id)
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._inbox_lock:
+            self._aborts.append(request_id)
+        self._wakeup.set()
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stop:
+                self._drain_inbox()
+                if not self.engine.has_unfinished:
+                    self._wakeup.wait()
+                    continue
+                outputs = self.engine.step()
+                if outputs:
+                    self._deliver(outputs)
+        except BaseException as error:  # noqa: BLE001 - the loop must report every failure
+            logger.exception("The engine loop failed; failing all in-flight requests.")
+            self._dead_error = error
+            self._fail_all(EngineDeadError("The engine failed while running this request."))
+
+    def _drain_inbox(self) -> None:
+        self._wakeup.clear()  # before taking the inbox: a later set() is never lost
+        with self._inbox_lock:
+            new_requests, self._new_requests = self._new_requests, []
+            aborts, self._aborts = self._aborts, []
+        for request in new_requests:
+            self.engine.add_request(request)
+        for request_id in aborts:
+            self.engine.abort_request(request_id)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # its consumer left; the abort is already queued
+            stream.finished = output.finished
+            by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, items in by_loop.items():
+            _call_soon(loop, _put_all, items)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.finished = True
+            _call_soon(stream.loop, stream.queue.put_nowait, error)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # that event loop has closed: nobody is left to read
+        pass
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)

@@ -1,0 +1,141 @@
+"""The synchronous engine: requests in, one step at a time, RequestOutputs out.
+
+It owns the scheduler and the per-request detokenizers and talks to the device only
+through the ModelRunner protocol, so tests drive it with a fake runner. It never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fitserve.core.interfaces import ModelRunner
+from fitserve.core.kv_cache_manager import KVCacheManager
+from fitserve.core.scheduler import Scheduler, SchedulerLimits
+from fitserve.engine.detokenizer import Decoder, IncrementalDetokenizer
+from fitserve.engine.errors import InvalidRequestError
+from fitserve.engine.outputs import RequestOutput
+from fitserve.request import Request, RequestStatus
+from fitserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    scheduler: SchedulerLimits
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits) -> None:
+        capacity = runner.kv_capacity()
+        self.runner = runner
+        self.decoder = decoder
+        self.limits = limits
+        self.block_size = capacity.block_size
+        self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size)
+        self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.num_steps = 0
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.scheduler.max_model_len
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate a request and resolve its defaults; raises InvalidRequestError.
+
+        Reads only immutable limits, so the HTTP thread may call it before queueing.
+        """
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("The prompt is empty: send at least one token.", param="prompt")
+        vocab = self.limits.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"Token id {bad} is out of vocabulary (valid ids: 0 to {vocab - 1}).", "prompt")
+        max_len = self.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - num_prompt
+        if num_prompt + max(max_tokens, 1) > max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or of max_tokens.",
+                param="max_tokens" if params.max_tokens is not None and num_prompt < max_len else "prompt",
+            )
+        resolved = replace(params, max_tokens=max_tokens, eos_token_ids=self.limits.eos_token_ids)
+        return Request(request_id, tuple(prompt_token_ids), resolved)
+
+    def add_request(self, request: Request) -> None:
+        self._detokenizers[request.request_id] = IncrementalDetokenizer(
+            self.decoder, request.prompt_token_ids, request.sampling_params
+        )
+        self.num_prompt_tokens_total += request.num_prompt_tokens
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self._detokenizers.pop(request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        self.num_steps += 1
+        outputs = []
+        for request, token_id in self.scheduler.update_from_output(scheduler_output, runner_output):
+            self.num_generation_tokens_total += 1
+            detokenizer = self._detokenizers[request.request_id]
+            stop_string = detokenizer.append(token_id)
+            if stop_string is not None and not request.status.finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop_string)
+            finished = request.status.finished
+            outputs.append(
+                RequestOutput(
+                    request_id=request.request_id,
+                    new_token_ids=(token_id,),
+                    new_text=detokenizer.take_delta(finished),
+                    finished=finished,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_prompt_tokens=request.num_prompt_tokens,
+                    num_output_tokens=len(request.output_token_ids),
+                )
+            )
+            if finished:
+                del self._detokenizers[request.request_id]
+        return outputs
+
+    def stats(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        return {
+            "num_requests_running": len(scheduler.running),
+            "num_requests_waiting": len(scheduler.waiting),
+            "kv_cache_usage": self.kv_cache.usage,
+            "num_free_kv_blocks": self.kv_cache.num_free_blocks,
+            "num_kv_blocks": self.kv_cache.pool.num_blocks,
+            "block_size": self.block_size,
+            "num_preemptions_total": scheduler.num_preemptions_total,
+            "num_prompt_tokens_total": self.num_prompt_tokens_total,
+            "num_generation_tokens_total": self.num_generation_tokens_total,
+            "num_steps": self.num_steps,
+            "time_s": time.monotonic(),
+        }
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()
+        assert set(self._detokenizers) == set(self.scheduler.requests), "detokenizers leak or are missing"
+

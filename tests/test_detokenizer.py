@@ -1,0 +1,58 @@
+from fitserve.engine.detokenizer import IncrementalDetokenizer
+from fitserve.sampling_params import SamplingParams
+
+
+class ByteDecoder:
+    """Token id = one UTF-8 byte; cut-off characters decode to U+FFFD like real tokenizers."""
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+
+def feed(text, params, prompt=(65,)):
+    detok = IncrementalDetokenizer(ByteDecoder(), tuple(prompt), params)
+    deltas, stop = [], None
+    for byte in text.encode():
+        stop = detok.append(byte)
+        deltas.append(detok.take_delta(finished=stop is not None))
+        if stop:
+            break
+    return deltas, stop, detok
+
+
+def test_multibyte_characters_are_emitted_whole():
+    deltas, stop, _ = feed("héllo ✓", SamplingParams())
+    assert stop is None
+    assert "".join(deltas) == "héllo ✓"
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_stop_string_split_across_tokens_is_found_and_removed():
+    deltas, stop, detok = feed("The answer is 4. END of story", SamplingParams(stop=("END",)))
+    assert stop == "END"
+    assert "".join(deltas) == "The answer is 4. "
+    assert detok.text == "The answer is 4. "
+
+
+def test_stop_string_kept_when_asked():
+    deltas, stop, _ = feed("abc STOP def", SamplingParams(stop=("STOP",), include_stop_str_in_output=True))
+    assert stop == "STOP" and "".join(deltas) == "abc STOP"
+
+
+def test_partial_stop_prefix_is_held_back_then_released():
+    params = SamplingParams(stop=("XYZ",))
+    detok = IncrementalDetokenizer(ByteDecoder(), (65,), params)
+    streamed = ""
+    for byte in b"abXY":
+        assert detok.append(byte) is None
+        streamed += detok.take_delta(finished=False)
+    assert streamed == "ab", "'XY' may begin the stop string and must be held back"
+    assert detok.append(ord("Q")) is None
+    streamed += detok.take_delta(finished=False)
+    streamed += detok.take_delta(finished=True)
+    assert streamed == "abXYQ"
+
+
+def test_earliest_stop_string_wins_and_text_before_is_kept():
+    deltas, stop, _ = feed("one, two; three", SamplingParams(stop=("three", ";")))
+    assert stop == ";" and "".join(deltas) == "one, two"
