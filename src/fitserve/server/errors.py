@@ -1,0 +1,173 @@
+"""Typed HTTP errors and the one place that turns any failure into OpenAI's error JSON.
+
+Every response that is not a success has the shape
+`{"error": {"message", "type", "param", "code"}}`. Internal exception text never reaches a
+client: unexpected failures are logged with their traceback and answered with a generic 500.
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fitserve.engine.errors import EngineDeadError, InvalidRequestError
+from fitserve.sampling_params import InvalidSamplingParam
+from fitserve.server.protocol import ErrorInfo, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+VALUE_ERROR_PREFIX = "Value error, "  # pydantic prepends it to messages of ValueErrors raised in validators
+
+
+class OpenAIHTTPError(Exception):
+    """An error a handler raises on purpose; its message is safe to show the client."""
+
+    status_code = http.HTTPStatus.BAD_REQUEST
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class BadRequestError(OpenAIHTTPError):
+    pass
+
+
+class ModelNotFoundError(OpenAIHTTPError):
+    status_code = http.HTTPStatus.NOT_FOUND
+    error_type = "NotFoundError"  # what vLLM answers for an unknown model
+
+    def __init__(self, requested: str, served: str) -> None:
+        super().__init__(
+            f"The model `{requested}` does not exist. This server serves `{served}`.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+class AuthenticationError(OpenAIHTTPError):
+    status_code = http.HTTPStatus.UNAUTHORIZED
+    error_type = "authentication_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Missing or invalid API key: send it as `Authorization: Bearer <key>`.",
+            code="invalid_api_key",
+        )
+
+
+class InternalServerError(OpenAIHTTPError):
+    status_code = http.HTTPStatus.INTERNAL_SERVER_ERROR
+    error_type = "internal_server_error"
+
+    def __init__(self) -> None:
+        super().__init__(INTERNAL_ERROR_MESSAGE)
+
+
+class ServiceUnavailableError(OpenAIHTTPError):
+    status_code = http.HTTPStatus.SERVICE_UNAVAILABLE
+    error_type = "service_unavailable"
+
+
+def error_body(status_code: int, message: str, error_type: str, param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    info = ErrorInfo(message=message, type=error_type, param=param, code=code)
+    return ErrorResponse(error=info).model_dump()
+
+
+def error_response(status_code: int, message: str, error_type: str, param: str | None = None,
+                   code: str | int | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status_code, message, error_type, param, code), status_code=status_code)
+
+
+def to_openai_error(exc: BaseException) -> OpenAIHTTPError:
+    """Map any exception to a typed error; unknown ones become a generic 500."""
+    if isinstance(exc, OpenAIHTTPError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc), param=exc.param)
+    if isinstance(exc, InvalidSamplingParam):
+        return BadRequestError(str(exc), param=exc.param)
+    if isinstance(exc, EngineDeadError):
+        return ServiceUnavailableError("The engine is not running; the server cannot serve requests.")
+    logger.error("Internal error while serving a request", exc_info=exc)
+    return InternalServerError()
+
+
+def openai_error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    err = to_openai_error(exc)
+    return int(err.status_code), error_body(err.status_code, err.message, err.error_type, err.param, err.code)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first validation error as (message, param), e.g. ('Field required', 'messages')."""
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}.", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "Invalid value.")).removeprefix(VALUE_ERROR_PREFIX)
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: `{param}`."
+    elif param and not message.startswith("`"):
+        message = f"Invalid value for `{param}`: {message}"
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more error(s) in the request.)"
+    return message, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the app as OpenAI error JSON, FastAPI's 422 shape included."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        phrase = http.HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404:
+            message = f"Not found: {request.method} {request.url.path}"
+            error_type = "NotFoundError"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+            error_type = "method_not_allowed"
+        else:
+            message = exc.detail if isinstance(exc.detail, str) else phrase
+            error_type = phrase.lower().replace(" ", "_")
+        return JSONResponse(error_body(exc.status_code, message, error_type), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(OpenAIHTTPError)
+    @app.exception_handler(InvalidRequestError)
+    @app.exception_handler(InvalidSamplingParam)
+    @app.exception_handler(EngineDeadError)
+    async def _typed(_: Request, exc: Exception) -> JSONResponse:
+        status, body = openai_error_json(exc)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        status, body = openai_error_json(exc)
+        return JSONResponse(body, status_code=status)
+
+
+def sse_error_event(exc: BaseException) -> str:
+    """An error met mid-stream, after the 200 headers went out: sent as a data event."""
+    _, body = openai_error_json(exc)
+    return f"data: {json.dumps(body)}\n\n"

@@ -1,0 +1,228 @@
+"""What both endpoints share: model check, context-length checks, engine streams that always
+abort on exit, disconnect detection, and Server-Sent Events framing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from fitserve.engine.client import EngineClient
+from fitserve.engine.outputs import RequestOutput
+from fitserve.sampling_params import SamplingParams
+from fitserve.server.errors import BadRequestError, ModelNotFoundError
+from fitserve.server.protocol import SamplingFields
+
+T = TypeVar("T")
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready."""
+
+
+@dataclass(slots=True)
+class FinalOutput:
+    """One request's whole result, accumulated from its RequestOutput deltas."""
+
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+def sse_event(chunk: BaseModel, include_usage: bool) -> str:
+    # OpenAI sends `usage: null` on every chunk only when the client asked for usage.
+    exclude = None if include_usage else {"usage"}
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its body iterator.
+
+    Starlette stops iterating when the client disconnects but leaves the generator to the
+    garbage collector; closing it here runs its `finally`, which aborts the engine request.
+    """
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it and raising ClientDisconnected if the client goes away."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+        if work_task.done():
+            return work_task.result()
+        raise ClientDisconnected()
+    finally:
+        for task in (work_task, watch_task):
+            task.cancel()
+        # Let the cancelled work run its `finally` blocks (engine aborts) before we return.
+        await asyncio.gather(work_task, watch_task, return_exceptions=True)
+
+
+async def gather_or_cancel(*works: Awaitable[T]) -> list[T]:
+    """Like asyncio.gather, but a failure or cancellation cancels the others and waits for them."""
+    tasks = [asyncio.ensure_future(work) for work in works]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(stream: AsyncIterator[RequestOutput]) -> FinalOutput:
+    pieces: list[str] = []
+    last: RequestOutput | None = None
+    async for out in stream:
+        pieces.append(out.new_text)
+        last = out
+    assert last is not None and last.finished, "an engine stream must end with a finished output"
+    return FinalOutput("".join(pieces), last.finish_reason, last.stop_reason,
+                       last.num_prompt_tokens, last.num_output_tokens)
+
+
+async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as (index, item) in arrival order; closes all on exit."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    finished = object()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+            await queue.put((index, finished))
+        except Exception as exc:  # handed to the consumer, which re-raises it
+            await queue.put((index, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        num_running = len(tasks)
+        while num_running:
+            index, item = await queue.get()
+            if item is finished:
+                num_running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+class ServingBase:
+    """Holds the engine; turns validated requests into engine streams."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.engine.model_name:
+            raise ModelNotFoundError(requested, self.engine.model_name)
+
+    def check_prompt_ids(self, token_ids: list[int], param: str) -> None:
+        if not token_ids:
+            raise BadRequestError("The prompt is empty.", param=param)
+        vocab_size = getattr(self.engine.tokenizer, "vocab_size", None)
+        if isinstance(vocab_size, int) and any(not 0 <= t < vocab_size for t in token_ids):
+            raise BadRequestError(f"Token ids must be in [0, {vocab_size}).", param=param)
+
+    def sampling_params(self, body: SamplingFields, num_prompt_tokens: int, prompt_param: str,
+                        max_tokens_param: str = "max_tokens") -> SamplingParams:
+        """SamplingParams with a concrete max_tokens that fits the context, else a 400."""
+        max_model_len = self.engine.max_model_len
+        if num_prompt_tokens >= max_model_len:
+            raise BadRequestError(
+                f"This model's maximum context length is {max_model_len} tokens. However, your "
+                f"request has {num_prompt_tokens} input tokens, which leaves no room for output. "
+                "Please reduce the length of the input.",
+                param=prompt_param,
+            )
+        room_tokens = max_model_len - num_prompt_tokens
+        requested = body.requested_max_tokens()
+        params = body.to_sampling_params(max_tokens=room_tokens if requested is None else requested)
+        if requested is not None and requested > room_tokens:
+            raise BadRequestError(
+                f"`{max_tokens_param}` is too large: {requested}. This model's maximum context "
+                f"length is {max_model_len} tokens and your request has {num_prompt_tokens} input "
+                f"tokens ({requested} > {max_model_len} - {num_prompt_tokens}).",
+                param=max_tokens_param,
+            )
+        return params
+
+    async def engine_stream(self, request_id: str, prompt_token_ids: list[int],
+                            params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one request; leaving early in any way aborts it.
+
+        `generate` is called lazily, so a stream that is never started never reaches the engine.
+        """
+        outputs = self.engine.generate(request_id, prompt_token_ids, params)
+        finished = False
+        try:
+            async for out in outputs:
+                finished = out.finished
+                yield out
+        finally:
+            # Closing the engine's iterator is the seam's abort; abort by id only when it
+            # cannot be closed.
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            elif not finished:
+                await self.engine.abort(request_id)
+
+
+async def prime(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Fetch the first item now (so errors raised before it become HTTP errors), then replay it."""
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        return _empty()
+    return _chain_first(first, stream)
+
+
+async def _empty() -> AsyncIterator[Any]:
+    return
+    yield  # makes this an async generator
+
+
+async def _chain_first(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
