@@ -1,0 +1,5 @@
+import sys
+
+from fitserve.cli import main
+
+sys.exit(main())

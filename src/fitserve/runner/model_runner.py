@@ -1,0 +1,62 @@
+"""The torch side of a step: build the batch, run the model, sample.
+
+Implements core.interfaces.ModelRunner. It keeps no request state besides the sampler's
+per-request generators, which it drops when the scheduler reports a request finished.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fitserve.config import ArchConfig
+from fitserve.core.interfaces import KVCapacity
+from fitserve.core.outputs import RunnerOutput, SchedulerOutput
+from fitserve.runner.input_batch import build_forward_batch
+from fitserve.runner.sampler import Sampler
+
+
+def allocate_kv_cache(
+    arch: ArchConfig, capacity: KVCapacity, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, K and V each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    shape = (capacity.num_blocks, capacity.block_size, arch.num_key_value_heads, arch.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(arch.num_hidden_layers)
+    ]
+
+
+class TorchModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: ArchConfig,
+        capacity: KVCapacity,
+        kv_dtype: torch.dtype,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.device = device
+        self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device)
+        model.bind_kv_cache(self.kv_caches)
+        self.sampler = Sampler(device, seed)
+
+    def kv_capacity(self) -> KVCapacity:
+        return self.capacity
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        self.sampler.forget(scheduler_output.finished_request_ids)
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return RunnerOutput(sampled_token_ids={})
+        batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
+        hidden = self.model(batch)  # [T, hidden]
+        sampling_chunks = [chunk for chunk in scheduled if chunk.samples]
+        if not sampling_chunks:
+            return RunnerOutput(sampled_token_ids={})
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S_sampling, vocab] float32
+        token_ids = self.sampler.sample(logits, sampling_chunks)
+        return RunnerOutput(sampled_token_ids={c.request_id: t for c, t in zip(sampling_chunks, token_ids)})
