@@ -198,7 +198,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16  # the OpenAI default for completions
+    max_tokens: int | None = None  # None: up to the context (OpenAI's default would be 16)
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None

@@ -1,0 +1,113 @@
+"""Request-model validation: fast unit tests of protocol.py, no server."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from fitserve.sampling_params import InvalidSamplingParam
+from fitserve.server.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatStreamChoice, CompletionRequest, DeltaMessage
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def test_chat_minimal_request_defaults():
+    req = ChatCompletionRequest.model_validate({"messages": USER})
+    assert req.model is None and req.stream is False and req.n == 1
+    assert req.requested_max_tokens() is None
+    params = req.to_sampling_params(max_tokens=7)
+    assert params.max_tokens == 7 and params.temperature == 1.0 and params.stop == ()
+
+
+def test_chat_max_completion_tokens_wins_over_max_tokens():
+    req = ChatCompletionRequest.model_validate({"messages": USER, "max_tokens": 5, "max_completion_tokens": 9})
+    assert req.requested_max_tokens() == 9
+
+
+def test_content_parts_are_joined():
+    msg = {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+    req = ChatCompletionRequest.model_validate({"messages": [msg]})
+    assert req.messages[0].to_template_dict() == {"role": "user", "content": "a\nb"}
+
+
+@pytest.mark.parametrize("body", [
+    {},  # no messages
+    {"messages": []},
+    {"messages": [{"role": "wizard", "content": "x"}]},
+    {"messages": [{"role": "user"}]},  # only assistant turns may omit content
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    {"messages": USER, "n": 2},
+    {"messages": USER, "logprobs": True},
+    {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"messages": USER, "presence_penalty": 0.5},
+    {"messages": USER, "stream_options": {"include_usage": True}},  # without stream
+    {"messages": USER, "response_format": {"type": "json_object"}},
+    {"messages": USER, "temperature": "hot"},
+])
+def test_chat_invalid_requests(body):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_assistant_message_may_omit_content():
+    req = ChatCompletionRequest.model_validate({"messages": [*USER, {"role": "assistant", "content": None}]})
+    assert req.messages[1].text() == ""
+
+
+def test_sampling_fields_map_one_to_one():
+    req = ChatCompletionRequest.model_validate({
+        "messages": USER, "temperature": 0, "top_p": 0.5, "top_k": 3, "min_p": 0.1, "seed": 4,
+        "stop": "x", "stop_token_ids": [2], "ignore_eos": True, "include_stop_str_in_output": True,
+        "skip_special_tokens": False,
+    })
+    p = req.to_sampling_params(max_tokens=3)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed) == (0, 0.5, 3, 0.1, 4)
+    assert p.stop == ("x",) and p.stop_token_ids == (2,) and p.greedy
+    assert p.ignore_eos and p.include_stop_str_in_output and not p.skip_special_tokens
+
+
+def test_out_of_range_sampling_value_names_the_param():
+    req = ChatCompletionRequest.model_validate({"messages": USER, "top_p": 0})
+    with pytest.raises(InvalidSamplingParam) as info:
+        req.to_sampling_params(max_tokens=1)
+    assert info.value.param == "top_p"
+
+
+@pytest.mark.parametrize("prompt, expected", [
+    ("hi", ["hi"]),
+    (["a", "b"], ["a", "b"]),
+    ([1, 2, 3], [[1, 2, 3]]),
+    ([[1, 2], [3]], [[1, 2], [3]]),
+])
+def test_completion_prompt_forms(prompt, expected):
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompts() == expected
+
+
+@pytest.mark.parametrize("body", [
+    {},
+    {"prompt": []},
+    {"prompt": [[1], []]},
+    {"prompt": "x", "echo": True},
+    {"prompt": "x", "logprobs": 2},
+    {"prompt": "x", "best_of": 3},
+    {"prompt": "x", "n": 0},
+    {"prompt": {"text": "x"}},
+])
+def test_completion_invalid_requests(body):
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(body)
+
+
+def test_completion_default_max_tokens_is_the_context():
+    assert CompletionRequest.model_validate({"prompt": "x"}).requested_max_tokens() is None
+
+
+def test_include_usage_only_when_streaming():
+    req = CompletionRequest.model_validate({"prompt": "x", "stream": True, "stream_options": {"include_usage": True}})
+    assert req.include_usage
+    assert not CompletionRequest.model_validate({"prompt": "x", "stream": True}).include_usage
+
+
+def test_delta_sends_only_changed_fields():
+    chunk = ChatCompletionChunk(id="c", model="m", choices=[ChatStreamChoice(index=0, delta=DeltaMessage(content="x"))])
+    assert chunk.model_dump()["choices"][0]["delta"] == {"content": "x"}
