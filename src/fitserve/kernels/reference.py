@@ -1,0 +1,93 @@
+"""Pure-torch reference kernels: the specification the Triton kernels must match, and the CPU path.
+
+KV cache layout (DESIGN.md): per layer, K and V each [num_blocks, block_size, num_kv_heads, head_dim];
+a token's slot is block_id * block_size + offset; PAD_SLOT rows are skipped by the store.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fitserve.layers.batch import PAD_SLOT, ForwardBatch
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, num_kv_heads, head_dim] into the caches at slot_mapping [T] int64, skipping PAD_SLOT."""
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+    keep = slot_mapping != PAD_SLOT  # [T] bool
+    slots = slot_mapping[keep].long()
+    flat_k.index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    flat_v.index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_blocks, BS, Hkv, D] cache, [nb] block ids -> [num_tokens, Hkv, D] in sequence order."""
+    block_size = cache.shape[1]
+    num_blocks = -(-num_tokens // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks].long())  # [nb, BS, Hkv, D]
+    return blocks.flatten(0, 1)[:num_tokens]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float, is_causal: bool = False) -> torch.Tensor:
+    """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (GQA when Hkv < H) -> [B, H, Lq, D]."""
+    group_size = q.shape[1] // k.shape[1]
+    if group_size > 1:
+        k = k.repeat_interleave(group_size, dim=1)
+        v = v.repeat_interleave(group_size, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: ForwardBatch, scale: float) -> torch.Tensor:
+    """Attention of q [T, H, D] over each request's cached context (new tokens already stored).
+
+    Request i's query rows are query_start_loc[i]:query_start_loc[i+1]; they sit at the end of
+    its seq_lens[i] context, causal among themselves. Rows past the last request (CUDA-graph
+    padding) get zeros. Returns [T, H, D] in q's dtype.
+    """
+    out = torch.zeros_like(q)
+    if batch.num_seqs == 0:
+        return out
+    if batch.max_query_len == 1:
+        num_rows = sum(batch.query_lens_cpu)
+        out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale)
+        return out
+    row = 0
+    for i, (query_len, seq_len) in enumerate(zip(batch.query_lens_cpu, batch.seq_lens_cpu)):
+        if query_len == 0:
+            continue
+        k = _gather_context(k_cache, batch.block_tables[i], seq_len).transpose(0, 1)  # [Hkv, L, D]
+        v = _gather_context(v_cache, batch.block_tables[i], seq_len).transpose(0, 1)
+        q_i = q[row:row + query_len].transpose(0, 1)  # [H, Lq, D]
+        num_cached = seq_len - query_len
+        if num_cached == 0:
+            o = _sdpa(q_i[None], k[None].to(q.dtype), v[None].to(q.dtype), None, scale, is_causal=query_len > 1)
+        else:
+            key_pos = torch.arange(seq_len, device=q.device)  # [L]
+            query_pos = num_cached + torch.arange(query_len, device=q.device)  # [Lq]
+            mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, L] bool, True = attend
+            o = _sdpa(q_i[None], k[None].to(q.dtype), v[None].to(q.dtype), mask, scale)
+        out[row:row + query_len] = o[0].transpose(0, 1)
+        row += query_len
+    return out
+
+
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      batch: ForwardBatch, scale: float) -> torch.Tensor:
+    """All requests feed one token: q [S, H, D]; one padded SDPA call over [S, max_seq_len]."""
+    num_seqs, block_size = batch.num_seqs, k_cache.shape[1]
+    num_blocks = -(-batch.max_seq_len // block_size)
+    table = batch.block_tables[:, :num_blocks].long()  # [S, nb]
+    k = k_cache[table].flatten(1, 2)[:, :batch.max_seq_len]  # [S, L, Hkv, D]
+    v = v_cache[table].flatten(1, 2)[:, :batch.max_seq_len]
+    key_pos = torch.arange(batch.max_seq_len, device=q.device)  # [L]
+    mask = key_pos[None, :] < batch.seq_lens[:, None].to(q.device)  # [S, L] bool
+    o = _sdpa(q[:, :, None, :], k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+              mask[:, None, None, :], scale)  # [S, H, 1, D]
+    assert o.shape[0] == num_seqs
+    return o[:, :, 0, :]

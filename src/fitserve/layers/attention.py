@@ -1,0 +1,37 @@
+"""Paged attention layer: stores this step's K/V into the bound cache, then attends over it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fitserve.kernels import reference
+from fitserve.layers.batch import ForwardBatch
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        # [num_blocks, block_size, Hkv, D] each; set by bind_kv_cache, owned by the runner
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        expected = (self.num_kv_heads, self.head_dim)
+        if tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape:
+            raise ValueError(f"KV cache must be [blocks, block_size, {expected[0]}, {expected[1]}], got {tuple(k_cache.shape)}")
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("bind_kv_cache() must be called before forward()")
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        reference.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        out = reference.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

