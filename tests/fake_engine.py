@@ -72,6 +72,8 @@ class FakeEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        sampling_params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if any(not 0 <= t < VOCAB_SIZE for t in prompt_token_ids):
+            raise InvalidRequestError(f"Token ids must be in [0, {VOCAB_SIZE}).", "prompt")
         if len(prompt_token_ids) >= self.max_model_len:
             raise InvalidRequestError(f"The prompt ({len(prompt_token_ids)} tokens) is too long.", "prompt")
         self.requests[request_id] = (list(prompt_token_ids), sampling_params)

@@ -47,7 +47,7 @@ def server_version() -> str:
 
 
 class RequestIdMiddleware:
-    """Gives every HTTP request an id (the client's X-Request-Id if sane) and echoes it."""
+    """Gives every HTTP request a unique id; answers with the client's X-Request-Id if sane, else ours."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -56,13 +56,15 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # The engine sees only our own unique id: two clients may send the same header.
+        request_id = uuid.uuid4().hex
         client_id = dict(scope["headers"]).get(REQUEST_ID_HEADER.encode(), b"").decode("latin-1")
-        request_id = client_id if _CLIENT_REQUEST_ID_RE.match(client_id) else uuid.uuid4().hex
+        echoed_id = client_id if _CLIENT_REQUEST_ID_RE.match(client_id) else request_id
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", echoed_id.encode())]
             await send(message)
 
         await self.app(scope, receive, send_with_id)

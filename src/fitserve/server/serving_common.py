@@ -154,11 +154,10 @@ class ServingBase:
             raise ModelNotFoundError(requested, self.engine.model_name)
 
     def check_prompt_ids(self, token_ids: list[int], param: str) -> None:
+        # Token ids out of the vocabulary are the engine's to reject: it knows the model's
+        # vocabulary, which may be larger than the tokenizer's `vocab_size`.
         if not token_ids:
             raise BadRequestError("The prompt is empty.", param=param)
-        vocab_size = getattr(self.engine.tokenizer, "vocab_size", None)
-        if isinstance(vocab_size, int) and any(not 0 <= t < vocab_size for t in token_ids):
-            raise BadRequestError(f"Token ids must be in [0, {vocab_size}).", param=param)
 
     def sampling_params(self, body: SamplingFields, num_prompt_tokens: int, prompt_param: str,
                         max_tokens_param: str = "max_tokens") -> SamplingParams:
