@@ -46,6 +46,13 @@ def test_prompt_too_long(client, api_server):
                                        messages=[{"role": "user", "content": "a" * 500}])
 
 
+def test_engine_rejection_of_a_stream_is_a_400_not_a_broken_stream(client):
+    # The server waits for the first engine output before sending 200 headers.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="fake-model", prompt=[999999], stream=True)
+    assert info.value.param == "prompt"
+
+
 def test_max_tokens_past_the_context(client):
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="fake-model", messages=USER, max_completion_tokens=10_000)
