@@ -6,6 +6,8 @@ import httpx
 import openai
 import pytest
 
+from fitserve.engine.errors import EngineDeadError
+
 USER = [{"role": "user", "content": "hi"}]
 
 
@@ -125,3 +127,20 @@ async def _enumerate(stream):
     async for item in stream:
         yield i, item
         i += 1
+
+
+def test_union_type_errors_name_the_field(http):
+    error = assert_openai_error(http.post("/v1/completions", json={"prompt": {"text": "x"}}), 400, "prompt")
+    assert "accepted types" in error["message"]
+    assert_openai_error(http.post("/v1/completions", content=b"[1]", headers={"content-type": "application/json"}), 400)
+
+
+def test_dead_engine_is_503(api_server, client, monkeypatch):
+    async def dead(*args, **kwargs):
+        raise EngineDeadError("secret loop failure")
+        yield  # an async generator, like the real one
+
+    monkeypatch.setattr(api_server.engine, "generate", dead)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.completions.create(model="fake-model", prompt="a")
+    assert info.value.status_code == 503 and "secret" not in info.value.message

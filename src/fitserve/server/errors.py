@@ -110,24 +110,39 @@ def openai_error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
     return int(err.status_code), error_body(err.status_code, err.message, err.error_type, err.param, err.code)
 
 
+def _common_prefix(locs: list[tuple[str, ...]]) -> tuple[str, ...]:
+    prefix: tuple[str, ...] = ()
+    for parts in zip(*locs):
+        if len(set(parts)) != 1:
+            break
+        prefix += (parts[0],)
+    return prefix
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """The first validation error as (message, param), e.g. ('Field required', 'messages')."""
+    """The validation failure as (message, param), e.g. ('Missing required parameter: `messages`.', 'messages')."""
     errors = exc.errors()
     if not errors:
         return "Invalid request.", None
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}.", None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    locs = [tuple(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
+    if not locs[0]:
+        return "The request body must be a JSON object.", None
     message = str(first.get("msg", "Invalid value.")).removeprefix(VALUE_ERROR_PREFIX)
-    if first.get("type") == "missing":
-        message = f"Missing required parameter: `{param}`."
-    elif param and not message.startswith("`"):
-        message = f"Invalid value for `{param}`: {message}"
-    if len(errors) > 1:
-        message += f" ({len(errors) - 1} more error(s) in the request.)"
-    return message, param
+    # Several errors under one field are the members of a union (e.g. `prompt`: str, list of
+    # str, list of ids) each failing: name the field, not pydantic's internal union tags.
+    shared = _common_prefix(locs) if len(errors) > 1 else locs[0]
+    if shared:
+        param = ".".join(shared)
+        if len(errors) > 1:
+            return f"Invalid value for `{param}`: it has none of the accepted types ({message}).", param
+        if first.get("type") == "missing":
+            return f"Missing required parameter: `{param}`.", param
+        return (message if message.startswith("`") else f"Invalid value for `{param}`: {message}"), param
+    param = ".".join(locs[0])
+    return f"Invalid value for `{param}`: {message} ({len(errors) - 1} more error(s) in the request.)", param
 
 
 def install_error_handlers(app: FastAPI) -> None:
