@@ -55,8 +55,14 @@ def test_eos_stops_unless_ignored(client):
     assert ignored.choices[0].finish_reason == "length" and ignored.usage.completion_tokens == 10
 
 
-def test_default_max_tokens_fills_the_context(client, api_server):
+def test_default_max_tokens_is_16_as_in_openai(client):
     resp = client.completions.create(model="fake-model", prompt="a")
+    assert resp.usage.completion_tokens == 16
+    assert resp.choices[0].finish_reason == "length"
+
+
+def test_null_max_tokens_fills_the_context(client, api_server):
+    resp = client.completions.create(model="fake-model", prompt="a", max_tokens=None)
     assert resp.usage.total_tokens == api_server.engine.max_model_len
     assert resp.choices[0].finish_reason == "length"
 

@@ -98,8 +98,9 @@ def test_completion_invalid_requests(body):
         CompletionRequest.model_validate(body)
 
 
-def test_completion_default_max_tokens_is_the_context():
-    assert CompletionRequest.model_validate({"prompt": "x"}).requested_max_tokens() is None
+def test_completion_default_max_tokens_is_16_and_null_means_the_context():
+    assert CompletionRequest.model_validate({"prompt": "x"}).requested_max_tokens() == 16
+    assert CompletionRequest.model_validate({"prompt": "x", "max_tokens": None}).requested_max_tokens() is None
 
 
 def test_include_usage_only_when_streaming():

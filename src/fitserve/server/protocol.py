@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serial
 
 from fitserve.sampling_params import SamplingParams
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's default, as OpenAI and vLLM have it
+
 
 def _not_supported(name: str) -> ValueError:
     return ValueError(f"`{name}` is not supported yet.")
@@ -198,7 +200,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None  # None: up to the context (OpenAI's default would be 16)
+    max_tokens: int | None = COMPLETIONS_DEFAULT_MAX_TOKENS  # null: up to the context
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None
