@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import transformers
+from transformers.initialization import no_init_weights
 
 from fitserve.config import ArchConfig, EngineConfig
 from fitserve.weights.loader import gguf_weights, load_model
@@ -39,7 +40,8 @@ def smol():
     """(our model, HF model) on the embedded GGUF's dequantized weights, float32."""
     source = resolve_model_source(EngineConfig())
     ours = load_model(source, torch.float32, torch.device("cpu"), progress=False)
-    hf = transformers.LlamaForCausalLM(hf_config(source.arch)).eval()
+    with no_init_weights():  # random init of 135M parameters would cost seconds
+        hf = transformers.LlamaForCausalLM(hf_config(source.arch)).eval()
     state = {name: t for name, t in gguf_weights(source)}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}

@@ -117,10 +117,8 @@ def _gguf_tokenizer_cached(path: str | None, cache_root: Path) -> PreTrainedToke
 
 def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template."""
-    from gguf import GGUFReader
-
-    from fitserve.weights.gguf_file import field_value
-    reader = GGUFReader(path)
+    from fitserve.weights.gguf_file import field_value, open_gguf
+    reader = open_gguf(path)
     model_type = field_value(reader, "tokenizer.ggml.model")
     if model_type != "gpt2":
         raise ConfigError(f"GGUF tokenizer type {model_type!r} is not supported (only byte-level BPE, 'gpt2'); "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from typing import Any
 
@@ -21,6 +23,18 @@ _BLOCK_NAMES = {
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 SKIPPED_TENSORS = ("rope_freqs.weight",)  # llama.cpp's precomputed rope factors; we derive them
+
+
+def open_gguf(path: str) -> GGUFReader:
+    """A parsed GGUF file; parsing costs ~2 s (the token and merge arrays), so resolving the source,
+    building the tokenizer and loading the weights share one parse of an unchanged file."""
+    stat = os.stat(path)
+    return _open_gguf(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)  # one model per process; the reader only memory-maps the file
+def _open_gguf(path: str, size_bytes: int, mtime_ns: int) -> GGUFReader:
+    return GGUFReader(path)
 
 
 def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:

@@ -48,11 +48,10 @@ def _init_dummy(model: LlamaForCausalLM) -> None:
 
 def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from fitserve.weights.gguf_file import hf_tensor_name, unpermute_rope_rows
-    reader = GGUFReader(source.weights_path)
+    from fitserve.weights.gguf_file import hf_tensor_name, open_gguf, unpermute_rope_rows
+    reader = open_gguf(source.weights_path)
     arch = source.arch
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)

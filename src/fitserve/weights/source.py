@@ -80,11 +80,9 @@ def embedded_gguf_path() -> str:
 
 
 def _gguf_source(path: str, name: str) -> ModelSource:
-    from gguf import GGUFReader  # numpy only; imported here to keep the engine's import light
-
-    from fitserve.weights.gguf_file import arch_from_gguf
+    from fitserve.weights.gguf_file import arch_from_gguf, open_gguf  # gguf needs numpy only
     try:
-        arch = arch_from_gguf(GGUFReader(path))
+        arch = arch_from_gguf(open_gguf(path))
     except (ValueError, OSError) as exc:
         if isinstance(exc, ConfigError):
             raise
