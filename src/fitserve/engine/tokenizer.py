@@ -105,13 +105,15 @@ def _gguf_tokenizer_cached(path: str | None, cache_root: Path) -> PreTrainedToke
     if (folder / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     hf = gguf_tokenizer(path)
+    tmp: str | None = None
     try:  # write to a temporary folder, then rename: a concurrent start never reads half a cache
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=cache_root, prefix=".tmp-")
         hf.save_pretrained(tmp)
         os.replace(tmp, folder)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None  # cache is an optimisation
+    except OSError:  # the cache is an optimisation: a read-only home still serves
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return hf
 
 

@@ -25,8 +25,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
         _init_dummy(model)
     else:
         weights = gguf_weights(source) if source.kind == "gguf" else safetensors_weights(source.weights_path)
-        total = None if source.kind != "gguf" else len(model.expected_weight_names())
-        bar = tqdm(weights, total=total, desc=f"Loading {source.name}", unit="tensor", disable=not progress)
+        bar = tqdm(weights, total=len(model.expected_weight_names()), desc=f"Loading {source.name}", unit="tensor", disable=not progress)
         loaded = model.load_weights(bar)
         missing = model.expected_weight_names() - loaded
         if missing:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +51,10 @@ def resolve_model_source(cfg: EngineConfig) -> ModelSource:
         raise ConfigError(f"--load-format gguf needs a .gguf file, but {source.name!r} is a checkpoint folder.")
     if cfg.tokenizer is not None:
         folder = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else _hub_snapshot(cfg.tokenizer, cfg.hf_offline)
-        source = _replace(source, tokenizer_kind="hf", tokenizer_path=folder)
+        source = replace(source, tokenizer_kind="hf", tokenizer_path=folder)
     if cfg.load_format == "dummy":
-        source = _replace(source, kind="dummy")
+        source = replace(source, kind="dummy")
     return source
-
-
-def _replace(source: ModelSource, **changes: Any) -> ModelSource:
-    from dataclasses import replace
-    return replace(source, **changes)
 
 
 def embedded_gguf_path() -> str:
