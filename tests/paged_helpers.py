@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from fitserve.layers.batch import PAD_SLOT, ForwardBatch
+from fitserve.forward_batch import PAD_SLOT, ForwardBatch
 
 
 def make_batch(input_ids: list[int], positions: list[int], slots: list[int], query_lens: list[int],

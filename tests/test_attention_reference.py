@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fitserve.kernels.reference import paged_attention, store_kv
-from fitserve.layers.batch import PAD_SLOT
+from fitserve.forward_batch import PAD_SLOT
 from paged_helpers import make_batch
 
 

@@ -10,7 +10,8 @@ import transformers
 from transformers.initialization import no_init_weights
 
 from fitserve.config import ArchConfig, EngineConfig
-from fitserve.weights.loader import gguf_weights, load_model
+from fitserve.models.loader import load_model
+from fitserve.weights.loader import gguf_weights
 from fitserve.weights.source import resolve_model_source
 from paged_helpers import PagedDriver
 

@@ -79,7 +79,8 @@ class ArchConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ArchConfig:
-        """Build from a Hugging Face config.json dict."""
+        """Build from a Hugging Face config.json dict (transformers 4 or 5 layout)."""
+        cfg = _lift_rope_parameters(cfg)
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -114,6 +115,20 @@ class ArchConfig:
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...} in place of
+    rope_theta / rope_scaling; lift them back to the keys of the 4.x layout."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return cfg
+    out = dict(cfg)
+    if "rope_theta" in params:
+        out.setdefault("rope_theta", params["rope_theta"])
+    if params.get("rope_type", "default") != "default" and not out.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
 
 
 def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:

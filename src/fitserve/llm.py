@@ -27,7 +27,7 @@ from fitserve.runner.memory import check_max_model_len_fits, kv_block_bytes, kv_
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_forward
 from fitserve.sampling_params import SamplingParams
-from fitserve.weights.loader import load_model
+from fitserve.models.loader import load_model
 from fitserve.weights.source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)

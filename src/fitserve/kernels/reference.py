@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fitserve.layers.batch import PAD_SLOT, ForwardBatch
+from fitserve.forward_batch import PAD_SLOT, ForwardBatch
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fitserve.kernels import reference
-from fitserve.layers.batch import ForwardBatch
+from fitserve.forward_batch import ForwardBatch
 
 
 class PagedAttention(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 from fitserve.config import ArchConfig
 from fitserve.layers.activation import silu_and_mul
 from fitserve.layers.attention import PagedAttention
-from fitserve.layers.batch import ForwardBatch
+from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.linear import Embedding, Linear
 from fitserve.layers.norm import RMSNorm
 from fitserve.layers.rotary import RotaryEmbedding

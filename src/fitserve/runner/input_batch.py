@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fitserve.core.outputs import ScheduledRequest
-from fitserve.layers.batch import ForwardBatch
+from fitserve.forward_batch import ForwardBatch
 
 
 def build_forward_batch(

@@ -99,7 +99,7 @@ def _hf_source(folder: str, name: str) -> ModelSource:
     if not (root / "config.json").is_file():
         raise ConfigError(f"{folder!r} has no config.json; --model needs a Hugging Face model folder, "
                           "a .gguf file or a hub id.")
-    arch = ArchConfig.from_hf_config(normalize_hf_config(_read_json(root / "config.json")))
+    arch = ArchConfig.from_hf_config(_read_json(root / "config.json"))
     has_tokenizer = (root / "tokenizer.json").is_file()
     eos = list(arch.eos_token_ids)
     if (root / "generation_config.json").is_file():
@@ -110,20 +110,6 @@ def _hf_source(folder: str, name: str) -> ModelSource:
                        tokenizer_kind="hf" if has_tokenizer else "none",
                        tokenizer_path=str(root) if has_tokenizer else None,
                        eos_token_ids=tuple(dict.fromkeys(eos)))
-
-
-def normalize_hf_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...} in place of
-    rope_theta / rope_scaling; lift them back to the keys ArchConfig.from_hf_config reads."""
-    params = raw.get("rope_parameters")
-    if not isinstance(params, dict):
-        return raw
-    out = dict(raw)
-    if "rope_theta" in params:
-        out.setdefault("rope_theta", params["rope_theta"])
-    if params.get("rope_type", "default") != "default" and not out.get("rope_scaling"):
-        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    return out
 
 
 def _as_ids(value: Any) -> list[int]:
