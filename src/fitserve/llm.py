@@ -70,12 +70,15 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     dtype = TORCH_DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
     max_model_len = resolve_max_model_len(config, source)
     tokenizer = Tokenizer.from_source(source)
+    profiles_memory = device.type == "cuda" and config.cache.kv_cache_memory_bytes is None
+    if not profiles_memory:  # the cache size is known before any weight is read: fail early
+        capacity = kv_capacity_for_budget(config.cache, source.arch, dtype, device)
+        check_max_model_len_fits(capacity, max_model_len)
     model = load_model(source, dtype, device, progress=progress)
-    torch_peak_bytes = 0
-    if device.type == "cuda" and config.cache.kv_cache_memory_bytes is None:
+    if profiles_memory:
         torch_peak_bytes = profile_forward(model, source.arch, config.scheduler.max_num_batched_tokens, device)
-    capacity = kv_capacity_for_budget(config.cache, source.arch, dtype, device, torch_peak_bytes)
-    check_max_model_len_fits(capacity, max_model_len)
+        capacity = kv_capacity_for_budget(config.cache, source.arch, dtype, device, torch_peak_bytes)
+        check_max_model_len_fits(capacity, max_model_len)
     runner = TorchModelRunner(model, source.arch, capacity, dtype, device, config.seed)
     scheduler_limits = SchedulerLimits(
         max_num_seqs=config.scheduler.max_num_seqs,
