@@ -39,6 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", default=None,
                         help="KV cache size, e.g. 2GiB; on the CPU the default is 1GiB")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV blocks")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -51,6 +53,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
+        enforce_eager=args.enforce_eager,
         cache=CacheConfig(
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,

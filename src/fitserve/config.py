@@ -189,6 +189,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"  # "auto": cuda when available, else cpu
     seed: int = 0
+    enforce_eager: bool = False  # vLLM's name: no CUDA graphs, every step launched from Python
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))

@@ -79,7 +79,11 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         torch_peak_bytes = profile_forward(model, source.arch, config.scheduler.max_num_batched_tokens, device)
         capacity = kv_capacity_for_budget(config.cache, source.arch, dtype, device, torch_peak_bytes)
         check_max_model_len_fits(capacity, max_model_len)
-    runner = TorchModelRunner(model, source.arch, capacity, dtype, device, config.seed)
+    runner = TorchModelRunner(
+        model, source.arch, capacity, dtype, device, config.seed,
+        max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
+        use_cuda_graphs=not config.enforce_eager,
+    )
     scheduler_limits = SchedulerLimits(
         max_num_seqs=config.scheduler.max_num_seqs,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,

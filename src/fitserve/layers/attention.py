@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fitserve.kernels import reference
 from fitserve.forward_batch import ForwardBatch
+from fitserve.kernels import reference
+
+try:  # Triton comes with CUDA builds of torch; CPU-only installs use the pure-torch reference
+    from fitserve.kernels import triton_attention
+except ImportError:
+    triton_attention = None
 
 
 class PagedAttention(nn.Module):
@@ -32,6 +37,13 @@ class PagedAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        reference.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
-        out = reference.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
+        if q.is_cuda and triton_attention is not None:
+            triton_attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+            out = triton_attention.paged_attention(
+                q, self.k_cache, self.v_cache, torch.empty_like(q), batch.query_start_loc, batch.seq_lens,
+                batch.block_tables, batch.max_query_len, self.scale,
+            )
+        else:
+            reference.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+            out = reference.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -11,6 +11,7 @@ import torch
 from fitserve.config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput
+from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch
 from fitserve.runner.sampler import Sampler
 
@@ -35,6 +36,9 @@ class TorchModelRunner:
         kv_dtype: torch.dtype,
         device: torch.device,
         seed: int,
+        max_num_seqs: int = 256,
+        max_model_len: int = 8192,
+        use_cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.capacity = capacity
@@ -42,6 +46,11 @@ class TorchModelRunner:
         self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device)
         model.bind_kv_cache(self.kv_caches)
         self.sampler = Sampler(device, seed)
+        self.decode_graphs: DecodeGraphs | None = None
+        if use_cuda_graphs and device.type == "cuda":
+            max_blocks_per_seq = -(-max_model_len // capacity.block_size)
+            self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device)
+            self.decode_graphs.capture()
 
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
@@ -52,6 +61,10 @@ class TorchModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return RunnerOutput(sampled_token_ids={})
+        if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
+            logits = self.decode_graphs.run(scheduled, self.capacity.block_size)
+            token_ids = self.sampler.sample(logits, list(scheduled))
+            return RunnerOutput(sampled_token_ids={c.request_id: t for c, t in zip(scheduled, token_ids)})
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
         hidden = self.model(batch)  # [T, hidden]
         sampling_chunks = [chunk for chunk in scheduled if chunk.samples]

@@ -1,0 +1,299 @@
+"""One device call: GPU ceilings, workload floors, fitserve's engine on W1-W4 and single-stream
+decode, and transformers' continuous batching on the same card for the side-by-side ratio.
+
+    python benchmarks/gpu_bench.py all --out $OUT           # everything, each part in its own process
+    python benchmarks/gpu_bench.py fitserve --workloads W1  # one part, prints JSON
+
+The engine is driven in-process (no HTTP): a closed loop keeps `concurrency` requests in
+flight, token-id prompts drawn at random (seeded), ignore_eos so output lengths are exact.
+TTFT is from add_request to the step that returns the first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+CONFIG_DIR = ROOT / "configs" / "llama-3-8b-instruct"
+
+# id: (requests, concurrency, prompt tokens, output tokens); BENCHMARKS.md
+WORKLOADS = {
+    "W1": (100, 20, 512, 128),
+    "W2": (1000, 256, 512, 128),
+    "W3": (200, 32, 3072, 64),
+    "W4": (200, 64, 128, 1024),
+    "single": (1, 1, 512, 256),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summary_ms(values_s: list[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in values_s]
+    return {"mean": statistics.fmean(ms) if ms else float("nan"), "median": percentile(ms, 50), "p99": percentile(ms, 99)}
+
+
+# -- ceilings and floors ---------------------------------------------------------------------------
+
+
+def measure_ceilings() -> dict:
+    import triton.testing
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return {
+        "card": torch.cuda.get_device_name(),
+        "copy_bytes_per_s": 2 * src.numel() / (copy_ms / 1000),
+        "bf16_flops_per_s": 2 * 8192**3 / (mm_ms / 1000),
+    }
+
+
+def model_figures() -> dict:
+    from fitserve.config import ArchConfig
+
+    arch = ArchConfig.from_hf_config(json.loads((CONFIG_DIR / "config.json").read_text()))
+    h, i, L, v = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
+    kv = arch.num_key_value_heads * arch.head_dim
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
+    params = L * per_layer + 2 * v * h + h
+    return {"params": params, "weight_bytes": 2 * params, "kv_bytes_per_token": arch.kv_elements_per_token * 2}
+
+
+def floor_s(workload: str, ceilings: dict, model: dict) -> float:
+    requests, concurrency, prompt, output = WORKLOADS[workload]
+    steps = -(-requests // concurrency) * output
+    step_bytes = model["weight_bytes"] + concurrency * (prompt + output / 2) * model["kv_bytes_per_token"]
+    decode_s = steps * step_bytes / ceilings["copy_bytes_per_s"]
+    prefill_s = requests * prompt * 2 * model["params"] / ceilings["bf16_flops_per_s"]
+    return decode_s + prefill_s
+
+
+# -- fitserve ---------------------------------------------------------------------------------------
+
+
+def build_fitserve(args: argparse.Namespace):
+    from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+    from fitserve.llm import build_engine
+
+    config = EngineConfig(
+        model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
+        cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    start = time.perf_counter()
+    built = build_engine(config, progress=False)
+    torch.cuda.synchronize()
+    return built.engine, time.perf_counter() - start
+
+
+def run_workload(engine, workload: str, seed: int = 0) -> dict:
+    from fitserve.sampling_params import SamplingParams
+
+    requests, concurrency, prompt_len, output_len = WORKLOADS[workload]
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.limits.vocab_size
+    prompts = torch.randint(0, vocab, (requests, prompt_len), generator=gen).tolist()
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    added_at, first_at, last_at, finished_at, token_gaps = {}, {}, {}, {}, []
+    next_index = 0
+    preemptions_before = engine.scheduler.num_preemptions_total
+    peak_usage = 0.0
+
+    def add_next() -> None:
+        nonlocal next_index
+        rid = f"{workload}-{next_index}"
+        engine.add_request(engine.make_request(rid, prompts[next_index], params))
+        added_at[rid] = time.perf_counter()
+        next_index += 1
+
+    start = time.perf_counter()
+    for _ in range(min(concurrency, requests)):
+        add_next()
+    num_steps = 0
+    while engine.has_unfinished:
+        outputs = engine.step()
+        num_steps += 1
+        now = time.perf_counter()
+        peak_usage = max(peak_usage, engine.kv_cache.usage)
+        for out in outputs:
+            rid = out.request_id
+            if rid not in first_at:
+                first_at[rid] = now
+            else:
+                token_gaps.append(now - last_at[rid])
+            last_at[rid] = now
+            if out.finished:
+                finished_at[rid] = now
+                if next_index < requests:
+                    add_next()
+    duration = time.perf_counter() - start
+    ttft = [first_at[r] - added_at[r] for r in added_at]
+    tpot = [(finished_at[r] - first_at[r]) / max(output_len - 1, 1) for r in added_at]
+    e2e = [finished_at[r] - added_at[r] for r in added_at]
+    return {
+        "workload": workload, "requests": requests, "concurrency": concurrency, "prompt_tokens": prompt_len,
+        "output_tokens": output_len, "duration_s": duration, "steps": num_steps,
+        "request_throughput": requests / duration, "output_token_throughput": requests * output_len / duration,
+        "total_token_throughput": requests * (prompt_len + output_len) / duration,
+        "ttft_ms": summary_ms(ttft), "tpot_ms": summary_ms(tpot), "itl_p99_ms": percentile(token_gaps, 99) * 1000,
+        "e2e_ms": summary_ms(e2e), "preemptions": engine.scheduler.num_preemptions_total - preemptions_before,
+        "peak_kv_usage_pct": 100 * peak_usage,
+    }
+
+
+def part_fitserve(args: argparse.Namespace) -> dict:
+    engine, startup_s = build_fitserve(args)
+    capacity = engine.kv_cache.pool.num_blocks * engine.block_size
+    result = {"startup_s": startup_s, "kv_cache_tokens": capacity, "enforce_eager": args.enforce_eager,
+              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens, "runs": {}}
+    run_workload(engine, "single", seed=99)  # warm-up: first-touch costs stay out of the numbers
+    for workload in args.workloads:
+        result["runs"][workload] = run_workload(engine, workload)
+        print(json.dumps({workload: result["runs"][workload]["duration_s"]}), file=sys.stderr, flush=True)
+    return result
+
+
+# -- transformers -------------------------------------------------------------------------------------
+
+
+def part_hf(args: argparse.Namespace) -> dict:
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(str(CONFIG_DIR))
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.set_attn_implementation("paged|sdpa")
+    result = {"attn_implementation": "paged|sdpa", "runs": {}}
+    for workload in args.workloads:
+        requests, _, prompt_len, output_len = WORKLOADS[workload]
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, config.vocab_size, (requests, prompt_len), generator=gen).tolist()
+        gen_config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0, use_cuda_graph=False)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = model.generate_batch(inputs=prompts, generation_config=gen_config, progress_bar=False)
+        torch.cuda.synchronize()
+        duration = time.perf_counter() - start
+        num_out = sum(len(o.generated_tokens) for o in outputs.values())
+        result["runs"][workload] = {"duration_s": duration, "request_throughput": requests / duration,
+                                    "output_token_throughput": num_out / duration, "output_tokens": num_out}
+        print(json.dumps({f"hf-{workload}": duration}), file=sys.stderr, flush=True)
+    return result
+
+
+# -- orchestration --------------------------------------------------------------------------------------
+
+
+def run_part(part: str, extra: list[str], timeout_s: float) -> dict:
+    """Each part in its own process, so one's GPU memory is gone before the next starts."""
+    cmd = [sys.executable, __file__, part, *extra]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        return {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": (error.stderr or "")[-2000:]}
+    if proc.returncode != 0:
+        return {"error": f"exit code {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
+    sys.stderr.write(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def print_table(report: dict) -> None:
+    ceilings, floors = report["ceilings"], report["floors_s"]
+    print(f"card {ceilings['card']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"bf16 {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s; commit {report['commit'][:10]}")
+    for name, part in report["fitserve"].items():
+        if "error" in part:
+            print(f"fitserve[{name}] failed: {part['error']}\n{part.get('stderr_tail', '')[-1500:]}")
+            continue
+        print(f"fitserve[{name}] start-up {part['startup_s']:.1f} s, KV {part['kv_cache_tokens']} tokens")
+        print(f"  {'run':7} {'floor s':>8} {'meas s':>8} {'eff':>6} {'req/s':>7} {'out tok/s':>9} "
+              f"{'TTFT med':>9} {'TPOT med':>9} {'preempt':>7}")
+        for workload, run in part["runs"].items():
+            floor = floors.get(workload, float("nan"))
+            print(f"  {workload:7} {floor:8.2f} {run['duration_s']:8.2f} {floor / run['duration_s']:6.1%} "
+                  f"{run['request_throughput']:7.2f} {run['output_token_throughput']:9.0f} "
+                  f"{run['ttft_ms']['median']:8.1f}m {run['tpot_ms']['median']:8.2f}m {run['preemptions']:7d}")
+    hf = report.get("transformers")
+    if hf:
+        if "error" in hf:
+            print(f"transformers failed: {hf['error']}\n{hf.get('stderr_tail', '')[-1500:]}")
+        else:
+            for workload, run in hf["runs"].items():
+                ours = report["fitserve"].get("graphs", {}).get("runs", {}).get(workload)
+                ratio = run["duration_s"] / ours["duration_s"] if ours else float("nan")
+                print(f"  transformers {workload}: {run['duration_s']:.2f} s ({run['request_throughput']:.2f} req/s); "
+                      f"fitserve is {ratio:.1f}x faster")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf"])
+    parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
+    parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
+    parser.add_argument("--variants", nargs="+", default=["graphs"], help="graphs and/or eager")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--part-timeout-s", type=float, default=280)
+    args = parser.parse_args()
+    if args.part == "ceilings":
+        print(json.dumps(measure_ceilings()))
+        return
+    if args.part == "fitserve":
+        print(json.dumps(part_fitserve(args)))
+        return
+    if args.part == "hf":
+        print(json.dumps(part_hf(args)))
+        return
+    common = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", str(args.max_num_seqs),
+              "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    report = {"commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
+              "ceilings": run_part("ceilings", [], args.part_timeout_s), "model": model_figures()}
+    import triton
+
+    report["triton"] = triton.__version__
+    report["floors_s"] = {w: floor_s(w, report["ceilings"], report["model"]) for w in WORKLOADS}
+    report["fitserve"] = {}
+    for variant in args.variants:
+        flags = ["--enforce-eager"] if variant == "eager" else []
+        report["fitserve"][variant] = run_part("fitserve", ["--workloads", *args.workloads, *common, *flags],
+                                               args.part_timeout_s)
+    if args.hf_workloads and args.hf_workloads != ["none"]:
+        report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads], args.part_timeout_s)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""CUDA graphs for decode steps: one capture per padded batch size, replayed each step.
+
+A decode step of a small model is hundreds of short kernels, and launching them from Python
+costs more than running them. Captured once at start-up, a step becomes one replay. Inputs
+live in persistent buffers that each step overwrites; a batch of n requests runs the graph
+of the smallest captured size >= n, its padding rows writing nothing (PAD_SLOT) and
+attending to nothing (zero query length).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fitserve.core.outputs import ScheduledRequest
+from fitserve.forward_batch import PAD_SLOT, ForwardBatch
+
+SMALL_BATCH_SIZES = (1, 2, 4)  # then every multiple of GRAPH_BATCH_STEP
+GRAPH_BATCH_STEP = 8  # padding wastes at most 7 rows; more captures cost start-up time
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in SMALL_BATCH_SIZES if s < max_num_seqs]
+    sizes += list(range(GRAPH_BATCH_STEP, max_num_seqs, GRAPH_BATCH_STEP))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_blocks_per_seq: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_batch_size = self.sizes[-1]
+        self.max_blocks_per_seq = max_blocks_per_seq
+        size = self.max_batch_size
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), PAD_SLOT, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.zeros(size + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _batch(self, size: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:size], positions=self.positions[:size], slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1], seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size], logits_indices=self.logits_indices[:size],
+            # Host-side figures are not read on the GPU path; the kernels read the device tensors.
+            max_query_len=1, max_seq_len=1, query_lens_cpu=(1,) * size, seq_lens_cpu=(1,) * size,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first, sharing one memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        self.query_start_loc.copy_(torch.arange(self.max_batch_size + 1, dtype=torch.int32))
+        self.seq_lens.fill_(1)
+        for size in reversed(self.sizes):
+            batch = self._batch(size)
+            self.model.compute_logits(self.model(batch))  # warm-up: compiles kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(batch))  # [size, vocab] float32
+            self._graphs[size] = (graph, logits)
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, scheduled: tuple[ScheduledRequest, ...]) -> bool:
+        return (
+            bool(self._graphs)
+            and len(scheduled) <= self.max_batch_size
+            and all(c.num_tokens == 1 and c.samples and len(c.block_table) <= self.max_blocks_per_seq
+                    for c in scheduled)
+        )
+
+    @torch.inference_mode()
+    def run(self, scheduled: tuple[ScheduledRequest, ...], block_size: int) -> torch.Tensor:
+        """Replay the graph for these decode requests; returns logits [len(scheduled), vocab] float32."""
+        num_seqs = len(scheduled)
+        size = next(s for s in self.sizes if s >= num_seqs)
+        positions = [c.num_computed_tokens for c in scheduled]
+        slots = [c.block_table[p // block_size] * block_size + p % block_size for c, p in zip(scheduled, positions)]
+        width = max(len(c.block_table) for c in scheduled)
+        tables = [list(c.block_table) + [0] * (width - len(c.block_table)) for c in scheduled]
+        pad = size - num_seqs
+        host = torch.tensor(
+            [c.token_ids[0] for c in scheduled] + [0] * pad + positions + [0] * pad + slots + [PAD_SLOT] * pad,
+            dtype=torch.int64,
+        ).pin_memory()
+        lens = torch.tensor(
+            list(range(num_seqs + 1)) + [num_seqs] * pad + [p + 1 for p in positions] + [0] * pad, dtype=torch.int32
+        ).pin_memory()
+        self.input_ids[:size].copy_(host[:size], non_blocking=True)
+        self.positions[:size].copy_(host[size : 2 * size], non_blocking=True)
+        self.slot_mapping[:size].copy_(host[2 * size :], non_blocking=True)
+        self.query_start_loc[: size + 1].copy_(lens[: size + 1], non_blocking=True)
+        self.seq_lens[:size].copy_(lens[size + 1 :], non_blocking=True)
+        self.block_tables[:num_seqs, :width].copy_(torch.tensor(tables, dtype=torch.int32).pin_memory(), non_blocking=True)
+        graph, logits = self._graphs[size]
+        graph.replay()
+        return logits[:num_seqs]
