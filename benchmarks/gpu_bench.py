@@ -173,6 +173,89 @@ def part_fitserve(args: argparse.Namespace) -> dict:
     return result
 
 
+def part_profile(args: argparse.Namespace) -> dict:
+    """Where a decode step's time goes: host phases vs the GPU's own time for the same step."""
+    from fitserve.sampling_params import SamplingParams
+
+    engine, _ = build_fitserve(args)
+    runner = engine.runner
+    result = {}
+    for batch_size in (1, 20, 128):
+        params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+        for i in range(batch_size):
+            engine.add_request(engine.make_request(f"p{batch_size}-{i}", list(range(1, 513)), params))
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
+            engine.step()
+        phases = {"schedule": [], "execute": [], "update_detok": [], "step": []}
+        for _ in range(60):
+            t0 = time.perf_counter()
+            plan = engine.scheduler.schedule()
+            t1 = time.perf_counter()
+            out = runner.execute(plan)
+            t2 = time.perf_counter()
+            for request, token_id in engine.scheduler.update_from_output(plan, out):
+                engine._detokenizers[request.request_id].append(token_id)
+                engine._detokenizers[request.request_id].take_delta(False)
+            t3 = time.perf_counter()
+            for name, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+                phases[name].append(value)
+        graphs = runner.decode_graphs
+        gpu_ms = float("nan")
+        if graphs is not None:
+            size = next(s for s in graphs.sizes if s >= batch_size)
+            graph, _ = graphs._graphs[size]
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for _ in range(50):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            gpu_ms = begin.elapsed_time(end) / 50
+        result[f"batch{batch_size}"] = {k: statistics.median(v) * 1000 for k, v in phases.items()} | {"graph_gpu_ms": gpu_ms}
+        for rid in list(engine.scheduler.requests):
+            engine.abort_request(rid)
+        engine.step()
+    return result
+
+
+def part_kernels(args: argparse.Namespace) -> dict:
+    """GPU time per kernel kind for one decode step (eager, profiled), batch 1 and 64, context 512."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fitserve.sampling_params import SamplingParams
+
+    args.enforce_eager = True
+    engine, _ = build_fitserve(args)
+    result = {}
+    for batch_size in (1, 64):
+        params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+        for i in range(batch_size):
+            engine.add_request(engine.make_request(f"k{batch_size}-{i}", list(range(1, 513)), params))
+        for _ in range(40):
+            engine.step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.step()
+            torch.cuda.synchronize()
+        kinds: dict[str, float] = {}
+        for event in prof.key_averages():
+            if event.device_time_total <= 0:
+                continue
+            name = event.key.lower()
+            kind = ("gemm" if any(t in name for t in ("gemm", "gemv", "sm90", "cutlass", "nvjet")) else
+                    "attention" if "paged_attention" in name else "store_kv" if "store_kv" in name else
+                    "elementwise/other")
+            kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1000 / 5
+            kinds[f"n_{kind}"] = kinds.get(f"n_{kind}", 0) + event.count / 5
+        top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
+        result[f"batch{batch_size}"] = {"ms_per_step": kinds,
+                                        "top": [(e.key[:60], e.device_time_total / 1000 / 5, e.count / 5) for e in top]}
+        for rid in list(engine.scheduler.requests):
+            engine.abort_request(rid)
+        engine.step()
+    return result
+
+
 # -- transformers -------------------------------------------------------------------------------------
 
 
@@ -219,6 +302,8 @@ def run_part(part: str, extra: list[str], timeout_s: float) -> dict:
 
 
 def git_commit() -> str:
+    if os.environ.get("FITSERVE_COMMIT"):  # the device copy of the tree has no .git
+        return os.environ["FITSERVE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
@@ -255,7 +340,7 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf"])
+    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf", "profile", "kernels"])
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
     parser.add_argument("--variants", nargs="+", default=["graphs"], help="graphs and/or eager")
@@ -274,6 +359,15 @@ def main() -> None:
         return
     if args.part == "hf":
         print(json.dumps(part_hf(args)))
+        return
+    if args.part == "kernels":
+        for batch, figures in part_kernels(args).items():
+            print(batch, json.dumps({k: round(v, 3) for k, v in figures["ms_per_step"].items()}))
+            for name, ms, count in figures["top"]:
+                print(f"   {ms:7.3f} ms {count:6.0f}x {name}")
+        return
+    if args.part == "profile":
+        print(json.dumps(part_profile(args), indent=1))
         return
     common = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", str(args.max_num_seqs),
               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]

@@ -38,10 +38,12 @@ def make_batch(input_ids: list[int], positions: list[int], slots: list[int], que
 class PagedDriver:
     """Owns a KV cache for `model` and feeds chunks of several requests as one flat batch."""
 
-    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0) -> None:
+    def __init__(self, model, num_blocks: int = 64, block_size: int = 4, seed: int = 0, device: str = "cpu") -> None:
         arch = model.arch
         shape = (num_blocks, block_size, arch.num_key_value_heads, arch.head_dim)
-        self.caches = [(torch.zeros(shape, dtype=model.dtype), torch.zeros(shape, dtype=model.dtype))
+        self.device = device
+        self.caches = [(torch.zeros(shape, dtype=model.dtype, device=device),
+                        torch.zeros(shape, dtype=model.dtype, device=device))
                        for _ in range(arch.num_hidden_layers)]
         model.bind_kv_cache(self.caches)
         self.model, self.block_size = model, block_size
@@ -66,7 +68,7 @@ class PagedDriver:
             seq_lens.append(end)
             tables.append(list(table))
             self.num_computed[req] = end
-        batch = make_batch(ids, positions, slots, query_lens, seq_lens, tables, num_pad_rows)
+        batch = make_batch(ids, positions, slots, query_lens, seq_lens, tables, num_pad_rows, device=self.device)
         hidden = self.model(batch)
         return self.model.compute_logits(hidden[batch.logits_indices])
 

@@ -77,3 +77,87 @@ def test_store_and_attention_match_reference(dtype, num_heads, num_kv_heads, hea
     rel_err = (got - expected[:num_real]).norm() / expected[:num_real].norm()
     assert rel_err < 1e-2, f"relative error {rel_err:.2e}"
     assert out[num_real:].isnan().all(), "padding rows are left alone"
+
+
+@pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (3, 5), (7, 2)])
+def test_split_decode_matches_reference(num_seqs, num_splits):
+    seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
+    k_cache, v_cache, new_k, new_v, batch = random_case(
+        [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=num_splits)
+    triton_attention.store_kv(new_k, new_v, k_cache, v_cache, batch.slot_mapping)
+    q = torch.randn(batch.num_tokens, 32, 128, device="cuda").to(torch.bfloat16)
+    expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), batch, 128 ** -0.5)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
+                                            batch.block_tables, 128 ** -0.5, num_splits)
+    got = out[:num_seqs].float()
+    assert not got.isnan().any()
+    assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
+    assert out[num_seqs:].isnan().all()
+
+
+def test_split_count_fills_the_chip_only_for_small_batches():
+    assert triton_attention.decode_num_splits(1, 8, 132) == triton_attention.MAX_SPLITS
+    assert triton_attention.decode_num_splits(256, 8, 132) == 1
+
+
+@pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(num_rows, hidden, with_residual):
+    from fitserve.kernels import triton_fused
+
+    x = torch.randn(num_rows, hidden, device="cuda").to(torch.bfloat16)
+    residual = torch.randn_like(x) if with_residual else None
+    weight = torch.randn(hidden, device="cuda").to(torch.bfloat16)
+    ref_out, ref_sum = reference.rms_norm(x, weight, 1e-5, residual)
+    out, total = triton_fused.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(total, ref_sum), "the residual sum is rounded the same way"
+    torch.testing.assert_close(out, ref_out, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+def test_rotary_matches_reference_on_qkv_views(num_heads, num_kv_heads, head_dim):
+    from fitserve.kernels import triton_fused
+    from fitserve.layers.rotary import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim, 500000.0, 4096, None, torch.device("cuda"))
+    sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+    qkv = torch.randn(53, sum(sizes), device="cuda").to(torch.bfloat16)
+    positions = torch.randint(0, 4096, (53,), device="cuda")
+    q, k, v = qkv.clone().split(sizes, dim=-1)
+    ref_q, ref_k = reference.rotary(q, k, positions, rope.cos, rope.sin, head_dim)
+    q, k, v_after = qkv.split(sizes, dim=-1)
+    triton_fused.rotary_(q, k, positions, rope.cos, rope.sin, head_dim)
+    torch.testing.assert_close(q, ref_q, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(k, ref_k, atol=2e-2, rtol=2e-2)
+    assert torch.equal(v_after, v), "v is untouched"
+
+
+def test_silu_and_mul_matches_reference():
+    from fitserve.kernels import triton_fused
+
+    gate_up = torch.randn(41, 2 * 14336, device="cuda").to(torch.bfloat16)
+    torch.testing.assert_close(triton_fused.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=2e-2, rtol=2e-2)
+
+
+def test_model_on_gpu_matches_cpu_reference_path():
+    """The whole model through the Triton kernels agrees with the pure-torch path in float32."""
+    from fitserve.config import ArchConfig
+    from fitserve.models.llama import LlamaForCausalLM
+    from paged_helpers import PagedDriver
+
+    arch = ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    cpu_model = LlamaForCausalLM(arch, torch.float32, torch.device("cpu"))
+    for p in cpu_model.parameters():
+        p.data.normal_(0, 0.05)
+    gpu_model = LlamaForCausalLM(arch, torch.float32, torch.device("cuda"))
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    chunks = [("a", list(range(1, 40))), ("b", list(range(50, 57)))]
+    cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)
+    gpu_driver = PagedDriver(gpu_model, num_blocks=16, block_size=16, device="cuda")
+    for step in (chunks, [("a", [5]), ("b", list(range(60, 90)))], [("a", [6]), ("b", [7])]):  # prefill, mixed, decode
+        cpu_logits = cpu_driver.step(step)
+        gpu_logits = gpu_driver.step(step)
+        torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, atol=2e-3, rtol=2e-3)

@@ -91,3 +91,37 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
               mask[:, None, None, :], scale)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (+ residual [T, H], summed in x's dtype) -> (normed [T, H], the sum [T, H]).
+
+    Normalised in float32, rounded to x's dtype, then scaled by weight [H] (HF Llama's order).
+    """
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed, x
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, H*D], k [T, Hkv*D] rotated at positions [T] (rotate_half layout); cos/sin [P, D] float32."""
+    cos_t = cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
+    sin_t = sin[positions].to(q.dtype)[:, None, :]
+    half = head_dim // 2
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1, head_dim)  # [T, heads, D]
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return (x * cos_t + rotated * sin_t).flatten(1)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -150,3 +150,126 @@ def paged_attention(
         num_warps=4, num_stages=2,
     )
     return out
+
+
+# -- decode with the context split across programs ----------------------------------------------------
+# A decode batch of few requests gives the kernel above only S x Hkv programs, each walking a long
+# context alone: the chip idles. Splitting each context into NUM_SPLITS slices, attended in
+# parallel and merged by their log-sum-exp, fills the chip; the merge reads S x H x NUM_SPLITS
+# partial rows, small beside the K/V bytes.
+
+MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
+    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale,
+    stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)  # padding sequences attend to nothing
+    num_tiles = tl.cdiv(seq_len, TILE)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    key_begin = split * tiles_per_split * TILE
+    key_end = tl.minimum(key_begin + tiles_per_split * TILE, seq_len)
+
+    rows = tl.arange(0, BLOCK_M)
+    head = kv_head * GROUP + rows
+    row_valid = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
+                mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    table = block_tables_ptr + seq * stride_table
+    for tile_start in range(key_begin, key_end, TILE):
+        key_pos = tile_start + tl.arange(0, TILE)
+        key_valid = key_pos < key_end
+        block_id = tl.load(table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        kv_offset = block_id * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+        k = tl.load(k_cache_ptr + kv_offset[None, :] + dims[:, None], mask=key_valid[None, :], other=0.0)
+        scores = tl.dot(q, k.to(q.dtype)) * scale
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_offset[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
+    part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
+    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
+    tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, stride_o_token, stride_o_head,
+    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_ptr + seq)
+    if tl.load(query_start_ptr + seq + 1) == q_start:
+        return  # a padding sequence: no row to write
+    splits = tl.arange(0, SPLITS_POW2)
+    base = (seq * NUM_HEADS + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    weights = tl.exp(lse - lse_max)  # empty slices weigh 0
+    weights = weights / tl.sum(weights, axis=0)
+    dims = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=(splits < NUM_SPLITS)[:, None], other=0.0)  # [SPLITS, D]
+    out = tl.sum(parts * weights[:, None], axis=0)
+    tl.store(out_ptr + q_start * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Context slices per (request, KV head) so that the chip has enough programs: 1 for big batches."""
+    wanted = -(-MIN_PROGRAMS_PER_SM * num_sms // (num_seqs * num_kv_heads))
+    return max(1, min(MAX_SPLITS, wanted))
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+    num_splits: int,
+) -> torch.Tensor:
+    """Like paged_attention for a batch where every request feeds one token, split over the context."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_seqs = seq_lens.shape[0]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    assert num_heads % num_kv_heads == 0 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
+    assert q.stride(2) == 1 and out.shape == q.shape and out.stride(2) == 1 and block_tables.stride(1) == 1
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and 1 <= num_splits <= MAX_SPLITS
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_N, num_warps=4, num_stages=2,
+    )
+    _decode_merge_kernel[(num_seqs, num_heads)](
+        part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
+        HEAD_DIM=head_dim, num_warps=1,
+    )
+    return out

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from fitserve.forward_batch import ForwardBatch
 from fitserve.kernels import reference
-
-try:  # Triton comes with CUDA builds of torch; CPU-only installs use the pure-torch reference
-    from fitserve.kernels import triton_attention
-except ImportError:
-    triton_attention = None
+from fitserve.kernels.dispatch import triton_attention
 
 
 class PagedAttention(nn.Module):
@@ -39,11 +37,27 @@ class PagedAttention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if q.is_cuda and triton_attention is not None:
             triton_attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
-            out = triton_attention.paged_attention(
-                q, self.k_cache, self.v_cache, torch.empty_like(q), batch.query_start_loc, batch.seq_lens,
-                batch.block_tables, batch.max_query_len, self.scale,
-            )
+            out = self._triton_attention(q, batch)
         else:
             reference.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
             out = reference.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _triton_attention(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if batch.max_query_len == 1:
+            num_splits = triton_attention.decode_num_splits(batch.num_seqs, self.num_kv_heads, _num_sms(q.device))
+            if num_splits > 1:
+                return triton_attention.paged_decode_attention(
+                    q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
+                    batch.block_tables, self.scale, num_splits,
+                )
+        return triton_attention.paged_attention(
+            q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
+            batch.block_tables, batch.max_query_len, self.scale,
+        )
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count

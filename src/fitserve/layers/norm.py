@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fitserve.kernels import reference
+from fitserve.kernels.dispatch import triton_fused
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
@@ -12,13 +15,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (normed [T, H], residual [T, H]); with a residual, normalises x + residual."""
-        if residual is not None:
-            x = x + residual
-        return self._norm(x), x
+        if x.is_cuda and triton_fused is not None:
+            return triton_fused.rms_norm(x, self.weight, self.eps, residual)
+        return reference.rms_norm(x, self.weight, self.eps, residual)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from fitserve.config import RopeScaling
+from fitserve.kernels import reference
+from fitserve.kernels.dispatch import triton_fused
 
 
 def rope_inv_freq(head_dim: int, rope_theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -46,13 +48,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat([angles, angles], dim=-1).cos(), persistent=False)
         self.register_buffer("sin", torch.cat([angles, angles], dim=-1).sin(), persistent=False)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.shape[0], -1, self.head_dim)  # [T, H, D]
-        half = self.head_dim // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return (x * cos + rotated * sin).flatten(1)
-
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].to(q.dtype)[:, None, :]  # [T, 1, D]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        """q [T, H*D], k [T, Hkv*D] -> rotated; on CUDA in place (q and k may be views of one qkv tensor)."""
+        if q.is_cuda and triton_fused is not None:
+            triton_fused.rotary_(q, k, positions, self.cos, self.sin, self.head_dim)
+            return q, k
+        return reference.rotary(q, k, positions, self.cos, self.sin, self.head_dim)

@@ -1,0 +1,17 @@
+"""The Triton kernel modules when Triton is installed (CUDA builds of torch), else None.
+
+Layers use a Triton kernel for CUDA tensors when its module is here, and the pure-torch
+reference otherwise (the CPU path).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+triton_attention: ModuleType | None
+triton_fused: ModuleType | None
+try:
+    from fitserve.kernels import triton_attention, triton_fused
+except ImportError:  # CPU-only torch: no triton
+    triton_attention = None
+    triton_fused = None
