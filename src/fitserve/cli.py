@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
 from fitserve.config import (
+    API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
     LOAD_FORMATS,
     CacheConfig,
     ConfigError,
     EngineConfig,
     SchedulerConfig,
+    ServerConfig,
     parse_size_bytes,
 )
 
@@ -74,29 +79,92 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a model over the OpenAI API")
     serve.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it")
     add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="require this key as `Authorization: Bearer` on /v1/*")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_server_args(serve)
     return parser
 
 
+def _list_arg(values: list[str] | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """vLLM takes these lists either as words (`--allowed-origins a b`) or as one JSON list."""
+    if not values:
+        return default
+    items: list[str] = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            try:
+                items.extend(str(item) for item in json.loads(value))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise ConfigError(f"Cannot read {value!r} as a JSON list of strings: {error}.") from None
+        else:
+            items.append(value)
+    return tuple(items)
+
+
+def add_server_args(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in containers)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", nargs="+", action="extend", default=None,
+                       help=f"require one of these keys as `Authorization: Bearer` on /v1/* (else ${API_KEY_ENV}, "
+                            "comma-separated)")
+    serve.add_argument("--metrics-api-key", default=None, help="require this key on /metrics (default: public)")
+    serve.add_argument("--allowed-origins", nargs="+", default=None, help="CORS origins (default: *)")
+    serve.add_argument("--allowed-methods", nargs="+", default=None, help="CORS methods (default: *)")
+    serve.add_argument("--allowed-headers", nargs="+", default=None, help="CORS headers (default: *)")
+    serve.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
+    serve.add_argument("--request-timeout", type=float, default=None,
+                       help="seconds from arrival to the last token; later, the request is aborted (408)")
+    serve.add_argument("--max-queue-len", type=int, default=None,
+                       help="requests that may wait beyond --max-num-seqs; past it, 503 with Retry-After")
+    serve.add_argument("--max-request-body-bytes", default=None,
+                       help=f"larger bodies get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES // 2**20}MiB)")
+    serve.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                       help="seconds to finish in-flight requests after SIGTERM before aborting them "
+                            f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})")
+    serve.add_argument("--enable-log-requests", action="store_true",
+                       help="log each request's prompt token ids and settings (off: prompts are never logged)")
+    serve.add_argument("--max-log-len", type=int, default=None, help="prompt tokens shown per logged request")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    body_bytes = args.max_request_body_bytes
+    optional = {} if args.api_key is None else {"api_keys": tuple(args.api_key)}  # else: from the environment
+    return ServerConfig(
+        **optional,
+        metrics_api_key=args.metrics_api_key,
+        allowed_origins=_list_arg(args.allowed_origins, ("*",)),
+        allowed_methods=_list_arg(args.allowed_methods, ("*",)),
+        allowed_headers=_list_arg(args.allowed_headers, ("*",)),
+        allow_credentials=args.allow_credentials,
+        request_timeout_s=args.request_timeout,
+        max_queue_len=args.max_queue_len,
+        max_request_body_bytes=DEFAULT_MAX_REQUEST_BODY_BYTES if body_bytes is None else parse_size_bytes(body_bytes),
+        shutdown_timeout_s=args.shutdown_timeout,
+        enable_log_requests=args.enable_log_requests,
+        max_log_len=args.max_log_len,
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
+    """The HTTP server comes up first (/health 503 with the phase), then the engine loads."""
     # Imported here so that `fitserve --help` and config errors answer without loading torch.
-    from fitserve.engine.async_engine import AsyncEngine
-    from fitserve.llm import build_engine
-    from fitserve.server.app import run_server
+    from fitserve.server import launcher
+    from fitserve.server.lifecycle import Phase
 
     if args.model_tag and not args.model:
         args.model = args.model_tag
-    config = engine_config_from_args(args)
-    built = build_engine(config)
-    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
-    try:
-        run_server(engine, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
-    finally:
-        engine.shutdown()
-    return 0
+    engine_config = engine_config_from_args(args)
+    server_config = server_config_from_args(args)
+
+    def load_engine(report_phase):
+        report_phase(Phase.LOADING)  # importing torch is the first part of loading
+        from fitserve.engine.async_engine import AsyncEngine
+        from fitserve.llm import build_engine
+
+        built = build_engine(engine_config)
+        return AsyncEngine(built.engine, built.model_name, built.tokenizer,
+                           max_queue_len=server_config.max_queue_len).start()
+
+    return launcher.serve(server_config, args.host, args.port, load_engine, log_level=args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,3 +221,52 @@ def hf_home_hint() -> str:
     return os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
     )
+
+
+# -- the HTTP server ------------------------------------------------------------------------------
+
+API_KEY_ENV = "FITSERVE_API_KEY"  # comma-separated keys, used when no --api-key is given
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20  # a 128k-token prompt as JSON token ids is ~1 MiB
+# Fits inside Kubernetes' default 30 s termination grace period, with room to close connections.
+DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
+MIN_REQUEST_BODY_BYTES = 1024  # below this even a one-line chat request would be refused
+
+
+def _env_api_keys() -> tuple[str, ...]:
+    return tuple(key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",") if key.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """What `fitserve serve` sets around the engine: exposure, limits, lifecycle."""
+
+    api_keys: tuple[str, ...] = field(default_factory=_env_api_keys)  # any one opens /v1/*; () = open
+    metrics_api_key: str | None = None  # None: /metrics is public
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS, with vLLM's defaults
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    request_timeout_s: float | None = None  # from arrival to last token; None: no limit
+    max_queue_len: int | None = None  # requests waiting beyond --max-num-seqs; None: no limit
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # drain time after SIGTERM
+    enable_log_requests: bool = False  # log prompts (token ids) and sampling settings
+    max_log_len: int | None = None  # prompt tokens shown per logged request; None: all
+
+    def __post_init__(self) -> None:
+        if any(not key for key in self.api_keys):
+            raise ConfigError("--api-key must not be empty.")
+        if self.metrics_api_key == "":
+            raise ConfigError("--metrics-api-key must not be empty.")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ConfigError(f"--request-timeout must be positive, got {self.request_timeout_s}.")
+        if self.max_queue_len is not None and self.max_queue_len < 0:
+            raise ConfigError(f"--max-queue-len must be 0 or more, got {self.max_queue_len}.")
+        if self.max_request_body_bytes < MIN_REQUEST_BODY_BYTES:
+            raise ConfigError(
+                f"--max-request-body-bytes must be at least {MIN_REQUEST_BODY_BYTES}, got {self.max_request_body_bytes}."
+            )
+        if not self.shutdown_timeout_s >= 0:
+            raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}.")
+        if self.max_log_len is not None and self.max_log_len < 0:
+            raise ConfigError(f"--max-log-len must be 0 or more, got {self.max_log_len}.")

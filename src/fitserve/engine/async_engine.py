@@ -15,7 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fitserve.engine.errors import EngineDeadError
+from fitserve.engine.errors import EngineDeadError, EngineOverloadedError
 from fitserve.engine.llm_engine import LLMEngine
 from fitserve.engine.outputs import RequestOutput
 from fitserve.request import Request
@@ -36,10 +36,17 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any) -> None:
+    """`max_queue_len`: requests that may wait beyond the `max_num_seqs` the engine runs at once;
+    past `max_num_seqs + max_queue_len` requests in flight, `generate` raises EngineOverloadedError.
+    None: no limit."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any, max_queue_len: int | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
+        self.max_queue_len = max_queue_len
+        max_num_seqs = engine.limits.scheduler.max_num_seqs
+        self.max_num_in_flight = None if max_queue_len is None else max_num_seqs + max_queue_len
         self._tokenizer = tokenizer
         self._inbox_lock = threading.Lock()
         self._new_requests: list[Request] = []
@@ -72,6 +79,11 @@ class AsyncEngine:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    @property
+    def num_requests_in_flight(self) -> int:
+        """Requests accepted and not yet finished or aborted (read on the event loop)."""
+        return len(self._streams)
+
     # -- requests ----------------------------------------------------------------------------
 
     async def generate(
@@ -82,6 +94,12 @@ class AsyncEngine:
         request = self.engine.make_request(request_id, prompt_token_ids, sampling_params)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id} is already in use")
+        # `_streams` changes only on the event loop, so this check and the insert below are atomic.
+        if self.max_num_in_flight is not None and len(self._streams) >= self.max_num_in_flight:
+            raise EngineOverloadedError(
+                f"The server is at capacity: {len(self._streams)} requests are in flight "
+                f"(--max-num-seqs plus --max-queue-len {self.max_queue_len}). Retry later."
+            )
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._inbox_lock:

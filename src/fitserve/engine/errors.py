@@ -13,3 +13,7 @@ class InvalidRequestError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine loop has failed; in-flight and new requests get HTTP 500/503."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """More requests wait than the server's queue limit allows (HTTP 503 with Retry-After)."""

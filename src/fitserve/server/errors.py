@@ -17,13 +17,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fitserve.engine.errors import EngineDeadError, InvalidRequestError
+from fitserve.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from fitserve.sampling_params import InvalidSamplingParam
 from fitserve.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+# Seconds a client should wait before retrying a 503: about one short request's time in a full batch.
+OVERLOADED_RETRY_AFTER_S = 1
 VALUE_ERROR_PREFIX = "Value error, "  # pydantic prepends it to messages of ValueErrors raised in validators
 
 
@@ -33,11 +35,13 @@ class OpenAIHTTPError(Exception):
     status_code = http.HTTPStatus.BAD_REQUEST
     error_type = "invalid_request_error"
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}  # extra response headers, e.g. Retry-After
 
 
 class BadRequestError(OpenAIHTTPError):
@@ -71,13 +75,39 @@ class InternalServerError(OpenAIHTTPError):
     status_code = http.HTTPStatus.INTERNAL_SERVER_ERROR
     error_type = "internal_server_error"
 
-    def __init__(self) -> None:
-        super().__init__(INTERNAL_ERROR_MESSAGE)
+    def __init__(self, request_id: str | None = None) -> None:
+        suffix = f" Request id: {request_id}." if request_id else ""
+        super().__init__(INTERNAL_ERROR_MESSAGE + suffix)
 
 
 class ServiceUnavailableError(OpenAIHTTPError):
     status_code = http.HTTPStatus.SERVICE_UNAVAILABLE
     error_type = "service_unavailable"
+
+
+class ServerOverloadedError(ServiceUnavailableError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="server_overloaded",
+                         headers={"Retry-After": str(OVERLOADED_RETRY_AFTER_S)})
+
+
+class RequestTimeoutError(OpenAIHTTPError):
+    """The request ran past --request-timeout and was aborted."""
+
+    status_code = http.HTTPStatus.REQUEST_TIMEOUT
+    error_type = "timeout_error"
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"The request did not finish within the server's --request-timeout of {timeout_s:g} s "
+                         "and was aborted.", code="request_timeout")
+
+
+class RequestTooLargeError(OpenAIHTTPError):
+    status_code = http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"The request body is larger than this server's limit of {limit_bytes} bytes "
+                         "(--max-request-body-bytes).", code="request_too_large")
 
 
 def error_body(status_code: int, message: str, error_type: str, param: str | None = None,
@@ -91,23 +121,37 @@ def error_response(status_code: int, message: str, error_type: str, param: str |
     return JSONResponse(error_body(status_code, message, error_type, param, code), status_code=status_code)
 
 
-def to_openai_error(exc: BaseException) -> OpenAIHTTPError:
-    """Map any exception to a typed error; unknown ones become a generic 500."""
+def to_openai_error(exc: BaseException, request_id: str | None = None) -> OpenAIHTTPError:
+    """Map any exception to a typed error; unknown ones are logged and become a generic 500."""
     if isinstance(exc, OpenAIHTTPError):
         return exc
     if isinstance(exc, InvalidRequestError):
         return BadRequestError(str(exc), param=exc.param)
     if isinstance(exc, InvalidSamplingParam):
         return BadRequestError(str(exc), param=exc.param)
+    if isinstance(exc, EngineOverloadedError):
+        return ServerOverloadedError(str(exc))
     if isinstance(exc, EngineDeadError):
         return ServiceUnavailableError("The engine is not running; the server cannot serve requests.")
-    logger.error("Internal error while serving a request", exc_info=exc)
-    return InternalServerError()
+    logger.error("Internal error while serving request %s", request_id or "(no id)", exc_info=exc)
+    return InternalServerError(request_id)
 
 
-def openai_error_json(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    err = to_openai_error(exc)
+def openai_error_json(exc: BaseException, request_id: str | None = None) -> tuple[int, dict[str, Any]]:
+    err = to_openai_error(exc, request_id)
     return int(err.status_code), error_body(err.status_code, err.message, err.error_type, err.param, err.code)
+
+
+def openai_error_response(exc: BaseException, request_id: str | None = None) -> JSONResponse:
+    """The error as a response, with its headers (Retry-After on a 503 for overload)."""
+    err = to_openai_error(exc, request_id)
+    body = error_body(err.status_code, err.message, err.error_type, err.param, err.code)
+    return JSONResponse(body, status_code=int(err.status_code), headers=err.headers or None)
+
+
+def request_id_of(request: Request) -> str | None:
+    """The id the client sees in X-Request-Id (set by the app's RequestIdMiddleware)."""
+    return request.scope.get("state", {}).get("public_request_id")
 
 
 def _common_prefix(locs: list[tuple[str, ...]]) -> tuple[str, ...]:
@@ -172,17 +216,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidRequestError)
     @app.exception_handler(InvalidSamplingParam)
     @app.exception_handler(EngineDeadError)
-    async def _typed(_: Request, exc: Exception) -> JSONResponse:
-        status, body = openai_error_json(exc)
-        return JSONResponse(body, status_code=status)
-
+    @app.exception_handler(EngineOverloadedError)
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        status, body = openai_error_json(exc)
-        return JSONResponse(body, status_code=status)
+    async def _typed(request: Request, exc: Exception) -> JSONResponse:
+        return openai_error_response(exc, request_id_of(request))
 
 
-def sse_error_event(exc: BaseException) -> str:
+def sse_error_event(exc: BaseException, request_id: str | None = None) -> str:
     """An error met mid-stream, after the 200 headers went out: sent as a data event."""
-    _, body = openai_error_json(exc)
+    _, body = openai_error_json(exc, request_id)
     return f"data: {json.dumps(body)}\n\n"

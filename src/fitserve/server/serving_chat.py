@@ -40,16 +40,17 @@ class OpenAIServingChat(ServingBase):
         return token_ids
 
     async def create(self, body: ChatCompletionRequest, raw_request: Request, request_id: str) -> Response:
+        deadline = self.deadline()
         self.check_model(body.model)
         token_ids = self.prompt_token_ids(body)
         max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         params = self.sampling_params(body, len(token_ids), "messages", max_tokens_param)
         completion_id = f"chatcmpl-{request_id}"
-        stream = self.engine_stream(completion_id, token_ids, params)
+        stream = self.engine_stream(completion_id, token_ids, params, deadline)
         if body.stream:
             # The first output comes before the 200 headers, so early engine errors are 400s.
             primed = await until_disconnected(raw_request, prime(stream))
-            return SSEResponse(self.stream_events(completion_id, primed, body.include_usage))
+            return SSEResponse(self.stream_events(completion_id, primed, body.include_usage, request_id))
         final = await until_disconnected(raw_request, collect(stream))
         usage = UsageInfo()
         usage.add(final.num_prompt_tokens, final.num_output_tokens)
@@ -63,7 +64,7 @@ class OpenAIServingChat(ServingBase):
         return JSONResponse(response.model_dump())
 
     async def stream_events(self, completion_id: str, stream: AsyncIterator[RequestOutput],
-                            include_usage: bool) -> AsyncIterator[str]:
+                            include_usage: bool, request_id: str | None = None) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
@@ -84,7 +85,7 @@ class OpenAIServingChat(ServingBase):
                 usage.add(last.num_prompt_tokens, last.num_output_tokens)
                 yield chunk([], usage)
         except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
-            yield sse_error_event(exc)
+            yield sse_error_event(exc, request_id)
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
         yield SSE_DONE

@@ -4,6 +4,7 @@ abort on exit, disconnect detection, and Server-Sent Events framing."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,11 +17,12 @@ from starlette.types import Receive, Scope, Send
 from fitserve.engine.client import EngineClient
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
-from fitserve.server.errors import BadRequestError, ModelNotFoundError
+from fitserve.server.errors import BadRequestError, ModelNotFoundError, RequestTimeoutError
 from fitserve.server.protocol import SamplingFields
 
 T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
+logger = logging.getLogger(__name__)
 
 
 class ClientDisconnected(Exception):
@@ -139,11 +141,24 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
             await stream.aclose()  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class ServingOptions:
+    request_timeout_s: float | None = None  # from arrival to the last token; None: no limit
+    enable_log_requests: bool = False  # log each request's prompt token ids and settings
+    max_log_len: int | None = None  # prompt tokens shown in that log line; None: all
+
+
 class ServingBase:
     """Holds the engine; turns validated requests into engine streams."""
 
-    def __init__(self, engine: EngineClient) -> None:
+    def __init__(self, engine: EngineClient, options: ServingOptions | None = None) -> None:
         self.engine = engine
+        self.options = options or ServingOptions()
+
+    def deadline(self) -> float | None:
+        """The event-loop time by which a request arriving now must finish."""
+        timeout_s = self.options.request_timeout_s
+        return None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s
 
     @property
     def model_name(self) -> str:
@@ -182,16 +197,32 @@ class ServingBase:
             )
         return params
 
-    async def engine_stream(self, request_id: str, prompt_token_ids: list[int],
-                            params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def log_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Prompts are logged only with --enable-log-requests: they may hold private data."""
+        if not self.options.enable_log_requests:
+            return
+        shown = prompt_token_ids if self.options.max_log_len is None else prompt_token_ids[:self.options.max_log_len]
+        logger.info("Request %s: %d prompt tokens %s, %s", request_id, len(prompt_token_ids), shown, params)
+
+    async def engine_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                            deadline: float | None = None) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request; leaving early in any way aborts it.
 
         `generate` is called lazily, so a stream that is never started never reaches the engine.
+        Past `deadline` (event-loop time) it raises RequestTimeoutError, which aborts the request.
         """
+        self.log_request(request_id, prompt_token_ids, params)
         outputs = self.engine.generate(request_id, prompt_token_ids, params)
         finished = False
         try:
-            async for out in outputs:
+            while True:  # to StopAsyncIteration: a source may do its bookkeeping after the last output
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        out = await outputs.__anext__()
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise RequestTimeoutError(self.options.request_timeout_s or 0.0) from None
                 finished = out.finished
                 yield out
         finally:

@@ -51,17 +51,19 @@ class OpenAIServingCompletion(ServingBase):
         return plan
 
     async def create(self, body: CompletionRequest, raw_request: Request, request_id: str) -> Response:
+        deadline = self.deadline()
         self.check_model(body.model)
         plan = self._plan(body)
         completion_id = f"cmpl-{request_id}"
-        streams = [self.engine_stream(f"{completion_id}-{i}", ids, params) for i, (ids, params) in enumerate(plan)]
+        streams = [self.engine_stream(f"{completion_id}-{i}", ids, params, deadline)
+                   for i, (ids, params) in enumerate(plan)]
         if body.stream:
             try:
                 primed = await until_disconnected(raw_request, gather_or_cancel(*map(prime, streams)))
             except BaseException:
                 await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
                 raise
-            return SSEResponse(self.stream_events(completion_id, primed, body.include_usage))
+            return SSEResponse(self.stream_events(completion_id, primed, body.include_usage, request_id))
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         usage = UsageInfo()
         choices = []
@@ -73,7 +75,7 @@ class OpenAIServingCompletion(ServingBase):
         return JSONResponse(response.model_dump())
 
     async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
-                            include_usage: bool) -> AsyncIterator[str]:
+                            include_usage: bool, request_id: str | None = None) -> AsyncIterator[str]:
         created = int(time.time())
         last_by_index: dict[int, RequestOutput] = {}
         merged = merge_streams(streams)
@@ -94,7 +96,7 @@ class OpenAIServingCompletion(ServingBase):
                                         usage=usage)
                 yield sse_event(chunk, include_usage)
         except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
-            yield sse_error_event(exc)
+            yield sse_error_event(exc, request_id)
         finally:
             await merged.aclose()
         yield SSE_DONE
