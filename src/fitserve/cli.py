@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+from fitserve.bench.cli import add_bench_parsers
 from fitserve.config import (
     API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it")
     add_engine_args(serve)
     add_server_args(serve)
+    add_bench_parsers(commands)
     return parser
 
 
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve(args)
+        if hasattr(args, "handler"):  # bench, sweep
+            return args.handler(args)
     except ConfigError as error:
         print(f"fitserve: {error}", file=sys.stderr)
         return 2

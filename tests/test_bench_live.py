@@ -1,0 +1,145 @@
+"""fitserve bench against a live server: the real AsyncEngine + LLMEngine + scheduler with a
+fake runner that takes STEP_S per step, so timings are small but ordered like real ones."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from fake_engine import FakeTokenizer
+from fastapi.responses import PlainTextResponse
+from server_fixtures import live_server
+
+from fitserve.bench.benchmark import run_benchmark
+from fitserve.bench.client import RequestSettings
+from fitserve.bench.driver import RunOptions
+from fitserve.bench.workloads import build_requests, resolve_workload
+from fitserve.cli import main
+from fitserve.core.scheduler import SchedulerLimits
+from fitserve.engine.async_engine import AsyncEngine
+from fitserve.engine.llm_engine import EngineLimits, LLMEngine
+from fitserve.server.app import build_app
+from fitserve.testing import FakeDecoder, FakeRunner
+
+VOCAB_SIZE = 1000
+MAX_MODEL_LEN = 512
+MODEL = "fake-bench"
+STEP_S = 0.002  # per engine step: W5's long request outlives the short ones by hundreds of steps
+
+
+class SteppedFakeRunner(FakeRunner):
+    def execute(self, scheduler_output):
+        time.sleep(STEP_S)
+        return super().execute(scheduler_output)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    runner = SteppedFakeRunner(num_blocks=1024, block_size=4, vocab_size=VOCAB_SIZE)
+    limits = EngineLimits(VOCAB_SIZE, (VOCAB_SIZE - 1,), SchedulerLimits(32, 1024, MAX_MODEL_LEN))
+    engine = AsyncEngine(LLMEngine(runner, FakeDecoder(), limits), MODEL, FakeTokenizer()).start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    with live_server(build_app(engine)) as url:
+        yield url
+
+
+def bench(url: str, workload, *, chat: bool = False, ready_timeout_s: float = 10.0, **kwargs):
+    settings = RequestSettings(url, "/v1/chat/completions" if chat else "/v1/completions", model="")
+    options = RunOptions(vocab_size=VOCAB_SIZE, ready_timeout_s=ready_timeout_s, progress=False)
+    return run_benchmark(workload, settings, options, **kwargs)
+
+
+def test_token_counts_add_up(url):
+    workload = resolve_workload("custom", num_prompts=24, max_concurrency=4, input_len=40, output_len=10,
+                                range_ratio=0.5)
+    specs = build_requests(workload, seed=0, vocab_size=VOCAB_SIZE)
+    out = bench(url, workload)
+    r = out.result
+    assert (r["completed"], r["failed"], r["errors"]) == (24, 0, {})
+    assert r["total_input_tokens"] == sum(s.prompt_len for s in specs)
+    assert r["total_output_tokens"] == sum(s.output_len for s in specs)
+    assert r["model"] == MODEL and r["max_concurrent_requests"] <= 4
+    assert r["output_throughput"] == pytest.approx(r["total_output_tokens"] / r["duration"])
+    assert 0 < r["median_ttft_ms"] <= r["p99_ttft_ms"] and r["mean_itl_ms"] > 0 and r["mean_tpot_ms"] > 0
+    assert r["server_metrics"]["available"] is False  # this server has no /metrics
+
+
+def test_failed_requests_are_counted(url):
+    workload = resolve_workload("custom", num_prompts=30, input_len=400, output_len=100, range_ratio=0.5)
+    specs = build_requests(workload, seed=0, vocab_size=VOCAB_SIZE)
+    too_long = [s for s in specs if s.prompt_len + s.output_len > MAX_MODEL_LEN]
+    assert 0 < len(too_long) < len(specs)
+    r = bench(url, workload, ready_timeout_s=0).result
+    assert (r["completed"], r["failed"]) == (len(specs) - len(too_long), len(too_long))
+    assert r["total_input_tokens"] == sum(s.prompt_len for s in specs if s not in too_long)
+    assert sum(r["errors"].values()) == len(too_long) and all(e.startswith("HTTP 400") for e in r["errors"])
+
+
+def test_w5_short_requests_finish_while_the_long_one_streams(url):
+    workload = resolve_workload("W5", input_len=16, output_len=300)
+    w5 = bench(url, workload).result["interference"]
+    assert w5["long_success"] and w5["long_output_tokens"] == 300
+    assert w5["num_short_completed"] == 20 and w5["num_short_done_before_long"] == 20
+    assert w5["p99_short_e2el_ms"] < w5["long_e2el_ms"]
+
+
+def test_chat_backend_counts_the_servers_prompt_tokens(url):
+    workload = resolve_workload("custom", num_prompts=4, input_len=6, output_len=5)
+    r = bench(url, workload, chat=True).result
+    assert (r["completed"], r["total_output_tokens"]) == (4, 20)
+    assert r["total_input_tokens"] > 4 * 6  # the fake chat template adds its own tokens
+    assert r["vocab_size"] is None and r["endpoint"] == "/v1/chat/completions"
+
+
+def test_server_metrics_are_scraped_when_present(engine):
+    app = build_app(engine)
+    scrapes = []
+
+    def metrics() -> PlainTextResponse:
+        scrapes.append(1)
+        n = len(scrapes)
+        return PlainTextResponse(f"vllm:num_preemptions_total {2 * n}\nvllm:kv_cache_usage_perc {min(n, 4) / 10}\n"
+                                 f"vllm:num_requests_waiting {n % 3}\n")
+
+    app.add_api_route("/metrics", metrics)
+    with live_server(app) as url:
+        r = bench(url, resolve_workload("custom", num_prompts=4, input_len=8, output_len=4)).result
+    server = r["server_metrics"]
+    assert server["available"] and server["num_samples"] == len(scrapes) >= 2
+    assert server["num_preemptions"] == 2 * (len(scrapes) - 1)
+    assert server["peak_kv_cache_usage_pct"] == pytest.approx(10 * min(len(scrapes), 4))
+    assert server["peak_num_requests_waiting"] == max(n % 3 for n in range(1, len(scrapes) + 1))
+
+
+def test_cli_saves_the_result_with_its_provenance(url, tmp_path, capsys):
+    path = tmp_path / "w1.json"
+    rc = main(["bench", "--base-url", f"{url}/v1/", "--workload", "W1", "--num-prompts", "6", "--max-concurrency",
+               "3", "--input-len", "12", "--output-len", "4", "--vocab-size", str(VOCAB_SIZE), "--disable-tqdm",
+               "--metric-percentiles", "50,95", "--save-result", str(path), "--metadata", "machine_load=idle"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "Successful requests:                     6" in table and "P95 TTFT (ms):" in table
+    r = json.loads(path.read_text())
+    for key in ("command_line", "commit", "dirty", "machine", "server_version", "load_average_before",
+                "request_throughput", "output_throughput", "total_token_throughput", "p95_ttft_ms", "p50_itl_ms",
+                "mean_e2el_ms", "p95_e2el_ms", "server_metrics"):
+        assert key in r, key
+    assert r["workload"]["name"] == "W1" and r["workload"]["max_concurrency"] == 3
+    assert r["metadata"] == {"machine_load": "idle"} and r["machine"]["num_cpus"] >= 1
+    assert r["server_version"]["version"] and r["base_url"] == url
+
+
+def test_cli_user_errors_exit_2(url, capsys):
+    assert main(["bench", "--base-url", url, "--model", "no-such-model", "--num-prompts", "1", "--input-len", "4",
+                 "--vocab-size", str(VOCAB_SIZE), "--disable-tqdm"]) == 2
+    assert "initial test request" in capsys.readouterr().err
+    assert main(["bench", "--base-url", url, "--workload", "W9"]) == 2
+    assert main(["bench", "--base-url", "http://127.0.0.1:9", "--model", "m", "--ready-check-timeout-sec",
+                 "0.2", "--disable-tqdm"]) == 2
+    assert "ConnectError" in capsys.readouterr().err
