@@ -43,9 +43,22 @@ def engine():
     engine.shutdown()
 
 
+def with_metrics_route(app, metrics_text=None):
+    """`app` with /metrics replaced: None answers 404 (a server without metrics), else a
+    function returning the Prometheus text of each scrape."""
+    async def asgi(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            response = (PlainTextResponse("Not Found", status_code=404) if metrics_text is None
+                        else PlainTextResponse(metrics_text()))
+            await response(scope, receive, send)
+            return
+        await app(scope, receive, send)
+    return asgi
+
+
 @pytest.fixture(scope="module")
 def url(engine):
-    with live_server(build_app(engine)) as url:
+    with live_server(with_metrics_route(build_app(engine))) as url:
         yield url
 
 
@@ -98,17 +111,15 @@ def test_chat_backend_counts_the_servers_prompt_tokens(url):
 
 
 def test_server_metrics_are_scraped_when_present(engine):
-    app = build_app(engine)
     scrapes = []
 
-    def metrics() -> PlainTextResponse:
+    def metrics_text() -> str:
         scrapes.append(1)
         n = len(scrapes)
-        return PlainTextResponse(f"vllm:num_preemptions_total {2 * n}\nvllm:kv_cache_usage_perc {min(n, 4) / 10}\n"
-                                 f"vllm:num_requests_waiting {n % 3}\n")
+        return (f"vllm:num_preemptions_total {2 * n}\nvllm:kv_cache_usage_perc {min(n, 4) / 10}\n"
+                f"vllm:num_requests_waiting {n % 3}\n")
 
-    app.add_api_route("/metrics", metrics)
-    with live_server(app) as url:
+    with live_server(with_metrics_route(build_app(engine), metrics_text)) as url:
         r = bench(url, resolve_workload("custom", num_prompts=4, input_len=8, output_len=4)).result
     server = r["server_metrics"]
     assert server["available"] and server["num_samples"] == len(scrapes) >= 2

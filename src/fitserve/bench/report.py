@@ -21,6 +21,7 @@ RESULT_FORMAT_VERSION = 1
 PACKAGES_REPORTED = ("fitserve", "torch", "triton", "vllm")  # versions read from metadata, never imported
 DEVICE_KEYS = ("device_name", "card", "gpu", "device")     # where a server's /version may name its card
 SUBPROCESS_TIMEOUT_S = 10.0
+MAX_DIRTY_FILES_LISTED = 50
 TABLE_WIDTH = 56
 
 
@@ -33,13 +34,14 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_commit() -> dict:
-    """The commit of the checkout fitserve runs from, and whether tracked files differ from it."""
+    """The commit of the checkout fitserve runs from, and the tracked files that differ from it
+    (a shared checkout often has others' work in progress: the record names it)."""
     root = str(Path(fitserve.__file__).resolve().parents[2])
     commit = _run(["git", "-C", root, "rev-parse", "HEAD"])
     if commit is None:
-        return {"commit": None, "dirty": None}
-    status = _run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"])
-    return {"commit": commit, "dirty": bool(status)}
+        return {"commit": None, "dirty": None, "dirty_files": []}
+    changed = (_run(["git", "-C", root, "diff", "--name-only", "HEAD"]) or "").split()
+    return {"commit": commit, "dirty": bool(changed), "dirty_files": changed[:MAX_DIRTY_FILES_LISTED]}
 
 
 def cpu_name() -> str:

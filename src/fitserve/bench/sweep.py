@@ -22,7 +22,7 @@ from fitserve.bench.workloads import Workload, WorkloadError
 
 DEFAULT_VALUE = "default"   # a grid value that leaves the flag out: the server's own default
 READY_CHECK_AFTER_HEALTH_S = 60.0
-PROVENANCE_KEYS = ("format_version", "date", "command_line", "commit", "dirty", "machine")
+PROVENANCE_KEYS = ("format_version", "date", "command_line", "commit", "dirty", "dirty_files", "machine")
 
 
 @dataclass(frozen=True, slots=True)
