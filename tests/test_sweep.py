@@ -81,13 +81,14 @@ def test_advice_names_preemption_kv_and_client_limits():
 
 def test_advice_and_table_with_start_up_failures():
     message = "fitserve: The KV cache holds 32 tokens | fewer than --max-model-len 512."
-    rows = [row(0, "1", None, error=message), row(1, "4", 1.5)]
+    rows = [row(0, "1", None, error=message), row(1, "4", 1.5), row(2, "8", 1.2, preemptions=3.0, kv_tokens=6400)]
     assert advice(rows, AXES, W).endswith("(max_num_seqs=1 did not run: see the table.)")
     assert advice([rows[0]], AXES, W).startswith("No point completed a benchmark.")
-    table = markdown_table(rows, AXES).splitlines()
-    assert table[0].startswith("| max_num_seqs | Throughput (req/s) |") and len(table) == 4
+    table = markdown_table(rows, AXES, W).splitlines()
+    assert table[0].startswith("| max_num_seqs | Throughput (req/s) |") and len(table) == 5
     assert "start-up failed (exit 2): fitserve: The KV cache holds 32 tokens \\| fewer" in table[2]
-    assert table[3].startswith("| 4 | 1.50 | 192.0 | 10 | 100 | 200 |") and table[3].endswith("| ok |")
+    assert table[3].startswith("| 4 | 1.50 | 192.0 | 10 | 100 | 200 |") and table[3].endswith("| ok | best |")
+    assert table[4].endswith("| 3 | - | 6400 | 10 | 5.0 | ok | -20%, preempting |")
 
 
 def test_plots_are_written(tmp_path):

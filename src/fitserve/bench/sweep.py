@@ -117,7 +117,7 @@ def run_sweep(axes: list[GridAxis], workload: Workload, bench, *, server_command
     document.update(grid={a.name: list(a.values) for a in axes}, server_command=shlex.join(command),
                     workload=workload.to_json(), metadata=metadata or {}, points=rows)
     document["advice"] = advice(rows, axes, workload)
-    document["table"] = markdown_table(rows, axes)
+    document["table"] = markdown_table(rows, axes, workload)
     document["plots"] = plot_sweep(rows, axes, workload, output_dir)
     save_json(output_dir / "sweep.json", document)
     write_markdown(output_dir / "sweep.md", document)

@@ -35,11 +35,35 @@ def result_cell(row: dict) -> str:
     return "ok" if not r["failed"] else f"{r['failed']} of {r['completed'] + r['failed']} requests failed"
 
 
-def markdown_table(rows: list[dict], axes: list[GridAxis]) -> str:
+def _fits(row: dict, workload: Workload) -> str:
+    """Requests of this workload the KV cache holds at once: the guide's "Max Concurrent"."""
+    if row.get("kv_cache_tokens") is None:
+        return "-"
+    return str(row["kv_cache_tokens"] // (workload.input_len + workload.output_len))
+
+
+def observation(row: dict, best_req_s: float | None) -> str:
+    """How the point compares with the best one, and what the server saw."""
+    if row["status"] != "ok" or not best_req_s:
+        return "-"
+    r = row["result"]
+    notes = ["best" if r["request_throughput"] >= best_req_s else f"{r['request_throughput'] / best_req_s - 1:+.0%}"]
+    server = r.get("server_metrics") or {}
+    if (server.get("num_preemptions") or 0) > 0:
+        notes.append("preempting")
+    if (server.get("peak_kv_cache_usage_pct") or 0) >= KV_BOUND_USAGE_PCT:
+        notes.append("KV cache full")
+    return ", ".join(notes)
+
+
+def markdown_table(rows: list[dict], axes: list[GridAxis], workload: Workload) -> str:
+    """One row per point, in the grid's order: the guide's tables, with the figures the run saw."""
     names = [a.name for a in axes]
     header = [*names, "Throughput (req/s)", "Output (tok/s)", "Mean TTFT (ms)", "Mean latency (ms)",
-              "P99 latency (ms)", "Preemptions", "Peak KV (%)", "KV cache (tokens)", "Start-up (s)", "Result"]
+              "P99 latency (ms)", "Preemptions", "Peak KV (%)", "KV cache (tokens)", "Requests that fit",
+              "Start-up (s)", "Result", "Observation"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = max((row["result"]["request_throughput"] for row in rows if row["status"] == "ok"), default=None)
     for row in rows:
         r = row["result"] or {}
         server = r.get("server_metrics") or {}
@@ -47,8 +71,8 @@ def markdown_table(rows: list[dict], axes: list[GridAxis]) -> str:
             _fmt(r.get("request_throughput")), _fmt(r.get("output_throughput"), 1), _fmt(r.get("mean_ttft_ms"), 0),
             _fmt(r.get("mean_e2el_ms"), 0), _fmt(r.get("p99_e2el_ms"), 0), _fmt(server.get("num_preemptions"), 0),
             _fmt(server.get("peak_kv_cache_usage_pct"), 0),
-            "-" if row.get("kv_cache_tokens") is None else str(row["kv_cache_tokens"]),
-            _fmt(row.get("startup_s"), 1), result_cell(row)]
+            "-" if row.get("kv_cache_tokens") is None else str(row["kv_cache_tokens"]), _fits(row, workload),
+            _fmt(row.get("startup_s"), 1), result_cell(row), observation(row, best)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
