@@ -132,7 +132,8 @@ def test_cli_saves_the_result_with_its_provenance(url, tmp_path, capsys):
     path = tmp_path / "w1.json"
     rc = main(["bench", "--base-url", f"{url}/v1/", "--workload", "W1", "--num-prompts", "6", "--max-concurrency",
                "3", "--input-len", "12", "--output-len", "4", "--vocab-size", str(VOCAB_SIZE), "--disable-tqdm",
-               "--metric-percentiles", "50,95", "--save-result", str(path), "--metadata", "machine_load=idle"])
+               "--metric-percentiles", "50,95", "--save-result", str(path), "--metadata", "machine_load=idle",
+               "--goodput", "ttft:60000", "e2el:60000", "--num-warmups", "2"])
     assert rc == 0
     table = capsys.readouterr().out
     assert "Successful requests:                     6" in table and "P95 TTFT (ms):" in table
@@ -144,6 +145,8 @@ def test_cli_saves_the_result_with_its_provenance(url, tmp_path, capsys):
     assert r["workload"]["name"] == "W1" and r["workload"]["max_concurrency"] == 3
     assert r["metadata"] == {"machine_load": "idle"} and r["machine"]["num_cpus"] >= 1
     assert r["server_version"]["version"] and r["base_url"] == url
+    assert r["request_goodput"] == pytest.approx(r["request_throughput"]) and r["num_warmups"] == 2
+    assert "Request goodput (req/s):" in table
 
 
 def test_cli_user_errors_exit_2(url, capsys):
@@ -151,6 +154,7 @@ def test_cli_user_errors_exit_2(url, capsys):
                  "--vocab-size", str(VOCAB_SIZE), "--disable-tqdm"]) == 2
     assert "initial test request" in capsys.readouterr().err
     assert main(["bench", "--base-url", url, "--workload", "W9"]) == 2
+    assert main(["bench", "--base-url", url, "--goodput", "latency:5"]) == 2
     assert main(["bench", "--base-url", "http://127.0.0.1:9", "--model", "m", "--ready-check-timeout-sec",
                  "0.2", "--disable-tqdm"]) == 2
     assert "ConnectError" in capsys.readouterr().err

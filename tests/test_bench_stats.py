@@ -120,6 +120,16 @@ def test_metrics_from_known_timings():
     assert flat["p50_ttft_ms"] == pytest.approx(200.0) and flat["completed"] == 2 and flat["duration"] == 2.0
 
 
+def test_goodput_counts_requests_meeting_every_slo():
+    outcomes = [outcome(0, 0.0, 0.100, [0.010] * 9), outcome(1, 0.0, 0.300, [0.020] * 4),
+                outcome(2, 0.0, 0.050, [])]  # one token: TPOT 0 for goodput
+    assert compute_metrics(outcomes, 2.0).request_goodput is None
+    assert compute_metrics(outcomes, 2.0, goodput_slos_ms={"ttft": 200.0}).request_goodput == pytest.approx(1.0)
+    both = {"ttft": 400.0, "tpot": 15.0}
+    assert compute_metrics(outcomes, 2.0, goodput_slos_ms=both).request_goodput == pytest.approx(1.0)
+    assert compute_metrics(outcomes, 2.0, goodput_slos_ms={"e2el": 1000.0}).request_goodput == pytest.approx(1.5)
+
+
 def test_usage_count_wins_over_chunk_count():
     merged = outcome(0, 0.0, 0.1, [0.1], output_tokens=4)  # 2 chunks carried 4 tokens
     m = compute_metrics([merged], duration_s=1.0)

@@ -51,6 +51,7 @@ def build_result(workload: Workload, settings: RequestSettings, options: RunOpti
     result.update(
         base_url=settings.base_url, endpoint=settings.endpoint, model=settings.model,
         ignore_eos=settings.ignore_eos, temperature=settings.temperature, seed=options.seed,
+        num_warmups=options.num_warmups,
         vocab_size=None if settings.chat else options.vocab_size,
         workload=workload.to_json(), metric_percentiles=list(percentiles), metadata=metadata,
         server_version=run.server_version, device_name=device_name(run.server_version),
@@ -71,13 +72,15 @@ def build_result(workload: Workload, settings: RequestSettings, options: RunOpti
 
 async def run_benchmark_async(workload: Workload, settings: RequestSettings, options: RunOptions, *,
                               percentiles: Sequence[float] = DEFAULT_PERCENTILES, argv: list[str] | None = None,
-                              metadata: dict | None = None, save_detailed: bool = False) -> BenchmarkOutput:
+                              metadata: dict | None = None, save_detailed: bool = False,
+                              goodput_slos_ms: dict[str, float] | None = None) -> BenchmarkOutput:
     settings = await resolve_model(settings)
     load_before = load_average()
     run = await run_workload(workload, settings, options)
-    metrics = compute_metrics(run.outcomes, run.duration_s, percentiles)
+    metrics = compute_metrics(run.outcomes, run.duration_s, percentiles, goodput_slos_ms)
     result = build_result(workload, settings, options, run, metrics, percentiles, argv=argv,
                           metadata=metadata or {}, load_before=load_before, save_detailed=save_detailed)
+    result["goodput_slos_ms"] = goodput_slos_ms or None
     return BenchmarkOutput(result, metrics)
 
 

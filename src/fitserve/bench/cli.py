@@ -12,7 +12,7 @@ from fitserve.bench.client import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, BenchErro
 from fitserve.bench.driver import RunOptions
 from fitserve.bench.report import save_json
 from fitserve.bench.server_metrics import DEFAULT_POLL_INTERVAL_S
-from fitserve.bench.stats import DEFAULT_PERCENTILES
+from fitserve.bench.stats import DEFAULT_PERCENTILES, GOODPUT_METRICS
 from fitserve.bench.workloads import DEFAULT_VOCAB_SIZE, WORKLOADS, Workload, WorkloadError, resolve_workload
 
 BACKENDS = {"openai": COMPLETIONS_ENDPOINT, "openai-chat": CHAT_ENDPOINT}
@@ -55,6 +55,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                    help="retry the initial test request this long while the server starts; 0 skips it")
     r.add_argument("--metric-percentiles", default=",".join(f"{p:g}" for p in DEFAULT_PERCENTILES),
                    help="percentiles reported besides the median (default 90,99)")
+    r.add_argument("--goodput", nargs="+", metavar="KEY:MS", default=None,
+                   help="service-level objectives for goodput, e.g. ttft:500 tpot:50 (keys ttft, tpot, e2el)")
+    r.add_argument("--num-warmups", type=int, default=0, help="untimed requests sent before the run")
     r.add_argument("--metrics-interval", type=float, default=DEFAULT_POLL_INTERVAL_S,
                    help="seconds between scrapes of the server's /metrics during the run")
     r.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
@@ -77,7 +80,7 @@ def settings_from_args(args: argparse.Namespace, base_url: str) -> RequestSettin
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     return RunOptions(seed=args.seed, vocab_size=args.vocab_size, request_timeout_s=args.request_timeout,
                       ready_timeout_s=args.ready_check_timeout_sec, metrics_interval_s=args.metrics_interval,
-                      progress=not args.disable_tqdm)
+                      num_warmups=args.num_warmups, progress=not args.disable_tqdm)
 
 
 def parse_percentiles(text: str) -> tuple[float, ...]:
@@ -88,6 +91,22 @@ def parse_percentiles(text: str) -> tuple[float, ...]:
     if not all(0 < p < 100 for p in values):
         raise BenchError(f"--metric-percentiles must be between 0 and 100, not {text!r}")
     return values
+
+
+def parse_goodput(pairs: list[str] | None) -> dict[str, float] | None:
+    if not pairs:
+        return None
+    slos: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition(":")
+        try:
+            slos[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in GOODPUT_METRICS or slos[name] < 0:
+            raise BenchError(f"--goodput takes KEY:MILLISECONDS with KEY one of {', '.join(GOODPUT_METRICS)}, "
+                             f"not {pair!r}")
+    return slos
 
 
 def parse_metadata(pairs: list[str] | None) -> dict[str, str]:
@@ -105,7 +124,7 @@ def bench_command(args: argparse.Namespace) -> int:
         output = run_benchmark(
             workload_from_args(args), settings_from_args(args, args.base_url), options_from_args(args),
             percentiles=parse_percentiles(args.metric_percentiles), metadata=parse_metadata(args.metadata),
-            save_detailed=args.save_detailed)
+            save_detailed=args.save_detailed, goodput_slos_ms=parse_goodput(args.goodput))
     except (BenchError, WorkloadError) as error:
         print(f"fitserve bench: {error}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -33,6 +33,7 @@ class RunOptions:
     request_timeout_s: float = 3600.0   # the longest wait for one response chunk
     ready_timeout_s: float = 600.0      # retry the initial test request this long; 0 skips it
     metrics_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    num_warmups: int = 0                # untimed requests (the last prompt) before the run
     progress: bool = True
 
 
@@ -92,6 +93,9 @@ async def run_workload(workload: Workload, settings: RequestSettings, options: R
     async with make_http_client(options.request_timeout_s) as http:
         if options.ready_timeout_s > 0:
             await wait_until_ready(http, specs[-1], settings, options.ready_timeout_s)
+        if options.num_warmups > 0:
+            await _send_all(http, [specs[-1]] * options.num_warmups, settings, [0.0] * options.num_warmups,
+                            workload.max_concurrency, bar=None)
         version = await get_json(http, settings.base_url + "/version")
         poller = MetricsPoller(http, settings.base_url, options.metrics_interval_s)
         await poller.start()

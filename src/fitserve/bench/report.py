@@ -145,6 +145,8 @@ def format_table(result: dict, latencies: dict[str, LatencyStats | None]) -> str
              _line("Total input tokens:", result["total_input_tokens"]),
              _line("Total generated tokens:", result["total_output_tokens"]),
              _line("Request throughput (req/s):", result["request_throughput"]),
+             *([_line("Request goodput (req/s):", result["request_goodput"])]
+               if result.get("request_goodput") is not None else []),
              _line("Output token throughput (tok/s):", result["output_throughput"]),
              _line("Peak output token throughput (tok/s):", result["max_output_tokens_per_s"]),
              _line("Peak concurrent requests:", result["max_concurrent_requests"]),

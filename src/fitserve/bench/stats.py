@@ -53,6 +53,7 @@ class BenchmarkMetrics:
     total_input_tokens: int        # prompt tokens of the successful requests
     total_output_tokens: int       # output tokens of the successful requests
     request_throughput: float      # completed / duration, req/s
+    request_goodput: float | None  # requests meeting every --goodput SLO / duration; None without SLOs
     output_throughput: float       # output tokens / duration, tok/s
     total_token_throughput: float  # (input + output tokens) / duration, tok/s
     max_output_tokens_per_s: float  # the busiest one-second window of output tokens
@@ -73,6 +74,7 @@ class BenchmarkMetrics:
             "total_input_tokens": self.total_input_tokens,
             "total_output_tokens": self.total_output_tokens,
             "request_throughput": self.request_throughput,
+            "request_goodput": self.request_goodput,
             "output_throughput": self.output_throughput,
             "total_token_throughput": self.total_token_throughput,
             "max_output_tokens_per_s": self.max_output_tokens_per_s,
@@ -134,8 +136,18 @@ def max_in_flight(outcomes: Sequence[RequestOutcome]) -> int:
     return peak
 
 
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+
+def meets_slos(outcome: RequestOutcome, slos_ms: dict[str, float]) -> bool:
+    """Every service-level objective met (vLLM's goodput; a single-token request's TPOT is 0)."""
+    values_s = {"ttft": outcome.ttft_s, "tpot": tpot_s(outcome) or 0.0, "e2el": outcome.latency_s}
+    return all(values_s[name] * MS_PER_S <= limit_ms for name, limit_ms in slos_ms.items())
+
+
 def compute_metrics(outcomes: Sequence[RequestOutcome], duration_s: float,
-                    percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> BenchmarkMetrics:
+                    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+                    goodput_slos_ms: dict[str, float] | None = None) -> BenchmarkMetrics:
     ok = [o for o in outcomes if o.success]
     total_in = sum(o.prompt_len for o in ok)
     total_out = sum(o.output_tokens for o in ok)
@@ -149,6 +161,7 @@ def compute_metrics(outcomes: Sequence[RequestOutcome], duration_s: float,
         total_input_tokens=total_in,
         total_output_tokens=total_out,
         request_throughput=len(ok) / duration_s,
+        request_goodput=(sum(meets_slos(o, goodput_slos_ms) for o in ok) / duration_s) if goodput_slos_ms else None,
         output_throughput=total_out / duration_s,
         total_token_throughput=(total_in + total_out) / duration_s,
         max_output_tokens_per_s=peak_output_rate(ok),

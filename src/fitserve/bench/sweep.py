@@ -138,6 +138,7 @@ def summary_line(row: dict) -> str:
 def run_sweep_command(args: argparse.Namespace) -> int:
     from fitserve.bench.cli import (
         options_from_args,
+        parse_goodput,
         parse_metadata,
         parse_percentiles,
         settings_from_args,
@@ -149,6 +150,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         workload = workload_from_args(args)
         percentiles = parse_percentiles(args.metric_percentiles)
         metadata = parse_metadata(args.metadata)
+        goodput = parse_goodput(args.goodput)
     except (BenchError, WorkloadError) as error:
         print(f"fitserve sweep: {error}", file=sys.stderr)
         return 2
@@ -157,7 +159,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
     def bench(base_url: str) -> dict:
         return run_benchmark(workload, settings_from_args(args, base_url), options,
-                             percentiles=percentiles, metadata=metadata).result
+                             percentiles=percentiles, metadata=metadata, goodput_slos_ms=goodput).result
 
     output_dir = Path(args.output_dir)
     document = run_sweep(axes, workload, bench, server_command=args.server_command, server_args=args.server_args,
