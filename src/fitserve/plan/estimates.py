@@ -1,0 +1,93 @@
+"""Memory that is not weights or KV cache, estimated before anything runs (torch-free).
+
+At start-up on a GPU, the activation peak and the runtime memory outside torch are measured
+(runner/profiling.py) and replace these estimates; the CUDA-graph pool is captured after the
+KV cache is allocated, so its estimate is what start-up reserves for it. Each constant below
+says where its figure comes from; `benchmarks/startup_memory.py` compares them with what an
+H100 measured (benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+from fitserve.config import ArchConfig
+
+MIB = 1 << 20
+
+# The CUDA context and driver state a process holds once it touches the GPU, before it
+# allocates anything: outside the budget, like vLLM (it is why 1.00 cannot work).
+CUDA_CONTEXT_BYTES = 512 * MIB
+# Memory outside torch's allocator that loading and the first forward add inside the budget:
+# kernel images of cuBLAS/Triton loaded on first use, library handles.
+RUNTIME_NON_TORCH_BYTES = 256 * MIB
+# cuBLAS / cuBLASLt workspaces, which torch allocates through its caching allocator.
+GEMM_WORKSPACE_BYTES = 64 * MIB
+# Live elements per token at the forward's peak, inside the MLP: six [T, hidden] tensors
+# (layer input, residuals, norm output, attention output) plus gate_up [T, 2 x intermediate]
+# and the SiLU-and-mul output [T, intermediate] of the fused GPU kernel.
+MLP_PHASE_HIDDEN_TENSORS = 6
+MLP_PHASE_INTERMEDIATE_TENSORS = 3
+# The pure-torch path (the CPU) also holds silu(gate) [T, intermediate] apart, and its RMSNorm
+# works on three [T, hidden] float32 temporaries.
+REFERENCE_SILU_TEMPORARIES = 1
+NORM_PHASE_FP32_HIDDEN_TENSORS = 3
+FP32_BYTES = 4
+# Bytes per logit at the sampler's peak with top-k, top-p and min-p all on: the float32
+# logits, the temperature-scaled copy, sorted values (float32) and ids (int64), softmax,
+# cumulative sum and masked copies (tests/test_plan_estimates.py measures it: 33).
+SAMPLER_BYTES_PER_LOGIT = 33
+# One CUDA graph's executable lives outside torch (driver memory), per captured batch size.
+GRAPH_DRIVER_BYTES_PER_CAPTURE = 1 * MIB
+# Decode batch sizes captured as CUDA graphs; must match runner/cuda_graph.py (a test checks).
+GRAPH_SMALL_BATCH_SIZES = (1, 2, 4)
+GRAPH_BATCH_STEP = 8
+
+
+def forward_peak_bytes(arch: ArchConfig, num_tokens: int, act_bytes: int, fp8_linear: bool = False,
+                       fused_kernels: bool = True) -> int:
+    """Peak activation bytes of one forward over `num_tokens` tokens (weights and KV left out);
+    `fused_kernels=False` for the pure-torch reference path."""
+    hidden, inter = arch.hidden_size, arch.intermediate_size
+    inter_tensors = MLP_PHASE_INTERMEDIATE_TENSORS + (0 if fused_kernels else REFERENCE_SILU_TEMPORARIES)
+    mlp_phase = act_bytes * (MLP_PHASE_HIDDEN_TENSORS * hidden + inter_tensors * inter)
+    if fp8_linear:  # the down projection's input is quantized to one byte per element first
+        mlp_phase += inter
+    norm_temporaries = 0 if fused_kernels else FP32_BYTES * NORM_PHASE_FP32_HIDDEN_TENSORS * hidden
+    norm_phase = act_bytes * MLP_PHASE_HIDDEN_TENSORS * hidden + norm_temporaries
+    return num_tokens * max(mlp_phase, norm_phase)
+
+
+def sampler_peak_bytes(arch: ArchConfig, num_rows: int, act_bytes: int) -> int:
+    """Logits for `num_rows` requests and the sampler's worst path (top-k/top-p/min-p)."""
+    logits = num_rows * arch.vocab_size
+    # compute_logits holds the projection in the model dtype and its float32 copy at once
+    projection = logits * (act_bytes + FP32_BYTES)
+    return max(projection, logits * SAMPLER_BYTES_PER_LOGIT)
+
+
+def activation_peak_bytes(
+    arch: ArchConfig, max_num_batched_tokens: int, max_num_seqs: int, act_bytes: int, fp8_linear: bool = False
+) -> int:
+    """What the profiling run measures: a forward of the whole token budget, then logits and
+    sampling for as many requests as one step can hold, plus the GEMM workspaces."""
+    forward = forward_peak_bytes(arch, max_num_batched_tokens, act_bytes, fp8_linear)
+    num_rows = min(max_num_seqs, max_num_batched_tokens)
+    final_hidden = max_num_batched_tokens * arch.hidden_size * act_bytes  # alive while sampling
+    sampling = final_hidden + sampler_peak_bytes(arch, num_rows, act_bytes)
+    return max(forward, sampling) + GEMM_WORKSPACE_BYTES
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [s for s in GRAPH_SMALL_BATCH_SIZES if s < max_num_seqs]
+    sizes += list(range(GRAPH_BATCH_STEP, max_num_seqs, GRAPH_BATCH_STEP))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+def cuda_graph_pool_bytes(arch: ArchConfig, max_num_seqs: int, act_bytes: int, fp8_linear: bool = False) -> int:
+    """Decode graphs share one pool, captured largest first. Each keeps its output logits
+    [size, vocab] float32 alive; the largest capture's activations and model-dtype logits
+    are freed inside the pool and reused by the smaller ones."""
+    sizes = graph_batch_sizes(max_num_seqs)
+    kept_logits = sum(sizes) * arch.vocab_size * FP32_BYTES
+    largest = sizes[-1]
+    transient = forward_peak_bytes(arch, largest, act_bytes, fp8_linear) + largest * arch.vocab_size * act_bytes
+    return kept_logits + transient + len(sizes) * GRAPH_DRIVER_BYTES_PER_CAPTURE

@@ -1,0 +1,158 @@
+"""What a model's tensors weigh, from its config.json or its safetensors headers (torch-free).
+
+Counts follow what `models/llama.py` allocates: merged qkv and gate_up projections, o and
+down projections (the "linear layers"), the token embedding, an lm_head unless the
+embeddings are tied, the RMSNorm weights, and the rotary cos/sin tables (float32 buffers,
+[max_position_embeddings, head_dim] each). With `--quantization fp8` the linear layers take
+one byte per weight plus a float32 scale per tensor; everything else stays in `--dtype`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from fitserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, ArchConfig, ConfigError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+AUTO_DTYPE = "bfloat16"  # fitserve's --dtype auto
+FP8_SCALE_BYTES = 4  # one float32 scale per quantized weight tensor
+ROTARY_TABLE_BYTES = 4  # cos and sin are float32
+LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+LINEARS_PER_LAYER = 4  # qkv_proj, o_proj, gate_up_proj, down_proj after merging
+SAFETENSORS_HEADER_LEN_BYTES = 8  # a little-endian u64 before the JSON header
+
+
+def resolve_dtype(dtype: str) -> str:
+    name = AUTO_DTYPE if dtype == "auto" else dtype
+    if name not in DTYPE_BYTES or name == "fp8":
+        raise ConfigError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}.")
+    return name
+
+
+def kv_dtype_name(kv_cache_dtype: str, model_dtype: str) -> str:
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}.")
+    return model_dtype if kv_cache_dtype == "auto" else "fp8"
+
+
+def kv_bytes_per_token(arch: ArchConfig, kv_dtype: str) -> int:
+    """K and V of every layer for one token: 2 x layers x kv_heads x head_dim x dtype bytes."""
+    return arch.kv_elements_per_token * DTYPE_BYTES[kv_dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class ParamCounts:
+    """Elements of each kind of tensor fitserve allocates for a model."""
+
+    linear_params: int  # qkv, o, gate_up, down of every layer
+    num_linear_tensors: int  # after merging: 4 per layer
+    embedding_params: int  # embed_tokens, plus lm_head when not tied
+    norm_params: int
+    rotary_elements: int  # cos and sin tables together
+    source: str  # "config.json" or "safetensors headers"
+
+    @property
+    def num_params(self) -> int:
+        return self.linear_params + self.embedding_params + self.norm_params
+
+
+def counts_from_arch(arch: ArchConfig) -> ParamCounts:
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
+    per_layer = (
+        qkv_rows * hidden
+        + hidden * arch.num_attention_heads * head_dim
+        + 2 * arch.intermediate_size * hidden
+        + hidden * arch.intermediate_size
+    )
+    num_embeddings = 1 if arch.tie_word_embeddings else 2
+    return ParamCounts(
+        linear_params=per_layer * arch.num_hidden_layers,
+        num_linear_tensors=LINEARS_PER_LAYER * arch.num_hidden_layers,
+        embedding_params=num_embeddings * arch.vocab_size * hidden,
+        norm_params=(2 * arch.num_hidden_layers + 1) * hidden,
+        rotary_elements=_rotary_elements(arch),
+        source="config.json",
+    )
+
+
+def _rotary_elements(arch: ArchConfig) -> int:
+    return 2 * max(arch.max_position_embeddings, 1) * arch.head_dim
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from one file's JSON header; reads no tensor data."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(SAFETENSORS_HEADER_LEN_BYTES))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, ValueError) as exc:
+        raise ConfigError(f"Cannot read the safetensors header of {path}: {exc}") from None
+    return {name: (meta["dtype"], tuple(meta["shape"])) for name, meta in header.items() if name != "__metadata__"}
+
+
+def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | None:
+    """Counts from the checkpoint's headers, or None when the folder has no safetensors files."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    linear = embedding = norm = num_linear = 0
+    for path in files:
+        for name, (_, shape) in read_safetensors_shapes(path).items():
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if name.endswith(LINEAR_SUFFIXES):
+                linear += numel
+                num_linear += 1
+            elif "embed_tokens" in name or (name.startswith("lm_head") and not arch.tie_word_embeddings):
+                embedding += numel
+            elif name.endswith("norm.weight"):
+                norm += numel
+    # The checkpoint stores q, k, v and gate, up apart; fitserve merges them (4 tensors a layer).
+    merged_linear_tensors = num_linear * LINEARS_PER_LAYER // len(LINEAR_SUFFIXES)
+    return ParamCounts(linear, merged_linear_tensors, embedding, norm, _rotary_elements(arch), "safetensors headers")
+
+
+def model_param_counts(arch: ArchConfig, folder: str | None) -> ParamCounts:
+    """Header counts when the folder holds a checkpoint, else counts from the config."""
+    if folder is not None and Path(folder).is_dir():
+        from_headers = counts_from_safetensors(Path(folder), arch)
+        if from_headers is not None:
+            return from_headers
+    return counts_from_arch(arch)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightBytes:
+    linear_dtype: str  # "bfloat16", "float16", "float32" or "fp8"
+    linear_bytes: int
+    other_dtype: str  # embeddings, lm_head and norms
+    embedding_bytes: int
+    norm_bytes: int
+    rotary_bytes: int  # float32 cos/sin tables
+    scale_bytes: int  # fp8 scales
+
+    @property
+    def total_bytes(self) -> int:
+        return self.linear_bytes + self.embedding_bytes + self.norm_bytes + self.rotary_bytes + self.scale_bytes
+
+
+def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"--quantization must be fp8 or left out, got {quantization!r}.")
+    linear_dtype = "fp8" if quantization == "fp8" else dtype
+    dtype_bytes = DTYPE_BYTES[dtype]
+    return WeightBytes(
+        linear_dtype=linear_dtype,
+        linear_bytes=counts.linear_params * DTYPE_BYTES[linear_dtype],
+        other_dtype=dtype,
+        embedding_bytes=counts.embedding_params * dtype_bytes,
+        norm_bytes=counts.norm_params * dtype_bytes,
+        rotary_bytes=counts.rotary_elements * ROTARY_TABLE_BYTES,
+        scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization == "fp8" else 0,
+    )
