@@ -16,6 +16,7 @@ from fitserve.core.kv_cache_manager import KVCacheManager
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
 from fitserve.engine.detokenizer import Decoder, IncrementalDetokenizer
 from fitserve.engine.errors import InvalidRequestError
+from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.outputs import RequestOutput
 from fitserve.request import Request, RequestStatus
 from fitserve.sampling_params import SamplingParams
@@ -29,7 +30,8 @@ class EngineLimits:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits) -> None:
+    def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits,
+                 metrics: EngineMetrics | None = None) -> None:
         capacity = runner.kv_capacity()
         self.runner = runner
         self.decoder = decoder
@@ -41,6 +43,7 @@ class LLMEngine:
         self.num_steps = 0
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.metrics = metrics or EngineMetrics(limits.scheduler.max_model_len)
 
     @property
     def max_model_len(self) -> int:
@@ -78,10 +81,14 @@ class LLMEngine:
         )
         self.num_prompt_tokens_total += request.num_prompt_tokens
         self.scheduler.add_request(request)
+        self.metrics.request_added(request)
 
     def abort_request(self, request_id: str) -> None:
+        request = self.scheduler.requests.get(request_id)
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._detokenizers.pop(request_id, None)
+        if request is not None:
+            self.metrics.request_finished(request, self.metrics.clock())
 
     @property
     def has_unfinished(self) -> bool:
@@ -93,11 +100,14 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
             return []
+        self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
         runner_output = self.runner.execute(scheduler_output)
         self.num_steps += 1
+        now_s = self.metrics.clock()
         outputs = []
         for request, token_id in self.scheduler.update_from_output(scheduler_output, runner_output):
             self.num_generation_tokens_total += 1
+            self.metrics.token_sampled(request, now_s)
             detokenizer = self._detokenizers[request.request_id]
             stop_string = detokenizer.append(token_id)
             if stop_string is not None and not request.status.finished:
@@ -117,9 +127,11 @@ class LLMEngine:
             )
             if finished:
                 del self._detokenizers[request.request_id]
+                self.metrics.request_finished(request, now_s)
         return outputs
 
     def stats(self) -> dict[str, Any]:
+        """Counters and gauges for /metrics and benchmarks; safe to call from another thread."""
         scheduler = self.scheduler
         return {
             "num_requests_running": len(scheduler.running),
@@ -132,10 +144,15 @@ class LLMEngine:
             "num_prompt_tokens_total": self.num_prompt_tokens_total,
             "num_generation_tokens_total": self.num_generation_tokens_total,
             "num_steps": self.num_steps,
+            "num_free_kv_tokens": self.kv_cache.num_free_tokens,
+            "max_num_seqs": self.limits.scheduler.max_num_seqs,
+            "max_model_len": self.max_model_len,
+            "metrics": self.metrics.snapshot(),
             "time_s": time.monotonic(),
         }
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
         assert set(self._detokenizers) == set(self.scheduler.requests), "detokenizers leak or are missing"
+        assert self.metrics.num_tracked_requests == len(self.scheduler.requests), "metrics track finished requests"
 

@@ -26,6 +26,7 @@ from fitserve.server.errors import (
     request_id_of,
 )
 from fitserve.server.lifecycle import Phase, ServerLifecycle
+from fitserve.server.metrics import add_metrics_route
 from fitserve.server.middleware import (
     REQUEST_ID_HEADER,
     ApiKeyMiddleware,
@@ -122,6 +123,7 @@ def build_app(engine: EngineClient | None = None, *, api_key: str | None = None,
     app.state.engine = None
     install_error_handlers(app)
     _add_routes(app)
+    add_metrics_route(app)
     if engine is not None:
         attach_engine(app, engine)
     _add_middleware(app, config)

@@ -1,0 +1,145 @@
+"""GET /metrics: Prometheus text with vLLM's metric names, plus fitserve's capacity gauges.
+
+Nothing is kept in prometheus-client's global registry: each app has its own registry with
+one collector that, on every scrape, reads the engine's `stats()` (counters, gauges and the
+histogram snapshot of engine/metrics.py) and writes them out. So existing vLLM dashboards
+read fitserve unchanged (labels `model_name` and `engine`, as vLLM's), and several apps in
+one process (tests) never collide. Before the engine has loaded, /metrics answers with no
+engine series.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from fitserve.engine.client import EngineClient
+from fitserve.engine.metrics import FINISH_REASONS, MetricsSnapshot
+
+ENGINE_INDEX = "0"  # vLLM labels each engine core; fitserve runs one
+LABELS = ["model_name", "engine"]
+ADMISSION_CONTEXT_TOKENS = (512, 2048, 8192)  # plus --max-model-len: fitserve:num_requests_admissible
+
+HISTOGRAM_HELP = {
+    "time_to_first_token_seconds": "Histogram of time to first token in seconds.",
+    "inter_token_latency_seconds": "Histogram of inter-token latency in seconds.",
+    "e2e_request_latency_seconds": "Histogram of e2e request latency in seconds.",
+    "request_queue_time_seconds": "Histogram of time spent in WAITING phase for request.",
+    "request_prefill_time_seconds": "Histogram of time spent in PREFILL phase for request.",
+    "request_decode_time_seconds": "Histogram of time spent in DECODE phase for request.",
+    "request_prompt_tokens": "Number of prefill tokens processed.",
+    "request_generation_tokens": "Number of generation tokens processed.",
+    "iteration_tokens_total": "Histogram of number of tokens per engine_step.",
+}
+
+
+def _gauge(name: str, doc: str, labels: list[str], value: float, extra: list[str] | None = None) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=LABELS + (extra or []))
+    family.add_metric(labels, value)
+    return family
+
+
+def _counter(name: str, doc: str, labels: list[str], value: float) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=LABELS)
+    family.add_metric(labels, value)
+    return family
+
+
+def admissible_requests(stats: dict[str, Any], context_tokens: int) -> int:
+    """Requests of `context_tokens` tokens that could start now: what the free KV blocks hold,
+    at most the free --max-num-seqs slots, and none while requests wait in the queue."""
+    if stats.get("num_requests_waiting", 0):
+        return 0
+    block_size = max(int(stats.get("block_size", 1)), 1)
+    blocks_each = -(-context_tokens // block_size)
+    by_memory = int(stats.get("num_free_kv_blocks", 0)) // blocks_each
+    free_slots = int(stats.get("max_num_seqs", 0)) - int(stats.get("num_requests_running", 0))
+    return max(min(by_memory, free_slots), 0)
+
+
+def _scheduler_families(stats: dict[str, Any], labels: list[str]) -> Iterator[Metric]:
+    yield _gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels,
+                 stats.get("num_requests_running", 0))
+    yield _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels,
+                 stats.get("num_requests_waiting", 0))
+    yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels,
+                 stats.get("kv_cache_usage", 0.0))
+    yield _counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels,
+                   stats.get("num_preemptions_total", 0))
+
+
+def _capacity_families(stats: dict[str, Any], labels: list[str]) -> Iterator[Metric]:
+    block_size = int(stats.get("block_size", 0))
+    yield _gauge("fitserve:kv_cache_free_tokens", "Tokens the free KV-cache blocks hold now.", labels,
+                 stats.get("num_free_kv_tokens", int(stats.get("num_free_kv_blocks", 0)) * block_size))
+    yield _gauge("fitserve:kv_cache_capacity_tokens", "Tokens the whole KV cache holds.", labels,
+                 int(stats.get("num_kv_blocks", 0)) * block_size)
+    contexts = sorted({*ADMISSION_CONTEXT_TOKENS, int(stats.get("max_model_len", 0))} - {0})
+    family = GaugeMetricFamily(
+        "fitserve:num_requests_admissible",
+        "Requests of context_tokens tokens (prompt + output) that could start now without preempting anyone.",
+        labels=LABELS + ["context_tokens"])
+    for context in contexts:
+        family.add_metric(labels + [str(context)], admissible_requests(stats, context))
+    yield family
+
+
+def _snapshot_families(snapshot: MetricsSnapshot, labels: list[str]) -> Iterator[Metric]:
+    yield _counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, snapshot.prompt_tokens_total)
+    yield _counter("vllm:generation_tokens", "Number of generation tokens processed.", labels,
+                   snapshot.generation_tokens_total)
+    success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
+                                  labels=LABELS + ["finished_reason"])
+    for reason in FINISH_REASONS:
+        success.add_metric(labels + [reason], snapshot.finished_total.get(reason, 0))
+    yield success
+    for name, hist in snapshot.histograms.items():
+        family = HistogramMetricFamily(f"vllm:{name}", HISTOGRAM_HELP.get(name, name), labels=LABELS)
+        buckets = [("+Inf" if bound == float("inf") else repr(float(bound)), count) for bound, count in hist.cumulative()]
+        family.add_metric(labels, buckets, sum_value=hist.sum)
+        yield family
+    if snapshot.cache_info:
+        info = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                 labels=[*snapshot.cache_info, "engine"])
+        info.add_metric([*snapshot.cache_info.values(), ENGINE_INDEX], 1)
+        yield info
+
+
+class EngineCollector(Collector):
+    """Reads the engine at scrape time; `get_engine` returns None until it has loaded."""
+
+    def __init__(self, get_engine: Callable[[], EngineClient | None]) -> None:
+        self.get_engine = get_engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.get_engine()
+        if engine is None:
+            return
+        stats = engine.stats()
+        labels = [engine.model_name, ENGINE_INDEX]
+        yield from _scheduler_families(stats, labels)
+        yield from _capacity_families(stats, labels)
+        snapshot = stats.get("metrics")
+        if isinstance(snapshot, MetricsSnapshot):
+            yield from _snapshot_families(snapshot, labels)
+
+
+def build_registry(get_engine: Callable[[], EngineClient | None]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(get_engine))
+    return registry
+
+
+def add_metrics_route(app: FastAPI) -> None:
+    """GET /metrics over `app.state.engine` (None or absent until the engine is attached)."""
+    registry = build_registry(lambda: getattr(app.state, "engine", None))
+
+    @app.get("/metrics")
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
