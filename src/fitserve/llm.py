@@ -20,14 +20,19 @@ from dataclasses import dataclass
 import torch
 
 from fitserve.config import ConfigError, EngineConfig
+from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
+from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.tokenizer import Tokenizer
-from fitserve.runner.memory import check_max_model_len_fits, kv_block_bytes, kv_capacity_for_budget
-from fitserve.runner.model_runner import TorchModelRunner
-from fitserve.runner.profiling import profile_forward
-from fitserve.sampling_params import SamplingParams
 from fitserve.models.loader import load_model
+from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
+from fitserve.plan.problems import FP8_SERVING_AVAILABLE
+from fitserve.plan.shapes import model_param_counts, resolve_dtype
+from fitserve.runner.memory import TORCH_KV_DTYPES, DeviceMemory, StartupMemory, read_device_memory, start_reading
+from fitserve.runner.model_runner import TorchModelRunner
+from fitserve.runner.profiling import profile_activation_peak
+from fitserve.sampling_params import SamplingParams
 from fitserve.weights.source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -40,50 +45,115 @@ class BuiltEngine:
     tokenizer: Tokenizer
     source: ModelSource
     model_name: str
+    memory: StartupMemory | None = None  # planned and measured memory (None: no plan was made)
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device.")
-    return torch.device(config.device)
+    """The device with an explicit index for CUDA ("cuda" alone means the current device)."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for, but torch sees no CUDA device.")
+        device = torch.device(name)
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
 
 
-def resolve_max_model_len(config: EngineConfig, source: ModelSource) -> int:
-    model_max = source.arch.max_position_embeddings
-    asked = config.scheduler.max_model_len
-    if asked is None:
-        return model_max
-    if asked > model_max:
+def refuse_unsupported(config: EngineConfig) -> None:
+    """Settings the planner knows but the engine does not run yet."""
+    if FP8_SERVING_AVAILABLE:
+        return
+    if config.quantization is not None:
         raise ConfigError(
-            f"--max-model-len {asked} is longer than the model's context of {model_max} tokens "
-            f"(max_position_embeddings). Use --max-model-len {model_max} or less."
+            f"--quantization {config.quantization} is not supported yet: fitserve has no FP8 linear layers "
+            "so far. `fitserve plan --quantization fp8` shows what it would fit; to serve now, leave "
+            "--quantization out (bfloat16 weights)."
         )
-    return asked
+    if config.cache.kv_cache_dtype != "auto":
+        raise ConfigError(
+            f"--kv-cache-dtype {config.cache.kv_cache_dtype} is not supported yet: the KV cache is kept in "
+            "--dtype. `fitserve plan --kv-cache-dtype fp8` shows what it would hold; to serve now, leave "
+            "--kv-cache-dtype out."
+        )
+
+
+def plan_inputs(config: EngineConfig, source: ModelSource, max_model_len: int, device: torch.device,
+                start: DeviceMemory | None) -> PlanInputs:
+    folder = source.weights_path if source.kind == "hf" else None
+    return PlanInputs(
+        arch=source.arch, model_name=source.name, param_counts=model_param_counts(source.arch, folder),
+        max_model_len=max_model_len, dtype=resolve_dtype(config.dtype), quantization=config.quantization,
+        kv_cache_dtype=config.cache.kv_cache_dtype,
+        device_total_bytes=None if start is None else start.total_bytes,
+        device_free_bytes=None if start is None else start.free_bytes,
+        gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        gpu_memory_utilization=config.cache.gpu_memory_utilization,
+        kv_cache_memory_bytes=config.cache.kv_cache_memory_bytes,
+        num_gpu_blocks_override=config.cache.num_gpu_blocks_override,
+        max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+        block_size=config.cache.block_size, cuda_graphs=device.type == "cuda" and not config.enforce_eager,
+    )
+
+
+def plan_startup(config: EngineConfig, source: ModelSource, max_model_len: int, device: torch.device) -> StartupMemory:
+    """The plan before any weight is read; a setting that cannot fit stops here (ConfigError)."""
+    start = start_reading(device) if device.type == "cuda" else None
+    planned = plan_memory(plan_inputs(config, source, max_model_len, device, start))
+    planned.raise_if_fatal()
+    for problem in planned.problems:
+        logger.warning("%s", problem.message)
+    return StartupMemory(planned=planned, start=start)
+
+
+def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: EngineConfig,
+                         max_model_len: int, device: torch.device) -> MemoryPlan:
+    """Measure weights, the activation peak and the memory outside torch; size the KV cache with them."""
+    assert memory.start is not None
+    after_load = read_device_memory(device)
+    memory.weights_bytes = after_load.allocated_bytes - memory.start.allocated_bytes
+    memory.profile = profile_activation_peak(
+        model, model.arch, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len, device)
+    memory.activation_peak_bytes = int(memory.profile["activation_peak_bytes"])
+    after_profile = read_device_memory(device)
+    memory.runtime_non_torch_bytes = after_profile.non_torch_bytes - memory.start.non_torch_bytes
+    return memory.size_kv_cache()
+
+
+def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
+                 device: torch.device, progress: bool) -> TorchModelRunner:
+    """Load, measure, size the KV cache and build the runner; logs planned vs measured memory."""
+    dtype = TORCH_DTYPES[memory.planned.inputs.dtype]
+    model = load_model(source, dtype, device, progress=progress)
+    measures = device.type == "cuda" and memory.planned.inputs.kv_cache_memory_bytes is None \
+        and memory.planned.inputs.num_gpu_blocks_override is None
+    sized = size_after_profiling(memory, model, config, max_model_len, device) if measures else memory.planned
+    capacity = KVCapacity(sized.num_kv_blocks, config.cache.block_size)
+    before_runner = read_device_memory(device) if device.type == "cuda" else None
+    runner = TorchModelRunner(
+        model, source.arch, capacity, TORCH_KV_DTYPES[sized.kv_dtype], device, config.seed,
+        max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
+        use_cuda_graphs=not config.enforce_eager,
+    )
+    if before_runner is not None:
+        memory.end = read_device_memory(device)
+        graph_bytes = memory.end.used_bytes - before_runner.used_bytes - sized.kv_cache_bytes
+        memory.cuda_graph_bytes = graph_bytes if memory.planned.inputs.cuda_graphs else None
+        logger.info("Memory on %s:\n%s", memory.planned.inputs.gpu_name, memory.table())
+    return runner
 
 
 def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     start_s = time.monotonic()
+    refuse_unsupported(config)
     source = resolve_model_source(config)
     device = resolve_device(config)
-    dtype = TORCH_DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
-    max_model_len = resolve_max_model_len(config, source)
+    max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
+    memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read
     tokenizer = Tokenizer.from_source(source)
-    profiles_memory = device.type == "cuda" and config.cache.kv_cache_memory_bytes is None
-    if not profiles_memory:  # the cache size is known before any weight is read: fail early
-        capacity = kv_capacity_for_budget(config.cache, source.arch, dtype, device)
-        check_max_model_len_fits(capacity, max_model_len)
-    model = load_model(source, dtype, device, progress=progress)
-    if profiles_memory:
-        torch_peak_bytes = profile_forward(model, source.arch, config.scheduler.max_num_batched_tokens, device)
-        capacity = kv_capacity_for_budget(config.cache, source.arch, dtype, device, torch_peak_bytes)
-        check_max_model_len_fits(capacity, max_model_len)
-    runner = TorchModelRunner(
-        model, source.arch, capacity, dtype, device, config.seed,
-        max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
-        use_cuda_graphs=not config.enforce_eager,
-    )
+    runner = build_runner(memory, config, source, max_model_len, device, progress)
+    capacity = runner.kv_capacity()
     scheduler_limits = SchedulerLimits(
         max_num_seqs=config.scheduler.max_num_seqs,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
@@ -91,16 +161,22 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     )
     eos_ids = source.eos_token_ids or tuple(tokenizer.eos_token_ids)
     limits = EngineLimits(vocab_size=source.arch.vocab_size, eos_token_ids=eos_ids, scheduler=scheduler_limits)
-    engine = LLMEngine(runner, tokenizer, limits)
-    kv_gib = capacity.num_blocks * kv_block_bytes(source.arch, capacity.block_size, dtype) / 2**30
+    sized = memory.sized or memory.planned
+    metrics = EngineMetrics(max_model_len, cache_info={
+        "block_size": str(capacity.block_size), "cache_dtype": config.cache.kv_cache_dtype,
+        "gpu_memory_utilization": str(config.cache.gpu_memory_utilization),
+        "num_gpu_blocks": str(capacity.num_blocks), "num_gpu_blocks_override": str(config.cache.num_gpu_blocks_override),
+        "kv_cache_memory_bytes": str(sized.kv_cache_bytes), "enable_prefix_caching": "False",
+    })
+    engine = LLMEngine(runner, tokenizer, limits, metrics=metrics)
     logger.info(
         "Model %s on %s (%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB); "
         "maximum concurrency at --max-model-len %d: %.2fx",
-        source.name, device, str(dtype).removeprefix("torch."), time.monotonic() - start_s,
-        capacity.num_tokens, capacity.num_blocks, capacity.block_size, kv_gib,
+        source.name, device, sized.inputs.dtype, time.monotonic() - start_s,
+        capacity.num_tokens, capacity.num_blocks, capacity.block_size, sized.kv_cache_bytes / 2**30,
         max_model_len, capacity.num_tokens / max_model_len,
     )
-    return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name)
+    return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name, memory)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,71 +1,159 @@
-"""How many KV blocks the device holds for the configured budget.
+"""Start-up sizing on the device: readings of GPU memory, and the measured side of the plan.
 
-CPU: the budget is `--kv-cache-memory-bytes` (default 1 GiB), since a machine's RAM is
-shared with everything else and "a fraction of all memory" means little there.
-CUDA: vLLM's meaning of `--gpu-memory-utilization`: total device memory x utilization,
-minus the weights and the activation peak this process has reached (measured after a
-profiling forward), minus memory held outside torch (CUDA context, other processes).
+The plan (fitserve.plan) says, before any weight is read, what the budget holds; here the
+same quantities are measured as start-up goes (weights after loading, the activation peak
+and the memory outside torch after the profiling run, the CUDA-graph pool after capture)
+and handed back to the planner's sizing rule, so the KV cache is sized by the plan's code
+with real figures. vLLM's meaning of --gpu-memory-utilization: total memory x utilization
+holds everything this server allocates; the CUDA context that exists before (and other
+processes) stays outside it, which is why at start the free memory must cover the budget.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+from dataclasses import dataclass, field
 
 import torch
 
-from fitserve.config import DEFAULT_CPU_KV_CACHE_BYTES, ArchConfig, CacheConfig, ConfigError
-from fitserve.core.interfaces import KVCapacity
+from fitserve.config import ArchConfig
+from fitserve.plan.planner import MemoryBreakdown, MemoryPlan, plan_memory
+from fitserve.plan.units import GIB
 
 logger = logging.getLogger(__name__)
-GIB = 1 << 30
+TORCH_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+                   "fp8": torch.float8_e4m3fn}
 
 
 def kv_block_bytes(arch: ArchConfig, block_size: int, kv_dtype: torch.dtype) -> int:
     return arch.kv_elements_per_token * block_size * kv_dtype.itemsize
 
 
-def kv_capacity_for_budget(
-    cache: CacheConfig, arch: ArchConfig, kv_dtype: torch.dtype, device: torch.device, torch_peak_bytes: int = 0
-) -> KVCapacity:
-    """Blocks that fit the budget. On CUDA, `torch_peak_bytes` is what profile_forward measured."""
-    if cache.num_gpu_blocks_override is not None:
-        return KVCapacity(cache.num_gpu_blocks_override, cache.block_size)
-    block_bytes = kv_block_bytes(arch, cache.block_size, kv_dtype)
-    if cache.kv_cache_memory_bytes is not None:
-        budget_bytes = cache.kv_cache_memory_bytes
-    elif device.type == "cuda":
-        budget_bytes = _cuda_kv_budget_bytes(cache.gpu_memory_utilization, device, torch_peak_bytes)
-    else:
-        budget_bytes = DEFAULT_CPU_KV_CACHE_BYTES
-    num_blocks = budget_bytes // block_bytes
-    if num_blocks < 1:
-        raise ConfigError(
-            f"No memory is left for the KV cache: one block of {cache.block_size} tokens needs "
-            f"{block_bytes / 2**20:.1f} MiB but the budget leaves {max(budget_bytes, 0) / GIB:.2f} GiB. "
-            "Raise --gpu-memory-utilization (or --kv-cache-memory-bytes), or use a smaller model."
-        )
-    return KVCapacity(int(num_blocks), cache.block_size)
+@dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """One reading of a CUDA device's memory."""
+
+    total_bytes: int
+    free_bytes: int
+    reserved_bytes: int  # held by torch's caching allocator
+    allocated_bytes: int  # in live torch tensors
+
+    @property
+    def used_bytes(self) -> int:
+        return self.total_bytes - self.free_bytes
+
+    @property
+    def non_torch_bytes(self) -> int:
+        """In use on the device but not through torch: CUDA context, kernel images, other processes."""
+        return self.used_bytes - self.reserved_bytes
 
 
-def _cuda_kv_budget_bytes(utilization: float, device: torch.device, torch_peak_bytes: int) -> int:
+def read_device_memory(device: torch.device, settle: bool = True) -> DeviceMemory:
+    """With `settle`, first free what torch caches, so `free` counts only memory in use."""
+    if settle:
+        gc.collect()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
     free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    non_torch_bytes = (total_bytes - free_bytes) - torch.cuda.memory_reserved(device)
-    budget_bytes = int(total_bytes * utilization)
-    kv_bytes = budget_bytes - torch_peak_bytes - non_torch_bytes
-    logger.info(
-        "GPU memory: %.2f GiB total, budget %.2f GiB (utilization %.2f); weights + activation peak %.2f GiB, "
-        "outside torch %.2f GiB; KV cache %.2f GiB",
-        total_bytes / GIB, budget_bytes / GIB, utilization, torch_peak_bytes / GIB,
-        non_torch_bytes / GIB, kv_bytes / GIB,
-    )
-    return kv_bytes
+    return DeviceMemory(total_bytes, free_bytes, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
 
 
-def check_max_model_len_fits(capacity: KVCapacity, max_model_len: int) -> None:
-    if capacity.num_tokens < max_model_len:
-        raise ConfigError(
-            f"The KV cache holds {capacity.num_tokens} tokens ({capacity.num_blocks} blocks of "
-            f"{capacity.block_size}), fewer than --max-model-len {max_model_len}, so one long request could "
-            f"never run. Set --max-model-len {capacity.num_tokens} or less, or give the cache more memory "
-            "(--kv-cache-memory-bytes on the CPU, --gpu-memory-utilization on a GPU)."
+def start_reading(device: torch.device) -> DeviceMemory:
+    """The device before fitserve allocates anything (creates the CUDA context first)."""
+    torch.cuda.init()
+    torch.cuda.set_device(device)
+    torch.zeros(1, device=device)  # the context exists once a first allocation has run
+    return read_device_memory(device)
+
+
+def gpu_processes(device: torch.device) -> str:
+    """Other processes on the GPU and their memory, when NVML can tell ('' when it cannot)."""
+    try:
+        return torch.cuda.list_gpu_processes(device)
+    except Exception:  # noqa: BLE001 - pynvml missing or NVML unavailable: the message goes without it
+        return ""
+
+
+@dataclass(slots=True)
+class StartupMemory:
+    """Planned and measured memory of one start-up, for the log and for benchmarks/."""
+
+    planned: MemoryPlan  # from estimates, before any weight was read
+    start: DeviceMemory | None = None  # the device before fitserve allocated anything
+    weights_bytes: int | None = None  # measured after loading
+    activation_peak_bytes: int | None = None  # measured by the profiling run
+    runtime_non_torch_bytes: int | None = None  # non-torch growth from start to after profiling
+    sized: MemoryPlan | None = None  # the plan with the measured figures: what was allocated
+    cuda_graph_bytes: int | None = None  # measured after capture
+    end: DeviceMemory | None = None  # after start-up
+    profile: dict[str, float] = field(default_factory=dict)  # phase peaks and seconds
+
+    def measured_breakdown(self, planned_graph_bytes: int) -> MemoryBreakdown:
+        assert self.weights_bytes is not None and self.activation_peak_bytes is not None
+        return MemoryBreakdown(
+            weights_bytes=self.weights_bytes,
+            activation_peak_bytes=self.activation_peak_bytes,
+            runtime_non_torch_bytes=max(self.runtime_non_torch_bytes or 0, 0),
+            cuda_graph_bytes=planned_graph_bytes,  # captured after the KV cache: the plan reserves it
         )
+
+    def size_kv_cache(self) -> MemoryPlan:
+        """The planner's sizing rule with the measured figures; raises ConfigError when it cannot fit."""
+        self.sized = plan_memory(self.planned.inputs, self.measured_breakdown(self.planned.breakdown.cuda_graph_bytes))
+        self.sized.raise_if_fatal()
+        return self.sized
+
+    def table(self) -> str:
+        """Planned and measured figures side by side, in GiB."""
+        planned, sized = self.planned, self.sized or self.planned
+        rows = [
+            ("weights", planned.breakdown.weights_bytes, self.weights_bytes),
+            ("activation peak", planned.breakdown.activation_peak_bytes, self.activation_peak_bytes),
+            ("runtime outside torch", planned.breakdown.runtime_non_torch_bytes, self.runtime_non_torch_bytes),
+            ("CUDA-graph pool", planned.breakdown.cuda_graph_bytes, self.cuda_graph_bytes),
+            ("KV cache", planned.kv_cache_bytes, sized.kv_cache_bytes),
+        ]
+        lines = [f"{'GPU memory (GiB)':<24}{'planned':>10}{'measured':>10}"]
+        for label, plan_bytes, measured_bytes in rows:
+            measured = "-" if measured_bytes is None else f"{measured_bytes / GIB:.2f}"
+            lines.append(f"  {label:<22}{plan_bytes / GIB:>10.2f}{measured:>10}")
+        lines.append(f"  {'KV blocks':<22}{planned.num_kv_blocks:>10}{sized.num_kv_blocks:>10}")
+        budget = planned.budget_bytes / GIB
+        if self.end is not None and self.start is not None:
+            used = (self.end.used_bytes - self.start.used_bytes) / GIB
+            lines.append(f"  in use after start-up {used:.2f} GiB of a {budget:.2f} GiB budget; "
+                         f"{self.end.free_bytes / GIB:.2f} GiB of the card free")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, object]:
+        def reading(memory: DeviceMemory | None) -> dict[str, int] | None:
+            if memory is None:
+                return None
+            return {"total_bytes": memory.total_bytes, "free_bytes": memory.free_bytes,
+                    "reserved_bytes": memory.reserved_bytes, "allocated_bytes": memory.allocated_bytes}
+
+        planned, sized = self.planned, self.sized or self.planned
+        return {
+            "planned": {
+                "weights_bytes": planned.breakdown.weights_bytes,
+                "activation_peak_bytes": planned.breakdown.activation_peak_bytes,
+                "runtime_non_torch_bytes": planned.breakdown.runtime_non_torch_bytes,
+                "cuda_graph_bytes": planned.breakdown.cuda_graph_bytes,
+                "outside_budget_bytes": planned.outside_budget_bytes,
+                "kv_cache_bytes": planned.kv_cache_bytes,
+                "num_kv_blocks": planned.num_kv_blocks,
+            },
+            "measured": {
+                "weights_bytes": self.weights_bytes,
+                "activation_peak_bytes": self.activation_peak_bytes,
+                "runtime_non_torch_bytes": self.runtime_non_torch_bytes,
+                "cuda_graph_bytes": self.cuda_graph_bytes,
+                "kv_cache_bytes": sized.kv_cache_bytes,
+                "num_kv_blocks": sized.num_kv_blocks,
+            },
+            "budget_bytes": planned.budget_bytes,
+            "start": reading(self.start),
+            "end": reading(self.end),
+            "profile": dict(self.profile),
+        }

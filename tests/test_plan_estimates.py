@@ -1,0 +1,74 @@
+"""The planner's activation, sampler and CUDA-graph estimates against what the code allocates.
+
+The CPU runs the pure-torch reference path; the live-bytes tracker measures its peak the way
+torch's CUDA allocator would, so the formulas are checked without a GPU. (On the GPU the
+fused kernels hold less; benchmarks/startup_memory.py compares the plan with an H100.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_tracker import LiveBytesTracker
+
+from fitserve.config import ArchConfig
+from fitserve.models.llama import LlamaForCausalLM
+from fitserve.plan import estimates
+from fitserve.runner import profiling
+from fitserve.runner.cuda_graph import graph_batch_sizes
+
+# Llama-like proportions (intermediate = 3.5 x hidden, 4 query heads per KV head), small enough for a test.
+ARCH = ArchConfig(vocab_size=8192, hidden_size=512, intermediate_size=1792, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = LlamaForCausalLM(ARCH, torch.bfloat16, torch.device("cpu"))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    return model
+
+
+def _tracked(fn) -> int:
+    with torch.inference_mode(), LiveBytesTracker() as tracker:
+        fn()
+    return tracker.peak_bytes
+
+
+@pytest.mark.parametrize("num_tokens", [256, 1024])
+def test_forward_peak_matches_the_reference_path(model, num_tokens):
+    chunks = profiling.profile_chunks(num_tokens, max_model_len=4096)
+    caches = profiling.throwaway_cache(model, ARCH, chunks, torch.device("cpu"))
+    measured = _tracked(lambda: profiling.run_forward(model, chunks, torch.device("cpu")))
+    estimated = estimates.forward_peak_bytes(ARCH, num_tokens, act_bytes=2, fused_kernels=False)
+    assert measured == pytest.approx(estimated, rel=0.05)
+    del caches
+
+
+def test_sampler_peak_bytes_per_logit(model):
+    num_rows = 64
+    hidden = torch.randn(num_rows, ARCH.hidden_size, dtype=torch.bfloat16)
+    measured = _tracked(lambda: profiling.run_sampling(model, hidden, num_rows, torch.device("cpu")))
+    estimated = estimates.sampler_peak_bytes(ARCH, num_rows, act_bytes=2)
+    assert measured == pytest.approx(estimated, rel=0.03)
+
+
+def test_profile_chunks_cover_the_budget_within_the_context():
+    chunks = profiling.profile_chunks(5000, max_model_len=2048)
+    assert [c.num_tokens for c in chunks] == [2048, 2048, 904]
+    blocks = [b for c in chunks for b in c.block_table]
+    assert len(blocks) == len(set(blocks)) == sum(-(-c.num_tokens // 16) for c in chunks)
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 8, 100, 256, 512])
+def test_graph_batch_sizes_match_the_runner(max_num_seqs):
+    assert estimates.graph_batch_sizes(max_num_seqs) == graph_batch_sizes(max_num_seqs)
+
+
+def test_graph_pool_counts_each_captured_logits_buffer():
+    sizes = estimates.graph_batch_sizes(256)
+    kept = sum(sizes) * ARCH.vocab_size * 4
+    pool = estimates.cuda_graph_pool_bytes(ARCH, 256, act_bytes=2)
+    assert kept < pool < kept + estimates.forward_peak_bytes(ARCH, 256, 2) + 256 * ARCH.vocab_size * 2 + 64 * 2**20
