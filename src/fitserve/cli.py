@@ -8,11 +8,13 @@ import logging
 import sys
 
 from fitserve.bench.cli import add_bench_parsers
+from fitserve.plan.command import add_plan_parser
 from fitserve.config import (
     API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
+    KV_CACHE_DTYPES,
     LOAD_FORMATS,
     CacheConfig,
     ConfigError,
@@ -21,6 +23,7 @@ from fitserve.config import (
     ServerConfig,
     parse_size_bytes,
 )
+from fitserve.weights.source import resolve_model_source
 
 logger = logging.getLogger("fitserve")
 
@@ -45,6 +48,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", default=None,
                         help="KV cache size, e.g. 2GiB; on the CPU the default is 1GiB")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV blocks")
+    parser.add_argument("--quantization", default=None, choices=["fp8"],
+                        help="fp8 linear layers (planned by `fitserve plan`; not served yet)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                        help="auto (= --dtype) or fp8 (planned by `fitserve plan`; not served yet)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
 
@@ -60,11 +67,13 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        quantization=args.quantization,
         cache=CacheConfig(
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
             kv_cache_memory_bytes=kv_bytes,
             num_gpu_blocks_override=args.num_gpu_blocks_override,
+            kv_cache_dtype=args.kv_cache_dtype,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
@@ -82,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     add_bench_parsers(commands)
+    add_plan_parser(commands, resolve_model_source)
     return parser
 
 

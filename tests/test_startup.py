@@ -1,0 +1,102 @@
+"""Start-up sizing: fails before any weight is read, in one paragraph, exit code 2; refuses fp8 until it
+exists; sizes the KV cache with the planner's rule from measured figures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from plan_helpers import llama_8b_inputs, write_model_folder
+
+import fitserve.llm as llm
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from fitserve.plan.planner import plan_memory
+from fitserve.runner.memory import DeviceMemory, StartupMemory
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+@pytest.fixture
+def no_weight_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded although the plan cannot fit")
+    monkeypatch.setattr(llm, "load_model", refuse)
+
+
+@pytest.mark.parametrize("config,flag", [
+    (EngineConfig(quantization="fp8"), "--quantization fp8"),
+    (EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8")), "--kv-cache-dtype fp8"),
+])
+def test_fp8_is_refused_until_it_is_implemented(no_weight_loading, config, flag):
+    with pytest.raises(ConfigError, match=f"{flag} is not supported yet") as info:
+        llm.build_engine(config, progress=False)
+    assert f"fitserve plan {flag.split()[0]} fp8" in str(info.value)
+
+
+def test_a_cache_too_small_for_max_model_len_stops_before_loading(tmp_path, no_weight_loading):
+    folder = write_model_folder(tmp_path / "tiny")
+    config = EngineConfig(model=str(folder), load_format="dummy", device="cpu",
+                          cache=CacheConfig(kv_cache_memory_bytes=64 * 1024), scheduler=SchedulerConfig(max_model_len=512))
+    with pytest.raises(ConfigError, match=r"Set --max-model-len (\d+) or less") as info:
+        llm.build_engine(config, progress=False)
+    assert "--kv-cache-memory-bytes" in str(info.value)
+
+
+def _serve(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fitserve", "serve", "--port", "0", *flags],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_serve_exits_2_with_the_paragraph_and_no_traceback(tmp_path):
+    folder = write_model_folder(tmp_path / "tiny")
+    result = _serve("--model", str(folder), "--load-format", "dummy", "--device", "cpu",
+                    "--kv-cache-memory-bytes", "64KiB", "--max-model-len", "512")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "fitserve: The KV cache of" in result.stderr and "Set --max-model-len" in result.stderr
+
+
+def test_serve_refuses_fp8_with_exit_code_2():
+    result = _serve("--quantization", "fp8")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--quantization fp8 is not supported yet" in result.stderr
+
+
+def test_measured_figures_size_the_cache_with_the_planners_rule():
+    planned = plan_memory(llama_8b_inputs(0.9, max_num_seqs=32, max_model_len=4096))
+    memory = StartupMemory(planned=planned, start=DeviceMemory(planned.inputs.device_total_bytes, 0, 0, 0))
+    memory.weights_bytes = planned.breakdown.weights_bytes
+    memory.activation_peak_bytes = planned.breakdown.activation_peak_bytes - 100 * 2**20  # measured lower
+    memory.runtime_non_torch_bytes = planned.breakdown.runtime_non_torch_bytes
+    sized = memory.size_kv_cache()
+    extra_blocks = (100 * 2**20) // planned.kv_block_bytes
+    assert sized.num_kv_blocks in (planned.num_kv_blocks + extra_blocks, planned.num_kv_blocks + extra_blocks + 1)
+    assert sized.breakdown.cuda_graph_bytes == planned.breakdown.cuda_graph_bytes  # reserved as planned
+    table = memory.table()
+    assert "planned" in table and "measured" in table and str(sized.num_kv_blocks) in table
+    report = memory.to_json()
+    assert report["measured"]["num_kv_blocks"] == sized.num_kv_blocks
+    assert report["planned"]["num_kv_blocks"] == planned.num_kv_blocks
+
+
+def test_measured_figures_that_leave_too_little_fail_like_the_plan():
+    planned = plan_memory(llama_8b_inputs(0.9, max_num_seqs=32, max_model_len=4096))
+    memory = StartupMemory(planned=planned)
+    memory.weights_bytes = planned.breakdown.weights_bytes
+    memory.activation_peak_bytes = planned.breakdown.activation_peak_bytes + 2 * GIB  # far more than planned
+    memory.runtime_non_torch_bytes = planned.breakdown.runtime_non_torch_bytes
+    with pytest.raises(ConfigError, match="Set --max-model-len|leaves no memory"):
+        memory.size_kv_cache()
+
+
+def test_plan_inputs_from_the_engine_config_match_the_cli(tmp_path):
+    folder = write_model_folder(tmp_path / "tiny")
+    config = EngineConfig(model=str(folder), load_format="dummy", device="cpu")
+    source = llm.resolve_model_source(config)
+    inputs = llm.plan_inputs(config, source, 512, llm.torch.device("cpu"), None)
+    assert inputs.on_gpu is False and inputs.cuda_graphs is False and inputs.dtype == "bfloat16"
+    assert replace(inputs, model_name="x").max_num_seqs == 256
