@@ -29,7 +29,14 @@ from fitserve.models.loader import load_model
 from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
 from fitserve.plan.problems import FP8_SERVING_AVAILABLE
 from fitserve.plan.shapes import model_param_counts, resolve_dtype
-from fitserve.runner.memory import TORCH_KV_DTYPES, DeviceMemory, StartupMemory, read_device_memory, start_reading
+from fitserve.runner.memory import (
+    TORCH_KV_DTYPES,
+    DeviceMemory,
+    StartupMemory,
+    gpu_processes,
+    read_device_memory,
+    start_reading,
+)
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
 from fitserve.sampling_params import SamplingParams
@@ -101,6 +108,10 @@ def plan_startup(config: EngineConfig, source: ModelSource, max_model_len: int, 
     """The plan before any weight is read; a setting that cannot fit stops here (ConfigError)."""
     start = start_reading(device) if device.type == "cuda" else None
     planned = plan_memory(plan_inputs(config, source, max_model_len, device, start))
+    if any(p.fatal and p.kind == "free_memory" for p in planned.problems):
+        holders = gpu_processes(device)
+        if holders:  # NVML can tell who holds the memory: add it to the paragraph
+            raise ConfigError(f"{planned.problems[0].message} On the GPU now: {holders}.")
     planned.raise_if_fatal()
     for problem in planned.problems:
         logger.warning("%s", problem.message)

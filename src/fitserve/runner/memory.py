@@ -62,17 +62,22 @@ def read_device_memory(device: torch.device, settle: bool = True) -> DeviceMemor
 def start_reading(device: torch.device) -> DeviceMemory:
     """The device before fitserve allocates anything (creates the CUDA context first)."""
     torch.cuda.init()
-    torch.cuda.set_device(device)
+    if device.index is not None:
+        torch.cuda.set_device(device)
     torch.zeros(1, device=device)  # the context exists once a first allocation has run
     return read_device_memory(device)
 
 
 def gpu_processes(device: torch.device) -> str:
-    """Other processes on the GPU and their memory, when NVML can tell ('' when it cannot)."""
+    """The processes on the GPU and their memory in one line, when NVML can tell ('' when it cannot)."""
     try:
-        return torch.cuda.list_gpu_processes(device)
-    except Exception:  # noqa: BLE001 - pynvml missing or NVML unavailable: the message goes without it
+        listing = torch.cuda.list_gpu_processes(device)
+    except Exception:  # noqa: BLE001 - NVML unavailable: the message goes without the list
         return ""
+    lines = [line.strip() for line in listing.splitlines()[1:] if line.strip()]  # the first line names the GPU
+    if not lines or any("not found" in line or "no processes" in line for line in lines):
+        return ""
+    return "; ".join(lines)
 
 
 @dataclass(slots=True)
