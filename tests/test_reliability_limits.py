@@ -132,3 +132,15 @@ def test_client_disconnect_frees_every_block(stream):
                     http.post("/v1/completions", json={"prompt": [3], **LONG})
         assert wait_until(lambda: engine.engine.has_unfinished is False, 1.0)
         assert_all_blocks_free(engine)
+
+
+def test_abort_lands_within_one_engine_step_of_the_disconnect():
+    with engine_server(step_delay_s=0.05) as (url, engine):  # steps long next to the event loop's reaction
+        with httpx.Client(base_url=url, timeout=10) as http:
+            with http.stream("POST", "/v1/completions", json={"prompt": [1], "stream": True, **LONG}) as resp:
+                next(resp.iter_lines())
+                steps_at_close = engine.engine.num_steps
+        assert wait_until(lambda: not engine.engine.has_unfinished, 2.0)
+        # The step running when the client left may finish; the next one no longer has the request.
+        assert engine.engine.num_steps - steps_at_close <= 2
+        assert_all_blocks_free(engine)
