@@ -294,7 +294,8 @@ def run_part(part: str, extra: list[str], timeout_s: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as error:
-        return {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": (error.stderr or "")[-2000:]}
+        stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
+        return {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": stderr[-2000:]}
     if proc.returncode != 0:
         return {"error": f"exit code {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
     sys.stderr.write(proc.stderr[-2000:])
@@ -350,6 +351,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--part-timeout-s", type=float, default=280)
+    parser.add_argument("--hf-timeout-s", type=float, default=300)
     args = parser.parse_args()
     if args.part == "ceilings":
         print(json.dumps(measure_ceilings()))
@@ -383,9 +385,9 @@ def main() -> None:
         report["fitserve"][variant] = run_part("fitserve", ["--workloads", *args.workloads, *common, *flags],
                                                args.part_timeout_s)
     if args.hf_workloads and args.hf_workloads != ["none"]:
-        report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads], args.part_timeout_s)
+        report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads], args.hf_timeout_s)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
 
 

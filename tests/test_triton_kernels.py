@@ -161,3 +161,38 @@ def test_model_on_gpu_matches_cpu_reference_path():
         cpu_logits = cpu_driver.step(step)
         gpu_logits = gpu_driver.step(step)
         torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, atol=2e-3, rtol=2e-3)
+
+
+def test_cuda_graph_decode_gives_the_eager_tokens():
+    """The same requests through the engine with decode graphs and without: identical greedy tokens."""
+    from fitserve.config import ArchConfig
+    from fitserve.core.interfaces import KVCapacity
+    from fitserve.core.scheduler import SchedulerLimits
+    from fitserve.engine.llm_engine import EngineLimits, LLMEngine
+    from fitserve.models.llama import LlamaForCausalLM
+    from fitserve.runner.model_runner import TorchModelRunner
+    from fitserve.sampling_params import SamplingParams
+    from fitserve.testing import FakeDecoder
+
+    arch = ArchConfig(vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arch, torch.float32, torch.device("cuda"))
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    results = []
+    for use_graphs in (True, False):
+        runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float32, torch.device("cuda"), seed=0,
+                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
+        assert (runner.decode_graphs is not None) == use_graphs
+        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(500, (), SchedulerLimits(12, 64, 256)))
+        for i in range(11):  # 11 requests: padded to the graph of 16 rows
+            prompt = [(7 * i + j) % 500 for j in range(5 + 3 * i)]
+            engine.add_request(engine.make_request(f"r{i}", prompt, SamplingParams(max_tokens=20, temperature=0)))
+        tokens = {}
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        engine.check_invariants()
+        results.append(tokens)
+    assert results[0] == results[1]

@@ -41,6 +41,15 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._staged_tensors = {
+            "ids": torch.zeros(size, dtype=torch.int64).pin_memory(),
+            "positions": torch.zeros(size, dtype=torch.int64).pin_memory(),
+            "slots": torch.zeros(size, dtype=torch.int64).pin_memory(),
+            "seq_lens": torch.zeros(size, dtype=torch.int32).pin_memory(),
+            "query_start": torch.zeros(size + 1, dtype=torch.int32).pin_memory(),
+            "tables": torch.zeros(size, max_blocks_per_seq, dtype=torch.int32).pin_memory(),
+        }
+        self._staged = {name: t.numpy() for name, t in self._staged_tensors.items()}  # views for fast writes
 
     def _batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
@@ -79,24 +88,33 @@ class DecodeGraphs:
         """Replay the graph for these decode requests; returns logits [len(scheduled), vocab] float32."""
         num_seqs = len(scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
-        positions = [c.num_computed_tokens for c in scheduled]
-        slots = [c.block_table[p // block_size] * block_size + p % block_size for c, p in zip(scheduled, positions)]
-        width = max(len(c.block_table) for c in scheduled)
-        tables = [list(c.block_table) + [0] * (width - len(c.block_table)) for c in scheduled]
-        pad = size - num_seqs
-        host = torch.tensor(
-            [c.token_ids[0] for c in scheduled] + [0] * pad + positions + [0] * pad + slots + [PAD_SLOT] * pad,
-            dtype=torch.int64,
-        ).pin_memory()
-        lens = torch.tensor(
-            list(range(num_seqs + 1)) + [num_seqs] * pad + [p + 1 for p in positions] + [0] * pad, dtype=torch.int32
-        ).pin_memory()
-        self.input_ids[:size].copy_(host[:size], non_blocking=True)
-        self.positions[:size].copy_(host[size : 2 * size], non_blocking=True)
-        self.slot_mapping[:size].copy_(host[2 * size :], non_blocking=True)
-        self.query_start_loc[: size + 1].copy_(lens[: size + 1], non_blocking=True)
-        self.seq_lens[:size].copy_(lens[size + 1 :], non_blocking=True)
-        self.block_tables[:num_seqs, :width].copy_(torch.tensor(tables, dtype=torch.int32).pin_memory(), non_blocking=True)
+        staged = self._staged  # pinned host copies of the inputs, written in place
+        ids, positions, slots = staged["ids"][:size], staged["positions"][:size], staged["slots"][:size]
+        seq_lens = staged["seq_lens"][:size]
+        width = 0
+        for row, chunk in enumerate(scheduled):
+            position = chunk.num_computed_tokens
+            table = chunk.block_table
+            ids[row] = chunk.token_ids[0]
+            positions[row] = position
+            slots[row] = table[position // block_size] * block_size + position % block_size
+            seq_lens[row] = position + 1
+            staged["tables"][row, : len(table)] = table
+            width = max(width, len(table))
+        ids[num_seqs:] = 0
+        positions[num_seqs:] = 0
+        slots[num_seqs:] = PAD_SLOT
+        seq_lens[num_seqs:] = 0
+        query_start = staged["query_start"][: size + 1]
+        query_start[: num_seqs + 1] = range(num_seqs + 1)
+        query_start[num_seqs + 1 :] = num_seqs  # padding sequences: zero query tokens
+        for name, buffer in (("ids", self.input_ids), ("positions", self.positions), ("slots", self.slot_mapping),
+                             ("seq_lens", self.seq_lens)):
+            buffer[:size].copy_(self._staged_tensors[name][:size], non_blocking=True)
+        self.query_start_loc[: size + 1].copy_(self._staged_tensors["query_start"][: size + 1], non_blocking=True)
+        self.block_tables[:num_seqs, :width].copy_(self._staged_tensors["tables"][:num_seqs, :width], non_blocking=True)
         graph, logits = self._graphs[size]
         graph.replay()
+        # The host buffers are rewritten next step; that step's writes happen after this step's
+        # sampled tokens were read back, which waits for the copies above to finish.
         return logits[:num_seqs]
