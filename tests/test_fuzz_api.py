@@ -23,8 +23,8 @@ from fitserve.server.app import build_app
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_MODEL_LEN = 128
-SCHEMATHESIS_EXAMPLES = 100  # per operation and mode
-HYPOTHESIS_EXAMPLES = 150
+SCHEMATHESIS_EXAMPLES = 60  # per operation and mode
+HYPOTHESIS_EXAMPLES = 120
 FUZZ_SETTINGS = settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, derandomize=True, database=None,
                          suppress_health_check=list(HealthCheck))
 
