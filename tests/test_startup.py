@@ -1,5 +1,5 @@
-"""Start-up sizing: fails before any weight is read, in one paragraph, exit code 2; refuses fp8 until it
-exists; sizes the KV cache with the planner's rule from measured figures."""
+"""Start-up sizing: fails before any weight is read, in one paragraph, exit code 2; refuses the fp8
+KV format it does not run (e5m2); sizes the KV cache with the planner's rule from measured figures."""
 
 from __future__ import annotations
 
@@ -27,14 +27,11 @@ def no_weight_loading(monkeypatch):
     monkeypatch.setattr(llm, "load_model", refuse)
 
 
-@pytest.mark.parametrize("config,flag", [
-    (EngineConfig(quantization="fp8"), "--quantization fp8"),
-    (EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8")), "--kv-cache-dtype fp8"),
-])
-def test_fp8_is_refused_until_it_is_implemented(no_weight_loading, config, flag):
-    with pytest.raises(ConfigError, match=f"{flag} is not supported yet") as info:
+def test_e5m2_kv_cache_is_refused_before_loading(no_weight_loading):
+    config = EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8_e5m2"))
+    with pytest.raises(ConfigError, match="fp8_e5m2 is not supported") as info:
         llm.build_engine(config, progress=False)
-    assert f"fitserve plan {flag.split()[0]} fp8" in str(info.value)
+    assert "--kv-cache-dtype fp8" in str(info.value)
 
 
 def test_a_cache_too_small_for_max_model_len_stops_before_loading(tmp_path, no_weight_loading):
@@ -60,10 +57,10 @@ def test_serve_exits_2_with_the_paragraph_and_no_traceback(tmp_path):
     assert "fitserve: The KV cache of" in result.stderr and "Set --max-model-len" in result.stderr
 
 
-def test_serve_refuses_fp8_with_exit_code_2():
-    result = _serve("--quantization", "fp8")
+def test_serve_refuses_e5m2_kv_cache_with_exit_code_2():
+    result = _serve("--kv-cache-dtype", "fp8_e5m2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--quantization fp8 is not supported yet" in result.stderr
+    assert "--kv-cache-dtype fp8_e5m2 is not supported" in result.stderr
 
 
 def test_measured_figures_size_the_cache_with_the_planners_rule():

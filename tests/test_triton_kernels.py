@@ -196,3 +196,57 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
         engine.check_invariants()
         results.append(tokens)
     assert results[0] == results[1]
+
+
+# -- fp8 (e4m3) KV cache: the store quantizes as the reference does, both attention kernels read it --------
+
+
+def _fp8_bytes(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8)
+
+
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.5, 3.0)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fp8_cache_store_and_attention_match_reference(k_scale, v_scale, num_heads, num_kv_heads, head_dim, case):
+    query_lens, seq_lens = CASES[case]
+    k_cache, v_cache, new_k, new_v, batch = random_case(
+        query_lens, seq_lens, num_kv_heads, head_dim, 16, num_pad_rows=3, dtype=torch.bfloat16, seed=10 + case)
+    new_k[0, 0, :4] = torch.tensor([1000.0, -1000.0, 1e-6, 0.0])  # saturation and underflow
+    k_cache = (k_cache.float() / k_scale).to(torch.float8_e4m3fn)
+    v_cache = (v_cache.float() / v_scale).to(torch.float8_e4m3fn)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(new_k, new_v, ref_k, ref_v, batch.slot_mapping, k_scale, v_scale)
+    triton_attention.store_kv(new_k, new_v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
+    assert torch.equal(_fp8_bytes(k_cache), _fp8_bytes(ref_k)) and torch.equal(_fp8_bytes(v_cache), _fp8_bytes(ref_v))
+    assert not k_cache.float().isnan().any(), "out-of-range values saturate, never NaN"
+
+    q = torch.randn(batch.num_tokens, num_heads, head_dim, device="cuda").to(torch.bfloat16)
+    scale = head_dim ** -0.5
+    expected = reference.paged_attention(q.float(), k_cache, v_cache, batch, scale, k_scale, v_scale)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.paged_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
+                                     batch.block_tables, batch.max_query_len, scale, k_scale, v_scale)
+    num_real = sum(query_lens)
+    got = out[:num_real].float()
+    assert not got.isnan().any()
+    assert (got - expected[:num_real]).norm() / expected[:num_real].norm() < 1e-2
+    assert out[num_real:].isnan().all()
+
+
+@pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (7, 3)])
+def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits):
+    seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
+    k_cache, v_cache, new_k, new_v, batch = random_case(
+        [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=20 + num_splits)
+    k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), (v_cache.float() / 2.0).to(torch.float8_e4m3fn)
+    triton_attention.store_kv(new_k, new_v, k_cache, v_cache, batch.slot_mapping, 1.0, 2.0)
+    q = torch.randn(batch.num_tokens, 32, 128, device="cuda").to(torch.bfloat16)
+    expected = reference.paged_attention(q.float(), k_cache, v_cache, batch, 128 ** -0.5, 1.0, 2.0)
+    out = torch.full_like(q, float("nan"))
+    triton_attention.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
+                                            batch.block_tables, 128 ** -0.5, num_splits, 1.0, 2.0)
+    got = out[:num_seqs].float()
+    assert not got.isnan().any()
+    assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
+    assert out[num_seqs:].isnan().all()

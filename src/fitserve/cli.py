@@ -9,6 +9,7 @@ import sys
 
 from fitserve.bench.cli import add_bench_parsers
 from fitserve.plan.command import add_plan_parser
+from fitserve.quantcheck.command import add_check_quant_parser
 from fitserve.config import (
     API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
@@ -48,10 +49,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory-bytes", default=None,
                         help="KV cache size, e.g. 2GiB; on the CPU the default is 1GiB")
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV blocks")
-    parser.add_argument("--quantization", default=None, choices=["fp8"],
-                        help="fp8 linear layers (planned by `fitserve plan`; not served yet)")
+    parser.add_argument("--quantization", default=None, choices=["fp8", "fp8_per_tensor"],
+                        help="fp8: linear layers quantized at load to e4m3, per-channel weight and per-token "
+                             "activation scales; fp8_per_tensor: one scale per tensor (docs/quantization.md)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                        help="auto (= --dtype) or fp8 (planned by `fitserve plan`; not served yet)")
+                        help="auto (= --dtype) or fp8 (e4m3, one byte per element, scale 1.0 per layer)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
 
@@ -91,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     add_bench_parsers(commands)
+    serve.add_argument("--verify-quantization", action="store_true",
+                       help="before serving, compare --quantization/--kv-cache-dtype with --dtype on built-in "
+                            "prompts (fitserve check-quant) and log the figures")
     add_plan_parser(commands, resolve_model_source)
+    add_check_quant_parser(commands, add_engine_args, engine_config_from_args)
     return parser
 
 
@@ -172,6 +178,10 @@ def serve(args: argparse.Namespace) -> int:
         from fitserve.engine.async_engine import AsyncEngine
         from fitserve.llm import build_engine
 
+        if args.verify_quantization:
+            from fitserve.quantcheck.check import verify_at_startup
+
+            verify_at_startup(engine_config)
         built = build_engine(engine_config)
         return AsyncEngine(built.engine, built.model_name, built.tokenizer,
                            max_queue_len=server_config.max_queue_len).start()

@@ -16,7 +16,7 @@ DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: vLLM's default, small enough to 
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB holds ~46k tokens of the default model in bf16
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-QUANTIZATIONS = (None, "fp8")  # linear layers in one byte per weight
+QUANTIZATIONS = (None, "fp8", "fp8_per_tensor")  # linear layers in one byte per weight (docs/quantization.md)
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; auto = --dtype
 DTYPE_ALIASES = {"bf16": "bfloat16", "half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32"}
 
@@ -155,7 +155,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9  # vLLM's meaning: fraction of total device memory
     kv_cache_memory_bytes: int | None = None  # explicit KV size; the CPU default is DEFAULT_CPU_KV_CACHE_BYTES
     num_gpu_blocks_override: int | None = None  # exact block count, for tests and debugging
-    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: auto (= --dtype) or fp8 (planned, not served yet)
+    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: auto (= --dtype) or fp8 (e4m3, 1 byte per element)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -195,7 +195,7 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     seed: int = 0
     enforce_eager: bool = False  # vLLM's name: no CUDA graphs, every step launched from Python
-    quantization: str | None = None  # vLLM's --quantization: None or fp8 (planned, not served yet)
+    quantization: str | None = None  # vLLM's --quantization: None, fp8 (per-channel) or fp8_per_tensor
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))
@@ -208,7 +208,7 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         object.__setattr__(self, "dtype", dtype)
         if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"--quantization must be fp8 or left out, got {self.quantization!r}.")
+            raise ConfigError(f"--quantization must be fp8, fp8_per_tensor or left out, got {self.quantization!r}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
 

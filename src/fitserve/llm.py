@@ -27,7 +27,6 @@ from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.tokenizer import Tokenizer
 from fitserve.models.loader import load_model
 from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
-from fitserve.plan.problems import FP8_SERVING_AVAILABLE
 from fitserve.plan.shapes import model_param_counts, resolve_dtype
 from fitserve.runner.memory import (
     TORCH_KV_DTYPES,
@@ -70,19 +69,10 @@ def resolve_device(config: EngineConfig) -> torch.device:
 
 def refuse_unsupported(config: EngineConfig) -> None:
     """Settings the planner knows but the engine does not run yet."""
-    if FP8_SERVING_AVAILABLE:
-        return
-    if config.quantization is not None:
+    if config.cache.kv_cache_dtype == "fp8_e5m2":
         raise ConfigError(
-            f"--quantization {config.quantization} is not supported yet: fitserve has no FP8 linear layers "
-            "so far. `fitserve plan --quantization fp8` shows what it would fit; to serve now, leave "
-            "--quantization out (bfloat16 weights)."
-        )
-    if config.cache.kv_cache_dtype != "auto":
-        raise ConfigError(
-            f"--kv-cache-dtype {config.cache.kv_cache_dtype} is not supported yet: the KV cache is kept in "
-            "--dtype. `fitserve plan --kv-cache-dtype fp8` shows what it would hold; to serve now, leave "
-            "--kv-cache-dtype out."
+            "--kv-cache-dtype fp8_e5m2 is not supported: fitserve's fp8 KV cache is e4m3 "
+            "(float8_e4m3fn, more mantissa, scaled per layer). Use --kv-cache-dtype fp8 (or fp8_e4m3)."
         )
 
 
@@ -136,7 +126,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
                  device: torch.device, progress: bool) -> TorchModelRunner:
     """Load, measure, size the KV cache and build the runner; logs planned vs measured memory."""
     dtype = TORCH_DTYPES[memory.planned.inputs.dtype]
-    model = load_model(source, dtype, device, progress=progress)
+    model = load_model(source, dtype, device, progress=progress, quantization=config.quantization)
     measures = device.type == "cuda" and memory.planned.inputs.kv_cache_memory_bytes is None \
         and memory.planned.inputs.num_gpu_blocks_override is None
     sized = size_after_profiling(memory, model, config, max_model_len, device) if measures else memory.planned

@@ -10,8 +10,10 @@ from types import ModuleType
 
 triton_attention: ModuleType | None
 triton_fused: ModuleType | None
+triton_fp8: ModuleType | None
 try:
-    from fitserve.kernels import triton_attention, triton_fused
+    from fitserve.kernels import triton_attention, triton_fp8, triton_fused
 except ImportError:  # CPU-only torch: no triton
     triton_attention = None
     triton_fused = None
+    triton_fp8 = None

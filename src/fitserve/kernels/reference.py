@@ -10,18 +10,23 @@ import torch
 import torch.nn.functional as F
 
 from fitserve.forward_batch import PAD_SLOT, ForwardBatch
+from fitserve.kernels import fp8
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Write k, v [T, num_kv_heads, head_dim] into the caches at slot_mapping [T] int64, skipping PAD_SLOT."""
-    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, Hkv, D]
-    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Write k, v [T, num_kv_heads, head_dim] into the caches at slot_mapping [T] int64, skipping PAD_SLOT.
+
+    An fp8 cache stores k / k_scale and v / v_scale, saturated at +-448 (kernels/fp8.py).
+    """
     keep = slot_mapping != PAD_SLOT  # [T] bool
     slots = slot_mapping[keep].long()
-    flat_k.index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    flat_v.index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        rows = fp8.store_to_cache(new[keep], cache.dtype, scale)  # [kept, Hkv, D] in the cache dtype
+        flat = cache.view(-1, cache.shape[2], cache.shape[3])  # [num_slots, Hkv, D]
+        if fp8.is_fp8(cache.dtype):  # index_copy_ has no float8 kernel on the CPU: copy the bytes
+            flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
+        flat.index_copy_(0, slots, rows)
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -43,9 +48,10 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: ForwardBatch, scale: float) -> torch.Tensor:
+                    batch: ForwardBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Attention of q [T, H, D] over each request's cached context (new tokens already stored).
 
+    K and V are read as cache * k_scale and cache * v_scale (1.0 unless the cache is fp8).
     Request i's query rows are query_start_loc[i]:query_start_loc[i+1]; they sit at the end of
     its seq_lens[i] context, causal among themselves. Rows past the last request (CUDA-graph
     padding) get zeros. Returns [T, H, D] in q's dtype.
@@ -55,39 +61,40 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if batch.max_query_len == 1:
         num_rows = sum(batch.query_lens_cpu)
-        out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale)
+        out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale, k_scale, v_scale)
         return out
     row = 0
     for i, (query_len, seq_len) in enumerate(zip(batch.query_lens_cpu, batch.seq_lens_cpu)):
         if query_len == 0:
             continue
-        k = _gather_context(k_cache, batch.block_tables[i], seq_len).transpose(0, 1)  # [Hkv, L, D]
-        v = _gather_context(v_cache, batch.block_tables[i], seq_len).transpose(0, 1)
+        k = fp8.load_from_cache(_gather_context(k_cache, batch.block_tables[i], seq_len), q.dtype, k_scale)
+        v = fp8.load_from_cache(_gather_context(v_cache, batch.block_tables[i], seq_len), q.dtype, v_scale)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D] in q's dtype
         q_i = q[row:row + query_len].transpose(0, 1)  # [H, Lq, D]
         num_cached = seq_len - query_len
         if num_cached == 0:
-            o = _sdpa(q_i[None], k[None].to(q.dtype), v[None].to(q.dtype), None, scale, is_causal=query_len > 1)
+            o = _sdpa(q_i[None], k[None], v[None], None, scale, is_causal=query_len > 1)
         else:
             key_pos = torch.arange(seq_len, device=q.device)  # [L]
             query_pos = num_cached + torch.arange(query_len, device=q.device)  # [Lq]
             mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, L] bool, True = attend
-            o = _sdpa(q_i[None], k[None].to(q.dtype), v[None].to(q.dtype), mask, scale)
+            o = _sdpa(q_i[None], k[None], v[None], mask, scale)
         out[row:row + query_len] = o[0].transpose(0, 1)
         row += query_len
     return out
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      batch: ForwardBatch, scale: float) -> torch.Tensor:
+                      batch: ForwardBatch, scale: float, k_scale: float, v_scale: float) -> torch.Tensor:
     """All requests feed one token: q [S, H, D]; one padded SDPA call over [S, max_seq_len]."""
     num_seqs, block_size = batch.num_seqs, k_cache.shape[1]
     num_blocks = -(-batch.max_seq_len // block_size)
     table = batch.block_tables[:, :num_blocks].long()  # [S, nb]
-    k = k_cache[table].flatten(1, 2)[:, :batch.max_seq_len]  # [S, L, Hkv, D]
-    v = v_cache[table].flatten(1, 2)[:, :batch.max_seq_len]
+    k = fp8.load_from_cache(k_cache[table].flatten(1, 2)[:, :batch.max_seq_len], q.dtype, k_scale)  # [S, L, Hkv, D]
+    v = fp8.load_from_cache(v_cache[table].flatten(1, 2)[:, :batch.max_seq_len], q.dtype, v_scale)
     key_pos = torch.arange(batch.max_seq_len, device=q.device)  # [L]
     mask = key_pos[None, :] < batch.seq_lens[:, None].to(q.device)  # [S, L] bool
-    o = _sdpa(q[:, :, None, :], k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype),
+    o = _sdpa(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
               mask[:, None, None, :], scale)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fitserve.forward_batch import PAD_SLOT
+from fitserve.kernels import fp8
 
 TILE_N = 64  # context tokens per inner-loop tile: several KV blocks, enough work per iteration
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
@@ -27,9 +28,9 @@ MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale, v_scale,
     stride_k_token, stride_v_token, stride_cache_slot,
-    ROW: tl.constexpr, ROW_POW2: tl.constexpr,
+    ROW: tl.constexpr, ROW_POW2: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
@@ -39,33 +40,45 @@ def _store_kv_kernel(
     mask = offs < ROW
     k = tl.load(k_ptr + token * stride_k_token + offs, mask=mask)
     v = tl.load(v_ptr + token * stride_v_token + offs, mask=mask)
+    if QUANTIZE:  # fp8 cache: x / scale (IEEE division, as kernels/fp8.py), saturated, rounded to nearest even
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
     tl.store(k_cache_ptr + slot * stride_cache_slot + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + slot * stride_cache_slot + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v [T, Hkv, D] -> caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] (PAD_SLOT skipped)."""
+             slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k, v [T, Hkv, D] -> caches [num_blocks, block_size, Hkv, D] at slot_mapping [T] (PAD_SLOT skipped).
+
+    An fp8 cache (float8_e4m3fn) stores k / k_scale and v / v_scale, as reference.store_kv.
+    """
     num_tokens, num_kv_heads, head_dim = k.shape
     assert PAD_SLOT == -1, "the kernel tests for -1"
     assert k.shape == v.shape and k_cache.shape == v_cache.shape and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert tuple(k_cache.shape[2:]) == (num_kv_heads, head_dim), "cache and k disagree on heads or head_dim"
     assert k.stride(2) == 1 and k.stride(1) == head_dim and v.stride(2) == 1 and v.stride(1) == head_dim
     assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    assert k_cache.dtype == v_cache.dtype and k_scale > 0 and v_scale > 0
     if num_tokens == 0:
         return
     row = num_kv_heads * head_dim
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale),
         k.stride(0), v.stride(0), row,
-        ROW=row, ROW_POW2=triton.next_power_of_2(row),
+        ROW=row, ROW_POW2=triton.next_power_of_2(row), QUANTIZE=fp8.is_fp8(k_cache.dtype), FP8_MAX=fp8.FP8_MAX,
     )
+
+
+def _cache_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
+    """The scales apply to an fp8 cache only (as in reference.paged_attention); other dtypes read 1.0."""
+    return (float(k_scale), float(v_scale)) if fp8.is_fp8(k_cache.dtype) else (1.0, 1.0)
 
 
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale,
+    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -112,7 +125,7 @@ def _paged_attention_kernel(
         v = tl.load(v_cache_ptr + kv_offset[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [TILE, D]
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_start + token)[:, None] * stride_o_token + head[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -120,9 +133,12 @@ def _paged_attention_kernel(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-    max_query_len: int, scale: float,
+    max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """q [T, H, D]; caches [num_blocks, block_size, Hkv, D]; writes and returns out [T, H, D].
+
+    The caches may be fp8 (float8_e4m3fn): their tiles are widened to q's dtype for the dot
+    products, k_scale folds into the softmax scale and v_scale into the output.
 
     query_start_loc [S+1] int32, seq_lens [S] int32, block_tables [S, max_blocks] int32 as in
     ForwardBatch. Rows that belong to no request (CUDA-graph padding) are left untouched.
@@ -138,12 +154,13 @@ def paged_attention(
     assert block_tables.stride(1) == 1
     if num_seqs == 0 or num_tokens == 0:
         return out
+    k_scale, v_scale = _cache_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
     block_q = 1 if max_query_len == 1 else max(MIN_DOT_ROWS // group, 16)
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(block_q * group))
     grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale,
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * k_scale, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_N,
@@ -165,7 +182,7 @@ MAX_SPLITS = 16
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale,
+    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
@@ -208,7 +225,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
     tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
@@ -247,7 +264,7 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-    num_splits: int,
+    num_splits: int, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Like paged_attention for a batch where every request feeds one token, split over the context."""
     num_heads, head_dim = q.shape[1], q.shape[2]
@@ -258,12 +275,13 @@ def paged_decode_attention(
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and 1 <= num_splits <= MAX_SPLITS
     if num_seqs == 0:
         return out
+    k_scale, v_scale = _cache_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
     part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale * k_scale,
+        float(v_scale), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_N, num_warps=4, num_stages=2,
     )

@@ -13,6 +13,7 @@ from fitserve.layers.attention import PagedAttention
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.linear import Embedding, Linear
 from fitserve.layers.norm import RMSNorm
+from fitserve.layers.quantization import Fp8Linear, make_linear
 from fitserve.layers.rotary import RotaryEmbedding
 
 # HF checkpoint projection name -> (our merged module, shard index)
@@ -23,12 +24,13 @@ _MERGED_SHARDS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None) -> None:
         super().__init__()
         d = arch.head_dim
         self.qkv_sizes = (arch.num_attention_heads * d, arch.num_key_value_heads * d, arch.num_key_value_heads * d)
-        self.qkv_proj = Linear(arch.hidden_size, self.qkv_sizes, dtype, device)
-        self.o_proj = Linear(arch.num_attention_heads * d, arch.hidden_size, dtype, device)
+        self.qkv_proj = make_linear(arch.hidden_size, self.qkv_sizes, dtype, device, quantization)
+        self.o_proj = make_linear(arch.num_attention_heads * d, arch.hidden_size, dtype, device, quantization)
         self.rotary = rotary  # shared by all layers; holds only derived, non-persistent buffers
         self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5)
 
@@ -39,22 +41,24 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(arch.hidden_size, (arch.intermediate_size,) * 2, dtype, device)
-        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, dtype, device)
+        self.gate_up_proj = make_linear(arch.hidden_size, (arch.intermediate_size,) * 2, dtype, device, quantization)
+        self.down_proj = make_linear(arch.intermediate_size, arch.hidden_size, dtype, device, quantization)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(arch, rotary, dtype, device)
+        self.self_attn = LlamaAttention(arch, rotary, dtype, device, quantization)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(arch, dtype, device)
+        self.mlp = LlamaMLP(arch, dtype, device, quantization)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,21 +70,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(batch) -> final hidden states [T, H]; compute_logits(hidden [N, H]) -> [N, vocab] float32."""
+    """forward(batch) -> final hidden states [T, H]; compute_logits(hidden [N, H]) -> [N, vocab] float32.
 
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> None:
+    `quantization` ("fp8", "fp8_per_tensor" or None) applies to the four linear layers of each
+    block; embeddings, norms and lm_head stay in `dtype`.
+    """
+
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None) -> None:
         super().__init__()
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
+        self.quantization = quantization
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary, dtype, self.device) for _ in range(arch.num_hidden_layers))
+            LlamaDecoderLayer(arch, rotary, dtype, self.device, quantization) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
 
     def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]; owned by the runner."""
+        """Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim] (the serving dtype or
+        float8_e4m3fn); owned by the runner."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} (K, V) pairs, got {len(kv_caches)}")
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
@@ -115,6 +126,8 @@ class LlamaForCausalLM(nn.Module):
                 merged, shard = _MERGED_SHARDS[parts[-2]]
                 module = self.get_submodule(".".join(parts[:-2] + [merged]))
                 module.load_shard(shard, tensor)
+            elif isinstance(module := self._module_of(name), (Linear, Fp8Linear)):
+                module.load_shard(0, tensor)  # o_proj, down_proj, lm_head (an fp8 layer quantizes here)
             elif name in params:
                 if params[name].shape != tensor.shape:
                     raise ValueError(f"{hf_name}: expected {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
@@ -125,6 +138,15 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"unexpected checkpoint tensor {hf_name!r}")
             loaded.add(hf_name)
         return loaded
+
+    def _module_of(self, param_name: str) -> nn.Module | None:
+        owner, _, leaf = param_name.rpartition(".")
+        if leaf != "weight" or not owner:
+            return None
+        try:
+            return self.get_submodule(owner)
+        except AttributeError:
+            return None
 
     def expected_weight_names(self) -> set[str]:
         """HF names a complete checkpoint provides (for a missing-tensor check)."""

@@ -55,7 +55,8 @@ def add_plan_parser(subparsers: Any, resolve_source: Callable[[EngineConfig], Mo
     card.add_argument("--gpu-memory", default=None, help="the card's total memory, e.g. 20475MiB or 24GiB")
     plan.add_argument("--list-gpus", action="store_true", help="print the cards --gpu knows and exit")
     plan.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16, float16 or float32")
-    plan.add_argument("--quantization", default=None, choices=["fp8"], help="fp8: linear layers in one byte")
+    plan.add_argument("--quantization", default=None, choices=["fp8", "fp8_per_tensor"],
+                      help="fp8: linear layers in one byte")
     plan.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="auto (= --dtype) or fp8")
     plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     plan.add_argument("--max-model-len", type=int, default=None)

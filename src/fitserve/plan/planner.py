@@ -152,7 +152,7 @@ def _floor_step(fraction: float) -> float:
 
 def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreakdown:
     act_bytes = DTYPE_BYTES[inputs.dtype]
-    fp8_linear = inputs.quantization == "fp8"
+    fp8_linear = inputs.quantization is not None
     if not inputs.on_gpu:
         return MemoryBreakdown(weights.total_bytes, 0, 0, 0)
     activation = estimates.activation_peak_bytes(

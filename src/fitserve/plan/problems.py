@@ -15,7 +15,7 @@ from fitserve.plan.planner import MemoryPlan, PlanProblem, blocks_for_tokens
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-FP8_SERVING_AVAILABLE = False  # True once `fitserve serve --quantization fp8` runs (the FP8 issue)
+FP8_SERVING_AVAILABLE = True  # `fitserve serve --quantization fp8` runs (docs/quantization.md)
 AVERAGE_CONTEXT_FRACTION = 0.5  # a request's average length, for the concurrency warning
 
 

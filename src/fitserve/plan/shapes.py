@@ -144,8 +144,8 @@ class WeightBytes:
 
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
     if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"--quantization must be fp8 or left out, got {quantization!r}.")
-    linear_dtype = "fp8" if quantization == "fp8" else dtype
+        raise ConfigError(f"--quantization must be fp8, fp8_per_tensor or left out, got {quantization!r}.")
+    linear_dtype = "fp8" if quantization is not None else dtype
     dtype_bytes = DTYPE_BYTES[dtype]
     return WeightBytes(
         linear_dtype=linear_dtype,
@@ -154,5 +154,5 @@ def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> W
         embedding_bytes=counts.embedding_params * dtype_bytes,
         norm_bytes=counts.norm_params * dtype_bytes,
         rotary_bytes=counts.rotary_elements * ROTARY_TABLE_BYTES,
-        scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization == "fp8" else 0,
+        scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization is not None else 0,
     )

@@ -1,0 +1,146 @@
+"""FP8 linear layers, quantized online while the checkpoint loads (`--quantization fp8`).
+
+`fp8`: e4m3 weights with one float32 scale per output channel, activations quantized per
+token at run time (dynamic scales). `fp8_per_tensor`: one scale for the whole weight and
+one per batch for the activations (dynamic as well: without calibration data there is no
+static activation scale to use), cheaper but coarser, and a request's activations then
+depend on its batch neighbours.
+
+Quantization happens as each checkpoint tensor arrives (`load_shard`), so the bf16 copy of
+the model never exists: with per-channel scales a shard (q, k, v, gate, up) is quantized
+alone, since each of its rows has its own scale; with a per-tensor scale the merged
+projection's shards wait in a staging buffer of the serving dtype, one projection at a time,
+and are quantized together once the last one lands.
+
+On CUDA the activation quantization is a Triton kernel and the GEMM is torch._scaled_mm or
+kernels/triton_fp8.py, whichever measured faster for the batch size (docs/quantization.md);
+elsewhere the pure-torch reference of kernels/fp8.py, which is the specification.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from fitserve.config import ConfigError
+from fitserve.kernels import fp8
+from fitserve.kernels.dispatch import triton_fp8
+from fitserve.layers.linear import Linear
+
+FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
+GEMM_ALIGNMENT = 16  # fp8 tensor-core GEMMs need K and N in multiples of 16
+# Batch rows from which torch._scaled_mm (CUTLASS / cuBLASLt) is used rather than the Triton
+# GEMM: measured on the lent H100 (benchmarks/fp8_gemm_bench.py, docs/quantization.md).
+SCALED_MM_MIN_ROWS = 65
+
+
+class Fp8Linear(nn.Module):
+    """y = x @ W.T with W stored as e4m3 [out_features, in_features] plus float32 scales.
+
+    Same interface as layers.linear.Linear: `shard_sizes` and `load_shard` fill a merged
+    projection from separate checkpoint tensors, which arrive in the serving dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, per_tensor: bool = False) -> None:
+        super().__init__()
+        self.shard_sizes = out_features if isinstance(out_features, tuple) else (out_features,)
+        total = sum(self.shard_sizes)
+        self.in_features, self.out_features = in_features, total
+        self.dtype, self.per_tensor = dtype, per_tensor
+        self.weight = nn.Parameter(torch.empty(total, in_features, dtype=fp8.FP8_DTYPE, device=device),
+                                   requires_grad=False)
+        scale_shape = () if per_tensor else (1, total)  # [1, N]: the row-wise layout _scaled_mm reads
+        self.weight_scale = nn.Parameter(torch.ones(scale_shape, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self._staging: torch.Tensor | None = None  # per-tensor only: [N, K] serving dtype while shards arrive
+        self._pending: set[int] = set(range(len(self.shard_sizes)))
+
+    @property
+    def is_loaded(self) -> bool:
+        return not self._pending
+
+    @torch.no_grad()
+    def load_shard(self, shard_index: int, loaded: torch.Tensor) -> None:
+        """Quantize one checkpoint tensor [shard_rows, in_features] into its row range."""
+        start = sum(self.shard_sizes[:shard_index])
+        rows = self.shard_sizes[shard_index]
+        if tuple(loaded.shape) != (rows, self.in_features):
+            raise ValueError(f"shard {shard_index}: expected {(rows, self.in_features)}, got {tuple(loaded.shape)}")
+        # Round to the serving dtype first: the fp8 model is the bf16 model, quantized.
+        weight = loaded.to(device=self.weight.device, dtype=self.dtype)
+        if not self.per_tensor:
+            q, scale = fp8.quantize_per_row(weight)
+            self.weight.data[start:start + rows].copy_(q)
+            self.weight_scale.data[0, start:start + rows].copy_(scale[:, 0])
+        else:
+            if self._staging is None:
+                self._staging = torch.empty(self.out_features, self.in_features, dtype=self.dtype,
+                                            device=self.weight.device)
+            self._staging[start:start + rows].copy_(weight)
+        self._pending.discard(shard_index)
+        if self.per_tensor and not self._pending:
+            q, scale = fp8.quantize_per_tensor(self._staging)
+            self.weight.data.copy_(q)
+            self.weight_scale.data.copy_(scale)
+            self._staging = None
+
+    def load_full(self, weight: torch.Tensor) -> None:
+        """The whole merged weight [out_features, in_features] at once (dummy weights)."""
+        start = 0
+        for index, rows in enumerate(self.shard_sizes):
+            self.load_shard(index, weight[start:start + rows])
+            start += rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features] in x's dtype."""
+        if x.is_cuda and triton_fp8 is not None and self._fits_gpu_gemm():
+            return self._forward_cuda(x)
+        qx, x_scale = fp8.quantize_per_tensor(x) if self.per_tensor else fp8.quantize_per_row(x)
+        return fp8.scaled_mm_reference(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+
+    def _fits_gpu_gemm(self) -> bool:
+        return self.in_features % GEMM_ALIGNMENT == 0 and self.out_features % GEMM_ALIGNMENT == 0
+
+    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+        assert triton_fp8 is not None
+        if self.per_tensor:
+            qx, x_scale = fp8.quantize_per_tensor(x)
+        else:
+            qx, x_scale = triton_fp8.quantize_per_token(x)
+        if x.shape[0] >= SCALED_MM_MIN_ROWS and scaled_mm_works(x.device, not self.per_tensor, x.dtype):
+            return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+        return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+
+
+@functools.cache
+def scaled_mm_works(device: torch.device, row_wise: bool, out_dtype: torch.dtype) -> bool:
+    """Whether this torch's _scaled_mm runs the form (row-wise or per-tensor scales, output
+    dtype) on this device and agrees with the reference. Asked once per form, before any
+    CUDA-graph capture (the profiling forward comes first)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    num_rows, inner, num_cols = 17, 64, 32  # an odd batch, as decode steps have
+    x = torch.randn(num_rows, inner, device=device, generator=gen).to(out_dtype)
+    w = torch.randn(num_cols, inner, device=device, generator=gen).to(out_dtype)
+    qx, sx = fp8.quantize_per_row(x) if row_wise else fp8.quantize_per_tensor(x)
+    qw, sw = fp8.quantize_per_row(w) if row_wise else fp8.quantize_per_tensor(w)
+    sw = sw.reshape(1, -1) if row_wise else sw
+    try:
+        got = fp8.scaled_mm_torch(qx, sx, qw, sw, out_dtype).float()
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    expected = fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)
+    return bool(((got - expected).norm() / expected.norm()).item() < 1e-2)
+
+
+def make_linear(in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
+                device: torch.device, quantization: str | None) -> Linear | Fp8Linear:
+    """The linear layer for `--quantization` (None: the serving dtype)."""
+    if quantization is None:
+        return Linear(in_features, out_features, dtype, device)
+    if quantization not in FP8_QUANTIZATIONS:
+        raise ConfigError(f"--quantization must be one of {', '.join(FP8_QUANTIZATIONS)} or left out, "
+                          f"got {quantization!r}.")
+    return Fp8Linear(in_features, out_features, dtype, device, per_tensor=quantization == "fp8_per_tensor")

@@ -1,0 +1,51 @@
+"""`fitserve check-quant`: the command line (torch-free until it runs).
+
+    fitserve check-quant --quantization fp8                         # the embedded SmolLM2, CPU or GPU
+    fitserve check-quant --model M --quantization fp8 --kv-cache-dtype fp8 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from fitserve.config import ConfigError, EngineConfig
+
+EXIT_BELOW_MIN_AGREEMENT = 1
+
+
+def add_check_quant_parser(subparsers: Any, add_engine_args: Callable[[argparse.ArgumentParser], None],
+                           config_from_args: Callable[[argparse.Namespace], EngineConfig]) -> None:
+    """Register `fitserve check-quant`; the cli passes its own engine flags (the serve flags)."""
+    check = subparsers.add_parser(
+        "check-quant", help="compare --quantization / --kv-cache-dtype with --dtype on built-in prompts")
+    add_engine_args(check)
+    check.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
+    check.add_argument("--num-prompts", type=int, default=None, help="use the first N built-in prompts")
+    check.add_argument("--min-agreement", type=float, default=None,
+                       help=f"exit {EXIT_BELOW_MIN_AGREEMENT} when top-1 agreement is below this fraction (e.g. 0.97)")
+    check.add_argument("--json", action="store_true", help="print the figures as JSON")
+    check.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    check.set_defaults(handler=lambda args: run_check_quant(args, config_from_args))
+
+
+def run_check_quant(args: argparse.Namespace, config_from_args: Callable[[argparse.Namespace], EngineConfig]) -> int:
+    config = config_from_args(args)
+    if config.quantization is None and config.cache.kv_cache_dtype == "auto":
+        raise ConfigError("check-quant compares a quantized setting with --dtype: give --quantization fp8 "
+                          "and/or --kv-cache-dtype fp8.")
+    if args.max_new_tokens < 1 or (args.num_prompts is not None and args.num_prompts < 1):
+        raise ConfigError("--max-new-tokens and --num-prompts must be at least 1.")
+    from fitserve.quantcheck.check import run_check  # torch from here on
+    from fitserve.quantcheck.prompts import PROMPTS
+    from fitserve.quantcheck.report import format_report
+
+    prompts = PROMPTS[:args.num_prompts] if args.num_prompts else PROMPTS
+    report = run_check(config, max_new_tokens=args.max_new_tokens, prompts=prompts)
+    sys.stdout.write((json.dumps(report.to_json(), indent=2) if args.json else format_report(report)) + "\n")
+    if args.min_agreement is not None and report.top1_agreement < args.min_agreement:
+        return EXIT_BELOW_MIN_AGREEMENT
+    return 0

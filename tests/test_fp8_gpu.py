@@ -1,0 +1,197 @@
+"""FP8 on the GPU: the Triton quantization and GEMM against the pure-torch reference, torch._scaled_mm's
+forms, Fp8Linear and whole models against the CPU path, CUDA graphs, and load-time memory (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fitserve.kernels import fp8
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from fitserve.kernels import triton_fp8  # noqa: E402  (imports triton, present with CUDA torch)
+from fitserve.layers import quantization  # noqa: E402
+
+CUDA = torch.device("cuda")
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@pytest.mark.parametrize("num_rows,num_cols", [(1, 4096), (37, 576), (300, 14336), (5, 100), (2, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_per_token_quantization_is_bit_exact(num_rows, num_cols, dtype):
+    x = (torch.randn(num_rows, num_cols, device=CUDA) * 3).to(dtype)
+    x[0, 0] = 0.0
+    if num_rows > 1:
+        x[1] = 0.0  # an all-zero row gets the minimum scale
+    q, scale = triton_fp8.quantize_per_token(x)
+    ref_q, ref_scale = fp8.quantize_per_row(x)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("num_rows", [1, 7, 16, 33, 64, 65, 300])
+@pytest.mark.parametrize("num_cols,inner", [(960, 576), (4096, 4096), (512, 1536)])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_triton_scaled_mm_matches_reference(num_rows, num_cols, inner, per_tensor):
+    x = torch.randn(num_rows, inner, device=CUDA).to(torch.bfloat16)
+    w = (torch.randn(num_cols, inner, device=CUDA) * 0.02).to(torch.bfloat16)
+    if per_tensor:
+        qx, sx = fp8.quantize_per_tensor(x)
+        qw, sw = fp8.quantize_per_tensor(w)
+    else:
+        qx, sx = fp8.quantize_per_row(x)
+        qw, sw = fp8.quantize_per_row(w)
+        sw = sw.reshape(1, -1).contiguous()
+    expected = fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)
+    got32 = triton_fp8.scaled_mm(qx, sx, qw, sw, torch.float32)
+    assert rel_err(got32, expected) < 1e-5, "float32 output: only the summation order differs"
+    got = triton_fp8.scaled_mm(qx, sx, qw, sw, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 1e-2
+
+
+def test_scaled_mm_forms_on_this_torch():
+    """Which torch._scaled_mm forms run here (printed for docs/quantization.md); per-tensor must."""
+    forms = {(row_wise, dtype): quantization.scaled_mm_works(CUDA, row_wise, dtype)
+             for row_wise in (True, False) for dtype in (torch.bfloat16, torch.float16)}
+    print(f"torch {torch.__version__}: _scaled_mm forms {forms}")
+    assert forms[(False, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("num_rows", [1, 20, 128, 2048])
+def test_torch_scaled_mm_matches_reference_when_it_runs(num_rows):
+    if not quantization.scaled_mm_works(CUDA, True, torch.bfloat16):
+        pytest.skip("row-wise _scaled_mm does not run on this torch")
+    x = torch.randn(num_rows, 4096, device=CUDA).to(torch.bfloat16)
+    w = (torch.randn(6144, 4096, device=CUDA) * 0.02).to(torch.bfloat16)
+    qx, sx = triton_fp8.quantize_per_token(x)
+    qw, sw = fp8.quantize_per_row(w)
+    sw = sw.reshape(1, -1).contiguous()
+    got = fp8.scaled_mm_torch(qx, sx, qw, sw, torch.bfloat16)
+    assert rel_err(got, fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)) < 1e-2
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])
+@pytest.mark.parametrize("num_rows", [3, 100])
+def test_fp8_linear_on_gpu_matches_the_cpu_path(quant, num_rows):
+    torch.manual_seed(0)
+    weight = (torch.randn(6144, 4096) * 0.02).to(torch.bfloat16)
+    layers = {}
+    for device in (torch.device("cpu"), CUDA):
+        layer = quantization.make_linear(4096, (4096, 1024, 1024), torch.bfloat16, device, quant)
+        for index, shard in enumerate(weight.split([4096, 1024, 1024])):
+            layer.load_shard(index, shard)
+        layers[device.type] = layer
+    assert torch.equal(layers["cpu"].weight.view(torch.uint8), layers["cuda"].weight.cpu().view(torch.uint8))
+    x = torch.randn(num_rows, 4096).to(torch.bfloat16)
+    expected = layers["cpu"](x)
+    got = layers["cuda"](x.to(CUDA)).cpu()
+    assert rel_err(got, expected) < 1e-2
+    assert rel_err(got, x.float() @ weight.float().t()) < 0.1, "close to the unquantized layer"
+
+
+def _tiny_arch():
+    from fitserve.config import ArchConfig
+
+    return ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])
+def test_fp8_model_on_gpu_matches_cpu_reference_path(quant):
+    """fp8 weights and an fp8 KV cache: Triton kernels and torch._scaled_mm agree with the pure-torch path."""
+    from fitserve.models.llama import LlamaForCausalLM
+    from paged_helpers import PagedDriver
+
+    arch = _tiny_arch()
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(arch, torch.float32, torch.device("cpu"))
+    for p in source.parameters():
+        p.data.normal_(0, 0.05)
+    weights = [(f"model.{n}", p.data.clone()) for n, p in source.named_parameters()]
+    drivers = []
+    for device in ("cpu", "cuda"):
+        model = LlamaForCausalLM(arch, torch.bfloat16, torch.device(device), quantization=quant)
+        split = []
+        for name, tensor in weights:  # the HF layout: separate q/k/v and gate/up tensors
+            if "qkv_proj" in name:
+                for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.split([256, 64, 64])):
+                    split.append((name.replace("qkv_proj", part), t))
+            elif "gate_up_proj" in name:
+                for part, t in zip(("gate_proj", "up_proj"), tensor.split([512, 512])):
+                    split.append((name.replace("gate_up_proj", part), t))
+            else:
+                split.append((name, tensor))
+        model.load_weights(split)
+        driver = PagedDriver(model, num_blocks=16, block_size=16, device=device)
+        driver.caches = [(k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)) for k, v in driver.caches]
+        model.bind_kv_cache(driver.caches)
+        drivers.append(driver)
+    chunks = [("a", list(range(1, 40))), ("b", list(range(50, 57)))]
+    for step in (chunks, [("a", [5]), ("b", list(range(60, 90)))], [("a", [6]), ("b", [7])]):
+        cpu_logits = drivers[0].step(step)
+        gpu_logits = drivers[1].step(step).cpu()
+        assert rel_err(gpu_logits, cpu_logits) < 3e-2
+
+
+def test_fp8_cuda_graph_decode_gives_the_eager_tokens():
+    from fitserve.core.interfaces import KVCapacity
+    from fitserve.core.scheduler import SchedulerLimits
+    from fitserve.engine.llm_engine import EngineLimits, LLMEngine
+    from fitserve.models.llama import LlamaForCausalLM
+    from fitserve.runner.model_runner import TorchModelRunner
+    from fitserve.sampling_params import SamplingParams
+    from fitserve.testing import FakeDecoder
+
+    arch = _tiny_arch()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arch, torch.bfloat16, CUDA, quantization="fp8")
+    for module in model.modules():
+        if isinstance(module, quantization.Fp8Linear):
+            module.load_full(torch.randn(module.out_features, module.in_features) * 0.2)
+    for name, p in model.named_parameters():
+        if not name.endswith(("proj.weight", "proj.weight_scale")):
+            p.data.normal_(0, 0.2)
+    results = []
+    for use_graphs in (True, False):
+        runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, CUDA, seed=0,
+                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
+        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)))
+        for i in range(11):
+            prompt = [(7 * i + j) % 300 for j in range(5 + 3 * i)]
+            engine.add_request(engine.make_request(f"r{i}", prompt, SamplingParams(max_tokens=20, temperature=0)))
+        tokens = {}
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        results.append(tokens)
+    assert results[0] == results[1]
+
+
+def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
+    """Peak memory while loading an fp8 model: the fp8 weights, bf16 embeddings, and one projection's
+    temporaries; never the bf16 model."""
+    from fitserve.config import ArchConfig
+    from fitserve.models.loader import _init_dummy
+    from fitserve.models.llama import LlamaForCausalLM
+
+    arch = ArchConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=8, head_dim=128)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = LlamaForCausalLM(arch, torch.bfloat16, CUDA, quantization="fp8")
+    _init_dummy(model)
+    torch.cuda.synchronize()
+    final = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    linear_bf16 = sum(m.out_features * m.in_features * 2 for m in model.modules()
+                      if isinstance(m, quantization.Fp8Linear))
+    largest = max(m.out_features * m.in_features for m in model.modules() if isinstance(m, quantization.Fp8Linear))
+    assert final < linear_bf16 * 0.6, "fp8 linear layers take about half the bf16 bytes"
+    assert peak - final <= largest * (2 + 4 + 4 + 4), "one projection's bf16 copy and float32 temporaries at most"
