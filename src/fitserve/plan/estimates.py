@@ -89,11 +89,10 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 def cuda_graph_pool_bytes(arch: ArchConfig, max_num_seqs: int, act_bytes: int, fp8_linear: bool = False) -> int:
-    """Decode graphs share one pool, captured largest first. Each keeps its output logits
-    [size, vocab] float32 alive; the largest capture's activations and model-dtype logits
-    are freed inside the pool and reused by the smaller ones."""
+    """Decode graphs share one pool, captured largest first. Each keeps its output hidden
+    states [size, hidden] alive (the logits are computed outside the graphs); the largest
+    capture's activations are freed inside the pool and reused by the smaller ones."""
     sizes = graph_batch_sizes(max_num_seqs)
-    kept_logits = sum(sizes) * arch.vocab_size * FP32_BYTES
-    largest = sizes[-1]
-    transient = forward_peak_bytes(arch, largest, act_bytes, fp8_linear) + largest * arch.vocab_size * act_bytes
-    return kept_logits + transient + len(sizes) * GRAPH_DRIVER_BYTES_PER_CAPTURE
+    kept_hidden = sum(sizes) * arch.hidden_size * act_bytes
+    transient = forward_peak_bytes(arch, sizes[-1], act_bytes, fp8_linear)
+    return kept_hidden + transient + len(sizes) * GRAPH_DRIVER_BYTES_PER_CAPTURE
