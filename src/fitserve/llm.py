@@ -191,11 +191,15 @@ class CompletionOutput:
 class LLM:
     """Offline batch generation on the same engine the server uses."""
 
-    def __init__(self, model: str | None = None, **config_fields: object) -> None:
-        config = config_fields.pop("config", None) or EngineConfig(model=model, **config_fields)
-        self._built = build_engine(config, progress=False)
-        self.engine = self._built.engine
-        self.tokenizer = self._built.tokenizer
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **config_fields: object) -> None:
+        """LLM("path") or LLM(dtype="float32") build an EngineConfig; LLM(config=...) takes one whole."""
+        if config is None:
+            config = EngineConfig(model=model, **config_fields)
+        elif model is not None or config_fields:
+            raise TypeError("pass either config= or model and EngineConfig fields, not both")
+        built = build_engine(config, progress=False)
+        self.engine = built.engine
+        self.tokenizer = built.tokenizer
 
     def generate(
         self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None
