@@ -3,6 +3,8 @@ decode, and transformers' continuous batching on the same card for the side-by-s
 
     python benchmarks/gpu_bench.py all --out $OUT           # everything, each part in its own process
     python benchmarks/gpu_bench.py fitserve --workloads W1  # one part, prints JSON
+    python benchmarks/gpu_bench.py all --quant-variants bf16 fp8 --workloads W2 W6 --hf-workloads none
+        # bf16 and fp8 (weights and KV cache) in one call; W6 runs on an 18 GiB budget (--w6-budget-gib)
 
 The engine is driven in-process (no HTTP): a closed loop keeps `concurrency` requests in
 flight, token-id prompts drawn at random (seeded), ignore_eos so output lengths are exact.
@@ -32,8 +34,12 @@ WORKLOADS = {
     "W2": (1000, 256, 512, 128),
     "W3": (200, 32, 3072, 64),
     "W4": (200, 64, 128, 1024),
+    "W6": (100, 20, 512, 128),  # W1 on the guide's 20 GB card: an 18 GiB budget (BENCHMARKS.md)
     "single": (1, 1, 512, 256),
 }
+# --quant-variants: (--quantization, --kv-cache-dtype)
+QUANT_VARIANTS = {"bf16": (None, "auto"), "fp8": ("fp8", "fp8"), "fp8_weights": ("fp8", "auto"),
+                  "fp8_per_tensor": ("fp8_per_tensor", "fp8")}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -61,48 +67,72 @@ def measure_ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    one = torch.ones((), device="cuda")
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()  # b column-major
+    fp8_ms = triton.testing.do_bench(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                                     warmup=50, rep=300, return_mode="median")
     return {
         "card": torch.cuda.get_device_name(),
+        "total_memory_bytes": torch.cuda.get_device_properties(0).total_memory,
         "copy_bytes_per_s": 2 * src.numel() / (copy_ms / 1000),
         "bf16_flops_per_s": 2 * 8192**3 / (mm_ms / 1000),
+        "fp8_flops_per_s": 2 * 8192**3 / (fp8_ms / 1000),
     }
 
 
-def model_figures() -> dict:
+def model_figures(quant_variant: str = "bf16") -> dict:
+    """Parameters and bytes of the 8B shape; fp8 linear layers take one byte, embeddings stay bf16."""
     from fitserve.config import ArchConfig
 
     arch = ArchConfig.from_hf_config(json.loads((CONFIG_DIR / "config.json").read_text()))
     h, i, L, v = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
     kv = arch.num_key_value_heads * arch.head_dim
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
-    params = L * per_layer + 2 * v * h + h
-    return {"params": params, "weight_bytes": 2 * params, "kv_bytes_per_token": arch.kv_elements_per_token * 2}
+    linear = L * (h * (h + 2 * kv) + h * h + 3 * h * i)
+    params = linear + L * 2 * h + 2 * v * h + h
+    quantization, kv_dtype = QUANT_VARIANTS[quant_variant]
+    linear_bytes = 1 if quantization else 2
+    return {"params": params, "linear_params": linear if quantization else 0,
+            "weight_bytes": 2 * params - (2 - linear_bytes) * linear,
+            "kv_bytes_per_token": arch.kv_elements_per_token * (1 if kv_dtype != "auto" else 2)}
 
 
 def floor_s(workload: str, ceilings: dict, model: dict) -> float:
+    """BENCHMARKS.md's floor; with fp8 linear layers their prefill FLOPs run at the fp8 rate."""
     requests, concurrency, prompt, output = WORKLOADS[workload]
     steps = -(-requests // concurrency) * output
     step_bytes = model["weight_bytes"] + concurrency * (prompt + output / 2) * model["kv_bytes_per_token"]
     decode_s = steps * step_bytes / ceilings["copy_bytes_per_s"]
-    prefill_s = requests * prompt * 2 * model["params"] / ceilings["bf16_flops_per_s"]
+    fp8_params = model.get("linear_params", 0)
+    prefill_s = requests * prompt * 2 * ((model["params"] - fp8_params) / ceilings["bf16_flops_per_s"]
+                                         + fp8_params / ceilings.get("fp8_flops_per_s", ceilings["bf16_flops_per_s"]))
     return decode_s + prefill_s
 
 
 # -- fitserve ---------------------------------------------------------------------------------------
 
 
-def build_fitserve(args: argparse.Namespace):
+def budget_utilization(budget_gib: float) -> float:
+    """The --gpu-memory-utilization whose budget is budget_gib of this card's total memory."""
+    return round(budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory, 4)
+
+
+def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from fitserve.llm import build_engine
 
+    quantization, kv_cache_dtype = QUANT_VARIANTS[args.quant_variant]
+    utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
-        cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
+        quantization=quantization,
+        cache=CacheConfig(gpu_memory_utilization=utilization, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
     start = time.perf_counter()
     built = build_engine(config, progress=False)
     torch.cuda.synchronize()
+    if with_memory:
+        return built.engine, time.perf_counter() - start, built.memory, utilization
     return built.engine, time.perf_counter() - start
 
 
@@ -162,10 +192,25 @@ def run_workload(engine, workload: str, seed: int = 0) -> dict:
 
 
 def part_fitserve(args: argparse.Namespace) -> dict:
-    engine, startup_s = build_fitserve(args)
+    from fitserve.config import ConfigError
+
+    try:
+        engine, startup_s, memory, utilization = build_fitserve(args, with_memory=True)
+    except ConfigError as error:  # a setting that cannot start (e.g. bf16 on a tight budget): recorded
+        return {"quant_variant": args.quant_variant, "max_num_seqs": args.max_num_seqs, "budget_gib": args.budget_gib,
+                "startup_error": str(error), "runs": {}}
     capacity = engine.kv_cache.pool.num_blocks * engine.block_size
+    planned = memory.planned if memory is not None else None
     result = {"startup_s": startup_s, "kv_cache_tokens": capacity, "enforce_eager": args.enforce_eager,
-              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens, "runs": {}}
+              "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+              "quant_variant": args.quant_variant, "quantization": QUANT_VARIANTS[args.quant_variant][0],
+              "kv_cache_dtype": QUANT_VARIANTS[args.quant_variant][1], "budget_gib": args.budget_gib,
+              "gpu_memory_utilization": utilization,
+              "planned_weights_bytes": planned.weights.total_bytes if planned else None,
+              "measured_weights_bytes": memory.weights_bytes if memory is not None else None,
+              "planned_kv_cache_bytes": planned.kv_cache_bytes if planned else None,
+              "memory_table": memory.table() if memory is not None and memory.start is not None else None,
+              "runs": {}}
     run_workload(engine, "single", seed=99)  # warm-up: first-touch costs stay out of the numbers
     for workload in args.workloads:
         result["runs"][workload] = run_workload(engine, workload)
@@ -302,6 +347,21 @@ def run_part(part: str, extra: list[str], timeout_s: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def fp8_ratios(parts: dict) -> dict:
+    """fp8 req/s over bf16 req/s for each workload both ran (same variant and budget)."""
+    ratios = {}
+    for name, part in parts.items():
+        if "-fp8" not in name or "runs" not in part:
+            continue
+        base = parts.get(name.replace("-fp8", "-bf16"), {})
+        for workload, run in part["runs"].items():
+            ref = base.get("runs", {}).get(workload)
+            if ref:
+                suffix = name.split("-fp8", 1)[1]
+                ratios[f"{workload}{suffix.replace('-W6', '', 1)}"] = run["request_throughput"] / ref["request_throughput"]
+    return ratios
+
+
 def git_commit() -> str:
     if os.environ.get("FITSERVE_COMMIT"):  # the device copy of the tree has no .git
         return os.environ["FITSERVE_COMMIT"]
@@ -312,14 +372,22 @@ def git_commit() -> str:
 
 
 def print_table(report: dict) -> None:
-    ceilings, floors = report["ceilings"], report["floors_s"]
+    ceilings = report["ceilings"]
     print(f"card {ceilings['card']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"bf16 {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s; commit {report['commit'][:10]}")
+          f"bf16 {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp8 {ceilings.get('fp8_flops_per_s', 0) / 1e12:.0f} "
+          f"TFLOP/s; commit {report['commit'][:10]}")
     for name, part in report["fitserve"].items():
+        floors = report["floors_s"].get(part.get("quant_variant", "bf16"), report["floors_s"]["bf16"])
         if "error" in part:
             print(f"fitserve[{name}] failed: {part['error']}\n{part.get('stderr_tail', '')[-1500:]}")
             continue
-        print(f"fitserve[{name}] start-up {part['startup_s']:.1f} s, KV {part['kv_cache_tokens']} tokens")
+        if "startup_error" in part:
+            print(f"fitserve[{name}] does not start: {part['startup_error'][:300]}")
+            continue
+        weights = part.get("measured_weights_bytes") or 0
+        print(f"fitserve[{name}] start-up {part['startup_s']:.1f} s, KV {part['kv_cache_tokens']} tokens, "
+              f"weights planned {(part.get('planned_weights_bytes') or 0) / 1e9:.2f} GB / measured {weights / 1e9:.2f} GB, "
+              f"utilization {part.get('gpu_memory_utilization')}")
         print(f"  {'run':7} {'floor s':>8} {'meas s':>8} {'eff':>6} {'req/s':>7} {'out tok/s':>9} "
               f"{'TTFT med':>9} {'TPOT med':>9} {'preempt':>7}")
         for workload, run in part["runs"].items():
@@ -327,6 +395,9 @@ def print_table(report: dict) -> None:
             print(f"  {workload:7} {floor:8.2f} {run['duration_s']:8.2f} {floor / run['duration_s']:6.1%} "
                   f"{run['request_throughput']:7.2f} {run['output_token_throughput']:9.0f} "
                   f"{run['ttft_ms']['median']:8.1f}m {run['tpot_ms']['median']:8.2f}m {run['preemptions']:7d}")
+    ratios = report.get("fp8_over_bf16")
+    if ratios:
+        print("fp8 / bf16 request throughput: " + ", ".join(f"{w} {r:.2f}x" for w, r in ratios.items()))
     hf = report.get("transformers")
     if hf:
         if "error" in hf:
@@ -345,6 +416,13 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
     parser.add_argument("--variants", nargs="+", default=["graphs"], help="graphs and/or eager")
+    parser.add_argument("--quant-variant", default="bf16", choices=sorted(QUANT_VARIANTS), help="one part's setting")
+    parser.add_argument("--quant-variants", nargs="+", default=["bf16"], choices=sorted(QUANT_VARIANTS),
+                        help="all: run each (bf16; fp8 = fp8 weights and fp8 KV cache)")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="a part: --gpu-memory-utilization so that the budget is this many GiB of the card")
+    parser.add_argument("--w6-budget-gib", type=float, default=18.0, help="W6's budget (0.90 of a 20 GB card)")
+    parser.add_argument("--w6-max-num-seqs", type=int, default=32, help="W6's --max-num-seqs")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -374,16 +452,34 @@ def main() -> None:
     common = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", str(args.max_num_seqs),
               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     report = {"commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
-              "ceilings": run_part("ceilings", [], args.part_timeout_s), "model": model_figures()}
+              "ceilings": run_part("ceilings", [], args.part_timeout_s),
+              "model": {q: model_figures(q) for q in args.quant_variants}}
     import triton
 
     report["triton"] = triton.__version__
-    report["floors_s"] = {w: floor_s(w, report["ceilings"], report["model"]) for w in WORKLOADS}
+    report["floors_s"] = {q: {w: floor_s(w, report["ceilings"], report["model"][q]) for w in WORKLOADS}
+                          for q in args.quant_variants}
+    report["floors_s"].setdefault("bf16", {w: floor_s(w, report["ceilings"], model_figures("bf16")) for w in WORKLOADS})
     report["fitserve"] = {}
-    for variant in args.variants:
-        flags = ["--enforce-eager"] if variant == "eager" else []
-        report["fitserve"][variant] = run_part("fitserve", ["--workloads", *args.workloads, *common, *flags],
-                                               args.part_timeout_s)
+    full_budget = [w for w in args.workloads if w != "W6"]
+    for quant in args.quant_variants:
+        for variant in args.variants:
+            flags = ["--enforce-eager"] if variant == "eager" else []
+            name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
+            if full_budget:
+                report["fitserve"][name] = run_part(
+                    "fitserve", ["--workloads", *full_budget, *common, *flags, "--quant-variant", quant],
+                    args.part_timeout_s)
+            if "W6" in args.workloads:  # the guide's 20 GB card: its own budget and --max-num-seqs
+                w6 = ["--workloads", "W6", "--budget-gib", str(args.w6_budget_gib), "--max-num-seqs",
+                      str(args.w6_max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+                report["fitserve"][f"{name}-W6"] = run_part(
+                    "fitserve", [*w6, *flags, "--quant-variant", quant], args.part_timeout_s)
+                # and with the guide's flags as they are (--max-num-seqs 256): does it start at all?
+                w6_default = [*w6[:5], str(args.max_num_seqs), *w6[6:]]
+                report["fitserve"][f"{name}-W6-seqs{args.max_num_seqs}"] = run_part(
+                    "fitserve", [*w6_default, *flags, "--quant-variant", quant], args.part_timeout_s)
+    report["fp8_over_bf16"] = fp8_ratios(report["fitserve"])
     if args.hf_workloads and args.hf_workloads != ["none"]:
         report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads], args.hf_timeout_s)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,9 @@ def test_triton_scaled_mm_matches_reference(num_rows, num_cols, inner, per_tenso
         sw = sw.reshape(1, -1).contiguous()
     expected = fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)
     got32 = triton_fp8.scaled_mm(qx, sx, qw, sw, torch.float32)
-    assert rel_err(got32, expected) < 1e-5, "float32 output: only the summation order differs"
+    # Up to 16 rows (mma.sync) only the summation order differs; larger tiles run Hopper's wgmma,
+    # whose fp8 accumulation Triton leaves in the tensor cores' reduced precision (about 1e-3).
+    assert rel_err(got32, expected) < (1e-5 if num_rows <= 16 else 3e-3)
     got = triton_fp8.scaled_mm(qx, sx, qw, sw, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 1e-2
 

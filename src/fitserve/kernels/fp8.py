@@ -6,12 +6,14 @@ q = round_to_nearest_even(clamp(x / s, -448, 448)) with a float32 scale s, and r
 
 - weights: one s per output channel (a row of W [N, K]), or one per tensor; fixed at load;
 - activations: one s per token (a row of x [T, K]), or one per tensor; computed from each
-  batch's absolute maximum (dynamic), s = max(amax / 448, MIN_SCALE);
+  batch's absolute maximum (dynamic), s = max(amax * FP8_MAX_INV, MIN_SCALE);
 - the KV cache: one s for K and one for V per layer (1.0 without calibration, as vLLM).
 
 A scaled GEMM is y[t, n] = (sum_k qx[t, k] * qw[n, k]) * sx[t] * sw[n], accumulated in
-float32, rounded once to the output dtype. Every division here is IEEE (x / s, not x * (1/s)),
-so the Triton kernels, which divide with `div_rn`, produce the same bytes.
+float32, rounded once to the output dtype. The scale is a float32 product and x / s an IEEE
+division by a tensor (torch's CUDA kernels turn a division by a Python number into a
+multiplication by its reciprocal), so the Triton kernels, which multiply by the same float32
+FP8_MAX_INV and divide with `div_rn`, produce the same bytes on the GPU as this code on the CPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+FP8_MAX_INV = float(torch.tensor(1.0 / FP8_MAX, dtype=torch.float32))  # 1/448 rounded to float32: exact everywhere
 # The smallest scale handed out: an all-zero row still gets a finite positive scale, and
 # x / s never overflows float32 (vLLM uses the same floor).
 MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
@@ -31,13 +34,15 @@ def is_fp8(dtype: torch.dtype) -> bool:
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """x (any float dtype) / scale (float32, broadcastable) -> float8_e4m3fn, saturating at +-448."""
+    if not isinstance(scale, torch.Tensor):  # a tensor divisor: IEEE division on every device
+        scale = torch.tensor(scale, dtype=torch.float32, device=x.device)
     # One float32 temporary, divided and clamped in place (this runs on whole weights at load).
     return x.to(torch.float32, copy=True).div_(scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """Absolute maxima -> float32 scales that map them onto +-448."""
-    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return (amax.float() * FP8_MAX_INV).clamp(min=MIN_SCALE)
 
 
 def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

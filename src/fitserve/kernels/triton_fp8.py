@@ -1,9 +1,10 @@
 """Triton kernels for FP8 linear layers: dynamic per-token activation quantization, and a
 scaled e4m3 GEMM for the batch sizes where it beats torch._scaled_mm.
 
-The quantization reads each row of x twice (its absolute maximum, then x / scale): a row is at
-most a few tens of KiB, so the second read comes from L2. It divides with `div_rn` (IEEE),
-as kernels/fp8.py does, so both produce the same bytes.
+The quantization holds a row of x in registers (up to ONE_PASS_MAX_COLS elements; wider rows
+are read twice, the second time from L2), takes its absolute maximum, and stores x / scale.
+It computes the scale and divides as kernels/fp8.py does (float32 product with FP8_MAX_INV,
+then `div_rn`), so both produce the same bytes.
 
 The GEMM computes y = (qx @ qw.T) * sx * sw with qx [M, K] and qw [N, K] both K-contiguous
 (the layout the Hopper fp8 tensor-core instructions read), float32 accumulation and one
@@ -21,22 +22,33 @@ import triton.language as tl
 
 from fitserve.kernels import fp8
 
-QUANT_BLOCK = 1024  # elements per inner-loop step of the quantization kernel
+ONE_PASS_MAX_COLS = 16384  # rows up to this width stay in registers (Llama-3-8B's widest input: 14336)
+TWO_PASS_BLOCK = 4096  # elements per step for wider rows
 
 
 @triton.jit
 def _quant_per_token_kernel(
     x_ptr, q_ptr, scale_ptr, num_cols, stride_x, stride_q,
-    BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MIN_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
+    MIN_SCALE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
+    if ONE_PASS:  # the whole row in registers: one read
+        offs = tl.arange(0, BLOCK)
+        mask = offs < num_cols
+        x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0) * FP8_MAX_INV, MIN_SCALE)
+        tl.store(scale_ptr + row, scale)
+        q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+        tl.store(q_ptr + row * stride_q + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        return
     running = tl.zeros([BLOCK], tl.float32)
     for start in range(0, num_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_row + offs, mask=offs < num_cols, other=0.0).to(tl.float32)
         running = tl.maximum(running, tl.abs(x))
-    scale = tl.maximum(tl.math.div_rn(tl.max(running, axis=0), FP8_MAX), MIN_SCALE)
+    scale = tl.maximum(tl.max(running, axis=0) * FP8_MAX_INV, MIN_SCALE)
     tl.store(scale_ptr + row, scale)
     for start in range(0, num_cols, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -54,10 +66,12 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return q, scale
+    one_pass = num_cols <= ONE_PASS_MAX_COLS
+    block = triton.next_power_of_2(num_cols) if one_pass else TWO_PASS_BLOCK
     _quant_per_token_kernel[(num_rows,)](
         x, q, scale, num_cols, x.stride(0), q.stride(0),
-        BLOCK=min(QUANT_BLOCK, triton.next_power_of_2(num_cols)), FP8_MAX=fp8.FP8_MAX, MIN_SCALE=fp8.MIN_SCALE,
-        num_warps=4,
+        BLOCK=block, ONE_PASS=one_pass, FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
+        num_warps=max(1, min(16, block // 1024)),  # about 8 elements per thread
     )
     return q, scale
 
@@ -114,15 +128,22 @@ class GemmConfig:
     group_m: int = 8
 
 
+WIDE_OUTPUT_COLS = 16384  # gate_up-like: wide tiles have enough programs
+
+
 def default_config(num_rows: int, num_cols: int, inner: int) -> GemmConfig:
-    """Tiles by batch rows: thin tiles stream the weight for decode, square ones for prefill."""
+    """Tiles by batch rows: thin tiles stream the weight for decode, square ones for prefill.
+
+    The fastest of benchmarks/fp8_gemm_bench.py's candidates on the H200 for the Llama-3-8B
+    shapes (docs/quantization.md); BLOCK_M 16 keeps decode on the exact-accumulating mma path.
+    """
     block_k = next(b for b in (256, 128, 64, 32, 16) if inner % b == 0)
     if num_rows <= 16:
-        return GemmConfig(16, 64, min(block_k, 256), 4, 4)
-    if num_rows <= 32:
-        return GemmConfig(32, 64, min(block_k, 256), 4, 4)
+        if num_cols >= WIDE_OUTPUT_COLS:
+            return GemmConfig(16, 128, min(block_k, 128), 4, 4)
+        return GemmConfig(16, 32, block_k, 4, 5)
     if num_rows <= 64:
-        return GemmConfig(64, 64, min(block_k, 128), 4, 4)
+        return GemmConfig(64, 128, min(block_k, 128), 4, 4)
     return GemmConfig(128, 128, min(block_k, 128), 8, 3)
 
 

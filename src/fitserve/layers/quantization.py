@@ -12,9 +12,12 @@ alone, since each of its rows has its own scale; with a per-tensor scale the mer
 projection's shards wait in a staging buffer of the serving dtype, one projection at a time,
 and are quantized together once the last one lands.
 
-On CUDA the activation quantization is a Triton kernel and the GEMM is torch._scaled_mm or
-kernels/triton_fp8.py, whichever measured faster for the batch size (docs/quantization.md);
-elsewhere the pure-torch reference of kernels/fp8.py, which is the specification.
+On CUDA the per-token quantization is a Triton kernel and the GEMM whichever measured faster
+on the H200 (benchmarks/fp8_gemm_bench.py, docs/quantization.md): with per-channel scales the
+Triton GEMM up to 16 batch rows (torch's row-wise _scaled_mm is slow there) and
+torch._scaled_mm with row-wise scales above; with per-tensor scales torch._scaled_mm
+(cuBLASLt) at every size. Elsewhere the pure-torch reference of kernels/fp8.py, which is the
+specification.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ from fitserve.layers.linear import Linear
 
 FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
 GEMM_ALIGNMENT = 16  # fp8 tensor-core GEMMs need K and N in multiples of 16
-# Batch rows from which torch._scaled_mm (CUTLASS / cuBLASLt) is used rather than the Triton
-# GEMM: measured on the lent H100 (benchmarks/fp8_gemm_bench.py, docs/quantization.md).
-SCALED_MM_MIN_ROWS = 65
+# Per-channel scales: batch rows from which torch._scaled_mm (CUTLASS, row-wise scales) beat
+# the Triton GEMM on the H200 (benchmarks/fp8_gemm_bench.py, docs/quantization.md).
+SCALED_MM_MIN_ROWS = 17
+# Row-wise _scaled_mm with fast accumulation (partial sums in the tensor cores' reduced
+# precision, about 1e-3 relative): 5-10% faster at prefill sizes, far below fp8's own rounding.
+ROW_WISE_FAST_ACCUM = True
 
 
 class Fp8Linear(nn.Module):
@@ -108,10 +114,13 @@ class Fp8Linear(nn.Module):
         assert triton_fp8 is not None
         if self.per_tensor:
             qx, x_scale = fp8.quantize_per_tensor(x)
-        else:
-            qx, x_scale = triton_fp8.quantize_per_token(x)
-        if x.shape[0] >= SCALED_MM_MIN_ROWS and scaled_mm_works(x.device, not self.per_tensor, x.dtype):
-            return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+            if scaled_mm_works(x.device, False, x.dtype):
+                return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+            return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+        qx, x_scale = triton_fp8.quantize_per_token(x)
+        if x.shape[0] >= SCALED_MM_MIN_ROWS and scaled_mm_works(x.device, True, x.dtype):
+            return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, x.dtype,
+                                       use_fast_accum=ROW_WISE_FAST_ACCUM)
         return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, x.dtype)
 
 
