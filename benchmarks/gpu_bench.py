@@ -462,6 +462,10 @@ def main() -> None:
     report["floors_s"].setdefault("bf16", {w: floor_s(w, report["ceilings"], model_figures("bf16")) for w in WORKLOADS})
     report["fitserve"] = {}
     full_budget = [w for w in args.workloads if w != "W6"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so a call cut short still leaves what ran
+        (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     for quant in args.quant_variants:
         for variant in args.variants:
             flags = ["--enforce-eager"] if variant == "eager" else []
@@ -470,11 +474,13 @@ def main() -> None:
                 report["fitserve"][name] = run_part(
                     "fitserve", ["--workloads", *full_budget, *common, *flags, "--quant-variant", quant],
                     args.part_timeout_s)
+                save()
             if "W6" in args.workloads:  # the guide's 20 GB card: its own budget and --max-num-seqs
                 w6 = ["--workloads", "W6", "--budget-gib", str(args.w6_budget_gib), "--max-num-seqs",
                       str(args.w6_max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
                 report["fitserve"][f"{name}-W6"] = run_part(
                     "fitserve", [*w6, *flags, "--quant-variant", quant], args.part_timeout_s)
+                save()
                 # and with the guide's flags as they are (--max-num-seqs 256): does it start at all?
                 w6_default = [*w6[:5], str(args.max_num_seqs), *w6[6:]]
                 report["fitserve"][f"{name}-W6-seqs{args.max_num_seqs}"] = run_part(
