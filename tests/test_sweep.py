@@ -51,6 +51,7 @@ def row(index: int, seqs: str, req_s: float | None, *, e2e_ms: float = 100.0, pr
         return {**base, "status": "startup_failed", "exit_code": 2, "error": error, "result": None}
     result = {"request_throughput": req_s, "output_throughput": req_s * 128, "mean_ttft_ms": 10.0,
               "p99_ttft_ms": 20.0, "mean_e2el_ms": e2e_ms, "p99_e2el_ms": 2 * e2e_ms, "completed": 20, "failed": 0,
+              "load_average_before": [0.5, 1.0, 1.0], "load_average_after": [1.25, 1.0, 1.0],
               "server_metrics": {"available": preemptions is not None, "num_preemptions": preemptions,
                                  "peak_kv_cache_usage_pct": kv_pct}}
     return {**base, "status": "ok", "exit_code": None, "error": "", "result": result}
@@ -88,7 +89,7 @@ def test_advice_and_table_with_start_up_failures():
     assert table[0].startswith("| max_num_seqs | Throughput (req/s) |") and len(table) == 5
     assert "start-up failed (exit 2): fitserve: The KV cache holds 32 tokens \\| fewer" in table[2]
     assert table[3].startswith("| 4 | 1.50 | 192.0 | 10 | 100 | 200 |") and table[3].endswith("| ok | best |")
-    assert table[4].endswith("| 3 | - | 6400 | 10 | 5.0 | ok | -20%, preempting |")
+    assert table[4].endswith("| 3 | - | 6400 | 10 | 5.0 | 0.5->1.2 | ok | -20%, preempting |")
 
 
 def test_plots_are_written(tmp_path):

@@ -42,6 +42,14 @@ def _fits(row: dict, workload: Workload) -> str:
     return str(row["kv_cache_tokens"] // (workload.input_len + workload.output_len))
 
 
+def _load(result: dict) -> str:
+    """The 1-minute load average before -> after the run: how busy the machine was."""
+    before, after = result.get("load_average_before"), result.get("load_average_after")
+    if not before or not after:
+        return "-"
+    return f"{before[0]:.1f}->{after[0]:.1f}"
+
+
 def observation(row: dict, best_req_s: float | None) -> str:
     """How the point compares with the best one, and what the server saw."""
     if row["status"] != "ok" or not best_req_s:
@@ -61,7 +69,10 @@ def markdown_table(rows: list[dict], axes: list[GridAxis], workload: Workload) -
     names = [a.name for a in axes]
     header = [*names, "Throughput (req/s)", "Output (tok/s)", "Mean TTFT (ms)", "Mean latency (ms)",
               "P99 latency (ms)", "Preemptions", "Peak KV (%)", "KV cache (tokens)", "Requests that fit",
-              "Start-up (s)", "Result", "Observation"]
+              "Start-up (s)", "Load avg", "Result", "Observation"]
+    energy = has_energy(rows)
+    if energy:  # only for servers that report GPU energy (fitserve's fitserve:gpu_* series)
+        header[-2:-2] = ["Mean power (W)", "J / output token"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = max((row["result"]["request_throughput"] for row in rows if row["status"] == "ok"), default=None)
     for row in rows:
@@ -72,9 +83,15 @@ def markdown_table(rows: list[dict], axes: list[GridAxis], workload: Workload) -
             _fmt(r.get("mean_e2el_ms"), 0), _fmt(r.get("p99_e2el_ms"), 0), _fmt(server.get("num_preemptions"), 0),
             _fmt(server.get("peak_kv_cache_usage_pct"), 0),
             "-" if row.get("kv_cache_tokens") is None else str(row["kv_cache_tokens"]), _fits(row, workload),
-            _fmt(row.get("startup_s"), 1), result_cell(row), observation(row, best)]
+            _fmt(row.get("startup_s"), 1), _load(r), result_cell(row), observation(row, best)]
+        if energy:
+            cells[-2:-2] = [_fmt(r.get("mean_power_w"), 0), _fmt(r.get("joules_per_output_token"), 4)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def has_energy(rows: list[dict]) -> bool:
+    return any(row["status"] == "ok" and row["result"].get("energy_j") is not None for row in rows)
 
 
 def _sort_key(value: str) -> float | None:
@@ -201,7 +218,27 @@ def plot_sweep(rows: list[dict], axes: list[GridAxis], workload: Workload, outpu
     _finish(fig, ax, xs, labels, xlabel, f"Latency - {workload_caption(workload)}")
     fig.savefig(output_dir / "sweep-latency.png", dpi=PLOT_DPI)
     plt.close(fig)
-    return ["sweep-throughput.png", "sweep-latency.png"]
+    if not has_energy(rows):
+        return ["sweep-throughput.png", "sweep-latency.png"]
+    _plot_energy(plt, rows, xs, labels, xlabel, workload, output_dir)
+    return ["sweep-throughput.png", "sweep-latency.png", "sweep-energy.png"]
+
+
+def _plot_energy(plt, rows: list[dict], xs: list[int], labels: list[str], xlabel: str, workload: Workload,
+                 output_dir: Path) -> None:
+    """Joules per output token and mean power: FP8 against bf16 in energy as well as speed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(xs, _series(rows, "joules_per_output_token"), "o-", color="tab:green", label="J / output token")
+    ax.set_ylabel("joules per output token", color="tab:green")
+    ax.set_ylim(bottom=0)
+    twin = ax.twinx()
+    twin.plot(xs, _series(rows, "mean_power_w"), "s--", color="tab:red", label="mean power (W)")
+    twin.set_ylabel("mean GPU power (W)", color="tab:red")
+    twin.set_ylim(bottom=0)
+    _mark_failures(ax, rows)
+    _finish(fig, ax, xs, labels, xlabel, f"Energy - {workload_caption(workload)}")
+    fig.savefig(output_dir / "sweep-energy.png", dpi=PLOT_DPI)
+    plt.close(fig)
 
 
 def _finish(fig, ax, xs: list[int], labels: list[str], xlabel: str, title: str) -> None:
