@@ -197,3 +197,29 @@ def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
     largest = max(m.out_features * m.in_features for m in model.modules() if isinstance(m, quantization.Fp8Linear))
     assert final < linear_bf16 * 0.6, "fp8 linear layers take about half the bf16 bytes"
     assert peak - final <= largest * (2 + 4 + 4 + 4), "one projection's bf16 copy and float32 temporaries at most"
+
+
+@pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_quant_is_rms_norm_then_quantize(num_rows, hidden, with_residual):
+    from fitserve.kernels import triton_fused
+
+    x = torch.randn(num_rows, hidden, device=CUDA).to(torch.bfloat16)
+    residual = torch.randn_like(x) if with_residual else None
+    weight = torch.randn(hidden, device=CUDA).to(torch.bfloat16)
+    out, summed = triton_fused.rms_norm(x, weight, 1e-5, residual)
+    q, scale, fused_sum = triton_fused.rms_norm_quant(x, weight, 1e-5, residual)
+    ref_q, ref_scale = triton_fp8.quantize_per_token(out)
+    assert torch.equal(fused_sum, summed) and torch.equal(scale, ref_scale)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("num_rows,inter", [(1, 14336), (41, 1536), (200, 14336)])
+def test_silu_and_mul_quant_is_silu_and_mul_then_quantize(num_rows, inter):
+    from fitserve.kernels import triton_fused
+
+    gate_up = (torch.randn(num_rows, 2 * inter, device=CUDA) * 4).to(torch.bfloat16)
+    q, scale = triton_fused.silu_and_mul_quant(gate_up)
+    ref_q, ref_scale = triton_fp8.quantize_per_token(triton_fused.silu_and_mul(gate_up))
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))

@@ -128,3 +128,106 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=SILU_BLOCK, num_warps=4,
     )
     return out
+
+
+# -- the same, with the output quantized to fp8 per row for an fp8 linear layer (kernels/fp8.py) -----------
+# The bf16 row is computed exactly as above, then its absolute maximum gives the row's scale and the
+# row is stored as e4m3 only: the same bytes as rms_norm/silu_and_mul followed by
+# triton_fp8.quantize_per_token, one kernel and one write fewer.
+
+
+@triton.jit
+def _quantize_row(y, mask, q_row_ptr, scale_ptr, row, cols, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
+                  MIN_SCALE: tl.constexpr):
+    """y [BLOCK] float32 holding values of the model dtype -> e4m3 at q_row_ptr + cols, scale at scale_ptr + row."""
+    y = tl.where(mask, y, 0.0)
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0) * FP8_MAX_INV, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
+    q = tl.clamp(tl.math.div_rn(y, scale), -FP8_MAX, FP8_MAX)
+    tl.store(q_row_ptr + cols, q.to(q_row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
+    stride_x, stride_residual, stride_q, stride_residual_out,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
+    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = (normed * weight).to(x.dtype).to(tl.float32)  # the value rms_norm would store
+    _quantize_row(out, mask, q_ptr + row * stride_q, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As rms_norm, with the normed output as (q [T, H] fp8, scale [T, 1] float32); then x + residual [T, H]."""
+    from fitserve.kernels import fp8
+
+    num_rows, hidden = x.shape
+    assert x.stride(1) == 1 and weight.shape == (hidden,) and weight.is_contiguous()
+    assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
+    assert hidden <= FUSED_QUANT_MAX_COLS
+    q = torch.empty(num_rows, hidden, dtype=fp8.FP8_DTYPE, device=x.device)
+    scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
+    residual_out = torch.empty_like(x) if residual is not None else x
+    if num_rows == 0:
+        return q, scale, residual_out
+    _rms_norm_quant_kernel[(num_rows,)](
+        x, residual if residual is not None else x, weight, q, scale, residual_out, eps,
+        x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0), residual_out.stride(0),
+        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
+        FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
+        num_warps=8 if hidden >= 4096 else 4,
+    )
+    return q, scale, residual_out
+
+
+@triton.jit
+def _silu_and_mul_quant_kernel(
+    gate_up_ptr, q_ptr, scale_ptr, stride_in, stride_q, INTER: tl.constexpr, BLOCK: tl.constexpr,
+    FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)  # the whole row: its maximum sets the scale
+    mask = cols < INTER
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0)
+    up = tl.load(gate_up_ptr + row * stride_in + INTER + cols, mask=mask, other=0.0).to(tl.float32)
+    gate32 = gate.to(tl.float32)
+    silu = gate32 / (1.0 + tl.exp(-gate32))
+    out = (silu * up).to(gate.dtype).to(tl.float32)  # the value silu_and_mul would store
+    _quantize_row(out, mask, q_ptr + row * stride_q, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
+
+
+FUSED_QUANT_MAX_COLS = 16384  # a row of the fused quantizing kernels stays in registers up to this width
+
+
+def silu_and_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [T, 2*I] -> silu(gate) * up as (q [T, I] fp8, scale [T, 1] float32)."""
+    from fitserve.kernels import fp8
+
+    num_rows, double = gate_up.shape
+    assert double % 2 == 0 and gate_up.stride(1) == 1
+    inter = double // 2
+    assert inter <= FUSED_QUANT_MAX_COLS
+    q = torch.empty(num_rows, inter, dtype=fp8.FP8_DTYPE, device=gate_up.device)
+    scale = torch.empty(num_rows, 1, dtype=torch.float32, device=gate_up.device)
+    if num_rows == 0:
+        return q, scale
+    block = triton.next_power_of_2(inter)
+    _silu_and_mul_quant_kernel[(num_rows,)](
+        gate_up, q, scale, gate_up.stride(0), q.stride(0), INTER=inter, BLOCK=block,
+        FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
+        num_warps=max(4, min(16, block // 1024)),
+    )
+    return q, scale

@@ -6,6 +6,7 @@ import torch
 
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
+from fitserve.layers.quantization import QuantizedRows
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -13,3 +14,11 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.is_cuda and triton_fused is not None:
         return triton_fused.silu_and_mul(gate_up)
     return reference.silu_and_mul(gate_up)
+
+
+def silu_and_mul_for_fp8(gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
+    """silu_and_mul for an `fp8` linear layer: on CUDA quantized per token in the same kernel."""
+    if gate_up.is_cuda and triton_fused is not None and gate_up.shape[1] // 2 <= triton_fused.FUSED_QUANT_MAX_COLS:
+        q, scale = triton_fused.silu_and_mul_quant(gate_up)
+        return QuantizedRows(q, scale, gate_up.dtype)
+    return silu_and_mul(gate_up)

@@ -23,6 +23,7 @@ specification.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,6 +41,21 @@ SCALED_MM_MIN_ROWS = 17
 # Row-wise _scaled_mm with fast accumulation (partial sums in the tensor cores' reduced
 # precision, about 1e-3 relative): 5-10% faster at prefill sizes, far below fp8's own rounding.
 ROW_WISE_FAST_ACCUM = True
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizedRows:
+    """Activations a fused kernel already quantized per token (RMSNorm, SiLU-and-multiply on CUDA),
+    handed to an `fp8` Fp8Linear in place of a tensor: the bytes triton_fp8.quantize_per_token
+    would produce, without its kernel and the model-dtype write before it."""
+
+    q: torch.Tensor  # [T, K] float8_e4m3fn
+    scale: torch.Tensor  # [T, 1] float32
+    dtype: torch.dtype  # the model dtype, which the GEMM outputs
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.q.is_cuda
 
 
 class Fp8Linear(nn.Module):
@@ -100,28 +116,32 @@ class Fp8Linear(nn.Module):
             self.load_shard(index, weight[start:start + rows])
             start += rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in_features] -> [T, out_features] in x's dtype."""
-        if x.is_cuda and triton_fp8 is not None and self._fits_gpu_gemm():
-            return self._forward_cuda(x)
-        qx, x_scale = fp8.quantize_per_tensor(x) if self.per_tensor else fp8.quantize_per_row(x)
-        return fp8.scaled_mm_reference(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """x [T, in_features] (or its per-token quantization) -> [T, out_features] in the model dtype."""
+        fast = x.is_cuda and triton_fp8 is not None and self._fits_gpu_gemm()
+        if isinstance(x, QuantizedRows):
+            assert not self.per_tensor, "fused kernels quantize per token"
+            qx, x_scale, out_dtype = x.q, x.scale, x.dtype
+        elif self.per_tensor:
+            (qx, x_scale), out_dtype = fp8.quantize_per_tensor(x), x.dtype
+        elif fast:
+            (qx, x_scale), out_dtype = triton_fp8.quantize_per_token(x), x.dtype
+        else:
+            (qx, x_scale), out_dtype = fp8.quantize_per_row(x), x.dtype
+        if not fast:
+            return fp8.scaled_mm_reference(qx, x_scale, self.weight, self.weight_scale, out_dtype)
+        return self._gemm_cuda(qx, x_scale, out_dtype)
 
     def _fits_gpu_gemm(self) -> bool:
         return self.in_features % GEMM_ALIGNMENT == 0 and self.out_features % GEMM_ALIGNMENT == 0
 
-    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor:
+    def _gemm_cuda(self, qx: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         assert triton_fp8 is not None
-        if self.per_tensor:
-            qx, x_scale = fp8.quantize_per_tensor(x)
-            if scaled_mm_works(x.device, False, x.dtype):
-                return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, x.dtype)
-            return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, x.dtype)
-        qx, x_scale = triton_fp8.quantize_per_token(x)
-        if x.shape[0] >= SCALED_MM_MIN_ROWS and scaled_mm_works(x.device, True, x.dtype):
-            return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, x.dtype,
-                                       use_fast_accum=ROW_WISE_FAST_ACCUM)
-        return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, x.dtype)
+        row_wise = not self.per_tensor
+        if (self.per_tensor or qx.shape[0] >= SCALED_MM_MIN_ROWS) and scaled_mm_works(qx.device, row_wise, out_dtype):
+            return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, out_dtype,
+                                       use_fast_accum=row_wise and ROW_WISE_FAST_ACCUM)
+        return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, out_dtype)
 
 
 @functools.cache

@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from fitserve.config import ArchConfig
-from fitserve.layers.activation import silu_and_mul
+from fitserve.layers.activation import silu_and_mul, silu_and_mul_for_fp8
 from fitserve.layers.attention import PagedAttention
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.linear import Embedding, Linear
 from fitserve.layers.norm import RMSNorm
-from fitserve.layers.quantization import Fp8Linear, make_linear
+from fitserve.layers.quantization import Fp8Linear, QuantizedRows, make_linear
+
+FUSED_QUANT_SCHEME = "fp8"  # per-token activation scales: norms and SiLU-and-multiply quantize in their kernels
 from fitserve.layers.rotary import RotaryEmbedding
 
 # HF checkpoint projection name -> (our merged module, shard index)
@@ -34,7 +36,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary  # shared by all layers; holds only derived, non-persistent buffers
         self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5)
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         q, k = self.rotary(batch.positions, q, k)
         return self.o_proj(self.attn(q, k, v, batch))
@@ -46,9 +48,11 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = make_linear(arch.hidden_size, (arch.intermediate_size,) * 2, dtype, device, quantization)
         self.down_proj = make_linear(arch.intermediate_size, arch.hidden_size, dtype, device, quantization)
+        self.fp8_input = quantization == FUSED_QUANT_SCHEME  # down_proj takes per-token fp8 rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(silu_and_mul_for_fp8(gate_up) if self.fp8_input else silu_and_mul(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -59,13 +63,15 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(arch, rotary, dtype, device, quantization)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
         self.mlp = LlamaMLP(arch, dtype, device, quantization)
+        # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
+        self.fp8_input = quantization == FUSED_QUANT_SCHEME
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, H] (this layer's input delta), residual [T, H] or None for layer 0."""
-        normed, residual = self.input_layernorm(hidden, residual)
+        normed, residual = self.input_layernorm(hidden, residual, quantize=self.fp8_input)
         hidden = self.self_attn(normed, batch)
-        normed, residual = self.post_attention_layernorm(hidden, residual)
+        normed, residual = self.post_attention_layernorm(hidden, residual, quantize=self.fp8_input)
         return self.mlp(normed), residual
 
 
