@@ -58,6 +58,7 @@ def build_result(workload: Workload, settings: RequestSettings, options: RunOpti
         load_average_before=load_before, load_average_after=load_average(),
     )
     result.update(metrics.flat())
+    result.update(run.server_metrics.energy_figures(metrics.total_output_tokens))  # docs/telemetry.md
     result["server_metrics"] = run.server_metrics.to_json()
     result["interference"] = interference_summary(run.outcomes, percentiles) if workload.interference else None
     result["errors"] = error_counts(run.outcomes)

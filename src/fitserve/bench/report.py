@@ -155,7 +155,7 @@ def format_table(result: dict, latencies: dict[str, LatencyStats | None]) -> str
               "itl": ("Inter-token Latency", "ITL"), "e2el": ("End-to-end Latency", "E2EL")}
     for name, (title, short) in titles.items():
         lines += _latency_lines(title, short, latencies[name])
-    lines += _server_lines(result["server_metrics"])
+    lines += _server_lines(result["server_metrics"]) + _energy_lines(result)
     if result.get("interference"):
         lines += _interference_lines(result["interference"])
     for error, count in result["errors"].items():
@@ -172,6 +172,25 @@ def _server_lines(server: dict) -> list[str]:
                     _line("Peak KV-cache usage (%):", server["peak_kv_cache_usage_pct"]),
                     _line("Peak requests waiting:", server["peak_num_requests_waiting"]),
                     _line("Peak requests running:", server["peak_num_requests_running"])]
+
+
+def _energy_lines(result: dict) -> list[str]:
+    """The GPUs' energy during the run, from fitserve's fitserve:gpu_* series (docs/telemetry.md)."""
+    server = result["server_metrics"]
+    if result.get("energy_j") is None:
+        return []
+    return [f"{' GPU energy (server /metrics) ':-^{TABLE_WIDTH}}",
+            _line("Power before the run (W):", server.get("power_before_w")),
+            _line("Peak power (W):", server.get("peak_power_w")),
+            _line("Mean power during the run (W):", result.get("mean_power_w")),
+            _line(f"Energy, from the {server.get('energy_source')} (J):", result["energy_j"]),
+            _line("Joules per output token:", _significant(result.get("joules_per_output_token"))),
+            _line("Output tokens per joule:", _significant(result.get("output_tokens_per_joule")))]
+
+
+def _significant(value: float | None) -> str | None:
+    """Four significant digits: joules per token are often well under 1."""
+    return None if value is None else f"{value:.4g}"
 
 
 def _interference_lines(w5: dict) -> list[str]:

@@ -1,13 +1,17 @@
 """The server's Prometheus /metrics, read before, during and after a run (vLLM's metric names).
 
 A server without /metrics (404, or not Prometheus text) is not an error: the report says
-the figures are unavailable. Counters are summed over their labels (engines, models).
+the figures are unavailable. Counters are summed over their labels (engines, models, GPUs).
+fitserve's GPU energy counter (or, failing it, its power gauge integrated over the scrapes)
+gives the energy of the run: average power, joules per output token, tokens per joule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -18,6 +22,8 @@ PREEMPTIONS = ("vllm:num_preemptions_total", "vllm:num_preemptions")
 KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")  # a fraction, 0..1, despite the name
 WAITING = ("vllm:num_requests_waiting",)
 RUNNING = ("vllm:num_requests_running",)
+ENERGY = ("fitserve:gpu_energy_joules_total",)  # summed over the server's GPUs (docs/telemetry.md)
+POWER = ("fitserve:gpu_power_watts",)
 DEFAULT_POLL_INTERVAL_S = 0.5
 
 
@@ -53,9 +59,32 @@ class ServerMetricsSummary:
     peak_num_requests_waiting: float | None = None
     peak_num_requests_running: float | None = None
     num_samples: int = 0                   # scrapes that answered
+    energy_j: float | None = None          # the GPUs' energy between the first and the last scrape
+    energy_source: str | None = None       # "counter" (the server's energy counter) or "power_samples"
+    energy_window_s: float | None = None   # first scrape -> last scrape, on the client's clock
+    power_before_w: float | None = None    # the GPUs' power at the first scrape, before any request
+    peak_power_w: float | None = None      # highest power seen while polling
 
     def to_json(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
+
+    def energy_figures(self, total_output_tokens: int) -> dict:
+        """Average power, joules per output token and output tokens per joule (None without energy)."""
+        energy_j, window_s = self.energy_j, self.energy_window_s
+        return {
+            "energy_j": energy_j,
+            "mean_power_w": energy_j / window_s if energy_j is not None and window_s else None,
+            "joules_per_output_token": energy_j / total_output_tokens if energy_j is not None and total_output_tokens
+            else None,
+            "output_tokens_per_joule": total_output_tokens / energy_j if energy_j else None,
+        }
+
+
+def integrate_power(samples: list[tuple[float, float]]) -> float | None:
+    """Joules from (time_s, watts) samples, by trapezoids; None with fewer than two."""
+    if len(samples) < 2:
+        return None
+    return sum(0.5 * (p0 + p1) * (t1 - t0) for (t0, p0), (t1, p1) in itertools.pairwise(samples))
 
 
 class MetricsPoller:
@@ -66,6 +95,9 @@ class MetricsPoller:
         self.first: dict[str, float] | None = None
         self.last: dict[str, float] | None = None
         self.peaks: dict[tuple[str, ...], float] = {}
+        self.power_samples: list[tuple[float, float]] = []  # (time_s, watts), for servers without an energy counter
+        self.first_s: float | None = None  # time.perf_counter() of the first and last answered scrapes
+        self.last_s: float | None = None
         self.num_samples = 0
         self._task: asyncio.Task | None = None
 
@@ -73,10 +105,15 @@ class MetricsPoller:
         samples = await scrape(self.http, self.base_url)
         if samples is None:
             return
+        now_s = time.perf_counter()
         self.num_samples += 1
         self.first = self.first if self.first is not None else samples
-        self.last = samples
-        for names in (KV_USAGE, WAITING, RUNNING):
+        self.first_s = self.first_s if self.first_s is not None else now_s
+        self.last, self.last_s = samples, now_s
+        power_w = pick(samples, POWER)
+        if power_w is not None:
+            self.power_samples.append((now_s, power_w))
+        for names in (KV_USAGE, WAITING, RUNNING, POWER):
             value = pick(samples, names)
             if value is not None:
                 self.peaks[names] = max(value, self.peaks.get(names, value))
@@ -107,6 +144,13 @@ class MetricsPoller:
     def summary(self) -> ServerMetricsSummary:
         before, after = pick(self.first or {}, PREEMPTIONS), pick(self.last or {}, PREEMPTIONS)
         kv = self.peaks.get(KV_USAGE)
+        energy_before, energy_after = pick(self.first or {}, ENERGY), pick(self.last or {}, ENERGY)
+        if energy_before is not None and energy_after is not None:
+            energy_j, source = energy_after - energy_before, "counter"
+        else:
+            energy_j = integrate_power(self.power_samples)
+            source = None if energy_j is None else "power_samples"
+        window_s = None if self.first_s is None or self.last_s is None else self.last_s - self.first_s
         return ServerMetricsSummary(
             available=True,
             num_preemptions=None if before is None or after is None else after - before,
@@ -114,4 +158,9 @@ class MetricsPoller:
             peak_num_requests_waiting=self.peaks.get(WAITING),
             peak_num_requests_running=self.peaks.get(RUNNING),
             num_samples=self.num_samples,
+            energy_j=energy_j,
+            energy_source=source,
+            energy_window_s=window_s if energy_j is not None else None,
+            power_before_w=pick(self.first or {}, POWER),
+            peak_power_w=self.peaks.get(POWER),
         )

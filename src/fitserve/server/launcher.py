@@ -28,6 +28,7 @@ from fitserve.config import ServerConfig
 from fitserve.engine.client import EngineClient
 from fitserve.server.app import attach_engine, build_app
 from fitserve.server.lifecycle import Phase, ServerLifecycle
+from fitserve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -79,10 +80,14 @@ def build_server(app: Any, host: str, port: int, lifecycle: ServerLifecycle, shu
     return DrainingServer(config, lifecycle)
 
 
-def serve(config: ServerConfig, host: str, port: int, load_engine: EngineLoader, log_level: str = "info") -> int:
-    """Serve until SIGTERM/SIGINT (blocks); returns the exit code. See the module docstring."""
+def serve(config: ServerConfig, host: str, port: int, load_engine: EngineLoader, log_level: str = "info",
+          telemetry: Telemetry | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (blocks); returns the exit code. See the module docstring.
+
+    `telemetry` (started by `load_engine` once the GPUs are known) is shown on /metrics."""
     lifecycle = ServerLifecycle()
     app = build_app(config=config, lifecycle=lifecycle)
+    app.state.telemetry = telemetry  # fitserve:gpu_* on /metrics (server/metrics.py)
     server = build_server(app, host, port, lifecycle, config.shutdown_timeout_s, log_level)
     if not config.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Listening on %s without --api-key: anyone who can reach this port can use it.", host)

@@ -21,6 +21,8 @@ from prometheus_client.registry import Collector
 
 from fitserve.engine.client import EngineClient
 from fitserve.engine.metrics import FINISH_REASONS, MetricsSnapshot
+from fitserve.server.gpu_metrics import GpuCollector
+from fitserve.telemetry import Telemetry
 
 ENGINE_INDEX = "0"  # vLLM labels each engine core; fitserve runs one
 LABELS = ["model_name", "engine"]
@@ -130,15 +132,24 @@ class EngineCollector(Collector):
             yield from _snapshot_families(snapshot, labels)
 
 
-def build_registry(get_engine: Callable[[], EngineClient | None]) -> CollectorRegistry:
+def build_registry(get_engine: Callable[[], EngineClient | None],
+                   get_telemetry: Callable[[], Telemetry | None] = lambda: None) -> CollectorRegistry:
+    """The engine's series, then the GPUs' (fitserve:gpu_*, server/gpu_metrics.py) once both are known."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(get_engine))
+
+    def gpu_labels() -> list[str] | None:
+        engine = get_engine()
+        return None if engine is None else [engine.model_name, ENGINE_INDEX]
+
+    registry.register(GpuCollector(get_telemetry, gpu_labels))
     return registry
 
 
 def add_metrics_route(app: FastAPI) -> None:
-    """GET /metrics over `app.state.engine` (None or absent until the engine is attached)."""
-    registry = build_registry(lambda: getattr(app.state, "engine", None))
+    """GET /metrics over `app.state.engine` and `app.state.telemetry` (None until they exist)."""
+    registry = build_registry(lambda: getattr(app.state, "engine", None),
+                              lambda: getattr(app.state, "telemetry", None))
 
     @app.get("/metrics")
     async def metrics(_: Request) -> Response:
