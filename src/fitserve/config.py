@@ -260,6 +260,7 @@ class ServerConfig:
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # drain time after SIGTERM
     enable_log_requests: bool = False  # log prompts (token ids) and sampling settings
     max_log_len: int | None = None  # prompt tokens shown per logged request; None: all
+    enable_ui: bool = True  # GET / and /ui: the built-in page (off: --disable-ui)
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):

@@ -38,6 +38,7 @@ from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest, M
 from fitserve.server.serving_chat import OpenAIServingChat
 from fitserve.server.serving_common import ClientDisconnected, ServingOptions
 from fitserve.server.serving_completion import OpenAIServingCompletion
+from fitserve.server.ui import add_ui_routes
 
 __all__ = ["REQUEST_ID_HEADER", "attach_engine", "build_app", "server_version"]
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away"; never seen by the client
@@ -124,6 +125,8 @@ def build_app(engine: EngineClient | None = None, *, api_key: str | None = None,
     install_error_handlers(app)
     _add_routes(app)
     add_metrics_route(app)
+    if config.enable_ui:
+        add_ui_routes(app)  # GET / and /ui: the built-in page (docs/ui.md)
     if engine is not None:
         attach_engine(app, engine)
     _add_middleware(app, config)
