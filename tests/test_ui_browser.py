@@ -78,10 +78,12 @@ def make_engine(max_num_seqs: int = 16) -> AsyncEngine:
 
 
 @contextmanager
-def ui_server(config: ServerConfig | None = None) -> Iterator[tuple[str, AsyncEngine]]:
+def ui_server(config: ServerConfig | None = None, telemetry=None) -> Iterator[tuple[str, AsyncEngine]]:
     engine = make_engine()
+    app = build_app(engine, config=config or ServerConfig())
+    app.state.telemetry = telemetry  # as the launcher sets it: fitserve:gpu_* on /metrics
     try:
-        with live_server(build_app(engine, config=config or ServerConfig())) as url:
+        with live_server(app) as url:
             yield url, engine
     finally:
         engine.shutdown()
@@ -286,3 +288,27 @@ def test_the_page_reads_metrics_as_prometheus_does(browser):
         assert read["p50"] == pytest.approx(histogram_quantile(0.5, cumulative))
         assert read["p90"] == pytest.approx(histogram_quantile(0.9, cumulative))
         assert read["generated"] == 120 and read["model"] == MODEL and read["admissible"] == 4
+
+
+def test_the_gpu_card_shows_telemetry_where_there_is_some(browser):
+    from fake_nvml import FakeGpu, FakeNvml
+
+    from fitserve.telemetry import Telemetry
+
+    nvml = FakeNvml([FakeGpu(power_mw=250_000, temperature_c=61, util_gpu=87, reasons=("sw_power_cap",))])
+    telemetry = Telemetry(nvml_loader=lambda: nvml, interval_s=0.2, stats_interval_s=None).start(None, [0])
+    try:
+        with ui_server(telemetry=telemetry) as (url, _):
+            open_page(browser, url)
+            card = browser.find_element(By.ID, "card-gpu")
+            wait_for(card.is_displayed, what="the GPU card")
+            text = browser.find_element(By.ID, "gpu-table").text
+            assert "NVIDIA Fake 80GB" in text and "250 / 700" in text and "61 / 87" in text
+            assert "87%" in text and "70.0 / 80.0" in text and "sw_power_cap" in text
+            assert severe_console_entries(browser) == []
+        with ui_server() as (url, _):  # no GPU: no card
+            open_page(browser, url)
+            wait_for(lambda: value_of(browser, "v-free") == 4096, what="the figures")
+            assert not browser.find_element(By.ID, "card-gpu").is_displayed()
+    finally:
+        telemetry.stop()

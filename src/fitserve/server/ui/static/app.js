@@ -36,6 +36,7 @@ const charts = {
   tps: new TimeSeries($("chart-tps"), [{ label: "tokens/s", color: "--accent" }], { format: compact }),
   ttft: new TimeSeries($("chart-ttft"), [{ label: "p50", color: "--accent" }], { format: axisSeconds }),
   preempt: new TimeSeries($("chart-preempt"), [{ label: "per step", color: "--bad" }], { format: compact }),
+  power: new TimeSeries($("chart-power"), [{ label: "W", color: "--warn" }], { format: (w) => `${compact(w)} W` }),
 };
 
 function compact(v) {
@@ -177,12 +178,37 @@ function renderAdmissible(families) {
   row(table, ["requests", ...samples.map(([, v]) => int(v))]);
 }
 
+// fitserve:gpu_* (docs/telemetry.md), one column per GPU (label `gpu`); absent without a GPU.
 function renderGpu(families) {
-  const gpu = [...families.keys()].filter((name) => name.startsWith("fitserve:gpu_"));
-  $("card-gpu").hidden = gpu.length === 0;
+  const byGpu = (name) => new Map((families.get(name) || []).map((s) => [s.labels.gpu, s]));
+  const info = byGpu("fitserve:gpu_info");
+  $("card-gpu").hidden = info.size === 0;
   const table = $("gpu-table");
   table.replaceChildren();
-  for (const name of gpu) row(table, [name.slice("fitserve:gpu_".length).replaceAll("_", " "), compact(first(families, name))]);
+  if (!info.size) return null;
+  const gpus = [...info.keys()].sort();
+  const read = (name, gpu) => (byGpu(name).get(gpu) || { value: null }).value;
+  const pair = (a, b, format) => (a === null ? "–" : b === null ? format(a) : `${format(a)} / ${format(b)}`);
+  const reasons = (gpu) => (families.get("fitserve:gpu_throttle_active") || [])
+    .filter((s) => s.labels.gpu === gpu && s.value > 0).map((s) => s.labels.reason).join(", ") || "none";
+  if (gpus.length > 1) row(table, ["GPU", ...gpus], true);
+  const rows = [
+    ["name", (g) => info.get(g).labels.name],
+    ["power (W)", (g) => pair(read("fitserve:gpu_power_watts", g), read("fitserve:gpu_power_limit_watts", g),
+      (v) => v.toFixed(0))],
+    ["temperature (°C)", (g) => pair(read("fitserve:gpu_temperature_celsius", g),
+      read("fitserve:gpu_slowdown_temperature_celsius", g), (v) => v.toFixed(0))],
+    ["SM clock (MHz)", (g) => pair(read("fitserve:gpu_sm_clock_mhz", g), read("fitserve:gpu_sm_clock_max_mhz", g),
+      (v) => v.toFixed(0))],
+    ["utilization", (g) => pair(read("fitserve:gpu_utilization_percent", g), null, (v) => `${v.toFixed(0)}%`)],
+    ["memory (GiB)", (g) => pair(read("fitserve:gpu_memory_used_bytes", g), read("fitserve:gpu_memory_total_bytes", g),
+      (v) => (v / 2 ** 30).toFixed(1))],
+    ["energy", (g) => pair(read("fitserve:gpu_energy_joules_total", g), null, (v) => `${(v / 1000).toFixed(1)} kJ`)],
+    ["throttling", reasons],
+  ];
+  for (const [label, cell] of rows) row(table, [label, ...gpus.map(cell)]);
+  const power = gpus.map((g) => read("fitserve:gpu_power_watts", g)).filter((v) => v !== null);
+  return power.length ? power.reduce((a, b) => a + b, 0) : null;
 }
 
 function renderMetrics(now, families) {
@@ -229,7 +255,8 @@ function renderMetrics(now, families) {
   charts.ttft.push(now, [ttft]);
   charts.preempt.push(now, [stepPreemptions]);
   renderAdmissible(families);
-  renderGpu(families);
+  const powerW = renderGpu(families);
+  if (powerW !== null) charts.power.push(now, [powerW]);
 }
 
 function drawAll() {
