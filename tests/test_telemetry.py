@@ -181,7 +181,7 @@ def test_a_lasting_slowdown_is_said_once_a_minute_and_its_end_once(caplog):
         for t in range(125, 135):
             monitor.tick(float(t), BUSY, [(gpu, sample(float(t)))])
     assert len(warnings_of(caplog)) == 3  # t = 1, 61, 121
-    assert "the power cap" in warnings_of(caplog)[0] and "drawing 500 W of its 700 W limit" in warnings_of(caplog)[0]
+    assert "the power cap" in warnings_of(caplog)[0] and "drawing 500 W (averaged over about a second) of its 700 W limit" in warnings_of(caplog)[0]
     back = [r.getMessage() for r in caplog.records if "back to full speed" in r.getMessage()]
     assert len(back) == 1 and "SM 1,980 MHz" in back[0]
 

@@ -24,6 +24,7 @@ from fitserve.config import (
     ServerConfig,
     parse_size_bytes,
 )
+from fitserve.telemetry.monitor import STATS_INTERVAL_S
 from fitserve.weights.source import resolve_model_source
 
 logger = logging.getLogger("fitserve")
@@ -140,7 +141,15 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--enable-log-requests", action="store_true",
                        help="log each request's prompt token ids and settings (off: prompts are never logged)")
     serve.add_argument("--max-log-len", type=int, default=None, help="prompt tokens shown per logged request")
+    serve.add_argument("--disable-ui", action="store_true",
+                       help="serve no web page at / and /ui (the dashboard and chat playground, docs/ui.md)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--gpu-telemetry-interval", type=float, default=1.0,
+                       help="seconds between NVML readings of the GPUs in use (fitserve:gpu_* on /metrics, "
+                            "slowdown warnings; docs/telemetry.md); 0 turns GPU sampling off")
+    serve.add_argument("--disable-log-stats", action="store_true",
+                       help="no stats line (tokens/s, running/waiting, KV cache, power, temperature) every 10 s "
+                            "while busy")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -159,7 +168,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         shutdown_timeout_s=args.shutdown_timeout,
         enable_log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
+        enable_ui=not args.disable_ui,
     )
+
+
+def gpu_ids_in_use(engine) -> list[str | int]:
+    """The GPU the engine's runner uses, by UUID (NVML numbers GPUs apart from CUDA_VISIBLE_DEVICES)."""
+    device = getattr(getattr(engine, "runner", None), "device", None)
+    if device is None or device.type != "cuda":
+        return []
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return [str(uuid)] if uuid is not None else [device.index]
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -167,11 +188,16 @@ def serve(args: argparse.Namespace) -> int:
     # Imported here so that `fitserve --help` and config errors answer without loading torch.
     from fitserve.server import launcher
     from fitserve.server.lifecycle import Phase
+    from fitserve.telemetry import Telemetry
 
     if args.model_tag and not args.model:
         args.model = args.model_tag
     engine_config = engine_config_from_args(args)
     server_config = server_config_from_args(args)
+    if args.gpu_telemetry_interval < 0:
+        raise ConfigError(f"--gpu-telemetry-interval must be 0 (off) or more seconds, not {args.gpu_telemetry_interval}.")
+    telemetry = Telemetry(interval_s=args.gpu_telemetry_interval,
+                          stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S)
 
     def load_engine(report_phase):
         report_phase(Phase.LOADING)  # importing torch is the first part of loading
@@ -182,11 +208,20 @@ def serve(args: argparse.Namespace) -> int:
             from fitserve.quantcheck.check import verify_at_startup
 
             verify_at_startup(engine_config)
-        built = build_engine(engine_config)
-        return AsyncEngine(built.engine, built.model_name, built.tokenizer,
-                           max_queue_len=server_config.max_queue_len).start()
+        from fitserve.server.ui.info import startup_info
 
-    return launcher.serve(server_config, args.host, args.port, load_engine, log_level=args.log_level)
+        built = build_engine(engine_config)
+        engine = AsyncEngine(built.engine, built.model_name, built.tokenizer,
+                             max_queue_len=server_config.max_queue_len).start()
+        engine.startup_info = startup_info(built.memory, engine_config)  # the page's memory plan (/ui/api/info)
+        telemetry.start(engine.stats, gpu_ids_in_use(built.engine))
+        return engine
+
+    try:
+        return launcher.serve(server_config, args.host, args.port, load_engine, log_level=args.log_level,
+                              telemetry=telemetry)
+    finally:
+        telemetry.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ CLOCK_DROP = "clock_drop"    # the cause recorded for a drop below the recent pe
 
 REASON_TEXT = {
     "applications_clocks_setting": "clocks capped by the applications-clocks setting (nvidia-smi -ac)",
-    "sw_power_cap": "the power cap: the card draws its power limit and lowers its clocks to stay under it",
+    "sw_power_cap": ("the power cap: the card lowers its clocks to keep its power under the limit (peaks of "
+                     "milliseconds count, so the averaged reading can be well below it)"),
     "hw_slowdown": "a hardware slowdown (overheating or the power supply's brake signal)",
     "sync_boost": "sync boost: held to the clocks of the slowest GPU of its group",
     "sw_thermal_slowdown": "thermal throttling: the card is too hot and lowers its clocks (driver)",
@@ -66,7 +67,7 @@ def _power(sample: GpuSample) -> str:
     if sample.power_w is None:
         return "power not reported"
     limit = "" if sample.power_limit_w is None else f" of its {sample.power_limit_w:.0f} W limit"
-    return f"drawing {sample.power_w:.0f} W{limit}"
+    return f"drawing {sample.power_w:.0f} W (averaged over about a second){limit}"
 
 
 @dataclass(slots=True)
