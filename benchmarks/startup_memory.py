@@ -87,14 +87,15 @@ def _stress(built) -> dict:
             "num_preemptions": engine.scheduler.num_preemptions_total}
 
 
-def run_one(utilization: float) -> dict:
+def run_one(utilization: float, fp8: bool = False) -> dict:
     import torch
 
     from fitserve.config import CacheConfig, ConfigError, EngineConfig
     from fitserve.llm import build_engine
 
+    quant = {"quantization": "fp8", "kv_cache_dtype": "fp8"} if fp8 else {}
     config = EngineConfig(model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16",
-                          cache=CacheConfig(gpu_memory_utilization=utilization))
+                          cache=CacheConfig(gpu_memory_utilization=utilization), **quant)
     total_bytes = torch.cuda.mem_get_info()[1]
     row: dict = {"utilization": utilization, "plan_only": _plan_only(config, total_bytes)}
     start_s = time.monotonic()
@@ -143,10 +144,12 @@ def _environment() -> dict:
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
 
 
-def run_all(out_dir: Path) -> None:
+def run_all(out_dir: Path, fp8: bool = False, utilizations: tuple[float, ...] = UTILIZATIONS) -> None:
     rows = []
-    for utilization, env in [(u, {}) for u in UTILIZATIONS] + list(VARIANTS):
-        child = subprocess.run([sys.executable, __file__, "one", "--utilization", str(utilization)],
+    variants = [] if fp8 else list(VARIANTS)
+    for utilization, env in [(u, {}) for u in utilizations] + variants:
+        child = subprocess.run([sys.executable, __file__, "one", "--utilization", str(utilization)]
+                               + (["--fp8"] if fp8 else []),
                                capture_output=True, text=True, timeout=240, env={**os.environ, **env})
         try:
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
@@ -155,10 +158,11 @@ def run_all(out_dir: Path) -> None:
                          "stderr_tail": child.stderr[-3000:]})
         print(f"utilization {utilization}: {json.dumps(rows[-1])[:400]}", flush=True)
         print(child.stderr[-1500:], flush=True)
-    result = {"benchmark": "startup_memory", "model": "configs/llama-3-8b-instruct (--load-format dummy, bfloat16)",
+    model = "configs/llama-3-8b-instruct (--load-format dummy, bfloat16" + (", --quantization fp8 --kv-cache-dtype fp8)" if fp8 else ")")
+    result = {"benchmark": "startup_memory", "model": model,
               "environment": _environment(), "rows": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "startup_memory.json").write_text(json.dumps(result, indent=2))
+    (out_dir / ("startup_memory_fp8.json" if fp8 else "startup_memory.json")).write_text(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -166,15 +170,18 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("one")
     one.add_argument("--utilization", type=float, required=True)
+    one.add_argument("--fp8", action="store_true", help="--quantization fp8 --kv-cache-dtype fp8")
     every = sub.add_parser("all")
     every.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    every.add_argument("--fp8", action="store_true", help="--quantization fp8 --kv-cache-dtype fp8")
+    every.add_argument("--utilizations", type=float, nargs="+", default=list(UTILIZATIONS))
     args = parser.parse_args()
     if args.command == "one":
         import logging
         logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-        print(json.dumps(run_one(args.utilization)))
+        print(json.dumps(run_one(args.utilization, args.fp8)))
     else:
-        run_all(args.out)
+        run_all(args.out, args.fp8, tuple(args.utilizations))
 
 
 if __name__ == "__main__":
