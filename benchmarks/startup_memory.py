@@ -93,9 +93,9 @@ def run_one(utilization: float, fp8: bool = False) -> dict:
     from fitserve.config import CacheConfig, ConfigError, EngineConfig
     from fitserve.llm import build_engine
 
-    quant = {"quantization": "fp8", "kv_cache_dtype": "fp8"} if fp8 else {}
     config = EngineConfig(model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16",
-                          cache=CacheConfig(gpu_memory_utilization=utilization), **quant)
+                          quantization="fp8" if fp8 else None,
+                          cache=CacheConfig(gpu_memory_utilization=utilization, kv_cache_dtype="fp8" if fp8 else "auto"))
     total_bytes = torch.cuda.mem_get_info()[1]
     row: dict = {"utilization": utilization, "plan_only": _plan_only(config, total_bytes)}
     start_s = time.monotonic()
