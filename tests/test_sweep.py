@@ -76,6 +76,11 @@ def test_advice_names_preemption_kv_and_client_limits():
     assert "KV-bound: the KV cache peaked at 97% full" in advice(kv_full, AXES, W)
     small_cache = [row(0, "4", 1.0, kv_tokens=3000), row(1, "8", 1.0, kv_tokens=3000)]
     assert "about 4 requests of 640 tokens" in advice(small_cache, AXES, W)
+    growing = [row(0, "2", 1.0, preemptions=7.0), row(1, "4", 1.5, preemptions=0.0, kv_pct=95.0),
+               row(2, "8", 2.0, preemptions=0.0, kv_pct=20.0)]
+    assert advice(growing, parse_grid(["max_num_seqs=2,4,8"]), W).endswith(
+        "extend the grid. Smaller values are KV-bound: max_num_seqs=2 preempted 7 times; "
+        "max_num_seqs=4 filled the KV cache.")
     capped = [row(0, "16", 1.0), row(1, "32", 1.0)]
     assert "client-bound" in advice(capped, parse_grid(["max_num_seqs=16,32"]), W)
 

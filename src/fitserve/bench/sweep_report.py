@@ -161,7 +161,19 @@ def advice(rows: list[dict], axes: list[GridAxis], workload: Workload) -> str:
     where = ("the best" if chosen is best else
              f"within {THROUGHPUT_TOLERANCE:.0%} of the best ({_throughput(best):.2f} req/s at {best['label']})")
     return (f"Use {chosen['label']}: {_throughput(chosen):.2f} req/s, {where}; "
-            f"{bottleneck(chosen, larger, ok, workload)}.{failed_note}")
+            f"{bottleneck(chosen, larger, ok, workload)}.{_smaller_note(ok[:ok.index(chosen)])}{failed_note}")
+
+
+def _smaller_note(smaller: list[dict]) -> str:
+    """What held the smaller values back, when the server's /metrics said so."""
+    notes = []
+    for row in smaller:
+        server = row["result"].get("server_metrics") or {}
+        if (server.get("num_preemptions") or 0) > 0:
+            notes.append(f"{row['label']} preempted {server['num_preemptions']:.0f} times")
+        elif (server.get("peak_kv_cache_usage_pct") or 0) >= KV_BOUND_USAGE_PCT:
+            notes.append(f"{row['label']} filled the KV cache")
+    return f" Smaller values are KV-bound: {'; '.join(notes)}." if notes else ""
 
 
 def _x_labels(rows: list[dict], axes: list[GridAxis]) -> list[str]:
