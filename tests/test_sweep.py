@@ -105,6 +105,22 @@ def test_plots_are_written(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == PNG_MAGIC
 
 
+def test_rerender_redoes_table_advice_and_plots_from_sweep_json(tmp_path, capsys):
+    document = {"date": "2026-01-01T00:00:00+00:00", "command_line": "fitserve sweep ...", "commit": "abc",
+                "dirty": False, "machine": {"cpu": "cpu", "num_cpus": 2, "gpus": []}, "server_command": "serve",
+                "grid": {"max_num_seqs": ["1", "4"]}, "workload": W.to_json(), "metadata": {},
+                "points": [row(0, "1", None, error="boom"), row(1, "4", 1.5)], "advice": "old", "table": "old"}
+    (tmp_path / "sweep.json").write_text(json.dumps(document))
+    assert main(["sweep", "--rerender", "--output-dir", str(tmp_path)]) == 0
+    redone = json.loads((tmp_path / "sweep.json").read_text())
+    assert redone["advice"].startswith("Use max_num_seqs=4: 1.50 req/s") and redone["commit"] == "abc"
+    assert redone["rendered_by"]["command_line"] and "| 4 | 1.50 |" in (tmp_path / "sweep.md").read_text()
+    assert (tmp_path / "sweep-latency.png").exists() and "Use max_num_seqs=4" in capsys.readouterr().out
+    assert main(["sweep", "--rerender", "--output-dir", str(tmp_path / "missing")]) == 2
+    assert main(["sweep", "--output-dir", str(tmp_path)]) == 2  # no --grid
+    assert "--grid is required" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sweep_with_the_real_model_records_a_start_up_failure(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PYTHONPATH", str(SRC))  # the servers run this checkout's code

@@ -155,7 +155,7 @@ def add_bench_parsers(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=bench_command)
 
     sweep = commands.add_parser("sweep", help="start a server for each point of a grid and benchmark it")
-    sweep.add_argument("--grid", action="append", required=True, metavar="NAME=V1,V2,...",
+    sweep.add_argument("--grid", action="append", metavar="NAME=V1,V2,...",
                        help="a server flag and its values, e.g. max_num_seqs=1,4,8; repeat for a product; "
                             "the value 'default' leaves the flag out")
     sweep.add_argument("--server-command", default=None,
@@ -164,6 +164,8 @@ def add_bench_parsers(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--server-args", default="", help="flags every server gets, e.g. '--max-model-len 2048'")
     sweep.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for /health")
     sweep.add_argument("--output-dir", required=True, help="where sweep.json, sweep.md, plots and logs go")
+    sweep.add_argument("--rerender", action="store_true",
+                       help="run nothing: redo the table, advice and plots of the sweep in --output-dir")
     sweep.add_argument("--metadata", nargs="*", metavar="KEY=VALUE", help="extra facts to record in the JSON")
     add_workload_args(sweep)
     sweep.set_defaults(handler=sweep_command)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import shlex
 import sys
 from dataclasses import dataclass
@@ -103,8 +104,6 @@ def run_sweep(axes: list[GridAxis], workload: Workload, bench, *, server_command
               output_dir: Path, startup_timeout_s: float, argv: list[str] | None = None,
               metadata: dict | None = None, log=print) -> dict:
     """Every grid point in turn; returns the sweep document (also written as sweep.json)."""
-    from fitserve.bench.sweep_report import advice, markdown_table, plot_sweep, write_markdown
-
     command = [*base_server_command(server_command), *shlex.split(server_args)]
     points = grid_points(axes)
     rows = []
@@ -116,12 +115,35 @@ def run_sweep(axes: list[GridAxis], workload: Workload, bench, *, server_command
     document = provenance(argv)
     document.update(grid={a.name: list(a.values) for a in axes}, server_command=shlex.join(command),
                     workload=workload.to_json(), metadata=metadata or {}, points=rows)
+    return render(document, axes, workload, output_dir)
+
+
+def render(document: dict, axes: list[GridAxis], workload: Workload, output_dir: Path) -> dict:
+    """The advice, the table and the plots of a sweep's points; writes sweep.json and sweep.md."""
+    from fitserve.bench.sweep_report import advice, markdown_table, plot_sweep, write_markdown
+
+    rows = document["points"]
     document["advice"] = advice(rows, axes, workload)
     document["table"] = markdown_table(rows, axes, workload)
     document["plots"] = plot_sweep(rows, axes, workload, output_dir)
     save_json(output_dir / "sweep.json", document)
     write_markdown(output_dir / "sweep.md", document)
     return document
+
+
+def rerender(output_dir: Path, argv: list[str] | None = None) -> dict:
+    """`--rerender`: a finished sweep's table, advice and plots made again by this version from
+    its sweep.json (the measurements and their provenance are kept; `rendered_by` says who)."""
+    try:
+        document = json.loads((output_dir / "sweep.json").read_text(encoding="utf-8"))
+        axes = [GridAxis(name, tuple(values)) for name, values in document["grid"].items()]
+        fields = {**document["workload"], "request_rate": float(document["workload"]["request_rate"])}
+        workload = Workload(**fields)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise BenchError(f"cannot read a sweep from {output_dir / 'sweep.json'}: {error}") from None
+    rendered_by = provenance(argv)
+    document["rendered_by"] = {k: rendered_by[k] for k in ("date", "command_line", "commit", "dirty")}
+    return render(document, axes, workload, output_dir)
 
 
 def summary_line(row: dict) -> str:
@@ -145,7 +167,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         workload_from_args,
     )
 
+    output_dir = Path(args.output_dir)
     try:
+        if args.rerender:
+            document = rerender(output_dir)
+            print(document["table"])
+            print(document["advice"])
+            return 0
+        if not args.grid:
+            raise BenchError("--grid is required (or --rerender to redo the table and plots of a finished sweep)")
         axes = parse_grid(args.grid)
         workload = workload_from_args(args)
         percentiles = parse_percentiles(args.metric_percentiles)
@@ -161,7 +191,6 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         return run_benchmark(workload, settings_from_args(args, base_url), options,
                              percentiles=percentiles, metadata=metadata, goodput_slos_ms=goodput).result
 
-    output_dir = Path(args.output_dir)
     document = run_sweep(axes, workload, bench, server_command=args.server_command, server_args=args.server_args,
                          output_dir=output_dir, startup_timeout_s=args.startup_timeout, metadata=metadata)
     print(document["table"])
