@@ -85,6 +85,16 @@ def test_advice_names_preemption_kv_and_client_limits():
     assert "client-bound" in advice(capped, parse_grid(["max_num_seqs=16,32"]), W)
 
 
+def test_advice_for_choices_compares_them():
+    def point(index, value, req_s, e2e_ms):
+        return {**row(index, "8", req_s, e2e_ms=e2e_ms), "params": {"quantization": value},
+                "label": f"quantization={value}"}
+    axes = parse_grid(["quantization=default,fp8"])
+    text = advice([point(0, "default", 1.5, 5000.0), point(1, "fp8", 0.5, 17000.0)], axes, W)
+    assert text == ("Use quantization=default: 1.50 req/s, the best; against it, quantization=fp8 gives -67% "
+                    "throughput at 17000 ms mean latency (here 5000).")
+
+
 def test_advice_and_table_with_start_up_failures():
     message = "fitserve: The KV cache holds 32 tokens | fewer than --max-model-len 512."
     rows = [row(0, "1", None, error=message), row(1, "4", 1.5), row(2, "8", 1.2, preemptions=3.0, kv_tokens=6400)]
@@ -114,7 +124,8 @@ def test_rerender_redoes_table_advice_and_plots_from_sweep_json(tmp_path, capsys
     assert main(["sweep", "--rerender", "--output-dir", str(tmp_path)]) == 0
     redone = json.loads((tmp_path / "sweep.json").read_text())
     assert redone["advice"].startswith("Use max_num_seqs=4: 1.50 req/s") and redone["commit"] == "abc"
-    assert redone["rendered_by"]["command_line"] and "| 4 | 1.50 |" in (tmp_path / "sweep.md").read_text()
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert redone["rendered_by"]["command_line"] and "| 4 | 1.50 |" in markdown and "redone by" in markdown
     assert (tmp_path / "sweep-latency.png").exists() and "Use max_num_seqs=4" in capsys.readouterr().out
     assert main(["sweep", "--rerender", "--output-dir", str(tmp_path / "missing")]) == 2
     assert main(["sweep", "--output-dir", str(tmp_path)]) == 2  # no --grid

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fitserve.bench.sweep import GridAxis
+from fitserve.bench.sweep import DEFAULT_VALUE, GridAxis
 from fitserve.bench.workloads import Workload
 from fitserve.config import ConfigError, parse_size_bytes
 
@@ -119,10 +119,14 @@ def _throughput(row: dict) -> float:
     return row["result"]["request_throughput"]
 
 
-def bottleneck(row: dict, larger: list[dict], ok_rows: list[dict], workload: Workload) -> str:
-    """Why more of the swept resource would not help (or would), from what the run saw."""
-    r = row["result"]
-    server = r.get("server_metrics") or {}
+def is_ordinal(axes: list[GridAxis]) -> bool:
+    """One axis of amounts (numbers or sizes, 'default' allowed), so that 'larger' means more of it."""
+    return len(axes) == 1 and all(v.lower() == DEFAULT_VALUE or _sort_key(v) is not None for v in axes[0].values)
+
+
+def limit_reason(row: dict, workload: Workload) -> str | None:
+    """What capped throughput at this point, when the run says: preemption, KV cache, the client."""
+    server = row["result"].get("server_metrics") or {}
     if (server.get("num_preemptions") or 0) > 0:
         return (f"preempting: {server['num_preemptions']:.0f} preemptions at this point, the KV cache is too small "
                 "for this load")
@@ -137,19 +141,35 @@ def bottleneck(row: dict, larger: list[dict], ok_rows: list[dict], workload: Wor
     if seqs is not None and workload.max_concurrency and seqs >= workload.max_concurrency:
         return (f"client-bound: the workload keeps at most {workload.max_concurrency} requests in flight, "
                 "so a larger max_num_seqs has nothing more to batch")
+    return None
+
+
+def bottleneck(row: dict, ok_rows: list[dict], workload: Workload, ordinal: bool) -> str:
+    """Why the chosen point is enough (or is not), from what the runs saw."""
+    reason = limit_reason(row, workload)
+    if reason is not None:
+        return reason
+    if len(ok_rows) == 1:
+        return "the only point that ran"
+    if not ordinal:  # values are choices, not amounts: compare each with the chosen one
+        others = [o for o in ok_rows if o is not row]
+        return "against it, " + ", ".join(
+            f"{o['label']} gives {_throughput(o) / _throughput(row) - 1:+.0%} throughput at "
+            f"{_fmt(o['result']['mean_e2el_ms'], 0)} ms mean latency (here {_fmt(row['result']['mean_e2el_ms'], 0)})"
+            for o in others)
+    larger = ok_rows[ok_rows.index(row) + 1:]
     if not larger:
-        return ("the only point that ran" if len(ok_rows) == 1 else
-                "throughput still rises at the largest value tried: extend the grid")
-    best_larger = max(larger, key=_throughput)
-    gain = _throughput(best_larger) / _throughput(row) - 1.0
+        return "throughput still rises at the largest value tried: extend the grid"
+    gain = _throughput(max(larger, key=_throughput)) / _throughput(row) - 1.0
     slowest = max(larger, key=lambda x: x["result"]["mean_e2el_ms"] or 0.0)
     return (f"compute-bound: larger values add {gain:+.1%} throughput at most while mean latency goes from "
-            f"{_fmt(r['mean_e2el_ms'], 0)} ms to {_fmt(slowest['result']['mean_e2el_ms'], 0)} ms "
+            f"{_fmt(row['result']['mean_e2el_ms'], 0)} ms to {_fmt(slowest['result']['mean_e2el_ms'], 0)} ms "
             f"({slowest['label']})")
 
 
 def advice(rows: list[dict], axes: list[GridAxis], workload: Workload) -> str:
-    """One line: the cheapest point within THROUGHPUT_TOLERANCE of the best throughput, and why."""
+    """One line: the cheapest point within THROUGHPUT_TOLERANCE of the best throughput, and why.
+    'Cheapest' is the smallest value of an amount, else the first in the grid's order."""
     ok = [row for row in ordered(rows, axes) if row["status"] == "ok"]
     failed = [row["label"] for row in rows if row["status"] != "ok"]
     failed_note = f" ({', '.join(failed)} did not run: see the table.)" if failed else ""
@@ -157,11 +177,11 @@ def advice(rows: list[dict], axes: list[GridAxis], workload: Workload) -> str:
         return "No point completed a benchmark." + failed_note
     best = max(ok, key=_throughput)
     chosen = next(row for row in ok if _throughput(row) >= (1.0 - THROUGHPUT_TOLERANCE) * _throughput(best))
-    larger = ok[ok.index(chosen) + 1:]
     where = ("the best" if chosen is best else
              f"within {THROUGHPUT_TOLERANCE:.0%} of the best ({_throughput(best):.2f} req/s at {best['label']})")
     return (f"Use {chosen['label']}: {_throughput(chosen):.2f} req/s, {where}; "
-            f"{bottleneck(chosen, larger, ok, workload)}.{_smaller_note(ok[:ok.index(chosen)])}{failed_note}")
+            f"{bottleneck(chosen, ok, workload, is_ordinal(axes))}.{_smaller_note(ok[:ok.index(chosen)])}"
+            f"{failed_note}")
 
 
 def _smaller_note(smaller: list[dict]) -> str:
@@ -273,6 +293,8 @@ def write_markdown(path: Path, document: dict) -> None:
         f"- workload: {w['name']} ({w['num_prompts']} requests, concurrency {w['max_concurrency'] or 'uncapped'}, "
         f"{w['input_len']} prompt / {w['output_len']} output tokens), {document['date']}",
         *[f"- {k}: {v}" for k, v in document["metadata"].items()],
+        *([f"- table and plots redone by `{document['rendered_by']['command_line']}` at commit "
+           f"`{document['rendered_by']['commit']}`"] if document.get("rendered_by") else []),
         "", document["table"], "", f"**Advice:** {document['advice']}", "",
         *[f"![{name}]({name})" for name in document["plots"]], "",
     ]
