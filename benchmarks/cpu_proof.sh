@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CPU benchmark runs committed under benchmarks/results/ (docs/benchmarks.md shows them):
 # W1 scaled to a 2-core CPU, the default model's output tokens/s at 1 and 8 concurrent requests
-# (128-token prompts and outputs), and two sweeps (max_num_seqs; KV-cache size, the CPU's
-# counterpart of --gpu-memory-utilization). Usage: benchmarks/cpu_proof.sh [all|w1|w5|concurrency|sweep-seqs|sweep-kv]
+# (128-token prompts and outputs), W5, and three sweeps (max_num_seqs; KV-cache size, the CPU's
+# counterpart of --gpu-memory-utilization; bf16 against fp8 weights). Usage: benchmarks/cpu_proof.sh [all|w1|w5|concurrency|sweep-seqs|sweep-kv|sweep-fp8]
 #
 # The numbers depend on how busy the machine is: each JSON records the load average before and
 # after its run, and this script prints `uptime` and the busiest processes first.
@@ -59,11 +59,16 @@ run_sweep_seqs() {
 }
 
 run_sweep_kv() {
-    # 23,040 bytes per token (30 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes): 16MiB holds 728
-    # tokens, less than one --max-model-len 1024 request, so that point fails at start-up.
+    # 23,040 bytes per token (30 layers x 3 KV heads x 64 x 2 (K, V) x 2 bytes): 16MiB holds 720
+    # tokens (45 blocks of 16), less than one --max-model-len 1024 request: that point fails at start-up.
     fitserve sweep --grid kv_cache_memory_bytes=16MiB,24MiB,48MiB,96MiB,default \
         --server-args "--max-model-len 1024" --workload W1 --num-prompts 16 --max-concurrency 8 \
         --input-len 256 --output-len 64 --output-dir "$out/cpu-sweep-kv-cache" "${meta[@]}"
+}
+
+run_sweep_fp8() {  # the guide's FP16 against FP8; on the CPU, fp8 weights are dequantized per matmul
+    fitserve sweep --grid quantization=default,fp8 --workload W1 --num-prompts 16 --max-concurrency 8 \
+        --input-len 256 --output-len 64 --output-dir "$out/cpu-sweep-fp8" "${meta[@]}"
 }
 
 case $what in
@@ -72,6 +77,7 @@ case $what in
     concurrency) with_server run_concurrency ;;
     sweep-seqs) run_sweep_seqs ;;
     sweep-kv) run_sweep_kv ;;
-    all) with_server run_w1; with_server run_concurrency; with_server run_w5; run_sweep_seqs; run_sweep_kv ;;
-    *) echo "usage: $0 [all|w1|w5|concurrency|sweep-seqs|sweep-kv]" >&2; exit 2 ;;
+    sweep-fp8) run_sweep_fp8 ;;
+    all) with_server run_w1; with_server run_concurrency; with_server run_w5; run_sweep_seqs; run_sweep_kv; run_sweep_fp8 ;;
+    *) echo "usage: $0 [all|w1|w5|concurrency|sweep-seqs|sweep-kv|sweep-fp8]" >&2; exit 2 ;;
 esac
