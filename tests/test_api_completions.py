@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import openai
+import pytest
 from fake_engine import BOS_TOKEN_ID
 
 
@@ -97,6 +99,14 @@ def test_async_client(async_client_factory):
             return resp.choices[0].text, "".join([c.choices[0].text async for c in stream])
 
     assert asyncio.run(main()) == ("de", "de")
+
+
+def test_retrieve_one_model_and_unknown_model(client, api_server):
+    card = client.models.retrieve("fake-model")
+    assert card.id == "fake-model" and card.model_extra["max_model_len"] == api_server.engine.max_model_len
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.body["param"] == "model" and "fake-model" in info.value.body["message"]
 
 
 def test_models_health_version(client, api_server):

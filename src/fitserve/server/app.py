@@ -19,6 +19,7 @@ import fitserve
 from fitserve.config import ServerConfig
 from fitserve.engine.client import EngineClient
 from fitserve.server.errors import (
+    ModelNotFoundError,
     ServiceUnavailableError,
     error_body,
     install_error_handlers,
@@ -73,6 +74,10 @@ def _health(lifecycle: ServerLifecycle) -> Response:
     return JSONResponse({**body, "phase": phase.value}, status_code=503)
 
 
+def _model_card(engine: EngineClient) -> ModelCard:
+    return ModelCard(id=engine.model_name, root=engine.model_name, max_model_len=engine.max_model_len)
+
+
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
@@ -86,9 +91,14 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models")
     async def models(raw_request: Request) -> Response:
+        return JSONResponse(ModelList(data=[_model_card(raw_request.app.state.engine)]).model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, raw_request: Request) -> Response:
         engine: EngineClient = raw_request.app.state.engine
-        card = ModelCard(id=engine.model_name, root=engine.model_name, max_model_len=engine.max_model_len)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        if model_id != engine.model_name:
+            return openai_error_response(ModelNotFoundError(model_id, engine.model_name), request_id_of(raw_request))
+        return JSONResponse(_model_card(engine).model_dump())
 
     @app.get("/health")
     async def health(raw_request: Request) -> Response:
