@@ -226,18 +226,10 @@ def plot_sweep(rows: list[dict], axes: list[GridAxis], workload: Workload, outpu
     xlabel = " x ".join(a.name for a in axes)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(xs, _series(rows, "request_throughput"), "o-", color="tab:blue", label="requests/s")
-    ax.set_ylabel("request throughput (req/s)", color="tab:blue")
-    ax.set_ylim(bottom=0)
-    twin = ax.twinx()
-    twin.plot(xs, _series(rows, "output_throughput"), "s--", color="tab:orange", label="output tokens/s")
-    twin.set_ylabel("output throughput (tok/s)", color="tab:orange")
-    twin.set_ylim(bottom=0)
-    _mark_failures(ax, rows)
-    _finish(fig, ax, xs, labels, xlabel, f"Throughput - {workload_caption(workload)}")
-    fig.savefig(output_dir / "sweep-throughput.png", dpi=PLOT_DPI)
-    plt.close(fig)
+    _plot_two_axes(plt, rows, xs, labels, xlabel, f"Throughput - {workload_caption(workload)}",
+                   ("request_throughput", "requests/s", "request throughput (req/s)", "tab:blue"),
+                   ("output_throughput", "output tokens/s", "output throughput (tok/s)", "tab:orange"),
+                   output_dir / "sweep-throughput.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, style, label in (("mean_ttft_ms", "o-", "mean TTFT"), ("p99_ttft_ms", "o:", "p99 TTFT"),
@@ -259,17 +251,24 @@ def plot_sweep(rows: list[dict], axes: list[GridAxis], workload: Workload, outpu
 def _plot_energy(plt, rows: list[dict], xs: list[int], labels: list[str], xlabel: str, workload: Workload,
                  output_dir: Path) -> None:
     """Joules per output token and mean power: FP8 against bf16 in energy as well as speed."""
+    _plot_two_axes(plt, rows, xs, labels, xlabel, f"Energy - {workload_caption(workload)}",
+                   ("joules_per_output_token", "J / output token", "joules per output token", "tab:green"),
+                   ("mean_power_w", "mean power (W)", "mean GPU power (W)", "tab:red"),
+                   output_dir / "sweep-energy.png")
+
+
+def _plot_two_axes(plt, rows: list[dict], xs: list[int], labels: list[str], xlabel: str, title: str,
+                   left: tuple[str, str, str, str], right: tuple[str, str, str, str], path: Path) -> None:
+    """One series on the left axis, one on the right; each given as (key, legend, axis label, colour)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(xs, _series(rows, "joules_per_output_token"), "o-", color="tab:green", label="J / output token")
-    ax.set_ylabel("joules per output token", color="tab:green")
-    ax.set_ylim(bottom=0)
     twin = ax.twinx()
-    twin.plot(xs, _series(rows, "mean_power_w"), "s--", color="tab:red", label="mean power (W)")
-    twin.set_ylabel("mean GPU power (W)", color="tab:red")
-    twin.set_ylim(bottom=0)
+    for axis, (key, legend, axis_label, colour), style in ((ax, left, "o-"), (twin, right, "s--")):
+        axis.plot(xs, _series(rows, key), style, color=colour, label=legend)
+        axis.set_ylabel(axis_label, color=colour)
+        axis.set_ylim(bottom=0)
     _mark_failures(ax, rows)
-    _finish(fig, ax, xs, labels, xlabel, f"Energy - {workload_caption(workload)}")
-    fig.savefig(output_dir / "sweep-energy.png", dpi=PLOT_DPI)
+    _finish(fig, ax, xs, labels, xlabel, title)
+    fig.savefig(path, dpi=PLOT_DPI)
     plt.close(fig)
 
 
