@@ -41,8 +41,6 @@ class LLMEngine:
         self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
-        self.num_prompt_tokens_total = 0
-        self.num_generation_tokens_total = 0
         self.metrics = metrics or EngineMetrics(limits.scheduler.max_model_len)
 
     @property
@@ -79,7 +77,6 @@ class LLMEngine:
         self._detokenizers[request.request_id] = IncrementalDetokenizer(
             self.decoder, request.prompt_token_ids, request.sampling_params
         )
-        self.num_prompt_tokens_total += request.num_prompt_tokens
         self.scheduler.add_request(request)
         self.metrics.request_added(request)
 
@@ -106,7 +103,6 @@ class LLMEngine:
         now_s = self.metrics.clock()
         outputs = []
         for request, token_id in self.scheduler.update_from_output(scheduler_output, runner_output):
-            self.num_generation_tokens_total += 1
             self.metrics.token_sampled(request, now_s)
             detokenizer = self._detokenizers[request.request_id]
             stop_string = detokenizer.append(token_id)
@@ -141,8 +137,8 @@ class LLMEngine:
             "num_kv_blocks": self.kv_cache.pool.num_blocks,
             "block_size": self.block_size,
             "num_preemptions_total": scheduler.num_preemptions_total,
-            "num_prompt_tokens_total": self.num_prompt_tokens_total,
-            "num_generation_tokens_total": self.num_generation_tokens_total,
+            "num_prompt_tokens_total": self.metrics.prompt_tokens_total,
+            "num_generation_tokens_total": self.metrics.generation_tokens_total,
             "num_steps": self.num_steps,
             "num_free_kv_tokens": self.kv_cache.num_free_tokens,
             "max_num_seqs": self.limits.scheduler.max_num_seqs,

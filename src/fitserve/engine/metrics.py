@@ -118,6 +118,15 @@ class EngineMetrics:
         }
 
     @property
+    def prompt_tokens_total(self) -> int:
+        """Prompt tokens of requests that produced a first token (vLLM's prompt_tokens_total)."""
+        return self._prompt_tokens_total
+
+    @property
+    def generation_tokens_total(self) -> int:
+        return self._generation_tokens_total
+
+    @property
     def num_tracked_requests(self) -> int:
         return len(self._requests)
 
