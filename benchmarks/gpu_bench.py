@@ -124,6 +124,7 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
+        disable_async_output_proc=args.disable_async_output_proc,
         quantization=quantization,
         cache=CacheConfig(gpu_memory_utilization=utilization, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
@@ -202,6 +203,7 @@ def part_fitserve(args: argparse.Namespace) -> dict:
     capacity = engine.kv_cache.pool.num_blocks * engine.block_size
     planned = memory.planned if memory is not None else None
     result = {"startup_s": startup_s, "kv_cache_tokens": capacity, "enforce_eager": args.enforce_eager,
+              "async_output": engine.async_output,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
               "quant_variant": args.quant_variant, "quantization": QUANT_VARIANTS[args.quant_variant][0],
               "kv_cache_dtype": QUANT_VARIANTS[args.quant_variant][1], "budget_gib": args.budget_gib,
@@ -244,6 +246,12 @@ def part_profile(args: argparse.Namespace) -> dict:
             t3 = time.perf_counter()
             for name, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 phases[name].append(value)
+        engine_steps = []  # the engine's own step, with async output processing when it is on
+        for _ in range(30):
+            t0 = time.perf_counter()
+            engine.step()
+            engine_steps.append(time.perf_counter() - t0)
+        phases["engine_step"] = engine_steps
         graphs = runner.decode_graphs
         gpu_ms = float("nan")
         if graphs is not None:
@@ -415,7 +423,8 @@ def main() -> None:
     parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf", "profile", "kernels"])
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
-    parser.add_argument("--variants", nargs="+", default=["graphs"], help="graphs and/or eager")
+    parser.add_argument("--variants", nargs="+", default=["graphs"],
+                        help="graphs, eager, and/or sync (graphs with --disable-async-output-proc)")
     parser.add_argument("--quant-variant", default="bf16", choices=sorted(QUANT_VARIANTS), help="one part's setting")
     parser.add_argument("--quant-variants", nargs="+", default=["bf16"], choices=sorted(QUANT_VARIANTS),
                         help="all: run each (bf16; fp8 = fp8 weights and fp8 KV cache)")
@@ -427,6 +436,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--disable-async-output-proc", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--part-timeout-s", type=float, default=280)
     parser.add_argument("--hf-timeout-s", type=float, default=300)
@@ -468,7 +478,7 @@ def main() -> None:
         (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     for quant in args.quant_variants:
         for variant in args.variants:
-            flags = ["--enforce-eager"] if variant == "eager" else []
+            flags = {"eager": ["--enforce-eager"], "sync": ["--disable-async-output-proc"]}.get(variant, [])
             name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
             if full_budget:
                 report["fitserve"][name] = run_part(

@@ -181,11 +181,13 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     results = []
-    for use_graphs in (True, False):
+    # graphs with async output processing (the serving default), graphs without it, eager
+    for use_graphs, async_output in ((True, True), (True, False), (False, False)):
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float32, torch.device("cuda"), seed=0,
                                   max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
         assert (runner.decode_graphs is not None) == use_graphs
-        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(500, (), SchedulerLimits(12, 64, 256)))
+        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(500, (), SchedulerLimits(12, 64, 256)),
+                           async_output=async_output)
         for i in range(11):  # 11 requests: padded to the graph of 16 rows
             prompt = [(7 * i + j) % 500 for j in range(5 + 3 * i)]
             engine.add_request(engine.make_request(f"r{i}", prompt, SamplingParams(max_tokens=20, temperature=0)))
@@ -195,7 +197,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
                 tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         engine.check_invariants()
         results.append(tokens)
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
 
 
 # -- fp8 (e4m3) KV cache: the store quantizes as the reference does, both attention kernels read it --------

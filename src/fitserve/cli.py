@@ -57,6 +57,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="auto (= --dtype) or fp8 (e4m3, one byte per element, scale 1.0 per layer)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
+    parser.add_argument("--disable-async-output-proc", action="store_true",
+                        help="detokenize each step between steps instead of while the GPU runs the next one")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -70,6 +72,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        disable_async_output_proc=args.disable_async_output_proc,
         quantization=args.quantization,
         cache=CacheConfig(
             block_size=args.block_size,

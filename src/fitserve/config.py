@@ -195,6 +195,8 @@ class EngineConfig:
     device: str = "auto"  # "auto": cuda when available, else cpu
     seed: int = 0
     enforce_eager: bool = False  # vLLM's name: no CUDA graphs, every step launched from Python
+    # vLLM's name: detokenize a step's tokens while the GPU runs the next one (CUDA only).
+    disable_async_output_proc: bool = False
     quantization: str | None = None  # vLLM's --quantization: None, fp8 (per-channel) or fp8_per_tensor
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

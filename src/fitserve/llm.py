@@ -169,7 +169,9 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         "num_gpu_blocks": str(capacity.num_blocks), "num_gpu_blocks_override": str(config.cache.num_gpu_blocks_override),
         "kv_cache_memory_bytes": str(sized.kv_cache_bytes), "enable_prefix_caching": "False",
     })
-    engine = LLMEngine(runner, tokenizer, limits, metrics=metrics)
+    # On a CPU the runner computes inside execute_async, so there is nothing to overlap with.
+    async_output = device.type == "cuda" and not config.disable_async_output_proc
+    engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output)
     logger.info(
         "Model %s on %s (%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB); "
         "maximum concurrency at --max-model-len %d: %.2fx",

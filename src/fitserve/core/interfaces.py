@@ -22,7 +22,20 @@ class KVCapacity:
         return self.num_blocks * self.block_size
 
 
+class PendingOutput(Protocol):
+    """A step launched on the device; `result()` waits for its sampled tokens."""
+
+    def result(self) -> RunnerOutput: ...
+
+
 class ModelRunner(Protocol):
+    """`execute` runs one step to its sampled tokens.
+
+    A runner may also offer `execute_async(scheduler_output) -> PendingOutput`, which returns
+    once the step is queued on the device; the engine then does host work (detokenizing the
+    previous step) before it waits. Without it the engine calls `execute`.
+    """
+
     def kv_capacity(self) -> KVCapacity: ...
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...

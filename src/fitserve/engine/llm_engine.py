@@ -3,6 +3,13 @@
 It owns the scheduler and the per-request detokenizers and talks to the device only
 through the ModelRunner protocol, so tests drive it with a fake runner. It never
 imports torch.
+
+Async output processing (vLLM's name; on for CUDA unless --disable-async-output-proc):
+a step's sampled tokens are detokenized and handed out during the *next* step, while the
+GPU runs it, instead of between steps while the GPU waits. The tokens still reach the
+scheduler at once (the next step's inputs need them); only text, stop strings and the
+outputs lag one step. A stop string found that late ends its request, and the token the
+request sampled in the step already launched is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fitserve.core.interfaces import ModelRunner
+from fitserve.core.interfaces import ModelRunner, PendingOutput
+from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 from fitserve.core.kv_cache_manager import KVCacheManager
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
 from fitserve.engine.detokenizer import Decoder, IncrementalDetokenizer
@@ -29,9 +37,19 @@ class EngineLimits:
     scheduler: SchedulerLimits
 
 
+@dataclass(frozen=True, slots=True)
+class _Done:
+    """A runner output that was ready when it was launched (a runner without execute_async)."""
+
+    output: RunnerOutput
+
+    def result(self) -> RunnerOutput:
+        return self.output
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits,
-                 metrics: EngineMetrics | None = None) -> None:
+                 metrics: EngineMetrics | None = None, async_output: bool = False) -> None:
         capacity = runner.kv_capacity()
         self.runner = runner
         self.decoder = decoder
@@ -42,6 +60,9 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
         self.metrics = metrics or EngineMetrics(limits.scheduler.max_model_len)
+        self.async_output = async_output
+        # Tokens sampled by the last step, not yet detokenized (async output processing only).
+        self._pending: list[tuple[Request, int]] = []
 
     @property
     def max_model_len(self) -> int:
@@ -81,30 +102,49 @@ class LLMEngine:
         self.metrics.request_added(request)
 
     def abort_request(self, request_id: str) -> None:
-        request = self.scheduler.requests.get(request_id)
+        request = self.scheduler.requests.get(request_id) or next(
+            (r for r, _ in self._pending if r.request_id == request_id), None)  # finished, last output not out yet
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
-        self._detokenizers.pop(request_id, None)
-        if request is not None:
+        if self._detokenizers.pop(request_id, None) is not None and request is not None:
             self.metrics.request_finished(request, self.metrics.clock())
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._pending)
 
     # -- one step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
-            return []
+            return self._process_outputs()
         self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
-        runner_output = self.runner.execute(scheduler_output)
+        pending = self._launch(scheduler_output)
+        # While the device runs this step, hand out the previous step's tokens.
+        outputs = self._process_outputs() if self.async_output else []
+        runner_output = pending.result()
         self.num_steps += 1
+        self._pending = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if not self.async_output:
+            outputs = self._process_outputs()
+        return outputs
+
+    def _launch(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        execute_async = getattr(self.runner, "execute_async", None)
+        if execute_async is None:
+            return _Done(self.runner.execute(scheduler_output))
+        return execute_async(scheduler_output)
+
+    def _process_outputs(self) -> list[RequestOutput]:
+        """Detokenize the tokens of the last step and check stop strings: one output per token."""
+        sampled, self._pending = self._pending, []
         now_s = self.metrics.clock()
         outputs = []
-        for request, token_id in self.scheduler.update_from_output(scheduler_output, runner_output):
+        for request, token_id in sampled:
+            detokenizer = self._detokenizers.get(request.request_id)
+            if detokenizer is None:
+                continue  # aborted after its token was sampled: its consumer has gone
             self.metrics.token_sampled(request, now_s)
-            detokenizer = self._detokenizers[request.request_id]
             stop_string = detokenizer.append(token_id)
             if stop_string is not None and not request.status.finished:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop_string)
@@ -149,6 +189,9 @@ class LLMEngine:
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()
-        assert set(self._detokenizers) == set(self.scheduler.requests), "detokenizers leak or are missing"
-        assert self.metrics.num_tracked_requests == len(self.scheduler.requests), "metrics track finished requests"
+        # Requests finished by the last step keep their detokenizer until their final output is out.
+        finishing = {r.request_id for r, _ in self._pending if r.status.finished}
+        detokenized, live = set(self._detokenizers), set(self.scheduler.requests)
+        assert live <= detokenized and detokenized - live <= finishing, "detokenizers leak or are missing"
+        assert self.metrics.num_tracked_requests == len(self._detokenizers), "metrics track finished requests"
 

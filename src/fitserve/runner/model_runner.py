@@ -55,21 +55,38 @@ class TorchModelRunner:
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingSample:
+        """Queue the step on the device; nothing here waits for the GPU (see PendingSample)."""
         self.sampler.forget(scheduler_output.finished_request_ids)
         scheduled = scheduler_output.scheduled
         if not scheduled:
-            return RunnerOutput(sampled_token_ids={})
+            return PendingSample((), None)
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size)
-            token_ids = self.sampler.sample(logits, list(scheduled))
-            return RunnerOutput(sampled_token_ids={c.request_id: t for c, t in zip(scheduled, token_ids)})
+            token_ids = self.sampler.sample_tensor(logits, list(scheduled))
+            return PendingSample(tuple(c.request_id for c in scheduled), token_ids)
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
         hidden = self.model(batch)  # [T, hidden]
         sampling_chunks = [chunk for chunk in scheduled if chunk.samples]
         if not sampling_chunks:
-            return RunnerOutput(sampled_token_ids={})
+            return PendingSample((), None)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S_sampling, vocab] float32
-        token_ids = self.sampler.sample(logits, sampling_chunks)
-        return RunnerOutput(sampled_token_ids={c.request_id: t for c, t in zip(sampling_chunks, token_ids)})
+        token_ids = self.sampler.sample_tensor(logits, sampling_chunks)
+        return PendingSample(tuple(c.request_id for c in sampling_chunks), token_ids)
+
+
+class PendingSample:
+    """The sampled ids of a queued step; `result()` is the step's one host synchronisation."""
+
+    def __init__(self, request_ids: tuple[str, ...], token_ids: torch.Tensor | None) -> None:
+        self.request_ids = request_ids
+        self.token_ids = token_ids  # [len(request_ids)] int64 on the device, or None
+
+    def result(self) -> RunnerOutput:
+        if self.token_ids is None:
+            return RunnerOutput(sampled_token_ids={})
+        return RunnerOutput(sampled_token_ids=dict(zip(self.request_ids, self.token_ids.tolist())))

@@ -27,16 +27,20 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> list[int]:
         """logits: [N, vocab] float32, one row per sampling request, in `chunks` order."""
+        return self.sample_tensor(logits, chunks).tolist()
+
+    def sample_tensor(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
+        """Like `sample`, but the ids stay on the logits' device ([N] int64): no host sync."""
         params = [chunk.sampling_params for chunk in chunks]
         greedy_ids = logits.argmax(dim=-1)  # [N] int64
         if all(p.greedy for p in params):
-            return greedy_ids.tolist()
+            return greedy_ids
         temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
         probs = apply_filters(logits / temperatures[:, None], params).softmax(dim=-1)  # [N, V]
         noise = self._exponential_noise(probs, chunks)
         sampled_ids = (probs / noise).argmax(dim=-1)
         greedy_rows = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(greedy_rows, greedy_ids, sampled_ids).tolist()
+        return torch.where(greedy_rows, greedy_ids, sampled_ids)
 
     def _exponential_noise(self, probs: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
         noise = torch.empty_like(probs)  # [N, V] float32, each row ~ Exp(1)
