@@ -161,11 +161,8 @@ def run_workload(engine, workload: str, seed: int = 0) -> dict:
     for _ in range(min(concurrency, requests)):
         add_next()
     num_steps = 0
-    while engine.has_unfinished:
-        outputs = engine.step()
-        num_steps += 1
+    def on_outputs(outputs) -> None:  # called as soon as the engine hands outputs out, as a server would
         now = time.perf_counter()
-        peak_usage = max(peak_usage, engine.kv_cache.usage)
         for out in outputs:
             rid = out.request_id
             if rid not in first_at:
@@ -177,6 +174,11 @@ def run_workload(engine, workload: str, seed: int = 0) -> dict:
                 finished_at[rid] = now
                 if next_index < requests:
                     add_next()
+
+    while engine.has_unfinished:
+        engine.step(deliver=on_outputs)
+        num_steps += 1
+        peak_usage = max(peak_usage, engine.kv_cache.usage)
     duration = time.perf_counter() - start
     ttft = [first_at[r] - added_at[r] for r in added_at]
     tpot = [(finished_at[r] - first_at[r]) / max(output_len - 1, 1) for r in added_at]

@@ -129,3 +129,20 @@ def test_random_arrivals_and_aborts_leak_nothing():
     run(engine)
     assert engine.kv_cache.num_free_blocks == 30
     assert engine.metrics.num_tracked_requests == 0
+
+
+def test_deliver_gets_the_outputs_before_the_step_waits_for_the_device():
+    events = []
+    engine = make_engine(True, runner=_DeferredRunner(events))
+    engine.add_request(engine.make_request("r", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True)))
+    delivered = []
+
+    def deliver(outputs):
+        events.append("deliver")
+        delivered.extend(outputs)
+
+    while engine.has_unfinished:
+        assert engine.step(deliver=deliver) == []
+    steps = "".join({"launch": "L", "result": "R", "deliver": "o"}[e] for e in events).split("L")[1:]
+    assert steps == ["R", "oR", "oR", "oR"]
+    assert [o.new_token_ids[0] for o in delivered] == [4, 5, 6] and delivered[-1].finished

@@ -137,9 +137,7 @@ class AsyncEngine:
                 if not self.engine.has_unfinished:
                     self._wakeup.wait()
                     continue
-                outputs = self.engine.step()
-                if outputs:
-                    self._deliver(outputs)
+                self.engine.step(deliver=self._deliver)  # outputs go out before the step's GPU work ends
         except BaseException as error:  # noqa: BLE001 - the loop must report every failure
             logger.exception("The engine loop failed; failing all in-flight requests.")
             self._dead_error = error

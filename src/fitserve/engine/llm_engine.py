@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 from fitserve.core.interfaces import ModelRunner, PendingOutput
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput
@@ -45,6 +45,16 @@ class _Done:
 
     def result(self) -> RunnerOutput:
         return self.output
+
+
+def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOutput]], None] | None,
+                ) -> list[RequestOutput]:
+    """The outputs to return from step(): none once `deliver` has taken them."""
+    if deliver is None:
+        return outputs
+    if outputs:
+        deliver(outputs)
+    return []
 
 
 class LLMEngine:
@@ -114,19 +124,25 @@ class LLMEngine:
 
     # -- one step --------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, deliver: Callable[[list[RequestOutput]], None] | None = None) -> list[RequestOutput]:
+        """Run one step; returns its outputs, or hands them to `deliver` as soon as they are ready.
+
+        With async output processing the outputs are the previous step's tokens, ready before
+        this step's GPU work ends: `deliver` gets them then, instead of one GPU step later.
+        """
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
-            return self._process_outputs()
+            return _handed_out(self._process_outputs(), deliver)
         self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
         pending = self._launch(scheduler_output)
-        # While the device runs this step, hand out the previous step's tokens.
-        outputs = self._process_outputs() if self.async_output else []
+        outputs: list[RequestOutput] = []
+        if self.async_output:  # while the device runs this step, hand out the previous step's tokens
+            outputs = _handed_out(self._process_outputs(), deliver)
         runner_output = pending.result()
         self.num_steps += 1
         self._pending = self.scheduler.update_from_output(scheduler_output, runner_output)
         if not self.async_output:
-            outputs = self._process_outputs()
+            outputs = _handed_out(self._process_outputs(), deliver)
         return outputs
 
     def _launch(self, scheduler_output: SchedulerOutput) -> PendingOutput:
