@@ -24,6 +24,7 @@ from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.engine.metrics import EngineMetrics
+from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
 from fitserve.models.loader import load_model
 from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
@@ -171,7 +172,9 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     })
     # On a CPU the runner computes inside execute_async, so there is nothing to overlap with.
     async_output = device.type == "cuda" and not config.disable_async_output_proc
-    engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output)
+    grammar_compiler = GrammarCompiler(tokenizer.hf, source.arch.vocab_size, eos_ids)
+    engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output,
+                       grammar_compiler=grammar_compiler)
     logger.info(
         "Model %s on %s (%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB); "
         "maximum concurrency at --max-model-len %d: %.2fx",

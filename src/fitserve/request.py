@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from fitserve.sampling_params import SamplingParams
 
@@ -41,6 +42,7 @@ class Request:
     num_computed_tokens: int = 0
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or string that ended it
+    grammar: Any = None  # structured output: the engine's RequestGrammar (engine/structured_output.py)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fitserve.structured_params import StructuredOutputParams
+
 GREEDY_TEMPERATURE = 0.0  # temperature at or below this samples the argmax
 
 
@@ -32,6 +34,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputParams | None = None  # a grammar the output must follow
     # EOS ids of the model; filled by the engine from the generation config, not by clients.
     eos_token_ids: tuple[int, ...] = field(default=())
 

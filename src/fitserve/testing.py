@@ -31,8 +31,20 @@ class FakeRunner:
             assert len(chunk.block_table) * self.capacity.block_size >= chunk.seq_len, "block table too short"
             self.live_request_ids.add(chunk.request_id)
             if chunk.samples:
-                sampled[chunk.request_id] = (chunk.token_ids[-1] + 1) % self.vocab_size
+                sampled[chunk.request_id] = self._next_token(chunk.token_ids[-1], chunk.allowed_token_bitmask)
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def _next_token(self, last_token_id: int, allowed_token_bitmask: bytes | None) -> int:
+        """(last + 1) % vocab, or under a grammar the first allowed token from there on."""
+        token_id = (last_token_id + 1) % self.vocab_size
+        if allowed_token_bitmask is None:
+            return token_id
+        allowed = int.from_bytes(allowed_token_bitmask, "little")  # bit t = token t
+        for offset in range(self.vocab_size):
+            candidate = (token_id + offset) % self.vocab_size
+            if allowed >> candidate & 1:
+                return candidate
+        raise AssertionError("a grammar mask allowed no token")
 
 
 class FakeDecoder:

@@ -20,6 +20,9 @@ class ScheduledRequest:
     block_table: tuple[int, ...]  # KV block ids covering num_computed_tokens + len(token_ids) tokens
     samples: bool  # False for a prefill chunk that does not reach the end of the known tokens
     sampling_params: SamplingParams
+    # Structured output: packed little-endian int32 words (at least ceil(vocab / 32)), bit t set =
+    # token t may be sampled this step; None = every token. Only on chunks that sample.
+    allowed_token_bitmask: bytes | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ request sampled in the step already launched is dropped.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -21,13 +22,17 @@ from typing import Any, Callable
 from fitserve.core.interfaces import ModelRunner, PendingOutput
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 from fitserve.core.kv_cache_manager import KVCacheManager
+from fitserve.core.outputs import SchedulerOutput
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
 from fitserve.engine.detokenizer import Decoder, IncrementalDetokenizer
 from fitserve.engine.errors import InvalidRequestError
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.outputs import RequestOutput
+from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.request import Request, RequestStatus
 from fitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +64,8 @@ def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOut
 
 class LLMEngine:
     def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits,
-                 metrics: EngineMetrics | None = None, async_output: bool = False) -> None:
+                 metrics: EngineMetrics | None = None, async_output: bool = False,
+                 grammar_compiler: GrammarCompiler | None = None) -> None:
         capacity = runner.kv_capacity()
         self.runner = runner
         self.decoder = decoder
@@ -73,6 +79,7 @@ class LLMEngine:
         self.async_output = async_output
         # Tokens sampled by the last step, not yet detokenized (async output processing only).
         self._pending: list[tuple[Request, int]] = []
+        self.grammar_compiler = grammar_compiler  # None: structured output requests are refused
 
     @property
     def max_model_len(self) -> int:
@@ -102,7 +109,15 @@ class LLMEngine:
                 param="max_tokens" if params.max_tokens is not None and num_prompt < max_len else "prompt",
             )
         resolved = replace(params, max_tokens=max_tokens, eos_token_ids=self.limits.eos_token_ids)
-        return Request(request_id, tuple(prompt_token_ids), resolved)
+        return Request(request_id, tuple(prompt_token_ids), resolved, grammar=self._compile_grammar(params))
+
+    def _compile_grammar(self, params: SamplingParams) -> object | None:
+        if params.structured_output is None:
+            return None
+        if self.grammar_compiler is None:
+            raise InvalidRequestError("Structured output is not available on this server.",
+                                      param=params.structured_output.param)
+        return self.grammar_compiler.compile(params.structured_output)
 
     def add_request(self, request: Request) -> None:
         self._detokenizers[request.request_id] = IncrementalDetokenizer(
@@ -134,6 +149,7 @@ class LLMEngine:
         if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
             return _handed_out(self._process_outputs(), deliver)
         self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
+        scheduler_output = self._with_grammar_masks(scheduler_output)
         pending = self._launch(scheduler_output)
         outputs: list[RequestOutput] = []
         if self.async_output:  # while the device runs this step, hand out the previous step's tokens
@@ -141,6 +157,8 @@ class LLMEngine:
         runner_output = pending.result()
         self.num_steps += 1
         self._pending = self.scheduler.update_from_output(scheduler_output, runner_output)
+        for request, token_id in self._pending:  # before the next plan: its masks follow these tokens
+            self._advance_grammar(request, token_id)
         if not self.async_output:
             outputs = _handed_out(self._process_outputs(), deliver)
         return outputs
@@ -181,6 +199,31 @@ class LLMEngine:
                 del self._detokenizers[request.request_id]
                 self.metrics.request_finished(request, now_s)
         return outputs
+
+    # -- structured output -------------------------------------------------------------------
+
+    def _with_grammar_masks(self, scheduler_output: SchedulerOutput) -> SchedulerOutput:
+        """The plan with each constrained sampling chunk's allowed tokens for this step."""
+        requests = self.scheduler.requests
+        masks = {chunk.request_id: grammar.allowed_token_bitmask() for chunk in scheduler_output.scheduled
+                 if chunk.samples and (grammar := requests[chunk.request_id].grammar) is not None}
+        if not masks:
+            return scheduler_output
+        scheduled = tuple(replace(chunk, allowed_token_bitmask=masks[chunk.request_id])
+                          if chunk.request_id in masks else chunk for chunk in scheduler_output.scheduled)
+        return replace(scheduler_output, scheduled=scheduled)
+
+    def _advance_grammar(self, request: Request, token_id: int) -> None:
+        """Feed the sampled token to the request's grammar; a complete grammar ends it with "stop"."""
+        grammar = request.grammar
+        if grammar is None or request.status.finished:
+            return
+        if not grammar.accept(token_id):  # the runner ignored the mask: an engine bug, not the client's
+            logger.error("Request %s: token %d is outside its grammar (%s); ending the request.",
+                         request.request_id, token_id, grammar.error)
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ABORTED)
+        elif grammar.finished:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for /metrics and benchmarks; safe to call from another thread."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fitserve.core.outputs import ScheduledRequest
+from fitserve.runner.grammar_mask import apply_allowed_token_masks
 from fitserve.sampling_params import SamplingParams
 
 
@@ -31,6 +32,7 @@ class Sampler:
 
     def sample_tensor(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
         """Like `sample`, but the ids stay on the logits' device ([N] int64): no host sync."""
+        logits = apply_allowed_token_masks(logits, chunks)  # structured output: forbidden tokens -> -inf
         params = [chunk.sampling_params for chunk in chunks]
         greedy_ids = logits.argmax(dim=-1)  # [N] int64
         if all(p.greedy for p in params):
