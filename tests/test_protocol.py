@@ -38,10 +38,12 @@ def test_content_parts_are_joined():
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
     {"messages": USER, "n": 2},
     {"messages": USER, "logprobs": True},
-    {"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    {"messages": USER, "tools": [{"type": "function", "function": {"name": "f g"}}]},  # a space in a name
+    {"messages": USER, "tools": [{"type": "retrieval"}]},
     {"messages": USER, "presence_penalty": 0.5},
     {"messages": USER, "stream_options": {"include_usage": True}},  # without stream
-    {"messages": USER, "response_format": {"type": "json_object"}},
+    {"messages": USER, "response_format": {"type": "json_schema"}},  # the schema is missing
+    {"messages": USER, "response_format": {"type": "yaml"}},
     {"messages": USER, "temperature": "hot"},
 ])
 def test_chat_invalid_requests(body):

@@ -3,7 +3,8 @@
 Only shapes and field-level checks live here; behaviour (tokenizing, calling the engine,
 streaming) lives in `serving_*.py`. Field names follow the OpenAI API plus vLLM's extras
 (top_k, min_p, stop_token_ids, ignore_eos, ...), so clients written for vLLM work as they are.
-Unknown fields are ignored, as OpenAI and vLLM do.
+Unknown top-level request fields are kept in `model_extra`: server/compat.py logs them once, or
+with --strict answers 400 naming them. Tool and response_format models are in protocol_tools.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from fitserve.sampling_params import SamplingParams
+from fitserve.server.protocol_tools import ChatTool, DeltaToolCall, ResponseFormat, ToolCall, ToolChoice
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's default, as OpenAI and vLLM have it
 # Integers reach torch as int64 (seeds, top-k): a larger one would fail inside the engine loop
@@ -61,6 +63,7 @@ class ChatMessage(OpenAIModel):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -88,6 +91,7 @@ class ChatMessage(OpenAIModel):
 class SamplingFields(OpenAIModel):
     """The fields both endpoints share; `to_sampling_params` maps them one to one."""
 
+    model_config = ConfigDict(extra="allow")  # unknown fields land in model_extra (server/compat.py)
     model: str | None = None  # None: the served model, as vLLM allows
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -167,9 +171,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
     # vLLM extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
@@ -179,20 +184,6 @@ class ChatCompletionRequest(SamplingFields):
     def _no_logprobs(cls, value: bool) -> bool:
         if value:
             raise _not_supported("logprobs")
-        return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-        if value:
-            raise _not_supported("tools")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type", "text") != "text":
-            raise ValueError(f"response_format type {value.get('type')!r} is not supported yet.")
         return value
 
     def requested_max_tokens(self) -> int | None:
@@ -269,7 +260,8 @@ def _now_s() -> int:
 
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the reply is tool calls
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(OpenAIModel):
@@ -294,6 +286,7 @@ class DeltaMessage(OpenAIModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: Any) -> dict[str, Any]:

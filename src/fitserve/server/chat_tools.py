@@ -1,0 +1,267 @@
+"""Tool calling and response_format for chat: what the model is offered, how it is constrained,
+and how its reply becomes OpenAI `tool_calls` (Llama 3 JSON style).
+
+- `tool_choice` "none": tools are not offered and nothing is parsed. "auto" (the default with
+  tools): tools are offered, and a reply that is a tool-call JSON becomes `tool_calls`.
+  "required" or a named function: the output is forced by the structured-output grammar to be
+  one call `{"name": ..., "parameters": {...}}` of an allowed tool, so any model produces a valid call.
+- Offering: a chat template that mentions `tools` gets them through apply_chat_template(tools=...);
+  one that does not (the embedded SmolLM2's) gets a system-message paragraph listing them and the
+  reply format (`tool_system_prompt`).
+- Parsing: optional `<|python_tag|>`, then one JSON object (or several, separated by `;`, or a
+  JSON array of them) with `name` and `parameters` (or `arguments`); anything else is content.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fitserve.server.errors import BadRequestError
+from fitserve.server.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, DeltaMessage
+from fitserve.server.protocol_tools import ChatTool, DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from fitserve.structured_params import ANY_JSON_OBJECT_SCHEMA, StructuredOutputParams
+
+PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's marker before a tool call (dropped when special tokens are skipped)
+CALL_SEPARATOR = ";"  # Llama 3's separator between several JSON calls in one reply
+TOOL_CALL_ID_HEX_CHARS = 24
+TOOL_PROMPT = (
+    "You can call functions. To call one, reply with only a JSON object of the form "
+    '{{"name": <function name>, "parameters": <object of arguments>}} and no other text.{choice}\n\n'
+    "Available functions:\n{functions}"
+)
+CHOICE_SENTENCES = {
+    "auto": " If no function helps, answer the user normally.",
+    "required": " You must call one of them.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """One request's tool handling, decided before the prompt is built."""
+
+    offered: tuple[ChatTool, ...]  # the tools shown to the model (none for tool_choice "none")
+    choice: str  # "none" | "auto" | "required" | "named"
+    forced_name: str | None = None  # the function tool_choice names
+    parallel: bool = True  # parallel_tool_calls: False keeps the first call only
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.choice != "none" and bool(self.offered)
+
+    def forced_tools(self) -> list[ChatTool]:
+        if self.choice == "named":
+            return [t for t in self.offered if t.function.name == self.forced_name]
+        return list(self.offered) if self.choice == "required" else []
+
+
+def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
+    """Check tools and tool_choice together; BadRequestError for a contradiction."""
+    tools = tuple(body.tools or ())
+    names = [t.function.name for t in tools]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate is not None:
+        raise BadRequestError(f"Tool names must be unique; `{duplicate}` appears more than once.", param="tools")
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    forced_name = None
+    if not isinstance(choice, str):
+        forced_name, choice = choice.function.name, "named"
+        if forced_name not in names:
+            raise BadRequestError(f"`tool_choice` names the function `{forced_name}`, which is not among `tools`.",
+                                  param="tool_choice")
+    if choice in ("required", "named") and not tools:
+        raise BadRequestError(f"`tool_choice` {choice!r} needs `tools`.", param="tool_choice")
+    response_type = body.response_format.type if body.response_format is not None else "text"
+    if response_type != "text" and choice != "none" and tools:
+        raise BadRequestError("`response_format` json_object or json_schema cannot be combined with `tools` "
+                              'unless `tool_choice` is "none".', param="response_format")
+    return ToolPlan(tools if choice != "none" else (), choice, forced_name, body.parallel_tool_calls)
+
+
+def structured_output(body: ChatCompletionRequest, plan: ToolPlan) -> StructuredOutputParams | None:
+    """The grammar this request's output must follow: a forced tool call, or response_format."""
+    forced = plan.forced_tools()
+    if forced:
+        calls = [_call_schema(tool) for tool in forced]
+        schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        return StructuredOutputParams.from_schema(schema, param="tools")
+    response_format = body.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return StructuredOutputParams(ANY_JSON_OBJECT_SCHEMA)
+    assert response_format.json_schema is not None
+    return StructuredOutputParams.from_schema(response_format.json_schema.json_schema)
+
+
+def _call_schema(tool: ChatTool) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": tool.function.name}, "parameters": tool.function.parameters_schema()},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
+
+
+# ---------------------------------------------------------------- the prompt
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], plan: ToolPlan, add_generation_prompt: bool,
+                    chat_template_kwargs: dict[str, Any] | None) -> list[int]:
+    """The conversation through the chat template, tools offered as `plan` says."""
+    rendered, tool_kwargs = template_messages(messages, plan, template_handles_tools(tokenizer))
+    kwargs = {**(chat_template_kwargs or {}), **tool_kwargs, "add_generation_prompt": add_generation_prompt}
+    return list(tokenizer.apply_chat_template(rendered, **kwargs))
+
+
+def template_handles_tools(tokenizer: Any) -> bool:
+    """Whether the model's chat template renders `tools` itself (it mentions them)."""
+    template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def tool_system_prompt(plan: ToolPlan) -> str:
+    functions = "\n".join(json.dumps(tool.model_dump(exclude_none=True)) for tool in plan.offered)
+    return TOOL_PROMPT.format(choice=CHOICE_SENTENCES.get(plan.choice, ""), functions=functions)
+
+
+def template_messages(messages: list[ChatMessage], plan: ToolPlan,
+                      handles_tools: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The conversation for the chat template, and the extra template arguments (tools)."""
+    rendered = [_template_message(m, handles_tools) for m in messages]
+    if not plan.offered:
+        return rendered, {}
+    if handles_tools:
+        return rendered, {"tools": [tool.model_dump(exclude_none=True) for tool in plan.offered]}
+    paragraph = tool_system_prompt(plan)
+    if rendered and rendered[0]["role"] in ("system", "developer"):
+        rendered[0] = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{paragraph}".lstrip()}
+    else:
+        rendered.insert(0, {"role": "system", "content": paragraph})
+    return rendered, {}
+
+
+def _template_message(message: ChatMessage, handles_tools: bool) -> dict[str, Any]:
+    rendered = message.to_template_dict()
+    if not message.tool_calls:
+        return rendered
+    if handles_tools:  # templates index arguments as a mapping (Llama 3.1: `arguments | tojson`)
+        rendered["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+            "name": c.function.name, "arguments": _arguments_object(c.function.arguments)}}
+            for c in message.tool_calls]
+        return rendered
+    # Without template support the call is shown as the text the model is asked to write.
+    calls = f"{CALL_SEPARATOR} ".join(json.dumps({"name": c.function.name,
+                                                  "parameters": _arguments_object(c.function.arguments)})
+                                      for c in message.tool_calls)
+    rendered["content"] = f"{rendered['content']}\n{calls}".lstrip()
+    return rendered
+
+
+def _arguments_object(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return arguments
+
+
+# ---------------------------------------------------------------- the reply
+
+
+def chat_reply(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of a whole reply: its tool calls (finish_reason "tool_calls"), or its text."""
+    calls = parse_tool_calls(text, plan) if plan.parses_calls else None
+    if calls is None:
+        return AssistantMessage(content=text), finish_reason
+    return AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+
+
+def new_tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:TOOL_CALL_ID_HEX_CHARS]}"
+
+
+def parse_tool_calls(text: str, plan: ToolPlan) -> list[ToolCall] | None:
+    """The reply's tool calls, or None when it is not (wholly) a tool call of an offered tool."""
+    body = text.strip().removeprefix(PYTHON_TAG).strip()
+    if not body.startswith(("{", "[")):
+        return None
+    decoder = json.JSONDecoder()
+    objects: list[Any] = []
+    position = 0
+    while position < len(body):
+        try:
+            value, position = decoder.raw_decode(body, position)
+        except json.JSONDecodeError:
+            return None
+        objects.extend(value if isinstance(value, list) else [value])
+        position = _skip_separator(body, position)
+    calls = [_to_tool_call(obj, plan) for obj in objects]
+    if not calls or any(call is None for call in calls):
+        return None
+    return calls[:1] if not plan.parallel else calls  # type: ignore[return-value]
+
+
+def _skip_separator(text: str, position: int) -> int:
+    while position < len(text) and (text[position].isspace() or text[position] == CALL_SEPARATOR):
+        position += 1
+    return position
+
+
+def _to_tool_call(obj: Any, plan: ToolPlan) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    if obj["name"] not in {t.function.name for t in plan.offered}:
+        return None
+    arguments = obj.get("parameters", obj.get("arguments", {}))
+    if isinstance(arguments, str):  # some models write the arguments already serialized
+        arguments = _arguments_object(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(id=new_tool_call_id(), function=FunctionCall(name=obj["name"], arguments=json.dumps(arguments)))
+
+
+class ToolCallStream:
+    """Streams a reply as content deltas, or, when it is a tool call, as `tool_calls` deltas.
+
+    While the reply may still be a call (it starts with `{`, `[` or the python tag) its text is
+    held; at the end it becomes one delta with each call's id and name, then one with its
+    arguments, or, if it did not parse as calls, the held text as content. A reply that starts
+    otherwise streams as content at once.
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self._held = ""
+        self._is_content = not plan.parses_calls
+        self.calls: list[ToolCall] = []
+
+    def feed(self, new_text: str) -> list[DeltaMessage]:
+        if self._is_content:
+            return [DeltaMessage(content=new_text)] if new_text else []
+        self._held += new_text
+        start = self._held.lstrip()
+        if start.startswith(("{", "[", PYTHON_TAG)) or PYTHON_TAG.startswith(start):
+            return []  # may be (the start of) a call: hold it
+        self._is_content = True
+        held, self._held = self._held, ""
+        return [DeltaMessage(content=held)]
+
+    def finish(self) -> list[DeltaMessage]:
+        """Deltas for what is still held, at the end of the reply."""
+        held, self._held = self._held, ""
+        if self._is_content or not held:
+            return []
+        calls = parse_tool_calls(held, self.plan)
+        if calls is None:
+            return [DeltaMessage(content=held)]
+        self.calls = calls
+        deltas = []
+        for index, call in enumerate(calls):
+            deltas.append(DeltaMessage(tool_calls=[DeltaToolCall(
+                index=index, id=call.id, type="function", function=DeltaFunctionCall(name=call.function.name,
+                                                                                      arguments=""))]))
+            deltas.append(DeltaMessage(tool_calls=[DeltaToolCall(
+                index=index, function=DeltaFunctionCall(arguments=call.function.arguments))]))
+        return deltas

@@ -1,0 +1,116 @@
+"""Pydantic models of tool calling and `response_format` (OpenAI's shapes).
+
+Kept apart from protocol.py so the request models there only name these types. A tool's
+`parameters` and a json_schema's `schema` are checked here to be JSON Schemas that can
+constrain output (the same compiler the engine uses), so a bad one is a 400 naming its path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from fitserve.engine.structured_output import json_schema_error
+
+FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a function without arguments
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _checked_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    error = json_schema_error(schema)
+    if error is not None:
+        raise ValueError(f"not a usable JSON Schema: {error}")
+    return schema
+
+
+class FunctionDefinition(_Model):
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None  # accepted; calls forced by tool_choice always follow the schema
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _checked_schema(value)
+
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else EMPTY_PARAMETERS
+
+
+class ChatTool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Model):
+    name: str
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class FunctionCall(_Model):
+    name: str
+    arguments: str  # a JSON object, serialized, as OpenAI sends it
+
+
+class ToolCall(_Model):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(_Model):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaToolCall(_Model):
+    """A streamed piece of a tool call: id, type and name first, then the arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class JsonSchemaFormat(_Model):
+    name: str = Field(default="response", pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # accepted; the output always follows the schema
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _checked_schema(value)
+
+
+class ResponseFormat(_Model):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("`response_format.json_schema` is required when its type is json_schema.")
+        return self
