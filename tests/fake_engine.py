@@ -30,6 +30,9 @@ class FakeTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [chr(i) if i < 256 else ("<bos>" if i == BOS_TOKEN_ID else "<eos>") for i in ids]
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> list[int]:
         if any(m["role"] not in ("system", "user", "assistant", "tool") for m in messages):

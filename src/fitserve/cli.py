@@ -146,6 +146,9 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-log-len", type=int, default=None, help="prompt tokens shown per logged request")
     serve.add_argument("--disable-ui", action="store_true",
                        help="serve no web page at / and /ui (the dashboard and chat playground, docs/ui.md)")
+    serve.add_argument("--strict", action="store_true",
+                       help="answer 400 to a request field fitserve does not support (default: ignore it and log "
+                            "it once; GET /v1/compat lists the fields)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--gpu-telemetry-interval", type=float, default=1.0,
                        help="seconds between NVML readings of the GPUs in use (fitserve:gpu_* on /metrics, "
@@ -172,6 +175,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         enable_log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
         enable_ui=not args.disable_ui,
+        strict=args.strict,
     )
 
 

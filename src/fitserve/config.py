@@ -263,6 +263,7 @@ class ServerConfig:
     enable_log_requests: bool = False  # log prompts (token ids) and sampling settings
     max_log_len: int | None = None  # prompt tokens shown per logged request; None: all
     enable_ui: bool = True  # GET / and /ui: the built-in page (off: --disable-ui)
+    strict: bool = False  # an unsupported request field is a 400 naming it (default: ignored, logged once)
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):

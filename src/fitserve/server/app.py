@@ -18,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 import fitserve
 from fitserve.config import ServerConfig
 from fitserve.engine.client import EngineClient
+from fitserve.server.compat import CHAT, COMPLETIONS, CompatChecker, compat_document
 from fitserve.server.errors import (
     ModelNotFoundError,
     ServiceUnavailableError,
@@ -39,6 +40,7 @@ from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest, M
 from fitserve.server.serving_chat import OpenAIServingChat
 from fitserve.server.serving_common import ClientDisconnected, ServingOptions
 from fitserve.server.serving_completion import OpenAIServingCompletion
+from fitserve.server.serving_tokenize import DetokenizeRequest, OpenAIServingTokenization, TokenizeRequest
 from fitserve.server.ui import add_ui_routes
 
 __all__ = ["REQUEST_ID_HEADER", "attach_engine", "build_app", "server_version"]
@@ -82,11 +84,13 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
         serving: OpenAIServingChat = raw_request.app.state.serving_chat
+        raw_request.app.state.compat.check(CHAT, body)
         return await _respond(serving.create(body, raw_request, raw_request.state.request_id), raw_request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw_request: Request) -> Response:
         serving: OpenAIServingCompletion = raw_request.app.state.serving_completion
+        raw_request.app.state.compat.check(COMPLETIONS, body)
         return await _respond(serving.create(body, raw_request, raw_request.state.request_id), raw_request)
 
     @app.get("/v1/models")
@@ -99,6 +103,20 @@ def _add_routes(app: FastAPI) -> None:
         if model_id != engine.model_name:
             return openai_error_response(ModelNotFoundError(model_id, engine.model_name), request_id_of(raw_request))
         return JSONResponse(_model_card(engine).model_dump())
+
+    @app.get("/v1/compat")
+    async def compat(raw_request: Request) -> Response:
+        return JSONResponse(compat_document(raw_request.app.state.compat.strict))
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, raw_request: Request) -> Response:
+        serving: OpenAIServingTokenization = raw_request.app.state.serving_tokenization
+        return JSONResponse(serving.tokenize(body).model_dump(exclude_none=True))
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, raw_request: Request) -> Response:
+        serving: OpenAIServingTokenization = raw_request.app.state.serving_tokenization
+        return JSONResponse(serving.detokenize(body).model_dump())
 
     @app.get("/health")
     async def health(raw_request: Request) -> Response:
@@ -115,6 +133,7 @@ def attach_engine(app: FastAPI, engine: EngineClient) -> None:
     app.state.engine = engine
     app.state.serving_chat = OpenAIServingChat(engine, options)
     app.state.serving_completion = OpenAIServingCompletion(engine, options)
+    app.state.serving_tokenization = OpenAIServingTokenization(engine, options)
     app.state.lifecycle.attach(engine)
 
 
@@ -132,6 +151,7 @@ def build_app(engine: EngineClient | None = None, *, api_key: str | None = None,
     app.state.serving_options = ServingOptions(config.request_timeout_s, config.enable_log_requests,
                                                config.max_log_len)
     app.state.engine = None
+    app.state.compat = CompatChecker(config.strict)  # unsupported fields: logged once, or 400 with --strict
     install_error_handlers(app)
     _add_routes(app)
     add_metrics_route(app)

@@ -27,6 +27,7 @@ REQUEST_ID_HEADER = "x-request-id"
 # A client's X-Request-Id is echoed only when it is short and plain (it ends up in logs).
 _CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 API_PREFIX = "/v1"  # needs one of --api-key
+TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1; guarded and gated like it
 METRICS_PREFIX = "/metrics"  # needs --metrics-api-key when it is set
 QUIET_PATHS = ("/health", "/metrics")  # polled every few seconds: access-logged at DEBUG only
 STARTUP_RETRY_AFTER_S = 5  # a client may retry a starting server after this long
@@ -44,6 +45,11 @@ def _header(scope: Scope, name: bytes) -> bytes:
 def _under(path: str, prefix: str) -> bool:
     # Deliberately a plain prefix test: "/v1x" is guarded too (an extra 401 costs nothing).
     return path.startswith(prefix)
+
+
+def _is_api(path: str) -> bool:
+    """Routes that serve the model: they need an API key (when set) and a ready engine."""
+    return _under(path, API_PREFIX) or path.rstrip("/") in TOKENIZER_PATHS
 
 
 class RequestIdMiddleware:
@@ -110,7 +116,7 @@ class ApiKeyMiddleware:
         self.metrics_digests = (_digest(metrics_api_key),) if metrics_api_key else ()
 
     def _required(self, path: str) -> tuple[bytes, ...]:
-        if _under(path, API_PREFIX):
+        if _is_api(path):
             return self.api_digests
         if _under(path, METRICS_PREFIX):
             return self.metrics_digests
@@ -195,7 +201,7 @@ class ReadinessMiddleware:
         self.lifecycle = lifecycle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _under(scope["path"], API_PREFIX):
+        if scope["type"] == "http" and _is_api(scope["path"]):
             phase = self.lifecycle.phase
             if phase != Phase.READY:
                 retry = {"Retry-After": str(STARTUP_RETRY_AFTER_S)} if phase in STARTUP_PHASES else None
