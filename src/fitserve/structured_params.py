@@ -21,4 +21,4 @@ class StructuredOutputParams:
 
     @classmethod
     def from_schema(cls, schema: dict[str, Any], param: str = "response_format") -> StructuredOutputParams:
-        return cls(json.dumps(schema, sort_keys=True), param)
+        return cls(json.dumps(schema), param)  # key order kept: properties are generated in it

@@ -1,0 +1,137 @@
+"""Structured output and tool calling on the real embedded model, through the openai client.
+
+The grammar makes even SmolLM2-135M produce output that parses and validates: a json_schema
+response (greedy and sampled), any JSON object, and forced tool calls (required and named,
+streamed too). /tokenize and /detokenize round-trip the real tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel, Field
+from server_fixtures import FAKE_API_KEY, live_server
+
+from fitserve.config import EngineConfig
+from fitserve.engine.async_engine import AsyncEngine
+from fitserve.llm import build_engine
+from fitserve.server.app import build_app
+
+pytestmark = pytest.mark.slow
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"enum": ["Paris", "Rome", "Oslo"]},
+    },
+    "required": ["name", "age", "city"],
+    "additionalProperties": False,
+}
+ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with name, age and city."}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
+                                     "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+MAX_TOKENS = 60  # ample for these bounded schemas; a response cut at this length would fail the test
+
+
+@pytest.fixture(scope="module")
+def real():
+    built = build_engine(EngineConfig(dtype="float32"), progress=False)
+    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
+    with live_server(build_app(engine)) as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=120) as client:
+            yield url, client
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}])
+def test_json_schema_response_parses_and_validates(real, sampling):
+    _, client = real
+    resp = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=ASK_PERSON, max_tokens=MAX_TOKENS, **sampling,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    choice = resp.choices[0]
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
+def test_the_sdks_parse_helper_with_a_pydantic_model(real):
+    _, client = real
+
+    class Person(BaseModel):
+        name: str = Field(max_length=24)
+        age: int = Field(ge=0, le=120)
+        city: Literal["Paris", "Rome", "Oslo"]
+
+    resp = client.chat.completions.parse(model=client.models.list().data[0].id, messages=ASK_PERSON,
+                                         max_tokens=MAX_TOKENS, temperature=0, response_format=Person)
+    person = resp.choices[0].message.parsed
+    assert isinstance(person, Person) and person.city in ("Paris", "Rome", "Oslo")
+
+
+def test_json_object_is_a_json_object(real):
+    _, client = real
+    resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=ASK_PERSON,
+                                          max_tokens=120, temperature=0, response_format={"type": "json_object"})
+    assert resp.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+
+
+def test_invalid_schema_is_a_400(real):
+    _, client = real
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=client.models.list().data[0].id, messages=ASK_PERSON, response_format={
+            "type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "required": 3}}})
+    assert info.value.body["param"] == "response_format.json_schema.schema"
+
+
+@pytest.mark.parametrize("tool_choice, expected", [
+    ("required", {"get_weather", "get_time"}),
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+])
+def test_forced_tool_calls_parse_and_validate(real, tool_choice, expected):
+    _, client = real
+    resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=ASK_WEATHER,
+                                          tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=MAX_TOKENS,
+                                          temperature=0)
+    choice = resp.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.function.name in expected
+    tool = WEATHER if call.function.name == "get_weather" else TIME
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+def test_streamed_forced_tool_call(real):
+    _, client = real
+    chunks = list(client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
+        max_tokens=MAX_TOKENS, temperature=0, stream=True))
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("call_")
+    arguments = json.loads("".join(d.function.arguments or "" for d in deltas))
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tokenize_detokenize_round_trip_on_the_real_tokenizer(real):
+    url, client = real
+    with openai.OpenAI(base_url=url, api_key=FAKE_API_KEY, max_retries=0) as root:
+        text = "The capital of France is Paris."
+        tokens = root.post("/tokenize", body={"prompt": text}, cast_to=object)
+        assert tokens["count"] == len(tokens["tokens"]) > 3
+        assert root.post("/detokenize", body={"tokens": tokens["tokens"]}, cast_to=object)["prompt"] == text
+        chat = root.post("/tokenize", body={"messages": ASK_PERSON}, cast_to=object)
+    resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=ASK_PERSON, max_tokens=1)
+    assert resp.usage.prompt_tokens == chat["count"]
