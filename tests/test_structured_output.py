@@ -45,12 +45,13 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_source(resolve_model_source(EngineConfig()))
 
 
-def make_engine(tokenizer: Tokenizer, with_compiler: bool = True, num_blocks: int = 64) -> LLMEngine:
+def make_engine(tokenizer: Tokenizer, with_compiler: bool = True, num_blocks: int = 64,
+                async_output: bool = False) -> LLMEngine:
     vocab_size = tokenizer.vocab_size
     runner = RecordingRunner(num_blocks=num_blocks, block_size=4, vocab_size=vocab_size)
     limits = EngineLimits(vocab_size, tokenizer.eos_token_ids, SchedulerLimits(8, 32, 256))
     compiler = GrammarCompiler(tokenizer.hf, vocab_size, tokenizer.eos_token_ids) if with_compiler else None
-    return LLMEngine(runner, tokenizer, limits, grammar_compiler=compiler)
+    return LLMEngine(runner, tokenizer, limits, grammar_compiler=compiler, async_output=async_output)
 
 
 def run(engine: LLMEngine, requests: dict[str, SamplingParams], prompt: list[int]) -> dict[str, tuple[str, str]]:
@@ -67,8 +68,11 @@ def run(engine: LLMEngine, requests: dict[str, SamplingParams], prompt: list[int
     return {r: ("".join(texts[r]), finish[r]) for r in requests}
 
 
-def test_constrained_output_validates_and_ends_with_stop(tokenizer):
-    engine = make_engine(tokenizer)
+@pytest.mark.parametrize("async_output", [False, True])
+def test_constrained_output_validates_and_ends_with_stop(tokenizer, async_output):
+    """With async output processing the next plan is made before the last tokens are detokenized:
+    its masks must still follow every sampled token."""
+    engine = make_engine(tokenizer, async_output=async_output)
     prompt = tokenizer.encode("Answer in JSON:")
     constrained = SamplingParams(max_tokens=100, structured_output=StructuredOutputParams.from_schema(SCHEMA))
     any_object = SamplingParams(max_tokens=100, structured_output=StructuredOutputParams(ANY_JSON_OBJECT_SCHEMA))
