@@ -34,7 +34,7 @@ PERSON = {
     "additionalProperties": False,
 }
 ASK_PERSON = [{"role": "user", "content": "Describe a person as JSON with name, age and city."}]
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": {
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                      "unit": {"enum": ["celsius", "fahrenheit"]}},
     "required": ["city", "unit"], "additionalProperties": False}}}

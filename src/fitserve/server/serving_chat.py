@@ -10,7 +10,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from fitserve.engine.outputs import RequestOutput
-from fitserve.server.chat_tools import ToolCallStream, ToolPlan, chat_prompt_ids, chat_reply, plan_tools, structured_output
+from fitserve.server.chat_tools import (
+    ToolCallStream,
+    ToolPlan,
+    chat_prompt_ids,
+    chat_reply,
+    plan_tools,
+    structured_output,
+)
 from fitserve.server.errors import sse_error_event
 from fitserve.server.protocol import (
     ChatChoice,
