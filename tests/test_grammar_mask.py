@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fitserve.core.outputs import ScheduledRequest
@@ -60,3 +61,19 @@ def test_greedy_and_sampled_rows_draw_only_allowed_tokens():
         assert hot in allowed and topk in allowed
         seen_hot.add(hot)
     assert len(seen_hot) > 1, "sampling under a mask still samples"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_masks_and_sampling_on_the_gpu_match_the_cpu():
+    torch.manual_seed(1)
+    vocab_size = 1000
+    logits = torch.randn(5, vocab_size) * 3
+    masks = [pack({t for t in range(vocab_size) if t % (row + 2) == 1}, vocab_size) if row != 2 else None
+             for row in range(5)]
+    chunks = [chunk(str(row), mask, temperature=0) for row, mask in enumerate(masks)]
+    on_cpu = apply_allowed_token_masks(logits, chunks)
+    on_gpu = apply_allowed_token_masks(logits.cuda(), chunks)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
+    greedy = Sampler(torch.device("cuda"), seed=0).sample(logits.cuda(), chunks)
+    assert greedy == on_cpu.argmax(dim=-1).tolist()
