@@ -70,7 +70,10 @@ class CompletionLogprobsBuilder:
                 out.top_logprobs.append(None)
                 continue
             out.token_logprobs.append(_value(entry.logprob))
-            top = {self._texts(t): _value(v) for t, v in entry.top}
-            top.setdefault(text, _value(entry.logprob))
+            top: dict[str, float] = {}
+            for top_id, value in ((token_id, entry.logprob), *entry.top):
+                # Keyed by text, as the API has it: tokens that decode alike (partial UTF-8
+                # sequences, "\ufffd") share a key, which keeps the sampled token's value, then the likelier.
+                top.setdefault(self._texts(top_id), _value(value))
             out.top_logprobs.append(top)
         return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -90,6 +90,8 @@ class ChatMessage(OpenAIModel):
 
 class SamplingFields(OpenAIModel):
     """The fields both endpoints share; `to_sampling_params` maps them one to one."""
+
+    logprobs_param: ClassVar[str] = "logprobs"  # the field that sets how many top logprobs
 
     model: str | None = None  # None: the served model, as vLLM allows
     stream: bool = False
@@ -181,6 +183,7 @@ class SamplingFields(OpenAIModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    logprobs_param: ClassVar[str] = "top_logprobs"
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: Int64 | None = None
@@ -193,14 +196,15 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None:
-            if self.top_logprobs < 0:
-                raise ValueError(f"top_logprobs must be 0 or more, got {self.top_logprobs}.")
-            if not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"top_logprobs must be 0 or more, got {value}.")
+            if not info.data.get("logprobs"):
                 raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")
-        return self
+        return value
 
     def logprobs_params(self) -> tuple[int | None, int | None]:
         return (self.top_logprobs or 0) if self.logprobs else None, None
@@ -254,13 +258,15 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"logprobs must be 0 or more, got {value}.")
         return value
 
-    @model_validator(mode="after")
-    def _best_of_is_n(self) -> CompletionRequest:
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: Any) -> int | None:
         # best_of > n would sample choices only to throw them away; vLLM's engine no longer has it.
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of={self.best_of} is not supported: only best_of equal to n ({self.n}), "
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of={value} is not supported: only best_of equal to n ({n}), "
                              "or leaving it out, is.")
-        return self
+        return value
 
     def logprobs_params(self) -> tuple[int | None, int | None]:
         # echo with logprobs also scores the prompt tokens.

@@ -220,6 +220,11 @@ class ServingBase:
         if body.max_tokens_unset() and "max_tokens" in defaults:
             max_tokens = min(defaults["max_tokens"], room_tokens)  # generation_config's max_new_tokens
         params = body.to_sampling_params(max_tokens=max_tokens, defaults=defaults)
+        max_logprobs = getattr(self.engine, "max_logprobs", None)
+        if max_logprobs is not None and params.logprobs is not None and params.logprobs > max_logprobs:
+            raise BadRequestError(
+                f"`{body.logprobs_param}` is too large: {params.logprobs}; this server allows at most "
+                f"{max_logprobs} (--max-logprobs).", param=body.logprobs_param)
         if requested is not None and requested > room_tokens:
             raise BadRequestError(
                 f"`{max_tokens_param}` is too large: {requested}. This model's maximum context "
