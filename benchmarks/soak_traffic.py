@@ -75,7 +75,7 @@ def bad_param_bodies(max_model_len: int) -> list[tuple[str, dict[str, Any], int]
     chat = "/v1/chat/completions"
     user = [{"role": "user", "content": "hi"}]
     completion_cases: list[tuple[dict[str, Any], int]] = [
-        ({"temperature": 5}, 400), ({"top_p": 1.5}, 400), ({"max_tokens": 0}, 400), ({"n": 3}, 400),
+        ({"temperature": 5}, 400), ({"top_p": 1.5}, 400), ({"max_tokens": 0}, 400), ({"n": 1000}, 400),
         ({"model": NOT_A_MODEL}, 404), ({"seed": 2**70}, 400), ({"top_k": 2**64}, 400), ({"stop": [""]}, 400),
         ({"max_tokens": 2 * max_model_len}, 400), ({"stream_options": {"include_usage": True}}, 400),
         ({"prompt": [10**9]}, 400), ({"prompt": {"text": "x"}}, 400), ({"max_tokens": "many"}, 400),
@@ -83,7 +83,9 @@ def bad_param_bodies(max_model_len: int) -> list[tuple[str, dict[str, Any], int]
     cases = [("/v1/completions", {"prompt": "hi", **extra}, status) for extra, status in completion_cases]
     cases += [(chat, {"messages": []}, 400), (chat, {"messages": "hello"}, 400),
               (chat, {"messages": [{"role": "wizard", "content": "x"}]}, 400),
-              (chat, {"messages": user, "logprobs": True}, 400), (chat, {"messages": user, "model": NOT_A_MODEL}, 404)]
+              (chat, {"messages": user, "logprobs": True, "top_logprobs": 21}, 400),
+              (chat, {"messages": user, "logit_bias": {"5": 500}}, 400),
+              (chat, {"messages": user, "model": NOT_A_MODEL}, 404)]
     return cases
 
 

@@ -33,6 +33,8 @@ def wait_for_abort(engine: FakeEngine, num_aborted: int) -> None:
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
     ("/v1/completions", {"prompt": ["a", "b"]}),  # both prompts' requests are aborted
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}),  # every choice
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 2}),
 ])
 def test_disconnect_mid_stream_aborts(slow_server, path, body):
     engine = slow_server.engine
@@ -42,8 +44,8 @@ def test_disconnect_mid_stream_aborts(slow_server, path, body):
             lines = resp.iter_lines()
             received = [next(lines) for _ in range(4)]
             assert any(line.startswith("data: ") for line in received)
-    num_prompts = len(body.get("prompt", [None]))
-    wait_for_abort(engine, num_before + num_prompts)
+    num_requests = len(body.get("prompt", [None])) * body.get("n", 1)
+    wait_for_abort(engine, num_before + num_requests)
 
 
 def test_disconnect_while_waiting_for_full_response_aborts(slow_server):

@@ -61,10 +61,10 @@ def test_max_tokens_past_the_context(client):
     assert info.value.param == "max_completion_tokens"
 
 
-def test_n_is_not_supported_yet(client):
+def test_n_out_of_range(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="fake-model", messages=USER, n=2)
-    assert info.value.param == "n" and "not supported" in info.value.message
+        client.chat.completions.create(model="fake-model", messages=USER, n=1000)
+    assert info.value.param == "n" and "[1, 128]" in info.value.message
 
 
 def test_malformed_json(http):

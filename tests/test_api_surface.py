@@ -117,9 +117,23 @@ def test_unsupported_fields_are_ignored_and_logged_once(client, caplog):
                                               extra_body={"frobnicate": 3, "nothing": None})
         assert resp.choices[0].finish_reason == "length"
     warnings = [r.getMessage() for r in caplog.records if r.name == "fitserve.server.compat"]
-    assert sum("`frobnicate`" in w for w in warnings) == 1
-    assert sum("`user`" in w for w in warnings) == 1
-    assert not any("`nothing`" in w for w in warnings), "a null field is not set"
+    assert sum("'frobnicate'" in w for w in warnings) == 1
+    assert sum("'user'" in w for w in warnings) == 1
+    assert not any("'nothing'" in w for w in warnings), "a null field is not set"
+
+
+def test_made_up_field_names_cannot_grow_memory_or_flood_the_log(caplog):
+    from fitserve.server.compat import MAX_LOGGED_FIELDS, CompatChecker
+    from fitserve.server.protocol import ChatCompletionRequest
+
+    caplog.set_level(logging.WARNING, logger="fitserve.server.compat")
+    checker = CompatChecker()
+    for i in range(MAX_LOGGED_FIELDS + 50):
+        body = ChatCompletionRequest.model_validate({"messages": USER, f"f\n{i}\u202e" + "x" * 500: 1})
+        checker.check(CHAT, body)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "fitserve.server.compat"]
+    assert len(warnings) == MAX_LOGGED_FIELDS + 1 and "no longer logging" in warnings[-1]
+    assert all("\n" not in w and len(w) < 200 for w in warnings), "names are escaped and cut"
 
 
 @pytest.fixture(scope="module")

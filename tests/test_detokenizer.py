@@ -56,3 +56,9 @@ def test_partial_stop_prefix_is_held_back_then_released():
 def test_earliest_stop_string_wins_and_text_before_is_kept():
     deltas, stop, _ = feed("one, two; three", SamplingParams(stop=("three", ";")))
     assert stop == ";" and "".join(deltas) == "one, two"
+
+
+def test_stop_strings_wait_for_min_tokens():
+    # "ab" ends at the 2nd token, inside min_tokens=3: ignored; the later "ab" (tokens 5-6) stops.
+    deltas, stop, detok = feed("abxyab tail", SamplingParams(stop=("ab",), min_tokens=3))
+    assert stop == "ab" and detok.text == "abxy"

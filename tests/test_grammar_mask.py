@@ -55,7 +55,7 @@ def test_greedy_and_sampled_rows_draw_only_allowed_tokens():
     best_allowed = max(allowed, key=lambda t: logits[0, t].item())
     seen_hot = set()
     for _ in range(200):
-        greedy, free, hot, topk = sampler.sample(logits, batch)
+        greedy, free, hot, topk = sampler.sample(logits, batch).token_ids
         assert greedy == best_allowed
         assert free == int(logits[1].argmax())
         assert hot in allowed and topk in allowed
@@ -75,5 +75,5 @@ def test_masks_and_sampling_on_the_gpu_match_the_cpu():
     on_cpu = apply_allowed_token_masks(logits, chunks)
     on_gpu = apply_allowed_token_masks(logits.cuda(), chunks)
     assert torch.equal(on_gpu.cpu(), on_cpu)
-    greedy = Sampler(torch.device("cuda"), seed=0).sample(logits.cuda(), chunks)
+    greedy = Sampler(torch.device("cuda"), seed=0).sample(logits.cuda(), chunks).token_ids
     assert greedy == on_cpu.argmax(dim=-1).tolist()

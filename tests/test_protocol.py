@@ -36,11 +36,13 @@ def test_content_parts_are_joined():
     {"messages": [{"role": "wizard", "content": "x"}]},
     {"messages": [{"role": "user"}]},  # only assistant turns may omit content
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-    {"messages": USER, "n": 2},
-    {"messages": USER, "logprobs": True},
     {"messages": USER, "tools": [{"type": "function", "function": {"name": "f g"}}]},  # a space in a name
     {"messages": USER, "tools": [{"type": "retrieval"}]},
-    {"messages": USER, "presence_penalty": 0.5},
+    {"messages": USER, "n": 0},
+    {"messages": USER, "n": 129},
+    {"messages": USER, "top_logprobs": 2},  # top_logprobs needs logprobs: true
+    {"messages": USER, "logprobs": True, "top_logprobs": -1},
+    {"messages": USER, "logit_bias": {"5": "strong"}},
     {"messages": USER, "stream_options": {"include_usage": True}},  # without stream
     {"messages": USER, "response_format": {"type": "json_schema"}},  # the schema is missing
     {"messages": USER, "response_format": {"type": "yaml"}},
@@ -68,11 +70,38 @@ def test_sampling_fields_map_one_to_one():
     assert p.ignore_eos and p.include_stop_str_in_output and not p.skip_special_tokens
 
 
-def test_out_of_range_sampling_value_names_the_param():
-    req = ChatCompletionRequest.model_validate({"messages": USER, "top_p": 0})
+@pytest.mark.parametrize("field, value", [
+    ("top_p", 0), ("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0),
+    ("logit_bias", {"x": 1}), ("logit_bias", {"3": 101}), ("min_tokens", -1), ("min_tokens", 4),
+])
+def test_out_of_range_sampling_value_names_the_param(field, value):
+    req = ChatCompletionRequest.model_validate({"messages": USER, field: value})
     with pytest.raises(InvalidSamplingParam) as info:
-        req.to_sampling_params(max_tokens=1)
-    assert info.value.param == "top_p"
+        req.to_sampling_params(max_tokens=3)
+    assert info.value.param == field
+
+
+def test_output_fields_map_to_sampling_params():
+    chat = ChatCompletionRequest.model_validate({
+        "messages": USER, "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2,
+        "logit_bias": {"7": 100, "3": -5.5}, "min_tokens": 2, "logprobs": True, "top_logprobs": 4})
+    p = chat.to_sampling_params(max_tokens=3)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_tokens) == (0.5, -1, 1.2, 2)
+    assert p.logit_bias == ((3, -5.5), (7, 100.0)) and (p.logprobs, p.prompt_logprobs) == (4, None)
+    assert ChatCompletionRequest.model_validate({"messages": USER, "logprobs": True}).to_sampling_params(1).logprobs == 0
+    echo = CompletionRequest.model_validate({"prompt": "x", "echo": True, "logprobs": 2}).to_sampling_params(1)
+    assert (echo.logprobs, echo.prompt_logprobs) == (2, 2)
+    plain = CompletionRequest.model_validate({"prompt": "x", "logprobs": 0}).to_sampling_params(1)
+    assert (plain.logprobs, plain.prompt_logprobs) == (0, None)
+
+
+def test_generation_config_defaults_fill_only_unset_fields():
+    defaults = {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+    unset = ChatCompletionRequest.model_validate({"messages": USER}).to_sampling_params(4, defaults)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.repetition_penalty) == (0.3, 0.8, 20, 1.1)
+    explicit = ChatCompletionRequest.model_validate(
+        {"messages": USER, "temperature": 1.0, "top_k": -1}).to_sampling_params(4, defaults)
+    assert (explicit.temperature, explicit.top_k, explicit.top_p) == (1.0, -1, 0.8)
 
 
 @pytest.mark.parametrize("prompt, expected", [
@@ -89,9 +118,9 @@ def test_completion_prompt_forms(prompt, expected):
     {},
     {"prompt": []},
     {"prompt": [[1], []]},
-    {"prompt": "x", "echo": True},
-    {"prompt": "x", "logprobs": 2},
-    {"prompt": "x", "best_of": 3},
+    {"prompt": "x", "logprobs": -1},
+    {"prompt": "x", "best_of": 3},  # best_of other than n
+    {"prompt": "x", "n": 2, "best_of": 1},
     {"prompt": "x", "n": 0},
     {"prompt": {"text": "x"}},
 ])
@@ -107,7 +136,13 @@ def test_completion_default_max_tokens_is_16_and_null_means_the_context():
 
 def test_include_usage_only_when_streaming():
     req = CompletionRequest.model_validate({"prompt": "x", "stream": True, "stream_options": {"include_usage": True}})
-    assert req.include_usage
+    assert req.include_usage and not req.continuous_usage
+    continuous = CompletionRequest.model_validate({"prompt": "x", "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    assert continuous.continuous_usage
+    without_usage = CompletionRequest.model_validate({"prompt": "x", "stream": True, "stream_options": {
+        "continuous_usage_stats": True}})
+    assert not without_usage.continuous_usage  # as in vLLM: only together with include_usage
     assert not CompletionRequest.model_validate({"prompt": "x", "stream": True}).include_usage
 
 

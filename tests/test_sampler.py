@@ -14,7 +14,7 @@ def chunk(request_id, **params):
 def test_greedy_takes_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 1.0]])
     sampler = Sampler(torch.device("cpu"), seed=0)
-    assert sampler.sample(logits, [chunk("a", temperature=0), chunk("b", temperature=0)]) == [1, 0]
+    assert sampler.sample(logits, [chunk("a", temperature=0), chunk("b", temperature=0)]).token_ids == [1, 0]
 
 
 def test_top_k_keeps_k_largest():
@@ -50,7 +50,7 @@ def test_seeded_request_is_reproducible_whatever_the_batch():
     for other_seed in (1, 2):
         sampler = Sampler(torch.device("cpu"), seed=other_seed)
         batch = [chunk("x", temperature=1.0), chunk("seeded", temperature=1.0, seed=1234), chunk("y")]
-        runs.append([sampler.sample(logits, batch)[1] for _ in range(20)])
+        runs.append([sampler.sample(logits, batch).token_ids[1] for _ in range(20)])
     assert runs[0] == runs[1]
     assert len(set(runs[0])) > 1, "a sampled (not greedy) stream should vary over steps"
 
@@ -59,7 +59,7 @@ def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.7, 0.2, 0.1])
     logits = probs.log().expand(4000, 3).contiguous()
     sampler = Sampler(torch.device("cpu"), seed=0)
-    ids = sampler.sample(logits, [chunk(f"r{i}") for i in range(4000)])
+    ids = sampler.sample(logits, [chunk(f"r{i}") for i in range(4000)]).token_ids
     freq = [ids.count(i) / 4000 for i in range(3)]
     for got, want in zip(freq, probs.tolist()):
         assert math.isclose(got, want, abs_tol=0.03), (freq, probs)
@@ -68,6 +68,6 @@ def test_sampling_follows_the_distribution():
 def test_temperature_sharpens():
     logits = torch.tensor([2.0, 1.0, 0.0]).expand(3000, 3).contiguous()
     sampler = Sampler(torch.device("cpu"), seed=0)
-    cold = sampler.sample(logits, [chunk(f"c{i}", temperature=0.2) for i in range(3000)])
-    hot = sampler.sample(logits, [chunk(f"h{i}", temperature=1.0) for i in range(3000)])
+    cold = sampler.sample(logits, [chunk(f"c{i}", temperature=0.2) for i in range(3000)]).token_ids
+    hot = sampler.sample(logits, [chunk(f"h{i}", temperature=1.0) for i in range(3000)]).token_ids
     assert cold.count(0) > hot.count(0) + 300

@@ -155,3 +155,17 @@ def test_random_workload_keeps_invariants():
         engine.check_invariants()
     run_to_completion(engine)
     assert engine.kv_cache.num_free_blocks == 30
+
+
+def test_min_tokens_keeps_eos_and_stop_ids_from_ending_early():
+    engine = make_engine()
+    # The fake runner counts up from the prompt's last token: VOCAB - 1 (EOS) comes first.
+    add(engine, "eos", [VOCAB - 2], max_tokens=10, min_tokens=3)
+    add(engine, "stop-id", [4], max_tokens=10, min_tokens=2, stop_token_ids=(5,))
+    add(engine, "plain", [VOCAB - 2], max_tokens=10)
+    outputs = run_to_completion(engine)
+    assert [o.new_token_ids[0] for o in outputs["plain"]] == [VOCAB - 1]
+    eos = outputs["eos"]
+    assert len(eos) == 10 and eos[-1].finish_reason == "length"  # EOS came only at token 1, then never again
+    stop_id = outputs["stop-id"]
+    assert len(stop_id) == 10 and stop_id[-1].finish_reason == "length"

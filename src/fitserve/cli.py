@@ -55,6 +55,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "activation scales; fp8_per_tensor: one scale per tensor (docs/quantization.md)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                         help="auto (= --dtype) or fp8 (e4m3, one byte per element, scale 1.0 per layer)")
+    parser.add_argument("--generation-config", default="auto",
+                        help="auto: the model's generation_config.json gives defaults (temperature, top_p, top_k, "
+                             "min_p, repetition_penalty, max_new_tokens) for fields a request leaves unset; "
+                             "vllm: ignore it; or a folder with a generation_config.json")
+    parser.add_argument("--max-logprobs", type=int, default=20,
+                        help="most logprobs / top_logprobs a request may ask for per token (more: 400)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
     parser.add_argument("--disable-async-output-proc", action="store_true",
@@ -74,6 +80,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc,
         quantization=args.quantization,
+        generation_config=args.generation_config,
+        max_logprobs=args.max_logprobs,
         cache=CacheConfig(
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
@@ -219,7 +227,8 @@ def serve(args: argparse.Namespace) -> int:
 
         built = build_engine(engine_config)
         engine = AsyncEngine(built.engine, built.model_name, built.tokenizer,
-                             max_queue_len=server_config.max_queue_len).start()
+                             max_queue_len=server_config.max_queue_len,
+                             default_sampling_params=built.default_sampling_params).start()
         engine.startup_info = startup_info(built.memory, engine_config)  # the page's memory plan (/ui/api/info)
         telemetry.start(engine.stats, gpu_ids_in_use(built.engine))
         return engine

@@ -198,6 +198,10 @@ class EngineConfig:
     # vLLM's name: detokenize a step's tokens while the GPU runs the next one (CUDA only).
     disable_async_output_proc: bool = False
     quantization: str | None = None  # vLLM's --quantization: None, fp8 (per-channel) or fp8_per_tensor
+    # vLLM's --generation-config: "auto" (the model's generation_config.json gives sampling defaults),
+    # "vllm" (ignore it), or a folder holding a generation_config.json.
+    generation_config: str = "auto"
+    max_logprobs: int = 20  # vLLM's --max-logprobs: most (top) logprobs a request may ask for per token
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))
@@ -213,6 +217,10 @@ class EngineConfig:
             raise ConfigError(f"--quantization must be fp8, fp8_per_tensor or left out, got {self.quantization!r}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
+        if self.max_logprobs < 0:
+            raise ConfigError(f"--max-logprobs must be 0 or more, got {self.max_logprobs}.")
+        if not self.generation_config:
+            raise ConfigError("--generation-config must be auto, vllm or a folder with a generation_config.json.")
 
     @property
     def model_name(self) -> str:

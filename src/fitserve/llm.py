@@ -39,8 +39,8 @@ from fitserve.runner.memory import (
 )
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
-from fitserve.sampling_params import SamplingParams
-from fitserve.weights.source import ModelSource, resolve_model_source
+from fitserve.sampling_params import SamplingParams, generation_config_defaults
+from fitserve.weights.source import ModelSource, load_generation_config, resolve_model_source
 
 logger = logging.getLogger(__name__)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -53,6 +53,8 @@ class BuiltEngine:
     source: ModelSource
     model_name: str
     memory: StartupMemory | None = None  # planned and measured memory (None: no plan was made)
+    # Sampling defaults from the model's generation_config.json (--generation-config), for unset fields.
+    default_sampling_params: dict[str, object] | None = None
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -162,7 +164,8 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         max_model_len=max_model_len,
     )
     eos_ids = source.eos_token_ids or tuple(tokenizer.eos_token_ids)
-    limits = EngineLimits(vocab_size=source.arch.vocab_size, eos_token_ids=eos_ids, scheduler=scheduler_limits)
+    limits = EngineLimits(vocab_size=source.arch.vocab_size, eos_token_ids=eos_ids, scheduler=scheduler_limits,
+                          max_logprobs=config.max_logprobs)
     sized = memory.sized or memory.planned
     metrics = EngineMetrics(max_model_len, cache_info={
         "block_size": str(capacity.block_size), "cache_dtype": config.cache.kv_cache_dtype,
@@ -182,7 +185,19 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         capacity.num_tokens, capacity.num_blocks, capacity.block_size, sized.kv_cache_bytes / 2**30,
         max_model_len, capacity.num_tokens / max_model_len,
     )
-    return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name, memory)
+    return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name, memory,
+                       sampling_defaults(config, source))
+
+
+def sampling_defaults(config: EngineConfig, source: ModelSource) -> dict[str, object]:
+    """vLLM's --generation-config: the model's sampling defaults, logged once at start-up."""
+    generation_config, path = load_generation_config(config.generation_config, source)
+    defaults = generation_config_defaults(generation_config)
+    if defaults:
+        logger.info("Default sampling parameters from %s: %s. Requests that leave these fields unset use "
+                    "them; --generation-config vllm ignores the file.", path,
+                    ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    return defaults
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,12 +220,13 @@ class LLM:
         built = build_engine(config, progress=False)
         self.engine = built.engine
         self.tokenizer = built.tokenizer
+        self.default_sampling_params = built.default_sampling_params or {}
 
     def generate(
         self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None
     ) -> list[CompletionOutput]:
         """Run every prompt (text, or token ids) to completion, batched; results in prompt order."""
-        params = params or SamplingParams()
+        params = params or SamplingParams(**self.default_sampling_params)  # type: ignore[arg-type]
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         requests = []
         for prompt in prompt_list:

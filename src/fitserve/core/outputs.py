@@ -5,7 +5,7 @@ Both types are torch-free and frozen: the runner must not mutate the scheduler's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fitserve.sampling_params import SamplingParams
 
@@ -23,6 +23,9 @@ class ScheduledRequest:
     # Structured output: packed little-endian int32 words (at least ceil(vocab / 32)), bit t set =
     # token t may be sampled this step; None = every token. Only on chunks that sample.
     allowed_token_bitmask: bytes | None = None
+    # The whole prompt, only for requests whose sampling reads it (sampling_params.needs_prompt_tokens)
+    # and only on chunks that feed prompt tokens before the first output: the runner keeps what it needs.
+    prompt_token_ids: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +54,28 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The log-probabilities at one position, from the model's raw log-softmax (before penalties,
+    logit_bias and temperature, as vLLM reports them)."""
+
+    token_id: int  # the sampled token (outputs) or the actual next token (prompt)
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # the k most likely (token id, logprob), most likely first
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens start_pos .. start_pos + len(entries) - 1 (start_pos >= 1)."""
+
+    start_pos: int
+    entries: tuple[TokenLogprobs, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RunnerOutput:
     """Per sampling request (those with `samples=True`, in scheduled order), the sampled token."""
 
     sampled_token_ids: dict[str, int]
+    # Only for requests that asked (sampling_params.logprobs / prompt_logprobs).
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)

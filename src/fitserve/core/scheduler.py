@@ -110,13 +110,17 @@ class Scheduler:
 
     def _to_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        params = request.sampling_params
+        # Sent until the first output: the runner keeps what it needs from it (also across preemption).
+        sends_prompt = params.needs_prompt_tokens and not request.output_token_ids
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.token_ids_slice(start, start + num_new),
             num_computed_tokens=start,
             block_table=tuple(self.kv_cache.block_table(request.request_id)),
             samples=start + num_new == request.num_tokens,
-            sampling_params=request.sampling_params,
+            sampling_params=params,
+            prompt_token_ids=request.prompt_token_ids if sends_prompt else None,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -155,9 +159,12 @@ class Scheduler:
 
     def _stop_condition(self, request: Request, token_id: int) -> tuple[RequestStatus | None, int | None]:
         params = request.sampling_params
-        if not params.ignore_eos and token_id in params.eos_token_ids:
+        # Before min_tokens outputs the sampler masks EOS and stop ids; a runner that ignores the
+        # mask (the fake one) must not end the request either.
+        may_stop = len(request.output_token_ids) > params.min_tokens
+        if may_stop and not params.ignore_eos and token_id in params.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED, None
-        if token_id in params.stop_token_ids:
+        if may_stop and token_id in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token_id
         if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.limits.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None

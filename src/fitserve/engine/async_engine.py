@@ -40,10 +40,14 @@ class AsyncEngine:
     past `max_num_seqs + max_queue_len` requests in flight, `generate` raises EngineOverloadedError.
     None: no limit."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any, max_queue_len: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any, max_queue_len: int | None = None,
+                 default_sampling_params: dict[str, Any] | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
+        self.max_logprobs = engine.limits.max_logprobs
+        # The model's generation_config.json defaults, for fields a request leaves unset.
+        self.default_sampling_params = dict(default_sampling_params or {})
         self.max_queue_len = max_queue_len
         max_num_seqs = engine.limits.scheduler.max_num_seqs
         self.max_num_in_flight = None if max_queue_len is None else max_num_seqs + max_queue_len

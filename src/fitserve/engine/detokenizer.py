@@ -29,10 +29,12 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._token_ids)  # tokens before this are already in `text`
         self.text = ""  # output text so far (cut at a stop string once one is found)
         self._num_emitted_chars = 0
+        self._num_output_tokens = 0
 
     def append(self, token_id: int) -> str | None:
         """Add one sampled token; return the stop string it completed, if any."""
         self._token_ids.append(token_id)
+        self._num_output_tokens += 1
         skip = self._params.skip_special_tokens
         prefix_text = self._decoder.decode(self._token_ids[self._prefix_offset : self._read_offset], skip)
         window_text = self._decoder.decode(self._token_ids[self._prefix_offset :], skip)
@@ -45,7 +47,8 @@ class IncrementalDetokenizer:
         return self._find_stop_string(num_old_chars)
 
     def _find_stop_string(self, num_old_chars: int) -> str | None:
-        if not self._params.stop:
+        # As in vLLM, stop strings are looked for only once the output is past min_tokens.
+        if not self._params.stop or self._num_output_tokens <= self._params.min_tokens:
             return None
         found = None  # (start, stop string) of the earliest match that ends in the new text
         for stop in self._params.stop:
@@ -59,6 +62,11 @@ class IncrementalDetokenizer:
         end = start + len(stop) if self._params.include_stop_str_in_output else start
         self.text = self.text[:end]
         return stop
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens appended so far."""
+        return self._num_output_tokens
 
     def take_delta(self, finished: bool) -> str:
         """Text not yet handed out, holding back a possible stop-string prefix unless finished."""

@@ -20,9 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from fitserve.core.interfaces import ModelRunner, PendingOutput
-from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 from fitserve.core.kv_cache_manager import KVCacheManager
-from fitserve.core.outputs import SchedulerOutput
+from fitserve.core.outputs import RunnerOutput, SchedulerOutput, TokenLogprobs
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
 from fitserve.engine.detokenizer import Decoder, IncrementalDetokenizer
 from fitserve.engine.errors import InvalidRequestError
@@ -35,11 +34,15 @@ from fitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineLimits:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     scheduler: SchedulerLimits
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # most top logprobs a request may ask for per token
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +77,15 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size)
         self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # Prompt logprobs gathered over prefill chunks, by position, until the first output carries them.
+        self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}
         self.num_steps = 0
         self.metrics = metrics or EngineMetrics(limits.scheduler.max_model_len)
         self.async_output = async_output
         # Tokens sampled by the last step, not yet detokenized (async output processing only).
         self._pending: list[tuple[Request, int]] = []
         self.grammar_compiler = grammar_compiler  # None: structured output requests are refused
+        self._pending_logprobs: dict[str, TokenLogprobs] = {}  # their logprobs, for requests that asked
 
     @property
     def max_model_len(self) -> int:
@@ -108,6 +114,7 @@ class LLMEngine:
                 "Please reduce the length of the prompt or of max_tokens.",
                 param="max_tokens" if params.max_tokens is not None and num_prompt < max_len else "prompt",
             )
+        self._check_output_controls(params)
         resolved = replace(params, max_tokens=max_tokens, eos_token_ids=self.limits.eos_token_ids)
         return Request(request_id, tuple(prompt_token_ids), resolved, grammar=self._compile_grammar(params))
 
@@ -118,6 +125,20 @@ class LLMEngine:
             raise InvalidRequestError("Structured output is not available on this server.",
                                       param=params.structured_output.param)
         return self.grammar_compiler.compile(params.structured_output)
+
+    def _check_output_controls(self, params: SamplingParams) -> None:
+        vocab = self.limits.vocab_size
+        bad = [token_id for token_id, _ in params.logit_bias if token_id >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias has token ids out of the vocabulary: {bad[:5]} (valid ids: 0 to {vocab - 1}).",
+                param="logit_bias")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.limits.max_logprobs:
+                raise InvalidRequestError(
+                    f"Requested {value} {name}, more than the server's maximum of {self.limits.max_logprobs} "
+                    "(--max-logprobs).", param=name)
 
     def add_request(self, request: Request) -> None:
         self._detokenizers[request.request_id] = IncrementalDetokenizer(
@@ -130,6 +151,7 @@ class LLMEngine:
         request = self.scheduler.requests.get(request_id) or next(
             (r for r, _ in self._pending if r.request_id == request_id), None)  # finished, last output not out yet
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self._prompt_logprobs.pop(request_id, None)
         if self._detokenizers.pop(request_id, None) is not None and request is not None:
             self.metrics.request_finished(request, self.metrics.clock())
 
@@ -156,9 +178,11 @@ class LLMEngine:
             outputs = _handed_out(self._process_outputs(), deliver)
         runner_output = pending.result()
         self.num_steps += 1
+        self._gather_prompt_logprobs(runner_output)
         self._pending = self.scheduler.update_from_output(scheduler_output, runner_output)
         for request, token_id in self._pending:  # before the next plan: its masks follow these tokens
             self._advance_grammar(request, token_id)
+        self._pending_logprobs = runner_output.logprobs
         if not self.async_output:
             outputs = _handed_out(self._process_outputs(), deliver)
         return outputs
@@ -172,6 +196,7 @@ class LLMEngine:
     def _process_outputs(self) -> list[RequestOutput]:
         """Detokenize the tokens of the last step and check stop strings: one output per token."""
         sampled, self._pending = self._pending, []
+        logprobs, self._pending_logprobs = self._pending_logprobs, {}
         now_s = self.metrics.clock()
         outputs = []
         for request, token_id in sampled:
@@ -182,21 +207,10 @@ class LLMEngine:
             stop_string = detokenizer.append(token_id)
             if stop_string is not None and not request.status.finished:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED, stop_string)
-            finished = request.status.finished
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    new_token_ids=(token_id,),
-                    new_text=detokenizer.take_delta(finished),
-                    finished=finished,
-                    finish_reason=request.status.finish_reason,
-                    stop_reason=request.stop_reason,
-                    num_prompt_tokens=request.num_prompt_tokens,
-                    num_output_tokens=len(request.output_token_ids),
-                )
-            )
-            if finished:
+            outputs.append(self._output(request, token_id, detokenizer, logprobs))
+            if request.status.finished:
                 del self._detokenizers[request.request_id]
+                self._prompt_logprobs.pop(request.request_id, None)
                 self.metrics.request_finished(request, now_s)
         return outputs
 
@@ -225,6 +239,45 @@ class LLMEngine:
         elif grammar.finished:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
+    # -- outputs -----------------------------------------------------------------------------
+
+    def _output(self, request: Request, token_id: int, detokenizer: IncrementalDetokenizer,
+                step_logprobs: dict[str, TokenLogprobs]) -> RequestOutput:
+        finished = request.status.finished
+        params = request.sampling_params
+        logprobs = step_logprobs.get(request.request_id) if params.logprobs is not None else None
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None and detokenizer.num_output_tokens == 1:
+            prompt_logprobs = self._take_prompt_logprobs(request)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=(token_id,),
+            new_text=detokenizer.take_delta(finished),
+            finished=finished,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=len(request.output_token_ids),
+            new_logprobs=None if logprobs is None else (logprobs,),
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _gather_prompt_logprobs(self, runner_output: RunnerOutput) -> None:
+        for request_id, chunk in runner_output.prompt_logprobs.items():
+            if request_id not in self.scheduler.requests:
+                continue  # finished from outside since the step was planned
+            by_position = self._prompt_logprobs.setdefault(request_id, {})
+            for offset, entry in enumerate(chunk.entries):
+                by_position[chunk.start_pos + offset] = entry
+
+    def _take_prompt_logprobs(self, request: Request) -> tuple[TokenLogprobs | None, ...]:
+        """None for the first prompt token (nothing precedes it), then one entry per prompt token.
+
+        A position the runner never computed (a prompt whose KV came from elsewhere) is None too.
+        """
+        by_position = self._prompt_logprobs.pop(request.request_id, {})
+        return (None,) + tuple(by_position.get(p) for p in range(1, request.num_prompt_tokens))
+
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for /metrics and benchmarks; safe to call from another thread."""
         scheduler = self.scheduler
@@ -252,5 +305,6 @@ class LLMEngine:
         finishing = {r.request_id for r, _ in self._pending if r.status.finished}
         detokenized, live = set(self._detokenizers), set(self.scheduler.requests)
         assert live <= detokenized and detokenized - live <= finishing, "detokenizers leak or are missing"
+        assert set(self._prompt_logprobs) <= detokenized, "prompt logprobs of finished requests"
         assert self.metrics.num_tracked_requests == len(self._detokenizers), "metrics track finished requests"
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fitserve.core.outputs import TokenLogprobs
+
 
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
@@ -17,3 +19,7 @@ class RequestOutput:
     stop_reason: int | str | None  # the stop token id or stop string that ended it, if any
     num_prompt_tokens: int
     num_output_tokens: int  # cumulative, as counted for `usage.completion_tokens`
+    # Only for requests that asked: one entry per new token (SamplingParams.logprobs), and with the
+    # first output, one per prompt token, the first None (SamplingParams.prompt_logprobs).
+    new_logprobs: tuple[TokenLogprobs, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None

@@ -33,10 +33,12 @@ MLP_PHASE_INTERMEDIATE_TENSORS = 3
 REFERENCE_SILU_TEMPORARIES = 1
 NORM_PHASE_FP32_HIDDEN_TENSORS = 3
 FP32_BYTES = 4
-# Bytes per logit at the sampler's peak with top-k, top-p and min-p all on: the float32
-# logits, the temperature-scaled copy, sorted values (float32) and ids (int64), softmax,
-# cumulative sum and masked copies (tests/test_plan_estimates.py measures it on the CPU: 33).
-SAMPLER_BYTES_PER_LOGIT = 33
+# Bytes per logit at the sampler's peak with every option on: the float32 logits, the
+# temperature-scaled copy, sorted values (float32) and ids (int64), softmax, cumulative sum and
+# masked copies (33), plus the raw logprobs kept for the step (4) and the penalties' per-request
+# count slab, int32 counts and a bool prompt mask (5). tests/test_plan_estimates.py measures it
+# on the CPU: 42.
+SAMPLER_BYTES_PER_LOGIT = 42
 # On CUDA the sort needs scratch space besides its outputs. H200: 40.6 bytes per logit in all.
 CUDA_SORT_SCRATCH_BYTES_PER_LOGIT = 8
 # One CUDA graph's executable lives outside torch (driver memory), per captured batch size.

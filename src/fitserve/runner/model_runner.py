@@ -1,7 +1,8 @@
 """The torch side of a step: build the batch, run the model, sample.
 
 Implements core.interfaces.ModelRunner. It keeps no request state besides the sampler's
-per-request generators, which it drops when the scheduler reports a request finished.
+(per-request generators, and token counts for requests with penalties or min_tokens), which it
+drops when the scheduler reports a request finished.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import torch
 
 from fitserve.config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
-from fitserve.core.outputs import RunnerOutput, SchedulerOutput
+from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch
-from fitserve.runner.sampler import Sampler
+from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
+from fitserve.runner.sampler import DeviceSample, Sampler
 
 
 def allocate_kv_cache(
@@ -67,26 +69,40 @@ class TorchModelRunner:
             return PendingSample((), None)
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size)
-            token_ids = self.sampler.sample_tensor(logits, list(scheduled))
-            return PendingSample(tuple(c.request_id for c in scheduled), token_ids)
+            return self._sample(logits, list(scheduled))
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
         hidden = self.model(batch)  # [T, hidden]
+        prompt_logprobs = {}
+        if any(wants_prompt_logprobs(chunk) for chunk in scheduled):
+            prompt_logprobs = compute_prompt_logprobs(self.model, hidden, scheduled)
         sampling_chunks = [chunk for chunk in scheduled if chunk.samples]
         if not sampling_chunks:
-            return PendingSample((), None)
+            return PendingSample((), None, prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[batch.logits_indices])  # [S_sampling, vocab] float32
-        token_ids = self.sampler.sample_tensor(logits, sampling_chunks)
-        return PendingSample(tuple(c.request_id for c in sampling_chunks), token_ids)
+        return self._sample(logits, sampling_chunks, prompt_logprobs)
+
+    def _sample(self, logits: torch.Tensor, chunks: list[ScheduledRequest],
+                prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> PendingSample:
+        sample = self.sampler.sample_device(logits, chunks)
+        return PendingSample(tuple(c.request_id for c in chunks), sample, prompt_logprobs)
 
 
 class PendingSample:
-    """The sampled ids of a queued step; `result()` is the step's one host synchronisation."""
+    """The sampled ids (and logprobs) of a queued step; `result()` is the step's one host
+    synchronisation. Prompt logprobs were read back when the step was built."""
 
-    def __init__(self, request_ids: tuple[str, ...], token_ids: torch.Tensor | None) -> None:
+    def __init__(self, request_ids: tuple[str, ...], sample: DeviceSample | None,
+                 prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> None:
         self.request_ids = request_ids
-        self.token_ids = token_ids  # [len(request_ids)] int64 on the device, or None
+        self.sample = sample  # its token_ids: [len(request_ids)] int64 on the device; None: nothing sampled
+        self.prompt_logprobs = prompt_logprobs or {}
 
     def result(self) -> RunnerOutput:
-        if self.token_ids is None:
-            return RunnerOutput(sampled_token_ids={})
-        return RunnerOutput(sampled_token_ids=dict(zip(self.request_ids, self.token_ids.tolist())))
+        if self.sample is None:
+            return RunnerOutput(sampled_token_ids={}, prompt_logprobs=self.prompt_logprobs)
+        host = self.sample.to_host()
+        logprobs = {}
+        if host.logprobs is not None:
+            logprobs = {rid: lp for rid, lp in zip(self.request_ids, host.logprobs) if lp is not None}
+        return RunnerOutput(sampled_token_ids=dict(zip(self.request_ids, host.token_ids)), logprobs=logprobs,
+                            prompt_logprobs=self.prompt_logprobs)

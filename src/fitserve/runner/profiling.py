@@ -4,8 +4,9 @@ cache takes the rest of the budget.
 Like vLLM's profile run it has two parts: a forward of the whole token budget
 (`--max-num-batched-tokens`, as prefills of at most `max_model_len` tokens), then logits and
 sampling for as many requests as one step holds (`min(max_num_seqs, token budget)` rows).
-Unlike vLLM's, the sampling part takes the sampler's most expensive path (top-k, top-p and
-min-p on every row), so a batch of such requests cannot run out of memory later.
+Unlike vLLM's, the sampling part takes the sampler's most expensive path (logprobs, the three
+penalties, logit_bias, min_tokens, then top-k, top-p and min-p on every row), so a batch of
+such requests cannot run out of memory later.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ from fitserve.runner.sampler import Sampler
 from fitserve.sampling_params import SamplingParams
 
 PROFILE_BLOCK_SIZE = 16
-# Every filter on: the sampler's largest temporaries (a full sort of each row's logits).
-WORST_CASE_SAMPLING = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.05)
+# Everything on: the sampler's largest temporaries (raw logprobs kept through the step, the
+# penalties' count slab and temporaries, then a full sort of each row's logits).
+WORST_CASE_SAMPLING = SamplingParams(
+    temperature=1.0, top_k=50, top_p=0.9, min_p=0.05, presence_penalty=0.5, frequency_penalty=0.5,
+    repetition_penalty=1.1, logit_bias={0: 1.0}, min_tokens=1, logprobs=20, eos_token_ids=(0,))
 
 
 def profile_chunks(num_tokens: int, max_model_len: int) -> tuple[ScheduledRequest, ...]:
@@ -44,7 +48,8 @@ def profile_chunks(num_tokens: int, max_model_len: int) -> tuple[ScheduledReques
 
 
 def sampling_chunks(num_rows: int) -> list[ScheduledRequest]:
-    return [ScheduledRequest(f"profile-sample-{i}", (0,), 0, (0,), True, WORST_CASE_SAMPLING) for i in range(num_rows)]
+    return [ScheduledRequest(f"profile-sample-{i}", (0,), 0, (0,), True, WORST_CASE_SAMPLING, prompt_token_ids=(0,))
+            for i in range(num_rows)]
 
 
 @torch.inference_mode()

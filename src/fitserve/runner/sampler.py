@@ -4,15 +4,62 @@ Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) draws token i 
 probability p_i, which lets every row use its own random stream (a request with a seed
 gets its own generator, so its tokens do not depend on what else is in the batch) while
 the arithmetic stays batched.
+
+Order per row, as in vLLM: logprobs are taken from the raw logits; then penalties, logit_bias
+and min_tokens change the logits (runner/logits_processors.py); then temperature, top-k,
+top-p and min-p; then the draw (or the argmax for greedy rows). A batch of greedy rows that
+ask for none of these takes one argmax and nothing else.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from fitserve.core.outputs import ScheduledRequest
+from fitserve.core.outputs import ScheduledRequest, TokenLogprobs
 from fitserve.runner.grammar_mask import apply_allowed_token_masks
+from fitserve.runner.logits_processors import TokenCounts, apply_logit_bias, apply_min_tokens, apply_penalties
 from fitserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    token_ids: list[int]  # one per row
+    logprobs: list[TokenLogprobs | None] | None = None  # per row, for rows that asked; None: no row asked
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLogprobs:
+    """Logprobs still on the device: per row that asked, its target's logprob and the top-k."""
+
+    rows: list[int]  # the batch rows these belong to
+    ks: list[int]  # top logprobs each row asked for
+    targets: torch.Tensor  # [R] int64, the sampled (or actual next) tokens
+    values: torch.Tensor  # [R, 1 + max k] float32: the target's logprob, then the top-k, best first
+    top_ids: torch.Tensor  # [R, max k] int64
+
+    def to_host(self) -> list[TokenLogprobs]:
+        values, top_ids, targets = self.values.tolist(), self.top_ids.tolist(), self.targets.tolist()
+        return [TokenLogprobs(targets[r], row[0], tuple(zip(top_ids[r][:k], row[1 : 1 + k])))
+                for r, (row, k) in enumerate(zip(values, self.ks))]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSample:
+    """A step's sampling result before the host reads it (reading it is the step's sync)."""
+
+    token_ids: torch.Tensor  # [N] int64 on the logits' device
+    logprobs: DeviceLogprobs | None = None
+
+    def to_host(self) -> SamplerOutput:
+        token_ids = self.token_ids.tolist()
+        if self.logprobs is None:
+            return SamplerOutput(token_ids)
+        rows: list[TokenLogprobs | None] = [None] * len(token_ids)
+        for row, entry in zip(self.logprobs.rows, self.logprobs.to_host()):
+            rows[row] = entry
+        return SamplerOutput(token_ids, rows)
 
 
 class Sampler:
@@ -21,19 +68,67 @@ class Sampler:
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
+        self.token_counts = TokenCounts(device)  # penalty rows only
+        self._num_outputs: dict[str, int] = {}  # tokens sampled so far, for rows with min_tokens
 
     def forget(self, request_ids: frozenset[str]) -> None:
         for request_id in request_ids:
             self._request_generators.pop(request_id, None)
+            self._num_outputs.pop(request_id, None)
+        self.token_counts.forget(request_ids)
 
-    def sample(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> list[int]:
+    def sample(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> SamplerOutput:
         """logits: [N, vocab] float32, one row per sampling request, in `chunks` order."""
-        return self.sample_tensor(logits, chunks).tolist()
+        return self.sample_device(logits, chunks).to_host()
 
     def sample_tensor(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
-        """Like `sample`, but the ids stay on the logits' device ([N] int64): no host sync."""
+        """The sampled ids only, left on the logits' device ([N] int64): no host sync."""
+        return self.sample_device(logits, chunks).token_ids
+
+    def sample_device(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> DeviceSample:
+        """Like `sample`, but nothing waits for the device: the results stay there."""
         logits = apply_allowed_token_masks(logits, chunks)  # structured output: forbidden tokens -> -inf
         params = [chunk.sampling_params for chunk in chunks]
+        if all(p.greedy and not p.processes_logits and p.logprobs is None for p in params):
+            return DeviceSample(logits.argmax(dim=-1))
+        logprob_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
+        raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None  # [L, V]
+        penalty_slots = self._process_logits(logits, chunks, params)
+        sampled = self._draw(logits, chunks, params)  # [N] int64
+        if penalty_slots is not None:
+            rows, slots = penalty_slots
+            self.token_counts.record(slots, sampled[rows])
+        for chunk in chunks:  # every sampling row gets one token this step; the ids are not needed
+            if chunk.sampling_params.min_tokens > 0:
+                self._num_outputs[chunk.request_id] = self._num_outputs.get(chunk.request_id, 0) + 1
+        logprobs = None
+        if raw_logprobs is not None:
+            index = torch.tensor(logprob_rows, device=logits.device)
+            logprobs = top_logprobs(raw_logprobs, sampled[index], [params[r].logprobs or 0 for r in logprob_rows],
+                                    logprob_rows)
+        return DeviceSample(sampled, logprobs)
+
+    def _process_logits(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Penalties, logit_bias, min_tokens, in place; returns (rows, slots) of penalty rows."""
+        if not any(p.processes_logits for p in params):
+            return None
+        penalty_rows = [row for row, p in enumerate(params) if p.needs_token_counts]
+        result = None
+        if penalty_rows:
+            slots = apply_penalties(logits, penalty_rows, chunks, self.token_counts)
+            result = (torch.tensor(penalty_rows, device=logits.device), torch.tensor(slots, device=logits.device))
+        bias_rows = [row for row, p in enumerate(params) if p.logit_bias]
+        if bias_rows:
+            apply_logit_bias(logits, bias_rows, chunks)
+        short_rows = [row for row, chunk in enumerate(chunks)
+                      if self._num_outputs.get(chunk.request_id, 0) < chunk.sampling_params.min_tokens]
+        if short_rows:
+            apply_min_tokens(logits, short_rows, chunks)
+        return result
+
+    def _draw(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]
+              ) -> torch.Tensor:
         greedy_ids = logits.argmax(dim=-1)  # [N] int64
         if all(p.greedy for p in params):
             return greedy_ids
@@ -58,6 +153,15 @@ class Sampler:
                 self._request_generators[chunk.request_id] = generator
             noise[row].exponential_(generator=generator)
         return noise
+
+
+def top_logprobs(logprobs: torch.Tensor, targets: torch.Tensor, ks: list[int], rows: list[int]) -> DeviceLogprobs:
+    """Per row of logprobs [R, V]: the target token's logprob and the ks[r] most likely tokens,
+    left on the device (the top-k is taken once, at the largest k)."""
+    max_k = max(ks, default=0)
+    target_logprobs = logprobs.gather(1, targets[:, None])  # [R, 1]
+    top_values, top_ids = logprobs.topk(max_k, dim=-1)  # [R, max_k], sorted, most likely first
+    return DeviceLogprobs(rows, ks, targets, torch.cat([target_logprobs, top_values], dim=1), top_ids)
 
 
 def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

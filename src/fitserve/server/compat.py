@@ -52,13 +52,14 @@ SHARED_FIELDS = (
     _s("top_p"),
     _s("seed", "per-request generator: same seed, same tokens whatever the batch"),
     _s("stop", "strings; not in the output unless include_stop_str_in_output"),
-    _s("presence_penalty"),
-    _s("frequency_penalty"),
-    _s("logit_bias"),
+    _s("presence_penalty", "[-2, 2], once per token present in the output"),
+    _s("frequency_penalty", "[-2, 2], per occurrence in the output"),
+    _s("logit_bias", "token id -> [-100, 100], added to the logits"),
     _i("user", "accepted for compatibility; not recorded"),
     _s("top_k", "vLLM extra"),
     _s("min_p", "vLLM extra"),
-    _s("min_tokens", "vLLM extra: EOS and stop token ids are held off until this many tokens"),
+    _s("min_tokens", "vLLM extra: EOS, stop token ids and stop strings are held off until this many tokens"),
+    _s("repetition_penalty", "vLLM extra: > 0, over prompt and output tokens"),
     _s("stop_token_ids", "vLLM extra"),
     _s("ignore_eos", "vLLM extra"),
     _s("include_stop_str_in_output", "vLLM extra"),
@@ -69,8 +70,8 @@ CHAT_FIELDS = SHARED_FIELDS + (
     _s("messages", "roles system, developer, user, assistant (with tool_calls), tool; text content parts"),
     _s("max_tokens", "deprecated by OpenAI; max_completion_tokens wins when both are set"),
     _s("max_completion_tokens"),
-    _s("logprobs"),
-    _s("top_logprobs"),
+    _s("logprobs", "raw log-softmax of the model, before penalties and temperature"),
+    _s("top_logprobs", "up to --max-logprobs (default 20)"),
     _s("tools", "function tools (Llama 3 JSON style calls); docs/api.md#tool-calling"),
     _s("tool_choice", "none, auto, required, or a named function (forced by a grammar)"),
     _s("parallel_tool_calls", "false keeps the first call of a reply"),
@@ -93,9 +94,9 @@ COMPLETION_FIELDS = SHARED_FIELDS + (
     _s("prompt", "a string, strings, token ids, or lists of token ids (one choice each)"),
     _s("max_tokens", "default 16; null: up to the context length"),
     _s("echo", "the prompt before the completion"),
-    _s("logprobs"),
+    _s("logprobs", "top logprobs per token, up to --max-logprobs (default 20); with echo, the prompt's too"),
     FieldSupport("suffix", "rejected", "no fill-in-the-middle"),
-    FieldSupport("best_of", "rejected", "only 1"),
+    _s("best_of", "only equal to n (no extra candidates ranked away); else a 400"),
 )
 
 TABLE: dict[str, tuple[FieldSupport, ...]] = {CHAT: CHAT_FIELDS, COMPLETIONS: COMPLETION_FIELDS}
@@ -124,6 +125,12 @@ class UnsupportedParameterError(BadRequestError):
                          param=field, code="unsupported_parameter")
 
 
+# Field names come from clients: remember at most this many, so that requests full of made-up
+# names can neither grow the set without bound nor flood the log.
+MAX_LOGGED_FIELDS = 256
+MAX_LOGGED_NAME_CHARS = 64
+
+
 class CompatChecker:
     """Per app: the --strict setting and the field names already logged."""
 
@@ -136,10 +143,16 @@ class CompatChecker:
         for field in unsupported_fields(endpoint, body):
             if self.strict:
                 raise UnsupportedParameterError(field, endpoint)
-            if (endpoint, field) not in self._logged:
-                self._logged.add((endpoint, field))
-                logger.warning("%s: ignoring the unsupported field `%s` (logged once; --strict makes it a 400).",
-                               endpoint, field)
+            key = (endpoint, field)
+            if key in self._logged or len(self._logged) > MAX_LOGGED_FIELDS:
+                continue
+            self._logged.add(key)
+            if len(self._logged) > MAX_LOGGED_FIELDS:  # the first name past the cap: say so once, then stay quiet
+                logger.warning("More than %d distinct unsupported field names seen; no longer logging them.",
+                               MAX_LOGGED_FIELDS)
+                continue
+            logger.warning("%s: ignoring the unsupported field %s (logged once; --strict makes it a 400).",
+                           endpoint, ascii(field[:MAX_LOGGED_NAME_CHARS]))
 
 
 def compat_document(strict: bool) -> dict[str, Any]:

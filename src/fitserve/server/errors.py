@@ -173,6 +173,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}.", None
     locs = [tuple(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
     if not locs[0]:
+        if first.get("type") == "value_error":  # a check across fields
+            return str(first.get("msg", "Invalid request.")).removeprefix(VALUE_ERROR_PREFIX), None
         return "The request body must be a JSON object.", None
     message = str(first.get("msg", "Invalid value.")).removeprefix(VALUE_ERROR_PREFIX)
     # Several errors under one field are the members of a union (e.g. `prompt`: str, list of

@@ -10,7 +10,8 @@ with --strict answers 400 naming them. Tool and response_format models are in pr
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -18,6 +19,7 @@ from fitserve.sampling_params import SamplingParams
 from fitserve.server.protocol_tools import ChatTool, DeltaToolCall, ResponseFormat, ToolCall, ToolChoice
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's default, as OpenAI and vLLM have it
+MAX_N = 128  # choices per request: each is an engine request, so a huge n would flood the queue
 # Integers reach torch as int64 (seeds, top-k): a larger one would fail inside the engine loop
 # and take every request down with it, so it is a 400 here.
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -50,6 +52,7 @@ class ErrorResponse(OpenAIModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM extra: usage (so far) on every chunk, with include_usage
 
 
 class TextPart(OpenAIModel):
@@ -92,6 +95,8 @@ class SamplingFields(OpenAIModel):
     """The fields both endpoints share; `to_sampling_params` maps them one to one."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields land in model_extra (server/compat.py)
+    logprobs_param: ClassVar[str] = "logprobs"  # the field that sets how many top logprobs
+
     model: str | None = None  # None: the served model, as vLLM allows
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -100,8 +105,8 @@ class SamplingFields(OpenAIModel):
     top_p: float | None = None
     seed: Int64 | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extras
@@ -111,27 +116,15 @@ class SamplingFields(OpenAIModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    repetition_penalty: float | None = None
+    min_tokens: Int64 = 0
 
     @field_validator("n")
     @classmethod
-    def _single_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n} is not supported yet; only n=1 is.")
+    def _choices_in_range(cls, n: int) -> int:
+        if not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {n}.")
         return n
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float, info: Any) -> float:
-        if value != 0.0:
-            raise _not_supported(info.field_name)
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise _not_supported("logit_bias")
-        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -143,29 +136,58 @@ class SamplingFields(OpenAIModel):
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Usage on every chunk (vLLM's stream_options.continuous_usage_stats, with include_usage)."""
+        return self.include_usage and self.stream_options is not None and self.stream_options.continuous_usage_stats
+
     def requested_max_tokens(self) -> int | None:
         raise NotImplementedError
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Raises InvalidSamplingParam (-> 400) for out-of-range values."""
+    def max_tokens_unset(self) -> bool:
+        """The client left the output length to the server (then generation_config may set it)."""
+        return self.requested_max_tokens() is None
+
+    def logprobs_params(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) for SamplingParams: top logprobs per output / prompt token."""
+        return None, None
+
+    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Fields the request leaves unset take `defaults` (the model's generation config), then
+        SamplingParams' own. Raises InvalidSamplingParam (-> 400) for out-of-range values."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        defaults = SamplingParams()
+        fallback = SamplingParams()
+        defaults = defaults or {}
+
+        def pick(name: str) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, getattr(fallback, name))
+
+        logprobs, prompt_logprobs = self.logprobs_params()
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=defaults.temperature if self.temperature is None else self.temperature,
-            top_p=defaults.top_p if self.top_p is None else self.top_p,
-            top_k=defaults.top_k if self.top_k is None else self.top_k,
-            min_p=defaults.min_p if self.min_p is None else self.min_p,
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
             seed=self.seed,
             stop=stop,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            presence_penalty=pick("presence_penalty"),
+            frequency_penalty=pick("frequency_penalty"),
+            repetition_penalty=pick("repetition_penalty"),
+            logit_bias=self.logit_bias or {},
+            min_tokens=self.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 
 class ChatCompletionRequest(SamplingFields):
+    logprobs_param: ClassVar[str] = "top_logprobs"
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: Int64 | None = None
@@ -179,12 +201,18 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise _not_supported("logprobs")
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: Any) -> int | None:
+        if value is not None:
+            if value < 0:
+                raise ValueError(f"top_logprobs must be 0 or more, got {value}.")
+            if not info.data.get("logprobs"):
+                raise ValueError("when using `top_logprobs`, `logprobs` must be set to true.")
         return value
+
+    def logprobs_params(self) -> tuple[int | None, int | None]:
+        return (self.top_logprobs or 0) if self.logprobs else None, None
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens wins: it is the newer name of the same limit.
@@ -207,29 +235,39 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must not be empty.")
         return prompt
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise _not_supported("echo")
-        return value
-
-    @field_validator("logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported_if_set(cls, value: Any, info: Any) -> Any:
         if value is not None:
             raise _not_supported(info.field_name)
         return value
 
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs_not_negative(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"logprobs must be 0 or more, got {value}.")
+        return value
+
     @field_validator("best_of")
     @classmethod
-    def _single_best_of(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError(f"best_of={value} is not supported yet; only 1 is.")
+    def _best_of_is_n(cls, value: int | None, info: Any) -> int | None:
+        # best_of > n would sample choices only to throw them away; vLLM's engine no longer has it.
+        n = info.data.get("n", 1)
+        if value is not None and value != n:
+            raise ValueError(f"best_of={value} is not supported: only best_of equal to n ({n}), "
+                             "or leaving it out, is.")
         return value
+
+    def logprobs_params(self) -> tuple[int | None, int | None]:
+        # echo with logprobs also scores the prompt tokens.
+        return self.logprobs, self.logprobs if self.echo and self.logprobs is not None else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def max_tokens_unset(self) -> bool:
+        return "max_tokens" not in self.model_fields_set
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: a text prompt or a list of token ids."""
@@ -264,10 +302,34 @@ class AssistantMessage(OpenAIModel):
     tool_calls: list[ToolCall] | None = None
 
 
+# ---- logprobs (chat: OpenAI's `logprobs.content`; completions: the legacy four lists)
+
+
+class ChatTopLogprob(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None  # the token's UTF-8 bytes
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(OpenAIModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(OpenAIModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
 class ChatChoice(OpenAIModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None  # vLLM extra: the stop token id or string
 
@@ -296,7 +358,7 @@ class DeltaMessage(OpenAIModel):
 class ChatStreamChoice(OpenAIModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
@@ -313,7 +375,7 @@ class ChatCompletionChunk(OpenAIModel):
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None
 

@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions: chat template -> engine -> one JSON response or SSE chunks."""
+"""POST /v1/chat/completions: chat template -> engine -> one JSON response or SSE chunks.
+
+`n` > 1 runs n engine requests on the same prompt (ids `<id>-<i>`), merged into one response
+whose choices carry their index; closing the response aborts them all.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from fitserve.server.chat_tools import (
     structured_output,
 )
 from fitserve.server.errors import sse_error_event
+from fitserve.server.logprobs import chat_logprobs
 from fitserve.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -32,11 +37,19 @@ from fitserve.server.serving_common import (
     SSE_DONE,
     SSEResponse,
     ServingBase,
+    close_all,
     collect,
-    prime,
+    gather_or_cancel,
+    merge_streams,
     sse_event,
     until_disconnected,
 )
+
+
+def usage_of(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
+    usage = UsageInfo()
+    usage.add(num_prompt_tokens, num_completion_tokens)
+    return usage
 
 
 class OpenAIServingChat(ServingBase):
@@ -55,52 +68,63 @@ class OpenAIServingChat(ServingBase):
         params = self.sampling_params(body, len(token_ids), "messages", max_tokens_param)
         params = replace(params, structured_output=structured_output(body, plan))
         completion_id = f"chatcmpl-{request_id}"
-        stream = self.engine_stream(completion_id, token_ids, params, deadline)
+        request_ids = [completion_id] if body.n == 1 else [f"{completion_id}-{i}" for i in range(body.n)]
+        streams = self.fan_out(request_ids, token_ids, params, deadline)
         if body.stream:
-            # The first output comes before the 200 headers, so early engine errors are 400s.
-            primed = await until_disconnected(raw_request, prime(stream))
-            return SSEResponse(self.stream_events(completion_id, primed, body.include_usage, request_id, plan))
-        final = await until_disconnected(raw_request, collect(stream))
-        usage = UsageInfo()
-        usage.add(final.num_prompt_tokens, final.num_output_tokens)
-        message, finish_reason = chat_reply(final.text, final.finish_reason, plan)
-        response = ChatCompletionResponse(
-            id=completion_id,
-            model=self.model_name,
-            choices=[ChatChoice(index=0, message=message, finish_reason=finish_reason,
-                                stop_reason=final.stop_reason)],
-            usage=usage,
-        )
+            # The first outputs come before the 200 headers, so early engine errors are 400s.
+            primed = await self.prime_all(raw_request, streams)
+            return SSEResponse(self.stream_events(completion_id, primed, body, len(token_ids), request_id, plan))
+        finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
+        choices = []
+        for index, final in enumerate(finals):
+            message, finish_reason = chat_reply(final.text, final.finish_reason, plan)
+            logprobs = None if final.logprobs is None else chat_logprobs(final.logprobs, self.token_texts)
+            choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
+                                      stop_reason=final.stop_reason))
+        # The prompt is counted once however many choices share it, as OpenAI and vLLM do.
+        usage = usage_of(len(token_ids), sum(final.num_output_tokens for final in finals))
+        response = ChatCompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
 
-    async def stream_events(self, completion_id: str, stream: AsyncIterator[RequestOutput],
-                            include_usage: bool, request_id: str | None = None,
-                            plan: ToolPlan | None = None) -> AsyncIterator[str]:
+    async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
+                            body: ChatCompletionRequest, num_prompt_tokens: int,
+                            request_id: str | None = None, plan: ToolPlan | None = None) -> AsyncIterator[str]:
         created = int(time.time())
+        include_usage, continuous = body.include_usage, body.continuous_usage
+        num_output_tokens = [0] * len(streams)
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
             return sse_event(ChatCompletionChunk(id=completion_id, created=created, model=self.model_name,
                                                  choices=choices, usage=usage), include_usage)
 
-        last: RequestOutput | None = None
-        tool_stream = ToolCallStream(plan or ToolPlan((), "none"))  # content, or tool-call deltas
+        def running_usage(index: int) -> UsageInfo | None:
+            return usage_of(num_prompt_tokens, num_output_tokens[index]) if continuous else None
+
+        # Per choice: its text as content deltas, or, when it is a tool call, tool-call deltas.
+        tool_streams = [ToolCallStream(plan or ToolPlan((), "none")) for _ in streams]
+        merged = merge_streams(streams)
         try:
-            yield chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
-            async for out in stream:
-                last = out
+            for index in range(len(streams)):
+                role = DeltaMessage(role="assistant", content="")
+                yield chunk([ChatStreamChoice(index=index, delta=role)], running_usage(index))
+            async for index, out in merged:
+                num_output_tokens[index] = out.num_output_tokens
+                tool_stream = tool_streams[index]
+                logprobs = None if out.new_logprobs is None else chat_logprobs(out.new_logprobs, self.token_texts)
                 deltas = tool_stream.feed(out.new_text) + (tool_stream.finish() if out.finished else [])
                 for delta in deltas[:-1]:
-                    yield chunk([ChatStreamChoice(index=0, delta=delta)])
-                if out.finished or deltas:
+                    yield chunk([ChatStreamChoice(index=index, delta=delta)], running_usage(index))
+                if deltas or out.finished or logprobs is not None:
                     finish_reason = "tool_calls" if out.finished and tool_stream.calls else out.finish_reason
-                    yield chunk([ChatStreamChoice(index=0, delta=deltas[-1] if deltas else DeltaMessage(),
-                                                  finish_reason=finish_reason, stop_reason=out.stop_reason)])
-            if include_usage and last is not None:
-                usage = UsageInfo()
-                usage.add(last.num_prompt_tokens, last.num_output_tokens)
-                yield chunk([], usage)
+                    choice = ChatStreamChoice(index=index, delta=deltas[-1] if deltas else DeltaMessage(),
+                                              logprobs=logprobs, finish_reason=finish_reason,
+                                              stop_reason=out.stop_reason)
+                    yield chunk([choice], running_usage(index))
+            if include_usage:
+                yield chunk([], usage_of(num_prompt_tokens, sum(num_output_tokens)))
         except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
             yield sse_error_event(exc, request_id)
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await merged.aclose()
+            await close_all(streams)  # merged closes them only if it was started
         yield SSE_DONE

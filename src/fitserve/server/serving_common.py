@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -14,10 +15,12 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from fitserve.core.outputs import TokenLogprobs
 from fitserve.engine.client import EngineClient
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
 from fitserve.server.errors import BadRequestError, ModelNotFoundError, RequestTimeoutError
+from fitserve.server.logprobs import TokenTexts
 from fitserve.server.protocol import SamplingFields
 
 T = TypeVar("T")
@@ -38,6 +41,9 @@ class FinalOutput:
     stop_reason: int | str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprobs, ...] | None = None  # per output token, when asked
+    prompt_logprobs: tuple[TokenLogprobs | None, ...] | None = None  # per prompt token, when asked
 
 
 def sse_event(chunk: BaseModel, include_usage: bool) -> str:
@@ -100,13 +106,26 @@ async def gather_or_cancel(*works: Awaitable[T]) -> list[T]:
 
 async def collect(stream: AsyncIterator[RequestOutput]) -> FinalOutput:
     pieces: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs = None
     last: RequestOutput | None = None
     async for out in stream:
         pieces.append(out.new_text)
+        token_ids.extend(out.new_token_ids)
+        if out.new_logprobs is not None:
+            logprobs = (logprobs or []) + list(out.new_logprobs)
+        prompt_logprobs = out.prompt_logprobs or prompt_logprobs
         last = out
     assert last is not None and last.finished, "an engine stream must end with a finished output"
     return FinalOutput("".join(pieces), last.finish_reason, last.stop_reason,
-                       last.num_prompt_tokens, last.num_output_tokens)
+                       last.num_prompt_tokens, last.num_output_tokens, tuple(token_ids),
+                       None if logprobs is None else tuple(logprobs), prompt_logprobs)
+
+
+async def close_all(streams: list[AsyncIterator[Any]]) -> None:
+    """Close every stream (aborting its engine request if it is still running)."""
+    await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)  # type: ignore[attr-defined]
 
 
 async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
@@ -164,6 +183,15 @@ class ServingBase:
     def model_name(self) -> str:
         return self.engine.model_name
 
+    @cached_property
+    def token_texts(self) -> TokenTexts:
+        return TokenTexts(self.engine.tokenizer)
+
+    @property
+    def default_sampling_params(self) -> dict[str, Any]:
+        """The model's generation_config.json defaults (empty with --generation-config vllm)."""
+        return getattr(self.engine, "default_sampling_params", None) or {}
+
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.engine.model_name:
             raise ModelNotFoundError(requested, self.engine.model_name)
@@ -187,7 +215,16 @@ class ServingBase:
             )
         room_tokens = max_model_len - num_prompt_tokens
         requested = body.requested_max_tokens()
-        params = body.to_sampling_params(max_tokens=room_tokens if requested is None else requested)
+        defaults = self.default_sampling_params
+        max_tokens = room_tokens if requested is None else requested
+        if body.max_tokens_unset() and "max_tokens" in defaults:
+            max_tokens = min(defaults["max_tokens"], room_tokens)  # generation_config's max_new_tokens
+        params = body.to_sampling_params(max_tokens=max_tokens, defaults=defaults)
+        max_logprobs = getattr(self.engine, "max_logprobs", None)
+        if max_logprobs is not None and params.logprobs is not None and params.logprobs > max_logprobs:
+            raise BadRequestError(
+                f"`{body.logprobs_param}` is too large: {params.logprobs}; this server allows at most "
+                f"{max_logprobs} (--max-logprobs).", param=body.logprobs_param)
         if requested is not None and requested > room_tokens:
             raise BadRequestError(
                 f"`{max_tokens_param}` is too large: {requested}. This model's maximum context "
@@ -203,6 +240,29 @@ class ServingBase:
             return
         shown = prompt_token_ids if self.options.max_log_len is None else prompt_token_ids[:self.options.max_log_len]
         logger.info("Request %s: %d prompt tokens %s, %s", request_id, len(prompt_token_ids), shown, params)
+
+    def fan_out(self, request_ids: list[str], prompt_token_ids: list[int], params: SamplingParams,
+                deadline: float | None) -> list[AsyncIterator[RequestOutput]]:
+        """One engine request per id: the choices of one prompt (`n`), sharing its prompt.
+
+        Choice i of a request with a seed gets seed + i (vLLM's rule), so the choices differ and
+        are reproducible.
+        """
+        return [
+            self.engine_stream(request_id, prompt_token_ids,
+                               params if i == 0 or params.seed is None else replace(params, seed=params.seed + i),
+                               deadline)
+            for i, request_id in enumerate(request_ids)
+        ]
+
+    async def prime_all(self, raw_request: Request, streams: list[AsyncIterator[T]]) -> list[AsyncIterator[T]]:
+        """Each stream's first output before the 200 headers (so engine errors are 400s); a failure
+        or a disconnect closes them all."""
+        try:
+            return await until_disconnected(raw_request, gather_or_cancel(*map(prime, streams)))
+        except BaseException:
+            await close_all(streams)
+            raise
 
     async def engine_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                             deadline: float | None = None) -> AsyncIterator[RequestOutput]:

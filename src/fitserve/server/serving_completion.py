@@ -1,36 +1,57 @@
-"""POST /v1/completions: one engine request per prompt, one choice per prompt (index = its
-position in `prompt`), as one JSON response or SSE chunks interleaved across prompts."""
+"""POST /v1/completions: one engine request per prompt and choice (`n` per prompt, choice index
+= prompt position x n + i), as one JSON response or SSE chunks interleaved across choices.
+
+`echo` puts the prompt before the completion (its text first, and with `logprobs` its tokens
+too, the first without a logprob, as OpenAI and vLLM do).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from fitserve.core.outputs import TokenLogprobs
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
 from fitserve.server.errors import sse_error_event
+from fitserve.server.logprobs import CompletionLogprobsBuilder
 from fitserve.server.protocol import (
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     UsageInfo,
 )
 from fitserve.server.serving_common import (
     SSE_DONE,
+    FinalOutput,
     SSEResponse,
     ServingBase,
+    close_all,
     collect,
     gather_or_cancel,
     merge_streams,
-    prime,
     sse_event,
     until_disconnected,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPrompt:
+    text: str  # what echo shows: the prompt string, or the token-id prompt decoded
+    token_ids: list[int]
+    params: SamplingParams
+
+
+def _usage(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
+    usage = UsageInfo()
+    usage.add(num_prompt_tokens, num_completion_tokens)
+    return usage
 
 
 class OpenAIServingCompletion(ServingBase):
@@ -42,12 +63,15 @@ class OpenAIServingCompletion(ServingBase):
         self.check_prompt_ids(token_ids, "prompt")
         return token_ids
 
-    def _plan(self, body: CompletionRequest) -> list[tuple[list[int], SamplingParams]]:
+    def _plan(self, body: CompletionRequest) -> list[PlannedPrompt]:
         """Tokenize and size every prompt before any reaches the engine: one bad prompt fails all."""
         plan = []
         for prompt in body.prompts():
             token_ids = self.prompt_token_ids(prompt)
-            plan.append((token_ids, self.sampling_params(body, len(token_ids), "prompt")))
+            params = self.sampling_params(body, len(token_ids), "prompt")
+            text = "" if not body.echo else prompt if isinstance(prompt, str) else \
+                self.engine.tokenizer.decode(token_ids, skip_special_tokens=body.skip_special_tokens)
+            plan.append(PlannedPrompt(text, token_ids, params))
         return plan
 
     async def create(self, body: CompletionRequest, raw_request: Request, request_id: str) -> Response:
@@ -55,48 +79,80 @@ class OpenAIServingCompletion(ServingBase):
         self.check_model(body.model)
         plan = self._plan(body)
         completion_id = f"cmpl-{request_id}"
-        streams = [self.engine_stream(f"{completion_id}-{i}", ids, params, deadline)
-                   for i, (ids, params) in enumerate(plan)]
+        n = body.n
+        streams = [stream for p, prompt in enumerate(plan) for stream in self.fan_out(
+            [f"{completion_id}-{p * n + i}" for i in range(n)], prompt.token_ids, prompt.params, deadline)]
         if body.stream:
-            try:
-                primed = await until_disconnected(raw_request, gather_or_cancel(*map(prime, streams)))
-            except BaseException:
-                await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
-                raise
-            return SSEResponse(self.stream_events(completion_id, primed, body.include_usage, request_id))
+            primed = await self.prime_all(raw_request, streams)
+            return SSEResponse(self.stream_events(completion_id, primed, body, plan, request_id))
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
-        usage = UsageInfo()
-        choices = []
-        for index, final in enumerate(finals):
-            usage.add(final.num_prompt_tokens, final.num_output_tokens)
-            choices.append(CompletionChoice(index=index, text=final.text, finish_reason=final.finish_reason,
-                                            stop_reason=final.stop_reason))
+        choices = [self._choice(index, body, plan[index // n], final) for index, final in enumerate(finals)]
+        # Each prompt is counted once however many choices share it, as OpenAI and vLLM do.
+        usage = _usage(sum(len(p.token_ids) for p in plan), sum(f.num_output_tokens for f in finals))
         response = CompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
 
+    def _choice(self, index: int, body: CompletionRequest, prompt: PlannedPrompt,
+                final: FinalOutput) -> CompletionChoice:
+        logprobs = None
+        if body.logprobs is not None:
+            ids, entries = self._logprob_tokens(body, prompt, final.token_ids, final.logprobs, final.prompt_logprobs)
+            logprobs = CompletionLogprobsBuilder(self.token_texts).build(ids, entries)
+        return CompletionChoice(index=index, text=prompt.text + final.text, logprobs=logprobs,
+                                finish_reason=final.finish_reason, stop_reason=final.stop_reason)
+
+    @staticmethod
+    def _logprob_tokens(body: CompletionRequest, prompt: PlannedPrompt | None, token_ids: Sequence[int],
+                        logprobs: Sequence[TokenLogprobs] | None,
+                        prompt_logprobs: Sequence[TokenLogprobs | None] | None,
+                        ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """The tokens to report (the prompt's first under echo) and their logprobs."""
+        ids: list[int] = list(token_ids)
+        entries: list[TokenLogprobs | None] = list(logprobs) if logprobs is not None else [None] * len(ids)
+        if body.echo and prompt is not None:
+            prompt_entries = list(prompt_logprobs) if prompt_logprobs is not None else [None] * len(prompt.token_ids)
+            ids = prompt.token_ids + ids
+            entries = prompt_entries + entries
+        return ids, entries
+
     async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
-                            include_usage: bool, request_id: str | None = None) -> AsyncIterator[str]:
+                            body: CompletionRequest, plan: list[PlannedPrompt],
+                            request_id: str | None = None) -> AsyncIterator[str]:
         created = int(time.time())
-        last_by_index: dict[int, RequestOutput] = {}
+        include_usage, n = body.include_usage, body.n
+        num_output_tokens = [0] * len(streams)
+        started = [False] * len(streams)
+        builders = [CompletionLogprobsBuilder(self.token_texts) for _ in streams]
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+            return sse_event(CompletionChunk(id=completion_id, created=created, model=self.model_name,
+                                             choices=choices, usage=usage), include_usage)
+
         merged = merge_streams(streams)
         try:
             async for index, out in merged:
-                last_by_index[index] = out
-                if not (out.new_text or out.finished):
-                    continue
-                choice = CompletionChoice(index=index, text=out.new_text, finish_reason=out.finish_reason,
-                                          stop_reason=out.stop_reason)
-                chunk = CompletionChunk(id=completion_id, created=created, model=self.model_name, choices=[choice])
-                yield sse_event(chunk, include_usage)
+                prompt = plan[index // n]
+                num_output_tokens[index] = out.num_output_tokens
+                first, started[index] = not started[index], True
+                text = prompt.text + out.new_text if first else out.new_text
+                logprobs = self._stream_logprobs(body, builders[index], prompt if first else None, out)
+                if text or out.finished or logprobs is not None:
+                    choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                              finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                    running = _usage(len(prompt.token_ids), out.num_output_tokens) if body.continuous_usage else None
+                    yield chunk([choice], running)
             if include_usage:
-                usage = UsageInfo()
-                for out in last_by_index.values():
-                    usage.add(out.num_prompt_tokens, out.num_output_tokens)
-                chunk = CompletionChunk(id=completion_id, created=created, model=self.model_name, choices=[],
-                                        usage=usage)
-                yield sse_event(chunk, include_usage)
+                yield chunk([], _usage(sum(len(p.token_ids) for p in plan), sum(num_output_tokens)))
         except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
             yield sse_error_event(exc, request_id)
         finally:
             await merged.aclose()
+            await close_all(streams)  # merged closes them only if it was started
         yield SSE_DONE
+
+    def _stream_logprobs(self, body: CompletionRequest, builder: CompletionLogprobsBuilder,
+                         echoed: PlannedPrompt | None, out: RequestOutput) -> CompletionLogprobs | None:
+        if body.logprobs is None:
+            return None
+        ids, entries = self._logprob_tokens(body, echoed, out.new_token_ids, out.new_logprobs, out.prompt_logprobs)
+        return builder.build(ids, entries)

@@ -33,6 +33,7 @@ class ModelSource:
     tokenizer_kind: str  # "gguf" (from the GGUF metadata) | "hf" (a folder with tokenizer files) | "none"
     tokenizer_path: str | None  # the .gguf file or the tokenizer folder
     eos_token_ids: tuple[int, ...]  # merged from generation_config.json, config.json and the tokenizer
+    generation_config: dict[str, Any] | None = None  # the folder's generation_config.json, if any
 
 
 def resolve_model_source(cfg: EngineConfig) -> ModelSource:
@@ -102,14 +103,34 @@ def _hf_source(folder: str, name: str) -> ModelSource:
     arch = ArchConfig.from_hf_config(_read_json(root / "config.json"))
     has_tokenizer = (root / "tokenizer.json").is_file()
     eos = list(arch.eos_token_ids)
+    generation_config = None
     if (root / "generation_config.json").is_file():
-        eos += _as_ids(_read_json(root / "generation_config.json").get("eos_token_id"))
+        generation_config = _read_json(root / "generation_config.json")
+        eos += _as_ids(generation_config.get("eos_token_id"))
     if has_tokenizer:
         eos += _tokenizer_eos_ids(root)
     return ModelSource(kind="hf", name=name, weights_path=str(root), arch=arch,
                        tokenizer_kind="hf" if has_tokenizer else "none",
                        tokenizer_path=str(root) if has_tokenizer else None,
-                       eos_token_ids=tuple(dict.fromkeys(eos)))
+                       eos_token_ids=tuple(dict.fromkeys(eos)), generation_config=generation_config)
+
+
+def load_generation_config(setting: str, source: ModelSource) -> tuple[dict[str, Any], str | None]:
+    """--generation-config: (the generation_config.json to take defaults from, where it came from).
+
+    "auto": the model folder's (a GGUF file has none); "vllm": none; else a folder holding one.
+    """
+    if setting == "vllm":
+        return {}, None
+    if setting == "auto":
+        if source.generation_config is None or source.weights_path is None:
+            return {}, None
+        return source.generation_config, str(Path(source.weights_path) / "generation_config.json")
+    path = Path(setting) / "generation_config.json"
+    if not path.is_file():
+        raise ConfigError(f"--generation-config {setting!r}: no generation_config.json there; use auto, vllm "
+                          "or a folder that holds one.")
+    return _read_json(path), str(path)
 
 
 def _as_ids(value: Any) -> list[int]:
