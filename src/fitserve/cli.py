@@ -59,6 +59,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
     parser.add_argument("--disable-async-output-proc", action="store_true",
                         help="detokenize each step between steps instead of while the GPU runs the next one")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many GPUs, one process each, started by fitserve "
+                             "(attention heads and MLP columns; docs/parallelism.md)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -74,6 +77,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc,
         quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
         cache=CacheConfig(
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
