@@ -129,10 +129,12 @@ class WorkerGroup:
         return self._failure
 
     def _watch(self) -> None:
-        multiprocessing.connection.wait([p.sentinel for p in self.processes])
+        by_sentinel = {p.sentinel: p for p in self.processes}
+        ready = multiprocessing.connection.wait(list(by_sentinel))
         if self._closing:
             return
-        dead = next(p for p in self.processes if p.exitcode is not None)
+        dead = by_sentinel[ready[0]]
+        dead.join(STARTUP_POLL_S)  # the sentinel can fire before the exit code is collected
         self._failure = f"tensor-parallel worker {dead.name} exited with code {dead.exitcode}"
         logger.error("%s; the engine stops (restart the server).", self._failure)
         leave_group(abort=True)
