@@ -20,14 +20,15 @@ PROMPTS = [list(range(3, 40)), [5, 9, 17], list(range(100, 300, 7)), [42] * 11]
 GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
-def write_tiny_llama(folder: Path) -> Path:
+def write_tiny_llama(folder: Path, **overrides: object) -> Path:
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA)).eval().save_pretrained(folder)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
     return folder
 
 
-def tiny_llm(folder: Path, tensor_parallel_size: int, **fields: object) -> LLM:
-    config = EngineConfig(model=str(folder), dtype="float32", device="cpu", tensor_parallel_size=tensor_parallel_size,
+def tiny_llm(folder: Path, tensor_parallel_size: int, device: str = "cpu", **fields: object) -> LLM:
+    config = EngineConfig(model=str(folder), dtype="float32", device=device, tensor_parallel_size=tensor_parallel_size,
                           cache=CacheConfig(kv_cache_memory_bytes=8 << 20),
                           scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4), **fields)
     return LLM(config=config)

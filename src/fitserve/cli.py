@@ -183,15 +183,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def gpu_ids_in_use(engine) -> list[str | int]:
-    """The GPU the engine's runner uses, by UUID (NVML numbers GPUs apart from CUDA_VISIBLE_DEVICES)."""
+def gpu_ids_in_use(engine, tensor_parallel_size: int = 1) -> list[str | int]:
+    """The GPUs the engine's runner uses (rank 0's and the workers' after it), by UUID (NVML numbers
+    GPUs apart from CUDA_VISIBLE_DEVICES)."""
     device = getattr(getattr(engine, "runner", None), "device", None)
     if device is None or device.type != "cuda":
         return []
     import torch
 
-    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-    return [str(uuid)] if uuid is not None else [device.index]
+    ids: list[str | int] = []
+    for index in range(device.index or 0, (device.index or 0) + tensor_parallel_size):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        ids.append(str(uuid) if uuid is not None else index)
+    return ids
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -225,7 +229,7 @@ def serve(args: argparse.Namespace) -> int:
         engine = AsyncEngine(built.engine, built.model_name, built.tokenizer,
                              max_queue_len=server_config.max_queue_len).start()
         engine.startup_info = startup_info(built.memory, engine_config)  # the page's memory plan (/ui/api/info)
-        telemetry.start(engine.stats, gpu_ids_in_use(built.engine))
+        telemetry.start(engine.stats, gpu_ids_in_use(built.engine, engine_config.tensor_parallel_size))
         return engine
 
     try:
