@@ -13,7 +13,7 @@ from fitserve.layers import quantization
 from fitserve.layers.linear import Linear
 from fitserve.layers.quantization import Fp8Linear, make_linear
 from fitserve.models.llama import LlamaForCausalLM
-from fitserve.models.loader import _init_dummy
+from fitserve.models.loader import init_dummy
 from paged_helpers import PagedDriver, make_batch
 
 ARCH = ArchConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -127,7 +127,7 @@ def test_checkpoint_load_quantizes_tensor_by_tensor(quant):
     the quantized serving-dtype model."""
     torch.manual_seed(0)
     dense = LlamaForCausalLM(ARCH, torch.bfloat16, torch.device("cpu"))
-    _init_dummy(dense)
+    init_dummy(dense)
     model = LlamaForCausalLM(ARCH, torch.bfloat16, torch.device("cpu"), quantization=quant)
     staged_counts = []
 
@@ -148,9 +148,9 @@ def test_checkpoint_load_quantizes_tensor_by_tensor(quant):
 
 def test_dummy_fp8_model_is_the_quantized_dummy_bf16_model():
     dense = LlamaForCausalLM(ARCH, torch.bfloat16, torch.device("cpu"))
-    _init_dummy(dense)
+    init_dummy(dense)
     model = LlamaForCausalLM(ARCH, torch.bfloat16, torch.device("cpu"), quantization="fp8")
-    _init_dummy(model)
+    init_dummy(model)
     assert torch.equal(model.embed_tokens.weight, dense.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight, dense.lm_head.weight)
     q, _ = fp8.quantize_per_row(dense.layers[1].mlp.down_proj.weight)
@@ -194,7 +194,7 @@ def test_fp8_model_with_fp8_cache_stays_close_to_bf16_on_the_cpu():
     logits = {}
     for quant, kv_dtype in ((None, torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
         model = LlamaForCausalLM(ARCH, torch.bfloat16, torch.device("cpu"), quantization=quant)
-        _init_dummy(model)
+        init_dummy(model)
         driver = PagedDriver(model, num_blocks=8, block_size=16)
         driver.caches = [(k.to(kv_dtype), v.to(kv_dtype)) for k, v in driver.caches]
         model.bind_kv_cache(driver.caches)

@@ -179,7 +179,7 @@ def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
     """Peak memory while loading an fp8 model: the fp8 weights, bf16 embeddings, and one projection's
     temporaries; never the bf16 model."""
     from fitserve.config import ArchConfig
-    from fitserve.models.loader import _init_dummy
+    from fitserve.models.loader import init_dummy
     from fitserve.models.llama import LlamaForCausalLM
 
     arch = ArchConfig(vocab_size=1024, hidden_size=1024, intermediate_size=4096, num_hidden_layers=8,
@@ -188,7 +188,7 @@ def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     model = LlamaForCausalLM(arch, torch.bfloat16, CUDA, quantization="fp8")
-    _init_dummy(model)
+    init_dummy(model)
     torch.cuda.synchronize()
     final = torch.cuda.memory_allocated() - base
     peak = torch.cuda.max_memory_allocated() - base

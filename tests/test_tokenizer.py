@@ -102,3 +102,13 @@ def test_dummy_fallback_tokenizer():
     ids = tok.apply_chat_template([{"role": "user", "content": "x"}])
     assert tok.decode(ids).endswith("<|assistant|>\n")
     assert tok.decode([5, 128001], skip_special_tokens=True) == tok.decode([5])
+
+
+@pytest.mark.slow
+def test_token_bytes_rebuild_characters_split_across_tokens(smol_tokenizer):
+    tok = smol_tokenizer
+    text = "héllo ϔ 日本 😀"
+    ids = tok.encode(text)
+    pieces = [tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert any("\ufffd" in p for p in pieces), "the text must split a character across tokens"
+    assert bytes(b for i in ids for b in tok.token_bytes(i)).decode() == text

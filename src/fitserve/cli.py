@@ -65,6 +65,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
     parser.add_argument("--disable-async-output-proc", action="store_true",
                         help="detokenize each step between steps instead of while the GPU runs the next one")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="split the model over this many GPUs, one process each, started by fitserve "
+                             "(attention heads and MLP columns; docs/parallelism.md)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -82,6 +85,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         quantization=args.quantization,
         generation_config=args.generation_config,
         max_logprobs=args.max_logprobs,
+        tensor_parallel_size=args.tensor_parallel_size,
         cache=CacheConfig(
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
@@ -187,15 +191,19 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def gpu_ids_in_use(engine) -> list[str | int]:
-    """The GPU the engine's runner uses, by UUID (NVML numbers GPUs apart from CUDA_VISIBLE_DEVICES)."""
+def gpu_ids_in_use(engine, tensor_parallel_size: int = 1) -> list[str | int]:
+    """The GPUs the engine's runner uses (rank 0's and the workers' after it), by UUID (NVML numbers
+    GPUs apart from CUDA_VISIBLE_DEVICES)."""
     device = getattr(getattr(engine, "runner", None), "device", None)
     if device is None or device.type != "cuda":
         return []
     import torch
 
-    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-    return [str(uuid)] if uuid is not None else [device.index]
+    ids: list[str | int] = []
+    for index in range(device.index or 0, (device.index or 0) + tensor_parallel_size):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        ids.append(str(uuid) if uuid is not None else index)
+    return ids
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -230,7 +238,7 @@ def serve(args: argparse.Namespace) -> int:
                              max_queue_len=server_config.max_queue_len,
                              default_sampling_params=built.default_sampling_params).start()
         engine.startup_info = startup_info(built.memory, engine_config)  # the page's memory plan (/ui/api/info)
-        telemetry.start(engine.stats, gpu_ids_in_use(built.engine))
+        telemetry.start(engine.stats, gpu_ids_in_use(built.engine, engine_config.tensor_parallel_size))
         return engine
 
     try:

@@ -6,9 +6,10 @@ raise `ConfigError`, whose message is shown as it is, without a stack trace.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served name of the embedded default model
@@ -110,6 +111,27 @@ class ArchConfig:
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         )
 
+    def shard(self, tensor_parallel_size: int) -> ArchConfig:
+        """One GPU's shapes under tensor parallelism: attention heads, KV heads and MLP columns
+        divided by N (the same head_dim, hidden size and vocabulary on every rank)."""
+        n = tensor_parallel_size
+        if n == 1:
+            return self
+        counts = (("num_attention_heads", self.num_attention_heads),
+                  ("num_key_value_heads", self.num_key_value_heads), ("intermediate_size", self.intermediate_size))
+        indivisible = [f"{name} = {value}" for name, value in counts if value % n]
+        if indivisible:
+            common = math.gcd(*(value for _, value in counts))
+            sizes = [str(d) for d in range(1, min(common, 64) + 1) if common % d == 0]
+            raise ConfigError(
+                f"--tensor-parallel-size {n} does not divide this model's {', '.join(indivisible)}: each GPU "
+                f"holds 1/{n} of the attention heads, of the KV heads and of the MLP columns. "
+                f"Sizes that divide them all: {', '.join(sizes)}."
+            )
+        return replace(self, num_attention_heads=self.num_attention_heads // n,
+                       num_key_value_heads=self.num_key_value_heads // n,
+                       intermediate_size=self.intermediate_size // n)
+
     @property
     def kv_elements_per_token(self) -> int:
         """K and V elements per token over all layers; times the KV dtype's size gives bytes."""
@@ -202,6 +224,7 @@ class EngineConfig:
     # "vllm" (ignore it), or a folder holding a generation_config.json.
     generation_config: str = "auto"
     max_logprobs: int = 20  # vLLM's --max-logprobs: most (top) logprobs a request may ask for per token
+    tensor_parallel_size: int = 1  # vLLM's -tp: GPUs (processes) one model is split over (docs/parallelism.md)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))
@@ -221,6 +244,8 @@ class EngineConfig:
             raise ConfigError(f"--max-logprobs must be 0 or more, got {self.max_logprobs}.")
         if not self.generation_config:
             raise ConfigError("--generation-config must be auto, vllm or a folder with a generation_config.json.")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be 1 or more, got {self.tensor_parallel_size!r}.")
 
     @property
     def model_name(self) -> str:

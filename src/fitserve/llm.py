@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
+from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.models.loader import load_model
 from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
 from fitserve.plan.shapes import model_param_counts, resolve_dtype
@@ -37,6 +39,7 @@ from fitserve.runner.memory import (
     read_device_memory,
     start_reading,
 )
+from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
 from fitserve.sampling_params import SamplingParams, generation_config_defaults
@@ -94,6 +97,7 @@ def plan_inputs(config: EngineConfig, source: ModelSource, max_model_len: int, d
         num_gpu_blocks_override=config.cache.num_gpu_blocks_override,
         max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
         block_size=config.cache.block_size, cuda_graphs=device.type == "cuda" and not config.enforce_eager,
+        tensor_parallel_size=config.tensor_parallel_size,
     )
 
 
@@ -118,7 +122,8 @@ def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: 
     after_load = read_device_memory(device)
     memory.weights_bytes = after_load.allocated_bytes - memory.start.allocated_bytes
     memory.profile = profile_activation_peak(
-        model, model.arch, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len, device)
+        model, model.arch, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs, max_model_len, device,
+        with_sampling=model.tp.is_driver)
     memory.activation_peak_bytes = int(memory.profile["activation_peak_bytes"])
     after_profile = read_device_memory(device)
     memory.runtime_non_torch_bytes = after_profile.non_torch_bytes - memory.start.non_torch_bytes
@@ -126,25 +131,83 @@ def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: 
 
 
 def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
-                 device: torch.device, progress: bool) -> TorchModelRunner:
-    """Load, measure, size the KV cache and build the runner; logs planned vs measured memory."""
+                 device: torch.device, progress: bool, tp: TensorParallel = SINGLE,
+                 peers: WorkerGroup | None = None, report: Callable[[str], None] | None = None) -> TorchModelRunner:
+    """Load, measure, size the KV cache and build this rank's runner; logs planned vs measured memory.
+
+    With tensor parallelism every rank runs this (rank 0 with the workers as `peers`, a worker
+    with `report` to tell rank 0 where it is): all ranks load before the first collective (the
+    profiling forward), and all take the smallest KV block count any rank can hold."""
     dtype = TORCH_DTYPES[memory.planned.inputs.dtype]
-    model = load_model(source, dtype, device, progress=progress, quantization=config.quantization)
+    model = load_model(source, dtype, device, progress=progress and tp.is_driver, quantization=config.quantization,
+                       tp=tp)
+    if peers is not None:
+        peers.wait_for("loaded")
+    if report is not None:
+        report("loaded")
     measures = device.type == "cuda" and memory.planned.inputs.kv_cache_memory_bytes is None \
         and memory.planned.inputs.num_gpu_blocks_override is None
-    sized = size_after_profiling(memory, model, config, max_model_len, device) if measures else memory.planned
-    capacity = KVCapacity(sized.num_kv_blocks, config.cache.block_size)
+    error: ConfigError | None = None
+    try:
+        sized = size_after_profiling(memory, model, config, max_model_len, device) if measures else memory.planned
+    except ConfigError as exc:  # the other ranks must still reach the agreement below
+        error, sized = exc, memory.planned
+    num_blocks = tp.min_over_ranks(0 if error is not None else sized.num_kv_blocks, device)
+    if error is not None:
+        raise error
+    if num_blocks == 0 and peers is not None:
+        peers.wait_for("ready")  # raises the rank's ConfigError that stopped start-up
     before_runner = read_device_memory(device) if device.type == "cuda" else None
     runner = TorchModelRunner(
-        model, source.arch, capacity, TORCH_KV_DTYPES[sized.kv_dtype], device, config.seed,
-        max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
+        model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
+        config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=not config.enforce_eager,
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)
-        graph_bytes = memory.end.used_bytes - before_runner.used_bytes - sized.kv_cache_bytes
+        graph_bytes = memory.end.used_bytes - before_runner.used_bytes - sized.kv_block_bytes * num_blocks
         memory.cuda_graph_bytes = graph_bytes if memory.planned.inputs.cuda_graphs else None
-        logger.info("Memory on %s:\n%s", memory.planned.inputs.gpu_name, memory.table())
+        if tp.is_driver:
+            logger.info("Memory on %s:\n%s", memory.planned.inputs.gpu_name, memory.table())
+    return runner
+
+
+def build_worker_runner(tp: TensorParallel, device: torch.device, report: Callable[[str], None],
+                        config: EngineConfig, source: ModelSource, max_model_len: int) -> TorchModelRunner:
+    """A tensor-parallel worker's runner (runner.distributed.worker_main calls this in its process):
+    its own plan on its own GPU, its shard, then the same sizing as rank 0."""
+    memory = plan_startup(config, source, max_model_len, device)
+    runner = build_runner(memory, config, source, max_model_len, device, progress=False, tp=tp, report=report)
+    report("ready")
+    return runner
+
+
+def check_tensor_parallel(config: EngineConfig, source: ModelSource, device: torch.device) -> None:
+    """Before any process starts or weight is read: the heads split evenly, and the GPUs exist."""
+    size = config.tensor_parallel_size
+    source.arch.shard(size)  # ConfigError naming the sizes that work
+    if device.type == "cuda":
+        last = worker_device(device, size - 1).index
+        if last >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--tensor-parallel-size {size} needs {size} GPUs from {device} on, but torch sees "
+                f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES picks them).")
+
+
+def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
+                          device: torch.device, progress: bool) -> TorchModelRunner:
+    """Rank 0's runner, with the worker processes started, built and attached; on any failure the
+    workers are stopped before the error propagates."""
+    size = config.tensor_parallel_size
+    workers = start_workers(size, device, build_worker_runner, (config, source, max_model_len))
+    try:
+        runner = build_runner(memory, config, source, max_model_len, device, progress,
+                              tp=TensorParallel(0, size), peers=workers)
+        workers.wait_for("ready")
+    except BaseException:
+        workers.shutdown()
+        raise
+    runner.peers = workers
     return runner
 
 
@@ -154,9 +217,13 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     source = resolve_model_source(config)
     device = resolve_device(config)
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
+    check_tensor_parallel(config, source, device)
     memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read
     tokenizer = Tokenizer.from_source(source)
-    runner = build_runner(memory, config, source, max_model_len, device, progress)
+    if config.tensor_parallel_size > 1:
+        runner = build_parallel_runner(memory, config, source, max_model_len, device, progress)
+    else:
+        runner = build_runner(memory, config, source, max_model_len, device, progress)
     capacity = runner.kv_capacity()
     scheduler_limits = SchedulerLimits(
         max_num_seqs=config.scheduler.max_num_seqs,
@@ -179,10 +246,12 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output,
                        grammar_compiler=grammar_compiler)
     logger.info(
-        "Model %s on %s (%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB); "
+        "Model %s on %s (%s%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB%s); "
         "maximum concurrency at --max-model-len %d: %.2fx",
-        source.name, device, sized.inputs.dtype, time.monotonic() - start_s,
-        capacity.num_tokens, capacity.num_blocks, capacity.block_size, sized.kv_cache_bytes / 2**30,
+        source.name, device, sized.inputs.dtype,
+        f", tensor parallel over {config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else "",
+        time.monotonic() - start_s, capacity.num_tokens, capacity.num_blocks, capacity.block_size,
+        capacity.num_blocks * sized.kv_block_bytes / 2**30, " per GPU" if config.tensor_parallel_size > 1 else "",
         max_model_len, capacity.num_tokens / max_model_len,
     )
     return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name, memory,
@@ -221,6 +290,16 @@ class LLM:
         self.engine = built.engine
         self.tokenizer = built.tokenizer
         self.default_sampling_params = built.default_sampling_params or {}
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (they also stop when this process exits)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self, prompts: list[str] | list[list[int]] | str, params: SamplingParams | None = None

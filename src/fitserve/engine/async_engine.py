@@ -76,6 +76,7 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        getattr(self.engine, "shutdown", lambda: None)()  # tensor-parallel workers stop with the engine
 
     def is_healthy(self) -> bool:
         return self._dead_error is None and self._thread.is_alive()

@@ -155,6 +155,12 @@ class LLMEngine:
         if self._detokenizers.pop(request_id, None) is not None and request is not None:
             self.metrics.request_finished(request, self.metrics.clock())
 
+    def shutdown(self) -> None:
+        """Release the runner's processes, if it has any (tensor-parallel workers); idempotent."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._pending)

@@ -74,6 +74,16 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(ids)
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        """One token's raw bytes: a byte-level BPE piece (or a `<0xNN>` byte-fallback piece) may
+        be part of a UTF-8 character that its decoded text shows as a replacement character."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(c in _BYTE_LEVEL_CHARS for c in piece):
+            return [_byte_of(c) for c in piece]
+        if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return [int(piece[3:5], 16)]
+        return list(self.decode([token_id], skip_special_tokens=False).encode("utf-8"))
+
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The prompt text of a conversation; InvalidRequestError when the template rejects it."""
         if not self.hf.chat_template:
@@ -159,6 +169,9 @@ def _fallback_tokenizer(vocab_size: int, eos_token_ids: tuple[int, ...]) -> PreT
     eos = f"<|id_{eos_id}|>"
     raw.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
     return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, chat_template=FALLBACK_CHAT_TEMPLATE)
+
+
+_BYTE_LEVEL_CHARS = frozenset(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters that spell bytes
 
 
 def _byte_of(char: str) -> int:

@@ -13,6 +13,7 @@ from fitserve.layers.attention import PagedAttention
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.linear import Embedding, Linear
 from fitserve.layers.norm import RMSNorm
+from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
 from fitserve.layers.quantization import Fp8Linear, QuantizedRows, make_linear
 
 FUSED_QUANT_SCHEME = "fp8"  # per-token activation scales: norms and SiLU-and-multiply quantize in their kernels
@@ -23,12 +24,51 @@ _MERGED_SHARDS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+# HF projection -> the dimension tensor parallelism splits (layers/parallel.py): 0 = output rows
+# (column-parallel), 1 = input columns (row-parallel, followed by an all-reduce)
+_SPLIT_DIMS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
+
+
+def layer_projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
+    """HF projection name -> its full [out, in] shape in one block."""
+    d, hidden, inter = arch.head_dim, arch.hidden_size, arch.intermediate_size
+    q_rows, kv_rows = arch.num_attention_heads * d, arch.num_key_value_heads * d
+    return {"self_attn.q_proj": (q_rows, hidden), "self_attn.k_proj": (kv_rows, hidden),
+            "self_attn.v_proj": (kv_rows, hidden), "self_attn.o_proj": (hidden, q_rows),
+            "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+
+
+def hf_tensor_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF-named tensor of a complete checkpoint and its full (unsplit) shape."""
+    hidden = arch.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, hidden),
+                                          "model.norm.weight": (hidden,)}
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (arch.vocab_size, hidden)
+    per_layer = {"input_layernorm": (hidden,), "post_attention_layernorm": (hidden,), **layer_projection_shapes(arch)}
+    for i in range(arch.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def tensor_shard(hf_name: str, arch: ArchConfig, tp: TensorParallel) -> TensorShard | None:
+    """This rank's slice of a checkpoint tensor (arch: the full model); None when every rank
+    holds all of it. Heads stay whole: a slice of q rows is H/N heads of head_dim rows each."""
+    parts = hf_name.split(".")
+    if tp.size == 1 or len(parts) < 3 or parts[-2] not in _SPLIT_DIMS:
+        return None
+    dim = _SPLIT_DIMS[parts[-2]]
+    length = layer_projection_shapes(arch)[".".join(parts[-3:-1])][dim] // tp.size
+    return TensorShard(dim, tp.rank * length, length)
 
 
 class LlamaAttention(nn.Module):
+    """`arch` is one rank's shard (ArchConfig.shard): its heads only; o_proj's partial sums are all-reduced."""
+
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        self.tp = tp
         d = arch.head_dim
         self.qkv_sizes = (arch.num_attention_heads * d, arch.num_key_value_heads * d, arch.num_key_value_heads * d)
         self.qkv_proj = make_linear(arch.hidden_size, self.qkv_sizes, dtype, device, quantization)
@@ -39,30 +79,34 @@ class LlamaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         q, k = self.rotary(batch.positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, batch)))
 
 
 class LlamaMLP(nn.Module):
+    """`arch` is one rank's shard: intermediate_size of its columns; down_proj's partial sums are all-reduced."""
+
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        self.tp = tp
         self.gate_up_proj = make_linear(arch.hidden_size, (arch.intermediate_size,) * 2, dtype, device, quantization)
         self.down_proj = make_linear(arch.intermediate_size, arch.hidden_size, dtype, device, quantization)
         self.fp8_input = quantization == FUSED_QUANT_SCHEME  # down_proj takes per-token fp8 rows
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return self.down_proj(silu_and_mul_for_fp8(gate_up) if self.fp8_input else silu_and_mul(gate_up))
+        return self.tp.all_reduce(
+            self.down_proj(silu_and_mul_for_fp8(gate_up) if self.fp8_input else silu_and_mul(gate_up)))
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(arch, rotary, dtype, device, quantization)
+        self.self_attn = LlamaAttention(arch, rotary, dtype, device, quantization, tp)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(arch, dtype, device, quantization)
+        self.mlp = LlamaMLP(arch, dtype, device, quantization, tp)
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
         self.fp8_input = quantization == FUSED_QUANT_SCHEME
 
@@ -79,19 +123,24 @@ class LlamaForCausalLM(nn.Module):
     """forward(batch) -> final hidden states [T, H]; compute_logits(hidden [N, H]) -> [N, vocab] float32.
 
     `quantization` ("fp8", "fp8_per_tensor" or None) applies to the four linear layers of each
-    block; embeddings, norms and lm_head stay in `dtype`.
+    block; embeddings, norms and lm_head stay in `dtype`. With `tp` of size N the blocks hold
+    this rank's 1/N (layers/parallel.py): `full_arch` is the model, `arch` this rank's shard.
+    An fp8 layer's scales are computed on the rank's own slice (per output row of the slice, or
+    one per slice), so a row-parallel fp8 layer is quantized a little finer than with N = 1.
     """
 
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None) -> None:
+                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
+        self.full_arch, self.tp = arch, tp
+        arch = arch.shard(tp.size)  # ConfigError when N does not divide the heads or MLP columns
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
         self.quantization = quantization
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary, dtype, self.device, quantization) for _ in range(arch.num_hidden_layers))
+            LlamaDecoderLayer(arch, rotary, dtype, self.device, quantization, tp) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
 
@@ -120,13 +169,19 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into our (partly merged) parameters; returns the HF names loaded."""
+        """Copy HF-named tensors into our (partly merged) parameters; returns the HF names loaded.
+
+        A split tensor may arrive whole (this rank takes its slice) or already sliced (a reader
+        that reads only this rank's part, weights/loader.py)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
             name = hf_name.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied checkpoints may still carry a copy of the embedding
+            shard = tensor_shard(hf_name, self.full_arch, self.tp)
+            if shard is not None and tensor.shape[shard.dim] != shard.length:
+                tensor = tensor.narrow(shard.dim, shard.start, shard.length).contiguous()
             parts = name.split(".")
             if len(parts) >= 2 and parts[-2] in _MERGED_SHARDS:
                 merged, shard = _MERGED_SHARDS[parts[-2]]
@@ -156,12 +211,4 @@ class LlamaForCausalLM(nn.Module):
 
     def expected_weight_names(self) -> set[str]:
         """HF names a complete checkpoint provides (for a missing-tensor check)."""
-        names = {"model.embed_tokens.weight", "model.norm.weight"}
-        if self.lm_head is not None:
-            names.add("lm_head.weight")
-        per_layer = ["input_layernorm", "post_attention_layernorm"]
-        projs = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-        for i in range(len(self.layers)):
-            names.update(f"model.layers.{i}.{n}.weight" for n in per_layer + projs)
-        return names
+        return set(hf_tensor_shapes(self.full_arch))

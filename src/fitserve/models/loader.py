@@ -2,16 +2,24 @@
 
 With `quantization` the linear layers are fp8 (layers/quantization.py) and each checkpoint
 tensor is quantized as it arrives, so the serving-dtype copy of the model never exists.
+With tensor parallelism (`tp`) each rank keeps its slice of the split tensors: a safetensors
+checkpoint is read only as that slice; a GGUF file is dequantized tensor by tensor and sliced
+(its quantization blocks run along the rows); dummy weights are drawn whole and sliced.
 """
 
 from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from functools import partial
 
 import torch
 from tqdm import tqdm
 
 from fitserve.config import ConfigError
+from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.layers.quantization import Fp8Linear
-from fitserve.models.llama import LlamaForCausalLM
+from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes, tensor_shard
 from fitserve.models.registry import get_model_class
 from fitserve.weights.loader import gguf_weights, safetensors_weights
 from fitserve.weights.source import ModelSource
@@ -21,43 +29,46 @@ DUMMY_SEED = 0
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True,
-               quantization: str | None = None) -> LlamaForCausalLM:
+               quantization: str | None = None, tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
     model_class = get_model_class(source.arch.architecture)
-    model = model_class(source.arch, dtype, device, quantization=quantization)
+    model = model_class(source.arch, dtype, device, quantization=quantization, tp=tp)
     if source.kind == "dummy":
-        _init_dummy(model)
+        weights = dummy_weights(model)
+    elif source.kind == "gguf":
+        weights = gguf_weights(source)
     else:
-        weights = gguf_weights(source) if source.kind == "gguf" else safetensors_weights(source.weights_path)
-        bar = tqdm(weights, total=len(model.expected_weight_names()), desc=f"Loading {source.name}", unit="tensor", disable=not progress)
-        loaded = model.load_weights(bar)
-        missing = model.expected_weight_names() - loaded
-        if missing:
-            raise ConfigError(f"The checkpoint {source.weights_path} lacks {len(missing)} tensors, "
-                              f"e.g. {sorted(missing)[:3]}.")
+        weights = safetensors_weights(source.weights_path, partial(tensor_shard, arch=source.arch, tp=tp))
+    bar = tqdm(weights, total=len(model.expected_weight_names()), desc=f"Loading {source.name}", unit="tensor",
+               disable=not progress or source.kind == "dummy")
+    loaded = model.load_weights(bar)
+    missing = model.expected_weight_names() - loaded
+    if missing:
+        raise ConfigError(f"The checkpoint {source.weights_path} lacks {len(missing)} tensors, "
+                          f"e.g. {sorted(missing)[:3]}.")
     assert all(m.is_loaded for m in model.modules() if isinstance(m, Fp8Linear)), "an fp8 layer missed a shard"
-    if quantization is not None and model.device.type == "cuda":
-        torch.cuda.empty_cache()  # hand back the quantization temporaries before the memory is measured
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()  # hand back the temporaries (whole dummy tensors, fp8) before memory is measured
     return model.eval()
 
 
-@torch.no_grad()
-def _init_dummy(model: LlamaForCausalLM) -> None:
-    """Random weights drawn on the model's device (no host copy), norms at one; deterministic.
+def dummy_weights(model: LlamaForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random HF-named tensors in the serving dtype on the model's device, norms at one.
 
-    An fp8 layer draws the same values as the serving-dtype model would (one projection at a
-    time, in the serving dtype) and quantizes them, so both models are the same network.
+    Each tensor is drawn whole from its own generator, seeded by its name, so the values do
+    not depend on the order of loading or on the tensor-parallel size: a rank's slice of a
+    TP=2 model is the same slice of the TP=1 model. An fp8 layer quantizes the same values.
     """
-    generator = torch.Generator(device=model.device).manual_seed(DUMMY_SEED)
-    for name, module in model.named_modules():
-        if isinstance(module, Fp8Linear):
-            weight = torch.empty(module.out_features, module.in_features, dtype=module.dtype, device=model.device)
-            module.load_full(weight.normal_(0.0, DUMMY_INIT_STD, generator=generator))
-            del weight
-            continue
-        param = getattr(module, "weight", None)
-        if not isinstance(param, torch.nn.Parameter) or any(True for _ in module.children()):
-            continue
-        if name.endswith("layernorm") or name == "norm":
-            param.fill_(1.0)
+    for name, shape in sorted(hf_tensor_shapes(model.full_arch).items()):
+        tensor = torch.empty(shape, dtype=model.dtype, device=model.device)
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
         else:
-            param.normal_(0.0, DUMMY_INIT_STD, generator=generator)
+            generator = torch.Generator(device=model.device).manual_seed(DUMMY_SEED + zlib.crc32(name.encode()))
+            tensor.normal_(0.0, DUMMY_INIT_STD, generator=generator)
+        yield name, tensor
+
+
+@torch.no_grad()
+def init_dummy(model: LlamaForCausalLM) -> None:
+    """Fill a built model with dummy_weights (tests build models directly)."""
+    model.load_weights(dummy_weights(model))

@@ -66,6 +66,8 @@ def add_plan_parser(subparsers: Any, resolve_source: Callable[[EngineConfig], Mo
     plan.add_argument("--kv-cache-memory-bytes", default=None, help="a fixed KV cache size (the CPU default: 1GiB)")
     plan.add_argument("--num-gpu-blocks-override", type=int, default=None)
     plan.add_argument("--enforce-eager", action="store_true", help="plan without CUDA graphs")
+    plan.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                      help="GPUs (of the --gpu kind) the model is split over; the plan is per GPU")
     plan.add_argument("--users", type=int, default=None, help="with --context: the load to fit")
     plan.add_argument("--context", type=int, default=None, help="tokens per request (prompt + output)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -91,6 +93,7 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
     )
     scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                 max_model_len=args.max_model_len)
+    EngineConfig(tensor_parallel_size=args.tensor_parallel_size)  # its validation
     total_bytes, gpu_name = _device_total_bytes(args)
     folder = source.weights_path if source.kind in ("hf", "dummy") else None
     return PlanInputs(
@@ -101,6 +104,7 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
         kv_cache_memory_bytes=cache.kv_cache_memory_bytes, num_gpu_blocks_override=cache.num_gpu_blocks_override,
         max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
         block_size=cache.block_size, cuda_graphs=not args.enforce_eager,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

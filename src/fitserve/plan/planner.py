@@ -6,6 +6,11 @@ plan is what the server allocates. On a GPU the budget is vLLM's: total memory x
 `--gpu-memory-utilization`, holding weights, the activation peak, memory outside torch that
 loading and running add, the CUDA-graph pool and the KV cache; the CUDA context that exists
 before any of them is outside it. On the CPU the KV cache is `--kv-cache-memory-bytes`.
+
+With `--tensor-parallel-size N` every figure is one GPU's (every GPU holds the same): 1/N of
+the linear layers, all of the embeddings, lm_head and norms, the KV heads of its shard, and
+activations with 1/N of the MLP columns; the KV blocks are those one GPU holds, and the cache
+holds that many tokens (each token's K and V spread over the N GPUs).
 """
 
 from __future__ import annotations
@@ -46,10 +51,16 @@ class PlanInputs:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     cuda_graphs: bool = True  # False with --enforce-eager
+    tensor_parallel_size: int = 1  # GPUs the model is split over; every figure of the plan is per GPU
 
     @property
     def on_gpu(self) -> bool:
         return self.device_total_bytes is not None
+
+    @property
+    def rank_arch(self) -> ArchConfig:
+        """One GPU's shapes (ConfigError when the size does not divide the heads or MLP columns)."""
+        return self.arch.shard(self.tensor_parallel_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,10 +167,10 @@ def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreak
     if not inputs.on_gpu:
         return MemoryBreakdown(weights.total_bytes, 0, 0, 0)
     activation = estimates.activation_peak_bytes(
-        inputs.arch, inputs.max_num_batched_tokens, inputs.max_num_seqs, act_bytes, fp8_linear
+        inputs.rank_arch, inputs.max_num_batched_tokens, inputs.max_num_seqs, act_bytes, fp8_linear
     )
     graphs = (
-        estimates.cuda_graph_pool_bytes(inputs.arch, inputs.max_num_seqs, act_bytes, fp8_linear)
+        estimates.cuda_graph_pool_bytes(inputs.rank_arch, inputs.max_num_seqs, act_bytes, fp8_linear)
         if inputs.cuda_graphs else 0
     )
     return MemoryBreakdown(weights.total_bytes, activation, estimates.RUNTIME_NON_TORCH_BYTES, graphs)
@@ -169,10 +180,11 @@ def plan_memory(inputs: PlanInputs, breakdown: MemoryBreakdown | None = None) ->
     """The plan for `inputs`; with `breakdown` (measured at start-up) in place of the estimates."""
     from fitserve.plan.problems import find_problems  # messages need a finished plan
 
-    weights = weight_bytes(inputs.param_counts, inputs.dtype, inputs.quantization)
+    weights = weight_bytes(inputs.param_counts.per_rank(inputs.tensor_parallel_size), inputs.dtype,
+                           inputs.quantization)
     breakdown = breakdown or estimated_breakdown(inputs, weights)
     kv_dtype = kv_dtype_name(inputs.kv_cache_dtype, inputs.dtype)
-    block_bytes = kv_bytes_per_token(inputs.arch, kv_dtype) * inputs.block_size
+    block_bytes = kv_bytes_per_token(inputs.rank_arch, kv_dtype) * inputs.block_size
     budget, outside = _budget(inputs, block_bytes)
     if not inputs.on_gpu:
         kv_budget = budget

@@ -25,6 +25,8 @@ def _header(plan: MemoryPlan) -> list[str]:
     quant = i.quantization or "none"
     where = (f"{i.gpu_name or 'GPU'} ({i.device_total_bytes // MIB} MiB = {i.device_total_bytes / GIB:.2f} GiB)"
              if i.device_total_bytes is not None else "the CPU")
+    if i.tensor_parallel_size > 1:
+        where = f"{i.tensor_parallel_size} x {where}, tensor parallel; every figure below is per GPU"
     budget = f"--gpu-memory-utilization {i.gpu_memory_utilization:.2f}" if i.on_gpu else \
         f"--kv-cache-memory-bytes {plan.budget_bytes}"
     settings = (f"--dtype {i.dtype}, --quantization {quant}, --kv-cache-dtype {i.kv_cache_dtype} "
@@ -118,7 +120,9 @@ def plan_to_json(plan: MemoryPlan) -> dict[str, Any]:
             "max_num_seqs": i.max_num_seqs, "max_num_batched_tokens": i.max_num_batched_tokens,
             "block_size": i.block_size, "cuda_graphs": i.cuda_graphs,
             "kv_cache_memory_bytes": i.kv_cache_memory_bytes, "num_gpu_blocks_override": i.num_gpu_blocks_override,
+            "tensor_parallel_size": i.tensor_parallel_size,
         },
+        "per_gpu": i.tensor_parallel_size > 1,  # weights, activations and KV bytes below are one GPU's
         "budget_bytes": plan.budget_bytes,
         "weights": {
             "linear_dtype": w.linear_dtype, "linear_bytes": w.linear_bytes, "other_dtype": w.other_dtype,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fitserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, ArchConfig, ConfigError
@@ -58,6 +58,12 @@ class ParamCounts:
     @property
     def num_params(self) -> int:
         return self.linear_params + self.embedding_params + self.norm_params
+
+    def per_rank(self, tensor_parallel_size: int) -> ParamCounts:
+        """One GPU's share under tensor parallelism: 1/N of every linear layer, the rest replicated."""
+        if tensor_parallel_size == 1:
+            return self
+        return replace(self, linear_params=self.linear_params // tensor_parallel_size)
 
 
 def counts_from_arch(arch: ArchConfig) -> ParamCounts:

@@ -89,6 +89,12 @@ class DecodeGraphs:
     @torch.inference_mode()
     def run(self, scheduled: tuple[ScheduledRequest, ...], block_size: int) -> torch.Tensor:
         """Replay the graph for these decode requests; returns logits [len(scheduled), vocab] float32."""
+        return self.model.compute_logits(self.replay(scheduled, block_size))
+
+    @torch.inference_mode()
+    def replay(self, scheduled: tuple[ScheduledRequest, ...], block_size: int) -> torch.Tensor:
+        """Replay the graph for these decode requests; returns final hidden states [len(scheduled), hidden]
+        (a tensor-parallel worker stops here: only rank 0 computes logits)."""
         num_seqs = len(scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
         staged = self._staged  # pinned host copies of the inputs, written in place
@@ -119,5 +125,6 @@ class DecodeGraphs:
         graph, hidden = self._graphs[size]
         graph.replay()
         # The host buffers are rewritten next step; that step's writes happen after this step's
-        # sampled tokens were read back, which waits for the copies above to finish.
-        return self.model.compute_logits(hidden[:num_seqs])
+        # sampled tokens were read back (or, on a tensor-parallel worker, after it synchronized),
+        # which waits for the copies above to finish.
+        return hidden[:num_seqs]

@@ -2,10 +2,14 @@
 
 Implements core.interfaces.ModelRunner. It keeps no request state besides the sampler's
 (per-request generators, and token counts for requests with penalties or min_tokens), which it
-drops when the scheduler reports a request finished.
+drops when the scheduler reports a request finished. With tensor parallelism rank 0's runner
+hands each step to the worker ranks (`peers`, runner/distributed.py) before its own forward; a
+worker's runner runs `forward_only`.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 
@@ -29,6 +33,14 @@ def allocate_kv_cache(
     ]
 
 
+class StepPeers(Protocol):
+    """The other tensor-parallel ranks, as rank 0 sees them (runner.distributed.WorkerGroup)."""
+
+    def send_step(self, scheduler_output: SchedulerOutput) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
 class TorchModelRunner:
     def __init__(
         self,
@@ -48,6 +60,7 @@ class TorchModelRunner:
         self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device)
         model.bind_kv_cache(self.kv_caches)
         self.sampler = Sampler(device, seed)
+        self.peers: StepPeers | None = None  # set on tensor-parallel rank 0 once the workers are ready
         self.decode_graphs: DecodeGraphs | None = None
         if use_cuda_graphs and device.type == "cuda":
             max_blocks_per_seq = -(-max_model_len // capacity.block_size)
@@ -57,12 +70,19 @@ class TorchModelRunner:
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one GPU)."""
+        if self.peers is not None:
+            self.peers.shutdown()
+
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         return self.execute_async(scheduler_output).result()
 
     @torch.inference_mode()
     def execute_async(self, scheduler_output: SchedulerOutput) -> PendingSample:
         """Queue the step on the device; nothing here waits for the GPU (see PendingSample)."""
+        if self.peers is not None:
+            self.peers.send_step(scheduler_output)  # the workers run the same forward, in lock-step
         self.sampler.forget(scheduler_output.finished_request_ids)
         scheduled = scheduler_output.scheduled
         if not scheduled:
@@ -85,6 +105,20 @@ class TorchModelRunner:
                 prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> PendingSample:
         sample = self.sampler.sample_device(logits, chunks)
         return PendingSample(tuple(c.request_id for c in chunks), sample, prompt_logprobs)
+
+    @torch.inference_mode()
+    def forward_only(self, scheduler_output: SchedulerOutput) -> None:
+        """A tensor-parallel worker's step: rank 0's forward (the same graph-or-eager choice, so the
+        collectives match), without logits or sampling."""
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return
+        if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
+            self.decode_graphs.replay(scheduled, self.capacity.block_size)
+        else:
+            self.model(build_forward_batch(scheduled, self.capacity.block_size, self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the graphs' pinned inputs are rewritten next step
 
 
 class PendingSample:

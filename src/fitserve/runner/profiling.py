@@ -81,10 +81,11 @@ def unbind_cache(model: torch.nn.Module, arch: ArchConfig, device: torch.device)
 @torch.inference_mode()
 def profile_activation_peak(
     model: torch.nn.Module, arch: ArchConfig, max_num_batched_tokens: int, max_num_seqs: int,
-    max_model_len: int, device: torch.device,
+    max_model_len: int, device: torch.device, with_sampling: bool = True,
 ) -> dict[str, float]:
     """Peak bytes torch allocates above the weights (and the throw-away cache) in each part:
-    {"activation_peak_bytes", "forward_peak_bytes", "sampling_peak_bytes", "seconds"}."""
+    {"activation_peak_bytes", "forward_peak_bytes", "sampling_peak_bytes", "seconds"}.
+    `with_sampling=False` on tensor-parallel workers, which never compute logits."""
     start_s = time.monotonic()
     chunks = profile_chunks(max_num_batched_tokens, max_model_len)
     caches = throwaway_cache(model, arch, chunks, device)
@@ -95,7 +96,8 @@ def profile_activation_peak(
     torch.cuda.synchronize(device)
     forward_peak = torch.cuda.max_memory_allocated(device) - base_bytes
     torch.cuda.reset_peak_memory_stats(device)
-    run_sampling(model, hidden, min(max_num_seqs, max_num_batched_tokens), device)
+    if with_sampling:
+        run_sampling(model, hidden, min(max_num_seqs, max_num_batched_tokens), device)
     torch.cuda.synchronize(device)
     sampling_peak = torch.cuda.max_memory_allocated(device) - base_bytes
     unbind_cache(model, arch, device)

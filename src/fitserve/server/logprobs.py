@@ -18,11 +18,17 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports impossible tokens at t
 
 
 class TokenTexts:
-    """Token id -> its text, decoded once per id."""
+    """Token id -> its text and its raw bytes, worked out once per id.
+
+    A token may hold part of a UTF-8 character: its text is then a replacement character, and
+    its bytes (OpenAI's `bytes` field, which clients join to rebuild such characters) are the
+    raw bytes, from the tokenizer's `token_bytes` where it has one.
+    """
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
         self._texts: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._texts.get(token_id)
@@ -31,14 +37,27 @@ class TokenTexts:
             self._texts[token_id] = text
         return text
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._raw_bytes(token_id)
+            self._bytes[token_id] = raw
+        return raw
+
+    def _raw_bytes(self, token_id: int) -> list[int]:
+        text = self(token_id)
+        raw_bytes = getattr(self._tokenizer, "token_bytes", None)
+        if "\ufffd" in text and raw_bytes is not None:
+            return raw_bytes(token_id)
+        return list(text.encode("utf-8"))
+
 
 def _value(logprob: float) -> float:
     return max(logprob, LOGPROB_FLOOR)
 
 
 def _top(texts: TokenTexts, token_id: int, logprob: float) -> ChatTopLogprob:
-    text = texts(token_id)
-    return ChatTopLogprob(token=text, logprob=_value(logprob), bytes=list(text.encode("utf-8")))
+    return ChatTopLogprob(token=texts(token_id), logprob=_value(logprob), bytes=texts.token_bytes(token_id))
 
 
 def chat_logprobs(entries: Sequence[TokenLogprobs], texts: TokenTexts) -> ChatChoiceLogprobs:

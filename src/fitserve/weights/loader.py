@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,8 +35,18 @@ def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, torch.from_numpy(values)
 
 
-def safetensors_weights(folder: str | None) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors from every *.safetensors file of a checkpoint folder."""
+class Slice(Protocol):
+    """A part of a tensor along one dimension (layers.parallel.TensorShard)."""
+
+    dim: int
+    start: int
+    length: int
+
+
+def safetensors_weights(folder: str | None, select: Callable[[str], Slice | None] | None = None,
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors from every *.safetensors file of a checkpoint folder; with `select`, a
+    tensor it names a slice of is read only as that slice (a tensor-parallel rank's part)."""
     from safetensors import safe_open
     files = sorted(Path(folder or ".").glob("*.safetensors"))
     if not files:
@@ -43,4 +54,9 @@ def safetensors_weights(folder: str | None) -> Iterator[tuple[str, torch.Tensor]
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                part = select(key) if select is not None else None
+                if part is None:
+                    yield key, f.get_tensor(key)
+                    continue
+                index = [slice(None)] * part.dim + [slice(part.start, part.start + part.length)]
+                yield key, f.get_slice(key)[tuple(index)]

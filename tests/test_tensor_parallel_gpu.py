@@ -1,0 +1,73 @@
+"""Tensor parallelism over NCCL (two GPUs): TP=2 == TP=1 greedy tokens with and without CUDA
+graphs (all-reduces captured inside them), fp8 runs split, and a dead worker fails the engine
+(the NCCL collective waiting for it is aborted) instead of hanging it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    pytest.skip("needs two CUDA devices", allow_module_level=True)
+
+from tp_helpers import PROMPTS, greedy_tokens, tiny_llm, write_tiny_llama  # noqa: E402
+
+from fitserve.runner.distributed import TensorParallelError  # noqa: E402
+
+CUDA = {"device": "cuda"}
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    # head_dim 64, as the Triton kernels' tests use; TP=2: 2 heads, 1 KV head, 256 MLP columns a GPU
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), hidden_size=256, intermediate_size=512)
+
+
+@pytest.fixture(scope="module")
+def tp1_tokens(tiny_folder):
+    with tiny_llm(tiny_folder, 1, **CUDA, enforce_eager=True) as llm:
+        return greedy_tokens(llm)
+
+
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_tp2_greedy_tokens_equal_tp1(tiny_folder, tp1_tokens, enforce_eager):
+    with tiny_llm(tiny_folder, 2, **CUDA, enforce_eager=enforce_eager) as llm:
+        runner = llm.engine.runner
+        assert (runner.decode_graphs is None) == enforce_eager
+        assert runner.kv_caches[0][0].shape[2:] == (1, 64) and runner.device.type == "cuda"
+        assert greedy_tokens(llm) == tp1_tokens
+
+
+def test_tp2_fp8_serves(tiny_folder):
+    with tiny_llm(tiny_folder, 2, **CUDA, quantization="fp8") as llm:
+        tokens = greedy_tokens(llm)
+    assert all(len(t) == 16 for t in tokens)
+
+
+def test_a_dead_worker_fails_the_engine_on_nccl(tiny_folder):
+    llm = tiny_llm(tiny_folder, 2, **CUDA)
+    try:
+        worker = llm.engine.runner.peers.processes[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(30)
+        outcome: list[BaseException | None] = []
+
+        def generate() -> None:
+            try:
+                greedy_tokens(llm, PROMPTS[:2])
+                outcome.append(None)
+            except BaseException as error:  # noqa: BLE001 - the test looks at it
+                outcome.append(error)
+
+        thread = threading.Thread(target=generate, daemon=True)
+        thread.start()
+        thread.join(60)
+        assert not thread.is_alive(), "the engine hung on a dead worker"
+        assert isinstance(outcome[0], TensorParallelError)
+    finally:
+        llm.shutdown()
