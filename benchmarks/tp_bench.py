@@ -108,7 +108,8 @@ def part_tests(args: argparse.Namespace) -> dict:
     # --noconftest: tests/conftest.py brings the HTTP fixtures (openai, uvicorn), which these tests do not use
     cmd = [sys.executable, "-m", "pytest", "-q", "--noconftest", "-m", "gpu", "tests/test_tensor_parallel_gpu.py"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.part_timeout_s,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(ROOT / "src"), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])})
     return {"command": " ".join(cmd[1:]), "exit_code": proc.returncode, "tail": proc.stdout[-3000:]}
 
 
