@@ -33,6 +33,11 @@ schema.config.generation.update(
     modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
     max_examples=SCHEMATHESIS_EXAMPLES, deterministic=True,
 )
+# schemathesis stops reading an event stream after 20 events (its default) and hands back what it
+# read, so a longer stream would lack its `[DONE]`; read every event (the 30 s timeout still ends a
+# stream that never stops). Which examples stream depends on the constants Hypothesis finds in the
+# loaded modules, so a long stream turns up in some runs only.
+schema.config.max_stream_events = 10**9
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +68,24 @@ def check_response(status: int, content_type: str, body: bytes) -> None:
 def test_schemathesis(case, server):
     url, _ = server
     response = case.call(base_url=url, timeout=30)
+    assert not response.stream_cut_short, "the client stopped reading the event stream"
     content_type = response.headers.get("content-type") or [""]  # schemathesis: a list per header
     check_response(response.status_code, content_type[0], response.content)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": ["a", "b"], "n": 2, "max_tokens": 12}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 9}),
+])
+def test_schemathesis_reads_long_streams_whole(server, path, body):
+    """A stream of more events than schemathesis reads by default still ends in `[DONE]`."""
+    url, _ = server
+    case = schema[path]["POST"].Case(body={**body, "stream": True}, media_type="application/json")
+    response = case.call(base_url=url, timeout=30)
+    assert not response.stream_cut_short
+    check_response(response.status_code, response.headers["content-type"][0], response.content)
+    events = [e for e in response.content.decode().split("\n\n") if e]
+    assert len(events) > 20  # more than schemathesis's default
 
 
 # -- hypothesis over the request models' fields --------------------------------------------------

@@ -73,7 +73,8 @@ class OpenAIServingChat(ServingBase):
         if body.stream:
             # The first outputs come before the 200 headers, so early engine errors are 400s.
             primed = await self.prime_all(raw_request, streams)
-            return SSEResponse(self.stream_events(completion_id, primed, body, len(token_ids), request_id, plan))
+            return SSEResponse(self.stream_events(completion_id, primed, body, len(token_ids), request_id, plan),
+                               primed)
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = []
         for index, final in enumerate(finals):

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -53,13 +53,19 @@ def sse_event(chunk: BaseModel, include_usage: bool) -> str:
 
 
 class SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its body iterator.
+    """A StreamingResponse that always closes its body iterator and the engine streams behind it.
 
     Starlette stops iterating when the client disconnects but leaves the generator to the
-    garbage collector; closing it here runs its `finally`, which aborts the engine request.
+    garbage collector; closing it here runs its `finally`, which aborts the engine requests.
+    A body that never started has no `finally` to run, so `sources` (the streams it reads) are
+    closed here too: a client that leaves before the first chunk aborts them all the same.
     """
 
     media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], sources: Sequence[AsyncIterator[Any]] = ()) -> None:
+        super().__init__(content)
+        self.sources = list(sources)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -68,6 +74,7 @@ class SSEResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+            await close_all(self.sources)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -300,19 +307,32 @@ async def prime(stream: AsyncIterator[T]) -> AsyncIterator[T]:
     try:
         first = await stream.__anext__()
     except StopAsyncIteration:
-        return _empty()
-    return _chain_first(first, stream)
+        return _Primed([], stream)
+    return _Primed([first], stream)
 
 
-async def _empty() -> AsyncIterator[Any]:
-    return
-    yield  # makes this an async generator
+class _Primed(Generic[T]):
+    """A stream whose first item was fetched ahead, then handed out first.
 
+    Not an async generator on purpose: closing a generator that never ran runs none of its code,
+    which would leave `source` (an engine request) open until the garbage collector finds it.
+    `aclose` here closes `source` whether or not anyone read from this stream.
+    """
 
-async def _chain_first(first: T, rest: AsyncIterator[T]) -> AsyncIterator[T]:
-    try:
-        yield first
-        async for item in rest:
-            yield item
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+    __slots__ = ("_pending", "_source")
+
+    def __init__(self, pending: list[T], source: AsyncIterator[T]) -> None:
+        self._pending = pending  # the fetched first item until it is handed out; empty after
+        self._source = source
+
+    def __aiter__(self) -> _Primed[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._pending:
+            return self._pending.pop()
+        return await self._source.__anext__()
+
+    async def aclose(self) -> None:
+        self._pending.clear()
+        await self._source.aclose()  # type: ignore[attr-defined]

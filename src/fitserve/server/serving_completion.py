@@ -84,7 +84,7 @@ class OpenAIServingCompletion(ServingBase):
             [f"{completion_id}-{p * n + i}" for i in range(n)], prompt.token_ids, prompt.params, deadline)]
         if body.stream:
             primed = await self.prime_all(raw_request, streams)
-            return SSEResponse(self.stream_events(completion_id, primed, body, plan, request_id))
+            return SSEResponse(self.stream_events(completion_id, primed, body, plan, request_id), primed)
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = [self._choice(index, body, plan[index // n], final) for index, final in enumerate(finals)]
         # Each prompt is counted once however many choices share it, as OpenAI and vLLM do.
