@@ -38,7 +38,7 @@ def tp1_tokens(tiny_folder):
 def test_tp2_greedy_tokens_equal_tp1(tiny_folder, tp1_tokens, enforce_eager):
     with tiny_llm(tiny_folder, 2, **CUDA, enforce_eager=enforce_eager) as llm:
         runner = llm.engine.runner
-        assert (runner.decode_graphs is None) == enforce_eager
+        assert runner.decode_graphs is None, "graphs are off with tensor parallelism (docs/parallelism.md)"
         assert runner.kv_caches[0][0].shape[2:] == (1, 64) and runner.device.type == "cuda"
         assert greedy_tokens(llm) == tp1_tokens
 

@@ -96,7 +96,7 @@ def plan_inputs(config: EngineConfig, source: ModelSource, max_model_len: int, d
         kv_cache_memory_bytes=config.cache.kv_cache_memory_bytes,
         num_gpu_blocks_override=config.cache.num_gpu_blocks_override,
         max_num_seqs=config.scheduler.max_num_seqs, max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-        block_size=config.cache.block_size, cuda_graphs=device.type == "cuda" and not config.enforce_eager,
+        block_size=config.cache.block_size, cuda_graphs=device.type == "cuda" and uses_cuda_graphs(config),
         tensor_parallel_size=config.tensor_parallel_size,
     )
 
@@ -161,7 +161,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
     runner = TorchModelRunner(
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
-        use_cuda_graphs=not config.enforce_eager,
+        use_cuda_graphs=uses_cuda_graphs(config),
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)
@@ -170,6 +170,13 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         if tp.is_driver:
             logger.info("Memory on %s:\n%s", memory.planned.inputs.gpu_name, memory.table())
     return runner
+
+
+def uses_cuda_graphs(config: EngineConfig) -> bool:
+    """Decode graphs unless --enforce-eager; not yet with tensor parallelism: capturing NCCL's
+    all-reduce (torch.distributed) inside a graph hung on the 2 x H200 test machine, while the
+    same ranks run eagerly (docs/parallelism.md)."""
+    return not config.enforce_eager and config.tensor_parallel_size == 1
 
 
 def build_worker_runner(tp: TensorParallel, device: torch.device, report: Callable[[str], None],
@@ -221,6 +228,9 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read
     tokenizer = Tokenizer.from_source(source)
     if config.tensor_parallel_size > 1:
+        if device.type == "cuda" and not config.enforce_eager:
+            logger.warning("CUDA graphs are off with --tensor-parallel-size %d: every step is launched eagerly "
+                           "(docs/parallelism.md).", config.tensor_parallel_size)
         runner = build_parallel_runner(memory, config, source, max_model_len, device, progress)
     else:
         runner = build_runner(memory, config, source, max_model_len, device, progress)
