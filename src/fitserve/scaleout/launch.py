@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -22,6 +23,7 @@ from typing import Any
 
 from fitserve.config import ConfigError, EngineConfig, ServerConfig, ray_address
 from fitserve.scaleout.options import APP_NAME, ReplicaOptions, replica_options_from_args
+from fitserve.scaleout.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 logger = logging.getLogger(__name__)
 MAX_CONSTRUCTOR_RETRIES = 3  # a replica whose engine cannot load is retried this often, then the deploy fails
@@ -74,6 +76,8 @@ def serve_replicas(args: argparse.Namespace) -> int:
     joined_cluster = args.ray_address is not None or ray_address() is not None
     # A local instance: its workers import fitserve from where this process does (a source tree too).
     runtime_env = None if joined_cluster else {"env_vars": {"PYTHONPATH": FITSERVE_SOURCE_ROOT}}
+    if not joined_cluster:  # the proxy of the instance started here inherits it (a cluster sets it per node)
+        os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
     ray.init(address=args.ray_address, namespace=APP_NAME, runtime_env=runtime_env, log_to_driver=True)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:

@@ -25,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 class ReplicaHeader:
-    """ASGI middleware: adds `x-fitserve-replica: <name>` to every HTTP answer, streamed or not."""
+    """ASGI middleware: adds `x-fitserve-replica: <name>` to every HTTP answer, streamed or not.
+
+    The proxy's error middleware (proxy.py) also reads it: an answer without it came from Ray."""
 
     def __init__(self, app: Any, replica_name: str) -> None:
         self.app = app
@@ -38,7 +40,9 @@ class ReplicaHeader:
 
         async def send_with_header(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self.header]}
+                # Ray's proxy adds x-request-id itself, with the id it handed to the app: one copy is enough.
+                headers = [(n, v) for n, v in message.get("headers", []) if n.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, self.header]}
             await send(message)
 
         await self.app(scope, receive, send_with_header)
