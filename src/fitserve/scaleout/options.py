@@ -137,8 +137,9 @@ def replica_options_from_args(args: argparse.Namespace, max_num_seqs: int, on_gp
         num_replicas=args.replicas,
         min_replicas=1 if args.min_replicas is None else args.min_replicas,
         max_replicas=args.max_replicas,
-        max_ongoing_requests=args.max_ongoing_requests or max_num_seqs,
-        target_ongoing_requests=args.target_ongoing_requests or float(max_num_seqs),
+        max_ongoing_requests=max_num_seqs if args.max_ongoing_requests is None else args.max_ongoing_requests,
+        target_ongoing_requests=(float(max_num_seqs) if args.target_ongoing_requests is None
+                                 else args.target_ongoing_requests),
         max_queued_requests=getattr(args, "max_queue_len", None),
         num_cpus=args.replica_num_cpus,
         num_gpus=num_gpus,
