@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 from ray.serve._private.common import DeploymentID, ReplicaID, StreamingHTTPRequest
 from ray.serve._private.request_router.common import ReplicaQueueLengthCache
+from ray.serve.schema import ServeDeploySchema
 
 from fitserve.cli import build_parser
 from fitserve.config import ConfigError
+from fitserve.scaleout import launch
 from fitserve.scaleout.launch import _flags_from_mapping
 from fitserve.scaleout.options import PREFIX_KEY_HEADER, ReplicaOptions, replica_options_from_args
 from fitserve.scaleout.proxy import ReplicaFailureMiddleware
@@ -175,3 +179,29 @@ def test_proxy_middleware_rewrites_ray_backpressure_as_openai_json():
     error = json.loads(sent[1]["body"])["error"]
     assert error["message"] == "Request dropped due to backpressure" and error["type"] == "service_unavailable_error"
     assert int(headers[b"content-length"]) == len(sent[1]["body"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _serve_configs() -> list[dict]:
+    service = yaml.safe_load((ROOT / "deploy/k8s/ray/rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    return [yaml.safe_load((ROOT / "deploy/ray/serve-config.yaml").read_text()),
+            yaml.safe_load(service["spec"]["serveConfigV2"])]
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["serve-config.yaml", "rayservice.yaml serveConfigV2"])
+def test_deploy_serve_configs_follow_ray_serves_schema_and_build(index, monkeypatch):
+    config = ServeDeploySchema.model_validate(_serve_configs()[index])
+    app = config.applications[0]
+    assert app.import_path == "fitserve.scaleout.launch:app_builder" and app.route_prefix == "/"
+    built = {}
+    monkeypatch.setattr(launch, "_engine_on_gpu", lambda device: True)
+    monkeypatch.setattr(launch, "build_application", lambda engine, server, options, *rest: built.update(
+        engine=engine, server=server, options=options.deployment_options()))
+    launch.app_builder(app.args)  # what `serve deploy` runs: every arg must be a fitserve serve flag
+    assert built["engine"].model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert built["options"]["autoscaling_config"]["max_replicas"] == 4
+    assert built["options"]["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}
+    assert built["options"]["max_queued_requests"] == 1024 and built["server"].shutdown_timeout_s == 60
