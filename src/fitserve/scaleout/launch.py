@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fitserve.config import ConfigError, EngineConfig, ServerConfig, ray_address
-from fitserve.scaleout.options import APP_NAME, ReplicaOptions, replica_options_from_args
+from fitserve.scaleout.options import APP_NAME, DEPLOYMENT_NAME, ReplicaOptions, replica_options_from_args
 from fitserve.scaleout.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 logger = logging.getLogger(__name__)
@@ -92,11 +92,23 @@ def serve_replicas(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         logger.info("Stopping: Ray stops routing new requests; in-flight ones get up to %g s.", args.shutdown_timeout)
         return 0
-    except RuntimeError as error:  # serve.run: a replica failed to start (the engine's error is in the message)
-        raise ConfigError(f"The replicas could not start: {error}") from None
+    except RuntimeError as error:  # serve.run: a replica failed to start
+        raise ConfigError(f"The replicas could not start: {_deployment_message() or error}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(joined_cluster)
+
+
+def _deployment_message() -> str | None:
+    """The deployment's status message: the last replica's start-up error (the engine's ConfigError)."""
+    from ray import serve
+
+    try:
+        message = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message
+    except (KeyError, AttributeError):
+        return None
+    marker = "fitserve.config.ConfigError: "  # the traceback ends with the one paragraph that names the fix
+    return message.rsplit(marker, 1)[1].strip() if marker in message else message or None
 
 
 def _stop(joined_cluster: bool) -> None:
