@@ -19,6 +19,7 @@
 #                    serves one on 127.0.0.1 when no torch index can be reached
 #   PIP_CERT         the CA bundle pip trusts inside the build (the base image's system bundle)
 #   FITSERVE_UID     uid of the non-root user the server runs as (1000; the Kubernetes manifest uses it)
+#   FITSERVE_EXTRAS  pip extras of fitserve, e.g. `ray` for the image of deploy/k8s/ray (docs/scale-out.md)
 
 ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 FROM ${BASE_IMAGE}
@@ -74,7 +75,8 @@ RUN pip install --no-cache-dir ${WHEELS_URL:+--find-links "$WHEELS_URL"} --requi
 # requirements.lock was made is installed here, unpinned, until the lock is regenerated.
 COPY pyproject.toml README.md /tmp/fitserve-src/
 COPY src/ /tmp/fitserve-src/src/
-RUN pip install --no-cache-dir --constraint /tmp/requirements.lock /tmp/fitserve-src && \
+ARG FITSERVE_EXTRAS=
+RUN pip install --no-cache-dir --constraint /tmp/requirements.lock "/tmp/fitserve-src${FITSERVE_EXTRAS:+[$FITSERVE_EXTRAS]}" && \
     rm -rf /tmp/fitserve-src /tmp/requirements.lock && \
     fitserve serve --help >/dev/null
 

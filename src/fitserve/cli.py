@@ -10,6 +10,7 @@ import sys
 from fitserve.bench.cli import add_bench_parsers
 from fitserve.plan.command import add_plan_parser
 from fitserve.quantcheck.command import add_check_quant_parser
+from fitserve.scaleout.options import add_replica_args, wants_replicas
 from fitserve.config import (
     API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_tag", nargs="?", default=None, help="the model, as `vllm serve MODEL` takes it")
     add_engine_args(serve)
     add_server_args(serve)
+    add_replica_args(serve)  # --replicas N: engine replicas on Ray Serve (docs/scale-out.md)
     add_bench_parsers(commands)
     serve.add_argument("--verify-quantization", action="store_true",
                        help="before serving, compare --quantization/--kv-cache-dtype with --dtype on built-in "
@@ -213,6 +215,10 @@ def serve(args: argparse.Namespace) -> int:
     from fitserve.server.lifecycle import Phase
     from fitserve.telemetry import Telemetry
 
+    if wants_replicas(args):
+        from fitserve.scaleout.launch import serve_replicas
+
+        return serve_replicas(args)
     if args.model_tag and not args.model:
         args.model = args.model_tag
     engine_config = engine_config_from_args(args)

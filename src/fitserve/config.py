@@ -275,6 +275,11 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
 MIN_REQUEST_BODY_BYTES = 1024  # below this even a one-line chat request would be refused
 
 
+def ray_address() -> str | None:
+    """$RAY_ADDRESS: the Ray cluster `fitserve serve --replicas` joins (docs/scale-out.md); None: start one."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
 def _env_api_keys() -> tuple[str, ...]:
     return tuple(key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",") if key.strip())
 
