@@ -248,21 +248,22 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         "block_size": str(capacity.block_size), "cache_dtype": config.cache.kv_cache_dtype,
         "gpu_memory_utilization": str(config.cache.gpu_memory_utilization),
         "num_gpu_blocks": str(capacity.num_blocks), "num_gpu_blocks_override": str(config.cache.num_gpu_blocks_override),
-        "kv_cache_memory_bytes": str(sized.kv_cache_bytes), "enable_prefix_caching": "False",
+        "kv_cache_memory_bytes": str(sized.kv_cache_bytes),
+        "enable_prefix_caching": str(config.cache.enable_prefix_caching),
     })
     # On a CPU the runner computes inside execute_async, so there is nothing to overlap with.
     async_output = device.type == "cuda" and not config.disable_async_output_proc
     grammar_compiler = GrammarCompiler(tokenizer.hf, source.arch.vocab_size, eos_ids)
     engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output,
-                       grammar_compiler=grammar_compiler)
+                       grammar_compiler=grammar_compiler, enable_prefix_caching=config.cache.enable_prefix_caching)
     logger.info(
         "Model %s on %s (%s%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB%s); "
-        "maximum concurrency at --max-model-len %d: %.2fx",
+        "maximum concurrency at --max-model-len %d: %.2fx; prefix caching %s",
         source.name, device, sized.inputs.dtype,
         f", tensor parallel over {config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else "",
         time.monotonic() - start_s, capacity.num_tokens, capacity.num_blocks, capacity.block_size,
         capacity.num_blocks * sized.kv_block_bytes / 2**30, " per GPU" if config.tensor_parallel_size > 1 else "",
-        max_model_len, capacity.num_tokens / max_model_len,
+        max_model_len, capacity.num_tokens / max_model_len, "on" if config.cache.enable_prefix_caching else "off",
     )
     return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name, memory,
                        sampling_defaults(config, source))
