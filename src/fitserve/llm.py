@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitserve.config import ConfigError, EngineConfig
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
@@ -288,13 +288,25 @@ class CompletionOutput:
     finish_reason: str | None
 
 
+def engine_config(model: str | None, fields: dict[str, object]) -> EngineConfig:
+    """An EngineConfig from flat keyword settings; CacheConfig and SchedulerConfig fields go to them."""
+    fields, nested = dict(fields), {}
+    for name, part in (("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        own = {key: fields.pop(key) for key in [k for k in fields if k in part.__dataclass_fields__]}
+        if own:
+            nested[name] = part(**own)
+    return EngineConfig(model=model, **nested, **fields)
+
+
 class LLM:
     """Offline batch generation on the same engine the server uses."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **config_fields: object) -> None:
-        """LLM("path") or LLM(dtype="float32") build an EngineConfig; LLM(config=...) takes one whole."""
+        """LLM("path") or LLM(dtype="float32", enable_prefix_caching=False) build an EngineConfig
+        (cache and scheduler settings by their own names, as vLLM's LLM takes them flat);
+        LLM(config=...) takes one whole."""
         if config is None:
-            config = EngineConfig(model=model, **config_fields)
+            config = engine_config(model, config_fields)
         elif model is not None or config_fields:
             raise TypeError("pass either config= or model and EngineConfig fields, not both")
         built = build_engine(config, progress=False)
