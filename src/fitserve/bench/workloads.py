@@ -71,8 +71,8 @@ WORKLOADS: dict[str, Workload] = {
     "W6": dataclasses.replace(
         W1, name="W6", description="W1 on a 20 GB budget",
         server_note="start the server with --gpu-memory-utilization = 18 GiB / the card's total memory"),
-    "shared-prefix": Workload("shared-prefix", "one 1000-token system prompt shared by every request, "
-                              "then 32 tokens of its own (prefix caching)", 100, 8, 32, 32, prefix_len=1000,
+    "shared-prefix": Workload("shared-prefix", "one system prompt (prefix_len tokens) shared by every request, "
+                              "then input_len tokens of its own (prefix caching)", 100, 8, 32, 32, prefix_len=1000,
                               server_note="compare --enable-prefix-caching (the default) with "
                                           "--no-enable-prefix-caching"),
 }
