@@ -201,3 +201,11 @@ def test_caching_off_finds_nothing():
     assert manager.find_cached_prefix(request("b", range(9))) == []
     assert manager.pool.num_cached_blocks == 0
     manager.check_invariants()
+
+
+def test_block_hashes_are_stable_across_processes_and_machines():
+    """blake2b of fixed bytes: these numbers must never change (Python's hash() would, per process)."""
+    first = hash_block(None, token_bytes([1, 2, 3, 4]))
+    assert first == 316656693404356750158835375371187905469
+    assert hash_block(first, token_bytes([5, 6, 7, 8])) == 301578022036340368991699359984980636342
+    assert token_bytes([1, 258]) == b"\x01\x00\x00\x00\x02\x01\x00\x00", "int32, little-endian"
