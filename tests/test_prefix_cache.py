@@ -193,6 +193,20 @@ def test_colliding_hashes_never_serve_a_block_computed_after_another_prefix():
     assert engine.metrics.snapshot().prefix_cache.hits == 4 + 8, "xx finds x (from xy), xy2 finds x and y"
 
 
+def test_a_request_with_prompt_logprobs_computes_its_whole_prompt_but_shares_its_blocks():
+    engine = make_engine()
+    prompt = list(range(500, 521))
+    engine.add_request(engine.make_request("scored", prompt, SamplingParams(max_tokens=2, prompt_logprobs=0)))
+    starts: dict[str, int] = {}
+    run(engine, starts)
+    engine.add_request(engine.make_request("scored2", prompt, SamplingParams(max_tokens=2, prompt_logprobs=0)))
+    add(engine, "plain", prompt, max_tokens=2)
+    run(engine, starts)
+    assert starts == {"scored": 0, "scored2": 0, "plain": 20}
+    stats = engine.metrics.snapshot().prefix_cache
+    assert (stats.queries, stats.hits) == (21, 20), "lookups skipped are not counted (vLLM's counters)"
+
+
 def test_caching_off_counts_no_queries():
     engine = make_engine(caching=False)
     add(engine, "a", range(20), max_tokens=2)

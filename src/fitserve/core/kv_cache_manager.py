@@ -109,7 +109,7 @@ class KVCacheManager:
         block other requests may be reading, and recomputing a block costs at most
         block_size - 1 tokens more.
         """
-        if not self.enable_caching:
+        if not self.reads_cache(request):
             return []
         assert request.request_id not in self._tables, "only a request without blocks looks up the cache"
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -121,9 +121,15 @@ class KVCacheManager:
             hits.append(block_id)
         return hits
 
+    def reads_cache(self, request: Request) -> bool:
+        """Whether the request may start from cached blocks. One asking for prompt logprobs may
+        not (as in vLLM): the model must see every prompt position to score it. Its own blocks
+        are still registered for others."""
+        return self.enable_caching and request.sampling_params.prompt_logprobs is None
+
     def record_lookup(self, request: Request, num_hit_tokens: int) -> None:
         """Count an admitted request's lookup (not one that failed to get blocks and will retry)."""
-        if not self.enable_caching:
+        if not self.reads_cache(request):
             return
         if request.num_preemptions:
             self._stats.preempted_queries += request.num_tokens
