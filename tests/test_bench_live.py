@@ -128,6 +128,20 @@ def test_server_metrics_are_scraped_when_present(engine):
     assert server["peak_num_requests_waiting"] == max(n % 3 for n in range(1, len(scrapes) + 1))
 
 
+def test_shared_prefix_workload_reports_the_servers_prefix_cache_hits(engine):
+    workload = resolve_workload("shared-prefix", num_prompts=12, max_concurrency=4, prefix_len=40, input_len=8,
+                                output_len=4)
+    with live_server(build_app(engine)) as url:  # the real /metrics
+        out = bench(url, workload)
+    r, server = out.result, out.result["server_metrics"]
+    assert r["completed"] == 12 and r["total_input_tokens"] == 12 * 48
+    assert server["prefix_cache_queries"] == 12 * 48, "every prompt is looked up once"
+    # the ready check cached the 40 shared tokens (10 blocks of 4): every request finds them
+    assert server["prefix_cache_hits"] >= 12 * 40
+    assert server["prefix_cache_hit_rate_pct"] == pytest.approx(100.0 * server["prefix_cache_hits"] / (12 * 48))
+    assert "Prefix cache hit rate (%):" in out.table()
+
+
 def test_cli_saves_the_result_with_its_provenance(url, tmp_path, capsys):
     path = tmp_path / "w1.json"
     rc = main(["bench", "--base-url", f"{url}/v1/", "--workload", "W1", "--num-prompts", "6", "--max-concurrency",

@@ -3,6 +3,7 @@ the /metrics parser."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -41,7 +42,9 @@ def outcome(index: int, start_s: float, ttft_s: float, itl_s: list[float], *, ou
 def test_workloads_match_benchmarks_md():
     shapes = {name: (w.num_prompts, w.max_concurrency, w.input_len, w.output_len) for name, w in WORKLOADS.items()}
     assert shapes == {"W1": (100, 20, 512, 128), "W2": (1000, 256, 512, 128), "W3": (200, 32, 3072, 64),
-                      "W4": (200, 64, 128, 1024), "W5": (21, None, 64, 1024), "W6": (100, 20, 512, 128)}
+                      "W4": (200, 64, 128, 1024), "W5": (21, None, 64, 1024), "W6": (100, 20, 512, 128),
+                      "shared-prefix": (100, 8, 32, 32)}
+    assert WORKLOADS["shared-prefix"].prefix_len == 1000
     assert WORKLOADS["W5"].interference and "gpu-memory-utilization" in WORKLOADS["W6"].server_note
 
 
@@ -53,6 +56,21 @@ def test_resolve_workload_overrides_and_errors():
             resolve_workload("custom", **bad)
     with pytest.raises(WorkloadError, match="unknown workload"):
         resolve_workload("W9")
+
+
+def test_shared_prefix_prompts_start_alike_and_count_the_prefix():
+    w = resolve_workload("Shared-Prefix", num_prompts=5, prefix_len=30, input_len=10, range_ratio=0.5)
+    specs = build_requests(w, seed=4, vocab_size=1000)
+    assert all(s.prompt[:30] == specs[0].prompt[:30] for s in specs)
+    assert len({tuple(s.prompt[30:]) for s in specs}) == 5, "each request has its own part"
+    assert all(len(s.prompt) == s.prompt_len and 30 + 5 <= s.prompt_len <= 30 + 15 for s in specs)
+    plain = build_requests(dataclasses.replace(w, prefix_len=0), seed=4, vocab_size=1000)
+    assert [s.prompt[30:] for s in specs] == [p.prompt for p in plain], "the prefix leaves the rest unchanged"
+    chat = build_requests(w, seed=4, chat=True)
+    assert all(s.prompt.split()[:30] == chat[0].prompt.split()[:30] for s in chat)
+    assert len({s.prompt for s in chat}) == 5
+    with pytest.raises(WorkloadError, match="prefix-len"):
+        resolve_workload("custom", prefix_len=-1)
 
 
 def test_requests_are_seeded_exact_and_in_range():

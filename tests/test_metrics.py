@@ -36,7 +36,8 @@ class StepClock:
 def make_engine(num_blocks: int = 128, max_num_seqs: int = 8, clock=None) -> LLMEngine:
     runner = FakeRunner(num_blocks=num_blocks, block_size=4, vocab_size=VOCAB_SIZE)
     limits = EngineLimits(VOCAB_SIZE, (VOCAB_SIZE - 1,), SchedulerLimits(max_num_seqs, 64, MAX_MODEL_LEN))
-    metrics = EngineMetrics(MAX_MODEL_LEN, cache_info={"block_size": "4"}, clock=clock or StepClock())
+    metrics = EngineMetrics(MAX_MODEL_LEN, cache_info={"block_size": "4", "enable_prefix_caching": "True"},
+                            clock=clock or StepClock())
     return LLMEngine(runner, FakeDecoder(), limits, metrics=metrics)
 
 
@@ -62,7 +63,9 @@ def test_token_counts_and_latencies_per_request():
     assert h["e2e_request_latency_seconds"].count == h["request_queue_time_seconds"].count == 3
     assert h["request_generation_tokens"].sum == 18 and h["request_prompt_tokens"].sum == 15
     assert h["iteration_tokens_total"].count == engine.num_steps
-    assert h["iteration_tokens_total"].sum == 15 + 3 * 5  # prompts, then one token per decode
+    # the prompts, less the first block (4 tokens) that r1 and r2 find cached, then one token per decode
+    assert h["iteration_tokens_total"].sum == 15 - 2 * 4 + 3 * 5
+    assert (snap.prefix_cache.queries, snap.prefix_cache.hits) == (15, 2 * 4)
     assert h["time_to_first_token_seconds"].sum > 0 and h["inter_token_latency_seconds"].sum > 0
 
 
@@ -134,6 +137,11 @@ def test_metrics_endpoint_speaks_vllms_names(served):
         value(samples, name, **labels)
     assert value(samples, "vllm:prompt_tokens_total", **labels) == 4 * 8
     assert value(samples, "vllm:generation_tokens_total", **labels) == 4 * 32
+    # prefix caching: each prompt's 8 tokens are queried; the last 3 find the first block of 4
+    # (the second block holds the last token, which is always computed)
+    assert value(samples, "vllm:prefix_cache_queries_total", **labels) == 4 * 8
+    assert value(samples, "vllm:prefix_cache_hits_total", **labels) == 3 * 4
+    assert value(samples, "vllm:cache_config_info", enable_prefix_caching="True", engine="0") == 1
     assert value(samples, "vllm:request_success_total", finished_reason="length", **labels) == 4
     assert value(samples, "vllm:time_to_first_token_seconds_count", **labels) == 4
     assert value(samples, "vllm:inter_token_latency_seconds_count", **labels) == 4 * 31

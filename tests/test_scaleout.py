@@ -36,7 +36,10 @@ def test_fixed_replicas_map_queue_settings_onto_ray_serve():
     assert opts["max_queued_requests"] == 50
     assert opts["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert opts["graceful_shutdown_timeout_s"] == 7.0
-    assert "request_router_config" not in opts  # Ray's power of two choices
+    # prefix caching is on by default, so requests with one prefix key prefer one replica
+    assert opts["request_router_config"]["request_router_class"] == "fitserve.scaleout.router:PrefixAffinityRouter"
+    plain = options_for("--replicas", "3", "--no-enable-prefix-caching").deployment_options()
+    assert "request_router_config" not in plain  # Ray's power of two choices
 
 
 def test_autoscaling_bounds_and_target_from_the_queue():

@@ -62,6 +62,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "vllm: ignore it; or a folder with a generation_config.json")
     parser.add_argument("--max-logprobs", type=int, default=20,
                         help="most logprobs / top_logprobs a request may ask for per token (more: 400)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV cache of full blocks shared with earlier requests (a common system "
+                             "prompt is computed once); on by default, --no-enable-prefix-caching turns it off "
+                             "(docs/prefix-caching.md)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
     parser.add_argument("--disable-async-output-proc", action="store_true",
@@ -93,6 +97,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kv_cache_memory_bytes=kv_bytes,
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             kv_cache_dtype=args.kv_cache_dtype,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,

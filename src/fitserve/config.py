@@ -178,6 +178,7 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None  # explicit KV size; the CPU default is DEFAULT_CPU_KV_CACHE_BYTES
     num_gpu_blocks_override: int | None = None  # exact block count, for tests and debugging
     kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: auto (= --dtype) or fp8 (e4m3, 1 byte per element)
+    enable_prefix_caching: bool = True  # vLLM's default: reuse the cached K/V of full blocks of a shared prefix
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitserve.config import ConfigError, EngineConfig
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
@@ -248,21 +248,22 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         "block_size": str(capacity.block_size), "cache_dtype": config.cache.kv_cache_dtype,
         "gpu_memory_utilization": str(config.cache.gpu_memory_utilization),
         "num_gpu_blocks": str(capacity.num_blocks), "num_gpu_blocks_override": str(config.cache.num_gpu_blocks_override),
-        "kv_cache_memory_bytes": str(sized.kv_cache_bytes), "enable_prefix_caching": "False",
+        "kv_cache_memory_bytes": str(sized.kv_cache_bytes),
+        "enable_prefix_caching": str(config.cache.enable_prefix_caching),
     })
     # On a CPU the runner computes inside execute_async, so there is nothing to overlap with.
     async_output = device.type == "cuda" and not config.disable_async_output_proc
     grammar_compiler = GrammarCompiler(tokenizer.hf, source.arch.vocab_size, eos_ids)
     engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output,
-                       grammar_compiler=grammar_compiler)
+                       grammar_compiler=grammar_compiler, enable_prefix_caching=config.cache.enable_prefix_caching)
     logger.info(
         "Model %s on %s (%s%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB%s); "
-        "maximum concurrency at --max-model-len %d: %.2fx",
+        "maximum concurrency at --max-model-len %d: %.2fx; prefix caching %s",
         source.name, device, sized.inputs.dtype,
         f", tensor parallel over {config.tensor_parallel_size}" if config.tensor_parallel_size > 1 else "",
         time.monotonic() - start_s, capacity.num_tokens, capacity.num_blocks, capacity.block_size,
         capacity.num_blocks * sized.kv_block_bytes / 2**30, " per GPU" if config.tensor_parallel_size > 1 else "",
-        max_model_len, capacity.num_tokens / max_model_len,
+        max_model_len, capacity.num_tokens / max_model_len, "on" if config.cache.enable_prefix_caching else "off",
     )
     return BuiltEngine(engine, tokenizer, source, config.served_model_name or source.name, memory,
                        sampling_defaults(config, source))
@@ -287,13 +288,25 @@ class CompletionOutput:
     finish_reason: str | None
 
 
+def engine_config(model: str | None, fields: dict[str, object]) -> EngineConfig:
+    """An EngineConfig from flat keyword settings; CacheConfig and SchedulerConfig fields go to them."""
+    fields, nested = dict(fields), {}
+    for name, part in (("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        own = {key: fields.pop(key) for key in [k for k in fields if k in part.__dataclass_fields__]}
+        if own:
+            nested[name] = part(**own)
+    return EngineConfig(model=model, **nested, **fields)
+
+
 class LLM:
     """Offline batch generation on the same engine the server uses."""
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, **config_fields: object) -> None:
-        """LLM("path") or LLM(dtype="float32") build an EngineConfig; LLM(config=...) takes one whole."""
+        """LLM("path") or LLM(dtype="float32", enable_prefix_caching=False) build an EngineConfig
+        (cache and scheduler settings by their own names, as vLLM's LLM takes them flat);
+        LLM(config=...) takes one whole."""
         if config is None:
-            config = EngineConfig(model=model, **config_fields)
+            config = engine_config(model, config_fields)
         elif model is not None or config_fields:
             raise TypeError("pass either config= or model and EngineConfig fields, not both")
         built = build_engine(config, progress=False)

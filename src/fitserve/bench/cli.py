@@ -35,6 +35,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
                    help="prompt tokens (custom: 512)")
     g.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
                    help="output tokens (custom: 128; W5: the long request's)")
+    g.add_argument("--prefix-len", "--random-prefix-len", dest="prefix_len", type=int, default=None,
+                   help="tokens every prompt starts with, the same for all (a shared system prompt), before its "
+                        "--input-len own (shared-prefix: 1000; else 0)")
     g.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=float, default=None,
                    help="lengths uniform in [len*(1-r), len*(1+r)], 0 <= r < 1 (default 0)")
     g.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")
@@ -68,7 +71,7 @@ def workload_from_args(args: argparse.Namespace) -> Workload:
     return resolve_workload(
         args.workload, num_prompts=args.num_prompts, max_concurrency=args.max_concurrency,
         request_rate=args.request_rate, burstiness=args.burstiness, input_len=args.input_len,
-        output_len=args.output_len, range_ratio=args.range_ratio)
+        output_len=args.output_len, range_ratio=args.range_ratio, prefix_len=args.prefix_len)
 
 
 def settings_from_args(args: argparse.Namespace, base_url: str) -> RequestSettings:
@@ -145,7 +148,7 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 def add_bench_parsers(commands: argparse._SubParsersAction) -> None:
     """Register `bench` and `sweep` on fitserve's subcommands; each sets `args.handler`."""
-    bench = commands.add_parser("bench", help="benchmark a running OpenAI-compatible server (W1-W6 or custom)")
+    bench = commands.add_parser("bench", help="benchmark a running OpenAI-compatible server (W1-W6, shared-prefix or custom)")
     bench.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, e.g. http://127.0.0.1:8000")
     add_workload_args(bench)
     out = bench.add_argument_group("results")

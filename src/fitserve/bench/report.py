@@ -171,7 +171,17 @@ def _server_lines(server: dict) -> list[str]:
     return lines + [_line("Preemptions during the run:", server["num_preemptions"]),
                     _line("Peak KV-cache usage (%):", server["peak_kv_cache_usage_pct"]),
                     _line("Peak requests waiting:", server["peak_num_requests_waiting"]),
-                    _line("Peak requests running:", server["peak_num_requests_running"])]
+                    _line("Peak requests running:", server["peak_num_requests_running"]),
+                    *_prefix_cache_lines(server)]
+
+
+def _prefix_cache_lines(server: dict) -> list[str]:
+    """vllm:prefix_cache_* during the run; nothing for a server without them or with caching off."""
+    if not server.get("prefix_cache_queries"):
+        return []
+    return [_line("Prefix cache queries (tokens):", int(server["prefix_cache_queries"])),
+            _line("Prefix cache hits (tokens):", int(server["prefix_cache_hits"] or 0)),
+            _line("Prefix cache hit rate (%):", server.get("prefix_cache_hit_rate_pct"))]
 
 
 def _energy_lines(result: dict) -> list[str]:

@@ -24,6 +24,8 @@ WAITING = ("vllm:num_requests_waiting",)
 RUNNING = ("vllm:num_requests_running",)
 ENERGY = ("fitserve:gpu_energy_joules_total",)  # summed over the server's GPUs (docs/telemetry.md)
 POWER = ("fitserve:gpu_power_watts",)
+PREFIX_CACHE_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")  # tokens
+PREFIX_CACHE_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
 DEFAULT_POLL_INTERVAL_S = 0.5
 
 
@@ -64,9 +66,18 @@ class ServerMetricsSummary:
     energy_window_s: float | None = None   # first scrape -> last scrape, on the client's clock
     power_before_w: float | None = None    # the GPUs' power at the first scrape, before any request
     peak_power_w: float | None = None      # highest power seen while polling
+    prefix_cache_queries: float | None = None  # prompt tokens looked up in the prefix cache during the run
+    prefix_cache_hits: float | None = None     # of those, tokens found cached
+
+    @property
+    def prefix_cache_hit_rate_pct(self) -> float | None:
+        if not self.prefix_cache_queries or self.prefix_cache_hits is None:
+            return None
+        return 100.0 * self.prefix_cache_hits / self.prefix_cache_queries
 
     def to_json(self) -> dict:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {**{name: getattr(self, name) for name in self.__slots__},
+                "prefix_cache_hit_rate_pct": self.prefix_cache_hit_rate_pct}
 
     def energy_figures(self, total_output_tokens: int) -> dict:
         """Average power, joules per output token and output tokens per joule (None without energy)."""
@@ -141,8 +152,12 @@ class MetricsPoller:
         await self.sample()
         return self.summary()
 
+    def _delta(self, names: tuple[str, ...]) -> float | None:
+        """A counter's growth from the first scrape to the last (None when the server lacks it)."""
+        before, after = pick(self.first or {}, names), pick(self.last or {}, names)
+        return None if before is None or after is None else after - before
+
     def summary(self) -> ServerMetricsSummary:
-        before, after = pick(self.first or {}, PREEMPTIONS), pick(self.last or {}, PREEMPTIONS)
         kv = self.peaks.get(KV_USAGE)
         energy_before, energy_after = pick(self.first or {}, ENERGY), pick(self.last or {}, ENERGY)
         if energy_before is not None and energy_after is not None:
@@ -153,7 +168,7 @@ class MetricsPoller:
         window_s = None if self.first_s is None or self.last_s is None else self.last_s - self.first_s
         return ServerMetricsSummary(
             available=True,
-            num_preemptions=None if before is None or after is None else after - before,
+            num_preemptions=self._delta(PREEMPTIONS),
             peak_kv_cache_usage_pct=None if kv is None else kv * 100.0,
             peak_num_requests_waiting=self.peaks.get(WAITING),
             peak_num_requests_running=self.peaks.get(RUNNING),
@@ -163,4 +178,6 @@ class MetricsPoller:
             energy_window_s=window_s if energy_j is not None else None,
             power_before_w=pick(self.first or {}, POWER),
             peak_power_w=self.peaks.get(POWER),
+            prefix_cache_queries=self._delta(PREFIX_CACHE_QUERIES),
+            prefix_cache_hits=self._delta(PREFIX_CACHE_HITS),
         )

@@ -1,8 +1,10 @@
-"""The benchmark workloads W1-W6 of BENCHMARKS.md, custom overrides, and their requests.
+"""The benchmark workloads W1-W6 of BENCHMARKS.md, shared-prefix, custom overrides, and their requests.
 
 Token-id prompts are drawn at random (seeded) from `[0, vocab_size)`, so a workload is the
 same on any model, real or `--load-format dummy`. Chat prompts are random common English
 words: their token counts are approximate, and the report uses the server's usage counts.
+With `prefix_len` (vLLM's `--random-prefix-len`), every prompt starts with the same
+`prefix_len` tokens (a shared system prompt) before its own `input_len` random ones.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Workload:
     request_rate: float = math.inf  # mean arrivals per second; inf: all at once
     burstiness: float = 1.0         # gamma shape of the gaps between arrivals; 1: Poisson
     interference: bool = False      # W5: the short requests start once the long one streams
+    prefix_len: int = 0             # tokens every prompt starts with (the same ones), before its input_len own
     server_note: str = ""           # what the server must be started with for this workload
 
     def to_json(self) -> dict:
@@ -68,6 +71,10 @@ WORKLOADS: dict[str, Workload] = {
     "W6": dataclasses.replace(
         W1, name="W6", description="W1 on a 20 GB budget",
         server_note="start the server with --gpu-memory-utilization = 18 GiB / the card's total memory"),
+    "shared-prefix": Workload("shared-prefix", "one system prompt (prefix_len tokens) shared by every request, "
+                              "then input_len tokens of its own (prefix caching)", 100, 8, 32, 32, prefix_len=1000,
+                              server_note="compare --enable-prefix-caching (the default) with "
+                                          "--no-enable-prefix-caching"),
 }
 CUSTOM = Workload("custom", "custom", 100, None, 512, 128)
 
@@ -79,10 +86,11 @@ class WorkloadError(ValueError):
 def resolve_workload(name: str | None, **overrides) -> Workload:
     """W1..W6 by name (case-insensitive) or `custom`; overrides that are not None replace its fields."""
     key = (name or "custom").upper()
+    by_key = {k.upper(): w for k, w in WORKLOADS.items()}
     if key == "CUSTOM":
         base = CUSTOM
-    elif key in WORKLOADS:
-        base = WORKLOADS[key]
+    elif key in by_key:
+        base = by_key[key]
     else:
         raise WorkloadError(f"unknown workload {name!r}: use one of {', '.join(WORKLOADS)} or custom")
     workload = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -95,6 +103,8 @@ def check_workload(w: Workload) -> None:
         raise WorkloadError(f"--num-prompts must be at least {2 if w.interference else 1}, not {w.num_prompts}")
     if w.input_len < 1 or w.output_len < 1:
         raise WorkloadError("--input-len and --output-len must be at least 1")
+    if w.prefix_len < 0:
+        raise WorkloadError(f"--prefix-len must be 0 or more, not {w.prefix_len}")
     if not 0.0 <= w.range_ratio < 1.0:
         raise WorkloadError(f"--range-ratio must be in [0, 1), not {w.range_ratio}")
     if w.max_concurrency is not None and w.max_concurrency < 1:
@@ -107,7 +117,7 @@ def check_workload(w: Workload) -> None:
 class RequestSpec:
     index: int                         # position in the workload
     prompt: list[int] | str            # token ids (completions) or text (chat)
-    prompt_len: int                    # tokens sent (chat: words, an estimate until the server counts them)
+    prompt_len: int                    # tokens sent, the shared prefix included (chat: words, an estimate)
     output_len: int                    # max_tokens; exact with ignore_eos
     role: str = "main"                 # W5: "long" or "short"
 
@@ -119,10 +129,13 @@ def sample_lengths(mean_len: int, range_ratio: float, count: int, rng: np.random
     return [int(n) for n in rng.integers(low, high + 1, size=count)]
 
 
-def make_prompt(num_tokens: int, chat: bool, vocab_size: int, rng: np.random.Generator) -> list[int] | str:
+def make_prompt(num_tokens: int, chat: bool, vocab_size: int, rng: np.random.Generator,
+                prefix: list[int] | str = "") -> list[int] | str:
+    """`prefix` followed by `num_tokens` random tokens (chat: words)."""
     if chat:
-        return " ".join(CHAT_WORDS[i] for i in rng.integers(0, len(CHAT_WORDS), size=num_tokens))
-    return [int(t) for t in rng.integers(0, vocab_size, size=num_tokens)]
+        words = " ".join(CHAT_WORDS[i] for i in rng.integers(0, len(CHAT_WORDS), size=num_tokens))
+        return f"{prefix} {words}" if prefix else words
+    return list(prefix or []) + [int(t) for t in rng.integers(0, vocab_size, size=num_tokens)]
 
 
 def build_requests(w: Workload, *, seed: int, chat: bool = False,
@@ -130,6 +143,8 @@ def build_requests(w: Workload, *, seed: int, chat: bool = False,
     """The workload's requests, the same for the same seed; W5's long request comes first."""
     rng = np.random.default_rng(seed)
     input_lens = sample_lengths(w.input_len, w.range_ratio, w.num_prompts, rng)
+    # Drawn from a generator of its own, so prefix_len leaves the rest of the workload unchanged.
+    prefix = make_prompt(w.prefix_len, chat, vocab_size, np.random.default_rng([seed, 1])) if w.prefix_len else ""
     if w.interference:
         output_lens = [w.output_len] + [W5_SHORT_OUTPUT_TOKENS] * (w.num_prompts - 1)
         roles = ["long"] + ["short"] * (w.num_prompts - 1)
@@ -137,7 +152,7 @@ def build_requests(w: Workload, *, seed: int, chat: bool = False,
         output_lens = sample_lengths(w.output_len, w.range_ratio, w.num_prompts, rng)
         roles = ["main"] * w.num_prompts
     return [
-        RequestSpec(i, make_prompt(n_in, chat, vocab_size, rng), n_in, n_out, role)
+        RequestSpec(i, make_prompt(n_in, chat, vocab_size, rng, prefix), w.prefix_len + n_in, n_out, role)
         for i, (n_in, n_out, role) in enumerate(zip(input_lens, output_lens, roles))
     ]
 

@@ -1,25 +1,75 @@
-"""Block tables: which KV blocks hold each request's tokens.
+"""Block tables: which KV blocks hold each request's tokens, and automatic prefix caching.
 
 Token t of a request lives in block `table[t // block_size]` at offset `t % block_size`,
 so its slot is `table[t // block_size] * block_size + t % block_size`.
+
+Prefix caching (on unless `enable_caching=False`): block i of a request is named by the
+hash of (block i-1's hash, block i's token ids), so equal hashes mean equal tokens from
+the first one on. A block is registered as soon as it is full of tokens scheduled for
+computation (its K/V are written in that step, before any attention reads the cache), so
+requests admitted later, even in the same step, share it. A new request, or a preempted
+one coming back, starts from the longest run of its leading full blocks that is cached;
+`num_computed_tokens` starts there and the runner computes only the rest.
+docs/prefix-caching.md tells the whole story.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from array import array
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from fitserve.core.block_pool import BlockPool
+from fitserve.core.block_pool import BlockKey, BlockPool
+from fitserve.request import Request
+
+HASH_BYTES = 16  # 128-bit block hashes: a chance collision is negligible, and hits are verified anyway
+
+
+def hash_block(parent_hash: int | None, token_bytes: bytes) -> int:
+    """A stable hash (the same in every process and on every machine) of a block and its prefix."""
+    digest = hashlib.blake2b(digest_size=HASH_BYTES)
+    digest.update(b"root" if parent_hash is None else parent_hash.to_bytes(HASH_BYTES, "little"))
+    digest.update(token_bytes)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def token_bytes(token_ids: tuple[int, ...] | list[int]) -> bytes:
+    ids = array("i", token_ids)  # int32: every vocabulary fits
+    if sys.byteorder == "big":
+        ids.byteswap()
+    return ids.tobytes()
 
 
 def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Lookups since the last `take_prefix_cache_stats()`, in tokens (vLLM's units)."""
+
+    queries: int = 0  # tokens of new requests looked up (their prompts)
+    hits: int = 0  # of those, tokens found in the cache
+    preempted_queries: int = 0  # the same for preempted requests coming back (not in vLLM's counters)
+    preempted_hits: int = 0
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 hash_fn: Callable[[int | None, bytes], int] = hash_block) -> None:
         self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.hash_fn = hash_fn  # tests force collisions through it
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        # Per live request: the keys of its full blocks computed so far (kept through preemption).
+        self._keys: dict[str, list[BlockKey]] = {}
+        # Per request holding blocks: how many leading blocks of its table were found or registered.
+        self._num_registered: dict[str, int] = {}
+        self._stats = PrefixCacheStats()
 
     @property
     def num_free_blocks(self) -> int:
@@ -36,31 +86,122 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         return self._tables.get(request_id, [])
 
-    def num_blocks_needed(self, request_id: str, num_tokens: int) -> int:
-        """New blocks the request needs so that `num_tokens` tokens fit in its table."""
-        held = len(self._tables.get(request_id, ()))
-        return max(blocks_for_tokens(num_tokens, self.block_size) - held, 0)
+    # -- prefix caching ------------------------------------------------------------------
 
-    def allocate_slots(self, request_id: str, num_tokens: int) -> bool:
-        """Grow the request's table to hold `num_tokens` tokens in all.
+    def _block_keys(self, request: Request, num_blocks: int) -> list[BlockKey]:
+        """The keys of the request's first `num_blocks` full blocks (computed once, then kept)."""
+        keys = self._keys.setdefault(request.request_id, [])
+        size = self.block_size
+        while len(keys) < num_blocks:
+            start = len(keys) * size
+            parent = keys[-1].block_hash if keys else None
+            data = token_bytes(request.token_ids_slice(start, start + size))
+            keys.append(BlockKey(self.hash_fn(parent, data), parent, data))
+        return keys[:num_blocks]
 
-        Returns False, changing nothing, when the pool has too few free blocks.
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks holding the longest cached run of the request's leading full blocks.
+
+        At most `num_tokens - 1` tokens are served from the cache: the model must compute at
+        least the last token to produce logits. So a partial last block is never reused, and a
+        request whose tokens all sit in cached full blocks recomputes its whole last block
+        rather than its last token alone: writing one token into a cached block would change a
+        block other requests may be reading, and recomputing a block costs at most
+        block_size - 1 tokens more.
         """
-        num_new = self.num_blocks_needed(request_id, num_tokens)
-        if num_new == 0:
-            self._tables.setdefault(request_id, [])
-            return True
-        new_blocks = self.pool.allocate(num_new)
-        if new_blocks is None:
+        if not self.reads_cache(request):
+            return []
+        assert request.request_id not in self._tables, "only a request without blocks looks up the cache"
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = []
+        for key in self._block_keys(request, max_blocks):
+            block_id = self.pool.lookup(key)
+            if block_id is None:
+                break  # a block after a miss was computed after other tokens: useless here
+            hits.append(block_id)
+        return hits
+
+    def reads_cache(self, request: Request) -> bool:
+        """Whether the request may start from cached blocks. One asking for prompt logprobs may
+        not (as in vLLM): the model must see every prompt position to score it. Its own blocks
+        are still registered for others."""
+        return self.enable_caching and request.sampling_params.prompt_logprobs is None
+
+    def record_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admitted request's lookup (not one that failed to get blocks and will retry)."""
+        if not self.reads_cache(request):
+            return
+        if request.num_preemptions:
+            self._stats.preempted_queries += request.num_tokens
+            self._stats.preempted_hits += num_hit_tokens
+        else:
+            self._stats.queries += request.num_tokens
+            self._stats.hits += num_hit_tokens
+
+    def take_prefix_cache_stats(self) -> PrefixCacheStats:
+        stats, self._stats = self._stats, PrefixCacheStats()
+        return stats
+
+    def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
+        """Register the blocks filled by the first `num_tokens` tokens, not registered yet."""
+        if not self.enable_caching:
+            return
+        rid = request.request_id
+        num_full = num_tokens // self.block_size
+        done = self._num_registered.get(rid, 0)
+        if num_full <= done:
+            return
+        table = self._tables[rid]
+        keys = self._block_keys(request, num_full)
+        for index in range(done, num_full):
+            self.pool.cache(table[index], keys[index])  # False for a duplicate: the first one stays found
+        self._num_registered[rid] = num_full
+
+    # -- allocation --------------------------------------------------------------------------
+
+    def allocate_slots(self, request: Request, num_tokens: int, cached_blocks: list[int] | None = None) -> bool:
+        """Grow the request's table to hold `num_tokens` tokens in all, the first blocks being
+        `cached_blocks` (from `find_cached_prefix`, for a request holding no blocks yet).
+
+        Returns False, changing nothing, when the pool has too few free blocks. On success the
+        blocks full within `num_tokens` are registered in the prefix cache: the caller schedules
+        those tokens for computation in this step.
+        """
+        rid = request.request_id
+        cached_blocks = cached_blocks or []
+        table = self._tables.get(rid)
+        assert not (cached_blocks and table), "cached blocks start a table; they are never added to one"
+        held = len(table) if table else len(cached_blocks)
+        num_new = max(blocks_for_tokens(num_tokens, self.block_size) - held, 0)
+        # A cached block that is free leaves the free queue when taken: count it with the new ones.
+        num_cached_free = sum(1 for block_id in cached_blocks if self.pool.ref_count(block_id) == 0)
+        if num_new + num_cached_free > self.pool.num_free_blocks:
             return False
-        self._tables.setdefault(request_id, []).extend(new_blocks)
+        if table is None:
+            self.pool.touch(cached_blocks)
+            table = self._tables[rid] = list(cached_blocks)
+            self._num_registered[rid] = len(cached_blocks)
+        if num_new:
+            new_blocks = self.pool.allocate(num_new)
+            assert new_blocks is not None, "checked above"
+            table.extend(new_blocks)
+        self._register_full_blocks(request, num_tokens)
         return True
 
-    def free(self, request_id: str) -> None:
-        """Release every block of the request (preemption or finish); unknown ids are a no-op."""
+    def free(self, request_id: str, keep_keys: bool = False) -> None:
+        """Release every block of the request (preemption or finish); unknown ids are a no-op.
+
+        Cached blocks stay findable until evicted. `keep_keys` (preemption) keeps the request's
+        block hashes for its return.
+        """
         table = self._tables.pop(request_id, None)
+        self._num_registered.pop(request_id, None)
+        if not keep_keys:
+            self._keys.pop(request_id, None)
         if table:
             self.pool.free(table)
+
+    # -- checks --------------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
@@ -70,3 +211,18 @@ class KVCacheManager:
                 f"block {block_id}: ref count {self.pool.ref_count(block_id)} but held by {held[block_id]} tables"
             )
         assert self.pool.num_free_blocks + len(held) == self.pool.num_blocks, "free + used != all blocks"
+        assert set(self._num_registered) == set(self._tables), "registration state without a table, or missing"
+        for rid, table in self._tables.items():
+            assert len(set(table)) == len(table), f"{rid}: a block twice in one table"
+            keys = self._keys.get(rid, [])
+            for index, block_id in enumerate(table):
+                key = self.pool.block_keys[block_id]
+                if key is not None:  # a cached block in a table holds exactly that request's tokens there
+                    assert index < self._num_registered[rid] and index < len(keys) and keys[index] == key, (
+                        f"{rid}: block {block_id} at {index} is cached with other contents"
+                    )
+
+    def check_request_ids(self, live_request_ids: set[str]) -> None:
+        """No state kept for requests that are gone."""
+        assert set(self._tables) <= live_request_ids, "blocks held by finished requests"
+        assert set(self._keys) <= live_request_ids, "block hashes kept for finished requests"

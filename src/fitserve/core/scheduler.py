@@ -10,6 +10,11 @@ When the cache has no free block for a running request, the newest running reque
 preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed (prompt and the tokens it had generated) when blocks are free again. Its
 output is unchanged by this, since the recomputed K/V equal the lost ones.
+
+With prefix caching, a request admitted from the queue first takes the cached blocks of its
+longest cached prefix (core/kv_cache_manager.py): its `num_computed_tokens` starts after
+them, and only the rest of its tokens use the budget. A preempted request's full blocks stay
+cached when freed, so it usually comes back with most of its tokens already computed.
 """
 
 from __future__ import annotations
@@ -85,7 +90,7 @@ class Scheduler:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget_tokens)
             total = request.num_computed_tokens + num_new
-            while not self.kv_cache.allocate_slots(request.request_id, total):
+            while not self.kv_cache.allocate_slots(request, total):
                 victim = self.running.pop()  # the newest running request loses its blocks
                 self._preempt(victim)
                 preempted = True
@@ -99,9 +104,14 @@ class Scheduler:
     def _schedule_waiting(self, budget_tokens: int, chunks: list[tuple[Request, int]]) -> None:
         while self.waiting and budget_tokens > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget_tokens)
-            if not self.kv_cache.allocate_slots(request.request_id, request.num_computed_tokens + num_new):
+            assert request.num_computed_tokens == 0, "a waiting request has nothing in the cache"
+            cached_blocks = self.kv_cache.find_cached_prefix(request)
+            num_cached_tokens = len(cached_blocks) * self.kv_cache.block_size
+            num_new = min(request.num_tokens - num_cached_tokens, budget_tokens)
+            if not self.kv_cache.allocate_slots(request, num_cached_tokens + num_new, cached_blocks):
                 break  # first come first served: nobody overtakes the head of the queue
+            self.kv_cache.record_lookup(request, num_cached_tokens)
+            request.num_computed_tokens = num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -124,7 +134,7 @@ class Scheduler:
         )
 
     def _preempt(self, request: Request) -> None:
-        self.kv_cache.free(request.request_id)
+        self.kv_cache.free(request.request_id, keep_keys=True)  # its full blocks stay cached for its return
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -185,6 +195,7 @@ class Scheduler:
         assert len(running_ids) == len(self.running) and len(waiting_ids) == len(self.waiting)
         assert not running_ids & waiting_ids, "a request is both running and waiting"
         assert running_ids | waiting_ids == set(self.requests), "queues and the request map disagree"
+        self.kv_cache.check_request_ids(set(self.requests))
         assert len(self.running) <= self.limits.max_num_seqs
         for request in self.running:
             assert request.status == RequestStatus.RUNNING

@@ -68,13 +68,13 @@ def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOut
 class LLMEngine:
     def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits,
                  metrics: EngineMetrics | None = None, async_output: bool = False,
-                 grammar_compiler: GrammarCompiler | None = None) -> None:
+                 grammar_compiler: GrammarCompiler | None = None, enable_prefix_caching: bool = True) -> None:
         capacity = runner.kv_capacity()
         self.runner = runner
         self.decoder = decoder
         self.limits = limits
         self.block_size = capacity.block_size
-        self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size)
+        self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size, enable_caching=enable_prefix_caching)
         self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Prompt logprobs gathered over prefill chunks, by position, until the first output carries them.
@@ -174,6 +174,7 @@ class LLMEngine:
         this step's GPU work ends: `deliver` gets them then, instead of one GPU step later.
         """
         scheduler_output = self.scheduler.schedule()
+        self.metrics.prefix_cache_queried(self.kv_cache.take_prefix_cache_stats())
         if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
             return _handed_out(self._process_outputs(), deliver)
         self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
@@ -287,6 +288,7 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         """Counters and gauges for /metrics and benchmarks; safe to call from another thread."""
         scheduler = self.scheduler
+        snapshot = self.metrics.snapshot()
         return {
             "num_requests_running": len(scheduler.running),
             "num_requests_waiting": len(scheduler.waiting),
@@ -299,9 +301,14 @@ class LLMEngine:
             "num_generation_tokens_total": self.metrics.generation_tokens_total,
             "num_steps": self.num_steps,
             "num_free_kv_tokens": self.kv_cache.num_free_tokens,
+            "enable_prefix_caching": self.kv_cache.enable_caching,
+            "num_cached_kv_blocks": self.kv_cache.pool.num_cached_blocks,
             "max_num_seqs": self.limits.scheduler.max_num_seqs,
             "max_model_len": self.max_model_len,
-            "metrics": self.metrics.snapshot(),
+            "metrics": snapshot,
+            "prefix_cache_queries_total": snapshot.prefix_cache.queries,
+            "prefix_cache_hits_total": snapshot.prefix_cache.hits,
+            "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate,
             "time_s": time.monotonic(),
         }
 

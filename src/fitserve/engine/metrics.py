@@ -16,8 +16,9 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from fitserve.core.kv_cache_manager import PrefixCacheStats
 from fitserve.core.outputs import SchedulerOutput
 from fitserve.request import Request
 
@@ -92,6 +93,13 @@ class MetricsSnapshot:
     finished_total: dict[str, int]  # finish reason -> requests
     histograms: dict[str, HistogramSnapshot]  # by vLLM metric name, without the "vllm:" prefix
     cache_info: dict[str, str] = field(default_factory=dict)  # vllm:cache_config_info labels
+    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)  # totals since start-up, in tokens
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        """Hit tokens / queried tokens of new requests since start-up (None before any query)."""
+        queries = self.prefix_cache.queries
+        return self.prefix_cache.hits / queries if queries else None
 
 
 class EngineMetrics:
@@ -104,6 +112,7 @@ class EngineMetrics:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._finished_total = dict.fromkeys(FINISH_REASONS, 0)
+        self._prefix_cache = PrefixCacheStats()
         token_buckets = one_two_five_buckets(max_model_len)
         self._histograms = {
             "time_to_first_token_seconds": Histogram(TTFT_BUCKETS_S),
@@ -143,6 +152,17 @@ class EngineMetrics:
                 if times is not None and times.scheduled_s is None:
                     times.scheduled_s = now_s
                     self._histograms["request_queue_time_seconds"].observe(now_s - times.arrival_s)
+
+    def prefix_cache_queried(self, stats: PrefixCacheStats) -> None:
+        """Add one step's prefix-cache lookups (the scheduler's admissions)."""
+        if not (stats.queries or stats.preempted_queries):
+            return
+        with self._lock:
+            total = self._prefix_cache
+            total.queries += stats.queries
+            total.hits += stats.hits
+            total.preempted_queries += stats.preempted_queries
+            total.preempted_hits += stats.preempted_hits
 
     def token_sampled(self, request: Request, now_s: float) -> None:
         with self._lock:
@@ -184,4 +204,5 @@ class EngineMetrics:
                 finished_total=dict(self._finished_total),
                 histograms={name: h.snapshot() for name, h in self._histograms.items()},
                 cache_info=dict(self.cache_info),
+                prefix_cache=replace(self._prefix_cache),
             )

@@ -96,6 +96,10 @@ def _snapshot_families(snapshot: MetricsSnapshot, labels: list[str]) -> Iterator
     yield _counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, snapshot.prompt_tokens_total)
     yield _counter("vllm:generation_tokens", "Number of generation tokens processed.", labels,
                    snapshot.generation_tokens_total)
+    yield _counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+                   labels, snapshot.prefix_cache.queries)
+    yield _counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels,
+                   snapshot.prefix_cache.hits)
     success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                   labels=LABELS + ["finished_reason"])
     for reason in FINISH_REASONS:

@@ -9,8 +9,9 @@ it owns no thread and reads no clock, so tests drive it with made-up samples.
   clock, and that tokens/s drop while it lasts; it repeats at most every WARN_REPEAT_S while
   the same slowdown lasts, and one line says when the clocks are back.
 - Every STATS_INTERVAL_S while the engine is busy (or was, since the last line): output and
-  prompt tokens/s, requests running and waiting, KV-cache usage, and each GPU's power and
-  temperature (vLLM logs the same line, without the GPU, every 10 s).
+  prompt tokens/s, requests running and waiting, KV-cache usage, the prefix cache's hit rate
+  over the interval (when it is on), and each GPU's power and temperature (vLLM logs the same
+  line, without the GPU, every 10 s).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class LoadMonitor:
         self._watches: dict[int, _GpuWatch] = {}
         self._last_line_s: float | None = None
         self._last_tokens: tuple[int, int] | None = None  # (generation, prompt) totals at the last line
+        self._last_prefix_cache: tuple[int, int] = (0, 0)  # (queried, hit) prompt tokens at the last line
         self._busy_since_line = False
 
     def tick(self, now_s: float, stats: dict[str, Any] | None,
@@ -106,6 +108,8 @@ class LoadMonitor:
         if stats is not None:
             self._last_tokens = (int(stats.get("num_generation_tokens_total", 0)),
                                  int(stats.get("num_prompt_tokens_total", 0)))
+            self._last_prefix_cache = (int(stats.get("prefix_cache_queries_total", 0)),
+                                       int(stats.get("prefix_cache_hits_total", 0)))
 
     def stats_line(self, now_s: float, stats: dict[str, Any], readings: Sequence[tuple[GpuDevice, GpuSample]]) -> str:
         elapsed_s = max(now_s - (self._last_line_s or now_s), 1e-9)
@@ -114,12 +118,21 @@ class LoadMonitor:
         prompt_tps = (int(stats.get("num_prompt_tokens_total", 0)) - prompted) / elapsed_s
         parts = [(f"Engine: {output_tps:,.1f} output tokens/s, {prompt_tps:,.1f} prompt tokens/s; "
                   f"{stats.get('num_requests_running', 0)} running, {stats.get('num_requests_waiting', 0)} waiting; "
-                  f"KV cache {100.0 * float(stats.get('kv_cache_usage', 0.0)):.1f}% used")]
+                  f"KV cache {100.0 * float(stats.get('kv_cache_usage', 0.0)):.1f}% used{self._hit_rate(stats)}")]
         for device, s in readings:
             power = "power ?" if s.power_w is None else f"{s.power_w:.0f} W"
             temperature = "? °C" if s.temperature_c is None else f"{s.temperature_c:.0f} °C"
             parts.append(f"GPU {device.index}: {power}, {temperature}, SM {_mhz(s.sm_clock_mhz)}")
         return " | ".join(parts)
+
+    def _hit_rate(self, stats: dict[str, Any]) -> str:
+        """The prefix cache's hit rate over the interval's new requests, as vLLM's line has it."""
+        if not stats.get("enable_prefix_caching"):
+            return ""
+        queried, hit = self._last_prefix_cache
+        queries = int(stats.get("prefix_cache_queries_total", 0)) - queried
+        hits = int(stats.get("prefix_cache_hits_total", 0)) - hit
+        return f"; prefix cache hit rate {100.0 * hits / queries if queries else 0.0:.1f}%"
 
     # -- slowdowns ---------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ def startup_info(memory: Any | None, config: EngineConfig) -> dict[str, Any]:
         "gpu_memory_utilization": config.cache.gpu_memory_utilization,
         "kv_cache_memory_bytes": config.cache.kv_cache_memory_bytes,
         "num_gpu_blocks_override": config.cache.num_gpu_blocks_override,
+        "enable_prefix_caching": config.cache.enable_prefix_caching,
         "enforce_eager": config.enforce_eager,
         "seed": config.seed,
     }

@@ -122,6 +122,7 @@ function renderSettings() {
     ["--max-num-seqs", int(e.max_num_seqs)],
     ["--max-num-batched-tokens", int(s.max_num_batched_tokens)],
     ["KV cache", `${int(e.kv_capacity_tokens)} tokens = ${int(e.num_kv_blocks)} blocks of ${int(e.block_size)}`],
+    ["prefix caching", s.enable_prefix_caching === undefined ? undefined : (s.enable_prefix_caching ? "on" : "off")],
   ];
   if (memory && memory.on_gpu) rows.push(["--gpu-memory-utilization", String(s.gpu_memory_utilization)]);
   if (s.enforce_eager) rows.push(["--enforce-eager", "on"]);
