@@ -76,6 +76,42 @@ def _cache_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> tupl
 
 
 @triton.jit
+def _attend_tiles(q, query_pos, k_cache_ptr, v_cache_ptr, table, kv_head, key_begin, key_end, scale,
+                  stride_cache_block, stride_cache_slot, stride_cache_head,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    """Online softmax of q [BLOCK_M, D] over the paged keys [key_begin, key_end) of one KV head.
+
+    Returns (running max, running sum, unnormalised output [BLOCK_M, D]), all float32. CAUSAL
+    hides keys after each row's query_pos [BLOCK_M]; without it query_pos is not read.
+    """
+    dims = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for tile_start in range(key_begin, key_end, TILE):
+        key_pos = tile_start + tl.arange(0, TILE)  # [TILE]
+        key_valid = key_pos < key_end
+        block_id = tl.load(table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
+        kv_offset = block_id * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
+        k = tl.load(k_cache_ptr + kv_offset[None, :] + dims[:, None], mask=key_valid[None, :], other=0.0)  # [D, TILE]
+        scores = tl.dot(q, k.to(q.dtype)) * scale  # [BLOCK_M, TILE] fp32
+        visible = key_valid[None, :]
+        if CAUSAL:
+            visible = visible & (key_pos[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + kv_offset[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [TILE, D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
@@ -104,27 +140,9 @@ def _paged_attention_kernel(
     query_pos = num_cached + token  # [BLOCK_M]
     last_key = tl.minimum(num_cached + (q_block + 1) * BLOCK_Q, seq_len)  # keys this block can see
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_table
-    for tile_start in range(0, last_key, TILE):
-        key_pos = tile_start + tl.arange(0, TILE)  # [TILE]
-        key_valid = key_pos < last_key
-        block_id = tl.load(table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-        kv_offset = block_id * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
-        k = tl.load(k_cache_ptr + kv_offset[None, :] + dims[:, None], mask=key_valid[None, :], other=0.0)  # [D, TILE]
-        scores = tl.dot(q, k.to(q.dtype)) * scale  # [BLOCK_M, TILE] fp32
-        visible = (key_pos[None, :] <= query_pos[:, None]) & key_valid[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet stay at zero
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + kv_offset[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)  # [TILE, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+    m_i, l_i, acc = _attend_tiles(
+        q, query_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, 0, last_key, scale,
+        stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, True)
     out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (q_start + token)[:, None] * stride_o_token + head[:, None] * stride_o_head + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
@@ -204,26 +222,9 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    table = block_tables_ptr + seq * stride_table
-    for tile_start in range(key_begin, key_end, TILE):
-        key_pos = tile_start + tl.arange(0, TILE)
-        key_valid = key_pos < key_end
-        block_id = tl.load(table + key_pos // BLOCK_SIZE, mask=key_valid, other=0)
-        kv_offset = block_id * stride_cache_block + (key_pos % BLOCK_SIZE) * stride_cache_slot + kv_head * stride_cache_head
-        k = tl.load(k_cache_ptr + kv_offset[None, :] + dims[:, None], mask=key_valid[None, :], other=0.0)
-        scores = tl.dot(q, k.to(q.dtype)) * scale
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_cache_ptr + kv_offset[:, None] + dims[None, :], mask=key_valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+    m_i, l_i, acc = _attend_tiles(
+        q, rows, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, key_begin, key_end, scale,
+        stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, False)
     # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
     out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))

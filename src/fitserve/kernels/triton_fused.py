@@ -14,14 +14,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
-    stride_x, stride_residual, stride_out, stride_residual_out,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < HIDDEN
+def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                      stride_x, stride_residual, stride_residual_out, HIDDEN: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr):
+    """One row: store x (+ residual) at residual_out, return its RMSNorm times weight in float32."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         # Round the sum to the storage dtype first, as the torch reference does.
@@ -31,15 +27,33 @@ def _rms_norm_kernel(
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
     normed = (x32 * rstd).to(x.dtype).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    return normed * weight
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
+    stride_x, stride_residual, stride_out, stride_residual_out,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HIDDEN
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    assert x.stride(1) == 1 and weight.shape == (x.shape[1],) and weight.is_contiguous()
+    assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (+ residual [T, H]) -> (normed [T, H], x + residual [T, H]); weight [H]."""
     num_rows, hidden = x.shape
-    assert x.stride(1) == 1 and weight.shape == (hidden,) and weight.is_contiguous()
-    assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
+    _check_norm_inputs(x, weight, residual)
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else x
     if num_rows == 0:
@@ -157,15 +171,9 @@ def _rms_norm_quant_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
-    tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
-    x32 = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
-    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    out = (normed * weight).to(x.dtype).to(tl.float32)  # the value rms_norm would store
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL)
+    out = y.to(residual_out_ptr.dtype.element_ty).to(tl.float32)  # the value rms_norm would store
     _quantize_row(out, mask, q_ptr + row * stride_q, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
 
 
@@ -175,8 +183,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     from fitserve.kernels import fp8
 
     num_rows, hidden = x.shape
-    assert x.stride(1) == 1 and weight.shape == (hidden,) and weight.is_contiguous()
-    assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
+    _check_norm_inputs(x, weight, residual)
     assert hidden <= FUSED_QUANT_MAX_COLS
     q = torch.empty(num_rows, hidden, dtype=fp8.FP8_DTYPE, device=x.device)
     scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
