@@ -286,10 +286,10 @@ class UsageInfo(OpenAIModel):
     completion_tokens: int = 0
     total_tokens: int = 0
 
-    def add(self, num_prompt_tokens: int, num_completion_tokens: int) -> None:
-        self.prompt_tokens += num_prompt_tokens
-        self.completion_tokens += num_completion_tokens
-        self.total_tokens = self.prompt_tokens + self.completion_tokens
+    @classmethod
+    def of(cls, num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
+                   total_tokens=num_prompt_tokens + num_completion_tokens)
 
 
 def _now_s() -> int:

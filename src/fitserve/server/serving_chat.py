@@ -46,12 +46,6 @@ from fitserve.server.serving_common import (
 )
 
 
-def usage_of(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
-    usage = UsageInfo()
-    usage.add(num_prompt_tokens, num_completion_tokens)
-    return usage
-
-
 class OpenAIServingChat(ServingBase):
     def prompt_token_ids(self, body: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
         token_ids = chat_prompt_ids(self.engine.tokenizer, body.messages, plan, body.add_generation_prompt,
@@ -83,7 +77,7 @@ class OpenAIServingChat(ServingBase):
             choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
                                       stop_reason=final.stop_reason))
         # The prompt is counted once however many choices share it, as OpenAI and vLLM do.
-        usage = usage_of(len(token_ids), sum(final.num_output_tokens for final in finals))
+        usage = UsageInfo.of(len(token_ids), sum(final.num_output_tokens for final in finals))
         response = ChatCompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
 
@@ -99,7 +93,7 @@ class OpenAIServingChat(ServingBase):
                                                  choices=choices, usage=usage), include_usage)
 
         def running_usage(index: int) -> UsageInfo | None:
-            return usage_of(num_prompt_tokens, num_output_tokens[index]) if continuous else None
+            return UsageInfo.of(num_prompt_tokens, num_output_tokens[index]) if continuous else None
 
         # Per choice: its text as content deltas, or, when it is a tool call, tool-call deltas.
         tool_streams = [ToolCallStream(plan or ToolPlan((), "none")) for _ in streams]
@@ -122,7 +116,7 @@ class OpenAIServingChat(ServingBase):
                                               stop_reason=out.stop_reason)
                     yield chunk([choice], running_usage(index))
             if include_usage:
-                yield chunk([], usage_of(num_prompt_tokens, sum(num_output_tokens)))
+                yield chunk([], UsageInfo.of(num_prompt_tokens, sum(num_output_tokens)))
         except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
             yield sse_error_event(exc, request_id)
         finally:

@@ -48,12 +48,6 @@ class PlannedPrompt:
     params: SamplingParams
 
 
-def _usage(num_prompt_tokens: int, num_completion_tokens: int) -> UsageInfo:
-    usage = UsageInfo()
-    usage.add(num_prompt_tokens, num_completion_tokens)
-    return usage
-
-
 class OpenAIServingCompletion(ServingBase):
     def prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -88,7 +82,7 @@ class OpenAIServingCompletion(ServingBase):
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = [self._choice(index, body, plan[index // n], final) for index, final in enumerate(finals)]
         # Each prompt is counted once however many choices share it, as OpenAI and vLLM do.
-        usage = _usage(sum(len(p.token_ids) for p in plan), sum(f.num_output_tokens for f in finals))
+        usage = UsageInfo.of(sum(len(p.token_ids) for p in plan), sum(f.num_output_tokens for f in finals))
         response = CompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
 
@@ -139,10 +133,11 @@ class OpenAIServingCompletion(ServingBase):
                 if text or out.finished or logprobs is not None:
                     choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
                                               finish_reason=out.finish_reason, stop_reason=out.stop_reason)
-                    running = _usage(len(prompt.token_ids), out.num_output_tokens) if body.continuous_usage else None
+                    running = UsageInfo.of(len(prompt.token_ids), out.num_output_tokens) \
+                        if body.continuous_usage else None
                     yield chunk([choice], running)
             if include_usage:
-                yield chunk([], _usage(sum(len(p.token_ids) for p in plan), sum(num_output_tokens)))
+                yield chunk([], UsageInfo.of(sum(len(p.token_ids) for p in plan), sum(num_output_tokens)))
         except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
             yield sse_error_event(exc, request_id)
         finally:
