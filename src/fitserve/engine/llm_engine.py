@@ -85,6 +85,8 @@ class LLMEngine:
         # Tokens sampled by the last step, not yet detokenized (async output processing only).
         self._pending: list[tuple[Request, int]] = []
         self.grammar_compiler = grammar_compiler  # None: structured output requests are refused
+        # Requests with a grammar, as long as they have a detokenizer: no grammar work when empty.
+        self._grammar_request_ids: set[str] = set()
         self._pending_logprobs: dict[str, TokenLogprobs] = {}  # their logprobs, for requests that asked
 
     @property
@@ -146,12 +148,15 @@ class LLMEngine:
         )
         self.scheduler.add_request(request)
         self.metrics.request_added(request)
+        if request.grammar is not None:
+            self._grammar_request_ids.add(request.request_id)
 
     def abort_request(self, request_id: str) -> None:
         request = self.scheduler.requests.get(request_id) or next(
             (r for r, _ in self._pending if r.request_id == request_id), None)  # finished, last output not out yet
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._prompt_logprobs.pop(request_id, None)
+        self._grammar_request_ids.discard(request_id)
         if self._detokenizers.pop(request_id, None) is not None and request is not None:
             self.metrics.request_finished(request, self.metrics.clock())
 
@@ -187,8 +192,9 @@ class LLMEngine:
         self.num_steps += 1
         self._gather_prompt_logprobs(runner_output)
         self._pending = self.scheduler.update_from_output(scheduler_output, runner_output)
-        for request, token_id in self._pending:  # before the next plan: its masks follow these tokens
-            self._advance_grammar(request, token_id)
+        if self._grammar_request_ids:
+            for request, token_id in self._pending:  # before the next plan: its masks follow these tokens
+                self._advance_grammar(request, token_id)
         self._pending_logprobs = runner_output.logprobs
         if not self.async_output:
             outputs = _handed_out(self._process_outputs(), deliver)
@@ -218,6 +224,7 @@ class LLMEngine:
             if request.status.finished:
                 del self._detokenizers[request.request_id]
                 self._prompt_logprobs.pop(request.request_id, None)
+                self._grammar_request_ids.discard(request.request_id)
                 self.metrics.request_finished(request, now_s)
         return outputs
 
@@ -225,6 +232,8 @@ class LLMEngine:
 
     def _with_grammar_masks(self, scheduler_output: SchedulerOutput) -> SchedulerOutput:
         """The plan with each constrained sampling chunk's allowed tokens for this step."""
+        if not self._grammar_request_ids:
+            return scheduler_output
         requests = self.scheduler.requests
         masks = {chunk.request_id: grammar.allowed_token_bitmask() for chunk in scheduler_output.scheduled
                  if chunk.samples and (grammar := requests[chunk.request_id].grammar) is not None}
@@ -319,5 +328,6 @@ class LLMEngine:
         detokenized, live = set(self._detokenizers), set(self.scheduler.requests)
         assert live <= detokenized and detokenized - live <= finishing, "detokenizers leak or are missing"
         assert set(self._prompt_logprobs) <= detokenized, "prompt logprobs of finished requests"
+        assert self._grammar_request_ids <= detokenized, "grammar ids of finished requests"
         assert self.metrics.num_tracked_requests == len(self._detokenizers), "metrics track finished requests"
 
