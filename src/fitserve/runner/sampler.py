@@ -72,6 +72,8 @@ class Sampler:
         self._num_outputs: dict[str, int] = {}  # tokens sampled so far, for rows with min_tokens
 
     def forget(self, request_ids: frozenset[str]) -> None:
+        if not request_ids:
+            return
         for request_id in request_ids:
             self._request_generators.pop(request_id, None)
             self._num_outputs.pop(request_id, None)
@@ -98,9 +100,6 @@ class Sampler:
         if penalty_slots is not None:
             rows, slots = penalty_slots
             self.token_counts.record(slots, sampled[rows])
-        for chunk in chunks:  # every sampling row gets one token this step; the ids are not needed
-            if chunk.sampling_params.min_tokens > 0:
-                self._num_outputs[chunk.request_id] = self._num_outputs.get(chunk.request_id, 0) + 1
         logprobs = None
         if raw_logprobs is not None:
             index = torch.tensor(logprob_rows, device=logits.device)
@@ -110,7 +109,8 @@ class Sampler:
 
     def _process_logits(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Penalties, logit_bias, min_tokens, in place; returns (rows, slots) of penalty rows."""
+        """Penalties, logit_bias, min_tokens, in place (counting min_tokens rows' outputs); returns
+        (rows, slots) of penalty rows."""
         if not any(p.processes_logits for p in params):
             return None
         penalty_rows = [row for row, p in enumerate(params) if p.needs_token_counts]
@@ -121,23 +121,30 @@ class Sampler:
         bias_rows = [row for row, p in enumerate(params) if p.logit_bias]
         if bias_rows:
             apply_logit_bias(logits, bias_rows, chunks)
-        short_rows = [row for row, chunk in enumerate(chunks)
-                      if self._num_outputs.get(chunk.request_id, 0) < chunk.sampling_params.min_tokens]
+        short_rows = []
+        for row, chunk in enumerate(chunks):
+            if chunk.sampling_params.min_tokens > 0:  # every sampling row gets one token this step
+                num_outputs = self._num_outputs.get(chunk.request_id, 0)
+                if num_outputs < chunk.sampling_params.min_tokens:
+                    short_rows.append(row)
+                self._num_outputs[chunk.request_id] = num_outputs + 1
         if short_rows:
             apply_min_tokens(logits, short_rows, chunks)
         return result
 
     def _draw(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]
               ) -> torch.Tensor:
-        greedy_ids = logits.argmax(dim=-1)  # [N] int64
-        if all(p.greedy for p in params):
-            return greedy_ids
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            return logits.argmax(dim=-1)  # [N] int64
         temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
         probs = apply_filters(logits / temperatures[:, None], params).softmax(dim=-1)  # [N, V]
         noise = self._exponential_noise(probs, chunks)
         sampled_ids = (probs / noise).argmax(dim=-1)
-        greedy_rows = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(greedy_rows, greedy_ids, sampled_ids)
+        if not any(greedy):
+            return sampled_ids
+        greedy_rows = torch.tensor(greedy, device=logits.device)
+        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled_ids)
 
     def _exponential_noise(self, probs: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
         noise = torch.empty_like(probs)  # [N, V] float32, each row ~ Exp(1)
