@@ -6,6 +6,7 @@ whose choices carry their index; closing the response aborts them all.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -22,7 +23,6 @@ from fitserve.server.chat_tools import (
     plan_tools,
     structured_output,
 )
-from fitserve.server.errors import sse_error_event
 from fitserve.server.logprobs import chat_logprobs
 from fitserve.server.protocol import (
     ChatChoice,
@@ -34,13 +34,12 @@ from fitserve.server.protocol import (
     UsageInfo,
 )
 from fitserve.server.serving_common import (
-    SSE_DONE,
     SSEResponse,
     ServingBase,
-    close_all,
     collect,
     gather_or_cancel,
     merge_streams,
+    sse_body,
     sse_event,
     until_disconnected,
 )
@@ -67,8 +66,8 @@ class OpenAIServingChat(ServingBase):
         if body.stream:
             # The first outputs come before the 200 headers, so early engine errors are 400s.
             primed = await self.prime_all(raw_request, streams)
-            return SSEResponse(self.stream_events(completion_id, primed, body, len(token_ids), request_id, plan),
-                               primed)
+            events = self.stream_events(completion_id, primed, body, len(token_ids), plan)
+            return SSEResponse(sse_body(events, primed, request_id), primed)
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = []
         for index, final in enumerate(finals):
@@ -83,7 +82,7 @@ class OpenAIServingChat(ServingBase):
 
     async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
                             body: ChatCompletionRequest, num_prompt_tokens: int,
-                            request_id: str | None = None, plan: ToolPlan | None = None) -> AsyncIterator[str]:
+                            plan: ToolPlan | None = None) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage, continuous = body.include_usage, body.continuous_usage
         num_output_tokens = [0] * len(streams)
@@ -97,11 +96,10 @@ class OpenAIServingChat(ServingBase):
 
         # Per choice: its text as content deltas, or, when it is a tool call, tool-call deltas.
         tool_streams = [ToolCallStream(plan or ToolPlan((), "none")) for _ in streams]
-        merged = merge_streams(streams)
-        try:
-            for index in range(len(streams)):
-                role = DeltaMessage(role="assistant", content="")
-                yield chunk([ChatStreamChoice(index=index, delta=role)], running_usage(index))
+        for index in range(len(streams)):
+            role = DeltaMessage(role="assistant", content="")
+            yield chunk([ChatStreamChoice(index=index, delta=role)], running_usage(index))
+        async with contextlib.aclosing(merge_streams(streams)) as merged:
             async for index, out in merged:
                 num_output_tokens[index] = out.num_output_tokens
                 tool_stream = tool_streams[index]
@@ -115,11 +113,5 @@ class OpenAIServingChat(ServingBase):
                                               logprobs=logprobs, finish_reason=finish_reason,
                                               stop_reason=out.stop_reason)
                     yield chunk([choice], running_usage(index))
-            if include_usage:
-                yield chunk([], UsageInfo.of(num_prompt_tokens, sum(num_output_tokens)))
-        except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
-            yield sse_error_event(exc, request_id)
-        finally:
-            await merged.aclose()
-            await close_all(streams)  # merged closes them only if it was started
-        yield SSE_DONE
+        if include_usage:
+            yield chunk([], UsageInfo.of(num_prompt_tokens, sum(num_output_tokens)))

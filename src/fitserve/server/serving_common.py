@@ -4,6 +4,7 @@ abort on exit, disconnect detection, and Server-Sent Events framing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from fitserve.core.outputs import TokenLogprobs
 from fitserve.engine.client import EngineClient
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
-from fitserve.server.errors import BadRequestError, ModelNotFoundError, RequestTimeoutError
+from fitserve.server.errors import BadRequestError, ModelNotFoundError, RequestTimeoutError, sse_error_event
 from fitserve.server.logprobs import TokenTexts
 from fitserve.server.protocol import SamplingFields
 
@@ -50,6 +51,21 @@ def sse_event(chunk: BaseModel, include_usage: bool) -> str:
     # OpenAI sends `usage: null` on every chunk only when the client asked for usage.
     exclude = None if include_usage else {"usage"}
     return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+async def sse_body(events: AsyncIterator[str], streams: list[AsyncIterator[Any]],
+                   request_id: str | None) -> AsyncIterator[str]:
+    """An endpoint's events as an SSE body: an error after the 200 headers is reported in-band,
+    as vLLM does; the engine streams are closed on the way out; `[DONE]` ends it."""
+    try:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                yield event
+    except Exception as exc:
+        yield sse_error_event(exc, request_id)
+    finally:
+        await close_all(streams)  # the events' merged streams close them only if they started
+    yield SSE_DONE
 
 
 class SSEResponse(StreamingResponse):

@@ -7,6 +7,7 @@ too, the first without a logprob, as OpenAI and vLLM do).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,6 @@ from fastapi.responses import JSONResponse, Response
 from fitserve.core.outputs import TokenLogprobs
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
-from fitserve.server.errors import sse_error_event
 from fitserve.server.logprobs import CompletionLogprobsBuilder
 from fitserve.server.protocol import (
     CompletionChoice,
@@ -28,14 +28,13 @@ from fitserve.server.protocol import (
     UsageInfo,
 )
 from fitserve.server.serving_common import (
-    SSE_DONE,
     FinalOutput,
     SSEResponse,
     ServingBase,
-    close_all,
     collect,
     gather_or_cancel,
     merge_streams,
+    sse_body,
     sse_event,
     until_disconnected,
 )
@@ -78,7 +77,8 @@ class OpenAIServingCompletion(ServingBase):
             [f"{completion_id}-{p * n + i}" for i in range(n)], prompt.token_ids, prompt.params, deadline)]
         if body.stream:
             primed = await self.prime_all(raw_request, streams)
-            return SSEResponse(self.stream_events(completion_id, primed, body, plan, request_id), primed)
+            events = self.stream_events(completion_id, primed, body, plan)
+            return SSEResponse(sse_body(events, primed, request_id), primed)
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = [self._choice(index, body, plan[index // n], final) for index, final in enumerate(finals)]
         # Each prompt is counted once however many choices share it, as OpenAI and vLLM do.
@@ -110,8 +110,7 @@ class OpenAIServingCompletion(ServingBase):
         return ids, entries
 
     async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
-                            body: CompletionRequest, plan: list[PlannedPrompt],
-                            request_id: str | None = None) -> AsyncIterator[str]:
+                            body: CompletionRequest, plan: list[PlannedPrompt]) -> AsyncIterator[str]:
         created = int(time.time())
         include_usage, n = body.include_usage, body.n
         num_output_tokens = [0] * len(streams)
@@ -122,8 +121,7 @@ class OpenAIServingCompletion(ServingBase):
             return sse_event(CompletionChunk(id=completion_id, created=created, model=self.model_name,
                                              choices=choices, usage=usage), include_usage)
 
-        merged = merge_streams(streams)
-        try:
+        async with contextlib.aclosing(merge_streams(streams)) as merged:
             async for index, out in merged:
                 prompt = plan[index // n]
                 num_output_tokens[index] = out.num_output_tokens
@@ -136,14 +134,8 @@ class OpenAIServingCompletion(ServingBase):
                     running = UsageInfo.of(len(prompt.token_ids), out.num_output_tokens) \
                         if body.continuous_usage else None
                     yield chunk([choice], running)
-            if include_usage:
-                yield chunk([], UsageInfo.of(sum(len(p.token_ids) for p in plan), sum(num_output_tokens)))
-        except Exception as exc:  # the 200 headers are gone: report in-band, as vLLM does
-            yield sse_error_event(exc, request_id)
-        finally:
-            await merged.aclose()
-            await close_all(streams)  # merged closes them only if it was started
-        yield SSE_DONE
+        if include_usage:
+            yield chunk([], UsageInfo.of(sum(len(p.token_ids) for p in plan), sum(num_output_tokens)))
 
     def _stream_logprobs(self, body: CompletionRequest, builder: CompletionLogprobsBuilder,
                          echoed: PlannedPrompt | None, out: RequestOutput) -> CompletionLogprobs | None:
