@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from proc_helpers import is_running
 
 from fitserve.scaleout.options import REPLICA_HEADER
 
@@ -48,14 +49,6 @@ def _descendants(root: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_sigterm_stops_the_replicas_and_the_ray_instance(tmp_path):
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
@@ -84,9 +77,9 @@ def test_sigterm_stops_the_replicas_and_the_ray_instance(tmp_path):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=STOP_TIMEOUT_S) == 0
         deadline = time.monotonic() + 15
-        while any(_alive(pid) for pid in ray_processes) and time.monotonic() < deadline:
+        while any(is_running(pid) for pid in ray_processes) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not [pid for pid in ray_processes if _alive(pid)], "Ray processes outlived the server"
+        assert not [pid for pid in ray_processes if is_running(pid)], "Ray processes outlived the server"
     finally:
         if server.poll() is None:
             server.kill()

@@ -4,10 +4,6 @@ graphs (all-reduces captured inside them), fp8 runs split, and a dead worker fai
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-
 import pytest
 import torch
 
@@ -15,7 +11,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
     pytest.skip("needs two CUDA devices", allow_module_level=True)
 
-from tp_helpers import PROMPTS, greedy_tokens, tiny_llm, write_tiny_llama  # noqa: E402
+from tp_helpers import generate_after_killing_a_worker, greedy_tokens, tiny_llm, write_tiny_llama  # noqa: E402
 
 from fitserve.runner.distributed import TensorParallelError  # noqa: E402
 
@@ -52,22 +48,8 @@ def test_tp2_fp8_serves(tiny_folder):
 def test_a_dead_worker_fails_the_engine_on_nccl(tiny_folder):
     llm = tiny_llm(tiny_folder, 2, **CUDA)
     try:
-        worker = llm.engine.runner.peers.processes[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(30)
-        outcome: list[BaseException | None] = []
-
-        def generate() -> None:
-            try:
-                greedy_tokens(llm, PROMPTS[:2])
-                outcome.append(None)
-            except BaseException as error:  # noqa: BLE001 - the test looks at it
-                outcome.append(error)
-
-        thread = threading.Thread(target=generate, daemon=True)
-        thread.start()
-        thread.join(60)
-        assert not thread.is_alive(), "the engine hung on a dead worker"
-        assert isinstance(outcome[0], TensorParallelError)
+        hung, error = generate_after_killing_a_worker(llm, 60)
+        assert not hung, "the engine hung on a dead worker"
+        assert isinstance(error, TensorParallelError)
     finally:
         llm.shutdown()

@@ -3,18 +3,17 @@ never outlive a killed parent, and a dead worker fails the engine instead of han
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from proc_helpers import child_pids, is_running
 from test_shutdown import fitserve_process, wait_for_phases
-from tp_helpers import PROMPTS, child_pids, greedy_tokens, is_running, tiny_llm, write_tiny_llama
+from tp_helpers import PROMPTS, generate_after_killing_a_worker, greedy_tokens, tiny_llm, write_tiny_llama
 
 from fitserve.runner.distributed import TensorParallelError
 
@@ -46,24 +45,10 @@ def test_shutdown_stops_the_workers(tiny_folder):
 def test_a_dead_worker_fails_the_engine_instead_of_hanging_it(tiny_folder):
     llm = tiny_llm(tiny_folder, 2)
     try:
-        worker = llm.engine.runner.peers.processes[0]
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.join(EXIT_WAIT_S)
-        outcome: list[BaseException | None] = []
-
-        def generate() -> None:
-            try:
-                greedy_tokens(llm, PROMPTS[:2])
-                outcome.append(None)
-            except BaseException as error:  # noqa: BLE001 - the test looks at it
-                outcome.append(error)
-
-        thread = threading.Thread(target=generate, daemon=True)
-        thread.start()
-        thread.join(EXIT_WAIT_S)
-        assert not thread.is_alive(), "the engine hung on a dead worker"
-        assert isinstance(outcome[0], TensorParallelError)
-        assert "fitserve-tp1" in str(outcome[0]) or "gone" in str(outcome[0])
+        hung, error = generate_after_killing_a_worker(llm, EXIT_WAIT_S)
+        assert not hung, "the engine hung on a dead worker"
+        assert isinstance(error, TensorParallelError)
+        assert "fitserve-tp1" in str(error) or "gone" in str(error)
     finally:
         llm.shutdown()
 

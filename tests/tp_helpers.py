@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -38,25 +40,21 @@ def greedy_tokens(llm: LLM, prompts: list[list[int]] = PROMPTS) -> list[tuple[in
     return [out.token_ids for out in llm.generate(prompts, GREEDY_16)]
 
 
-def child_pids(pid: int) -> set[int]:
-    """Live child processes of `pid`, read from /proc (Linux)."""
-    children = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def generate_after_killing_a_worker(llm: LLM, timeout_s: float) -> tuple[bool, BaseException | None]:
+    """SIGKILL the first worker, then generate from another thread: (whether that thread still
+    runs after `timeout_s`, i.e. the engine hung; what generating raised, None if nothing)."""
+    worker = llm.engine.runner.peers.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(timeout_s)
+    outcome: list[BaseException | None] = [None]
+
+    def generate() -> None:
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.add(int(entry))
-    return children
+            greedy_tokens(llm, PROMPTS[:2])
+        except BaseException as error:  # noqa: BLE001 - the test looks at it
+            outcome[0] = error
 
-
-def is_running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return thread.is_alive(), outcome[0]
