@@ -7,6 +7,7 @@ import random
 import torch
 
 from fitserve.forward_batch import PAD_SLOT, ForwardBatch
+from fitserve.sampling_params import SamplingParams
 
 
 def make_batch(input_ids: list[int], positions: list[int], slots: list[int], query_lens: list[int],
@@ -84,3 +85,16 @@ class PagedDriver:
                 break
             logits = self.step([(req, [tok]) for req, tok in zip(prompts, next_ids)])
         return out
+
+
+def engine_greedy_tokens(engine, vocab_size: int) -> dict[str, list[int]]:
+    """Run 11 requests (5 to 35 prompt tokens; 11 decode rows pad to the graph of 16) to 20 greedy
+    tokens each through `engine`; request id -> its output tokens."""
+    for i in range(11):
+        prompt = [(7 * i + j) % vocab_size for j in range(5 + 3 * i)]
+        engine.add_request(engine.make_request(f"r{i}", prompt, SamplingParams(max_tokens=20, temperature=0)))
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens

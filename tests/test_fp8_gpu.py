@@ -147,8 +147,8 @@ def test_fp8_cuda_graph_decode_gives_the_eager_tokens():
     from fitserve.engine.llm_engine import EngineLimits, LLMEngine
     from fitserve.models.llama import LlamaForCausalLM
     from fitserve.runner.model_runner import TorchModelRunner
-    from fitserve.sampling_params import SamplingParams
     from fitserve.testing import FakeDecoder
+    from paged_helpers import engine_greedy_tokens
 
     arch = _tiny_arch()
     torch.manual_seed(0)
@@ -164,14 +164,7 @@ def test_fp8_cuda_graph_decode_gives_the_eager_tokens():
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, CUDA, seed=0,
                                   max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
         engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)))
-        for i in range(11):
-            prompt = [(7 * i + j) % 300 for j in range(5 + 3 * i)]
-            engine.add_request(engine.make_request(f"r{i}", prompt, SamplingParams(max_tokens=20, temperature=0)))
-        tokens = {}
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        results.append(tokens)
+        results.append(engine_greedy_tokens(engine, 300))
     assert results[0] == results[1]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from fitserve.forward_batch import PAD_SLOT
 from fitserve.kernels import reference
-from paged_helpers import make_batch
+from paged_helpers import engine_greedy_tokens, make_batch
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -171,7 +171,6 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     from fitserve.engine.llm_engine import EngineLimits, LLMEngine
     from fitserve.models.llama import LlamaForCausalLM
     from fitserve.runner.model_runner import TorchModelRunner
-    from fitserve.sampling_params import SamplingParams
     from fitserve.testing import FakeDecoder
 
     arch = ArchConfig(vocab_size=500, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -188,13 +187,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
         assert (runner.decode_graphs is not None) == use_graphs
         engine = LLMEngine(runner, FakeDecoder(), EngineLimits(500, (), SchedulerLimits(12, 64, 256)),
                            async_output=async_output)
-        for i in range(11):  # 11 requests: padded to the graph of 16 rows
-            prompt = [(7 * i + j) % 500 for j in range(5 + 3 * i)]
-            engine.add_request(engine.make_request(f"r{i}", prompt, SamplingParams(max_tokens=20, temperature=0)))
-        tokens = {}
-        while engine.has_unfinished:
-            for out in engine.step():
-                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        tokens = engine_greedy_tokens(engine, 500)
         engine.check_invariants()
         results.append(tokens)
     assert results[0] == results[1] == results[2]
