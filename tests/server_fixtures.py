@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from fake_engine import FakeEngine
 
+from fitserve.engine.async_engine import AsyncEngine
 from fitserve.server.app import build_app
 
 SERVER_START_TIMEOUT_S = 10.0
@@ -55,6 +56,18 @@ def live_server(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=SERVER_START_TIMEOUT_S)
         sock.close()
+
+
+@contextmanager
+def built_engine_server(built) -> Iterator[tuple[str, AsyncEngine]]:
+    """Serve an engine from `fitserve.llm.build_engine` until the block exits; yields the base URL
+    and its started AsyncEngine, shut down on the way out."""
+    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
+    try:
+        with live_server(build_app(engine)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()
 
 
 @pytest.fixture(scope="module")

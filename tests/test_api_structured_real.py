@@ -14,12 +14,10 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, Field
-from server_fixtures import FAKE_API_KEY, live_server
+from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import EngineConfig
-from fitserve.engine.async_engine import AsyncEngine
 from fitserve.llm import build_engine
-from fitserve.server.app import build_app
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +46,9 @@ MAX_TOKENS = 60  # ample for these bounded schemas; a response cut at this lengt
 @pytest.fixture(scope="module")
 def real():
     built = build_engine(EngineConfig(dtype="float32"), progress=False)
-    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
-    with live_server(build_app(engine)) as url:
+    with built_engine_server(built) as (url, _):
         with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=120) as client:
             yield url, client
-    engine.shutdown()
 
 
 @pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}])

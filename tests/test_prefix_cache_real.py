@@ -6,13 +6,11 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from server_fixtures import FAKE_API_KEY, live_server
+from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from fitserve.engine.async_engine import AsyncEngine
 from fitserve.llm import LLM, build_engine
 from fitserve.sampling_params import SamplingParams
-from fitserve.server.app import build_app
 
 pytestmark = pytest.mark.slow
 
@@ -51,17 +49,13 @@ def test_metrics_count_prefix_cache_hits_on_a_live_server():
     built = build_engine(EngineConfig(dtype="float32", cache=CacheConfig(num_gpu_blocks_override=NUM_KV_BLOCKS),
                                       scheduler=SchedulerConfig(max_model_len=1024)),
                          progress=False)
-    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
-    try:
-        with live_server(build_app(engine)) as url:
-            with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=120) as client:
-                answers = [client.chat.completions.create(
-                    model=built.model_name, max_tokens=4, temperature=0,
-                    messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
-                ) for q in QUESTIONS[:3]]
-            text = httpx.get(url + "/metrics", timeout=10).text
-    finally:
-        engine.shutdown()
+    with built_engine_server(built) as (url, _):
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=120) as client:
+            answers = [client.chat.completions.create(
+                model=built.model_name, max_tokens=4, temperature=0,
+                messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}],
+            ) for q in QUESTIONS[:3]]
+        text = httpx.get(url + "/metrics", timeout=10).text
     assert all(a.choices[0].message.content for a in answers)
     prompt_tokens = sum(a.usage.prompt_tokens for a in answers)
     counters = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()

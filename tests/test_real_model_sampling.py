@@ -6,12 +6,10 @@ import math
 
 import openai
 import pytest
-from server_fixtures import FAKE_API_KEY, live_server
+from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import EngineConfig
-from fitserve.engine.async_engine import AsyncEngine
 from fitserve.llm import build_engine
-from fitserve.server.app import build_app
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
@@ -21,12 +19,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def client():
     built = build_engine(EngineConfig(dtype="float32"), progress=False)
-    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
-    with live_server(build_app(engine)) as url:
+    with built_engine_server(built) as (url, _):
         with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=120) as c:
             c.tokenizer = built.tokenizer
             yield c
-    engine.shutdown()
 
 
 def test_chat_logprobs_of_a_greedy_answer(client):

@@ -6,13 +6,11 @@ import asyncio
 
 import openai
 import pytest
-from server_fixtures import FAKE_API_KEY, live_server
+from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from fitserve.engine.async_engine import AsyncEngine
 from fitserve.llm import LLM, build_engine
 from fitserve.sampling_params import SamplingParams
-from fitserve.server.app import build_app
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +50,8 @@ def real_server():
     # (measured: 4 of these 16 answers differ somewhere in 16 tokens), which says nothing about
     # the scheduler. In float32 a request's tokens must not depend on its batch neighbours.
     built = build_engine(EngineConfig(dtype="float32"), progress=False)
-    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
-    with live_server(build_app(engine)) as url:
+    with built_engine_server(built) as (url, engine):
         yield url, engine
-    engine.shutdown()
 
 
 async def _chat(client: openai.AsyncOpenAI, question: str) -> str:
