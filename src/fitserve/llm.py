@@ -145,8 +145,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         peers.wait_for("loaded")
     if report is not None:
         report("loaded")
-    measures = device.type == "cuda" and memory.planned.inputs.kv_cache_memory_bytes is None \
-        and memory.planned.inputs.num_gpu_blocks_override is None
+    measures = device.type == "cuda" and not memory.planned.inputs.fixed_kv_cache
     error: ConfigError | None = None
     try:
         sized = size_after_profiling(memory, model, config, max_model_len, device) if measures else memory.planned

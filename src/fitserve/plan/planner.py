@@ -58,6 +58,12 @@ class PlanInputs:
         return self.device_total_bytes is not None
 
     @property
+    def fixed_kv_cache(self) -> bool:
+        """The KV cache's size is given (--kv-cache-memory-bytes or --num-gpu-blocks-override), not
+        what --gpu-memory-utilization leaves after the rest."""
+        return self.kv_cache_memory_bytes is not None or self.num_gpu_blocks_override is not None
+
+    @property
     def rank_arch(self) -> ArchConfig:
         """One GPU's shapes (ConfigError when the size does not divide the heads or MLP columns)."""
         return self.arch.shard(self.tensor_parallel_size)

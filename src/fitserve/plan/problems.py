@@ -36,8 +36,7 @@ def _gpu_budget_problems(plan: MemoryPlan) -> Iterator[PlanProblem]:
     total = inputs.device_total_bytes
     assert total is not None
     free = total - plan.outside_budget_bytes
-    fixed_kv = inputs.kv_cache_memory_bytes is not None or inputs.num_gpu_blocks_override is not None
-    if fixed_kv:
+    if inputs.fixed_kv_cache:
         need = plan.breakdown.non_kv_bytes + plan.kv_cache_bytes
         if need > free:
             yield PlanProblem("kv_exceeds_free", True, _fixed_kv_message(plan, need, free))
@@ -148,8 +147,7 @@ def _memory_flag(plan: MemoryPlan, kv_tokens_needed: int) -> str:
         return "give the cache more memory with --kv-cache-memory-bytes"
     util = plan.utilization_for_kv_tokens(kv_tokens_needed)
     max_util = plan.max_usable_utilization
-    fixed_kv = inputs.kv_cache_memory_bytes is not None or inputs.num_gpu_blocks_override is not None
-    if util is not None and max_util is not None and util <= max_util and not fixed_kv:
+    if util is not None and max_util is not None and util <= max_util and not inputs.fixed_kv_cache:
         return f"raise --gpu-memory-utilization to {util:.2f}"
     return "use --kv-cache-dtype fp8 or --quantization fp8, or a card with more memory"
 
