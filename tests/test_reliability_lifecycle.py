@@ -4,7 +4,6 @@ waits for the engine; an engine-loop crash fails requests, turns /health to 503 
 from __future__ import annotations
 
 import logging
-import socket
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from reliability_helpers import (
 )
 from server_fixtures import live_server
 
+from fitserve.bench.server_process import free_port
 from fitserve.config import ConfigError, ServerConfig
 from fitserve.server import launcher
 from fitserve.server.app import attach_engine, build_app
@@ -79,16 +79,10 @@ def test_engine_loop_crash_fails_requests_and_health(caplog):
     assert crash_logs and crash_logs[0].exc_info is not None  # logged with its traceback
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_failed_load_stops_the_server_and_raises():
     def load_engine(report_phase):
         report_phase(Phase.LOADING)
         raise ConfigError("--max-model-len 99999 is longer than the model's context")
 
     with pytest.raises(ConfigError, match="max-model-len"):
-        launcher.serve(ServerConfig(), "127.0.0.1", _free_port(), load_engine, log_level="warning")
+        launcher.serve(ServerConfig(), "127.0.0.1", free_port(), load_engine, log_level="warning")

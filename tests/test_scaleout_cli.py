@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import openai
 import pytest
 from proc_helpers import is_running
 
+from fitserve.bench.server_process import free_port
 from fitserve.scaleout.options import REPLICA_HEADER
 
 pytestmark = pytest.mark.slow
@@ -22,12 +22,6 @@ pytestmark = pytest.mark.slow
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _descendants(root: int) -> set[int]:
@@ -50,7 +44,7 @@ def _descendants(root: int) -> set[int]:
 
 
 def test_sigterm_stops_the_replicas_and_the_ray_instance(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     command = [sys.executable, "-m", "fitserve", "serve", "--replicas", "1", "--port", str(port),
                "--replica-num-cpus", "0.5", "--kv-cache-memory-bytes", "64MiB", "--max-model-len", "256",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import ray
 from ray import serve
 
+from fitserve.bench.server_process import free_port
 from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig, ServerConfig
 from fitserve.scaleout.launch import build_application
 from fitserve.scaleout.options import APP_NAME, DEPLOYMENT_NAME, PREFIX_KEY_HEADER, REPLICA_HEADER, ReplicaOptions
@@ -30,15 +30,9 @@ MAX_NUM_SEQS = 8  # = max_ongoing_requests: what a replica accepts at once; the 
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_app():
-    port = _free_port()
+    port = free_port()
     previous = os.environ.get(PROXY_CALLBACK_ENV)
     os.environ[PROXY_CALLBACK_ENV] = PROXY_CALLBACK  # the proxy started below inherits it
     ray.init(num_cpus=2, include_dashboard=False, namespace="fitserve-test", log_to_driver=False,

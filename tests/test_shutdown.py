@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fitserve.bench.server_process import free_port
+
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT_S = 180.0  # the default model loads in ~5 s; the CI machines are shared
@@ -26,15 +27,9 @@ SMALL = ("--max-model-len", "512", "--kv-cache-memory-bytes", "64MiB")  # quicke
 MAX_TOKENS = 64  # a few seconds of decoding on the CPU: still running when SIGTERM comes
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def fitserve_process(tmp_path: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str, Path]]:
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fitserve", "serve", "--port", str(port), *flags],
