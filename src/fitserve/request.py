@@ -41,6 +41,9 @@ class Request:
     # Tokens (prompt then outputs) whose K/V are in the cache. Reset to 0 on preemption.
     num_computed_tokens: int = 0
     num_preemptions: int = 0
+    # Tokens sampled by steps already launched but not yet appended to output_token_ids: with
+    # async scheduling the next step is planned while the last one runs (0 or 1 when planning).
+    num_pending_outputs: int = 0
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     grammar: Any = None  # structured output: the engine's RequestGrammar (engine/structured_output.py)
 

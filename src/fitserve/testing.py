@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fitserve.core.interfaces import KVCapacity
+from dataclasses import replace
+
+from fitserve.core.interfaces import KVCapacity, PendingOutput, Ready
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 
 
@@ -22,12 +24,23 @@ class FakeRunner:
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
 
+    def execute_async(self, scheduler_output: SchedulerOutput, previous: PendingOutput | None = None
+                      ) -> PendingOutput:
+        """Runs the step at once; placeholders (async scheduling) take `previous`'s sampled ids."""
+        if any(chunk.feeds_placeholder for chunk in scheduler_output.scheduled):
+            assert previous is not None, "a placeholder needs the step in flight"
+            sampled = previous.result().sampled_token_ids
+            scheduled = tuple(replace(chunk, token_ids=(sampled[chunk.request_id],)) if chunk.feeds_placeholder
+                              else chunk for chunk in scheduler_output.scheduled)
+            scheduler_output = replace(scheduler_output, scheduled=scheduled)
+        return Ready(self.execute(scheduler_output))
+
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         self.num_steps += 1
         self.live_request_ids -= scheduler_output.finished_request_ids
         sampled = {}
         for chunk in scheduler_output.scheduled:
-            assert chunk.num_tokens >= 1
+            assert chunk.num_tokens >= 1 and not chunk.feeds_placeholder, "placeholders go to execute_async"
             assert len(chunk.block_table) * self.capacity.block_size >= chunk.seq_len, "block table too short"
             self.live_request_ids.add(chunk.request_id)
             if chunk.samples:

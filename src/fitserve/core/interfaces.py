@@ -28,12 +28,24 @@ class PendingOutput(Protocol):
     def result(self) -> RunnerOutput: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A PendingOutput that was ready when it was launched (runners that run a step at once)."""
+
+    output: RunnerOutput
+
+    def result(self) -> RunnerOutput:
+        return self.output
+
+
 class ModelRunner(Protocol):
     """`execute` runs one step to its sampled tokens.
 
-    A runner may also offer `execute_async(scheduler_output) -> PendingOutput`, which returns
-    once the step is queued on the device; the engine then does host work (detokenizing the
-    previous step) before it waits. Without it the engine calls `execute`.
+    A runner may also offer `execute_async(scheduler_output, previous=None) -> PendingOutput`,
+    which returns once the step is queued on the device; the engine then does host work
+    (detokenizing the previous step) before it waits. Without it the engine calls `execute`.
+    With async scheduling the engine launches a step before the previous one is resolved:
+    `previous` is that step, whose sampled ids fill the new step's placeholder tokens.
     """
 
     def kv_capacity(self) -> KVCapacity: ...

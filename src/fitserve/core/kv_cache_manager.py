@@ -165,7 +165,9 @@ class KVCacheManager:
 
         Returns False, changing nothing, when the pool has too few free blocks. On success the
         blocks full within `num_tokens` are registered in the prefix cache: the caller schedules
-        those tokens for computation in this step.
+        those tokens for computation in this step. A block holding a token not sampled yet (async
+        scheduling plans a step before the last one's tokens are known) waits for a later call:
+        its hash needs the token.
         """
         rid = request.request_id
         cached_blocks = cached_blocks or []
@@ -185,7 +187,7 @@ class KVCacheManager:
             new_blocks = self.pool.allocate(num_new)
             assert new_blocks is not None, "checked above"
             table.extend(new_blocks)
-        self._register_full_blocks(request, num_tokens)
+        self._register_full_blocks(request, min(num_tokens, request.num_tokens))
         return True
 
     def free(self, request_id: str, keep_keys: bool = False) -> None:

@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 
 from fitserve.sampling_params import SamplingParams
 
+# In ScheduledRequest.token_ids: the token the request samples in the step launched just before
+# this one, unknown when this step was planned (async scheduling). The runner takes it from that
+# step's sampled ids on the device. It is always a decode chunk's only token.
+PLACEHOLDER_TOKEN_ID = -1
+
 
 @dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     """One request's share of a step."""
 
     request_id: str
-    token_ids: tuple[int, ...]  # fed this step: a prompt chunk, or the last sampled token; len >= 1
+    token_ids: tuple[int, ...]  # fed this step: a prompt chunk, or the last sampled token (or its placeholder)
     num_computed_tokens: int  # tokens already in the cache before this step (= position of token_ids[0])
     block_table: tuple[int, ...]  # KV block ids covering num_computed_tokens + len(token_ids) tokens
     samples: bool  # False for a prefill chunk that does not reach the end of the known tokens
@@ -30,6 +35,11 @@ class ScheduledRequest:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def feeds_placeholder(self) -> bool:
+        """Whether the fed token is the previous step's sample, still on the device."""
+        return self.token_ids[-1] == PLACEHOLDER_TOKEN_ID
 
     @property
     def seq_len(self) -> int:

@@ -15,6 +15,12 @@ With prefix caching, a request admitted from the queue first takes the cached bl
 longest cached prefix (core/kv_cache_manager.py): its `num_computed_tokens` starts after
 them, and only the rest of its tokens use the budget. A preempted request's full blocks stay
 cached when freed, so it usually comes back with most of its tokens already computed.
+
+Async scheduling (the engine plans step n+1 while step n runs): a request that samples in
+step n has a pending output (`num_pending_outputs`), and its decode in step n+1 feeds a
+placeholder that the runner fills from step n's sampled ids on the device. A request that
+will certainly end with step n's token (max_tokens, the context length) is not planned
+again; one that ends on EOS or a stop string is planned once more and that token is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from fitserve.core.kv_cache_manager import KVCacheManager
-from fitserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from fitserve.core.outputs import PLACEHOLDER_TOKEN_ID, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.request import Request, RequestStatus
 
 
@@ -77,8 +83,9 @@ class Scheduler:
         if not preempted:  # a cache that just ran dry admits nobody new
             self._schedule_waiting(budget_tokens, chunks)
         scheduled = tuple(self._to_scheduled(request, num_new) for request, num_new in chunks)
-        for request, num_new in chunks:
+        for (request, num_new), chunk in zip(chunks, scheduled):
             request.num_computed_tokens += num_new
+            request.num_pending_outputs += chunk.samples
         finished = frozenset(self._finished_since_last_step)
         self._finished_since_last_step.clear()
         return SchedulerOutput(scheduled=scheduled, finished_request_ids=finished)
@@ -88,7 +95,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget_tokens > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget_tokens)
+            if self._ends_with_pending_output(request):
+                index += 1
+                continue
+            num_new = min(_num_known_or_pending(request) - request.num_computed_tokens, budget_tokens)
             total = request.num_computed_tokens + num_new
             while not self.kv_cache.allocate_slots(request, total):
                 victim = self.running.pop()  # the newest running request loses its blocks
@@ -105,6 +115,7 @@ class Scheduler:
         while self.waiting and budget_tokens > 0 and len(self.running) < self.limits.max_num_seqs:
             request = self.waiting[0]
             assert request.num_computed_tokens == 0, "a waiting request has nothing in the cache"
+            assert request.num_pending_outputs == 0, "a step that sampled for it has not been resolved"
             cached_blocks = self.kv_cache.find_cached_prefix(request)
             num_cached_tokens = len(cached_blocks) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached_tokens, budget_tokens)
@@ -118,17 +129,29 @@ class Scheduler:
             chunks.append((request, num_new))
             budget_tokens -= num_new
 
+    def _ends_with_pending_output(self, request: Request) -> bool:
+        """Whether the token a launched step samples for the request will certainly end it."""
+        pending = request.num_pending_outputs
+        return pending > 0 and (
+            len(request.output_token_ids) + pending >= request.sampling_params.max_tokens
+            or request.num_tokens + pending >= self.limits.max_model_len)
+
     def _to_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        end = start + num_new
         params = request.sampling_params
         # Sent until the first output: the runner keeps what it needs from it (also across preemption).
         sends_prompt = params.needs_prompt_tokens and not request.output_token_ids
+        token_ids = request.token_ids_slice(start, end)
+        if end > request.num_tokens:  # the token sampled by the step in flight (async scheduling)
+            assert end == request.num_tokens + 1 == start + 1, "a placeholder is a decode's only token"
+            token_ids = (PLACEHOLDER_TOKEN_ID,)
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.token_ids_slice(start, start + num_new),
+            token_ids=token_ids,
             num_computed_tokens=start,
             block_table=tuple(self.kv_cache.block_table(request.request_id)),
-            samples=start + num_new == request.num_tokens,
+            samples=end == _num_known_or_pending(request),
             sampling_params=params,
             prompt_token_ids=request.prompt_token_ids if sends_prompt else None,
         )
@@ -159,11 +182,14 @@ class Scheduler:
                 continue
             token_id = runner_output.sampled_token_ids[chunk.request_id]
             request.output_token_ids.append(token_id)
+            request.num_pending_outputs -= 1
             sampled.append((request, token_id))
             status, stop_reason = self._stop_condition(request, token_id)
             if status is not None:
                 self.requests.pop(request.request_id)
-                self.running.remove(request)
+                # Preempted while the step ran (async scheduling): it waits to be recomputed.
+                queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
+                queue.remove(request)
                 self._release(request, status, stop_reason)
         return sampled
 
@@ -201,7 +227,12 @@ class Scheduler:
             assert request.status == RequestStatus.RUNNING
             table = self.kv_cache.block_table(request.request_id)
             assert len(table) * self.kv_cache.block_size >= request.num_computed_tokens, "tokens beyond the table"
-            assert request.num_computed_tokens <= request.num_tokens
+            assert request.num_computed_tokens <= _num_known_or_pending(request)
         for request in self.waiting:
             assert request.status == RequestStatus.WAITING
             assert not self.kv_cache.block_table(request.request_id), "a waiting request holds blocks"
+
+
+def _num_known_or_pending(request: Request) -> int:
+    """The request's tokens, counting those sampled by launched steps and not known yet."""
+    return request.num_tokens + request.num_pending_outputs

@@ -10,6 +10,14 @@ GPU runs it, instead of between steps while the GPU waits. The tokens still reac
 scheduler at once (the next step's inputs need them); only text, stop strings and the
 outputs lag one step. A stop string found that late ends its request, and the token the
 request sampled in the step already launched is dropped.
+
+Async scheduling (vLLM's name; on for CUDA on one GPU unless --no-async-scheduling) goes
+further: step n+1 is planned and launched before step n's tokens are read, so the GPU runs
+steps back to back and all host work (planning, building inputs, reading tokens,
+detokenizing) hides behind a step's GPU time. A decode in step n+1 feeds a placeholder for
+the token step n samples; the runner fills it on the device (core/scheduler.py). While a
+request with a grammar runs, each step waits for the last one first: its mask needs the
+grammar advanced by the last token.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from fitserve.core.interfaces import ModelRunner, PendingOutput
+from fitserve.core.interfaces import ModelRunner, PendingOutput, Ready
 from fitserve.core.kv_cache_manager import KVCacheManager
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput, TokenLogprobs
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
@@ -45,16 +53,6 @@ class EngineLimits:
     max_logprobs: int = DEFAULT_MAX_LOGPROBS  # most top logprobs a request may ask for per token
 
 
-@dataclass(frozen=True, slots=True)
-class _Done:
-    """A runner output that was ready when it was launched (a runner without execute_async)."""
-
-    output: RunnerOutput
-
-    def result(self) -> RunnerOutput:
-        return self.output
-
-
 def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOutput]], None] | None,
                 ) -> list[RequestOutput]:
     """The outputs to return from step(): none once `deliver` has taken them."""
@@ -68,7 +66,8 @@ def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOut
 class LLMEngine:
     def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits,
                  metrics: EngineMetrics | None = None, async_output: bool = False,
-                 grammar_compiler: GrammarCompiler | None = None, enable_prefix_caching: bool = True) -> None:
+                 grammar_compiler: GrammarCompiler | None = None, enable_prefix_caching: bool = True,
+                 async_scheduling: bool = False) -> None:
         capacity = runner.kv_capacity()
         self.runner = runner
         self.decoder = decoder
@@ -88,6 +87,9 @@ class LLMEngine:
         # Requests with a grammar, as long as they have a detokenizer: no grammar work when empty.
         self._grammar_request_ids: set[str] = set()
         self._pending_logprobs: dict[str, TokenLogprobs] = {}  # their logprobs, for requests that asked
+        # Async scheduling: the step launched and not yet resolved (its plan, its pending output).
+        self.async_scheduling = async_scheduling
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -168,7 +170,7 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._pending)
+        return self.scheduler.has_unfinished or bool(self._pending) or self._in_flight is not None
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -177,7 +179,11 @@ class LLMEngine:
 
         With async output processing the outputs are the previous step's tokens, ready before
         this step's GPU work ends: `deliver` gets them then, instead of one GPU step later.
+        With async scheduling they are the tokens of the step launched by the previous call,
+        handed out while the step launched by this call runs.
         """
+        if self.async_scheduling:
+            return self._step_ahead(deliver)
         scheduler_output = self.scheduler.schedule()
         self.metrics.prefix_cache_queried(self.kv_cache.take_prefix_cache_stats())
         if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
@@ -188,7 +194,39 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self.async_output:  # while the device runs this step, hand out the previous step's tokens
             outputs = _handed_out(self._process_outputs(), deliver)
-        runner_output = pending.result()
+        self._apply(scheduler_output, pending.result())
+        if not self.async_output:
+            outputs = _handed_out(self._process_outputs(), deliver)
+        return outputs
+
+    def _step_ahead(self, deliver: Callable[[list[RequestOutput]], None] | None) -> list[RequestOutput]:
+        """Plan and launch the next step, then resolve the one launched by the last call."""
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and self._grammar_request_ids:
+            outputs = self._resolve_in_flight()  # grammar masks need the last step's tokens
+        scheduler_output = self.scheduler.schedule()
+        self.metrics.prefix_cache_queried(self.kv_cache.take_prefix_cache_stats())
+        launched = None
+        if not scheduler_output.is_empty or scheduler_output.finished_request_ids:
+            self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
+            scheduler_output = self._with_grammar_masks(scheduler_output)
+            previous = self._in_flight[1] if self._in_flight is not None else None
+            launched = (scheduler_output, self._launch(scheduler_output, previous))
+        if self._in_flight is not None:
+            outputs += self._resolve_in_flight()
+        self._in_flight = launched
+        return _handed_out(outputs, deliver)
+
+    def _resolve_in_flight(self) -> list[RequestOutput]:
+        """Wait for the step in flight, apply its tokens, and detokenize them."""
+        assert self._in_flight is not None
+        scheduler_output, pending = self._in_flight
+        self._in_flight = None
+        self._apply(scheduler_output, pending.result())
+        return self._process_outputs()
+
+    def _apply(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> None:
+        """A finished step's tokens reach the scheduler (and grammars); their outputs wait in _pending."""
         self.num_steps += 1
         self._gather_prompt_logprobs(runner_output)
         self._pending = self.scheduler.update_from_output(scheduler_output, runner_output)
@@ -196,15 +234,16 @@ class LLMEngine:
             for request, token_id in self._pending:  # before the next plan: its masks follow these tokens
                 self._advance_grammar(request, token_id)
         self._pending_logprobs = runner_output.logprobs
-        if not self.async_output:
-            outputs = _handed_out(self._process_outputs(), deliver)
-        return outputs
 
-    def _launch(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+    def _launch(self, scheduler_output: SchedulerOutput, previous: PendingOutput | None = None) -> PendingOutput:
+        """Queue the step; `previous` is the step in flight whose sampled ids fill placeholders."""
         execute_async = getattr(self.runner, "execute_async", None)
         if execute_async is None:
-            return _Done(self.runner.execute(scheduler_output))
-        return execute_async(scheduler_output)
+            assert previous is None, "async scheduling needs a runner with execute_async"
+            return Ready(self.runner.execute(scheduler_output))
+        if previous is None:
+            return execute_async(scheduler_output)
+        return execute_async(scheduler_output, previous=previous)
 
     def _process_outputs(self) -> list[RequestOutput]:
         """Detokenize the tokens of the last step and check stop strings: one output per token."""
