@@ -124,7 +124,7 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
-        disable_async_output_proc=args.disable_async_output_proc,
+        disable_async_output_proc=args.disable_async_output_proc, async_scheduling=args.async_scheduling,
         quantization=quantization,
         cache=CacheConfig(gpu_memory_utilization=utilization, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
@@ -227,6 +227,7 @@ def part_profile(args: argparse.Namespace) -> dict:
     from fitserve.sampling_params import SamplingParams
 
     engine, _ = build_fitserve(args)
+    async_scheduling, engine.async_scheduling = engine.async_scheduling, False  # the phases below run one at a time
     runner = engine.runner
     result = {}
     for batch_size in (1, 20, 128):
@@ -254,6 +255,16 @@ def part_profile(args: argparse.Namespace) -> dict:
             engine.step()
             engine_steps.append(time.perf_counter() - t0)
         phases["engine_step"] = engine_steps
+        if async_scheduling:  # the engine's step when it plans the next step before reading the last
+            engine.async_scheduling = True
+            ahead_steps = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                engine.step()
+                ahead_steps.append(time.perf_counter() - t0)
+            engine.drain()
+            engine.async_scheduling = False
+            phases["engine_step_async_scheduling"] = ahead_steps
         graphs = runner.decode_graphs
         gpu_ms = float("nan")
         if graphs is not None:
@@ -426,7 +437,8 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
     parser.add_argument("--variants", nargs="+", default=["graphs"],
-                        help="graphs, eager, and/or sync (graphs with --disable-async-output-proc)")
+                        help="graphs (the defaults), eager, nosched (graphs with --no-async-scheduling) and/or "
+                             "sync (graphs with neither async scheduling nor async output processing)")
     parser.add_argument("--quant-variant", default="bf16", choices=sorted(QUANT_VARIANTS), help="one part's setting")
     parser.add_argument("--quant-variants", nargs="+", default=["bf16"], choices=sorted(QUANT_VARIANTS),
                         help="all: run each (bf16; fp8 = fp8 weights and fp8 KV cache)")
@@ -439,6 +451,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--disable-async-output-proc", action="store_true")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--part-timeout-s", type=float, default=280)
     parser.add_argument("--hf-timeout-s", type=float, default=300)
@@ -480,7 +493,8 @@ def main() -> None:
         (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     for quant in args.quant_variants:
         for variant in args.variants:
-            flags = {"eager": ["--enforce-eager"], "sync": ["--disable-async-output-proc"]}.get(variant, [])
+            flags = {"eager": ["--enforce-eager"], "nosched": ["--no-async-scheduling"],
+                     "sync": ["--disable-async-output-proc", "--no-async-scheduling"]}.get(variant, [])
             name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
             if full_budget:
                 report["fitserve"][name] = run_part(

@@ -67,7 +67,11 @@ def test_preemption_and_chunking_do_not_change_outputs(tmp_path):
     lagging = build_engine(roomy_config, progress=False).engine
     lagging.async_output = True  # outputs (logprobs included) handed out one step later, as on CUDA
     assert_same(reference, run(lagging))
-    for engine in (roomy, tight, lagging):
+    ahead = build_engine(tight_config, progress=False).engine
+    ahead.async_scheduling = True  # each step planned before the last one's tokens are read, as on CUDA
+    assert_same(reference, run(ahead))
+    assert ahead.scheduler.num_preemptions_total > 0
+    for engine in (roomy, tight, lagging, ahead):
         engine.step()  # the runner hears of the last finished requests with the next step
         assert engine.runner.sampler.token_counts.num_tracked == 0
         assert engine.kv_cache.num_free_blocks == engine.kv_cache.pool.num_blocks

@@ -180,17 +180,20 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     results = []
-    # graphs with async output processing (the serving default), graphs without it, eager
-    for use_graphs, async_output in ((True, True), (True, False), (False, False)):
+    # graphs with async scheduling and output processing (the serving default), graphs with one or
+    # neither, eager with and without async scheduling
+    variants = ((True, True, True), (True, True, False), (True, False, False), (False, False, True),
+                (False, False, False))
+    for use_graphs, async_output, async_scheduling in variants:
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float32, torch.device("cuda"), seed=0,
                                   max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
         assert (runner.decode_graphs is not None) == use_graphs
         engine = LLMEngine(runner, FakeDecoder(), EngineLimits(500, (), SchedulerLimits(12, 64, 256)),
-                           async_output=async_output)
+                           async_output=async_output, async_scheduling=async_scheduling)
         tokens = engine_greedy_tokens(engine, 500)
         engine.check_invariants()
         results.append(tokens)
-    assert results[0] == results[1] == results[2]
+    assert all(tokens == results[-1] for tokens in results)
 
 
 # -- fp8 (e4m3) KV cache: the store quantizes as the reference does, both attention kernels read it --------

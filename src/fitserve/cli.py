@@ -70,6 +70,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="no CUDA graphs: launch every decode step from Python (slower; for debugging)")
     parser.add_argument("--disable-async-output-proc", action="store_true",
                         help="detokenize each step between steps instead of while the GPU runs the next one")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                        help="plan and launch each step before the last one's tokens are read, so host work "
+                             "overlaps the GPU (CUDA on one GPU; on by default, --no-async-scheduling turns it off)")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="split the model over this many GPUs, one process each, started by fitserve "
                              "(attention heads and MLP columns; docs/parallelism.md)")
@@ -87,6 +90,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         seed=args.seed,
         enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc,
+        async_scheduling=args.async_scheduling,
         quantization=args.quantization,
         generation_config=args.generation_config,
         max_logprobs=args.max_logprobs,

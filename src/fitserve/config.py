@@ -220,6 +220,8 @@ class EngineConfig:
     enforce_eager: bool = False  # vLLM's name: no CUDA graphs, every step launched from Python
     # vLLM's name: detokenize a step's tokens while the GPU runs the next one (CUDA only).
     disable_async_output_proc: bool = False
+    # vLLM's name: plan step n+1 while step n runs (CUDA with one GPU; off elsewhere).
+    async_scheduling: bool = True
     quantization: str | None = None  # vLLM's --quantization: None, fp8 (per-channel) or fp8_per_tensor
     # vLLM's --generation-config: "auto" (the model's generation_config.json gives sampling defaults),
     # "vllm" (ignore it), or a folder holding a generation_config.json.

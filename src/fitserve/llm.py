@@ -252,9 +252,13 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     })
     # On a CPU the runner computes inside execute_async, so there is nothing to overlap with.
     async_output = device.type == "cuda" and not config.disable_async_output_proc
+    # Tensor-parallel workers get each step's token ids from rank 0's plan, so they cannot fill
+    # placeholders sampled on rank 0: async scheduling needs one GPU.
+    async_scheduling = device.type == "cuda" and config.async_scheduling and config.tensor_parallel_size == 1
     grammar_compiler = GrammarCompiler(tokenizer.hf, source.arch.vocab_size, eos_ids)
     engine = LLMEngine(runner, tokenizer, limits, metrics=metrics, async_output=async_output,
-                       grammar_compiler=grammar_compiler, enable_prefix_caching=config.cache.enable_prefix_caching)
+                       grammar_compiler=grammar_compiler, enable_prefix_caching=config.cache.enable_prefix_caching,
+                       async_scheduling=async_scheduling)
     logger.info(
         "Model %s on %s (%s%s) ready in %.1f s. KV cache: %d tokens (%d blocks of %d, %.2f GiB%s); "
         "maximum concurrency at --max-model-len %d: %.2fx; prefix caching %s",

@@ -217,6 +217,10 @@ class LLMEngine:
         self._in_flight = launched
         return _handed_out(outputs, deliver)
 
+    def drain(self) -> list[RequestOutput]:
+        """Resolve the step in flight, if any (async scheduling); returns its outputs."""
+        return self._resolve_in_flight() if self._in_flight is not None else []
+
     def _resolve_in_flight(self) -> list[RequestOutput]:
         """Wait for the step in flight, apply its tokens, and detokenize them."""
         assert self._in_flight is not None

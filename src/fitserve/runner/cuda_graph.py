@@ -13,6 +13,7 @@ import torch
 
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.forward_batch import PAD_SLOT, ForwardBatch
+from fitserve.runner.input_batch import PlaceholderFill
 
 SMALL_BATCH_SIZES = (1, 2, 4)  # then every multiple of GRAPH_BATCH_STEP
 GRAPH_BATCH_STEP = 8  # padding wastes at most 7 rows; more captures cost start-up time
@@ -44,15 +45,11 @@ class DecodeGraphs:
         # after the replay, outside the graph: kept per size they would pin sum(sizes) x vocab
         # float32 in the pool (2 GiB for Llama 3 at 256 sequences), for one GEMM launch saved.
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._staged_tensors = {
-            "ids": torch.zeros(size, dtype=torch.int64).pin_memory(),
-            "positions": torch.zeros(size, dtype=torch.int64).pin_memory(),
-            "slots": torch.zeros(size, dtype=torch.int64).pin_memory(),
-            "seq_lens": torch.zeros(size, dtype=torch.int32).pin_memory(),
-            "query_start": torch.zeros(size + 1, dtype=torch.int32).pin_memory(),
-            "tables": torch.zeros(size, max_blocks_per_seq, dtype=torch.int32).pin_memory(),
-        }
-        self._staged = {name: t.numpy() for name, t in self._staged_tensors.items()}  # views for fast writes
+        # Pinned host copies of the inputs, written in place, two sets used in turn: with async
+        # scheduling a step's inputs are written while the step before it may still be copying
+        # its own; the step before that one was read back, so its copies are done.
+        self._staging = [_Staging(size, max_blocks_per_seq) for _ in range(2)]
+        self._num_replays = 0
 
     def _batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
@@ -87,17 +84,22 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, scheduled: tuple[ScheduledRequest, ...], block_size: int) -> torch.Tensor:
+    def run(self, scheduled: tuple[ScheduledRequest, ...], block_size: int, fill: PlaceholderFill | None = None
+            ) -> torch.Tensor:
         """Replay the graph for these decode requests; returns logits [len(scheduled), vocab] float32."""
-        return self.model.compute_logits(self.replay(scheduled, block_size))
+        return self.model.compute_logits(self.replay(scheduled, block_size, fill))
 
     @torch.inference_mode()
-    def replay(self, scheduled: tuple[ScheduledRequest, ...], block_size: int) -> torch.Tensor:
+    def replay(self, scheduled: tuple[ScheduledRequest, ...], block_size: int, fill: PlaceholderFill | None = None
+               ) -> torch.Tensor:
         """Replay the graph for these decode requests; returns final hidden states [len(scheduled), hidden]
-        (a tensor-parallel worker stops here: only rank 0 computes logits)."""
+        (a tensor-parallel worker stops here: only rank 0 computes logits). `fill` writes the
+        placeholder tokens (async scheduling) into the input ids on the device."""
         num_seqs = len(scheduled)
         size = next(s for s in self.sizes if s >= num_seqs)
-        staged = self._staged  # pinned host copies of the inputs, written in place
+        staging = self._staging[self._num_replays % 2]
+        self._num_replays += 1
+        staged = staging.arrays
         ids, positions, slots = staged["ids"][:size], staged["positions"][:size], staged["slots"][:size]
         seq_lens = staged["seq_lens"][:size]
         width = 0
@@ -117,14 +119,32 @@ class DecodeGraphs:
         query_start = staged["query_start"][: size + 1]
         query_start[: num_seqs + 1] = range(num_seqs + 1)
         query_start[num_seqs + 1 :] = num_seqs  # padding sequences: zero query tokens
+        tensors = staging.tensors
         for name, buffer in (("ids", self.input_ids), ("positions", self.positions), ("slots", self.slot_mapping),
                              ("seq_lens", self.seq_lens)):
-            buffer[:size].copy_(self._staged_tensors[name][:size], non_blocking=True)
-        self.query_start_loc[: size + 1].copy_(self._staged_tensors["query_start"][: size + 1], non_blocking=True)
-        self.block_tables[:num_seqs, :width].copy_(self._staged_tensors["tables"][:num_seqs, :width], non_blocking=True)
+            buffer[:size].copy_(tensors[name][:size], non_blocking=True)
+        self.query_start_loc[: size + 1].copy_(tensors["query_start"][: size + 1], non_blocking=True)
+        self.block_tables[:num_seqs, :width].copy_(tensors["tables"][:num_seqs, :width], non_blocking=True)
+        if fill is not None:
+            fill.apply(self.input_ids)
         graph, hidden = self._graphs[size]
         graph.replay()
-        # The host buffers are rewritten next step; that step's writes happen after this step's
-        # sampled tokens were read back (or, on a tensor-parallel worker, after it synchronized),
-        # which waits for the copies above to finish.
+        # This staging set is written again two steps from now, after this step's sampled tokens
+        # were read back (or, on a tensor-parallel worker, after it synchronized), which waits for
+        # the copies above.
         return hidden[:num_seqs]
+
+
+class _Staging:
+    """Pinned host buffers for one step's graph inputs, and numpy views of them for fast writes."""
+
+    def __init__(self, size: int, max_blocks_per_seq: int) -> None:
+        self.tensors = {
+            "ids": torch.zeros(size, dtype=torch.int64).pin_memory(),
+            "positions": torch.zeros(size, dtype=torch.int64).pin_memory(),
+            "slots": torch.zeros(size, dtype=torch.int64).pin_memory(),
+            "seq_lens": torch.zeros(size, dtype=torch.int32).pin_memory(),
+            "query_start": torch.zeros(size + 1, dtype=torch.int32).pin_memory(),
+            "tables": torch.zeros(size, max_blocks_per_seq, dtype=torch.int32).pin_memory(),
+        }
+        self.arrays = {name: t.numpy() for name, t in self.tensors.items()}

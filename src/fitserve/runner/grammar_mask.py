@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from fitserve.core.outputs import ScheduledRequest
+from fitserve.runner.input_batch import to_device
 
 BITS_PER_WORD = 32
 
@@ -32,6 +33,6 @@ def apply_allowed_token_masks(logits: torch.Tensor, chunks: list[ScheduledReques
     packed = bytearray(b"".join(chunks[row].allowed_token_bitmask for row in rows))  # type: ignore[misc]
     words = torch.frombuffer(packed, dtype=torch.int32).view(len(rows), -1).to(logits.device)  # [R, W]
     allowed = unpack_token_bitmask(words, logits.shape[-1])  # [R, vocab] bool
-    index = torch.tensor(rows, device=logits.device)
+    index = to_device(rows, torch.int64, logits.device)
     masked = logits[index].masked_fill(~allowed, float("-inf"))
     return logits.index_put((index,), masked)

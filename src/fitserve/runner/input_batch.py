@@ -1,4 +1,5 @@
-"""SchedulerOutput -> ForwardBatch: the flat tensors one forward pass reads."""
+"""SchedulerOutput -> ForwardBatch: the flat tensors one forward pass reads, and the placeholder
+tokens of async scheduling, filled on the device."""
 
 from __future__ import annotations
 
@@ -6,6 +7,18 @@ import torch
 
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.forward_batch import ForwardBatch
+
+
+def to_device(values: list | tuple, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device`, without waiting for the device's queue.
+
+    `torch.tensor(values, device=cuda)` copies synchronously, which waits for every kernel queued
+    before it: with async scheduling that is the whole step in flight. This copies from pinned
+    memory, queued on the stream; torch's pinned allocator keeps the host buffer until it is done.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def build_forward_batch(
@@ -30,19 +43,47 @@ def build_forward_batch(
     query_lens = tuple(c.num_tokens for c in scheduled)
     seq_lens = tuple(c.seq_len for c in scheduled)
 
-    def as_tensor(values: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
     return ForwardBatch(
-        input_ids=as_tensor(input_ids, torch.int64),
-        positions=as_tensor(positions, torch.int64),
-        slot_mapping=as_tensor(slots, torch.int64),
-        query_start_loc=as_tensor(query_start_loc, torch.int32),
-        seq_lens=as_tensor(seq_lens, torch.int32),
-        block_tables=as_tensor(block_tables, torch.int32),
-        logits_indices=as_tensor(logits_indices, torch.int64),
+        input_ids=to_device(input_ids, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
+        slot_mapping=to_device(slots, torch.int64, device),
+        query_start_loc=to_device(query_start_loc, torch.int32, device),
+        seq_lens=to_device(seq_lens, torch.int32, device),
+        block_tables=to_device(block_tables, torch.int32, device),
+        logits_indices=to_device(logits_indices, torch.int64, device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
     )
+
+
+class PlaceholderFill:
+    """Where a step's placeholder tokens come from: rows of the previous step's sampled ids."""
+
+    def __init__(self, rows: list[int], sources: list[int], sampled: torch.Tensor, device: torch.device) -> None:
+        self.sampled = sampled  # the previous step's [S] int64 ids, on the device
+        self.rows = to_device(rows, torch.int64, device)  # flat token rows of this step's input_ids
+        self.sources = to_device(sources, torch.int64, device)  # their rows in `sampled`
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        """Write the sampled ids into input_ids on the device (queued, no host synchronisation)."""
+        input_ids.index_copy_(0, self.rows, self.sampled.index_select(0, self.sources))
+
+
+def placeholder_fill(scheduled: tuple[ScheduledRequest, ...], sampled: torch.Tensor | None,
+                     sampled_request_ids: tuple[str, ...], device: torch.device) -> PlaceholderFill | None:
+    """The fill for the chunks that feed a placeholder (their only token), or None if none does.
+    `sampled` holds the previous step's ids (None: no step in flight), one per request of
+    `sampled_request_ids`."""
+    rows, offset = [], 0
+    for chunk in scheduled:
+        if chunk.feeds_placeholder:
+            rows.append(offset)
+        offset += chunk.num_tokens
+    if not rows:
+        return None
+    assert sampled is not None, "a placeholder needs the step in flight"
+    source_of = {request_id: row for row, request_id in enumerate(sampled_request_ids)}
+    sources = [source_of[chunk.request_id] for chunk in scheduled if chunk.feeds_placeholder]
+    return PlaceholderFill(rows, sources, sampled, device)

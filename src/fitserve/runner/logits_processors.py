@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from fitserve.core.outputs import ScheduledRequest
+from fitserve.runner.input_batch import to_device
 
 INITIAL_SLAB_ROWS = 8  # rows of the count slab allocated on first use; doubled when full
 
@@ -47,7 +48,7 @@ class TokenCounts:
             # The scheduler sends the prompt on every chunk before the first output, so the chunk
             # that samples first carries it.
             assert prompt is not None, "a repetition-penalty request was first sampled without its prompt"
-            ids = torch.tensor(prompt, dtype=torch.int64, device=self.device)
+            ids = to_device(prompt, torch.int64, self.device)
             self.prompt_mask[slot, ids[ids < vocab_size]] = True
         self._slots[chunk.request_id] = slot
         return slot
@@ -92,10 +93,10 @@ def apply_penalties(logits: torch.Tensor, rows: list[int], chunks: list[Schedule
     slots = [counts.slot(chunks[row], vocab_size) for row in rows]
     params = [chunks[row].sampling_params for row in rows]
     device = logits.device
-    row_index = torch.tensor(rows, dtype=torch.int64, device=device)
-    slot_index = torch.tensor(slots, dtype=torch.int64, device=device)
-    factors = torch.tensor([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
-                           dtype=logits.dtype, device=device)  # [R, 3]
+    row_index = to_device(rows, torch.int64, device)
+    slot_index = to_device(slots, torch.int64, device)
+    factors = to_device([[p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+                        logits.dtype, device)  # [R, 3]
     repetition, frequency, presence = factors[:, 0:1], factors[:, 1:2], factors[:, 2:3]
     row_logits = logits[row_index]  # [R, V]
     output_counts = counts.output_counts[slot_index]  # [R, V] int32
@@ -117,8 +118,8 @@ def apply_logit_bias(logits: torch.Tensor, rows: list[int], chunks: list[Schedul
             token_ids.append(token_id)
             biases.append(bias)
     device = logits.device
-    index = (torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device))
-    logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+    index = (to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device))
+    logits.index_put_(index, to_device(biases, logits.dtype, device), accumulate=True)
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: list[int], chunks: list[ScheduledRequest]) -> None:
@@ -132,4 +133,4 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[int], chunks: list[Schedul
                 token_ids.append(token_id)
     if row_ids:
         device = logits.device
-        logits[torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)] = float("-inf")
+        logits[to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device)] = float("-inf")

@@ -17,7 +17,7 @@ from fitserve.config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.runner.cuda_graph import DecodeGraphs
-from fitserve.runner.input_batch import build_forward_batch
+from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
 from fitserve.runner.sampler import DeviceSample, Sampler
 
@@ -79,18 +79,28 @@ class TorchModelRunner:
         return self.execute_async(scheduler_output).result()
 
     @torch.inference_mode()
-    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingSample:
-        """Queue the step on the device; nothing here waits for the GPU (see PendingSample)."""
+    def execute_async(self, scheduler_output: SchedulerOutput, previous: PendingSample | None = None
+                      ) -> PendingSample:
+        """Queue the step on the device; nothing here waits for the GPU (see PendingSample).
+
+        `previous` (async scheduling) is the step launched before this one and not read yet: its
+        sampled ids, still on the device, fill this step's placeholder tokens.
+        """
         if self.peers is not None:
+            assert previous is None, "tensor-parallel workers cannot fill placeholders"
             self.peers.send_step(scheduler_output)  # the workers run the same forward, in lock-step
         self.sampler.forget(scheduler_output.finished_request_ids)
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return PendingSample((), None)
+        fill = placeholder_fill(scheduled, previous and previous.sample and previous.sample.token_ids,
+                                previous.request_ids if previous is not None else (), self.device)
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
-            logits = self.decode_graphs.run(scheduled, self.capacity.block_size)
+            logits = self.decode_graphs.run(scheduled, self.capacity.block_size, fill)
             return self._sample(logits, list(scheduled))
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
+        if fill is not None:
+            fill.apply(batch.input_ids)
         hidden = self.model(batch)  # [T, hidden]
         prompt_logprobs = {}
         if any(wants_prompt_logprobs(chunk) for chunk in scheduled):
@@ -123,20 +133,23 @@ class TorchModelRunner:
 
 class PendingSample:
     """The sampled ids (and logprobs) of a queued step; `result()` is the step's one host
-    synchronisation. Prompt logprobs were read back when the step was built."""
+    synchronisation, and waits for this step only (not for steps queued after it). Prompt
+    logprobs were read back when the step was built."""
 
     def __init__(self, request_ids: tuple[str, ...], sample: DeviceSample | None,
                  prompt_logprobs: dict[str, PromptLogprobs] | None = None) -> None:
         self.request_ids = request_ids
         self.sample = sample  # its token_ids: [len(request_ids)] int64 on the device; None: nothing sampled
         self.prompt_logprobs = prompt_logprobs or {}
+        self._host = sample.copy_to_host() if sample is not None else None  # queued now, read in result()
 
     def result(self) -> RunnerOutput:
-        if self.sample is None:
+        if self.sample is None or self._host is None:
             return RunnerOutput(sampled_token_ids={}, prompt_logprobs=self.prompt_logprobs)
-        host = self.sample.to_host()
+        host = self._host.wait()
         logprobs = {}
         if host.logprobs is not None:
             logprobs = {rid: lp for rid, lp in zip(self.request_ids, host.logprobs) if lp is not None}
         return RunnerOutput(sampled_token_ids=dict(zip(self.request_ids, host.token_ids)), logprobs=logprobs,
                             prompt_logprobs=self.prompt_logprobs)
+

@@ -13,12 +13,13 @@ ask for none of these takes one argmax and nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from fitserve.core.outputs import ScheduledRequest, TokenLogprobs
 from fitserve.runner.grammar_mask import apply_allowed_token_masks
+from fitserve.runner.input_batch import to_device
 from fitserve.runner.logits_processors import TokenCounts, apply_logit_bias, apply_min_tokens, apply_penalties
 from fitserve.sampling_params import SamplingParams
 
@@ -52,6 +53,19 @@ class DeviceSample:
     token_ids: torch.Tensor  # [N] int64 on the logits' device
     logprobs: DeviceLogprobs | None = None
 
+    def copy_to_host(self) -> HostSample:
+        """Queue the copy of the results to host memory; HostSample.wait() waits for it alone."""
+        if self.token_ids.device.type != "cuda":
+            return HostSample(self, None)
+        logprobs = self.logprobs
+        if logprobs is not None:
+            logprobs = replace(logprobs, targets=_to_pinned(logprobs.targets), values=_to_pinned(logprobs.values),
+                               top_ids=_to_pinned(logprobs.top_ids))
+        host = DeviceSample(_to_pinned(self.token_ids), logprobs)
+        event = torch.cuda.Event()
+        event.record()
+        return HostSample(host, event)
+
     def to_host(self) -> SamplerOutput:
         token_ids = self.token_ids.tolist()
         if self.logprobs is None:
@@ -60,6 +74,25 @@ class DeviceSample:
         for row, entry in zip(self.logprobs.rows, self.logprobs.to_host()):
             rows[row] = entry
         return SamplerOutput(token_ids, rows)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """A step's results being copied to the host; `wait()` blocks until this copy is done, not until
+    later work queued on the device is (reading a CUDA tensor directly would wait for all of it)."""
+
+    sample: DeviceSample  # in pinned host memory once `event` has passed (on the CPU: the results)
+    event: torch.cuda.Event | None
+
+    def wait(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.sample.to_host()
+
+
+def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
 
 
 class Sampler:
@@ -102,7 +135,7 @@ class Sampler:
             self.token_counts.record(slots, sampled[rows])
         logprobs = None
         if raw_logprobs is not None:
-            index = torch.tensor(logprob_rows, device=logits.device)
+            index = to_device(logprob_rows, torch.int64, logits.device)
             logprobs = top_logprobs(raw_logprobs, sampled[index], [params[r].logprobs or 0 for r in logprob_rows],
                                     logprob_rows)
         return DeviceSample(sampled, logprobs)
@@ -117,7 +150,7 @@ class Sampler:
         result = None
         if penalty_rows:
             slots = apply_penalties(logits, penalty_rows, chunks, self.token_counts)
-            result = (torch.tensor(penalty_rows, device=logits.device), torch.tensor(slots, device=logits.device))
+            result = (to_device(penalty_rows, torch.int64, logits.device), to_device(slots, torch.int64, logits.device))
         bias_rows = [row for row, p in enumerate(params) if p.logit_bias]
         if bias_rows:
             apply_logit_bias(logits, bias_rows, chunks)
@@ -137,13 +170,13 @@ class Sampler:
         greedy = [p.greedy for p in params]
         if all(greedy):
             return logits.argmax(dim=-1)  # [N] int64
-        temperatures = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=logits.device)
+        temperatures = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, logits.device)
         probs = apply_filters(logits / temperatures[:, None], params).softmax(dim=-1)  # [N, V]
         noise = self._exponential_noise(probs, chunks)
         sampled_ids = (probs / noise).argmax(dim=-1)
         if not any(greedy):
             return sampled_ids
-        greedy_rows = torch.tensor(greedy, device=logits.device)
+        greedy_rows = to_device(greedy, torch.bool, logits.device)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled_ids)
 
     def _exponential_noise(self, probs: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
@@ -178,10 +211,10 @@ def apply_filters(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     top_ps = [p.top_p for p in params]
     min_ps = [p.min_p for p in params]
     if any(k < vocab_size for k in top_ks) or any(p < 1.0 for p in top_ps):
-        logits = _top_k_top_p(logits, torch.tensor(top_ks, device=logits.device),
-                               torch.tensor(top_ps, device=logits.device, dtype=logits.dtype))
+        logits = _top_k_top_p(logits, to_device(top_ks, torch.int64, logits.device),
+                               to_device(top_ps, logits.dtype, logits.device))
     if any(m > 0.0 for m in min_ps):
-        min_p = torch.tensor(min_ps, device=logits.device, dtype=logits.dtype)
+        min_p = to_device(min_ps, logits.dtype, logits.device)
         probs = logits.softmax(dim=-1)
         too_unlikely = probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(too_unlikely, float("-inf"))
