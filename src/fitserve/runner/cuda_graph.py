@@ -34,11 +34,14 @@ class DecodeGraphs:
         self.max_batch_size = self.sizes[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
         size = self.max_batch_size
-        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((size,), PAD_SLOT, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.zeros(size + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(size, dtype=torch.int32, device=device)
+        # The inputs, packed by dtype so that a step copies them in three transfers (each small
+        # host-to-device copy costs the GPU a few microseconds): int64 rows ids, positions, slots
+        # and a placeholder fill's rows and sources; int32 seq_lens then query_start_loc.
+        self._int64_inputs = torch.zeros(5, size, dtype=torch.int64, device=device)
+        self._int32_inputs = torch.zeros(2 * size + 1, dtype=torch.int32, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self._int64_inputs[:3]
+        self.slot_mapping.fill_(PAD_SLOT)
+        self.seq_lens, self.query_start_loc = self._int32_inputs[:size], self._int32_inputs[size:]
         self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
         # Per size, the graph and its output hidden states [size, hidden]. The logits are computed
@@ -100,8 +103,8 @@ class DecodeGraphs:
         staging = self._staging[self._num_replays % 2]
         self._num_replays += 1
         staged = staging.arrays
-        ids, positions, slots = staged["ids"][:size], staged["positions"][:size], staged["slots"][:size]
-        seq_lens = staged["seq_lens"][:size]
+        ids, positions, slots = staged["int64"][0, :size], staged["int64"][1, :size], staged["int64"][2, :size]
+        seq_lens = staged["int32"][:size]
         width = 0
         for row, chunk in enumerate(scheduled):
             position = chunk.num_computed_tokens
@@ -116,17 +119,18 @@ class DecodeGraphs:
         positions[num_seqs:] = 0
         slots[num_seqs:] = PAD_SLOT
         seq_lens[num_seqs:] = 0
-        query_start = staged["query_start"][: size + 1]
+        query_start = staged["int32"][self.max_batch_size :][: size + 1]
         query_start[: num_seqs + 1] = range(num_seqs + 1)
         query_start[num_seqs + 1 :] = num_seqs  # padding sequences: zero query tokens
+        if fill is not None:
+            staged["int64"][3, : len(fill.rows)] = fill.rows
+            staged["int64"][4, : len(fill.sources)] = fill.sources
         tensors = staging.tensors
-        for name, buffer in (("ids", self.input_ids), ("positions", self.positions), ("slots", self.slot_mapping),
-                             ("seq_lens", self.seq_lens)):
-            buffer[:size].copy_(tensors[name][:size], non_blocking=True)
-        self.query_start_loc[: size + 1].copy_(tensors["query_start"][: size + 1], non_blocking=True)
+        self._int64_inputs.copy_(tensors["int64"], non_blocking=True)  # whole buffers: a few KiB
+        self._int32_inputs.copy_(tensors["int32"], non_blocking=True)
         self.block_tables[:num_seqs, :width].copy_(tensors["tables"][:num_seqs, :width], non_blocking=True)
         if fill is not None:
-            fill.apply(self.input_ids)
+            fill.apply(self.input_ids, index=self._int64_inputs[3:5])
         graph, hidden = self._graphs[size]
         graph.replay()
         # This staging set is written again two steps from now, after this step's sampled tokens
@@ -139,12 +143,9 @@ class _Staging:
     """Pinned host buffers for one step's graph inputs, and numpy views of them for fast writes."""
 
     def __init__(self, size: int, max_blocks_per_seq: int) -> None:
-        self.tensors = {
-            "ids": torch.zeros(size, dtype=torch.int64).pin_memory(),
-            "positions": torch.zeros(size, dtype=torch.int64).pin_memory(),
-            "slots": torch.zeros(size, dtype=torch.int64).pin_memory(),
-            "seq_lens": torch.zeros(size, dtype=torch.int32).pin_memory(),
-            "query_start": torch.zeros(size + 1, dtype=torch.int32).pin_memory(),
+        self.tensors = {  # laid out as DecodeGraphs' device buffers
+            "int64": torch.zeros(5, size, dtype=torch.int64).pin_memory(),
+            "int32": torch.zeros(2 * size + 1, dtype=torch.int32).pin_memory(),
             "tables": torch.zeros(size, max_blocks_per_seq, dtype=torch.int32).pin_memory(),
         }
         self.arrays = {name: t.numpy() for name, t in self.tensors.items()}

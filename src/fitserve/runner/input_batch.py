@@ -61,18 +61,22 @@ def build_forward_batch(
 class PlaceholderFill:
     """Where a step's placeholder tokens come from: rows of the previous step's sampled ids."""
 
-    def __init__(self, rows: list[int], sources: list[int], sampled: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, rows: list[int], sources: list[int], sampled: torch.Tensor) -> None:
+        self.rows = rows  # flat token rows of this step's input_ids
+        self.sources = sources  # their rows in `sampled`
         self.sampled = sampled  # the previous step's [S] int64 ids, on the device
-        self.rows = to_device(rows, torch.int64, device)  # flat token rows of this step's input_ids
-        self.sources = to_device(sources, torch.int64, device)  # their rows in `sampled`
 
-    def apply(self, input_ids: torch.Tensor) -> None:
-        """Write the sampled ids into input_ids on the device (queued, no host synchronisation)."""
-        input_ids.index_copy_(0, self.rows, self.sampled.index_select(0, self.sources))
+    def apply(self, input_ids: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """Write the sampled ids into input_ids on the device (queued, no host synchronisation).
+        `index`: rows and sources already on the device ([2, >= len(rows)] int64), or None."""
+        if index is None:
+            index = to_device([self.rows, self.sources], torch.int64, input_ids.device)
+        count = len(self.rows)
+        input_ids.index_copy_(0, index[0, :count], self.sampled.index_select(0, index[1, :count]))
 
 
 def placeholder_fill(scheduled: tuple[ScheduledRequest, ...], sampled: torch.Tensor | None,
-                     sampled_request_ids: tuple[str, ...], device: torch.device) -> PlaceholderFill | None:
+                     sampled_request_ids: tuple[str, ...]) -> PlaceholderFill | None:
     """The fill for the chunks that feed a placeholder (their only token), or None if none does.
     `sampled` holds the previous step's ids (None: no step in flight), one per request of
     `sampled_request_ids`."""
@@ -86,4 +90,4 @@ def placeholder_fill(scheduled: tuple[ScheduledRequest, ...], sampled: torch.Ten
     assert sampled is not None, "a placeholder needs the step in flight"
     source_of = {request_id: row for row, request_id in enumerate(sampled_request_ids)}
     sources = [source_of[chunk.request_id] for chunk in scheduled if chunk.feeds_placeholder]
-    return PlaceholderFill(rows, sources, sampled, device)
+    return PlaceholderFill(rows, sources, sampled)

@@ -94,7 +94,7 @@ class TorchModelRunner:
         if not scheduled:
             return PendingSample((), None)
         fill = placeholder_fill(scheduled, previous and previous.sample and previous.sample.token_ids,
-                                previous.request_ids if previous is not None else (), self.device)
+                                previous.request_ids if previous is not None else ())
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size, fill)
             return self._sample(logits, list(scheduled))
