@@ -1,5 +1,6 @@
-"""Triton kernels for the paged KV cache: the store by slot, and one attention kernel for
-prefill, chunked prefill and decode alike.
+"""Triton kernels for the paged KV cache: the store by slot (alone, or with the rotary embedding
+of q and k), and one attention kernel for prefill, chunked prefill and decode alike
+(kernels/triton_decode.py splits a small decode batch's context over more programs).
 
 The attention kernel runs one program per (request, KV head, block of query tokens). The
 program's rows are the query tokens of its block times the query heads that share the KV
@@ -21,9 +22,19 @@ import triton.language as tl
 
 from fitserve.forward_batch import PAD_SLOT
 from fitserve.kernels import fp8
+from fitserve.kernels.triton_fused import rope_table_row, rotate_heads_, rotated_heads
 
 TILE_N = 64  # context tokens per inner-loop tile: several KV blocks, enough work per iteration
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _store_row(cache_row_ptr, offs, x, scale, mask, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr):
+    """x (the model dtype) -> the cache row at offs; an fp8 cache gets x / scale (IEEE division, as
+    kernels/fp8.py), saturated, rounded to nearest even."""
+    if QUANTIZE:
+        x = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX, FP8_MAX)
+    tl.store(cache_row_ptr + offs, x.to(cache_row_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -40,11 +51,8 @@ def _store_kv_kernel(
     mask = offs < ROW
     k = tl.load(k_ptr + token * stride_k_token + offs, mask=mask)
     v = tl.load(v_ptr + token * stride_v_token + offs, mask=mask)
-    if QUANTIZE:  # fp8 cache: x / scale (IEEE division, as kernels/fp8.py), saturated, rounded to nearest even
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
-    tl.store(k_cache_ptr + slot * stride_cache_slot + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + slot * stride_cache_slot + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    _store_row(k_cache_ptr + slot * stride_cache_slot, offs, k, k_scale, mask, QUANTIZE, FP8_MAX)
+    _store_row(v_cache_ptr + slot * stride_cache_slot, offs, v, v_scale, mask, QUANTIZE, FP8_MAX)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -187,108 +195,62 @@ def paged_attention(
     return out
 
 
-# -- decode with the context split across programs ----------------------------------------------------
-# A decode batch of few requests gives the kernel above only S x Hkv programs, each walking a long
-# context alone: the chip idles. Splitting each context into NUM_SPLITS slices, attended in
-# parallel and merged by their log-sum-exp, fills the chip; the merge reads S x H x NUM_SPLITS
-# partial rows, small beside the K/V bytes.
-
-MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
-MAX_SPLITS = 16
+# -- rotary embedding and the KV store in one kernel ----------------------------------------------------
+# The same math as triton_fused.rotary_ followed by store_kv (the shared helpers round alike), one
+# launch instead of two per layer. Rotated K goes to the cache only: attention reads K from there.
 
 
 @triton.jit
-def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
-    stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+def _rotary_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, positions_ptr, cos_ptr, sin_ptr,
+    k_scale, v_scale, stride_q, stride_k, stride_v, stride_table, stride_cache_slot,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_HEADS_POW2: tl.constexpr, KV_HEADS_POW2: tl.constexpr,
+    HALF: tl.constexpr, HEAD_DIM: tl.constexpr, KV_ROW_POW2: tl.constexpr, QUANTIZE: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)  # padding sequences attend to nothing
-    num_tiles = tl.cdiv(seq_len, TILE)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    key_begin = split * tiles_per_split * TILE
-    key_end = tl.minimum(key_begin + tiles_per_split * TILE, seq_len)
-
-    rows = tl.arange(0, BLOCK_M)
-    head = kv_head * GROUP + rows
-    row_valid = rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
-                mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
-    m_i, l_i, acc = _attend_tiles(
-        q, rows, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, key_begin, key_end, scale,
-        stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, False)
-    # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
-    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
-    part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
-    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
-    tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+    token = tl.program_id(0)
+    cos, sin = rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF)  # [1, D/2] float32
+    rotate_heads_(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, Q_HEADS_POW2, HALF, HEAD_DIM)  # every row
+    slot = tl.load(slot_ptr + token)
+    if slot == -1:  # PAD_SLOT: nothing stored
+        return
+    first, mask, k1, k2 = rotated_heads(k_ptr + token * stride_k, cos, sin, NUM_KV_HEADS, KV_HEADS_POW2, HALF, HEAD_DIM)
+    k_row = k_cache_ptr + slot * stride_cache_slot
+    _store_row(k_row, first, k1, k_scale, mask, QUANTIZE, FP8_MAX)
+    _store_row(k_row, first + HALF, k2, k_scale, mask, QUANTIZE, FP8_MAX)
+    offs = tl.arange(0, KV_ROW_POW2)
+    v_mask = offs < NUM_KV_HEADS * HEAD_DIM
+    v = tl.load(v_ptr + token * stride_v + offs, mask=v_mask)
+    _store_row(v_cache_ptr + slot * stride_cache_slot, offs, v, v_scale, v_mask, QUANTIZE, FP8_MAX)
 
 
-@triton.jit
-def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, stride_o_token, stride_o_head,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(query_start_ptr + seq)
-    if tl.load(query_start_ptr + seq + 1) == q_start:
-        return  # a padding sequence: no row to write
-    splits = tl.arange(0, SPLITS_POW2)
-    base = (seq * NUM_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + splits, mask=splits < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    weights = tl.exp(lse - lse_max)  # empty slices weigh 0
-    weights = weights / tl.sum(weights, axis=0)
-    dims = tl.arange(0, HEAD_DIM)
-    parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=(splits < NUM_SPLITS)[:, None], other=0.0)  # [SPLITS, D]
-    out = tl.sum(parts * weights[:, None], axis=0)
-    tl.store(out_ptr + q_start * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """q [T, H*D] rotated in place; k rotated and v, [T, Hkv*D] each, stored at slot_mapping [T] (PAD_SLOT
+    skipped) into caches [num_blocks, block_size, Hkv, D]: triton_fused.rotary_ then store_kv in one launch.
 
-
-def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Context slices per (request, KV head) so that the chip has enough programs: 1 for big batches."""
-    wanted = -(-MIN_PROGRAMS_PER_SM * num_sms // (num_seqs * num_kv_heads))
-    return max(1, min(MAX_SPLITS, wanted))
-
-
-def paged_decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-    num_splits: int, k_scale: float = 1.0, v_scale: float = 1.0,
-) -> torch.Tensor:
-    """Like paged_attention for a batch where every request feeds one token, split over the context."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    num_seqs = seq_lens.shape[0]
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    assert num_heads % num_kv_heads == 0 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
-    assert q.stride(2) == 1 and out.shape == q.shape and out.stride(2) == 1 and block_tables.stride(1) == 1
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and 1 <= num_splits <= MAX_SPLITS
-    if num_seqs == 0:
-        return out
-    k_scale, v_scale = _cache_scales(k_cache, k_scale, v_scale)
-    group = num_heads // num_kv_heads
-    part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale * k_scale,
-        float(v_scale), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_N, num_warps=4, num_stages=2,
+    q, k, v may be row-strided views of one qkv tensor. k itself is left as it was. positions [T];
+    cos, sin [max_positions, D] float32 tables (rotate_half layout, as layers/rotary.py).
+    """
+    num_tokens = q.shape[0]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    assert PAD_SLOT == -1, "the kernel tests for -1"
+    assert q.stride(1) == 1 and k.stride(1) == 1 and v.stride(1) == 1 and head_dim % 2 == 0
+    assert k.shape == v.shape == (num_tokens, num_kv_heads * head_dim) and q.shape[1] % head_dim == 0
+    assert k_cache.shape == v_cache.shape and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.dtype == v_cache.dtype and k_scale > 0 and v_scale > 0
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.shape == sin.shape and cos.shape[1] == head_dim
+    assert positions.shape == (num_tokens,) and slot_mapping.shape == (num_tokens,)
+    assert slot_mapping.dtype in (torch.int32, torch.int64)
+    if num_tokens == 0:
+        return
+    num_q_heads = q.shape[1] // head_dim
+    _rotary_store_kv_kernel[(num_tokens,)](
+        q, k, v, k_cache, v_cache, slot_mapping, positions, cos, sin, float(k_scale), float(v_scale),
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), num_kv_heads * head_dim,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, Q_HEADS_POW2=triton.next_power_of_2(num_q_heads),
+        KV_HEADS_POW2=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, HEAD_DIM=head_dim,
+        KV_ROW_POW2=triton.next_power_of_2(num_kv_heads * head_dim),
+        QUANTIZE=fp8.is_fp8(k_cache.dtype), FP8_MAX=fp8.FP8_MAX, num_warps=4,
     )
-    _decode_merge_kernel[(num_seqs, num_heads)](
-        part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, num_warps=1,
-    )
-    return out

@@ -68,17 +68,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _rotate_heads(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
+def _rope_halves(x1, x2, cos, sin):
+    """Rotated halves (x1 cos - x2 sin, x2 cos + x1 sin), float32, each one explicit fma: every kernel
+    that rotates (here and triton_attention.rotary_store_kv) rounds exactly alike."""
+    return tl.fma(x1, cos, -(x2 * sin)), tl.fma(x2, cos, x1 * sin)
+
+
+@triton.jit
+def rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF: tl.constexpr):
+    """(cos, sin) [1, D/2] float32 at this token's position (the tables' halves are equal)."""
+    position = tl.load(positions_ptr + token)
+    dims = tl.arange(0, HALF)
+    cos = tl.load(cos_ptr + position * stride_table + dims)[None, :]
+    sin = tl.load(sin_ptr + position * stride_table + dims)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def rotated_heads(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
                   HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Heads [NUM_HEADS, D] at base, rotated -> (offsets of the first halves, mask, first halves,
+    second halves), the halves [HEADS_POW2, D/2] rounded to the tensor's dtype."""
     heads = tl.arange(0, HEADS_POW2)[:, None]
     dims = tl.arange(0, HALF)[None, :]
     mask = heads < NUM_HEADS
-    first = base + heads * HEAD_DIM + dims
-    x1 = tl.load(first, mask=mask, other=0.0)
-    x2 = tl.load(first + HALF, mask=mask, other=0.0)
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(first + HALF, (x2f * cos + x1f * sin).to(x1.dtype), mask=mask)
+    first = heads * HEAD_DIM + dims
+    x1 = tl.load(base + first, mask=mask, other=0.0)
+    x2 = tl.load(base + first + HALF, mask=mask, other=0.0)
+    y1, y2 = _rope_halves(x1.to(tl.float32), x2.to(tl.float32), cos, sin)
+    return first, mask, y1.to(x1.dtype), y2.to(x1.dtype)
+
+
+@triton.jit
+def rotate_heads_(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
+                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    first, mask, y1, y2 = rotated_heads(base, cos, sin, NUM_HEADS, HEADS_POW2, HALF, HEAD_DIM)
+    tl.store(base + first, y1, mask=mask)
+    tl.store(base + first + HALF, y2, mask=mask)
 
 
 @triton.jit
@@ -88,12 +114,9 @@ def _rotary_kernel(
     HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     token = tl.program_id(0)
-    position = tl.load(positions_ptr + token)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + position * stride_table + dims)[None, :]  # [1, D/2] float32
-    sin = tl.load(sin_ptr + position * stride_table + dims)[None, :]
-    _rotate_heads(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, HEADS_POW2, HALF, HEAD_DIM)
-    _rotate_heads(k_ptr + token * stride_k, cos, sin, NUM_K_HEADS, HEADS_POW2, HALF, HEAD_DIM)
+    cos, sin = rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF)  # [1, D/2] float32
+    rotate_heads_(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, HEADS_POW2, HALF, HEAD_DIM)
+    rotate_heads_(k_ptr + token * stride_k, cos, sin, NUM_K_HEADS, HEADS_POW2, HALF, HEAD_DIM)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

@@ -1,4 +1,7 @@
-"""Paged attention layer: stores this step's K/V into the bound cache, then attends over it.
+"""Paged attention layer: rotates this step's q and k (when given the model's rotary embedding),
+stores K/V into the bound cache, then attends over it. On CUDA the rotation and the store are
+one kernel (triton_attention.rotary_store_kv), and a small decode batch's split-context
+attention merges its slices in the same launch (kernels/triton_decode.py).
 
 The cache is in the serving dtype or, with `--kv-cache-dtype fp8`, float8_e4m3fn: then K and
 V are stored as k / k_scale and v / v_scale and read back times the scale. The scales are per
@@ -17,16 +20,25 @@ from torch import nn
 
 from fitserve.forward_batch import ForwardBatch
 from fitserve.kernels import reference
-from fitserve.kernels.dispatch import triton_attention
+from fitserve.kernels.dispatch import triton_attention, triton_decode
+from fitserve.layers.rotary import RotaryEmbedding
 
 DEFAULT_KV_SCALE = 1.0  # per layer, for K and for V; see the module docstring
 
+# Benchmark and test knobs, not settings: `benchmarks/gpu_bench.py fusion` times each fusion on
+# and off (read at every forward, so a CUDA graph keeps the choice it was captured with).
+FUSE_ROTARY_STORE = True  # CUDA: rotary embedding + KV store in one kernel, else rotary_ then store_kv
+FUSE_DECODE_MERGE = True  # CUDA: split-context decode merges in its own launch, else a second merge kernel
+
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary: RotaryEmbedding | None = None) -> None:
         super().__init__()
+        assert rotary is None or rotary.head_dim == head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.rotary = rotary  # applied to q and k at batch.positions before the store; shared by all layers
         # [num_blocks, block_size, Hkv, D] each; set by bind_kv_cache, owned by the runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -41,30 +53,47 @@ class PagedAttention(nn.Module):
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """q [T, H*D], k/v [T, Hkv*D] -> [T, H*D]."""
+        """q [T, H*D], k/v [T, Hkv*D] (q and k not yet rotated; views of one qkv tensor allowed) -> [T, H*D].
+
+        On CUDA q and k may be overwritten (rotated in place)."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("bind_kv_cache() must be called before forward()")
         num_tokens = q.shape[0]
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        kv_shape = (num_tokens, self.num_kv_heads, self.head_dim)
         if q.is_cuda and triton_attention is not None:
-            triton_attention.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, self.k_scale, self.v_scale)
-            out = self._triton_attention(q, batch)
+            q = self._triton_rotary_store(q, k, v, batch)
+            out = self._triton_attention(q.view(num_tokens, self.num_heads, self.head_dim), batch)
         else:
-            reference.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, self.k_scale, self.v_scale)
-            out = reference.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale,
-                                            self.k_scale, self.v_scale)
+            if self.rotary is not None:
+                q, k = self.rotary(batch.positions, q, k)
+            reference.store_kv(k.view(kv_shape), v.view(kv_shape), self.k_cache, self.v_cache, batch.slot_mapping,
+                               self.k_scale, self.v_scale)
+            out = reference.paged_attention(q.view(num_tokens, self.num_heads, self.head_dim), self.k_cache,
+                                            self.v_cache, batch, self.scale, self.k_scale, self.v_scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+    def _triton_rotary_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """k (rotated) and v stored at batch.slot_mapping, by one kernel or two; returns q rotated (in place)."""
+        if self.rotary is not None and FUSE_ROTARY_STORE:
+            triton_attention.rotary_store_kv(q, k, v, self.k_cache, self.v_cache, batch.slot_mapping, batch.positions,
+                                             self.rotary.cos, self.rotary.sin, self.k_scale, self.v_scale)
+            return q
+        if self.rotary is not None:
+            q, k = self.rotary(batch.positions, q, k)  # in place on CUDA
+        kv_shape = (q.shape[0], self.num_kv_heads, self.head_dim)
+        triton_attention.store_kv(k.view(kv_shape), v.view(kv_shape), self.k_cache, self.v_cache, batch.slot_mapping,
+                                  self.k_scale, self.v_scale)
+        return q
 
     def _triton_attention(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         out = torch.empty_like(q)
         if batch.max_query_len == 1:
-            num_splits = triton_attention.decode_num_splits(batch.num_seqs, self.num_kv_heads, _num_sms(q.device))
+            num_splits = triton_decode.decode_num_splits(batch.num_seqs, self.num_kv_heads, _num_sms(q.device))
             if num_splits > 1:
-                return triton_attention.paged_decode_attention(
+                return triton_decode.paged_decode_attention(
                     q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
                     batch.block_tables, self.scale, num_splits, self.k_scale, self.v_scale,
+                    merge_in_kernel=FUSE_DECODE_MERGE,
                 )
         return triton_attention.paged_attention(
             q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,

@@ -73,12 +73,12 @@ class LlamaAttention(nn.Module):
         self.qkv_sizes = (arch.num_attention_heads * d, arch.num_key_value_heads * d, arch.num_key_value_heads * d)
         self.qkv_proj = make_linear(arch.hidden_size, self.qkv_sizes, dtype, device, quantization)
         self.o_proj = make_linear(arch.num_attention_heads * d, arch.hidden_size, dtype, device, quantization)
-        self.rotary = rotary  # shared by all layers; holds only derived, non-persistent buffers
-        self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5)
+        # rotary: shared by all layers, only derived non-persistent buffers; the attention layer applies it
+        # (on CUDA in its KV-store kernel)
+        self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5, rotary=rotary)
 
     def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
-        q, k = self.rotary(batch.positions, q, k)
         return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, batch)))
 
 
