@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from fitserve.kernels import triton_attention  # noqa: E402  (imports triton, present with CUDA torch)
+from fitserve.kernels import triton_attention, triton_decode, triton_fused  # noqa: E402  (triton comes with CUDA torch)
 
 
 def random_case(query_lens, seq_lens, num_kv_heads, head_dim, block_size, num_pad_rows, dtype, seed):
@@ -79,8 +79,9 @@ def test_store_and_attention_match_reference(dtype, num_heads, num_kv_heads, hea
     assert out[num_real:].isnan().all(), "padding rows are left alone"
 
 
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (3, 5), (7, 2)])
-def test_split_decode_matches_reference(num_seqs, num_splits):
+def test_split_decode_matches_reference(num_seqs, num_splits, merge_in_kernel):
     seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
     k_cache, v_cache, new_k, new_v, batch = random_case(
         [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=num_splits)
@@ -88,8 +89,8 @@ def test_split_decode_matches_reference(num_seqs, num_splits):
     q = torch.randn(batch.num_tokens, 32, 128, device="cuda").to(torch.bfloat16)
     expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), batch, 128 ** -0.5)
     out = torch.full_like(q, float("nan"))
-    triton_attention.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
-                                            batch.block_tables, 128 ** -0.5, num_splits)
+    triton_decode.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
+                                         batch.block_tables, 128 ** -0.5, num_splits, merge_in_kernel=merge_in_kernel)
     got = out[:num_seqs].float()
     assert not got.isnan().any()
     assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
@@ -97,15 +98,13 @@ def test_split_decode_matches_reference(num_seqs, num_splits):
 
 
 def test_split_count_fills_the_chip_only_for_small_batches():
-    assert triton_attention.decode_num_splits(1, 8, 132) == triton_attention.MAX_SPLITS
-    assert triton_attention.decode_num_splits(256, 8, 132) == 1
+    assert triton_decode.decode_num_splits(1, 8, 132) == triton_decode.MAX_SPLITS
+    assert triton_decode.decode_num_splits(256, 8, 132) == 1
 
 
 @pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(num_rows, hidden, with_residual):
-    from fitserve.kernels import triton_fused
-
     x = torch.randn(num_rows, hidden, device="cuda").to(torch.bfloat16)
     residual = torch.randn_like(x) if with_residual else None
     weight = torch.randn(hidden, device="cuda").to(torch.bfloat16)
@@ -117,7 +116,6 @@ def test_rms_norm_matches_reference(num_rows, hidden, with_residual):
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
 def test_rotary_matches_reference_on_qkv_views(num_heads, num_kv_heads, head_dim):
-    from fitserve.kernels import triton_fused
     from fitserve.layers.rotary import RotaryEmbedding
 
     rope = RotaryEmbedding(head_dim, 500000.0, 4096, None, torch.device("cuda"))
@@ -134,15 +132,19 @@ def test_rotary_matches_reference_on_qkv_views(num_heads, num_kv_heads, head_dim
 
 
 def test_silu_and_mul_matches_reference():
-    from fitserve.kernels import triton_fused
-
     gate_up = torch.randn(41, 2 * 14336, device="cuda").to(torch.bfloat16)
     torch.testing.assert_close(triton_fused.silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=2e-2, rtol=2e-2)
 
 
-def test_model_on_gpu_matches_cpu_reference_path():
-    """The whole model through the Triton kernels agrees with the pure-torch path in float32."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_model_on_gpu_matches_cpu_reference_path(fused, monkeypatch):
+    """The whole model through the Triton kernels agrees with the pure-torch path in float32, with the
+    fusions (rotary + KV store, one-launch split decode) and without."""
     from fitserve.config import ArchConfig
+    from fitserve.layers import attention
+
+    monkeypatch.setattr(attention, "FUSE_ROTARY_STORE", fused)
+    monkeypatch.setattr(attention, "FUSE_DECODE_MERGE", fused)
     from fitserve.models.llama import LlamaForCausalLM
     from paged_helpers import PagedDriver
 
@@ -157,7 +159,8 @@ def test_model_on_gpu_matches_cpu_reference_path():
     chunks = [("a", list(range(1, 40))), ("b", list(range(50, 57)))]
     cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)
     gpu_driver = PagedDriver(gpu_model, num_blocks=16, block_size=16, device="cuda")
-    for step in (chunks, [("a", [5]), ("b", list(range(60, 90)))], [("a", [6]), ("b", [7])]):  # prefill, mixed, decode
+    steps = (chunks, [("a", [5]), ("b", list(range(60, 90)))], [("a", [6]), ("b", [7])], [("a", [8]), ("b", [9])])
+    for step in steps:  # prefill, mixed, decode (split over the context: two requests leave the chip idle)
         cpu_logits = cpu_driver.step(step)
         gpu_logits = gpu_driver.step(step)
         torch.testing.assert_close(gpu_logits.cpu(), cpu_logits, atol=2e-3, rtol=2e-3)
@@ -232,8 +235,9 @@ def test_fp8_cache_store_and_attention_match_reference(k_scale, v_scale, num_hea
     assert out[num_real:].isnan().all()
 
 
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (7, 3)])
-def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits):
+def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits, merge_in_kernel):
     seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
     k_cache, v_cache, new_k, new_v, batch = random_case(
         [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=20 + num_splits)
@@ -242,9 +246,114 @@ def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits):
     q = torch.randn(batch.num_tokens, 32, 128, device="cuda").to(torch.bfloat16)
     expected = reference.paged_attention(q.float(), k_cache, v_cache, batch, 128 ** -0.5, 1.0, 2.0)
     out = torch.full_like(q, float("nan"))
-    triton_attention.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
-                                            batch.block_tables, 128 ** -0.5, num_splits, 1.0, 2.0)
+    triton_decode.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
+                                         batch.block_tables, 128 ** -0.5, num_splits, 1.0, 2.0,
+                                         merge_in_kernel=merge_in_kernel)
     got = out[:num_seqs].float()
     assert not got.isnan().any()
     assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
     assert out[num_seqs:].isnan().all()
+
+
+# -- fusions: rotary + KV store in one kernel; split-context decode merged in the same launch ----------
+
+
+def _cache_bytes(cache: torch.Tensor) -> torch.Tensor:
+    return cache.view(torch.uint8) if cache.dtype == torch.float8_e4m3fn else cache
+
+
+@pytest.mark.parametrize("cache_dtype,dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                               (torch.float32, torch.float32), (torch.float8_e4m3fn, torch.bfloat16)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (8, 1, 64), (4, 4, 64)])
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_rotary_store_kv_is_rotary_then_store(cache_dtype, dtype, num_heads, num_kv_heads, head_dim, block_size):
+    """Same bytes as triton_fused.rotary_ then store_kv (= reference.store_kv of the rotated k), PAD_SLOT skipped."""
+    from fitserve.layers.rotary import RotaryEmbedding
+
+    query_lens, seq_lens = [37, 5, 1, 1], [37, 133, 10, 1]
+    k_cache, v_cache, _, _, batch = random_case(query_lens, seq_lens, num_kv_heads, head_dim, block_size,
+                                                num_pad_rows=3, dtype=dtype, seed=num_heads + block_size)
+    k_scale, v_scale = (0.5, 3.0) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    k_cache, v_cache = (k_cache.float() / k_scale).to(cache_dtype), (v_cache.float() / v_scale).to(cache_dtype)
+    rope = RotaryEmbedding(head_dim, 500000.0, 4096, None, torch.device("cuda"))
+    sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
+    qkv = torch.randn(batch.num_tokens, sum(sizes), device="cuda").to(dtype)
+    qkv[0, sizes[0]:sizes[0] + 3] = torch.tensor([1000.0, -1000.0, 1e-6])  # fp8 saturation and underflow
+
+    two_qkv, two_k_cache, two_v_cache = qkv.clone(), k_cache.clone(), v_cache.clone()
+    q2, k2, v2 = two_qkv.split(sizes, dim=-1)
+    triton_fused.rotary_(q2, k2, batch.positions, rope.cos, rope.sin, head_dim)
+    kv_shape = (batch.num_tokens, num_kv_heads, head_dim)
+    reference.store_kv(k2.reshape(kv_shape), v2.reshape(kv_shape), two_k_cache, two_v_cache, batch.slot_mapping,
+                       k_scale, v_scale)
+    q, k, v = qkv.split(sizes, dim=-1)  # views of one tensor, as the model hands them
+    triton_attention.rotary_store_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
+                                     rope.cos, rope.sin, k_scale, v_scale)
+    assert torch.equal(q, q2), "q is rotated in place exactly as rotary_ does"
+    assert torch.equal(_cache_bytes(k_cache), _cache_bytes(two_k_cache)), "rotated k stored as rotary_ + store_kv"
+    assert torch.equal(_cache_bytes(v_cache), _cache_bytes(two_v_cache))
+    assert batch.slot_mapping[-1].item() == PAD_SLOT
+
+
+def with_padding_seqs(batch, num_pad_seqs: int):
+    """query_start_loc, seq_lens, block_tables with num_pad_seqs trailing sequences of zero query
+    tokens, as a CUDA graph pads a decode batch."""
+    last = batch.query_start_loc[-1:]
+    query_start = torch.cat([batch.query_start_loc, last.repeat(num_pad_seqs)])
+    seq_lens = torch.cat([batch.seq_lens, torch.zeros(num_pad_seqs, dtype=torch.int32, device="cuda")])
+    tables = torch.cat([batch.block_tables, torch.zeros(num_pad_seqs, batch.block_tables.shape[1],
+                                                        dtype=torch.int32, device="cuda")])
+    return query_start, seq_lens, tables
+
+
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (8, 1, 64), (4, 4, 64)])
+@pytest.mark.parametrize("block_size,num_splits", [(16, 16), (8, 3), (16, 2)])
+@pytest.mark.parametrize("fp8_cache", [False, True])
+def test_split_decode_with_padding_sequences(merge_in_kernel, num_heads, num_kv_heads, head_dim, block_size,
+                                             num_splits, fp8_cache):
+    seq_lens = [1, 63, 65, 1000, 17, 300, 2]
+    k_cache, v_cache, _, _, batch = random_case([1] * 7, seq_lens, num_kv_heads, head_dim, block_size,
+                                                num_pad_rows=3, dtype=torch.bfloat16, seed=num_splits + head_dim)
+    k_scale, v_scale = (1.0, 2.0) if fp8_cache else (1.0, 1.0)
+    if fp8_cache:
+        k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), (v_cache.float() / 2.0).to(torch.float8_e4m3fn)
+    query_start, seq_lens_t, tables = with_padding_seqs(batch, 3)
+    q = torch.randn(batch.num_tokens, num_heads, head_dim, device="cuda").to(torch.bfloat16)
+    scale = head_dim ** -0.5
+    expected = reference.paged_attention(q.float(), k_cache if fp8_cache else k_cache.float(),
+                                         v_cache if fp8_cache else v_cache.float(), batch, scale, k_scale, v_scale)[:7]
+    for _ in range(2):  # the second launch finds the ticket counters back at zero
+        out = torch.full_like(q, float("nan"))
+        triton_decode.paged_decode_attention(q, k_cache, v_cache, out, query_start, seq_lens_t, tables, scale,
+                                             num_splits, k_scale, v_scale, merge_in_kernel=merge_in_kernel)
+        got = out[:7].float()
+        assert not got.isnan().any(), "a real row was not written"
+        assert (got - expected).norm() / expected.norm() < 1e-2
+        assert out[7:].isnan().all(), "padding rows and padding sequences write nothing"
+    counters = triton_decode.split_counters(q.device, 1)
+    assert not counters.any(), "every counter is back at zero"
+
+
+def test_one_launch_split_decode_replays_in_a_cuda_graph():
+    """Captured once, replayed with new contexts: each replay merges correctly (counters zero every time)."""
+    k_cache, v_cache, _, _, batch = random_case([1] * 3, [1000] * 3, 8, 128, 16, num_pad_rows=0,
+                                                dtype=torch.bfloat16, seed=5)  # block tables for 1000 tokens each
+    q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
+    seq_lens = torch.tensor([900, 64, 7], dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    args = (k_cache, v_cache, out, batch.query_start_loc, seq_lens, batch.block_tables, 128 ** -0.5, 16)
+    triton_decode.paged_decode_attention(q, *args)  # compiles, and sizes the counters outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        triton_decode.paged_decode_attention(q, *args)
+    for lens in ([900, 64, 7], [1, 1000, 33], [512, 5, 64]):
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        q.normal_()
+        out.fill_(float("nan"))
+        graph.replay()
+        step = make_batch([0] * 3, [n - 1 for n in lens], [0, 0, 0], [1] * 3, lens,
+                          batch.block_tables.tolist(), device="cuda")
+        expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), step, 128 ** -0.5)
+        assert (out.float() - expected).norm() / expected.norm() < 1e-2
+    assert not triton_decode.split_counters(q.device, 1).any()
