@@ -5,6 +5,7 @@ decode, and transformers' continuous batching on the same card for the side-by-s
     python benchmarks/gpu_bench.py fitserve --workloads W1  # one part, prints JSON
     python benchmarks/gpu_bench.py all --quant-variants bf16 fp8 --workloads W2 W6 --hf-workloads none
         # bf16 and fp8 (weights and KV cache) in one call; W6 runs on an 18 GiB budget (--w6-budget-gib)
+    python benchmarks/gpu_bench.py fusion --out $OUT        # decode kernel fusions on vs off (fusion_bench.py)
 
 The engine is driven in-process (no HTTP): a closed loop keeps `concurrency` requests in
 flight, token-id prompts drawn at random (seeded), ignore_eos so output lengths are exact.
@@ -322,6 +323,23 @@ def part_kernels(args: argparse.Namespace) -> dict:
     return result
 
 
+def part_fusion(args: argparse.Namespace) -> dict:
+    """benchmarks/fusion_bench.py on the dummy 8B model: each kernel fusion of a decode step on and off."""
+    import triton
+
+    import fusion_bench  # beside this file: the script's folder is on sys.path
+
+    args.enforce_eager = True  # the part captures its own graphs, one per fusion setting
+    engine, startup_s = build_fitserve(args)
+    runner = engine.runner
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    report = {"card": torch.cuda.get_device_name(), "commit": git_commit(), "torch": torch.__version__,
+              "triton": triton.__version__, "quant_variant": args.quant_variant, "startup_s": startup_s,
+              "context_tokens": fusion_bench.CONTEXT_TOKENS, "calls_per_graph": fusion_bench.CALLS_PER_GRAPH}
+    report["results"] = fusion_bench.fusion_report(runner.model, engine.block_size, runner.capacity.num_blocks, num_sms)
+    return report
+
+
 # -- transformers -------------------------------------------------------------------------------------
 
 
@@ -433,7 +451,7 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf", "profile", "kernels"])
+    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf", "profile", "kernels", "fusion"])
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
     parser.add_argument("--variants", nargs="+", default=["graphs"],
@@ -473,6 +491,12 @@ def main() -> None:
         return
     if args.part == "profile":
         print(json.dumps(part_profile(args), indent=1))
+        return
+    if args.part == "fusion":
+        report = part_fusion(args)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fusion_bench.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=1))
         return
     common = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", str(args.max_num_seqs),
               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
