@@ -78,13 +78,13 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     )
 
 
-def _cache_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
+def cache_scales(k_cache: torch.Tensor, k_scale: float, v_scale: float) -> tuple[float, float]:
     """The scales apply to an fp8 cache only (as in reference.paged_attention); other dtypes read 1.0."""
     return (float(k_scale), float(v_scale)) if fp8.is_fp8(k_cache.dtype) else (1.0, 1.0)
 
 
 @triton.jit
-def _attend_tiles(q, query_pos, k_cache_ptr, v_cache_ptr, table, kv_head, key_begin, key_end, scale,
+def attend_tiles(q, query_pos, k_cache_ptr, v_cache_ptr, table, kv_head, key_begin, key_end, scale,
                   stride_cache_block, stride_cache_slot, stride_cache_head,
                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
                   CAUSAL: tl.constexpr):
@@ -148,7 +148,7 @@ def _paged_attention_kernel(
     query_pos = num_cached + token  # [BLOCK_M]
     last_key = tl.minimum(num_cached + (q_block + 1) * BLOCK_Q, seq_len)  # keys this block can see
 
-    m_i, l_i, acc = _attend_tiles(
+    m_i, l_i, acc = attend_tiles(
         q, query_pos, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, 0, last_key, scale,
         stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, True)
     out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -180,7 +180,7 @@ def paged_attention(
     assert block_tables.stride(1) == 1
     if num_seqs == 0 or num_tokens == 0:
         return out
-    k_scale, v_scale = _cache_scales(k_cache, k_scale, v_scale)
+    k_scale, v_scale = cache_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
     block_q = 1 if max_query_len == 1 else max(MIN_DOT_ROWS // group, 16)
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(block_q * group))

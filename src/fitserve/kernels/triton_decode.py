@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fitserve.kernels.triton_attention import MIN_DOT_ROWS, TILE_N, _attend_tiles, _cache_scales
+from fitserve.kernels.triton_attention import MIN_DOT_ROWS, TILE_N, attend_tiles, cache_scales
 
 MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
 MAX_SPLITS = 16
@@ -51,7 +51,7 @@ def _split_partial(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
-    m_i, l_i, acc = _attend_tiles(
+    m_i, l_i, acc = attend_tiles(
         q, rows, k_cache_ptr, v_cache_ptr, table, kv_head, key_begin, key_end, scale,
         stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, False)
     # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
@@ -212,7 +212,7 @@ def paged_decode_attention(
     assert query_start_loc.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
     if num_seqs == 0:
         return out
-    k_scale, v_scale = _cache_scales(k_cache, k_scale, v_scale)
+    k_scale, v_scale = cache_scales(k_cache, k_scale, v_scale)
     part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
     launch = _launch_one_kernel if merge_in_kernel else _launch_two_kernels
