@@ -3,7 +3,8 @@
 One device call: the read and copy ceilings, then the 128 linear layers of a Llama-3-8B decode
 step (32 layers x qkv, o, gate_up, down; distinct weights, 13.96 GB, so nothing comes from L2)
 captured in one CUDA graph and replayed, for a few batch sizes, with each GEMM backend torch
-offers (cuBLAS, cuBLASLt) and, at batch 1, a plain Triton GEMV. Writes decode_gemm.json to --out.
+offers (cuBLAS, cuBLASLt) and, at batch 1, kernels/triton_gemv.py with each tile config on each
+shape. Writes decode_gemm.json to --out.
 
     python benchmarks/decode_gemm_bench.py --out $OUT
 """
@@ -16,9 +17,7 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 HIDDEN, INTER, LAYERS = 4096, 14336, 32
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
@@ -55,21 +54,38 @@ def ceilings() -> dict:
     return {"copy_tb_s": 2 * n / copy_ms / 1e9, "read_tb_s (amax)": n / read_ms / 1e9}
 
 
-@triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, K: tl.constexpr, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :])
-        x = tl.load(x_ptr + cols)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    tl.store(y_ptr + rows, acc.to(y_ptr.dtype.element_ty))
+def sweep_gemv(weights: list[dict[str, torch.Tensor]], inputs: dict[str, torch.Tensor],
+               outs: dict[str, torch.Tensor], report: dict) -> None:
+    """kernels/triton_gemv.py at one row: each tile config on each shape (32 layers' weights per
+    graph), then the whole step with the default config (triton_gemv.CONFIG)."""
+    from fitserve.kernels import triton_gemv
+
+    default = triton_gemv.CONFIG
+    for config in CONFIGS:
+        triton_gemv.CONFIG = config
+        for name in SHAPES:
+            def one_shape(name=name) -> None:
+                for layer in weights:
+                    triton_gemv.gemv(inputs[name][:1], layer[name])
+            ms = time_graph(one_shape)
+            shape_bytes = sum(layer[name].numel() * 2 for layer in weights)
+            key = f"gemv-{name}-n{config[0]}-k{config[1]}-w{config[2]}"
+            report["runs"][key] = {"ms": ms, "tb_s": shape_bytes / ms / 1e9}
+            print(key, f"{ms:.3f} ms", f"{shape_bytes / ms / 1e9:.2f} TB/s", flush=True)
+    triton_gemv.CONFIG = default
+
+    def whole_step() -> None:
+        for layer in weights:
+            for name, w in layer.items():
+                triton_gemv.gemv(inputs[name][:1], w)
+
+    ms = time_graph(whole_step)
+    total = sum(w.numel() * 2 for layer in weights for w in layer.values())
+    report["runs"][f"batch1-gemv-default-{default}"] = {"ms": ms, "tb_s": total / ms / 1e9}
+    print("batch1 gemv default", default, f"{ms:.3f} ms", f"{total / ms / 1e9:.2f} TB/s", flush=True)
 
 
-def triton_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, block_n: int, block_k: int, warps: int) -> None:
-    n, k = w.shape
-    _gemv_kernel[(n // block_n,)](x, w, out, k, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)]
 
 
 def main() -> None:
@@ -99,20 +115,8 @@ def main() -> None:
             report["runs"][f"batch{batch}-{library}"] = {"ms": ms, "tb_s": total_bytes / ms / 1e9}
             print(batch, library, f"{ms:.3f} ms", f"{total_bytes / ms / 1e9:.2f} TB/s", flush=True)
         torch.backends.cuda.preferred_blas_library("cublas")
-        if batch != 1:
-            continue
-        for block_n, block_k, warps in ((4, 512, 4), (8, 512, 4), (8, 1024, 8), (16, 256, 4), (16, 512, 8), (32, 256, 8)):
-            def triton_step(inputs=inputs, outs=outs, block_n=block_n, block_k=block_k, warps=warps) -> None:
-                for layer in weights:
-                    for name, w in layer.items():
-                        triton_gemv(inputs[name][0], w, outs[name][0], block_n, block_k, warps)
-            expected = F.linear(inputs["down"], weights[0]["down"])
-            triton_gemv(inputs["down"][0], weights[0]["down"], outs["down"][0], block_n, block_k, warps)
-            error = (outs["down"].float() - expected.float()).abs().max().item()
-            ms = time_graph(triton_step)
-            key = f"batch1-triton-n{block_n}-k{block_k}-w{warps}"
-            report["runs"][key] = {"ms": ms, "tb_s": total_bytes / ms / 1e9, "max_abs_error": error}
-            print(key, f"{ms:.3f} ms", f"{total_bytes / ms / 1e9:.2f} TB/s", f"err {error:.3g}", flush=True)
+        if batch == 1:
+            sweep_gemv(weights, inputs, outs, report)
     report["weight_bytes"] = total_bytes
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "decode_gemm.json").write_text(json.dumps(report, indent=2))

@@ -6,6 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fitserve.kernels.dispatch import triton_gemv
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T. One CUDA row (single-stream decode) takes the Triton GEMV, which reads the
+    weight faster than cuBLAS does at one row (kernels/triton_gemv.py); the rest is cuBLAS."""
+    if triton_gemv is not None and x.is_cuda and triton_gemv.supports(x, weight):
+        return triton_gemv.gemv(x, weight)
+    return F.linear(x, weight)
+
 
 class Linear(nn.Module):
     """y = x @ W.T with W [out_features, in_features]; no bias (Llama has none).
@@ -23,7 +33,7 @@ class Linear(nn.Module):
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def load_shard(self, shard_index: int, loaded: torch.Tensor) -> None:
         """Copy one checkpoint tensor [shard_rows, in_features] into its row range."""

@@ -11,7 +11,7 @@ from fitserve.config import ArchConfig
 from fitserve.layers.activation import silu_and_mul, silu_and_mul_for_fp8
 from fitserve.layers.attention import PagedAttention
 from fitserve.forward_batch import ForwardBatch
-from fitserve.layers.linear import Embedding, Linear
+from fitserve.layers.linear import Embedding, Linear, linear
 from fitserve.layers.norm import RMSNorm
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
 from fitserve.layers.quantization import Fp8Linear, QuantizedRows, make_linear
@@ -165,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> logits [N, vocab] float32."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
