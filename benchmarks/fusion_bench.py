@@ -1,10 +1,10 @@
-"""`gpu_bench.py fusion`: the two kernel fusions of a decode step, each on and off, on the dummy 8B model.
+"""`gpu_bench.py fusion`: the rotary + KV store fusion of a decode step on and off, on the dummy 8B model.
 
 - the whole decode forward (32 layers, hidden states out) captured in a CUDA graph and replayed,
-  for each setting of layers/attention.py's FUSE_ROTARY_STORE and FUSE_DECODE_MERGE;
+  with layers/attention.py's FUSE_ROTARY_STORE on and off;
 - each attention piece alone, 32 calls (one per layer) in one graph: rotary + KV store in one
-  kernel vs triton_fused.rotary_ then store_kv, and split-context decode attention in one launch
-  vs split + merge kernels;
+  kernel vs triton_fused.rotary_ then store_kv, and (for information) the split-context decode
+  attention, split + merge kernels;
 - the GPU kernels per decode forward in each setting (one eager forward under the profiler).
 
 Batch sizes 1 and 20, every request at context CONTEXT_TOKENS. Times are GPU times from CUDA
@@ -20,8 +20,7 @@ import torch
 
 CONTEXT_TOKENS = 512  # tokens already cached per request; the step feeds token 513
 BATCH_SIZES = (1, 20)
-SETTINGS = {"fused": (True, True), "unfused": (False, False), "rotary_store_only": (True, False),
-            "merge_only": (False, True)}  # name: (FUSE_ROTARY_STORE, FUSE_DECODE_MERGE)
+SETTINGS = {"fused": True, "unfused": False}  # name: FUSE_ROTARY_STORE
 CALLS_PER_GRAPH = 32  # one per layer of the 8B model
 REPLAYS_PER_ROUND = 20
 ROUNDS = 7
@@ -84,32 +83,26 @@ def gpu_kernels_per_call(fn: Callable[[], object]) -> int:
     return sum(1 for event in prof.events() if getattr(event, "device_type", None) == DeviceType.CUDA)
 
 
-def set_fusions(rotary_store: bool, decode_merge: bool) -> None:
-    from fitserve.layers import attention
-
-    attention.FUSE_ROTARY_STORE, attention.FUSE_DECODE_MERGE = rotary_store, decode_merge
-
-
 def time_forward(model, batch, timer: Callable = graph_replay_ms, counter: Callable = gpu_kernels_per_call) -> dict:
     """The whole decode forward in every fusion setting (all timed before the profiler first runs);
-    the defaults are restored afterwards."""
+    the default is restored afterwards."""
     from fitserve.layers import attention
 
-    defaults = (attention.FUSE_ROTARY_STORE, attention.FUSE_DECODE_MERGE)
+    default = attention.FUSE_ROTARY_STORE
     result = {}
     try:
-        for name, (rotary_store, decode_merge) in SETTINGS.items():
-            set_fusions(rotary_store, decode_merge)
+        for name, rotary_store in SETTINGS.items():
+            attention.FUSE_ROTARY_STORE = rotary_store
             result[name] = {"forward_ms": timer(lambda: model(batch))}
-        for name, (rotary_store, decode_merge) in SETTINGS.items():
-            set_fusions(rotary_store, decode_merge)
+        for name, rotary_store in SETTINGS.items():
+            attention.FUSE_ROTARY_STORE = rotary_store
             try:
                 kernels = counter(lambda: model(batch))
                 result[name] |= {"kernels_per_forward": kernels, "kernels_per_layer": kernels / len(model.layers)}
             except Exception as error:  # the count is a by-product: keep the timings whatever the profiler does
                 result[name]["kernels_error"] = repr(error)[:300]
     finally:
-        set_fusions(*defaults)
+        attention.FUSE_ROTARY_STORE = default
     return result
 
 
@@ -140,23 +133,20 @@ def time_rotary_store(attn, batch, dtype: torch.dtype, timer: Callable = graph_r
 
 
 def time_decode_attention(attn, batch, dtype: torch.dtype, num_sms: int, timer: Callable = graph_replay_ms) -> dict:
-    """CALLS_PER_GRAPH split-context decode attentions, one launch vs split + merge; us per call."""
+    """CALLS_PER_GRAPH split-context decode attentions (split + merge kernels); us per call."""
     from fitserve.kernels import triton_decode
 
     num_splits = triton_decode.decode_num_splits(batch.num_seqs, attn.num_kv_heads, num_sms)
     q = torch.randn(batch.num_tokens, attn.num_heads, attn.head_dim, device=batch.positions.device).to(dtype)
     out = torch.empty_like(q)
 
-    def run(merge_in_kernel: bool) -> Callable[[], None]:
-        def calls() -> None:
-            for _ in range(CALLS_PER_GRAPH):
-                triton_decode.paged_decode_attention(
-                    q, attn.k_cache, attn.v_cache, out, batch.query_start_loc, batch.seq_lens, batch.block_tables,
-                    attn.scale, num_splits, attn.k_scale, attn.v_scale, merge_in_kernel=merge_in_kernel)
-        return calls
+    def calls() -> None:
+        for _ in range(CALLS_PER_GRAPH):
+            triton_decode.paged_decode_attention(
+                q, attn.k_cache, attn.v_cache, out, batch.query_start_loc, batch.seq_lens, batch.block_tables,
+                attn.scale, num_splits, attn.k_scale, attn.v_scale)
 
-    return {"num_splits": num_splits, "one_launch_us": 1000 * timer(run(True)) / CALLS_PER_GRAPH,
-            "split_then_merge_us": 1000 * timer(run(False)) / CALLS_PER_GRAPH}
+    return {"num_splits": num_splits, "split_then_merge_us": 1000 * timer(calls) / CALLS_PER_GRAPH}
 
 
 def fusion_report(model, block_size: int, num_blocks: int, num_sms: int, timer: Callable = graph_replay_ms,

@@ -5,7 +5,7 @@ decode, and transformers' continuous batching on the same card for the side-by-s
     python benchmarks/gpu_bench.py fitserve --workloads W1  # one part, prints JSON
     python benchmarks/gpu_bench.py all --quant-variants bf16 fp8 --workloads W2 W6 --hf-workloads none
         # bf16 and fp8 (weights and KV cache) in one call; W6 runs on an 18 GiB budget (--w6-budget-gib)
-    python benchmarks/gpu_bench.py fusion --out $OUT        # decode kernel fusions on vs off (fusion_bench.py)
+    python benchmarks/gpu_bench.py fusion --out $OUT        # rotary + KV store fusion on vs off (fusion_bench.py)
 
 The engine is driven in-process (no HTTP): a closed loop keeps `concurrency` requests in
 flight, token-id prompts drawn at random (seeded), ignore_eos so output lengths are exact.
@@ -324,12 +324,12 @@ def part_kernels(args: argparse.Namespace) -> dict:
 
 
 def part_fusion(args: argparse.Namespace) -> dict:
-    """benchmarks/fusion_bench.py on the dummy 8B model: each kernel fusion of a decode step on and off."""
+    """benchmarks/fusion_bench.py on the dummy 8B model: the rotary + KV store fusion on and off."""
     import triton
 
     import fusion_bench  # beside this file: the script's folder is on sys.path
 
-    args.enforce_eager = True  # the part captures its own graphs, one per fusion setting
+    args.enforce_eager = True  # the part captures its own graphs, one per setting
     engine, startup_s = build_fitserve(args)
     runner = engine.runner
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count

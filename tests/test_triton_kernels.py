@@ -79,9 +79,8 @@ def test_store_and_attention_match_reference(dtype, num_heads, num_kv_heads, hea
     assert out[num_real:].isnan().all(), "padding rows are left alone"
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (3, 5), (7, 2)])
-def test_split_decode_matches_reference(num_seqs, num_splits, merge_in_kernel):
+def test_split_decode_matches_reference(num_seqs, num_splits):
     seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
     k_cache, v_cache, new_k, new_v, batch = random_case(
         [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=num_splits)
@@ -90,7 +89,7 @@ def test_split_decode_matches_reference(num_seqs, num_splits, merge_in_kernel):
     expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), batch, 128 ** -0.5)
     out = torch.full_like(q, float("nan"))
     triton_decode.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
-                                         batch.block_tables, 128 ** -0.5, num_splits, merge_in_kernel=merge_in_kernel)
+                                         batch.block_tables, 128 ** -0.5, num_splits)
     got = out[:num_seqs].float()
     assert not got.isnan().any()
     assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
@@ -139,12 +138,11 @@ def test_silu_and_mul_matches_reference():
 @pytest.mark.parametrize("fused", [True, False])
 def test_model_on_gpu_matches_cpu_reference_path(fused, monkeypatch):
     """The whole model through the Triton kernels agrees with the pure-torch path in float32, with the
-    fusions (rotary + KV store, one-launch split decode) and without."""
+    rotary + KV store fusion and without (decode split over the context either way)."""
     from fitserve.config import ArchConfig
     from fitserve.layers import attention
 
     monkeypatch.setattr(attention, "FUSE_ROTARY_STORE", fused)
-    monkeypatch.setattr(attention, "FUSE_DECODE_MERGE", fused)
     from fitserve.models.llama import LlamaForCausalLM
     from paged_helpers import PagedDriver
 
@@ -235,9 +233,8 @@ def test_fp8_cache_store_and_attention_match_reference(k_scale, v_scale, num_hea
     assert out[num_real:].isnan().all()
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (7, 3)])
-def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits, merge_in_kernel):
+def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits):
     seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
     k_cache, v_cache, new_k, new_v, batch = random_case(
         [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=20 + num_splits)
@@ -247,15 +244,14 @@ def test_fp8_cache_split_decode_matches_reference(num_seqs, num_splits, merge_in
     expected = reference.paged_attention(q.float(), k_cache, v_cache, batch, 128 ** -0.5, 1.0, 2.0)
     out = torch.full_like(q, float("nan"))
     triton_decode.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
-                                         batch.block_tables, 128 ** -0.5, num_splits, 1.0, 2.0,
-                                         merge_in_kernel=merge_in_kernel)
+                                         batch.block_tables, 128 ** -0.5, num_splits, 1.0, 2.0)
     got = out[:num_seqs].float()
     assert not got.isnan().any()
     assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
     assert out[num_seqs:].isnan().all()
 
 
-# -- fusions: rotary + KV store in one kernel; split-context decode merged in the same launch ----------
+# -- rotary + KV store in one kernel; split-context decode with padding sequences and in a CUDA graph -
 
 
 def _cache_bytes(cache: torch.Tensor) -> torch.Tensor:
@@ -306,12 +302,10 @@ def with_padding_seqs(batch, num_pad_seqs: int):
     return query_start, seq_lens, tables
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (8, 1, 64), (4, 4, 64)])
 @pytest.mark.parametrize("block_size,num_splits", [(16, 16), (8, 3), (16, 2)])
 @pytest.mark.parametrize("fp8_cache", [False, True])
-def test_split_decode_with_padding_sequences(merge_in_kernel, num_heads, num_kv_heads, head_dim, block_size,
-                                             num_splits, fp8_cache):
+def test_split_decode_with_padding_sequences(num_heads, num_kv_heads, head_dim, block_size, num_splits, fp8_cache):
     seq_lens = [1, 63, 65, 1000, 17, 300, 2]
     k_cache, v_cache, _, _, batch = random_case([1] * 7, seq_lens, num_kv_heads, head_dim, block_size,
                                                 num_pad_rows=3, dtype=torch.bfloat16, seed=num_splits + head_dim)
@@ -323,27 +317,24 @@ def test_split_decode_with_padding_sequences(merge_in_kernel, num_heads, num_kv_
     scale = head_dim ** -0.5
     expected = reference.paged_attention(q.float(), k_cache if fp8_cache else k_cache.float(),
                                          v_cache if fp8_cache else v_cache.float(), batch, scale, k_scale, v_scale)[:7]
-    for _ in range(2):  # the second launch finds the ticket counters back at zero
-        out = torch.full_like(q, float("nan"))
-        triton_decode.paged_decode_attention(q, k_cache, v_cache, out, query_start, seq_lens_t, tables, scale,
-                                             num_splits, k_scale, v_scale, merge_in_kernel=merge_in_kernel)
-        got = out[:7].float()
-        assert not got.isnan().any(), "a real row was not written"
-        assert (got - expected).norm() / expected.norm() < 1e-2
-        assert out[7:].isnan().all(), "padding rows and padding sequences write nothing"
-    counters = triton_decode.split_counters(q.device, 1)
-    assert not counters.any(), "every counter is back at zero"
+    out = torch.full_like(q, float("nan"))
+    triton_decode.paged_decode_attention(q, k_cache, v_cache, out, query_start, seq_lens_t, tables, scale,
+                                         num_splits, k_scale, v_scale)
+    got = out[:7].float()
+    assert not got.isnan().any(), "a real row was not written"
+    assert (got - expected).norm() / expected.norm() < 1e-2
+    assert out[7:].isnan().all(), "padding rows and padding sequences write nothing"
 
 
-def test_one_launch_split_decode_replays_in_a_cuda_graph():
-    """Captured once, replayed with new contexts: each replay merges correctly (counters zero every time)."""
+def test_split_decode_replays_in_a_cuda_graph():
+    """Captured once, replayed with new contexts: each replay splits and merges correctly."""
     k_cache, v_cache, _, _, batch = random_case([1] * 3, [1000] * 3, 8, 128, 16, num_pad_rows=0,
                                                 dtype=torch.bfloat16, seed=5)  # block tables for 1000 tokens each
     q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
     seq_lens = torch.tensor([900, 64, 7], dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
     args = (k_cache, v_cache, out, batch.query_start_loc, seq_lens, batch.block_tables, 128 ** -0.5, 16)
-    triton_decode.paged_decode_attention(q, *args)  # compiles, and sizes the counters outside the capture
+    triton_decode.paged_decode_attention(q, *args)  # compiles outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         triton_decode.paged_decode_attention(q, *args)
@@ -356,4 +347,3 @@ def test_one_launch_split_decode_replays_in_a_cuda_graph():
                           batch.block_tables.tolist(), device="cuda")
         expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), step, 128 ** -0.5)
         assert (out.float() - expected).norm() / expected.norm() < 1e-2
-    assert not triton_decode.split_counters(q.device, 1).any()

@@ -4,18 +4,17 @@ A decode batch of few requests gives triton_attention.paged_attention only S x H
 each walking a long context alone: the chip idles. Splitting each context into NUM_SPLITS
 slices, attended in parallel, fills the chip. Each slice's program writes its partial rows
 (output normalised within the slice, and the slice's log-sum-exp); the merge reads S x H x
-NUM_SPLITS partial rows, small beside the K/V bytes. Two forms, one result:
+NUM_SPLITS partial rows, small beside the K/V bytes: a second kernel (one program per request
+and query head) weighs them by log-sum-exp.
 
-- one launch (the default): after writing its partial rows, each program takes a ticket from
-  the counter of its (request, KV head), an atomic add with acquire-release ordering, so the
-  program that draws the last ticket sees every other slice's rows. That program merges the
-  GROUP query heads of its KV head and sets the counter back to 0: the next launch, a CUDA-graph
-  replay included, finds every counter at zero. The counters are one persistent zero-filled
-  int32 buffer per device (`split_counters`), created outside graph capture;
-- two launches: the slices, then a merge kernel (one program per request and query head). Kept
-  as the baseline `benchmarks/gpu_bench.py fusion` times the one-launch form against.
+A one-launch variant (the last slice of each (request, KV head) to finish, found by an atomic
+ticket counter, merging in the same launch) was measured on an H200 and not kept: no faster
+(Llama-3-8B, context 512, `benchmarks/gpu_bench.py fusion`: 6.21 vs 5.76 us per call at batch 1
+with 16 splits, 15.86 vs 16.03 us at batch 20 with 2 splits; whole decode forward 4.312 vs
+4.292 ms at batch 1, 4.868 vs 4.858 ms at batch 20), for a persistent counter buffer and more code.
 
-Padding sequences (zero query tokens, CUDA-graph padding) write nothing. The pure-torch
+Padding sequences (zero query tokens, CUDA-graph padding) attend to nothing and get no output
+row. The pure-torch
 reference.paged_attention is the specification; tests compare.
 """
 
@@ -29,7 +28,6 @@ from fitserve.kernels.triton_attention import MIN_DOT_ROWS, TILE_N, attend_tiles
 
 MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
 MAX_SPLITS = 16
-MIN_COUNTERS = 4096  # the first counter buffer (16 KiB): 256 requests x 16 KV heads without growing
 
 
 @triton.jit
@@ -105,88 +103,6 @@ def _decode_merge_kernel(
     tl.store(out_ptr + q_start * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _merge_group(
-    part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, q_start, stride_o_token, stride_o_head,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, GROUP: tl.constexpr,
-    GROUP_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
-):
-    """The GROUP query heads of one (request, KV head): their slices weighed by log-sum-exp, written to out.
-
-    Partial rows are read past L1 (.cg): other programs wrote them during this launch.
-    """
-    rows = tl.arange(0, GROUP_POW2)
-    row_valid = rows < GROUP
-    head = kv_head * GROUP + rows
-    base = (seq * NUM_HEADS + head) * NUM_SPLITS  # [GROUP_POW2]
-    splits = tl.arange(0, SPLITS_POW2)
-    lse = tl.load(part_lse_ptr + base[:, None] + splits[None, :], mask=row_valid[:, None] & (splits < NUM_SPLITS)[None, :],
-                  other=float("-inf"), cache_modifier=".cg")  # [GROUP_POW2, SPLITS_POW2]
-    lse_max = tl.where(row_valid, tl.max(lse, axis=1), 0.0)  # a real head's first slice is never empty
-    weights = tl.exp(lse - lse_max[:, None])  # empty slices weigh 0
-    total = tl.sum(weights, axis=1)
-    weights = weights / tl.where(total == 0.0, 1.0, total)[:, None]
-    dims = tl.arange(0, HEAD_DIM)
-    out = tl.zeros([GROUP_POW2, HEAD_DIM], tl.float32)
-    for split in range(NUM_SPLITS):
-        weight = tl.sum(tl.where(splits[None, :] == split, weights, 0.0), axis=1)  # [GROUP_POW2]
-        part = tl.load(part_out_ptr + (base + split)[:, None] * HEAD_DIM + dims[None, :], mask=row_valid[:, None],
-                       other=0.0, cache_modifier=".cg")  # [GROUP_POW2, D]
-        out += part * weight[:, None]
-    tl.store(out_ptr + q_start * stride_o_token + head[:, None] * stride_o_head + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-
-
-@triton.jit
-def _decode_split_merge_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, out_ptr, counter_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
-    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
-    stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
-    GROUP: tl.constexpr, GROUP_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if q_len == 0:
-        return  # a padding sequence: every slice returns here, so no ticket is taken and nothing written
-    seq_len = tl.load(seq_lens_ptr + seq)
-    _split_partial(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr + seq * stride_table,
-                   seq, kv_head, split, q_start, q_len, seq_len, scale, v_scale, stride_q_token, stride_q_head,
-                   stride_cache_block, stride_cache_slot, stride_cache_head,
-                   NUM_HEADS, NUM_SPLITS, GROUP, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE)
-    tl.debug_barrier()  # all of this program's partial rows are written before its ticket publishes them
-    counter = counter_ptr + seq * NUM_KV_HEADS + kv_head
-    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if ticket == NUM_SPLITS - 1:  # the last slice to finish: every other slice's rows are visible
-        _merge_group(part_out_ptr, part_lse_ptr, out_ptr, seq, kv_head, q_start, stride_o_token, stride_o_head,
-                     NUM_HEADS, NUM_SPLITS, SPLITS_POW2, GROUP, GROUP_POW2, HEAD_DIM)
-        tl.atomic_xchg(counter, 0)  # zero again for the next launch (and the next graph replay)
-
-
-# Per device, the ticket counters, newest (largest) last. A grown buffer never frees the older
-# ones: a captured CUDA graph keeps the address it was captured with.
-_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def split_counters(device: torch.device, num_counters: int) -> torch.Tensor:
-    """A zero-filled int32 buffer of at least num_counters (requests x KV heads) on device, kept for
-    every later launch; the one-launch kernel leaves each counter it uses back at 0."""
-    buffers = _counters.setdefault(device, [])
-    if buffers and buffers[-1].numel() >= num_counters:
-        return buffers[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # torch.zeros here would record a memset into the graph: grow before capture instead.
-        raise RuntimeError("split_counters must grow outside CUDA-graph capture; a warm-up call before capture does")
-    size = max(num_counters, MIN_COUNTERS, 2 * buffers[-1].numel() if buffers else 0)
-    buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
-
-
 def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
     """Context slices per (request, KV head) so that the chip has enough programs: 1 for big batches."""
     wanted = -(-MIN_PROGRAMS_PER_SM * num_sms // (num_seqs * num_kv_heads))
@@ -196,11 +112,11 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
 def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-    num_splits: int, k_scale: float = 1.0, v_scale: float = 1.0, merge_in_kernel: bool = True,
+    num_splits: int, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Like triton_attention.paged_attention for a batch where every request feeds one token (at most),
     split over the context: q [T, H, D], out [T, H, D], query_start_loc [S+1], seq_lens [S], block_tables
-    [S, max_blocks]. merge_in_kernel: one launch (default), else the split and merge kernels.
+    [S, max_blocks]: the split kernel, then the merge kernel.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -215,26 +131,9 @@ def paged_decode_attention(
     k_scale, v_scale = cache_scales(k_cache, k_scale, v_scale)
     part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
-    launch = _launch_one_kernel if merge_in_kernel else _launch_two_kernels
-    launch(q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
-           scale * k_scale, float(v_scale), num_splits)
+    _launch_two_kernels(q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
+                        scale * k_scale, float(v_scale), num_splits)
     return out
-
-
-def _launch_one_kernel(q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
-                       scale, v_scale, num_splits) -> None:
-    num_seqs, (num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape[1:], k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    counters = split_counters(q.device, num_seqs * num_kv_heads)
-    _decode_split_merge_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse, out, counters, query_start_loc, seq_lens, block_tables,
-        scale, v_scale, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, NUM_SPLITS=num_splits,
-        SPLITS_POW2=triton.next_power_of_2(num_splits), GROUP=group, GROUP_POW2=max(2, triton.next_power_of_2(group)),
-        BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        TILE=TILE_N, num_warps=4, num_stages=2,
-    )
 
 
 def _launch_two_kernels(q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,

@@ -1,7 +1,7 @@
 """Paged attention layer: rotates this step's q and k (when given the model's rotary embedding),
 stores K/V into the bound cache, then attends over it. On CUDA the rotation and the store are
-one kernel (triton_attention.rotary_store_kv), and a small decode batch's split-context
-attention merges its slices in the same launch (kernels/triton_decode.py).
+one kernel (triton_attention.rotary_store_kv); a small decode batch's attention is split over
+the context (kernels/triton_decode.py).
 
 The cache is in the serving dtype or, with `--kv-cache-dtype fp8`, float8_e4m3fn: then K and
 V are stored as k / k_scale and v / v_scale and read back times the scale. The scales are per
@@ -25,10 +25,9 @@ from fitserve.layers.rotary import RotaryEmbedding
 
 DEFAULT_KV_SCALE = 1.0  # per layer, for K and for V; see the module docstring
 
-# Benchmark and test knobs, not settings: `benchmarks/gpu_bench.py fusion` times each fusion on
+# Benchmark and test knob, not a setting: `benchmarks/gpu_bench.py fusion` times the fusion on
 # and off (read at every forward, so a CUDA graph keeps the choice it was captured with).
 FUSE_ROTARY_STORE = True  # CUDA: rotary embedding + KV store in one kernel, else rotary_ then store_kv
-FUSE_DECODE_MERGE = True  # CUDA: split-context decode merges in its own launch, else a second merge kernel
 
 
 class PagedAttention(nn.Module):
@@ -93,7 +92,6 @@ class PagedAttention(nn.Module):
                 return triton_decode.paged_decode_attention(
                     q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
                     batch.block_tables, self.scale, num_splits, self.k_scale, self.v_scale,
-                    merge_in_kernel=FUSE_DECODE_MERGE,
                 )
         return triton_attention.paged_attention(
             q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
