@@ -86,44 +86,12 @@ def sweep_gemv(weights: list[dict[str, torch.Tensor]], inputs: dict[str, torch.T
 
 
 CONFIGS = [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)]
-SKINNY_TILES = [(bn, bk, split, 4) for bn in (32, 64, 128) for bk in (128, 256) for split in (1, 2, 4, 8)]
-
-
-def sweep_skinny(batch: int, weights: list[dict[str, torch.Tensor]], inputs: dict[str, torch.Tensor],
-                 report: dict) -> None:
-    """kernels/triton_skinny.py at `batch` rows: each tile on each shape, then the whole step with
-    the default tiles (triton_skinny.TILES)."""
-    from fitserve.kernels import triton_skinny
-
-    default = dict(triton_skinny.TILES)
-    for tiles in SKINNY_TILES:
-        triton_skinny.TILES = {"narrow": tiles, "wide": tiles}
-        for name in SHAPES:
-            def one_shape(name=name) -> None:
-                for layer in weights:
-                    triton_skinny.skinny_mm(inputs[name], layer[name])
-            ms = time_graph(one_shape)
-            shape_bytes = sum(layer[name].numel() * 2 for layer in weights)
-            key = f"skinny{batch}-{name}-n{tiles[0]}-k{tiles[1]}-s{tiles[2]}"
-            report["runs"][key] = {"ms": ms, "tb_s": shape_bytes / ms / 1e9}
-            print(key, f"{ms:.3f} ms", f"{shape_bytes / ms / 1e9:.2f} TB/s", flush=True)
-    triton_skinny.TILES = default
-
-    def whole_step() -> None:
-        for layer in weights:
-            for name, w in layer.items():
-                triton_skinny.skinny_mm(inputs[name], w)
-
-    ms = time_graph(whole_step)
-    total = sum(w.numel() * 2 for layer in weights for w in layer.values())
-    report["runs"][f"batch{batch}-skinny-default"] = {"ms": ms, "tb_s": total / ms / 1e9, "tiles": default}
-    print(f"batch{batch} skinny default", default, f"{ms:.3f} ms", f"{total / ms / 1e9:.2f} TB/s", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 24])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 20])
     args = parser.parse_args()
     torch.manual_seed(0)
     report = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -149,8 +117,6 @@ def main() -> None:
         torch.backends.cuda.preferred_blas_library("cublas")
         if batch == 1:
             sweep_gemv(weights, inputs, outs, report)
-        elif batch <= 32:
-            sweep_skinny(batch, weights, inputs, report)
     report["weight_bytes"] = total_bytes
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "decode_gemm.json").write_text(json.dumps(report, indent=2))

@@ -13,13 +13,11 @@ triton_decode: ModuleType | None
 triton_fused: ModuleType | None
 triton_fp8: ModuleType | None
 triton_gemv: ModuleType | None
-triton_skinny: ModuleType | None
 try:
-    from fitserve.kernels import triton_attention, triton_decode, triton_fp8, triton_fused, triton_gemv, triton_skinny
+    from fitserve.kernels import triton_attention, triton_decode, triton_fp8, triton_fused, triton_gemv
 except ImportError:  # CPU-only torch: no triton
     triton_attention = None
     triton_decode = None
     triton_fused = None
     triton_fp8 = None
     triton_gemv = None
-    triton_skinny = None

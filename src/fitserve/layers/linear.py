@@ -6,21 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fitserve.kernels.dispatch import triton_gemv, triton_skinny
-
-# Benchmark knob, not a setting: decode batches of 2-32 rows on the skinny GEMM (else cuBLAS).
-SKINNY_GEMM = True
+from fitserve.kernels.dispatch import triton_gemv
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On CUDA one row (single-stream decode) takes the Triton GEMV and 2-32 rows
-    the skinny GEMM, which read the weight faster than cuBLAS does at these sizes
-    (kernels/triton_gemv.py, kernels/triton_skinny.py); the rest is cuBLAS."""
-    if x.is_cuda and triton_gemv is not None:
-        if triton_gemv.supports(x, weight):
-            return triton_gemv.gemv(x, weight)
-        if SKINNY_GEMM and triton_skinny is not None and triton_skinny.supports(x, weight):
-            return triton_skinny.skinny_mm(x, weight)
+    """x @ weight.T. One CUDA row (single-stream decode) takes the Triton GEMV, which reads the
+    weight faster than cuBLAS does at one row (kernels/triton_gemv.py); the rest is cuBLAS."""
+    if triton_gemv is not None and x.is_cuda and triton_gemv.supports(x, weight):
+        return triton_gemv.gemv(x, weight)
     return F.linear(x, weight)
 
 
