@@ -1,0 +1,266 @@
+"""FP8 GEMMs for decode batches (1 to 32 rows): a split-K scaled GEMM and a one-row GEMV.
+
+Both compute fp8.scaled_mm_reference: y = (qx @ qw.T) * sx * sw with qx [M, K] and qw [N, K]
+e4m3, K-contiguous, exact float32 accumulation and one rounding to the output dtype.
+
+- Split-K: at few rows the narrow layers (N 4096-6144) have fewer output tiles than the card
+  has SMs, so each program of triton_fp8's GEMM streams a long K alone. Here the grid is
+  (output tiles, SPLIT_K): each program sums its run of K blocks with tl.dot (BLOCK_M <= 32
+  keeps it on the exact mma.sync path) into partials [SPLIT_K, M, N] float32, and a reduce
+  kernel adds them in split order, applies both scales and casts. Fixed order: the bytes are
+  the same run to run (no atomics). With SPLIT_K 1 the GEMM kernel stores the output itself.
+- GEMV (one row): CUDA cores, no tensor cores; each program owns BLOCK_N weight rows and walks
+  K in BLOCK_K-wide contiguous runs, as kernels/triton_gemv.py does for bf16.
+
+Both allocate their workspace with torch inside the call and never sync: CUDA-graph safe.
+`plan` picks a kernel by rows from SMALL_M_TABLE (see there).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MMA_SYNC_MAX_BLOCK_M = 32  # 64-row tiles go to Hopper's wgmma, whose fp8 sums Triton keeps imprecise
+MAX_SPLIT_K = 16
+
+
+@triton.jit
+def _splitk_kernel(
+    a_ptr, b_ptr, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr, M, N, num_k_blocks, blocks_per_split,
+    stride_am, stride_bn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
+):
+    # Axis 0 walks M tiles fastest: the few M tiles of one weight tile run together (L2 reuse).
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid_m = tl.program_id(0) % num_m
+    pid_n = tl.program_id(0) // num_m
+    split = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_m % M).to(tl.int64)  # clamped: loads stay in bounds without masks
+    cols = (offs_n % N).to(tl.int64)
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, num_k_blocks)
+    offs_k = first_block.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + cols[None, :] * stride_bn + offs_k[:, None]  # [BLOCK_K, BLOCK_N], K-contiguous
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for _ in range(first_block, last_block):  # empty for a trailing split past K: stores zeros
+        acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        if A_PER_ROW:
+            a_scale = tl.load(a_scale_ptr + rows)[:, None]
+        else:
+            a_scale = tl.load(a_scale_ptr)
+        if B_PER_COL:
+            b_scale = tl.load(b_scale_ptr + cols)[None, :]
+        else:
+            b_scale = tl.load(b_scale_ptr)
+        c = acc * a_scale * b_scale
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = part_ptr + (split.to(tl.int64) * M + offs_m.to(tl.int64)[:, None]) * N + offs_n[None, :]
+        tl.store(part, acc, mask=mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    part_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, stride_cm,
+    BLOCK: tl.constexpr, SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs_n < N
+    acc = tl.zeros([BLOCK], tl.float32)
+    for split in tl.static_range(SPLIT_K):  # fixed order: deterministic sums
+        acc += tl.load(part_ptr + (split * M + row) * N + offs_n, mask=mask, other=0.0)
+    if A_PER_ROW:
+        acc = acc * tl.load(a_scale_ptr + row)
+    else:
+        acc = acc * tl.load(a_scale_ptr)
+    if B_PER_COL:
+        acc = acc * tl.load(b_scale_ptr + offs_n, mask=mask, other=0.0)
+    else:
+        acc = acc * tl.load(b_scale_ptr)
+    tl.store(c_ptr + row * stride_cm + offs_n, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, N, K, stride_w,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, B_PER_COL: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    rows = tl.where(row_valid, rows, 0).to(tl.int64)  # out-of-range rows read row 0 and are not stored
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :])
+            x = tl.load(x_ptr + cols)
+        else:
+            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=(cols < K)[None, :], other=0.0)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]  # fp8 x fp8 products are exact in float32
+    y = tl.sum(acc, axis=1) * tl.load(x_scale_ptr)
+    if B_PER_COL:
+        y = y * tl.load(w_scale_ptr + rows)
+    else:
+        y = y * tl.load(w_scale_ptr)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitKConfig:
+    block_m: int  # 16 or 32: the mma.sync path (MMA_SYNC_MAX_BLOCK_M)
+    block_n: int
+    block_k: int
+    split_k: int  # 0: enough splits to give every SM a program (auto_split_k)
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+@dataclass(frozen=True, slots=True)
+class SmallMChoice:
+    """One row of SMALL_M_TABLE: `kernel` ("gemv" or "split_k") for batches of up to max_rows."""
+
+    max_rows: int
+    kernel: str
+    config: SplitKConfig | GemvConfig
+    only_if_underfilled: bool  # split-K only where the output tiles alone leave SMs idle
+
+
+# Placeholders until benchmarks/fp8_gemm_bench.py's sweep on the H200 replaces them with its best
+# configs per row count (docs/quantization.md); chosen by reasoning, not measured: one-row GEMV
+# tiles as kernels/triton_gemv.py's (the same bytes per load), split-K only for layers whose
+# output tiles leave SMs idle. Rows past the table go to triton_fp8 / torch._scaled_mm.
+SMALL_M_TABLE: tuple[SmallMChoice, ...] = (
+    SmallMChoice(1, "gemv", GemvConfig(4, 4096, 8), only_if_underfilled=False),
+    SmallMChoice(16, "split_k", SplitKConfig(16, 64, 256, 0), only_if_underfilled=True),
+    SmallMChoice(32, "split_k", SplitKConfig(32, 64, 256, 0), only_if_underfilled=True),
+)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def output_tiles(num_rows: int, num_cols: int, cfg: SplitKConfig) -> int:
+    return triton.cdiv(num_rows, cfg.block_m) * triton.cdiv(num_cols, cfg.block_n)
+
+
+def auto_split_k(num_rows: int, num_cols: int, inner: int, cfg: SplitKConfig, sms: int) -> int:
+    """The smallest power of two giving at least one program per SM, within MAX_SPLIT_K and
+    at least one K block per split."""
+    wanted = triton.cdiv(sms, output_tiles(num_rows, num_cols, cfg))
+    split = min(triton.next_power_of_2(wanted), MAX_SPLIT_K)
+    return max(1, min(split, inner // cfg.block_k))
+
+
+def plan(num_rows: int, num_cols: int, inner: int, sms: int) -> SmallMChoice | None:
+    """The table row for this product, with split_k resolved; None: use the general GEMMs."""
+    for choice in SMALL_M_TABLE:
+        if num_rows > choice.max_rows:
+            continue
+        cfg = choice.config
+        if isinstance(cfg, GemvConfig):
+            return choice if num_rows == 1 else None
+        if inner % cfg.block_k or (choice.only_if_underfilled and output_tiles(num_rows, num_cols, cfg) >= sms):
+            return None
+        split = cfg.split_k or auto_split_k(num_rows, num_cols, inner, cfg, sms)
+        return SmallMChoice(choice.max_rows, choice.kernel, SplitKConfig(
+            cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages), choice.only_if_underfilled)
+    return None
+
+
+def _check(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor) -> tuple[bool, bool]:
+    """Shapes, strides and scale forms, as triton_fp8.scaled_mm takes them -> (a_per_row, b_per_col)."""
+    num_rows, inner = qx.shape
+    num_cols = qw.shape[0]
+    assert qw.shape[1] == inner and qx.stride(1) == 1 and qw.stride(1) == 1, "K-contiguous [M, K] and [N, K]"
+    assert x_scale.dtype == torch.float32 and w_scale.dtype == torch.float32
+    assert x_scale.is_contiguous() and w_scale.is_contiguous()
+    a_per_row = x_scale.numel() != 1
+    b_per_col = w_scale.numel() != 1
+    assert not a_per_row or x_scale.numel() == num_rows, "x_scale: [M, 1] or one value"
+    assert not b_per_col or w_scale.numel() == num_cols, "w_scale: [1, N] or one value"
+    return a_per_row, b_per_col
+
+
+def scaled_mm_split_k(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                      out_dtype: torch.dtype, config: SplitKConfig) -> torch.Tensor:
+    """qx [M, K] fp8, x_scale [M, 1] or [] float32; qw [N, K] fp8, w_scale [1, N] or [] float32
+    -> [M, N] out_dtype; fp8.scaled_mm_reference. K must be a multiple of BLOCK_K (splits may be
+    uneven: a split takes cdiv(K / BLOCK_K, SPLIT_K) blocks, the last fewer)."""
+    a_per_row, b_per_col = _check(qx, x_scale, qw, w_scale)
+    num_rows, inner = qx.shape
+    num_cols = qw.shape[0]
+    cfg = config
+    assert cfg.block_m <= MMA_SYNC_MAX_BLOCK_M and cfg.split_k >= 1
+    assert inner % cfg.block_k == 0, f"K ({inner}) must be a multiple of BLOCK_K ({cfg.block_k})"
+    out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=qx.device)
+    if num_rows == 0:
+        return out
+    num_k_blocks = inner // cfg.block_k
+    per_split = triton.cdiv(num_k_blocks, cfg.split_k)
+    # [SPLIT_K, M, N] float32 partial sums (unused with one split: the GEMM kernel stores `out`)
+    part = torch.empty((cfg.split_k, num_rows, num_cols) if cfg.split_k > 1 else (1,),
+                       dtype=torch.float32, device=qx.device)
+    grid = (output_tiles(num_rows, num_cols, cfg), cfg.split_k)
+    _splitk_kernel[grid](
+        qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
+        qx.stride(0), qw.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.split_k > 1:
+        block = min(1024, triton.next_power_of_2(num_cols))
+        _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
+            part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
+            BLOCK=block, SPLIT_K=cfg.split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
+        )
+    return out
+
+
+def gemv(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+         out_dtype: torch.dtype, config: GemvConfig) -> torch.Tensor:
+    """qx [1, K] fp8 with x_scale [1, 1] or [] float32; qw [N, K] fp8 with w_scale [1, N] or []
+    -> [1, N] out_dtype; fp8.scaled_mm_reference at one row (any K)."""
+    _, b_per_col = _check(qx, x_scale, qw, w_scale)
+    assert qx.shape[0] == 1 and qw.is_contiguous(), "gemv takes one row and a contiguous weight"
+    num_cols, inner = qw.shape
+    block_k = min(config.block_k, triton.next_power_of_2(inner))
+    out = torch.empty(1, num_cols, dtype=out_dtype, device=qx.device)
+    _gemv_kernel[(triton.cdiv(num_cols, config.block_n),)](
+        qx, qw, out, x_scale, w_scale, num_cols, inner, qw.stride(0),
+        BLOCK_N=config.block_n, BLOCK_K=block_k, EVEN_K=inner % block_k == 0, B_PER_COL=b_per_col,
+        num_warps=config.num_warps,
+    )
+    return out
+
+
+def run(choice: SmallMChoice, qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+        out_dtype: torch.dtype) -> torch.Tensor:
+    """The product by a `plan` result."""
+    if isinstance(choice.config, GemvConfig):
+        return gemv(qx, x_scale, qw, w_scale, out_dtype, choice.config)
+    return scaled_mm_split_k(qx, x_scale, qw, w_scale, out_dtype, choice.config)
