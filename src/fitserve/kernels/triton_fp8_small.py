@@ -27,6 +27,7 @@ import triton.language as tl
 
 MMA_SYNC_MAX_BLOCK_M = 32  # 64-row tiles go to Hopper's wgmma, whose fp8 sums Triton keeps imprecise
 MAX_SPLIT_K = 16
+MIN_BLOCK_K = 32  # fp8 mma.sync takes K in steps of 32
 
 
 @triton.jit
@@ -150,10 +151,11 @@ class SmallMChoice:
 
 # Placeholders until benchmarks/fp8_gemm_bench.py's sweep on the H200 replaces them with its best
 # configs per row count (docs/quantization.md); chosen by reasoning, not measured: one-row GEMV
-# tiles as kernels/triton_gemv.py's (the same bytes per load), split-K only for layers whose
-# output tiles leave SMs idle. Rows past the table go to triton_fp8 / torch._scaled_mm.
+# tiles reading as many bytes per step as kernels/triton_gemv.py's (8 fp8 rows x 2048 against
+# 4 bf16 rows x 2048; 2048 divides every Llama-3-8B K), split-K only for layers whose output
+# tiles leave SMs idle. Rows past the table go to triton_fp8 / torch._scaled_mm.
 SMALL_M_TABLE: tuple[SmallMChoice, ...] = (
-    SmallMChoice(1, "gemv", GemvConfig(4, 4096, 8), only_if_underfilled=False),
+    SmallMChoice(1, "gemv", GemvConfig(8, 2048, 8), only_if_underfilled=False),
     SmallMChoice(16, "split_k", SplitKConfig(16, 64, 256, 0), only_if_underfilled=True),
     SmallMChoice(32, "split_k", SplitKConfig(32, 64, 256, 0), only_if_underfilled=True),
 )
@@ -184,11 +186,17 @@ def plan(num_rows: int, num_cols: int, inner: int, sms: int) -> SmallMChoice | N
         cfg = choice.config
         if isinstance(cfg, GemvConfig):
             return choice if num_rows == 1 else None
-        if inner % cfg.block_k or (choice.only_if_underfilled and output_tiles(num_rows, num_cols, cfg) >= sms):
+        if choice.only_if_underfilled and output_tiles(num_rows, num_cols, cfg) >= sms:
             return None
+        block_k = cfg.block_k
+        while inner % block_k:  # halve for a K the table's tile does not divide (K is a multiple of 16)
+            block_k //= 2
+        if block_k < MIN_BLOCK_K:
+            return None
+        cfg = SplitKConfig(cfg.block_m, cfg.block_n, block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
         split = cfg.split_k or auto_split_k(num_rows, num_cols, inner, cfg, sms)
         return SmallMChoice(choice.max_rows, choice.kernel, SplitKConfig(
-            cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages), choice.only_if_underfilled)
+            cfg.block_m, cfg.block_n, block_k, split, cfg.num_warps, cfg.num_stages), choice.only_if_underfilled)
     return None
 
 

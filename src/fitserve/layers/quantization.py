@@ -15,7 +15,8 @@ and are quantized together once the last one lands.
 On CUDA the per-token quantization is a Triton kernel and the GEMM whichever measured faster
 on the H200 (benchmarks/fp8_gemm_bench.py, docs/quantization.md): with per-channel scales the
 Triton GEMM up to 16 batch rows (torch's row-wise _scaled_mm is slow there) and
-torch._scaled_mm with row-wise scales above; with per-tensor scales torch._scaled_mm
+torch._scaled_mm with row-wise scales above, except where kernels/triton_fp8_small.py's table
+takes the product first (a one-row GEMV; split-K up to 32 rows for the narrow layers); with per-tensor scales torch._scaled_mm
 (cuBLASLt) at every size. Elsewhere the pure-torch reference of kernels/fp8.py, which is the
 specification.
 """
@@ -30,7 +31,7 @@ from torch import nn
 
 from fitserve.config import ConfigError
 from fitserve.kernels import fp8
-from fitserve.kernels.dispatch import triton_fp8
+from fitserve.kernels.dispatch import triton_fp8, triton_fp8_small
 from fitserve.layers.linear import Linear
 
 FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
@@ -136,8 +137,13 @@ class Fp8Linear(nn.Module):
         return self.in_features % GEMM_ALIGNMENT == 0 and self.out_features % GEMM_ALIGNMENT == 0
 
     def _gemm_cuda(self, qx: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-        assert triton_fp8 is not None
+        assert triton_fp8 is not None and triton_fp8_small is not None
         row_wise = not self.per_tensor
+        if row_wise:  # decode batches first ask triton_fp8_small.SMALL_M_TABLE, which may decline
+            choice = triton_fp8_small.plan(qx.shape[0], self.out_features, self.in_features,
+                                           triton_fp8_small.num_sms(qx.device))
+            if choice is not None:
+                return triton_fp8_small.run(choice, qx, x_scale, self.weight, self.weight_scale, out_dtype)
         if (self.per_tensor or qx.shape[0] >= SCALED_MM_MIN_ROWS) and scaled_mm_works(qx.device, row_wise, out_dtype):
             return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, out_dtype,
                                        use_fast_accum=row_wise and ROW_WISE_FAST_ACCUM)
