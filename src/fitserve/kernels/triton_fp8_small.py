@@ -30,7 +30,8 @@ MAX_SPLIT_K = 16
 MIN_BLOCK_K = 32  # fp8 mma.sync takes K in steps of 32
 
 
-@triton.jit
+# The batch rows and K-block counts vary from call to call: no recompile per value.
+@triton.jit(do_not_specialize=["M", "num_k_blocks", "blocks_per_split"])
 def _splitk_kernel(
     a_ptr, b_ptr, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr, M, N, num_k_blocks, blocks_per_split,
     stride_am, stride_bn, stride_cm,
@@ -74,7 +75,7 @@ def _splitk_kernel(
         tl.store(part, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _splitk_reduce_kernel(
     part_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, stride_cm,
     BLOCK: tl.constexpr, SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
@@ -207,8 +208,10 @@ def _check(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: t
     assert qw.shape[1] == inner and qx.stride(1) == 1 and qw.stride(1) == 1, "K-contiguous [M, K] and [N, K]"
     assert x_scale.dtype == torch.float32 and w_scale.dtype == torch.float32
     assert x_scale.is_contiguous() and w_scale.is_contiguous()
-    a_per_row = x_scale.numel() != 1
-    b_per_col = w_scale.numel() != 1
+    # [M, 1] and [1, N] scales take the per-row / per-column form even at one row or column, so
+    # that one compiled kernel serves every batch size; [] or [1] is per tensor.
+    a_per_row = x_scale.dim() == 2 or x_scale.numel() != 1
+    b_per_col = w_scale.dim() == 2 or w_scale.numel() != 1
     assert not a_per_row or x_scale.numel() == num_rows, "x_scale: [M, 1] or one value"
     assert not b_per_col or w_scale.numel() == num_cols, "w_scale: [1, N] or one value"
     return a_per_row, b_per_col
