@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from fitserve.kernels import triton_fp8  # noqa: E402  (imports triton, present with CUDA torch)
+from fitserve.kernels import triton_fp8, triton_fp8_small  # noqa: E402  (imports triton, present with CUDA torch)
 from fitserve.layers import quantization  # noqa: E402
 
 CUDA = torch.device("cuda")
@@ -57,6 +57,91 @@ def test_triton_scaled_mm_matches_reference(num_rows, num_cols, inner, per_tenso
     assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 1e-2
 
 
+def _quantized(num_rows: int, num_cols: int, inner: int, per_tensor: bool):
+    x = torch.randn(num_rows, inner, device=CUDA).to(torch.bfloat16)
+    w = (torch.randn(num_cols, inner, device=CUDA) * 0.02).to(torch.bfloat16)
+    if per_tensor:
+        return (*fp8.quantize_per_tensor(x), *fp8.quantize_per_tensor(w))
+    (qx, sx), (qw, sw) = fp8.quantize_per_row(x), fp8.quantize_per_row(w)
+    return qx, sx, qw, sw.reshape(1, -1).contiguous()
+
+
+SPLIT_CONFIGS = [triton_fp8_small.SplitKConfig(16, 64, 128, 1), triton_fp8_small.SplitKConfig(16, 32, 256, 4),
+                 triton_fp8_small.SplitKConfig(32, 128, 128, 5, num_warps=8),  # uneven: 12 K blocks in 5 splits
+                 triton_fp8_small.SplitKConfig(32, 64, 64, 16, num_stages=3)]
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 17, 32])
+@pytest.mark.parametrize("num_cols,inner", [(1000, 1536), (4096, 1536), (200, 3072)])  # N partial tiles
+@pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=str)
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_split_k_scaled_mm_matches_reference(num_rows, num_cols, inner, cfg, per_tensor):
+    qx, sx, qw, sw = _quantized(num_rows, num_cols, inner, per_tensor)
+    expected = fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)
+    # BLOCK_M <= 32 stays on mma.sync: exact float32 sums, only their order differs.
+    assert rel_err(triton_fp8_small.scaled_mm_split_k(qx, sx, qw, sw, torch.float32, cfg), expected) < 1e-5
+    for dtype in (torch.bfloat16, torch.float16):
+        got = triton_fp8_small.scaled_mm_split_k(qx, sx, qw, sw, dtype, cfg)
+        assert got.dtype == dtype and rel_err(got, expected) < 1e-2
+
+
+def test_split_k_needs_k_in_whole_blocks():
+    qx, sx, qw, sw = _quantized(4, 256, 4112, False)  # K a multiple of 16, not of 256
+    with pytest.raises(AssertionError, match="BLOCK_K"):
+        triton_fp8_small.scaled_mm_split_k(qx, sx, qw, sw, torch.bfloat16, triton_fp8_small.SplitKConfig(16, 64, 256, 2))
+
+
+@pytest.mark.parametrize("num_cols,inner", [(1000, 576), (4096, 4096), (37, 14336), (300, 1000)])
+@pytest.mark.parametrize("cfg", [triton_fp8_small.GemvConfig(8, 2048, 8), triton_fp8_small.GemvConfig(4, 256, 4)],
+                         ids=str)
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_fp8_gemv_matches_reference(num_cols, inner, cfg, per_tensor):
+    qx, sx, qw, sw = _quantized(1, num_cols, inner, per_tensor)
+    expected = fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)
+    assert rel_err(triton_fp8_small.gemv(qx, sx, qw, sw, torch.float32, cfg), expected) < 1e-5
+    for dtype in (torch.bfloat16, torch.float16):
+        got = triton_fp8_small.gemv(qx, sx, qw, sw, dtype, cfg)
+        assert got.shape == (1, num_cols) and got.dtype == dtype and rel_err(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("num_rows,cfg", [(20, triton_fp8_small.SplitKConfig(32, 64, 128, 4)),
+                                          (1, triton_fp8_small.GemvConfig(8, 2048, 8))], ids=str)
+def test_small_m_kernels_are_deterministic_and_replay_in_a_cuda_graph(num_rows, cfg):
+    qx, sx, qw, sw = _quantized(num_rows, 4096, 4096, False)
+    choice = triton_fp8_small.SmallMChoice(32, "gemv" if num_rows == 1 else "split_k", cfg, False)
+    eager = triton_fp8_small.run(choice, qx, sx, qw, sw, torch.bfloat16)
+    for _ in range(3):
+        assert torch.equal(triton_fp8_small.run(choice, qx, sx, qw, sw, torch.bfloat16).view(torch.int16),
+                           eager.view(torch.int16))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture wants
+        triton_fp8_small.run(choice, qx, sx, qw, sw, torch.bfloat16)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = triton_fp8_small.run(choice, qx, sx, qw, sw, torch.bfloat16)
+    new_qx, new_sx, _, _ = _quantized(num_rows, 4096, 4096, False)
+    qx.copy_(new_qx)
+    sx.copy_(new_sx)
+    graph.replay()
+    expected = triton_fp8_small.run(choice, new_qx, new_sx, qw, sw, torch.bfloat16)
+    assert torch.equal(static_out.view(torch.int16), expected.view(torch.int16))
+
+
+def test_small_m_plan():
+    """The table's rules: GEMV at one row, split-K up to 32 rows only where tiles underfill the SMs,
+    a BLOCK_K that divides K."""
+    plan = triton_fp8_small.plan
+    assert plan(1, 28672, 4096, 132).kernel == "gemv"
+    down = plan(20, 4096, 14336, 132)
+    assert down.kernel == "split_k" and down.config.split_k > 1 and 14336 % down.config.block_k == 0
+    assert plan(16, 28672, 4096, 132) is None, "gate_up's tiles fill the chip"
+    assert plan(33, 4096, 4096, 132) is None
+    small_k = plan(4, 960, 576, 132)
+    assert small_k is not None and 576 % small_k.config.block_k == 0
+
+
 def test_scaled_mm_forms_on_this_torch():
     """Which torch._scaled_mm forms run here (printed for docs/quantization.md); per-tensor must."""
     forms = {(row_wise, dtype): quantization.scaled_mm_works(CUDA, row_wise, dtype)
@@ -79,7 +164,7 @@ def test_torch_scaled_mm_matches_reference_when_it_runs(num_rows):
 
 
 @pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])
-@pytest.mark.parametrize("num_rows", [3, 100])
+@pytest.mark.parametrize("num_rows", [1, 3, 20, 100])  # 1: fp8 GEMV; 3, 20: split-K (qkv's tiles underfill)
 def test_fp8_linear_on_gpu_matches_the_cpu_path(quant, num_rows):
     torch.manual_seed(0)
     weight = (torch.randn(6144, 4096) * 0.02).to(torch.bfloat16)
