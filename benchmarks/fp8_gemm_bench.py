@@ -102,9 +102,9 @@ def small_m_row(name: str, n: int, k: int, rows: int, w16: list, qw: list, sms: 
         row["plan_ms"] = timed(lambda i: triton_fp8_small.run(choice, qx, sx, *qw[i], bf16), copies)
     candidates = {}
     for cfg in split_configs(rows, n, k, sms):
-        candidates[str(cfg)] = timed(lambda i: triton_fp8_small.scaled_mm_split_k(qx, sx, *qw[i], bf16, cfg), copies)
+        candidates[str(cfg)] = timed(lambda i, cfg=cfg: triton_fp8_small.scaled_mm_split_k(qx, sx, *qw[i], bf16, cfg), copies)
     for cfg in GEMV_CONFIGS if rows == 1 else ():
-        candidates[str(cfg)] = timed(lambda i: triton_fp8_small.gemv(qx, sx, *qw[i], bf16, cfg), copies)
+        candidates[str(cfg)] = timed(lambda i, cfg=cfg: triton_fp8_small.gemv(qx, sx, *qw[i], bf16, cfg), copies)
     row["candidates_ms"] = candidates
     ok = {key: ms for key, ms in candidates.items() if isinstance(ms, float)}
     row["best"] = min(ok, key=ok.get) if ok else None

@@ -15,8 +15,14 @@ triton_fp8: ModuleType | None
 triton_fp8_small: ModuleType | None
 triton_gemv: ModuleType | None
 try:
-    from fitserve.kernels import (triton_attention, triton_decode, triton_fp8, triton_fp8_small, triton_fused,
-                                  triton_gemv)
+    from fitserve.kernels import (
+        triton_attention,
+        triton_decode,
+        triton_fp8,
+        triton_fp8_small,
+        triton_fused,
+        triton_gemv,
+    )
 except ImportError:  # CPU-only torch: no triton
     triton_attention = None
     triton_decode = None
