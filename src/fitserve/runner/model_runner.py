@@ -20,6 +20,7 @@ from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
 from fitserve.runner.sampler import DeviceSample, Sampler
+from fitserve.runner.warmup import warm_up
 
 
 def allocate_kv_cache(
@@ -63,6 +64,7 @@ class TorchModelRunner:
         self.peers: StepPeers | None = None  # set on tensor-parallel rank 0 once the workers are ready
         self.decode_graphs: DecodeGraphs | None = None
         if use_cuda_graphs and device.type == "cuda":
+            warm_up(self)  # before the graphs: their capture then finds every kernel compiled
             max_blocks_per_seq = -(-max_model_len // capacity.block_size)
             self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device)
             self.decode_graphs.capture()
