@@ -117,12 +117,26 @@ def budget_utilization(budget_gib: float) -> float:
     return round(budget_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory, 4)
 
 
+def load_fp8_small_table(path: str) -> None:
+    """Replace rows of triton_fp8_small.SMALL_M_TABLE with fp8_decode_bench.py's (same max_rows)."""
+    from fitserve.kernels import triton_fp8_small as small
+
+    table = {choice.max_rows: choice for choice in small.SMALL_M_TABLE}
+    for row in json.loads(Path(path).read_text()):
+        config = small.GemvConfig(*row["config"]) if row["kernel"] == "gemv" else small.SplitKConfig(*row["config"])
+        table[row["max_rows"]] = small.SmallMChoice(row["max_rows"], row["kernel"], config, row["only_if_underfilled"])
+    small.SMALL_M_TABLE = tuple(table[rows] for rows in sorted(table))
+    print("fp8 small-batch table:", small.SMALL_M_TABLE, flush=True)
+
+
 def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from fitserve.llm import build_engine
 
     quantization, kv_cache_dtype = QUANT_VARIANTS[args.quant_variant]
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
+    if args.fp8_small_table:
+        load_fp8_small_table(args.fp8_small_table)
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc, async_scheduling=args.async_scheduling,
@@ -470,6 +484,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--disable-async-output-proc", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fp8-small-table", default=None,
+                        help="fp8_decode_bench.py's fp8_small_table.json: its rows replace SMALL_M_TABLE's")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--part-timeout-s", type=float, default=280)
     parser.add_argument("--hf-timeout-s", type=float, default=300)
@@ -500,6 +516,7 @@ def main() -> None:
         return
     common = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", str(args.max_num_seqs),
               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    table_flags = ["--fp8-small-table", args.fp8_small_table] if args.fp8_small_table else []
     report = {"commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
               "ceilings": run_part("ceilings", [], args.part_timeout_s),
               "model": {q: model_figures(q) for q in args.quant_variants}}
@@ -522,19 +539,19 @@ def main() -> None:
             name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
             if full_budget:
                 report["fitserve"][name] = run_part(
-                    "fitserve", ["--workloads", *full_budget, *common, *flags, "--quant-variant", quant],
+                    "fitserve", ["--workloads", *full_budget, *common, *flags, *table_flags, "--quant-variant", quant],
                     args.part_timeout_s)
                 save()
             if "W6" in args.workloads:  # the guide's 20 GB card: its own budget and --max-num-seqs
                 w6 = ["--workloads", "W6", "--budget-gib", str(args.w6_budget_gib), "--max-num-seqs",
                       str(args.w6_max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
                 report["fitserve"][f"{name}-W6"] = run_part(
-                    "fitserve", [*w6, *flags, "--quant-variant", quant], args.part_timeout_s)
+                    "fitserve", [*w6, *flags, *table_flags, "--quant-variant", quant], args.part_timeout_s)
                 save()
                 # and with the guide's flags as they are (--max-num-seqs 256): does it start at all?
                 w6_default = [*w6[:5], str(args.max_num_seqs), *w6[6:]]
                 report["fitserve"][f"{name}-W6-seqs{args.max_num_seqs}"] = run_part(
-                    "fitserve", [*w6_default, *flags, "--quant-variant", quant], args.part_timeout_s)
+                    "fitserve", [*w6_default, *flags, *table_flags, "--quant-variant", quant], args.part_timeout_s)
     report["fp8_over_bf16"] = fp8_ratios(report["fitserve"])
     if args.hf_workloads and args.hf_workloads != ["none"]:
         report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads], args.hf_timeout_s)

@@ -1,0 +1,124 @@
+"""FP8 decode GEMMs as a decode step runs them: 32 layers' calls captured in one CUDA graph.
+
+`fp8_gemm_bench.py --small-m` times single calls, where a split-K call's second launch and the
+host dominate; inside a graph neither does. This times, per Llama-3-8B shape (32 distinct fp8
+weights each, nothing from L2) at 1 row and at 24 rows (W6's batch of 20, padded to its graph):
+what `Fp8Linear` does now, the general GEMMs, every GEMV tile (1 row) and every split-K tile
+(24 rows) of kernels/triton_fp8_small.py. It writes fp8_decode.json and fp8_small_table.json,
+the table rows that beat the present choice (`gpu_bench.py --fp8-small-table` loads them).
+
+    python benchmarks/fp8_decode_bench.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from decode_gemm_bench import LAYERS, SHAPES, time_graph
+
+from fitserve.kernels import fp8, triton_fp8, triton_fp8_small
+from fitserve.kernels.triton_fp8_small import GemvConfig, SplitKConfig
+
+GEMV_TILES = [GemvConfig(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (512, 1024, 2048, 4096) for w in (4, 8)]
+SPLIT_K_TILES = [SplitKConfig(32, bn, bk, split, w) for bn in (32, 64, 128) for bk in (128, 256)
+                 for split in (1, 2, 4, 8) for w in (4, 8)]
+
+
+def present_choice(qx, x_scale, qw, w_scale):
+    """What Fp8Linear._gemm_cuda does for per-channel scales (layers/quantization.py)."""
+    choice = triton_fp8_small.plan(qx.shape[0], qw.shape[0], qw.shape[1], triton_fp8_small.num_sms(qx.device))
+    if choice is not None:
+        return triton_fp8_small.run(choice, qx, x_scale, qw, w_scale, torch.bfloat16)
+    if qx.shape[0] >= 17:
+        return fp8.scaled_mm_torch(qx, x_scale, qw, w_scale, torch.bfloat16, use_fast_accum=True)
+    return triton_fp8.scaled_mm(qx, x_scale, qw, w_scale, torch.bfloat16)
+
+
+def time_shape(fn, weights, name: str, qx, x_scale) -> float:
+    def step() -> None:
+        for layer in weights:
+            fn(qx, x_scale, *layer[name])
+    try:
+        return time_graph(step)
+    except Exception as error:  # a tile that does not compile or fit: recorded, the sweep goes on
+        print("failed:", name, repr(error)[:200], flush=True)
+        return float("inf")
+
+
+def sweep(rows: int, weights, report: dict) -> dict[str, dict[str, float]]:
+    """Per candidate, ms for the 32 layers of each shape."""
+    times: dict[str, dict[str, float]] = {}
+    candidates = {"present": present_choice,
+                  "triton_fp8": lambda qx, xs, qw, ws: triton_fp8.scaled_mm(qx, xs, qw, ws, torch.bfloat16),
+                  "scaled_mm_fast": lambda qx, xs, qw, ws: fp8.scaled_mm_torch(qx, xs, qw, ws, torch.bfloat16,
+                                                                                 use_fast_accum=True)}
+    tiles = GEMV_TILES if rows == 1 else SPLIT_K_TILES
+    for tile in tiles:
+        run = triton_fp8_small.gemv if rows == 1 else triton_fp8_small.scaled_mm_split_k
+        candidates[repr(tile)] = lambda qx, xs, qw, ws, run=run, tile=tile: run(qx, xs, qw, ws, torch.bfloat16, tile)
+    for key, fn in candidates.items():
+        times[key] = {}
+        for name, (_, inner) in SHAPES.items():
+            qx = torch.randn(rows, inner, device="cuda").to(torch.float8_e4m3fn)
+            x_scale = torch.rand(rows, 1, device="cuda") + 0.5
+            times[key][name] = time_shape(fn, weights, name, qx, x_scale)
+        print(rows, key, {k: round(v, 3) for k, v in times[key].items()}, round(sum(times[key].values()), 3), flush=True)
+    report["runs"][f"rows{rows}"] = times
+    return times
+
+
+def best_table_rows(times1, times24) -> list[dict]:
+    """Table rows (SMALL_M_TABLE's form) whose tile beats the present choice summed over shapes."""
+    rows = []
+    gemv = {k: v for k, v in times1.items() if k.startswith("GemvConfig")}
+    best = min(gemv, key=lambda k: sum(gemv[k].values()))
+    if sum(gemv[best].values()) < sum(times1["present"].values()):
+        tile = next(t for t in GEMV_TILES if repr(t) == best)
+        rows.append({"max_rows": 1, "kernel": "gemv", "config": [tile.block_n, tile.block_k, tile.num_warps],
+                     "only_if_underfilled": False})
+    # At 24 rows: each tile on every shape, or (only_if_underfilled) only where its output tiles
+    # leave SMs idle and the general GEMM (row-wise _scaled_mm from 17 rows) elsewhere, as plan() does.
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    options = []
+    for tile in SPLIT_K_TILES:
+        tile_ms = times24[repr(tile)]
+        for underfilled_only in (False, True):
+            total = sum(tile_ms[name] if not underfilled_only
+                        or triton_fp8_small.output_tiles(24, num_cols, tile) < sms
+                        else times24["scaled_mm_fast"][name] for name, (num_cols, _) in SHAPES.items())
+            options.append((total, tile, underfilled_only))
+    total, tile, underfilled_only = min(options, key=lambda option: option[0])
+    if total < sum(times24["present"].values()):
+        rows.append({"max_rows": 32, "kernel": "split_k",
+                     "config": [tile.block_m, tile.block_n, tile.block_k, tile.split_k, tile.num_warps],
+                     "only_if_underfilled": underfilled_only})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    weights = []
+    for _ in range(LAYERS):
+        layer = {}
+        for name, (num_cols, inner) in SHAPES.items():
+            qw = torch.randn(num_cols, inner, device="cuda").to(torch.float8_e4m3fn)
+            layer[name] = (qw, torch.rand(1, num_cols, device="cuda") / 100)
+        weights.append(layer)
+    report = {"card": torch.cuda.get_device_name(), "commit": os.environ.get("FITSERVE_COMMIT", ""), "runs": {}}
+    times1, times24 = sweep(1, weights, report), sweep(24, weights, report)
+    report["table_rows"] = best_table_rows(times1, times24)
+    print("table rows:", report["table_rows"], flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "fp8_decode.json").write_text(json.dumps(report, indent=2))
+    (Path(args.out) / "fp8_small_table.json").write_text(json.dumps(report["table_rows"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
