@@ -6,6 +6,8 @@ changes (one step later).
 
 import random
 
+import pytest
+
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.sampling_params import SamplingParams
@@ -14,11 +16,12 @@ from fitserve.testing import FakeDecoder, FakeRunner
 VOCAB = 100
 
 
-def make_engine(async_output, runner=None, decoder=None, num_blocks=24, max_num_seqs=6):
+def make_engine(async_output, runner=None, decoder=None, num_blocks=24, max_num_seqs=6, async_scheduling=False):
     runner = runner or FakeRunner(num_blocks=num_blocks, block_size=4, vocab_size=VOCAB)
     limits = EngineLimits(vocab_size=VOCAB, eos_token_ids=(VOCAB - 1,),
                           scheduler=SchedulerLimits(max_num_seqs, 16, 128))
-    return LLMEngine(runner, decoder or FakeDecoder(), limits, async_output=async_output)
+    return LLMEngine(runner, decoder or FakeDecoder(), limits, async_output=async_output,
+                     async_scheduling=async_scheduling)
 
 
 def run(engine, max_steps=5_000):
@@ -110,9 +113,10 @@ def test_abort_while_the_final_output_is_pending():
     engine.check_invariants()
 
 
-def test_random_arrivals_and_aborts_leak_nothing():
-    rng = random.Random(7)
-    engine = make_engine(True, num_blocks=30, max_num_seqs=5)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_random_arrivals_and_aborts_leak_nothing(async_scheduling):
+    rng = random.Random(7 + async_scheduling)
+    engine = make_engine(True, num_blocks=30, max_num_seqs=5, async_scheduling=async_scheduling)
     live = set()
     for step in range(400):
         if rng.random() < 0.3:

@@ -139,25 +139,6 @@ def test_abort_while_a_step_is_in_flight_leaks_nothing():
     assert results["a"][2] is None and len(results["a"][0]) < 20
 
 
-def test_random_arrivals_and_aborts_leak_nothing():
-    rng = random.Random(11)
-    engine = make_engine(True, num_blocks=30, max_num_seqs=5)
-    live = set()
-    for step in range(400):
-        if rng.random() < 0.3:
-            rid = f"r{step}"
-            engine.add_request(engine.make_request(rid, [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))],
-                                                   SamplingParams(max_tokens=rng.randint(1, 30), stop=(" 5",))))
-            live.add(rid)
-        if live and rng.random() < 0.08:
-            engine.abort_request(rng.choice(sorted(live)))
-        for out in engine.step():
-            if out.finished:
-                live.discard(out.request_id)
-        engine.check_invariants()
-    run(engine)
-
-
 @pytest.mark.parametrize("seed", [1, 2])
 def test_prefix_caching_never_serves_a_block_holding_a_placeholder(seed):
     """On the fake KV cache any block reused with other contents changes the output: with shared
