@@ -24,11 +24,13 @@ EOS_TOKEN_ID = VOCAB_SIZE - 1
 MAX_MODEL_LEN = 256
 
 
-@pytest.fixture(scope="module")
-def engine():
+@pytest.fixture(scope="module", params=["sync", "async_scheduling"])
+def engine(request):
+    """The engine loop as on a CPU, and with async scheduling as on CUDA (a step always in flight)."""
     runner = FakeRunner(num_blocks=128, block_size=4, vocab_size=VOCAB_SIZE)
     limits = EngineLimits(VOCAB_SIZE, (EOS_TOKEN_ID,), SchedulerLimits(8, 64, MAX_MODEL_LEN))
-    engine = AsyncEngine(LLMEngine(runner, FakeDecoder(), limits), "fake-real", FakeTokenizer()).start()
+    llm_engine = LLMEngine(runner, FakeDecoder(), limits, async_scheduling=request.param == "async_scheduling")
+    engine = AsyncEngine(llm_engine, "fake-real", FakeTokenizer()).start()
     yield engine
     engine.shutdown()
 
