@@ -46,12 +46,13 @@ def tokenizer() -> Tokenizer:
 
 
 def make_engine(tokenizer: Tokenizer, with_compiler: bool = True, num_blocks: int = 64,
-                async_output: bool = False) -> LLMEngine:
+                async_output: bool = False, async_scheduling: bool = False) -> LLMEngine:
     vocab_size = tokenizer.vocab_size
     runner = RecordingRunner(num_blocks=num_blocks, block_size=4, vocab_size=vocab_size)
     limits = EngineLimits(vocab_size, tokenizer.eos_token_ids, SchedulerLimits(8, 32, 256))
     compiler = GrammarCompiler(tokenizer.hf, vocab_size, tokenizer.eos_token_ids) if with_compiler else None
-    return LLMEngine(runner, tokenizer, limits, grammar_compiler=compiler, async_output=async_output)
+    return LLMEngine(runner, tokenizer, limits, grammar_compiler=compiler, async_output=async_output,
+                     async_scheduling=async_scheduling)
 
 
 def run(engine: LLMEngine, requests: dict[str, SamplingParams], prompt: list[int]) -> dict[str, tuple[str, str]]:
@@ -68,11 +69,12 @@ def run(engine: LLMEngine, requests: dict[str, SamplingParams], prompt: list[int
     return {r: ("".join(texts[r]), finish[r]) for r in requests}
 
 
-@pytest.mark.parametrize("async_output", [False, True])
-def test_constrained_output_validates_and_ends_with_stop(tokenizer, async_output):
-    """With async output processing the next plan is made before the last tokens are detokenized:
-    its masks must still follow every sampled token."""
-    engine = make_engine(tokenizer, async_output=async_output)
+@pytest.mark.parametrize("async_output,async_scheduling", [(False, False), (True, False), (True, True)])
+def test_constrained_output_validates_and_ends_with_stop(tokenizer, async_output, async_scheduling):
+    """With async output processing the next plan is made before the last tokens are detokenized,
+    and with async scheduling before they are read: its masks must still follow every sampled token
+    (async scheduling waits for the last step while a grammar request runs)."""
+    engine = make_engine(tokenizer, async_output=async_output, async_scheduling=async_scheduling)
     prompt = tokenizer.encode("Answer in JSON:")
     constrained = SamplingParams(max_tokens=100, structured_output=StructuredOutputParams.from_schema(SCHEMA))
     any_object = SamplingParams(max_tokens=100, structured_output=StructuredOutputParams(ANY_JSON_OBJECT_SCHEMA))
