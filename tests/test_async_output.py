@@ -68,7 +68,7 @@ class _DeferredRunner(FakeRunner):
         super().__init__(num_blocks=64, block_size=4, vocab_size=VOCAB)
         self.events = events
 
-    def execute_async(self, scheduler_output):
+    def execute_async(self, scheduler_output, previous=None):
         self.events.append("launch")
         runner = self
 

@@ -184,12 +184,9 @@ class LLMEngine:
         """
         if self.async_scheduling:
             return self._step_ahead(deliver)
-        scheduler_output = self.scheduler.schedule()
-        self.metrics.prefix_cache_queried(self.kv_cache.take_prefix_cache_stats())
-        if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
+        scheduler_output = self._plan()
+        if scheduler_output is None:
             return _handed_out(self._process_outputs(), deliver)
-        self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
-        scheduler_output = self._with_grammar_masks(scheduler_output)
         pending = self._launch(scheduler_output)
         outputs: list[RequestOutput] = []
         if self.async_output:  # while the device runs this step, hand out the previous step's tokens
@@ -204,18 +201,24 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and self._grammar_request_ids:
             outputs = self._resolve_in_flight()  # grammar masks need the last step's tokens
-        scheduler_output = self.scheduler.schedule()
-        self.metrics.prefix_cache_queried(self.kv_cache.take_prefix_cache_stats())
+        scheduler_output = self._plan()
         launched = None
-        if not scheduler_output.is_empty or scheduler_output.finished_request_ids:
-            self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
-            scheduler_output = self._with_grammar_masks(scheduler_output)
+        if scheduler_output is not None:
             previous = self._in_flight[1] if self._in_flight is not None else None
             launched = (scheduler_output, self._launch(scheduler_output, previous))
         if self._in_flight is not None:
             outputs += self._resolve_in_flight()
         self._in_flight = launched
         return _handed_out(outputs, deliver)
+
+    def _plan(self) -> SchedulerOutput | None:
+        """The next step's plan, with grammar masks; None when it has nothing to tell the runner."""
+        scheduler_output = self.scheduler.schedule()
+        self.metrics.prefix_cache_queried(self.kv_cache.take_prefix_cache_stats())
+        if scheduler_output.is_empty and not scheduler_output.finished_request_ids:
+            return None
+        self.metrics.step_scheduled(scheduler_output, self.metrics.clock())
+        return self._with_grammar_masks(scheduler_output)
 
     def drain(self) -> list[RequestOutput]:
         """Resolve the step in flight, if any (async scheduling); returns its outputs."""
@@ -245,9 +248,7 @@ class LLMEngine:
         if execute_async is None:
             assert previous is None, "async scheduling needs a runner with execute_async"
             return Ready(self.runner.execute(scheduler_output))
-        if previous is None:
-            return execute_async(scheduler_output)
-        return execute_async(scheduler_output, previous=previous)
+        return execute_async(scheduler_output, previous)
 
     def _process_outputs(self) -> list[RequestOutput]:
         """Detokenize the tokens of the last step and check stop strings: one output per token."""

@@ -77,6 +77,20 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
+def apply_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] float32 times the rows' and columns' scales (or the per-tensor ones)."""
+    if A_PER_ROW:
+        a_scale = tl.load(a_scale_ptr + rows)[:, None]
+    else:
+        a_scale = tl.load(a_scale_ptr)
+    if B_PER_COL:
+        b_scale = tl.load(b_scale_ptr + cols)[None, :]
+    else:
+        b_scale = tl.load(b_scale_ptr)
+    return acc * a_scale * b_scale
+
+
+@triton.jit
 def _scaled_mm_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, K,
     stride_am, stride_bn, stride_cm,
@@ -105,15 +119,7 @@ def _scaled_mm_kernel(
         acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if A_PER_ROW:
-        a_scale = tl.load(a_scale_ptr + rows)[:, None]
-    else:
-        a_scale = tl.load(a_scale_ptr)
-    if B_PER_COL:
-        b_scale = tl.load(b_scale_ptr + cols)[None, :]
-    else:
-        b_scale = tl.load(b_scale_ptr)
-    c = acc * a_scale * b_scale
+    c = apply_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_PER_ROW, B_PER_COL)
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], c.to(c_ptr.dtype.element_ty), mask=mask)
 

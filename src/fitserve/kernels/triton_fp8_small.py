@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fitserve.kernels.triton_fp8 import apply_scales
+from fitserve.kernels.triton_gemv import row_dot
+
 MMA_SYNC_MAX_BLOCK_M = 32  # 64-row tiles go to Hopper's wgmma, whose fp8 sums Triton keeps imprecise
 MAX_SPLIT_K = 16
 MIN_BLOCK_K = 32  # fp8 mma.sync takes K in steps of 32
@@ -59,15 +62,7 @@ def _splitk_kernel(
         b_ptrs += BLOCK_K
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
-        if A_PER_ROW:
-            a_scale = tl.load(a_scale_ptr + rows)[:, None]
-        else:
-            a_scale = tl.load(a_scale_ptr)
-        if B_PER_COL:
-            b_scale = tl.load(b_scale_ptr + cols)[None, :]
-        else:
-            b_scale = tl.load(b_scale_ptr)
-        c = acc * a_scale * b_scale
+        c = apply_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_PER_ROW, B_PER_COL)
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask)
     else:
@@ -105,17 +100,8 @@ def _gemv_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
     rows = tl.where(row_valid, rows, 0).to(tl.int64)  # out-of-range rows read row 0 and are not stored
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :])
-            x = tl.load(x_ptr + cols)
-        else:
-            w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=(cols < K)[None, :], other=0.0)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]  # fp8 x fp8 products are exact in float32
-    y = tl.sum(acc, axis=1) * tl.load(x_scale_ptr)
+    y = row_dot(x_ptr, w_ptr, rows, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)  # fp8 products are exact in float32
+    y = y * tl.load(x_scale_ptr)
     if B_PER_COL:
         y = y * tl.load(w_scale_ptr + rows)
     else:

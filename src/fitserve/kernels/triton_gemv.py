@@ -24,11 +24,9 @@ CONFIG = (4, 2048, 8)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_valid = rows < N
-    rows = tl.where(row_valid, rows, 0)  # out-of-range rows read row 0 and are not stored
+def row_dot(x_ptr, w_ptr, rows, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """[BLOCK_N] float32: sum over k of x[k] * W[rows, k], multiplied in float32 tile by tile and
+    summed across the tile once at the end."""
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -39,7 +37,16 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
             w = tl.load(w_ptr + rows[:, None] * stride_w + cols[None, :], mask=(cols < K)[None, :], other=0.0)
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_valid = rows < N
+    rows = tl.where(row_valid, rows, 0)  # out-of-range rows read row 0 and are not stored
+    y = row_dot(x_ptr, w_ptr, rows, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
 

@@ -80,14 +80,14 @@ def placeholder_fill(scheduled: tuple[ScheduledRequest, ...], sampled: torch.Ten
     """The fill for the chunks that feed a placeholder (their only token), or None if none does.
     `sampled` holds the previous step's ids (None: no step in flight), one per request of
     `sampled_request_ids`."""
-    rows, offset = [], 0
+    rows, fed_ids, offset = [], [], 0
     for chunk in scheduled:
         if chunk.feeds_placeholder:
             rows.append(offset)
+            fed_ids.append(chunk.request_id)
         offset += chunk.num_tokens
     if not rows:
         return None
     assert sampled is not None, "a placeholder needs the step in flight"
     source_of = {request_id: row for row, request_id in enumerate(sampled_request_ids)}
-    sources = [source_of[chunk.request_id] for chunk in scheduled if chunk.feeds_placeholder]
-    return PlaceholderFill(rows, sources, sampled)
+    return PlaceholderFill(rows, [source_of[request_id] for request_id in fed_ids], sampled)

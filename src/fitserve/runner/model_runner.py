@@ -95,7 +95,8 @@ class TorchModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return PendingSample((), None)
-        fill = placeholder_fill(scheduled, previous and previous.sample and previous.sample.token_ids,
+        sampled = previous.sample if previous is not None else None
+        fill = placeholder_fill(scheduled, sampled.token_ids if sampled is not None else None,
                                 previous.request_ids if previous is not None else ())
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size, fill)
@@ -146,7 +147,7 @@ class PendingSample:
         self._host = sample.copy_to_host() if sample is not None else None  # queued now, read in result()
 
     def result(self) -> RunnerOutput:
-        if self.sample is None or self._host is None:
+        if self._host is None:
             return RunnerOutput(sampled_token_ids={}, prompt_logprobs=self.prompt_logprobs)
         host = self._host.wait()
         logprobs = {}
