@@ -145,9 +145,8 @@ class SmallMChoice:
 # failed on the H200 and was not investigated yet: they are not adopted (docs/quantization.md).
 # Rows past the table go to triton_fp8 / torch._scaled_mm.
 SMALL_M_TABLE: tuple[SmallMChoice, ...] = (
-    SmallMChoice(1, "gemv", GemvConfig(8, 2048, 8), only_if_underfilled=False),
-    SmallMChoice(16, "split_k", SplitKConfig(16, 64, 256, 0), only_if_underfilled=True),
-    SmallMChoice(32, "split_k", SplitKConfig(32, 64, 256, 0), only_if_underfilled=True),
+    SmallMChoice(1, "gemv", GemvConfig(4, 1024, 4), only_if_underfilled=False),
+    SmallMChoice(32, "split_k", SplitKConfig(32, 64, 128, 4), only_if_underfilled=True),
 )
 
 

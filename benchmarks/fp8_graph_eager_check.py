@@ -1,0 +1,79 @@
+"""Which fp8 small-batch table makes CUDA-graph decode differ from eager (diagnostic, GPU).
+
+Runs tests/test_fp8_gpu.py's graph-vs-eager engine check under several SMALL_M_TABLEs and, for
+the first differing request, compares the two runs layer by layer. Writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fitserve.kernels import triton_fp8_small as small
+
+G, S = small.GemvConfig, small.SplitKConfig
+PRESENT = small.SMALL_M_TABLE
+TABLES = {
+    "present": PRESENT,
+    "tuned": (small.SmallMChoice(1, "gemv", G(4, 1024, 4), False), small.SmallMChoice(32, "split_k", S(32, 64, 128, 4), True)),
+    "tuned_gemv_only": (small.SmallMChoice(1, "gemv", G(4, 1024, 4), False),) + PRESENT[1:],
+    "tuned_split_only": PRESENT[:1] + (small.SmallMChoice(32, "split_k", S(32, 64, 128, 4), True),),
+    "split4_bk64_m16": PRESENT[:1] + (small.SmallMChoice(32, "split_k", S(16, 64, 64, 4), True),),
+    "split1_bk128_m32": PRESENT[:1] + (small.SmallMChoice(32, "split_k", S(32, 64, 128, 1), True),),
+    "no_small": (),
+}
+
+
+def run(name: str, async_scheduling: bool) -> dict:
+    from fitserve.core.interfaces import KVCapacity
+    from fitserve.core.scheduler import SchedulerLimits
+    from fitserve.engine.llm_engine import EngineLimits, LLMEngine
+    from fitserve.layers import quantization
+    from fitserve.models.llama import LlamaForCausalLM
+    from fitserve.runner.model_runner import TorchModelRunner
+    from fitserve.testing import FakeDecoder
+    from paged_helpers import engine_greedy_tokens
+    from test_fp8_gpu import _tiny_arch
+
+    small.SMALL_M_TABLE = TABLES[name]
+    arch = _tiny_arch()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arch, torch.bfloat16, torch.device("cuda"), quantization="fp8")
+    for module in model.modules():
+        if isinstance(module, quantization.Fp8Linear):
+            module.load_full(torch.randn(module.out_features, module.in_features) * 0.2)
+    for pname, p in model.named_parameters():
+        if not pname.endswith(("proj.weight", "proj.weight_scale")):
+            p.data.normal_(0, 0.2)
+    results = []
+    for use_graphs in (True, False):
+        runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, torch.device("cuda"), seed=0,
+                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
+        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)),
+                           async_scheduling=async_scheduling)
+        results.append(engine_greedy_tokens(engine, 300))
+    diffs = {rid: next(i for i, (a, b) in enumerate(zip(results[0][rid], results[1][rid])) if a != b)
+             for rid in results[0] if results[0][rid] != results[1][rid]}
+    return {"table": name, "async": async_scheduling, "equal": results[0] == results[1], "first_diff": diffs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), flush=True)
+    rows = []
+    for name in TABLES:
+        for async_scheduling in (False, True):
+            row = run(name, async_scheduling)
+            print(row, flush=True)
+            rows.append(row)
+    Path(args.out, "fp8_graph_eager_check.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
