@@ -403,9 +403,8 @@ def part_mixed(args: argparse.Namespace) -> dict:
 
 def part_fusion(args: argparse.Namespace) -> dict:
     """benchmarks/fusion_bench.py on the dummy 8B model: the rotary + KV store fusion on and off."""
-    import triton
-
     import fusion_bench  # beside this file: the script's folder is on sys.path
+    import triton
 
     args.enforce_eager = True  # the part captures its own graphs, one per setting
     engine, startup_s = build_fitserve(args)

