@@ -71,6 +71,38 @@ def sweep(rows: int, weights, report: dict) -> dict[str, dict[str, float]]:
     return times
 
 
+WIDE_TILES = [SplitKConfig(bm, bn, bk, split, 4, stages) for bm in (32, 64) for bn in (64, 128) for bk in (128, 256)
+              for split in (1, 2, 4) for stages in (4, 6)]
+
+
+def sweep_wide(weights, report: dict, rows: int = 24) -> None:
+    """--wide: split-K tiles at `rows` rows with 64-row tiles (Hopper's wgmma, whose fp8 sums are
+    not exact float32: their error against the reference is recorded) and deeper pipelines."""
+    triton_fp8_small.MMA_SYNC_MAX_BLOCK_M = 64  # this sweep only: the kernel's guard for exact sums
+    times: dict[str, dict[str, float]] = {}
+    errors: dict[str, float] = {}
+    candidates = {"present": present_choice}
+    tiles = {repr(tile): tile for tile in WIDE_TILES}
+    for tile in WIDE_TILES:
+        candidates[repr(tile)] = lambda qx, xs, qw, ws, tile=tile: triton_fp8_small.scaled_mm_split_k(
+            qx, xs, qw, ws, torch.bfloat16, tile)
+    for key, fn in candidates.items():
+        times[key] = {}
+        for name, (_, inner) in SHAPES.items():
+            qx = torch.randn(rows, inner, device="cuda").to(torch.float8_e4m3fn)
+            x_scale = torch.rand(rows, 1, device="cuda") + 0.5
+            times[key][name] = time_shape(fn, weights, name, qx, x_scale)
+            if name == "down" and key != "present" and times[key][name] != float("inf"):
+                qw, w_scale = weights[0][name]
+                expected = fp8.scaled_mm_reference(qx, x_scale, qw, w_scale, torch.float32)
+                got = triton_fp8_small.scaled_mm_split_k(qx, x_scale, qw, w_scale, torch.float32, tiles[key])
+                errors[key] = ((got - expected).norm() / expected.norm()).item()
+        print(rows, key, {k: round(v, 3) for k, v in times[key].items()}, round(sum(times[key].values()), 3),
+              f"rel err {errors.get(key, 0):.1e}", flush=True)
+    report["runs"][f"wide_rows{rows}"] = times
+    report["wide_rel_err_down"] = errors
+
+
 def best_table_rows(times1, times24) -> list[dict]:
     """Table rows (SMALL_M_TABLE's form) whose tile beats the present choice summed over shapes."""
     rows = []
@@ -102,6 +134,7 @@ def best_table_rows(times1, times24) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--wide", action="store_true", help="only sweep_wide: 64-row tiles, deeper pipelines")
     args = parser.parse_args()
     torch.manual_seed(0)
     weights = []
@@ -112,6 +145,11 @@ def main() -> None:
             layer[name] = (qw, torch.rand(1, num_cols, device="cuda") / 100)
         weights.append(layer)
     report = {"card": torch.cuda.get_device_name(), "commit": os.environ.get("FITSERVE_COMMIT", ""), "runs": {}}
+    if args.wide:
+        sweep_wide(weights, report)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fp8_decode_wide.json").write_text(json.dumps(report, indent=2))
+        return
     times1, times24 = sweep(1, weights, report), sweep(24, weights, report)
     report["table_rows"] = best_table_rows(times1, times24)
     print("table rows:", report["table_rows"], flush=True)
