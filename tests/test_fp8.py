@@ -90,6 +90,46 @@ def test_per_token_outputs_do_not_depend_on_the_batch():
     assert not torch.allclose(per_tensor(x), per_tensor(big)[:5], rtol=1e-3), "per-tensor scales do"
 
 
+def test_calibrated_per_tensor_scale_is_static_and_saturates():
+    layer = make_linear(128, 64, torch.float32, torch.device("cpu"), "fp8_per_tensor")
+    layer.load_shard(0, torch.randn(64, 128))
+    calibration = [torch.randn(7, 128), torch.randn(3, 128) * 2]
+    with quantization.observe_activations(layer) as num_layers:
+        for x in calibration:
+            layer(x)
+    assert num_layers == 1
+    amax = max(x.abs().max() for x in calibration)
+    assert layer.input_scale is not None and layer.input_scale.item() == fp8.scale_from_amax(amax).item()
+    x = torch.randn(5, 128)
+    big = torch.cat([x, torch.randn(3, 128) * 100])  # loud neighbours no longer move the scale
+    torch.testing.assert_close(layer(x), layer(big)[:5], rtol=1e-5, atol=1e-5)
+    expected = fp8.scaled_mm_reference(fp8.quantize(big, layer.input_scale), layer.input_scale, layer.weight,
+                                       layer.weight_scale, torch.float32)
+    assert torch.equal(layer(big), expected), "static scale, values past the calibrated range saturate"
+    assert fp8.quantize(big, layer.input_scale)[5:].float().abs().max().item() == fp8.FP8_MAX
+
+
+def test_start_up_calibrates_per_tensor_layers_on_built_in_text():
+    from fitserve.runner.calibration import CALIBRATION_TEXTS, calibrate_fp8_activation_scales
+    from fitserve.quantcheck.prompts import PROMPTS
+
+    assert not set(CALIBRATION_TEXTS) & set(PROMPTS), "the quality check must not test on calibration text"
+    model = LlamaForCausalLM(ARCH, torch.float32, torch.device("cpu"), quantization="fp8_per_tensor")
+    init_dummy(model)
+    seen: dict[str, float] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.__setitem__(
+        name, max(seen.get(name, 0.0), args[0].abs().max().item())))
+        for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    ids = [[(7 * i + j) % ARCH.vocab_size for j in range(5 + 20 * i)] for i in range(3)]
+    assert calibrate_fp8_activation_scales(model, ids, torch.device("cpu")) == 4 * ARCH.num_hidden_layers
+    for hook in hooks:
+        hook.remove()
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            assert module.input_scale.item() == fp8.scale_from_amax(torch.tensor(seen[name])).item(), name
+    assert model.layers[0].self_attn.attn.k_cache.shape[0] == 0, "the calibration cache is let go"
+
+
 def test_unknown_quantization_is_a_config_error():
     with pytest.raises(ConfigError, match="--quantization"):
         make_linear(8, 8, torch.bfloat16, torch.device("cpu"), "int4")
@@ -217,6 +257,21 @@ def test_llm_serves_fp8_weights_and_cache_with_twice_the_tokens():
     assert quant.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
     params = SamplingParams(max_tokens=8, temperature=0)
     text = quant.generate(["The capital of France is"], params)[0].text
+    assert "Paris" in text
+
+
+def test_llm_with_per_tensor_scales_calibrates_at_start_up(caplog):
+    from fitserve.llm import LLM
+    from fitserve.sampling_params import SamplingParams
+
+    with caplog.at_level("INFO", logger="fitserve"):
+        llm = LLM(config=EngineConfig(device="cpu", quantization="fp8_per_tensor",
+                                      scheduler=SchedulerConfig(max_model_len=256),
+                                      cache=CacheConfig(kv_cache_memory_bytes=16 * 2**20)))
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, Fp8Linear)]
+    assert layers and all(m.input_scale is not None and m.input_scale.item() > 0 for m in layers)
+    assert "static input scales of 120 layers calibrated" in caplog.text  # SmolLM2: 30 layers x 4
+    text = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0].text
     assert "Paris" in text
 
 

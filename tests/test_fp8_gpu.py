@@ -71,6 +71,16 @@ SPLIT_CONFIGS = [triton_fp8_small.SplitKConfig(16, 64, 128, 1), triton_fp8_small
                  triton_fp8_small.SplitKConfig(32, 64, 64, 16, num_stages=3)]
 
 
+@pytest.mark.parametrize("shape", [(1, 4096), (37, 576), (300, 14336)])
+def test_static_quantization_is_bit_exact(shape):
+    x = (torch.randn(shape, device=CUDA) * 3).to(torch.bfloat16)
+    scale = torch.tensor(2.5 / fp8.FP8_MAX, device=CUDA)  # values past +-2.5 saturate
+    expected = fp8.quantize(x, scale)
+    got = triton_fp8.quantize_static(x, scale)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+    assert got.float().abs().max().item() == fp8.FP8_MAX
+
+
 @pytest.mark.parametrize("num_rows", [1, 3, 17, 32])
 @pytest.mark.parametrize("num_cols,inner", [(1000, 1536), (4096, 1536), (200, 3072)])  # N partial tiles
 @pytest.mark.parametrize("cfg", SPLIT_CONFIGS, ids=str)
@@ -226,7 +236,8 @@ def test_fp8_model_on_gpu_matches_cpu_reference_path(quant):
         assert rel_err(gpu_logits, cpu_logits) < 3e-2
 
 
-def test_fp8_cuda_graph_decode_gives_the_eager_tokens():
+@pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])  # per tensor: the static (calibrated) scales
+def test_fp8_cuda_graph_decode_gives_the_eager_tokens(quant):
     from fitserve.core.interfaces import KVCapacity
     from fitserve.core.scheduler import SchedulerLimits
     from fitserve.engine.llm_engine import EngineLimits, LLMEngine
@@ -237,13 +248,18 @@ def test_fp8_cuda_graph_decode_gives_the_eager_tokens():
 
     arch = _tiny_arch()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(arch, torch.bfloat16, CUDA, quantization="fp8")
+    model = LlamaForCausalLM(arch, torch.bfloat16, CUDA, quantization=quant)
     for module in model.modules():
         if isinstance(module, quantization.Fp8Linear):
             module.load_full(torch.randn(module.out_features, module.in_features) * 0.2)
     for name, p in model.named_parameters():
         if not name.endswith(("proj.weight", "proj.weight_scale")):
             p.data.normal_(0, 0.2)
+    if quant == "fp8_per_tensor":
+        from fitserve.runner.calibration import calibrate_fp8_activation_scales
+
+        ids = [[(11 * i + j) % 300 for j in range(40)] for i in range(4)]
+        assert calibrate_fp8_activation_scales(model, ids, CUDA) == 4 * arch.num_hidden_layers
     results = []
     for use_graphs in (True, False):
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, CUDA, seed=0,

@@ -27,6 +27,7 @@ from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
+from fitserve.runner.calibration import calibrate_fp8_activation_scales, calibration_token_ids
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.models.loader import load_model
 from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
@@ -145,6 +146,12 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         peers.wait_for("loaded")
     if report is not None:
         report("loaded")
+    if config.quantization == "fp8_per_tensor":  # every rank: the forward has collectives
+        ids = calibration_token_ids(Tokenizer.from_source(source).encode)
+        num_layers = calibrate_fp8_activation_scales(model, ids, device)
+        if tp.is_driver:
+            logger.info("fp8_per_tensor: static input scales of %d layers calibrated on %d tokens of built-in text",
+                        num_layers, sum(len(i) for i in ids))
     measures = device.type == "cuda" and not memory.planned.inputs.fixed_kv_cache
     error: ConfigError | None = None
     try:

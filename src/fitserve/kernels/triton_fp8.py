@@ -1,5 +1,5 @@
-"""Triton kernels for FP8 linear layers: dynamic per-token activation quantization, and a
-scaled e4m3 GEMM for the batch sizes where it beats torch._scaled_mm.
+"""Triton kernels for FP8 linear layers: dynamic per-token activation quantization (and with a
+static scale), and a scaled e4m3 GEMM for the batch sizes where it beats torch._scaled_mm.
 
 The quantization holds a row of x in registers (up to ONE_PASS_MAX_COLS elements; wider rows
 are read twice, the second time from L2), takes its absolute maximum, and stores x / scale.
@@ -74,6 +74,29 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         num_warps=max(1, min(16, block // 1024)),  # about 8 elements per thread
     )
     return q, scale
+
+
+@triton.jit
+def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, num_elements, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_elements
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    q = tl.clamp(tl.math.div_rn(x, tl.load(scale_ptr)), -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+STATIC_QUANT_BLOCK = 2048
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (contiguous, any float dtype) / scale ([] or [1] float32, on x's device) -> e4m3, saturating:
+    fp8.quantize's bytes in one kernel (a calibrated static input scale of `fp8_per_tensor`)."""
+    assert x.is_contiguous() and scale.numel() == 1 and scale.dtype == torch.float32
+    q = torch.empty(x.shape, dtype=fp8.FP8_DTYPE, device=x.device)
+    if x.numel():
+        _quant_static_kernel[(triton.cdiv(x.numel(), STATIC_QUANT_BLOCK),)](
+            x, q, scale, x.numel(), BLOCK=STATIC_QUANT_BLOCK, FP8_MAX=fp8.FP8_MAX, num_warps=4)
+    return q
 
 
 @triton.jit

@@ -1,10 +1,11 @@
 """FP8 linear layers, quantized online while the checkpoint loads (`--quantization fp8`).
 
 `fp8`: e4m3 weights with one float32 scale per output channel, activations quantized per
-token at run time (dynamic scales). `fp8_per_tensor`: one scale for the whole weight and
-one per batch for the activations (dynamic as well: without calibration data there is no
-static activation scale to use), cheaper but coarser, and a request's activations then
-depend on its batch neighbours.
+token at run time (dynamic scales). `fp8_per_tensor`: one scale for the whole weight and a
+static one for each layer's input, calibrated once at start-up (`observe_activations`,
+runner/calibration.py: the largest |x| a layer saw over built-in text, mapped onto +-448);
+larger inputs saturate. Until calibrated, a per-tensor layer takes its scale from each batch
+(dynamic), which makes a request's activations depend on its batch neighbours.
 
 Quantization happens as each checkpoint tensor arrives (`load_shard`), so the bf16 copy of
 the model never exists: with per-channel scales a shard (q, k, v, gate, up) is quantized
@@ -23,7 +24,9 @@ specification.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +83,10 @@ class Fp8Linear(nn.Module):
                                          requires_grad=False)
         self._staging: torch.Tensor | None = None  # per-tensor only: [N, K] serving dtype while shards arrive
         self._pending: set[int] = set(range(len(self.shard_sizes)))
+        # Per-tensor only: the static input scale ([] float32) once calibrated, and while
+        # observe_activations runs, the largest |x| seen so far.
+        self.input_scale: torch.Tensor | None = None
+        self._observed_amax: torch.Tensor | None = None
 
     @property
     def is_loaded(self) -> bool:
@@ -124,7 +131,7 @@ class Fp8Linear(nn.Module):
             assert not self.per_tensor, "fused kernels quantize per token"
             qx, x_scale, out_dtype = x.q, x.scale, x.dtype
         elif self.per_tensor:
-            (qx, x_scale), out_dtype = fp8.quantize_per_tensor(x), x.dtype
+            (qx, x_scale), out_dtype = self._quantize_per_tensor(x), x.dtype
         elif fast:
             (qx, x_scale), out_dtype = triton_fp8.quantize_per_token(x), x.dtype
         else:
@@ -132,6 +139,15 @@ class Fp8Linear(nn.Module):
         if not fast:
             return fp8.scaled_mm_reference(qx, x_scale, self.weight, self.weight_scale, out_dtype)
         return self._gemm_cuda(qx, x_scale, out_dtype)
+
+    def _quantize_per_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._observed_amax is not None:  # calibrating: note the range, quantize as dynamic
+            self._observed_amax = torch.maximum(self._observed_amax, x.abs().amax().float())
+        elif self.input_scale is not None:
+            if x.is_cuda and triton_fp8 is not None and x.is_contiguous():
+                return triton_fp8.quantize_static(x, self.input_scale), self.input_scale
+            return fp8.quantize(x, self.input_scale), self.input_scale
+        return fp8.quantize_per_tensor(x)
 
     def _fits_gpu_gemm(self) -> bool:
         return self.in_features % GEMM_ALIGNMENT == 0 and self.out_features % GEMM_ALIGNMENT == 0
@@ -148,6 +164,25 @@ class Fp8Linear(nn.Module):
             return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, out_dtype,
                                        use_fast_accum=row_wise and ROW_WISE_FAST_ACCUM)
         return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, out_dtype)
+
+
+@contextlib.contextmanager
+def observe_activations(model: nn.Module) -> Iterator[int]:
+    """Calibrate the static input scales of `model`'s per-tensor fp8 layers: inside the block each
+    notes the largest |x| of its inputs (quantizing them dynamically meanwhile); on leaving, its
+    input_scale becomes that maximum over 448. Yields how many layers it calibrates."""
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.per_tensor]
+    for layer in layers:
+        layer.input_scale = None
+        layer._observed_amax = torch.zeros((), dtype=torch.float32, device=layer.weight.device)
+    try:
+        yield len(layers)
+        for layer in layers:
+            assert layer._observed_amax is not None
+            layer.input_scale = fp8.scale_from_amax(layer._observed_amax)
+    finally:
+        for layer in layers:
+            layer._observed_amax = None
 
 
 @functools.cache

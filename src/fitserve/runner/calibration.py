@@ -1,0 +1,76 @@
+"""Start-up calibration of static fp8 activation scales (`--quantization fp8_per_tensor`).
+
+One prefill forward of built-in text (CALIBRATION_TEXTS: prose, code, a table, numbers and
+several languages; none of it is in quantcheck's prompts, so the quality check does not test
+on its own calibration data) through a paged KV cache of its own, with every per-tensor fp8
+layer noting the largest |x| it sees (layers.quantization.observe_activations). The caller
+tokenizes: the runner cannot reach the engine's tokenizer, and every tensor-parallel rank
+must feed the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fitserve.core.interfaces import KVCapacity
+from fitserve.core.outputs import ScheduledRequest
+from fitserve.layers.quantization import observe_activations
+from fitserve.runner.input_batch import build_forward_batch
+from fitserve.runner.model_runner import allocate_kv_cache
+from fitserve.sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
+MAX_TOKENS_PER_TEXT = 256
+
+CALIBRATION_TEXTS = (
+    "The committee met on Tuesday to review the budget for the coming year. After a long "
+    "discussion about maintenance costs, the members agreed to postpone the new library wing "
+    "until the spring, when the final estimates from the contractors are expected.",
+    "def merge_sorted(a, b):\n    result, i, j = [], 0, 0\n    while i < len(a) and j < len(b):\n"
+    "        if a[i] <= b[j]:\n            result.append(a[i]); i += 1\n        else:\n"
+    "            result.append(b[j]); j += 1\n    return result + a[i:] + b[j:]\n",
+    "| city | population | area (km2) |\n|---|---:|---:|\n| Lyon | 522,969 | 47.87 |\n"
+    "| Porto | 231,800 | 41.42 |\n| Kraków | 804,237 | 326.8 |\n",
+    "Photosynthesis converts light energy into chemical energy: chlorophyll absorbs mostly blue "
+    "and red light, water is split, oxygen is released, and carbon dioxide is fixed into sugars "
+    "through the Calvin cycle.",
+    "Le train de 7 h 42 pour Marseille partira de la voie 12. Bitte beachten Sie die geänderten "
+    "Abfahrtszeiten. El museo abre de martes a domingo, de diez a seis.",
+    "User: My order arrived damaged, what should I do?\nAssistant: I'm sorry to hear that. Please "
+    "reply with a photo of the damage and your order number, and we will send a replacement or "
+    "a refund, whichever you prefer.",
+    "Q3 revenue rose 12.4% to $4.81 billion; operating margin was 18.2%, down from 19.7%. "
+    "Guidance: EPS of $1.05 to $1.12, capex near $600 million, and 3,200 new hires.",
+    "Once upon a time, in a village at the edge of a pine forest, there lived an old clockmaker "
+    "who repaired every clock in the valley but never fixed the one above his own door.",
+)
+
+
+def calibration_token_ids(encode: Callable[[str], list[int]]) -> list[list[int]]:
+    """CALIBRATION_TEXTS through `encode` (str -> token ids), each cut to MAX_TOKENS_PER_TEXT."""
+    return [list(encode(text))[:MAX_TOKENS_PER_TEXT] for text in CALIBRATION_TEXTS]
+
+
+@torch.inference_mode()
+def calibrate_fp8_activation_scales(model: torch.nn.Module, token_ids: list[list[int]],
+                                    device: torch.device) -> int:
+    """Set the static input scale of every per-tensor fp8 layer of `model` from one forward of
+    `token_ids` (one sequence each); returns how many layers it calibrated. The model is left
+    bound to an empty KV cache: the runner binds its own."""
+    token_ids = [ids for ids in token_ids if ids]
+    num_blocks = [-(-len(ids) // BLOCK_SIZE) for ids in token_ids]
+    caches = allocate_kv_cache(model.arch, KVCapacity(sum(num_blocks), BLOCK_SIZE), model.dtype, device)
+    model.bind_kv_cache(caches)
+    scheduled, first_block = [], 0
+    for seq, (ids, blocks) in enumerate(zip(token_ids, num_blocks)):
+        table = tuple(range(first_block, first_block + blocks))
+        first_block += blocks
+        scheduled.append(ScheduledRequest(f"calibration-{seq}", tuple(ids), 0, table, False, SamplingParams()))
+    with observe_activations(model) as num_layers:
+        if num_layers:
+            model(build_forward_batch(tuple(scheduled), BLOCK_SIZE, device))
+    # An empty cache in its place, so that start-up's memory readings do not count this one.
+    model.bind_kv_cache(allocate_kv_cache(model.arch, KVCapacity(0, BLOCK_SIZE), model.dtype, device))
+    return num_layers
