@@ -146,12 +146,6 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         peers.wait_for("loaded")
     if report is not None:
         report("loaded")
-    if config.quantization == "fp8_per_tensor":  # every rank: the forward has collectives
-        ids = calibration_token_ids(Tokenizer.from_source(source).encode)
-        num_layers = calibrate_fp8_activation_scales(model, ids, device)
-        if tp.is_driver:
-            logger.info("fp8_per_tensor: static input scales of %d layers calibrated on %d tokens of built-in text",
-                        num_layers, sum(len(i) for i in ids))
     measures = device.type == "cuda" and not memory.planned.inputs.fixed_kv_cache
     error: ConfigError | None = None
     try:
@@ -163,6 +157,14 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         raise error
     if num_blocks == 0 and peers is not None:
         peers.wait_for("ready")  # raises the rank's ConfigError that stopped start-up
+    if config.quantization == "fp8_per_tensor":
+        # After the memory readings (its first GEMMs allocate cuBLAS workspaces, not weights) and
+        # before the KV cache exists; on every rank, since the forward has collectives.
+        ids = calibration_token_ids(Tokenizer.from_source(source).encode)
+        num_layers = calibrate_fp8_activation_scales(model, ids, device)
+        if tp.is_driver:
+            logger.info("fp8_per_tensor: static input scales of %d layers calibrated on %d tokens of built-in text",
+                        num_layers, sum(len(i) for i in ids))
     before_runner = read_device_memory(device) if device.type == "cuda" else None
     runner = TorchModelRunner(
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,

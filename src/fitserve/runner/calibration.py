@@ -73,4 +73,6 @@ def calibrate_fp8_activation_scales(model: torch.nn.Module, token_ids: list[list
             model(build_forward_batch(tuple(scheduled), BLOCK_SIZE, device))
     # An empty cache in its place, so that start-up's memory readings do not count this one.
     model.bind_kv_cache(allocate_kv_cache(model.arch, KVCapacity(0, BLOCK_SIZE), model.dtype, device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the KV cache allocated next may need these segments
     return num_layers
