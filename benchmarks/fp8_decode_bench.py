@@ -51,7 +51,6 @@ def time_shape(fn, weights, name: str, qx, x_scale) -> float:
 
 def sweep(rows: int, weights, report: dict) -> dict[str, dict[str, float]]:
     """Per candidate, ms for the 32 layers of each shape."""
-    times: dict[str, dict[str, float]] = {}
     candidates = {"present": present_choice,
                   "triton_fp8": lambda qx, xs, qw, ws: triton_fp8.scaled_mm(qx, xs, qw, ws, torch.bfloat16),
                   "scaled_mm_fast": lambda qx, xs, qw, ws: fp8.scaled_mm_torch(qx, xs, qw, ws, torch.bfloat16,
@@ -60,14 +59,24 @@ def sweep(rows: int, weights, report: dict) -> dict[str, dict[str, float]]:
     for tile in tiles:
         run = triton_fp8_small.gemv if rows == 1 else triton_fp8_small.scaled_mm_split_k
         candidates[repr(tile)] = lambda qx, xs, qw, ws, run=run, tile=tile: run(qx, xs, qw, ws, torch.bfloat16, tile)
+    times = time_candidates(candidates, rows, weights)
+    report["runs"][f"rows{rows}"] = times
+    return times
+
+
+def time_candidates(candidates: dict, rows: int, weights, on_timed=None) -> dict[str, dict[str, float]]:
+    """ms for each candidate on each shape's 32 layers; on_timed(key, shape, qx, x_scale) after each
+    candidate that ran."""
+    times: dict[str, dict[str, float]] = {}
     for key, fn in candidates.items():
         times[key] = {}
         for name, (_, inner) in SHAPES.items():
             qx = torch.randn(rows, inner, device="cuda").to(torch.float8_e4m3fn)
             x_scale = torch.rand(rows, 1, device="cuda") + 0.5
             times[key][name] = time_shape(fn, weights, name, qx, x_scale)
+            if on_timed is not None and times[key][name] != float("inf"):
+                on_timed(key, name, qx, x_scale)
         print(rows, key, {k: round(v, 3) for k, v in times[key].items()}, round(sum(times[key].values()), 3), flush=True)
-    report["runs"][f"rows{rows}"] = times
     return times
 
 
@@ -79,26 +88,21 @@ def sweep_wide(weights, report: dict, rows: int = 24) -> None:
     """--wide: split-K tiles at `rows` rows with 64-row tiles (Hopper's wgmma, whose fp8 sums are
     not exact float32: their error against the reference is recorded) and deeper pipelines."""
     triton_fp8_small.MMA_SYNC_MAX_BLOCK_M = 64  # this sweep only: the kernel's guard for exact sums
-    times: dict[str, dict[str, float]] = {}
     errors: dict[str, float] = {}
     candidates = {"present": present_choice}
     tiles = {repr(tile): tile for tile in WIDE_TILES}
     for tile in WIDE_TILES:
         candidates[repr(tile)] = lambda qx, xs, qw, ws, tile=tile: triton_fp8_small.scaled_mm_split_k(
             qx, xs, qw, ws, torch.bfloat16, tile)
-    for key, fn in candidates.items():
-        times[key] = {}
-        for name, (_, inner) in SHAPES.items():
-            qx = torch.randn(rows, inner, device="cuda").to(torch.float8_e4m3fn)
-            x_scale = torch.rand(rows, 1, device="cuda") + 0.5
-            times[key][name] = time_shape(fn, weights, name, qx, x_scale)
-            if name == "down" and key != "present" and times[key][name] != float("inf"):
-                qw, w_scale = weights[0][name]
-                expected = fp8.scaled_mm_reference(qx, x_scale, qw, w_scale, torch.float32)
-                got = triton_fp8_small.scaled_mm_split_k(qx, x_scale, qw, w_scale, torch.float32, tiles[key])
-                errors[key] = ((got - expected).norm() / expected.norm()).item()
-        print(rows, key, {k: round(v, 3) for k, v in times[key].items()}, round(sum(times[key].values()), 3),
-              f"rel err {errors.get(key, 0):.1e}", flush=True)
+    def error_on_down(key: str, name: str, qx: torch.Tensor, x_scale: torch.Tensor) -> None:
+        if name == "down" and key in tiles:
+            qw, w_scale = weights[0][name]
+            expected = fp8.scaled_mm_reference(qx, x_scale, qw, w_scale, torch.float32)
+            got = triton_fp8_small.scaled_mm_split_k(qx, x_scale, qw, w_scale, torch.float32, tiles[key])
+            errors[key] = ((got - expected).norm() / expected.norm()).item()
+            print(f"  {key}: relative error on down {errors[key]:.1e}", flush=True)
+
+    times = time_candidates(candidates, rows, weights, error_on_down)
     report["runs"][f"wide_rows{rows}"] = times
     report["wide_rel_err_down"] = errors
 

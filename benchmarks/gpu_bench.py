@@ -299,8 +299,28 @@ def part_profile(args: argparse.Namespace) -> dict:
     return result
 
 
+GEMM_KERNEL_MARKS = ("gemm", "gemv", "sm90", "cutlass", "nvjet", "scaled_mm", "splitk")
+ATTENTION_KERNEL_MARKS = ("attention", "_decode_split", "_decode_merge")
+
+
+def gpu_ms_by_kind(prof, steps: int) -> dict[str, float]:
+    """A torch profile's GPU time per step by kernel kind (gemm, attention, store_kv, other),
+    and `n_<kind>`: the kernels of that kind per step."""
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total <= 0:
+            continue
+        name = event.key.lower()
+        kind = ("gemm" if any(mark in name for mark in GEMM_KERNEL_MARKS) else
+                "attention" if any(mark in name for mark in ATTENTION_KERNEL_MARKS) else
+                "store_kv" if "store_kv" in name else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1000 / steps
+        kinds[f"n_{kind}"] = kinds.get(f"n_{kind}", 0) + event.count / steps
+    return kinds
+
+
 def part_kernels(args: argparse.Namespace) -> dict:
-    """GPU time per kernel kind for one decode step (eager, profiled), batch 1 and 64, context 512."""
+    """GPU time per kernel kind for one decode step (eager, profiled), batch 1, 20 and 64, context 512."""
     from torch.profiler import ProfilerActivity, profile
 
     from fitserve.sampling_params import SamplingParams
@@ -308,7 +328,7 @@ def part_kernels(args: argparse.Namespace) -> dict:
     args.enforce_eager = True
     engine, _ = build_fitserve(args)
     result = {}
-    for batch_size in (1, 64):
+    for batch_size in (1, 20, 64):
         params = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
         for i in range(batch_size):
             engine.add_request(engine.make_request(f"k{batch_size}-{i}", list(range(1, 513)), params))
@@ -318,16 +338,7 @@ def part_kernels(args: argparse.Namespace) -> dict:
             for _ in range(5):
                 engine.step()
             torch.cuda.synchronize()
-        kinds: dict[str, float] = {}
-        for event in prof.key_averages():
-            if event.device_time_total <= 0:
-                continue
-            name = event.key.lower()
-            kind = ("gemm" if any(t in name for t in ("gemm", "gemv", "sm90", "cutlass", "nvjet")) else
-                    "attention" if "paged_attention" in name else "store_kv" if "store_kv" in name else
-                    "elementwise/other")
-            kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1000 / 5
-            kinds[f"n_{kind}"] = kinds.get(f"n_{kind}", 0) + event.count / 5
+        kinds = gpu_ms_by_kind(prof, steps=5)
         top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:12]
         result[f"batch{batch_size}"] = {"ms_per_step": kinds,
                                         "top": [(e.key[:60], e.device_time_total / 1000 / 5, e.count / 5) for e in top]}
@@ -369,14 +380,7 @@ def part_mixed(args: argparse.Namespace) -> dict:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.step()
         torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_time_total <= 0:
-            continue
-        name = event.key.lower()
-        kind = ("gemm" if any(t in name for t in ("gemm", "gemv", "sm90", "cutlass", "nvjet", "scaled_mm")) else
-                "attention" if "attention" in name or "decode_" in name else "other")
-        kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1000
+    kinds = gpu_ms_by_kind(prof, steps=1)
     top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
     engine.add_request(engine.make_request("cpu", [(5 * j) % 1000 + 1 for j in range(512)],
                                            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
