@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fitserve.plan.planner import MemoryPlan, PlanInputs, blocks_for_tokens, plan_memory
-from fitserve.plan.problems import FP8_SERVING_AVAILABLE
 from fitserve.plan.units import gib
 
 # (quantization, kv cache dtype), in the order we recommend them: full precision first.
@@ -86,8 +85,6 @@ def format_fit(inputs: PlanInputs, num_users: int, context_tokens: int, options:
         flags = f"--gpu-memory-utilization {best.utilization:.2f} --max-model-len {context_tokens} " \
                 f"--max-num-seqs {num_users}" + ("" if best.flags.startswith("(") else f" {best.flags}")
         lines.append(f"Verdict: fits with {flags}.")
-        if best.quantization == "fp8" and not FP8_SERVING_AVAILABLE:
-            lines.append("  (fitserve does not serve --quantization fp8 yet: this is the plan for when it does.)")
     return "\n".join(lines)
 
 

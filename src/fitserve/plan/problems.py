@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from fitserve.plan.planner import MemoryPlan, PlanProblem
 from fitserve.plan.units import gib
-from fitserve.plan.planner import MemoryPlan, PlanProblem, blocks_for_tokens
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-FP8_SERVING_AVAILABLE = True  # `fitserve serve --quantization fp8` runs (docs/quantization.md)
 AVERAGE_CONTEXT_FRACTION = 0.5  # a request's average length, for the concurrency warning
 
 
@@ -76,9 +75,8 @@ def _alternatives(plan: MemoryPlan) -> str:
     if inputs.quantization is None:
         fp8 = plan_memory(replace(inputs, quantization="fp8"))
         fp8_util = fp8.utilization_for_kv_tokens(inputs.max_model_len)
-        served = "" if FP8_SERVING_AVAILABLE else "; fitserve does not serve fp8 yet, so this is a plan only"
         ways.append(f"--quantization fp8 ({gib(fp8.weights.total_bytes)} of weights, from utilization "
-                    f"{fp8_util:.2f}{served})")
+                    f"{fp8_util:.2f})")
     reserves = plan.breakdown.activation_peak_bytes + plan.breakdown.cuda_graph_bytes
     if inputs.max_num_seqs > 32 and reserves > plan.budget_bytes // 10:
         ways.append(f"a smaller --max-num-seqs (now {inputs.max_num_seqs}; its sampler and CUDA-graph "
