@@ -48,6 +48,14 @@ def test_tp2_greedy_tokens_equal_tp1_on_a_llama_checkpoint(tiny_folder, tp1_toke
         assert all(len(t) == 16 for t in tp1_tokens)
 
 
+def test_tp2_calibrates_per_tensor_fp8_scales_on_every_rank(tiny_folder):
+    """The calibration forward has collectives: every rank runs it at start-up, none waits alone."""
+    with tiny_llm(tiny_folder, 2, quantization="fp8_per_tensor") as llm:
+        layers = [m for m in llm.engine.runner.model.modules() if hasattr(m, "input_scale")]
+        assert layers and all(m.input_scale is not None for m in layers)
+        assert all(len(t) == 16 for t in greedy_tokens(llm))
+
+
 @pytest.mark.slow
 def test_tp3_greedy_tokens_equal_tp1_on_the_embedded_model():
     """SmolLM2-135M has 9 heads and 3 KV heads: TP=2 cannot split it, TP=3 can (3 heads, 1 KV head,
