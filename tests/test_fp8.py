@@ -260,6 +260,22 @@ def test_llm_serves_fp8_weights_and_cache_with_twice_the_tokens():
     assert "Paris" in text
 
 
+def test_calibration_text_goes_half_through_the_chat_template():
+    from fitserve.runner.calibration import CALIBRATION_TEXTS, MAX_TOKENS_PER_TEXT, calibration_token_ids
+
+    def encode(text):
+        return [ord(c) % 250 for c in text]
+
+    def chat(text):
+        return [251] + encode(text) + [252]
+
+    plain = calibration_token_ids(encode)
+    mixed = calibration_token_ids(encode, chat)
+    assert plain == [encode(t)[:MAX_TOKENS_PER_TEXT] for t in CALIBRATION_TEXTS]
+    assert [ids[0] == 251 for ids in mixed] == [i % 2 == 1 for i in range(len(CALIBRATION_TEXTS))]
+    assert all(len(ids) <= MAX_TOKENS_PER_TEXT for ids in mixed)
+
+
 def test_llm_with_per_tensor_scales_calibrates_at_start_up(caplog):
     from fitserve.llm import LLM
     from fitserve.sampling_params import SamplingParams

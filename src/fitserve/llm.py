@@ -27,11 +27,20 @@ from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
-from fitserve.runner.calibration import calibrate_fp8_activation_scales, calibration_token_ids
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.models.loader import load_model
-from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory, resolve_max_model_len
+from fitserve.plan.planner import (
+    MemoryPlan,
+    PlanInputs,
+    plan_memory,
+    resolve_max_model_len,
+)
 from fitserve.plan.shapes import model_param_counts, resolve_dtype
+from fitserve.runner.calibration import (
+    calibrate_fp8_activation_scales,
+    calibration_token_ids,
+)
+from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.memory import (
     TORCH_KV_DTYPES,
     DeviceMemory,
@@ -40,11 +49,14 @@ from fitserve.runner.memory import (
     read_device_memory,
     start_reading,
 )
-from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
 from fitserve.sampling_params import SamplingParams, generation_config_defaults
-from fitserve.weights.source import ModelSource, load_generation_config, resolve_model_source
+from fitserve.weights.source import (
+    ModelSource,
+    load_generation_config,
+    resolve_model_source,
+)
 
 logger = logging.getLogger(__name__)
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -131,6 +143,16 @@ def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: 
     return memory.size_kv_cache()
 
 
+def fp8_calibration_ids(source: ModelSource) -> list[list[int]]:
+    """runner/calibration.py's texts in this model's tokens, half through its chat template if it has one."""
+    tokenizer = Tokenizer.from_source(source)
+    chat = None
+    if tokenizer.hf.chat_template:
+        def chat(text: str) -> list[int]:
+            return tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return calibration_token_ids(tokenizer.encode, chat)
+
+
 def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
                  device: torch.device, progress: bool, tp: TensorParallel = SINGLE,
                  peers: WorkerGroup | None = None, report: Callable[[str], None] | None = None) -> TorchModelRunner:
@@ -160,7 +182,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
     if config.quantization == "fp8_per_tensor":
         # After the memory readings (its first GEMMs allocate cuBLAS workspaces, not weights) and
         # before the KV cache exists; on every rank, since the forward has collectives.
-        ids = calibration_token_ids(Tokenizer.from_source(source).encode)
+        ids = fp8_calibration_ids(source)
         num_layers = calibrate_fp8_activation_scales(model, ids, device)
         if tp.is_driver:
             logger.info("fp8_per_tensor: static input scales of %d layers calibrated on %d tokens of built-in text",

@@ -24,12 +24,12 @@ from fitserve.config import EngineConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.engine.tokenizer import Tokenizer
-from fitserve.llm import TORCH_DTYPES, resolve_device
+from fitserve.llm import TORCH_DTYPES, fp8_calibration_ids, resolve_device
 from fitserve.models.loader import load_model
 from fitserve.plan.shapes import resolve_dtype
 from fitserve.quantcheck.prompts import PROMPTS
 from fitserve.quantcheck.report import AGREEMENT_TARGET, PromptComparison, QuantReport
-from fitserve.runner.calibration import calibrate_fp8_activation_scales, calibration_token_ids
+from fitserve.runner.calibration import calibrate_fp8_activation_scales
 from fitserve.runner.input_batch import build_forward_batch
 from fitserve.runner.memory import TORCH_KV_DTYPES
 from fitserve.runner.model_runner import allocate_kv_cache
@@ -116,7 +116,7 @@ def _encode(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def _load(source: ModelSource, dtype: torch.dtype, device: torch.device, setting: Setting):
     model = load_model(source, dtype, device, progress=False, quantization=setting.quantization)
     if setting.quantization == "fp8_per_tensor":  # as the server does at start-up (llm.build_runner)
-        calibrate_fp8_activation_scales(model, calibration_token_ids(Tokenizer.from_source(source).encode), device)
+        calibrate_fp8_activation_scales(model, fp8_calibration_ids(source), device)
     kv_dtype = dtype if setting.kv_cache_dtype == "auto" else TORCH_KV_DTYPES["fp8"]
     return model, kv_dtype
 

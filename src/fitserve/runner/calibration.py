@@ -1,8 +1,9 @@
 """Start-up calibration of static fp8 activation scales (`--quantization fp8_per_tensor`).
 
 One prefill forward of built-in text (CALIBRATION_TEXTS: prose, code, a table, numbers and
-several languages; none of it is in quantcheck's prompts, so the quality check does not test
-on its own calibration data) through a paged KV cache of its own, with every per-tensor fp8
+several languages, half of it through the model's chat template; none of it is in quantcheck's
+prompts, so the quality check does not test on its own calibration data) through a paged KV
+cache of its own, with every per-tensor fp8
 layer noting the largest |x| it sees (layers.quantization.observe_activations). The caller
 tokenizes: the runner cannot reach the engine's tokenizer, and every tensor-parallel rank
 must feed the same ids.
@@ -25,32 +26,40 @@ BLOCK_SIZE = 16
 MAX_TOKENS_PER_TEXT = 256
 
 CALIBRATION_TEXTS = (
-    "The committee met on Tuesday to review the budget for the coming year. After a long "
-    "discussion about maintenance costs, the members agreed to postpone the new library wing "
-    "until the spring, when the final estimates from the contractors are expected.",
-    "def merge_sorted(a, b):\n    result, i, j = [], 0, 0\n    while i < len(a) and j < len(b):\n"
-    "        if a[i] <= b[j]:\n            result.append(a[i]); i += 1\n        else:\n"
-    "            result.append(b[j]); j += 1\n    return result + a[i:] + b[j:]\n",
-    "| city | population | area (km2) |\n|---|---:|---:|\n| Lyon | 522,969 | 47.87 |\n"
-    "| Porto | 231,800 | 41.42 |\n| Kraków | 804,237 | 326.8 |\n",
-    "Photosynthesis converts light energy into chemical energy: chlorophyll absorbs mostly blue "
-    "and red light, water is split, oxygen is released, and carbon dioxide is fixed into sugars "
-    "through the Calvin cycle.",
-    "Le train de 7 h 42 pour Marseille partira de la voie 12. Bitte beachten Sie die geänderten "
-    "Abfahrtszeiten. El museo abre de martes a domingo, de diez a seis.",
-    "User: My order arrived damaged, what should I do?\nAssistant: I'm sorry to hear that. Please "
-    "reply with a photo of the damage and your order number, and we will send a replacement or "
-    "a refund, whichever you prefer.",
-    "Q3 revenue rose 12.4% to $4.81 billion; operating margin was 18.2%, down from 19.7%. "
-    "Guidance: EPS of $1.05 to $1.12, capex near $600 million, and 3,200 new hires.",
-    "Once upon a time, in a village at the edge of a pine forest, there lived an old clockmaker "
-    "who repaired every clock in the valley but never fixed the one above his own door.",
+    ("The committee met on Tuesday to review the budget for the coming year. After a long "
+     "discussion about maintenance costs, the members agreed to postpone the new library wing "
+     "until the spring, when the final estimates from the contractors are expected."),
+    ("def merge_sorted(a, b):\n    result, i, j = [], 0, 0\n    while i < len(a) and j < len(b):\n"
+     "        if a[i] <= b[j]:\n            result.append(a[i]); i += 1\n        else:\n"
+     "            result.append(b[j]); j += 1\n    return result + a[i:] + b[j:]\n"),
+    ("| city | population | area (km2) |\n|---|---:|---:|\n| Lyon | 522,969 | 47.87 |\n"
+     "| Porto | 231,800 | 41.42 |\n| Kraków | 804,237 | 326.8 |\n"),
+    ("Photosynthesis converts light energy into chemical energy: chlorophyll absorbs mostly blue "
+     "and red light, water is split, oxygen is released, and carbon dioxide is fixed into sugars "
+     "through the Calvin cycle."),
+    ("Le train de 7 h 42 pour Marseille partira de la voie 12. Bitte beachten Sie die geänderten "
+     "Abfahrtszeiten. El museo abre de martes a domingo, de diez a seis."),
+    ("User: My order arrived damaged, what should I do?\nAssistant: I'm sorry to hear that. Please "
+     "reply with a photo of the damage and your order number, and we will send a replacement or "
+     "a refund, whichever you prefer."),
+    ("Q3 revenue rose 12.4% to $4.81 billion; operating margin was 18.2%, down from 19.7%. "
+     "Guidance: EPS of $1.05 to $1.12, capex near $600 million, and 3,200 new hires."),
+    ("Once upon a time, in a village at the edge of a pine forest, there lived an old clockmaker "
+     "who repaired every clock in the valley but never fixed the one above his own door."),
 )
 
 
-def calibration_token_ids(encode: Callable[[str], list[int]]) -> list[list[int]]:
-    """CALIBRATION_TEXTS through `encode` (str -> token ids), each cut to MAX_TOKENS_PER_TEXT."""
-    return [list(encode(text))[:MAX_TOKENS_PER_TEXT] for text in CALIBRATION_TEXTS]
+def calibration_token_ids(encode: Callable[[str], list[int]],
+                          encode_chat: Callable[[str], list[int]] | None = None) -> list[list[int]]:
+    """CALIBRATION_TEXTS through `encode` (str -> token ids), each cut to MAX_TOKENS_PER_TEXT. With
+    `encode_chat` (a user message -> ids through the model's chat template) every other text goes
+    through the template instead: served prompts carry its special tokens, whose activations can
+    be far larger than plain text's, and a static scale that never saw them would clip them."""
+    ids = []
+    for index, text in enumerate(CALIBRATION_TEXTS):
+        chat = encode_chat is not None and index % 2 == 1
+        ids.append(list(encode_chat(text) if chat else encode(text))[:MAX_TOKENS_PER_TEXT])
+    return ids
 
 
 @torch.inference_mode()
