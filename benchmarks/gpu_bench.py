@@ -137,6 +137,9 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     if args.fp8_small_table:
         load_fp8_small_table(args.fp8_small_table)
+    if args.max_mixed_graph_tokens is not None:  # A/B of runner/mixed_graphs.py (0: none)
+        from fitserve.plan import estimates
+        estimates.MAX_MIXED_GRAPH_TOKENS = args.max_mixed_graph_tokens
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc, async_scheduling=args.async_scheduling,
@@ -337,6 +340,70 @@ def part_kernels(args: argparse.Namespace) -> dict:
     return result
 
 
+def part_mixed(args: argparse.Namespace) -> dict:
+    """A W1/W6-style mixed step: 19 requests decoding at context ~512 while a 512-token prompt is
+    prefilled in the same step. Wall time per step (synchronized) and GPU time per kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fitserve.sampling_params import SamplingParams
+
+    engine, _ = build_fitserve(args)
+    engine.async_scheduling = False  # one step at a time, timed alone
+    params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    for i in range(19):
+        engine.add_request(engine.make_request(f"d{i}", list(range(1, 513)), params))
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.requests.values()):
+        engine.step()
+    walls, decode_walls = [], []
+    for i in range(12):
+        engine.add_request(engine.make_request(f"m{i}", [(7 * i + j) % 1000 + 1 for j in range(512)],
+                                               SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        engine.step()  # the prefilled request finishes; a plain decode step of 19 rows
+        torch.cuda.synchronize()
+        decode_walls.append(time.perf_counter() - t0)
+    engine.add_request(engine.make_request("prof", [(3 * j) % 1000 + 1 for j in range(512)],
+                                           SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total <= 0:
+            continue
+        name = event.key.lower()
+        kind = ("gemm" if any(t in name for t in ("gemm", "gemv", "sm90", "cutlass", "nvjet", "scaled_mm")) else
+                "attention" if "attention" in name or "decode_" in name else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1000
+    top = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:15]
+    engine.add_request(engine.make_request("cpu", [(5 * j) % 1000 + 1 for j in range(512)],
+                                           SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+    with profile(activities=[ProfilerActivity.CPU]) as cpu_prof:
+        engine.step()
+        torch.cuda.synchronize()
+    cpu_top = sorted(cpu_prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]
+    if os.environ.get("MIXED_CPROFILE"):
+        import cProfile
+        import pstats
+        engine.add_request(engine.make_request("py", [(11 * j) % 1000 + 1 for j in range(512)],
+                                               SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)))
+        py_prof = cProfile.Profile()
+        py_prof.enable()
+        engine.step()
+        torch.cuda.synchronize()
+        py_prof.disable()
+        pstats.Stats(py_prof, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+    return {"quant_variant": args.quant_variant,
+            "mixed_cpu_top": [(e.key[:70], e.self_cpu_time_total / 1000, e.count) for e in cpu_top], "mixed_step_wall_ms": statistics.median(walls) * 1000,
+            "decode_step_wall_ms": statistics.median(decode_walls) * 1000, "mixed_gpu_ms_by_kind": kinds,
+            "mixed_top": [(e.key[:70], e.device_time_total / 1000, e.count) for e in top]}
+
+
 def part_fusion(args: argparse.Namespace) -> dict:
     """benchmarks/fusion_bench.py on the dummy 8B model: the rotary + KV store fusion on and off."""
     import triton
@@ -465,7 +532,7 @@ def print_table(report: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf", "profile", "kernels", "fusion"])
+    parser.add_argument("part", choices=["all", "ceilings", "fitserve", "hf", "profile", "kernels", "fusion", "mixed"])
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
     parser.add_argument("--variants", nargs="+", default=["graphs"],
@@ -486,6 +553,8 @@ def main() -> None:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--fp8-small-table", default=None,
                         help="fp8_decode_bench.py's fp8_small_table.json: its rows replace SMALL_M_TABLE's")
+    parser.add_argument("--max-mixed-graph-tokens", type=int, default=None,
+                        help="largest step that prefills run as a CUDA graph (0: none; default: the runner's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--part-timeout-s", type=float, default=280)
     parser.add_argument("--hf-timeout-s", type=float, default=300)
@@ -504,6 +573,9 @@ def main() -> None:
             print(batch, json.dumps({k: round(v, 3) for k, v in figures["ms_per_step"].items()}))
             for name, ms, count in figures["top"]:
                 print(f"   {ms:7.3f} ms {count:6.0f}x {name}")
+        return
+    if args.part == "mixed":
+        print(json.dumps(part_mixed(args), indent=1))
         return
     if args.part == "profile":
         print(json.dumps(part_profile(args), indent=1))

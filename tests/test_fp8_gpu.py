@@ -247,9 +247,11 @@ def test_fp8_cuda_graph_decode_gives_the_eager_tokens():
     results = []
     for use_graphs in (True, False):
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, CUDA, seed=0,
-                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
+                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs,
+                                  max_num_batched_tokens=64)
         engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)))
         results.append(engine_greedy_tokens(engine, 300))
+        assert not use_graphs or runner.mixed_graphs._num_replays > 0
     assert results[0] == results[1]
 
 

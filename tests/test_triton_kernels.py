@@ -79,6 +79,36 @@ def test_store_and_attention_match_reference(dtype, num_heads, num_kv_heads, hea
     assert out[num_real:].isnan().all(), "padding rows are left alone"
 
 
+@pytest.mark.parametrize("case", [0, 2])  # steps that prefill: the work list serves max_query_len > 1
+@pytest.mark.parametrize("spare_pairs", [0, 7])
+def test_attention_work_list_gives_the_grid_launch_bytes(case, spare_pairs):
+    """A mixed-step CUDA graph launches the attention over a fixed list of (sequence, query block)
+    pairs padded with -1, and zero-length padding sequences: the same bytes as the grid launch."""
+    from fitserve.forward_batch import attention_work_pairs
+
+    query_lens, seq_lens = CASES[case]
+    k_cache, v_cache, _, _, batch = random_case(query_lens, seq_lens, 8, 128, 16, num_pad_rows=5,
+                                                dtype=torch.bfloat16, seed=case)
+    q = torch.randn(batch.num_tokens, 32, 128, device="cuda").to(torch.bfloat16)
+    scale = 128 ** -0.5
+    expected = torch.full_like(q, float("nan"))
+    triton_attention.paged_attention(q, k_cache, v_cache, expected, batch.query_start_loc, batch.seq_lens,
+                                     batch.block_tables, batch.max_query_len, scale)
+    pairs = attention_work_pairs(query_lens) + [(-1, 0)] * spare_pairs
+    work = torch.tensor(pairs, dtype=torch.int32, device="cuda")
+    # two padding sequences (no query tokens, no context) as a graph's batch has
+    num_real = sum(query_lens)
+    query_start = torch.cat([batch.query_start_loc, torch.tensor([num_real, num_real], dtype=torch.int32,
+                                                                  device="cuda")])
+    seq_lens_padded = torch.cat([batch.seq_lens, torch.zeros(2, dtype=torch.int32, device="cuda")])
+    tables = torch.cat([batch.block_tables, torch.zeros_like(batch.block_tables[:2])])
+    got = torch.full_like(q, float("nan"))
+    triton_attention.paged_attention(q, k_cache, v_cache, got, query_start, seq_lens_padded, tables,
+                                     batch.num_tokens, scale, work_list=work)
+    assert torch.equal(got[:num_real].view(torch.int16), expected[:num_real].view(torch.int16))
+    assert got[num_real:].isnan().all(), "padding rows are left alone"
+
+
 @pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (3, 5), (7, 2)])
 def test_split_decode_matches_reference(num_seqs, num_splits):
     seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
@@ -187,12 +217,15 @@ def test_cuda_graph_decode_gives_the_eager_tokens():
                 (False, False, False))
     for use_graphs, async_output, async_scheduling in variants:
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float32, torch.device("cuda"), seed=0,
-                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
-        assert (runner.decode_graphs is not None) == use_graphs
+                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs,
+                                  max_num_batched_tokens=64)
+        assert (runner.decode_graphs is not None) == use_graphs == (runner.mixed_graphs is not None)
         engine = LLMEngine(runner, FakeDecoder(), EngineLimits(500, (), SchedulerLimits(12, 64, 256)),
                            async_output=async_output, async_scheduling=async_scheduling)
         tokens = engine_greedy_tokens(engine, 500)
         engine.check_invariants()
+        if use_graphs:  # the prefill steps (up to 64 tokens) replayed the mixed-step graph
+            assert runner.mixed_graphs._num_replays > 0
         results.append(tokens)
     assert all(tokens == results[-1] for tokens in results)
 

@@ -160,7 +160,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
     runner = TorchModelRunner(
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
-        use_cuda_graphs=uses_cuda_graphs(config),
+        use_cuda_graphs=uses_cuda_graphs(config), max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)

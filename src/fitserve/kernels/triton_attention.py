@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fitserve.forward_batch import PAD_SLOT
+from fitserve.forward_batch import PAD_SLOT, PREFILL_BLOCK_Q
 from fitserve.kernels import fp8
 from fitserve.kernels.triton_fused import rope_table_row, rotate_heads_, rotated_heads
 
@@ -125,12 +125,18 @@ def _paged_attention_kernel(
     query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
-    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    work_ptr, GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, WORK_LIST: tl.constexpr,
 ):
-    seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_block = tl.program_id(2)
+    if WORK_LIST:  # program i takes (sequence, query block) pair i of the list; -1: no work
+        seq = tl.load(work_ptr + 2 * tl.program_id(0))
+        q_block = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
+        if seq < 0:
+            return
+    else:
+        seq = tl.program_id(0)
+        q_block = tl.program_id(2)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if q_block * BLOCK_Q >= q_len:
@@ -160,6 +166,7 @@ def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_query_len: int, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+    work_list: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D]; caches [num_blocks, block_size, Hkv, D]; writes and returns out [T, H, D].
 
@@ -168,6 +175,10 @@ def paged_attention(
 
     query_start_loc [S+1] int32, seq_lens [S] int32, block_tables [S, max_blocks] int32 as in
     ForwardBatch. Rows that belong to no request (CUDA-graph padding) are left untouched.
+
+    work_list [P, 2] int32 (a CUDA graph's launch, whose grid cannot follow the batch): the
+    (sequence, query block of PREFILL_BLOCK_Q tokens) pairs to compute, padded with (-1, 0);
+    forward_batch.attention_work_pairs builds it. Needs max_query_len > 1 (the prefill kernel).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -182,15 +193,20 @@ def paged_attention(
         return out
     k_scale, v_scale = cache_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
-    block_q = 1 if max_query_len == 1 else max(MIN_DOT_ROWS // group, 16)
+    block_q = 1 if max_query_len == 1 else PREFILL_BLOCK_Q
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(block_q * group))
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
+    if work_list is not None:
+        assert max_query_len > 1 and work_list.dtype == torch.int32 and work_list.is_contiguous()
+        grid = (work_list.shape[0], num_kv_heads, 1)
+    else:
+        grid = (num_seqs, num_kv_heads, triton.cdiv(max_query_len, block_q))
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * k_scale, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        work_list if work_list is not None else query_start_loc,  # an unread pointer without a list
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_N,
-        num_warps=4, num_stages=2,
+        WORK_LIST=work_list is not None, num_warps=4, num_stages=2,
     )
     return out
 

@@ -85,7 +85,7 @@ class PagedAttention(nn.Module):
         return q
 
     def _triton_attention(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q) if batch.zero_padding_rows else torch.empty_like(q)  # the kernels skip padding rows
         if batch.max_query_len == 1:
             num_splits = triton_decode.decode_num_splits(batch.num_seqs, self.num_kv_heads, _num_sms(q.device))
             if num_splits > 1:
@@ -95,7 +95,7 @@ class PagedAttention(nn.Module):
                 )
         return triton_attention.paged_attention(
             q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
-            batch.block_tables, batch.max_query_len, self.scale, self.k_scale, self.v_scale,
+            batch.block_tables, batch.max_query_len, self.scale, self.k_scale, self.v_scale, batch.attention_work,
         )
 
 

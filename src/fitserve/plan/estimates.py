@@ -47,6 +47,11 @@ GRAPH_DRIVER_BYTES_PER_CAPTURE = 4 * MIB
 # Decode batch sizes captured as CUDA graphs; must match runner/cuda_graph.py (a test checks).
 GRAPH_SMALL_BATCH_SIZES = (1, 2, 4)
 GRAPH_BATCH_STEP = 8
+# Steps that prefill (runner/mixed_graphs.py) are captured per padded token count, every
+# MIXED_GRAPH_TOKEN_STEP tokens up to MAX_MIXED_GRAPH_TOKENS (or the token budget, if smaller).
+# Bigger steps run eagerly: there the GPU's work outlasts the Python that launches it.
+MIXED_GRAPH_TOKEN_STEP = 16  # padding wastes at most 15 tokens' GEMM work
+MAX_MIXED_GRAPH_TOKENS = 1024
 
 
 def forward_peak_bytes(arch: ArchConfig, num_tokens: int, act_bytes: int, fp8_linear: bool = False,
@@ -90,11 +95,21 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
-def cuda_graph_pool_bytes(arch: ArchConfig, max_num_seqs: int, act_bytes: int, fp8_linear: bool = False) -> int:
-    """Decode graphs share one pool, captured largest first. Each keeps its output hidden
-    states [size, hidden] alive (the logits are computed outside the graphs); the largest
-    capture's activations are freed inside the pool and reused by the smaller ones."""
-    sizes = graph_batch_sizes(max_num_seqs)
-    kept_hidden = sum(sizes) * arch.hidden_size * act_bytes
-    transient = forward_peak_bytes(arch, sizes[-1], act_bytes, fp8_linear)
-    return kept_hidden + transient + len(sizes) * GRAPH_DRIVER_BYTES_PER_CAPTURE
+def mixed_graph_token_sizes(max_num_batched_tokens: int) -> list[int]:
+    """The token counts captured for steps that prefill; [] when the budget is below one step."""
+    largest = min(MAX_MIXED_GRAPH_TOKENS, max_num_batched_tokens)
+    return list(range(MIXED_GRAPH_TOKEN_STEP, largest + 1, MIXED_GRAPH_TOKEN_STEP))
+
+
+def cuda_graph_pool_bytes(arch: ArchConfig, max_num_seqs: int, act_bytes: int, fp8_linear: bool = False,
+                          max_num_batched_tokens: int = 0) -> int:
+    """Decode and mixed-step graphs share one pool, each kind captured largest first. Each decode
+    graph keeps its output hidden states [size, hidden] alive (the logits are computed outside
+    the graphs); the mixed-step graphs copy theirs into one [largest, hidden] buffer. The largest
+    capture's activations are freed inside the pool and reused by the others.
+    `max_num_batched_tokens` 0: no mixed-step graphs."""
+    decode_sizes = graph_batch_sizes(max_num_seqs)
+    mixed_sizes = mixed_graph_token_sizes(max_num_batched_tokens)
+    kept_hidden = (sum(decode_sizes) + max(mixed_sizes, default=0)) * arch.hidden_size * act_bytes
+    transient = forward_peak_bytes(arch, max(decode_sizes + mixed_sizes), act_bytes, fp8_linear)
+    return kept_hidden + transient + (len(decode_sizes) + len(mixed_sizes)) * GRAPH_DRIVER_BYTES_PER_CAPTURE

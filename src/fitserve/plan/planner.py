@@ -76,7 +76,7 @@ class MemoryBreakdown:
     weights_bytes: int
     activation_peak_bytes: int  # forward of the token budget, logits and sampling
     runtime_non_torch_bytes: int  # outside torch's allocator, added by loading and running
-    cuda_graph_bytes: int  # the decode graphs' pool (0 on the CPU or with --enforce-eager)
+    cuda_graph_bytes: int  # the decode and mixed-step graphs' pool (0 on the CPU or with --enforce-eager)
 
     @property
     def non_kv_bytes(self) -> int:
@@ -176,7 +176,8 @@ def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreak
         inputs.rank_arch, inputs.max_num_batched_tokens, inputs.max_num_seqs, act_bytes, fp8_linear
     )
     graphs = (
-        estimates.cuda_graph_pool_bytes(inputs.rank_arch, inputs.max_num_seqs, act_bytes, fp8_linear)
+        estimates.cuda_graph_pool_bytes(inputs.rank_arch, inputs.max_num_seqs, act_bytes, fp8_linear,
+                                        inputs.max_num_batched_tokens)
         if inputs.cuda_graphs else 0
     )
     return MemoryBreakdown(weights.total_bytes, activation, estimates.RUNTIME_NON_TORCH_BYTES, graphs)

@@ -60,7 +60,7 @@ def _memory_rows(plan: MemoryPlan) -> list[str]:
             _row(f"  activation peak ({i.max_num_batched_tokens} tokens, "
                  f"{min(i.max_num_seqs, i.max_num_batched_tokens)} sampled)", b.activation_peak_bytes, total),
             _row("  runtime memory outside torch", b.runtime_non_torch_bytes, total),
-            _row("  CUDA-graph pool (decode graphs)", b.cuda_graph_bytes, total,
+            _row("  CUDA-graph pool (step graphs)", b.cuda_graph_bytes, total,
                  "" if i.cuda_graphs else "--enforce-eager"),
         ]
     rows.append(_row("  KV cache", plan.kv_cache_bytes, total))

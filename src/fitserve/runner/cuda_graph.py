@@ -64,9 +64,9 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every size, largest first, sharing one memory pool."""
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self, pool: tuple[int, int] | None = None) -> None:
+        """Capture every size, largest first, sharing one memory pool (`pool`, or a new one)."""
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.query_start_loc.copy_(torch.arange(self.max_batch_size + 1, dtype=torch.int32))
         self.seq_lens.fill_(1)
         for size in reversed(self.sizes):

@@ -18,6 +18,7 @@ from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
+from fitserve.runner.mixed_graphs import MixedGraphs
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
 from fitserve.runner.sampler import DeviceSample, Sampler
 from fitserve.runner.warmup import warm_up
@@ -54,7 +55,11 @@ class TorchModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 8192,
         use_cuda_graphs: bool = False,
+        max_num_batched_tokens: int = 0,
     ) -> None:
+        """With use_cuda_graphs (CUDA only), decode steps of up to max_num_seqs requests and steps
+        that prefill, of up to min(max_num_batched_tokens, 1024) tokens, replay CUDA graphs
+        captured here (max_num_batched_tokens 0: decode graphs only)."""
         self.model = model
         self.capacity = capacity
         self.device = device
@@ -63,11 +68,17 @@ class TorchModelRunner:
         self.sampler = Sampler(device, seed)
         self.peers: StepPeers | None = None  # set on tensor-parallel rank 0 once the workers are ready
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         if use_cuda_graphs and device.type == "cuda":
             warm_up(self)  # before the graphs: their capture then finds every kernel compiled
             max_blocks_per_seq = -(-max_model_len // capacity.block_size)
+            pool = torch.cuda.graph_pool_handle()  # one pool: a step replays one graph at a time
             self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device)
-            self.decode_graphs.capture()
+            self.decode_graphs.capture(pool)
+            mixed = MixedGraphs(model, max_num_seqs, max_blocks_per_seq, max_num_batched_tokens, device)
+            if mixed.sizes:
+                mixed.capture(pool)
+                self.mixed_graphs = mixed
 
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
@@ -101,6 +112,11 @@ class TorchModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size, fill)
             return self._sample(logits, list(scheduled))
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(scheduled):
+            logits = self.mixed_graphs.run(scheduled, self.capacity.block_size, fill)
+            if logits is None:
+                return PendingSample((), None)
+            return self._sample(logits, [chunk for chunk in scheduled if chunk.samples])
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
         if fill is not None:
             fill.apply(batch.input_ids)
@@ -128,6 +144,8 @@ class TorchModelRunner:
             return
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             self.decode_graphs.replay(scheduled, self.capacity.block_size)
+        elif self.mixed_graphs is not None and self.mixed_graphs.can_run(scheduled):
+            self.mixed_graphs.replay(scheduled, self.capacity.block_size)
         else:
             self.model(build_forward_batch(scheduled, self.capacity.block_size, self.device))
         if self.device.type == "cuda":
