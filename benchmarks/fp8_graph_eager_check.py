@@ -33,34 +33,10 @@ TABLES = {
 
 
 def run(name: str, async_scheduling: bool) -> dict:
-    from paged_helpers import engine_greedy_tokens
-    from test_fp8_gpu import _tiny_arch
-
-    from fitserve.core.interfaces import KVCapacity
-    from fitserve.core.scheduler import SchedulerLimits
-    from fitserve.engine.llm_engine import EngineLimits, LLMEngine
-    from fitserve.layers import quantization
-    from fitserve.models.llama import LlamaForCausalLM
-    from fitserve.runner.model_runner import TorchModelRunner
-    from fitserve.testing import FakeDecoder
+    from test_fp8_gpu import graph_and_eager_tokens
 
     small.SMALL_M_TABLE = TABLES[name]
-    arch = _tiny_arch()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(arch, torch.bfloat16, torch.device("cuda"), quantization="fp8")
-    for module in model.modules():
-        if isinstance(module, quantization.Fp8Linear):
-            module.load_full(torch.randn(module.out_features, module.in_features) * 0.2)
-    for pname, p in model.named_parameters():
-        if not pname.endswith(("proj.weight", "proj.weight_scale")):
-            p.data.normal_(0, 0.2)
-    results = []
-    for use_graphs in (True, False):
-        runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, torch.device("cuda"), seed=0,
-                                  max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
-        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)),
-                           async_scheduling=async_scheduling)
-        results.append(engine_greedy_tokens(engine, 300))
+    results = graph_and_eager_tokens("fp8", async_scheduling)
     diffs = {rid: next(i for i, (a, b) in enumerate(zip(results[0][rid], results[1][rid])) if a != b)
              for rid in results[0] if results[0][rid] != results[1][rid]}
     return {"table": name, "async": async_scheduling, "equal": results[0] == results[1], "first_diff": diffs}

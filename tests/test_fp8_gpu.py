@@ -236,8 +236,9 @@ def test_fp8_model_on_gpu_matches_cpu_reference_path(quant):
         assert rel_err(gpu_logits, cpu_logits) < 3e-2
 
 
-@pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])  # per tensor: the static (calibrated) scales
-def test_fp8_cuda_graph_decode_gives_the_eager_tokens(quant):
+def graph_and_eager_tokens(quant: str, async_scheduling: bool = False) -> list[dict[str, list[int]]]:
+    """A tiny random fp8 model's greedy tokens through the engine, with CUDA graphs then eagerly
+    (benchmarks/fp8_graph_eager_check.py runs it under several small-batch tables)."""
     from fitserve.core.interfaces import KVCapacity
     from fitserve.core.scheduler import SchedulerLimits
     from fitserve.engine.llm_engine import EngineLimits, LLMEngine
@@ -264,9 +265,16 @@ def test_fp8_cuda_graph_decode_gives_the_eager_tokens(quant):
     for use_graphs in (True, False):
         runner = TorchModelRunner(model, arch, KVCapacity(64, 16), torch.float8_e4m3fn, CUDA, seed=0,
                                   max_num_seqs=12, max_model_len=256, use_cuda_graphs=use_graphs)
-        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)))
+        engine = LLMEngine(runner, FakeDecoder(), EngineLimits(300, (), SchedulerLimits(12, 64, 256)),
+                           async_scheduling=async_scheduling)
         results.append(engine_greedy_tokens(engine, 300))
-    assert results[0] == results[1]
+    return results
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])  # per tensor: the static (calibrated) scales
+def test_fp8_cuda_graph_decode_gives_the_eager_tokens(quant):
+    graph_tokens, eager_tokens = graph_and_eager_tokens(quant)
+    assert graph_tokens == eager_tokens
 
 
 def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():

@@ -143,9 +143,11 @@ def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: 
     return memory.size_kv_cache()
 
 
-def fp8_calibration_ids(source: ModelSource) -> list[list[int]]:
-    """runner/calibration.py's texts in this model's tokens, half through its chat template if it has one."""
-    tokenizer = Tokenizer.from_source(source)
+def fp8_calibration_ids(quantization: str | None, tokenizer: Tokenizer) -> list[list[int]] | None:
+    """runner/calibration.py's texts in this model's tokens (half through its chat template if it
+    has one) when `quantization` (fp8_per_tensor) calibrates static scales; else None."""
+    if quantization != "fp8_per_tensor":
+        return None
     chat = None
     if tokenizer.hf.chat_template:
         def chat(text: str) -> list[int]:
@@ -155,8 +157,10 @@ def fp8_calibration_ids(source: ModelSource) -> list[list[int]]:
 
 def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
                  device: torch.device, progress: bool, tp: TensorParallel = SINGLE,
-                 peers: WorkerGroup | None = None, report: Callable[[str], None] | None = None) -> TorchModelRunner:
+                 peers: WorkerGroup | None = None, report: Callable[[str], None] | None = None,
+                 calibration_ids: list[list[int]] | None = None) -> TorchModelRunner:
     """Load, measure, size the KV cache and build this rank's runner; logs planned vs measured memory.
+    `calibration_ids` (fp8_calibration_ids) set fp8_per_tensor's static scales.
 
     With tensor parallelism every rank runs this (rank 0 with the workers as `peers`, a worker
     with `report` to tell rank 0 where it is): all ranks load before the first collective (the
@@ -179,14 +183,13 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         raise error
     if num_blocks == 0 and peers is not None:
         peers.wait_for("ready")  # raises the rank's ConfigError that stopped start-up
-    if config.quantization == "fp8_per_tensor":
+    if calibration_ids is not None:
         # After the memory readings (its first GEMMs allocate cuBLAS workspaces, not weights) and
         # before the KV cache exists; on every rank, since the forward has collectives.
-        ids = fp8_calibration_ids(source)
-        num_layers = calibrate_fp8_activation_scales(model, ids, device)
+        num_layers = calibrate_fp8_activation_scales(model, calibration_ids, device)
         if tp.is_driver:
             logger.info("fp8_per_tensor: static input scales of %d layers calibrated on %d tokens of built-in text",
-                        num_layers, sum(len(i) for i in ids))
+                        num_layers, sum(len(i) for i in calibration_ids))
     before_runner = read_device_memory(device) if device.type == "cuda" else None
     runner = TorchModelRunner(
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
@@ -210,11 +213,13 @@ def uses_cuda_graphs(config: EngineConfig) -> bool:
 
 
 def build_worker_runner(tp: TensorParallel, device: torch.device, report: Callable[[str], None],
-                        config: EngineConfig, source: ModelSource, max_model_len: int) -> TorchModelRunner:
+                        config: EngineConfig, source: ModelSource, max_model_len: int,
+                        calibration_ids: list[list[int]] | None = None) -> TorchModelRunner:
     """A tensor-parallel worker's runner (runner.distributed.worker_main calls this in its process):
-    its own plan on its own GPU, its shard, then the same sizing as rank 0."""
+    its own plan on its own GPU, its shard, then the same sizing (and calibration ids) as rank 0."""
     memory = plan_startup(config, source, max_model_len, device)
-    runner = build_runner(memory, config, source, max_model_len, device, progress=False, tp=tp, report=report)
+    runner = build_runner(memory, config, source, max_model_len, device, progress=False, tp=tp, report=report,
+                          calibration_ids=calibration_ids)
     report("ready")
     return runner
 
@@ -232,14 +237,15 @@ def check_tensor_parallel(config: EngineConfig, source: ModelSource, device: tor
 
 
 def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
-                          device: torch.device, progress: bool) -> TorchModelRunner:
+                          device: torch.device, progress: bool,
+                          calibration_ids: list[list[int]] | None = None) -> TorchModelRunner:
     """Rank 0's runner, with the worker processes started, built and attached; on any failure the
     workers are stopped before the error propagates."""
     size = config.tensor_parallel_size
-    workers = start_workers(size, device, build_worker_runner, (config, source, max_model_len))
+    workers = start_workers(size, device, build_worker_runner, (config, source, max_model_len, calibration_ids))
     try:
         runner = build_runner(memory, config, source, max_model_len, device, progress,
-                              tp=TensorParallel(0, size), peers=workers)
+                              tp=TensorParallel(0, size), peers=workers, calibration_ids=calibration_ids)
         workers.wait_for("ready")
     except BaseException:
         workers.shutdown()
@@ -257,13 +263,14 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     check_tensor_parallel(config, source, device)
     memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read
     tokenizer = Tokenizer.from_source(source)
+    calibration_ids = fp8_calibration_ids(config.quantization, tokenizer)
     if config.tensor_parallel_size > 1:
         if device.type == "cuda" and not config.enforce_eager:
             logger.warning("CUDA graphs are off with --tensor-parallel-size %d: every step is launched eagerly "
                            "(docs/parallelism.md).", config.tensor_parallel_size)
-        runner = build_parallel_runner(memory, config, source, max_model_len, device, progress)
+        runner = build_parallel_runner(memory, config, source, max_model_len, device, progress, calibration_ids)
     else:
-        runner = build_runner(memory, config, source, max_model_len, device, progress)
+        runner = build_runner(memory, config, source, max_model_len, device, progress, calibration_ids=calibration_ids)
     capacity = runner.kv_capacity()
     scheduler_limits = SchedulerLimits(
         max_num_seqs=config.scheduler.max_num_seqs,

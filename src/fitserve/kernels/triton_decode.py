@@ -14,8 +14,7 @@ with 16 splits, 15.86 vs 16.03 us at batch 20 with 2 splits; whole decode forwar
 4.292 ms at batch 1, 4.868 vs 4.858 ms at batch 20), for a persistent counter buffer and more code.
 
 Padding sequences (zero query tokens, CUDA-graph padding) attend to nothing and get no output
-row. The pure-torch
-reference.paged_attention is the specification; tests compare.
+row. The pure-torch reference.paged_attention is the specification; tests compare.
 """
 
 from __future__ import annotations
@@ -24,21 +23,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fitserve.kernels.triton_attention import MIN_DOT_ROWS, TILE_N, attend_tiles, cache_scales
+from fitserve.kernels.triton_attention import (
+    MIN_DOT_ROWS,
+    TILE_N,
+    attend_tiles,
+    cache_scales,
+)
 
 MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
 MAX_SPLITS = 16
 
 
 @triton.jit
-def _split_partial(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, table, seq, kv_head, split, q_start, q_len,
-    seq_len, scale, v_scale, stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head,
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
+    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
+    stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
 ):
     """One slice of one (request, KV head): its GROUP query heads' partial rows, written at
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split (output [D] and log-sum-exp, float32)."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)  # padding sequences attend to nothing
     num_tiles = tl.cdiv(seq_len, TILE)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     key_begin = split * tiles_per_split * TILE
@@ -50,7 +61,7 @@ def _split_partial(
     q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
     m_i, l_i, acc = attend_tiles(
-        q, rows, k_cache_ptr, v_cache_ptr, table, kv_head, key_begin, key_end, scale,
+        q, rows, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, key_begin, key_end, scale,
         stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, False)
     # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
     out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -58,26 +69,6 @@ def _split_partial(
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
     tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
     tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
-
-
-@triton.jit
-def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
-    stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q_start = tl.load(query_start_ptr + seq)
-    q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)  # padding sequences attend to nothing
-    _split_partial(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr, block_tables_ptr + seq * stride_table,
-                   seq, kv_head, split, q_start, q_len, seq_len, scale, v_scale, stride_q_token, stride_q_head,
-                   stride_cache_block, stride_cache_slot, stride_cache_head,
-                   NUM_HEADS, NUM_SPLITS, GROUP, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE)
 
 
 @triton.jit
@@ -129,25 +120,19 @@ def paged_decode_attention(
     if num_seqs == 0:
         return out
     k_scale, v_scale = cache_scales(k_cache, k_scale, v_scale)
+    group = num_heads // num_kv_heads
     part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
-    _launch_two_kernels(q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
-                        scale * k_scale, float(v_scale), num_splits)
-    return out
-
-
-def _launch_two_kernels(q, k_cache, v_cache, out, part_out, part_lse, query_start_loc, seq_lens, block_tables,
-                        scale, v_scale, num_splits) -> None:
-    num_seqs, (num_heads, head_dim), num_kv_heads = seq_lens.shape[0], q.shape[1:], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale, v_scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group, BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], TILE=TILE_N, num_warps=4, num_stages=2,
+        q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale * k_scale,
+        float(v_scale), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
+        BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        TILE=TILE_N, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
         HEAD_DIM=head_dim, num_warps=1,
     )
+    return out

@@ -19,7 +19,7 @@ Both allocate their workspace with torch inside the call and never sync: CUDA-gr
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -166,8 +166,14 @@ def auto_split_k(num_rows: int, num_cols: int, inner: int, cfg: SplitKConfig, sm
 
 
 def plan(num_rows: int, num_cols: int, inner: int, sms: int) -> SmallMChoice | None:
-    """The table row for this product, with split_k resolved; None: use the general GEMMs."""
-    for choice in SMALL_M_TABLE:
+    """The table row for this product, with split_k resolved; None: use the general GEMMs.
+    Fp8Linear asks on every call: the answer is kept per table and shape."""
+    return _plan(SMALL_M_TABLE, num_rows, num_cols, inner, sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(table: tuple[SmallMChoice, ...], num_rows: int, num_cols: int, inner: int, sms: int) -> SmallMChoice | None:
+    for choice in table:
         if num_rows > choice.max_rows:
             continue
         cfg = choice.config
@@ -180,10 +186,8 @@ def plan(num_rows: int, num_cols: int, inner: int, sms: int) -> SmallMChoice | N
             block_k //= 2
         if block_k < MIN_BLOCK_K:
             return None
-        cfg = SplitKConfig(cfg.block_m, cfg.block_n, block_k, cfg.split_k, cfg.num_warps, cfg.num_stages)
-        split = cfg.split_k or auto_split_k(num_rows, num_cols, inner, cfg, sms)
-        return SmallMChoice(choice.max_rows, choice.kernel, SplitKConfig(
-            cfg.block_m, cfg.block_n, block_k, split, cfg.num_warps, cfg.num_stages), choice.only_if_underfilled)
+        cfg = replace(cfg, block_k=block_k)
+        return replace(choice, config=replace(cfg, split_k=cfg.split_k or auto_split_k(num_rows, num_cols, inner, cfg, sms)))
     return None
 
 

@@ -12,7 +12,7 @@ from fitserve.kernels.dispatch import triton_gemv
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. One CUDA row (single-stream decode) takes the Triton GEMV, which reads the
     weight faster than cuBLAS does at one row (kernels/triton_gemv.py); the rest is cuBLAS."""
-    if triton_gemv is not None and x.is_cuda and triton_gemv.supports(x, weight):
+    if triton_gemv is not None and triton_gemv.supports(x, weight):
         return triton_gemv.gemv(x, weight)
     return F.linear(x, weight)
 

@@ -113,10 +113,11 @@ def _encode(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return tokenizer.encode(prompt)
 
 
-def _load(source: ModelSource, dtype: torch.dtype, device: torch.device, setting: Setting):
+def _load(source: ModelSource, dtype: torch.dtype, device: torch.device, setting: Setting,
+          calibration_ids: list[list[int]] | None = None):
     model = load_model(source, dtype, device, progress=False, quantization=setting.quantization)
-    if setting.quantization == "fp8_per_tensor":  # as the server does at start-up (llm.build_runner)
-        calibrate_fp8_activation_scales(model, fp8_calibration_ids(source), device)
+    if calibration_ids is not None:  # fp8_per_tensor: as the server does at start-up (llm.build_runner)
+        calibrate_fp8_activation_scales(model, calibration_ids, device)
     kv_dtype = dtype if setting.kv_cache_dtype == "auto" else TORCH_KV_DTYPES["fp8"]
     return model, kv_dtype
 
@@ -142,9 +143,10 @@ def run_reference(source: ModelSource, dtype: torch.dtype, device: torch.device,
 
 @torch.inference_mode()
 def compare(reference: Reference, source: ModelSource, dtype: torch.dtype, device: torch.device,
-            setting: Setting, max_new_tokens: int) -> list[tuple[list[int], int, int, int, int, float]]:
+            setting: Setting, max_new_tokens: int, calibration_ids: list[list[int]] | None = None,
+            ) -> list[tuple[list[int], int, int, int, int, float]]:
     """Per prompt: (quantized continuation, positions, agree, generated positions, generated agree, KL sum)."""
-    model, kv_dtype = _load(source, dtype, device, setting)
+    model, kv_dtype = _load(source, dtype, device, setting, calibration_ids)
     driver = _Driver(model, kv_dtype, [len(p) + max_new_tokens for p in reference.prompt_ids], device)
     sequences = [p + c for p, c in zip(reference.prompt_ids, reference.continuations)]
     rows = []
@@ -181,7 +183,8 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
     setting = Setting(config.quantization, config.cache.kv_cache_dtype)
     reference = run_reference(source, dtype, device, prompt_ids, eos_ids, max_new_tokens)
-    compared = compare(reference, source, dtype, device, setting, max_new_tokens)
+    compared = compare(reference, source, dtype, device, setting, max_new_tokens,
+                       fp8_calibration_ids(config.quantization, tokenizer))
     comparisons = []
     for text, ref_tokens, (quant_tokens, positions, agree, gen_positions, gen_agree, kl_sum) in zip(
             prompts, reference.continuations, compared):

@@ -3,10 +3,10 @@
 One prefill forward of built-in text (CALIBRATION_TEXTS: prose, code, a table, numbers and
 several languages, half of it through the model's chat template; none of it is in quantcheck's
 prompts, so the quality check does not test on its own calibration data) through a paged KV
-cache of its own, with every per-tensor fp8
-layer noting the largest |x| it sees (layers.quantization.observe_activations). The caller
-tokenizes: the runner cannot reach the engine's tokenizer, and every tensor-parallel rank
-must feed the same ids.
+cache of its own, with every per-tensor fp8 layer noting the largest |x| it sees
+(layers.quantization.observe_activations). The caller tokenizes (calibration_token_ids with
+the engine's tokenizer, which the runner cannot reach) and hands the same ids to every
+tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Callable
 
 import torch
 
-from fitserve.core.interfaces import KVCapacity
-from fitserve.core.outputs import ScheduledRequest
 from fitserve.layers.quantization import observe_activations
-from fitserve.runner.input_batch import build_forward_batch
-from fitserve.runner.model_runner import allocate_kv_cache
-from fitserve.sampling_params import SamplingParams
+from fitserve.runner.profiling import (
+    prefill_chunks,
+    run_forward,
+    throwaway_cache,
+    unbind_cache,
+)
 
-BLOCK_SIZE = 16
 MAX_TOKENS_PER_TEXT = 256
 
 CALIBRATION_TEXTS = (
@@ -66,22 +66,17 @@ def calibration_token_ids(encode: Callable[[str], list[int]],
 def calibrate_fp8_activation_scales(model: torch.nn.Module, token_ids: list[list[int]],
                                     device: torch.device) -> int:
     """Set the static input scale of every per-tensor fp8 layer of `model` from one forward of
-    `token_ids` (one sequence each); returns how many layers it calibrated. The model is left
-    bound to an empty KV cache: the runner binds its own."""
-    token_ids = [ids for ids in token_ids if ids]
-    num_blocks = [-(-len(ids) // BLOCK_SIZE) for ids in token_ids]
-    caches = allocate_kv_cache(model.arch, KVCapacity(sum(num_blocks), BLOCK_SIZE), model.dtype, device)
-    model.bind_kv_cache(caches)
-    scheduled, first_block = [], 0
-    for seq, (ids, blocks) in enumerate(zip(token_ids, num_blocks)):
-        table = tuple(range(first_block, first_block + blocks))
-        first_block += blocks
-        scheduled.append(ScheduledRequest(f"calibration-{seq}", tuple(ids), 0, table, False, SamplingParams()))
+    `token_ids` (one sequence each), through a throw-away KV cache as the profiling forward uses;
+    returns how many layers it calibrated. The model is left bound to an empty KV cache: the
+    runner binds its own."""
+    chunks = prefill_chunks([tuple(ids) for ids in token_ids if ids], "calibration")
     with observe_activations(model) as num_layers:
         if num_layers:
-            model(build_forward_batch(tuple(scheduled), BLOCK_SIZE, device))
+            caches = throwaway_cache(model, model.arch, chunks, device)
+            run_forward(model, chunks, device)
+            del caches
     # An empty cache in its place, so that start-up's memory readings do not count this one.
-    model.bind_kv_cache(allocate_kv_cache(model.arch, KVCapacity(0, BLOCK_SIZE), model.dtype, device))
+    unbind_cache(model, model.arch, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the KV cache allocated next may need these segments
     return num_layers

@@ -31,20 +31,25 @@ WORST_CASE_SAMPLING = SamplingParams(
     repetition_penalty=1.1, logit_bias={0: 1.0}, min_tokens=1, logprobs=20, eos_token_ids=(0,))
 
 
-def profile_chunks(num_tokens: int, max_model_len: int) -> tuple[ScheduledRequest, ...]:
-    """`num_tokens` prompt tokens as prefills of at most max_model_len tokens, on distinct blocks."""
+def prefill_chunks(prompts: list[tuple[int, ...]], name: str) -> tuple[ScheduledRequest, ...]:
+    """Whole prompts as one step's prefills, each on its own consecutive blocks of PROFILE_BLOCK_SIZE."""
     chunks = []
     next_block = 0
-    for start in range(0, num_tokens, max_model_len):
-        length = min(max_model_len, num_tokens - start)
-        num_blocks = -(-length // PROFILE_BLOCK_SIZE)
+    for index, token_ids in enumerate(prompts):
+        num_blocks = -(-len(token_ids) // PROFILE_BLOCK_SIZE)
         chunks.append(ScheduledRequest(
-            request_id=f"profile-{start}", token_ids=(0,) * length, num_computed_tokens=0,
+            request_id=f"{name}-{index}", token_ids=token_ids, num_computed_tokens=0,
             block_table=tuple(range(next_block, next_block + num_blocks)), samples=True,
             sampling_params=SamplingParams(),
         ))
         next_block += num_blocks
     return tuple(chunks)
+
+
+def profile_chunks(num_tokens: int, max_model_len: int) -> tuple[ScheduledRequest, ...]:
+    """`num_tokens` prompt tokens as prefills of at most max_model_len tokens, on distinct blocks."""
+    lengths = [min(max_model_len, num_tokens - start) for start in range(0, num_tokens, max_model_len)]
+    return prefill_chunks([(0,) * length for length in lengths], "profile")
 
 
 def sampling_chunks(num_rows: int) -> list[ScheduledRequest]:
