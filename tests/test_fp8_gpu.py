@@ -325,3 +325,24 @@ def test_silu_and_mul_quant_is_silu_and_mul_then_quantize(num_rows, inter):
     ref_q, ref_scale = triton_fp8.quantize_per_token(triton_fused.silu_and_mul(gate_up))
     assert torch.equal(scale, ref_scale)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", ["channel_dynamic", "tensor_static"])
+def test_fp8_checkpoint_serves_on_cuda_as_on_the_cpu(tmp_path, scheme):
+    """An fp8 checkpoint loads onto the GPU (scales moved, per-tensor shards requantized there) with
+    the layers the CPU load builds, and serves greedy tokens."""
+    from test_fp8_checkpoint import CHANNEL_DYNAMIC, GREEDY_8, TENSOR_STATIC, fp8_layers, write_fp8_checkpoint
+    from tp_helpers import PROMPTS, tiny_llm, write_tiny_llama
+
+    per_channel = scheme == "channel_dynamic"
+    folder = write_fp8_checkpoint(write_tiny_llama(tmp_path / "dense"), tmp_path / "fp8",
+                                  CHANNEL_DYNAMIC if per_channel else TENSOR_STATIC, per_channel=per_channel,
+                                  input_scales=not per_channel)
+    cpu, gpu = tiny_llm(folder, 1), tiny_llm(folder, 1, device="cuda")
+    gpu_layers = fp8_layers(gpu.engine.runner.model)
+    for name, layer in fp8_layers(cpu.engine.runner.model).items():
+        assert torch.equal(gpu_layers[name].weight.cpu().view(torch.uint8), layer.weight.view(torch.uint8)), name
+        assert torch.equal(gpu_layers[name].weight_scale.cpu(), layer.weight_scale), name
+        assert (layer.input_scale is None) == per_channel
+    tokens = [o.token_ids for o in gpu.generate(PROMPTS, GREEDY_8)]
+    assert all(len(t) == 8 for t in tokens)

@@ -53,9 +53,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None, help="exact number of KV blocks")
     parser.add_argument("--quantization", default=None, choices=["fp8", "fp8_per_tensor"],
                         help="fp8: linear layers quantized at load to e4m3, per-channel weight and per-token "
-                             "activation scales; fp8_per_tensor: one scale per tensor (docs/quantization.md)")
+                             "activation scales; fp8_per_tensor: one scale per tensor; a checkpoint stored in fp8 "
+                             "picks its own unless given (docs/quantization.md)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                        help="auto (= --dtype) or fp8 (e4m3, one byte per element, scale 1.0 per layer)")
+                        help="auto (= --dtype) or fp8 (e4m3, one byte per element, a scale per layer: 1.0 or the "
+                             "checkpoint's)")
     parser.add_argument("--generation-config", default="auto",
                         help="auto: the model's generation_config.json gives defaults (temperature, top_p, top_k, "
                              "min_p, repetition_penalty, max_new_tokens) for fields a request leaves unset; "

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,7 +28,7 @@ from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
 from fitserve.layers.parallel import SINGLE, TensorParallel
-from fitserve.models.loader import load_model
+from fitserve.models.loader import checkpoint_input_scales, load_model
 from fitserve.plan.planner import (
     MemoryPlan,
     PlanInputs,
@@ -52,6 +52,7 @@ from fitserve.runner.memory import (
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
 from fitserve.sampling_params import SamplingParams, generation_config_defaults
+from fitserve.weights.fp8_checkpoint import unquantized_block_layers
 from fitserve.weights.source import (
     ModelSource,
     load_generation_config,
@@ -143,10 +144,12 @@ def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: 
     return memory.size_kv_cache()
 
 
-def fp8_calibration_ids(quantization: str | None, tokenizer: Tokenizer) -> list[list[int]] | None:
+def fp8_calibration_ids(quantization: str | None, tokenizer: Tokenizer,
+                        source: ModelSource | None = None) -> list[list[int]] | None:
     """runner/calibration.py's texts in this model's tokens (half through its chat template if it
-    has one) when `quantization` (fp8_per_tensor) calibrates static scales; else None."""
-    if quantization != "fp8_per_tensor":
+    has one) when `quantization` (fp8_per_tensor) calibrates static scales; else None (also when
+    an fp8 checkpoint brings its own)."""
+    if quantization != "fp8_per_tensor" or (source is not None and checkpoint_input_scales(source, quantization)):
         return None
     chat = None
     if tokenizer.hf.chat_template:
@@ -254,16 +257,34 @@ def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: M
     return runner
 
 
+def with_checkpoint_quantization(config: EngineConfig, source: ModelSource) -> EngineConfig:
+    """An fp8 checkpoint sets --quantization (its own scheme unless the flag picks another it allows)."""
+    checkpoint = source.checkpoint_fp8
+    if checkpoint is None:
+        return config
+    quantization = source.quantization(config.quantization)
+    logger.info("%s: serving it as --quantization %s", checkpoint.describe(), quantization)
+    if checkpoint.activations == "none":
+        logger.warning("The checkpoint quantizes weights only; fitserve's fp8 layers also quantize activations "
+                       "(per token, at run time).")
+    unquantized = unquantized_block_layers(checkpoint)
+    if unquantized:
+        logger.warning("The checkpoint leaves %s unquantized; fitserve quantizes them to fp8 while loading.",
+                       ", ".join(unquantized[:4]) + (" ..." if len(unquantized) > 4 else ""))
+    return replace(config, quantization=quantization)
+
+
 def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     start_s = time.monotonic()
     refuse_unsupported(config)
     source = resolve_model_source(config)
+    config = with_checkpoint_quantization(config, source)
     device = resolve_device(config)
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
     check_tensor_parallel(config, source, device)
     memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read
     tokenizer = Tokenizer.from_source(source)
-    calibration_ids = fp8_calibration_ids(config.quantization, tokenizer)
+    calibration_ids = fp8_calibration_ids(config.quantization, tokenizer, source)
     if config.tensor_parallel_size > 1:
         if device.type == "cuda" and not config.enforce_eager:
             logger.warning("CUDA graphs are off with --tensor-parallel-size %d: every step is launched eagerly "

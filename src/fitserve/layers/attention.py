@@ -5,7 +5,8 @@ the context (kernels/triton_decode.py).
 
 The cache is in the serving dtype or, with `--kv-cache-dtype fp8`, float8_e4m3fn: then K and
 V are stored as k / k_scale and v / v_scale and read back times the scale. The scales are per
-layer and fixed at 1.0 (vLLM's choice without calibration data): Llama's K and V stay far
+layer: an fp8 checkpoint's calibrated ones (set_kv_scale), else 1.0 (vLLM's choice without
+calibration data): Llama's K and V stay far
 inside e4m3's +-448, and e4m3's relative precision (3 mantissa bits) is the same at any
 magnitude from 2^-6 up, so a scale would only matter for values outside that range.
 `fitserve check-quant --kv-cache-dtype fp8` measures what this costs (docs/quantization.md).
@@ -44,6 +45,15 @@ class PagedAttention(nn.Module):
         # float32 scales of an fp8 cache (cache value * scale = K or V); unused by other dtypes
         self.k_scale = DEFAULT_KV_SCALE
         self.v_scale = DEFAULT_KV_SCALE
+
+    def set_kv_scale(self, which: str, scale: float) -> None:
+        """An fp8 checkpoint's calibrated scale for this layer's K ("k") or V ("v") cache."""
+        if not (scale > 0 and scale < float("inf")):
+            raise ValueError(f"{which}_scale must be finite and positive, got {scale}")
+        if which == "k":
+            self.k_scale = scale
+        else:
+            self.v_scale = scale
 
     def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         expected = (self.num_kv_heads, self.head_dim)

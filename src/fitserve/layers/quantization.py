@@ -11,7 +11,10 @@ Quantization happens as each checkpoint tensor arrives (`load_shard`), so the bf
 the model never exists: with per-channel scales a shard (q, k, v, gate, up) is quantized
 alone, since each of its rows has its own scale; with a per-tensor scale the merged
 projection's shards wait in a staging buffer of the serving dtype, one projection at a time,
-and are quantized together once the last one lands.
+and are quantized together once the last one lands. A checkpoint stored in fp8
+(weights/fp8_checkpoint.py) hands in e4m3 shards with their scales instead (`load_fp8_piece`):
+they are placed as they are, except that a per-tensor merged projection takes its shards'
+largest scale and requantizes the others onto it.
 
 On CUDA the per-token quantization is a Triton kernel and the GEMM whichever measured faster
 on the H200 (benchmarks/fp8_gemm_bench.py, docs/quantization.md): with per-channel scales the
@@ -45,6 +48,7 @@ SCALED_MM_MIN_ROWS = 17
 # Row-wise _scaled_mm with fast accumulation (partial sums in the tensor cores' reduced
 # precision, about 1e-3 relative): 5-10% faster at prefill sizes, far below fp8's own rounding.
 ROW_WISE_FAST_ACCUM = True
+MIXED_SHARDS = "fp8_per_tensor needs every shard of a layer in fp8 with one weight_scale each, or none in fp8"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,11 @@ class Fp8Linear(nn.Module):
                                          requires_grad=False)
         self._staging: torch.Tensor | None = None  # per-tensor only: [N, K] serving dtype while shards arrive
         self._pending: set[int] = set(range(len(self.shard_sizes)))
+        # An fp8 checkpoint's shards (load_fp8_piece): its weight and weight_scale, until both
+        # arrived; per-tensor, the placed shards (q, scale) until the last one lands; input scales.
+        self._fp8_pieces: dict[int, dict[str, torch.Tensor]] = {}
+        self._fp8_shards: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._checkpoint_input_scales: dict[int, torch.Tensor] = {}
         # Per-tensor only: the static input scale ([] float32) once calibrated, and while
         # observe_activations runs, the largest |x| seen so far.
         self.input_scale: torch.Tensor | None = None
@@ -94,11 +103,15 @@ class Fp8Linear(nn.Module):
 
     @torch.no_grad()
     def load_shard(self, shard_index: int, loaded: torch.Tensor) -> None:
-        """Quantize one checkpoint tensor [shard_rows, in_features] into its row range."""
+        """Quantize one checkpoint tensor [shard_rows, in_features] into its row range (an fp8
+        tensor is already quantized: it waits for its weight_scale, load_fp8_piece)."""
         start = sum(self.shard_sizes[:shard_index])
         rows = self.shard_sizes[shard_index]
         if tuple(loaded.shape) != (rows, self.in_features):
             raise ValueError(f"shard {shard_index}: expected {(rows, self.in_features)}, got {tuple(loaded.shape)}")
+        if fp8.is_fp8(loaded.dtype):
+            self.load_fp8_piece(shard_index, "weight", loaded)
+            return
         # Round to the serving dtype first: the fp8 model is the bf16 model, quantized.
         weight = loaded.to(device=self.weight.device, dtype=self.dtype)
         if not self.per_tensor:
@@ -106,6 +119,8 @@ class Fp8Linear(nn.Module):
             self.weight.data[start:start + rows].copy_(q)
             self.weight_scale.data[0, start:start + rows].copy_(scale[:, 0])
         else:
+            if self._fp8_shards:
+                raise ValueError(MIXED_SHARDS)
             if self._staging is None:
                 self._staging = torch.empty(self.out_features, self.in_features, dtype=self.dtype,
                                             device=self.weight.device)
@@ -116,6 +131,62 @@ class Fp8Linear(nn.Module):
             self.weight.data.copy_(q)
             self.weight_scale.data.copy_(scale)
             self._staging = None
+
+    @torch.no_grad()
+    def load_fp8_piece(self, shard_index: int, kind: str, tensor: torch.Tensor) -> None:
+        """A piece of an fp8 checkpoint's shard (weights/fp8_checkpoint.py): its e4m3 "weight",
+        its "weight_scale" (one, or one per row) or its static "input_scale" (one)."""
+        if kind == "input_scale":
+            if tensor.numel() != 1:
+                raise ValueError(f"shard {shard_index}: input_scale must hold one value, got shape {tuple(tensor.shape)}")
+            self._checkpoint_input_scales[shard_index] = _checked_scale(tensor, "input_scale")
+            return
+        pieces = self._fp8_pieces.setdefault(shard_index, {})
+        pieces[kind] = tensor
+        if "weight" in pieces and "weight_scale" in pieces:
+            del self._fp8_pieces[shard_index]
+            self._place_fp8_shard(shard_index, pieces["weight"], pieces["weight_scale"])
+
+    def _place_fp8_shard(self, shard_index: int, q: torch.Tensor, scale: torch.Tensor) -> None:
+        start, rows = sum(self.shard_sizes[:shard_index]), self.shard_sizes[shard_index]
+        scale = _checked_scale(scale, "weight_scale").reshape(-1)  # [1] per tensor or [rows] per channel
+        if scale.numel() not in (1, rows):
+            raise ValueError(f"shard {shard_index}: weight_scale must hold 1 or {rows} values, got {scale.numel()}")
+        q = q.to(self.weight.device)
+        self._pending.discard(shard_index)
+        if not self.per_tensor:  # a per-tensor scale repeats down the rows: exact
+            self.weight.data[start:start + rows].copy_(q)
+            self.weight_scale.data[0, start:start + rows].copy_(scale.to(self.weight.device).expand(rows))
+            return
+        if scale.numel() != 1 or self._staging is not None:
+            raise ValueError(MIXED_SHARDS)
+        self._fp8_shards[shard_index] = (q, scale.reshape(()).to(self.weight.device))
+        if not self._pending:
+            self._merge_fp8_shards()
+
+    def _merge_fp8_shards(self) -> None:
+        """One scale for the merged weight: the largest of its shards'. A shard with a smaller
+        scale is requantized onto it (values shrink, none saturates), as vLLM does."""
+        largest = torch.stack([scale for _, scale in self._fp8_shards.values()]).amax()
+        for index, (q, scale) in sorted(self._fp8_shards.items()):
+            start, rows = sum(self.shard_sizes[:index]), self.shard_sizes[index]
+            self.weight.data[start:start + rows].copy_(
+                q if bool(scale == largest) else fp8.quantize(q.float() * scale, largest))
+        self.weight_scale.data.copy_(largest)
+        self._fp8_shards.clear()
+
+    def finish_loading(self) -> None:
+        """After the checkpoint: every shard arrived whole, and (per-tensor) the checkpoint's input
+        scales, one per shard, become the layer's static scale, the largest of them."""
+        if self._pending or self._fp8_pieces:
+            missing = sorted(self._pending | set(self._fp8_pieces))
+            raise ValueError(f"shards {missing} incomplete (an fp8 weight without its weight_scale, or none at all)")
+        scales = self._checkpoint_input_scales
+        if self.per_tensor and scales:
+            if len(scales) != len(self.shard_sizes):
+                raise ValueError(f"input_scale for {len(scales)} of {len(self.shard_sizes)} shards")
+            self.input_scale = torch.stack(list(scales.values())).amax().to(self.weight.device)
+        scales.clear()
 
     def load_full(self, weight: torch.Tensor) -> None:
         """The whole merged weight [out_features, in_features] at once (dummy weights)."""
@@ -164,6 +235,15 @@ class Fp8Linear(nn.Module):
             return fp8.scaled_mm_torch(qx, x_scale, self.weight, self.weight_scale, out_dtype,
                                        use_fast_accum=row_wise and ROW_WISE_FAST_ACCUM)
         return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, out_dtype)
+
+
+def _checked_scale(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """A checkpoint's scale as float32: finite, positive (a weight row of zeros may have scale 0)."""
+    scale = tensor.detach().to(torch.float32)
+    floor_ok = (scale >= 0) if name == "weight_scale" else (scale > 0)
+    if not bool(torch.isfinite(scale).all()) or not bool(floor_ok.all()):
+        raise ValueError(f"{name} must be finite and positive")
+    return scale
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.linear import Embedding, Linear, linear
 from fitserve.layers.norm import RMSNorm
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
+from fitserve.kernels import fp8
 from fitserve.layers.quantization import Fp8Linear, QuantizedRows, make_linear
 
 FUSED_QUANT_SCHEME = "fp8"  # per-token activation scales: norms and SiLU-and-multiply quantize in their kernels
@@ -24,6 +25,11 @@ _MERGED_SHARDS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+# An fp8 checkpoint's scale tensors (weights/fp8_checkpoint.py), by the last part of the name:
+# a linear layer's weight_scale and input_scale, and an fp8 KV cache's scales per layer
+# (self_attn.k_scale / v_scale, or the older k_proj.output_scale / v_proj.output_scale).
+_LINEAR_SCALES = ("weight_scale", "input_scale")
+_KV_SCALES = ("k_scale", "v_scale", "output_scale")
 # HF projection -> the dimension tensor parallelism splits (layers/parallel.py): 0 = output rows
 # (column-parallel), 1 = input columns (row-parallel, followed by an all-reduce)
 _SPLIT_DIMS = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
@@ -55,8 +61,8 @@ def tensor_shard(hf_name: str, arch: ArchConfig, tp: TensorParallel) -> TensorSh
     """This rank's slice of a checkpoint tensor (arch: the full model); None when every rank
     holds all of it. Heads stay whole: a slice of q rows is H/N heads of head_dim rows each."""
     parts = hf_name.split(".")
-    if tp.size == 1 or len(parts) < 3 or parts[-2] not in _SPLIT_DIMS:
-        return None
+    if tp.size == 1 or len(parts) < 3 or parts[-2] not in _SPLIT_DIMS or parts[-1] != "weight":
+        return None  # scales are read whole (load_weights slices per-channel ones)
     dim = _SPLIT_DIMS[parts[-2]]
     length = layer_projection_shapes(arch)[".".join(parts[-3:-1])][dim] // tp.size
     return TensorShard(dim, tp.rank * length, length)
@@ -183,7 +189,12 @@ class LlamaForCausalLM(nn.Module):
             if shard is not None and tensor.shape[shard.dim] != shard.length:
                 tensor = tensor.narrow(shard.dim, shard.start, shard.length).contiguous()
             parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in _MERGED_SHARDS:
+            if parts[-1] in _LINEAR_SCALES + _KV_SCALES:
+                self._load_fp8_scale(hf_name, parts, tensor)
+            elif fp8.is_fp8(tensor.dtype) and parts[-2] not in _SPLIT_DIMS:
+                raise ValueError(f"{hf_name} is stored in fp8: fitserve keeps embeddings, norms and lm_head in "
+                                 "--dtype and reads fp8 only for the linear layers of each block")
+            elif len(parts) >= 2 and parts[-2] in _MERGED_SHARDS:
                 merged, shard = _MERGED_SHARDS[parts[-2]]
                 module = self.get_submodule(".".join(parts[:-2] + [merged]))
                 module.load_shard(shard, tensor)
@@ -199,6 +210,28 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"unexpected checkpoint tensor {hf_name!r}")
             loaded.add(hf_name)
         return loaded
+
+    def _load_fp8_scale(self, hf_name: str, parts: list[str], tensor: torch.Tensor) -> None:
+        """One scale tensor of an fp8 checkpoint ([] or [1] per tensor, [rows, 1] per channel)."""
+        kind, owner = parts[-1], parts[-2]
+        if kind in _KV_SCALES:  # layers.i.self_attn.k_scale, or layers.i.self_attn.k_proj.output_scale
+            which = kind[0] if owner == "self_attn" else owner[0]
+            if tensor.numel() != 1 or which not in "kv" or "self_attn" not in parts:
+                raise ValueError(f"unexpected KV-cache scale {hf_name!r} of shape {tuple(tensor.shape)}")
+            attn = self.get_submodule(".".join(parts[:parts.index("self_attn") + 1])).attn
+            attn.set_kv_scale(which, float(tensor.float().reshape(())))
+            return
+        if owner not in _SPLIT_DIMS:
+            raise ValueError(f"{hf_name}: fitserve reads fp8 scales only for the linear layers of each block "
+                             "(lm_head and embeddings stay in --dtype)")
+        merged, shard_index = _MERGED_SHARDS.get(owner, (owner, 0))
+        module = self.get_submodule(".".join(parts[:-2] + [merged]))
+        if not isinstance(module, Fp8Linear):
+            raise ValueError(f"{hf_name}: an fp8 checkpoint needs --quantization fp8 or fp8_per_tensor")
+        shard = tensor_shard(f"{hf_name.rpartition('.')[0]}.weight", self.full_arch, self.tp)
+        if kind == "weight_scale" and shard is not None and shard.dim == 0 and tensor.numel() > 1:
+            tensor = tensor.reshape(-1).narrow(0, shard.start, shard.length)  # this rank's rows' scales
+        module.load_fp8_piece(shard_index, kind, tensor)
 
     def _module_of(self, param_name: str) -> nn.Module | None:
         owner, _, leaf = param_name.rpartition(".")

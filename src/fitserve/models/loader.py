@@ -38,17 +38,44 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
         weights = gguf_weights(source)
     else:
         weights = safetensors_weights(source.weights_path, partial(tensor_shard, arch=source.arch, tp=tp))
-    bar = tqdm(weights, total=len(model.expected_weight_names()), desc=f"Loading {source.name}", unit="tensor",
-               disable=not progress or source.kind == "dummy")
-    loaded = model.load_weights(bar)
+    prequantized = source.kind == "hf" and source.checkpoint_fp8 is not None
+    bar = tqdm(weights, total=None if prequantized else len(model.expected_weight_names()),  # + scale tensors
+               desc=f"Loading {source.name}", unit="tensor", disable=not progress or source.kind == "dummy")
+    try:
+        loaded = model.load_weights(bar)
+    except ValueError as exc:  # a tensor of the wrong shape, dtype or name: the checkpoint's fault
+        raise ConfigError(f"Cannot load {source.weights_path}: {exc}") from None
     missing = model.expected_weight_names() - loaded
     if missing:
         raise ConfigError(f"The checkpoint {source.weights_path} lacks {len(missing)} tensors, "
                           f"e.g. {sorted(missing)[:3]}.")
-    assert all(m.is_loaded for m in model.modules() if isinstance(m, Fp8Linear)), "an fp8 layer missed a shard"
+    finish_fp8_layers(model, source, quantization)
     if model.device.type == "cuda":
         torch.cuda.empty_cache()  # hand back the temporaries (whole dummy tensors, fp8) before memory is measured
     return model.eval()
+
+
+def finish_fp8_layers(model: LlamaForCausalLM, source: ModelSource, quantization: str | None) -> None:
+    """Every fp8 layer is whole; an fp8 checkpoint with static input scales gave one to each
+    (fp8_per_tensor then needs no calibration: llm.fp8_calibration_ids)."""
+    for name, module in model.named_modules():
+        if isinstance(module, Fp8Linear):
+            try:
+                module.finish_loading()
+            except ValueError as exc:
+                raise ConfigError(f"The checkpoint {source.weights_path}: {name}: {exc}.") from None
+    if checkpoint_input_scales(source, quantization):
+        lacking = [n for n, m in model.named_modules() if isinstance(m, Fp8Linear) and m.input_scale is None]
+        if lacking:
+            raise ConfigError(f"The checkpoint {source.weights_path} declares static input scales, but "
+                              f"{len(lacking)} layers have none, e.g. {lacking[0]}.")
+
+
+def checkpoint_input_scales(source: ModelSource, quantization: str | None) -> bool:
+    """Whether fp8_per_tensor's static input scales come from the checkpoint (else start-up calibrates)."""
+    checkpoint = source.checkpoint_fp8
+    return (quantization == "fp8_per_tensor" and source.kind == "hf" and checkpoint is not None
+            and checkpoint.activations == "static")
 
 
 def dummy_weights(model: LlamaForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:

@@ -43,6 +43,10 @@ class ModelSourceLike(Protocol):
     weights_path: str | None
     arch: ArchConfig
 
+    def quantization(self, requested: str | None) -> str | None:
+        """--quantization as the checkpoint allows it (an fp8 checkpoint brings its own)."""
+        ...
+
 
 def add_plan_parser(subparsers: Any, resolve_source: Callable[[EngineConfig], ModelSourceLike]) -> None:
     """Register `fitserve plan`; the cli passes weights.source.resolve_model_source (a layer above)."""
@@ -99,7 +103,8 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
     return PlanInputs(
         arch=source.arch, model_name=source.name, param_counts=model_param_counts(source.arch, folder),
         max_model_len=resolve_max_model_len(scheduler.max_model_len, source.arch), dtype=resolve_dtype(args.dtype),
-        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype, device_total_bytes=total_bytes,
+        quantization=source.quantization(args.quantization), kv_cache_dtype=args.kv_cache_dtype,
+        device_total_bytes=total_bytes,
         gpu_name=gpu_name, gpu_memory_utilization=cache.gpu_memory_utilization,
         kv_cache_memory_bytes=cache.kv_cache_memory_bytes, num_gpu_blocks_override=cache.num_gpu_blocks_override,
         max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
@@ -129,7 +134,9 @@ def run_plan(args: argparse.Namespace, resolve_source: Callable[[EngineConfig], 
             raise ConfigError("--users and --context need a card: add --gpu NAME or --gpu-memory SIZE.")
         if args.users < 1 or args.context < 2:
             raise ConfigError("--users must be at least 1 and --context at least 2 tokens.")
-        options = search_fit(inputs, args.users, args.context)
+        # An fp8 checkpoint has no unquantized weights to plan: only its KV cache dtype varies.
+        weights_fixed = source.quantization(None) is not None
+        options = search_fit(inputs, args.users, args.context, weights_fixed)
         fits = any(o.utilization is not None for o in options)
         output = json.dumps(fit_to_json(options, args.users, args.context), indent=2) if args.json \
             else format_fit(inputs, args.users, args.context, options)

@@ -55,11 +55,14 @@ def _search_one(inputs: PlanInputs, num_users: int, context_tokens: int) -> FitO
     return FitOption(inputs.quantization, inputs.kv_cache_dtype, None, best, reason)
 
 
-def search_fit(inputs: PlanInputs, num_users: int, context_tokens: int) -> list[FitOption]:
-    """Every option in OPTIONS, planned for the load."""
+def search_fit(inputs: PlanInputs, num_users: int, context_tokens: int,
+               weights_fixed: bool = False) -> list[FitOption]:
+    """Every option in OPTIONS, planned for the load; with `weights_fixed` (an fp8 checkpoint)
+    only inputs.quantization, with each KV cache dtype."""
     base = replace(inputs, max_model_len=context_tokens, max_num_seqs=num_users)
+    options = [(inputs.quantization, kv) for kv in ("auto", "fp8")] if weights_fixed else OPTIONS
     return [_search_one(replace(base, quantization=q, kv_cache_dtype=kv), num_users, context_tokens)
-            for q, kv in OPTIONS]
+            for q, kv in options]
 
 
 def recommended(options: list[FitOption]) -> FitOption | None:

