@@ -248,6 +248,8 @@ def test_openai_client_gets_completions_from_an_fp8_checkpoint(dense_folder, tmp
     assert "fp8 checkpoint: e4m3 weights, per-tensor scales, static input scales: serving it as " \
            "--quantization fp8_per_tensor" in caplog.text
     assert "calibrated" not in caplog.text
+    from fitserve.server.ui.info import startup_info
+    assert startup_info(built.memory, config)["settings"]["quantization"] == "fp8_per_tensor"  # the /ui page
     engine = AsyncEngine(built.engine, "fp8-tiny", built.tokenizer).start()
     try:
         with live_server(build_app(engine)) as url:

@@ -69,7 +69,7 @@ def startup_info(memory: Any | None, config: EngineConfig) -> dict[str, Any]:
         "model": config.model or "embedded SmolLM2-135M-Instruct",
         "device": ("cuda" if plan.inputs.on_gpu else "cpu") if plan is not None else config.device,
         "dtype": plan.inputs.dtype if plan is not None else config.dtype,
-        "quantization": config.quantization,
+        "quantization": plan.inputs.quantization if plan is not None else config.quantization,  # an fp8 checkpoint's own
         "kv_cache_dtype": config.cache.kv_cache_dtype,
         "max_model_len": plan.inputs.max_model_len if plan is not None else config.scheduler.max_model_len,
         "max_num_seqs": config.scheduler.max_num_seqs,
