@@ -107,6 +107,43 @@ def sweep_wide(weights, report: dict, rows: int = 24) -> None:
     report["wide_rel_err_down"] = errors
 
 
+SWAP_AB_TILES = [triton_fp8_small.SwapABConfig(bn, 32, bk, split, 4, stages)
+                 for bn in (64, 128) for bk in (128, 256) for split in (1, 2, 4, 8) for stages in (3, 4, 6)]
+SWAP_AB_PROMOTE = [triton_fp8_small.SwapABConfig(128, 32, 128, 2, 4, 4, promote) for promote in (64, 128)]
+
+
+def sweep_swap_ab(weights, report: dict, rows: int = 24) -> None:
+    """--swap-ab: the weight on wgmma's M side (triton_fp8_small.scaled_mm_swap_ab) at `rows` rows,
+    beside the present choice and bf16 cuBLAS on the same shapes; the error on down against the
+    exact reference for each tile."""
+    errors: dict[str, float] = {}
+    tiles = {repr(t): t for t in SWAP_AB_TILES + SWAP_AB_PROMOTE}
+    candidates = {"present": present_choice}
+    for key, tile in tiles.items():
+        candidates[key] = lambda qx, xs, qw, ws, tile=tile: triton_fp8_small.scaled_mm_swap_ab(
+            qx, xs, qw, ws, torch.bfloat16, tile)
+
+    def error_on_down(key: str, name: str, qx: torch.Tensor, x_scale: torch.Tensor) -> None:
+        if name == "down" and key in tiles:
+            qw, w_scale = weights[0][name]
+            expected = fp8.scaled_mm_reference(qx, x_scale, qw, w_scale, torch.float32)
+            got = triton_fp8_small.scaled_mm_swap_ab(qx, x_scale, qw, w_scale, torch.float32, tiles[key])
+            errors[key] = ((got - expected).norm() / expected.norm()).item()
+            print(f"  {key}: relative error on down {errors[key]:.1e}", flush=True)
+
+    report["runs"][f"swap_ab_rows{rows}"] = time_candidates(candidates, rows, weights, error_on_down)
+    report["swap_ab_rel_err_down"] = errors
+    bf16 = {name: torch.randn(32, *shape, device="cuda").to(torch.bfloat16).unbind(0) for name, shape in SHAPES.items()}
+    report["runs"][f"bf16_cublas_rows{rows}"] = {}
+    for name, (_, inner) in SHAPES.items():
+        x = torch.randn(rows, inner, device="cuda").to(torch.bfloat16)
+        report["runs"][f"bf16_cublas_rows{rows}"][name] = time_graph(lambda x=x, name=name: [
+            torch.nn.functional.linear(x, w) for w in bf16[name]])
+        del bf16[name]
+    bf16_ms = report["runs"][f"bf16_cublas_rows{rows}"]
+    print(rows, "bf16 cuBLAS", {k: round(v, 3) for k, v in bf16_ms.items()}, round(sum(bf16_ms.values()), 3), flush=True)
+
+
 def best_table_rows(times1, times24) -> list[dict]:
     """Table rows (SMALL_M_TABLE's form) whose tile beats the present choice summed over shapes."""
     rows = []
@@ -139,6 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--wide", action="store_true", help="only sweep_wide: 64-row tiles, deeper pipelines")
+    parser.add_argument("--swap-ab", action="store_true", help="only sweep_swap_ab: the weight on wgmma's M side")
     args = parser.parse_args()
     torch.manual_seed(0)
     weights = []
@@ -149,6 +187,11 @@ def main() -> None:
             layer[name] = (qw, torch.rand(1, num_cols, device="cuda") / 100)
         weights.append(layer)
     report = {"card": torch.cuda.get_device_name(), "commit": os.environ.get("FITSERVE_COMMIT", ""), "runs": {}}
+    if args.swap_ab:
+        sweep_swap_ab(weights, report)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fp8_decode_swap_ab.json").write_text(json.dumps(report, indent=2))
+        return
     if args.wide:
         sweep_wide(weights, report)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,45 @@ def _splitk_kernel(
         tl.store(part, acc, mask=mask)
 
 
+# The batch rows and K-block counts vary from call to call: no recompile per value.
+@triton.jit(do_not_specialize=["M", "num_k_blocks", "blocks_per_split"])
+def _swap_ab_kernel(
+    a_ptr, b_ptr, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr, M, N, num_k_blocks, blocks_per_split,
+    stride_am, stride_bn, stride_cm,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, PROMOTE_EVERY: tl.constexpr,
+):
+    """C^T = W X^T: the weight's BLOCK_N rows are the MMA's M side (64 or 128: Hopper's wgmma),
+    the batch's <= BLOCK_T rows its N side, so a few rows waste no tensor-core rows. The fp8
+    sums are moved into the float32 accumulator every PROMOTE_EVERY products of K (wgmma's own
+    fp8 accumulation keeps fewer bits)."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_T)
+    cols = (offs_n % N).to(tl.int64)
+    rows = (offs_t % M).to(tl.int64)  # clamped: loads stay in bounds without masks
+    first_block = split * blocks_per_split
+    last_block = tl.minimum(first_block + blocks_per_split, num_k_blocks)
+    offs_k = first_block.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    w_ptrs = b_ptr + cols[:, None] * stride_bn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], K-contiguous
+    x_ptrs = a_ptr + rows[None, :] * stride_am + offs_k[:, None]  # [BLOCK_K, BLOCK_T], K-contiguous
+    acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+    for _ in range(first_block, last_block):
+        acc = tl.dot(tl.load(w_ptrs), tl.load(x_ptrs), acc, max_num_imprecise_acc=PROMOTE_EVERY)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    acc_t = tl.trans(acc)  # [BLOCK_T, BLOCK_N]
+    mask = (offs_t < M)[:, None] & (offs_n < N)[None, :]
+    if SPLIT_K == 1:
+        c = apply_scales(acc_t, a_scale_ptr, b_scale_ptr, rows, cols, A_PER_ROW, B_PER_COL)
+        c_ptrs = c_ptr + offs_t.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        part = part_ptr + (split.to(tl.int64) * M + offs_t.to(tl.int64)[:, None]) * N + offs_n[None, :]
+        tl.store(part, acc_t, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _splitk_reduce_kernel(
     part_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, stride_cm,
@@ -232,6 +271,48 @@ def scaled_mm_split_k(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
         qx.stride(0), qw.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if cfg.split_k > 1:
+        block = min(1024, triton.next_power_of_2(num_cols))
+        _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
+            part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
+            BLOCK=block, SPLIT_K=cfg.split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SwapABConfig:
+    block_n: int  # weight rows per program: 64 or 128 (wgmma's M)
+    block_t: int  # batch rows per program (>= the batch): 16 or 32
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+    promote_every: int = 32  # K products between moves into the float32 accumulator
+
+
+def scaled_mm_swap_ab(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+                      out_dtype: torch.dtype, config: SwapABConfig) -> torch.Tensor:
+    """scaled_mm_split_k's contract for at most config.block_t rows, with the weight on wgmma's M side."""
+    a_per_row, b_per_col = _check(qx, x_scale, qw, w_scale)
+    num_rows, inner = qx.shape
+    num_cols = qw.shape[0]
+    cfg = config
+    assert num_rows <= cfg.block_t and inner % cfg.block_k == 0
+    out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=qx.device)
+    if num_rows == 0:
+        return out
+    num_k_blocks = inner // cfg.block_k
+    per_split = triton.cdiv(num_k_blocks, cfg.split_k)
+    part = torch.empty((cfg.split_k, num_rows, num_cols) if cfg.split_k > 1 else (1,),
+                       dtype=torch.float32, device=qx.device)
+    _swap_ab_kernel[(triton.cdiv(num_cols, cfg.block_n), cfg.split_k)](
+        qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
+        qx.stride(0), qw.stride(0), out.stride(0),
+        BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        A_PER_ROW=a_per_row, B_PER_COL=b_per_col, PROMOTE_EVERY=cfg.promote_every,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.split_k > 1:
         block = min(1024, triton.next_power_of_2(num_cols))
