@@ -123,7 +123,8 @@ def load_fp8_small_table(path: str) -> None:
 
     table = {choice.max_rows: choice for choice in small.SMALL_M_TABLE}
     for row in json.loads(Path(path).read_text()):
-        config = small.GemvConfig(*row["config"]) if row["kernel"] == "gemv" else small.SplitKConfig(*row["config"])
+        kind = {"gemv": small.GemvConfig, "split_k": small.SplitKConfig, "swap_ab": small.SwapABConfig}[row["kernel"]]
+        config = kind(*row["config"])
         table[row["max_rows"]] = small.SmallMChoice(row["max_rows"], row["kernel"], config, row["only_if_underfilled"])
     small.SMALL_M_TABLE = tuple(table[rows] for rows in sorted(table))
     print("fp8 small-batch table:", small.SMALL_M_TABLE, flush=True)

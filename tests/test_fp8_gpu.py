@@ -114,11 +114,33 @@ def test_fp8_gemv_matches_reference(num_cols, inner, cfg, per_tensor):
         assert got.shape == (1, num_cols) and got.dtype == dtype and rel_err(got, expected) < 1e-2
 
 
-@pytest.mark.parametrize("num_rows,cfg", [(20, triton_fp8_small.SplitKConfig(32, 64, 128, 4)),
-                                          (1, triton_fp8_small.GemvConfig(8, 2048, 8))], ids=str)
-def test_small_m_kernels_are_deterministic_and_replay_in_a_cuda_graph(num_rows, cfg):
+SWAP_AB_CONFIGS = [triton_fp8_small.SwapABConfig(64, 32, 128, 4), triton_fp8_small.SwapABConfig(64, 32, 128, 1),
+                   triton_fp8_small.SwapABConfig(128, 16, 64, 5, num_stages=3),  # uneven: 16 K blocks in 5 splits
+                   triton_fp8_small.SwapABConfig(64, 32, 32, 3, promote_every=32)]
+
+
+@pytest.mark.parametrize("num_rows", [1, 2, 7, 16, 24, 32])
+@pytest.mark.parametrize("num_cols,inner", [(6144, 4096), (4096, 14336), (1000, 1024), (48, 1024)])
+@pytest.mark.parametrize("cfg", SWAP_AB_CONFIGS, ids=str)
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_swap_ab_scaled_mm_matches_reference(num_rows, num_cols, inner, cfg, per_tensor):
+    """Sums promoted to float32 every 32 products: close to the exact reference (fast accumulation,
+    as torch's row-wise _scaled_mm runs past 32 rows, is about 1e-3 off)."""
+    if num_rows > cfg.block_t:
+        pytest.skip("more rows than the tile")
+    qx, sx, qw, sw = _quantized(num_rows, num_cols, inner, per_tensor)
+    expected = fp8.scaled_mm_reference(qx, sx, qw, sw, torch.float32)
+    assert rel_err(triton_fp8_small.scaled_mm_swap_ab(qx, sx, qw, sw, torch.float32, cfg), expected) < 2e-4
+    got = triton_fp8_small.scaled_mm_swap_ab(qx, sx, qw, sw, torch.bfloat16, cfg)
+    assert got.shape == (num_rows, num_cols) and got.dtype == torch.bfloat16 and rel_err(got, expected) < 1e-2
+
+
+@pytest.mark.parametrize("num_rows,kernel,cfg", [(20, "split_k", triton_fp8_small.SplitKConfig(32, 64, 128, 4)),
+                                                 (20, "swap_ab", triton_fp8_small.SwapABConfig(64, 32, 128, 4)),
+                                                 (1, "gemv", triton_fp8_small.GemvConfig(8, 2048, 8))], ids=str)
+def test_small_m_kernels_are_deterministic_and_replay_in_a_cuda_graph(num_rows, kernel, cfg):
     qx, sx, qw, sw = _quantized(num_rows, 4096, 4096, False)
-    choice = triton_fp8_small.SmallMChoice(32, "gemv" if num_rows == 1 else "split_k", cfg, False)
+    choice = triton_fp8_small.SmallMChoice(32, kernel, cfg, False)
     eager = triton_fp8_small.run(choice, qx, sx, qw, sw, torch.bfloat16)
     for _ in range(3):
         assert torch.equal(triton_fp8_small.run(choice, qx, sx, qw, sw, torch.bfloat16).view(torch.int16),
@@ -140,13 +162,14 @@ def test_small_m_kernels_are_deterministic_and_replay_in_a_cuda_graph(num_rows, 
 
 
 def test_small_m_plan():
-    """The table's rules: GEMV at one row, split-K up to 32 rows only where tiles underfill the SMs,
-    a BLOCK_K that divides K."""
+    """The table's rules: GEMV at one row, swap-AB up to 32 rows, split over K only where its tiles
+    underfill the SMs, a BLOCK_K that divides K."""
     plan = triton_fp8_small.plan
     assert plan(1, 28672, 4096, 132).kernel == "gemv"
     down = plan(20, 4096, 14336, 132)
-    assert down.kernel == "split_k" and down.config.split_k > 1 and 14336 % down.config.block_k == 0
-    assert plan(16, 28672, 4096, 132) is None, "gate_up's tiles fill the chip"
+    assert down.kernel == "swap_ab" and down.config.split_k > 1 and 14336 % down.config.block_k == 0
+    gate_up = plan(16, 28672, 4096, 132)
+    assert gate_up.kernel == "swap_ab" and gate_up.config.split_k == 1, "gate_up's tiles fill the chip"
     assert plan(33, 4096, 4096, 132) is None
     small_k = plan(4, 960, 576, 132)
     assert small_k is not None and 576 % small_k.config.block_k == 0

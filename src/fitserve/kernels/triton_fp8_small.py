@@ -11,9 +11,16 @@ e4m3, K-contiguous, exact float32 accumulation and one rounding to the output dt
   the same run to run (no atomics). With SPLIT_K 1 the GEMM kernel stores the output itself.
 - GEMV (one row): CUDA cores, no tensor cores; each program owns BLOCK_N weight rows and walks
   K in BLOCK_K-wide contiguous runs, as kernels/triton_gemv.py does for bf16.
+- Swap-AB (2 to 32 rows, what the table picks): C^T = W X^T, so the weight's rows fill the MMA's
+  M side (64, Hopper's wgmma) and the few batch rows its N side; split over K in the same way
+  where the output tiles leave SMs idle. wgmma accumulates fp8 products in fewer bits than
+  float32, so the kernel moves its sums into the float32 accumulator every 32 products of K
+  (tl.dot's max_num_imprecise_acc): 4e-5 relative error over K = 14336 against the exact
+  reference, where torch's row-wise _scaled_mm with fast accumulation (past 32 rows) gives 1e-3.
 
 Both allocate their workspace with torch inside the call and never sync: CUDA-graph safe.
-`plan` picks a kernel by rows from SMALL_M_TABLE (see there).
+`plan` picks a kernel by rows from SMALL_M_TABLE (see there); the split-K kernel (exact sums
+on mma.sync) stays for the benchmarks' sweeps and as a table choice.
 """
 
 from __future__ import annotations
@@ -166,24 +173,39 @@ class GemvConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SwapABConfig:
+    block_n: int  # weight rows per program: 64 or 128 (wgmma's M)
+    block_t: int  # batch rows per program (>= the batch): 16 or 32
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+    promote_every: int = 32  # K products between moves into the float32 accumulator
+
+
+@dataclass(frozen=True, slots=True)
 class SmallMChoice:
-    """One row of SMALL_M_TABLE: `kernel` ("gemv" or "split_k") for batches of up to max_rows."""
+    """One row of SMALL_M_TABLE: `kernel` ("gemv", "split_k" or "swap_ab") for batches of up to max_rows."""
 
     max_rows: int
     kernel: str
-    config: SplitKConfig | GemvConfig
-    only_if_underfilled: bool  # split-K only where the output tiles alone leave SMs idle
+    config: SplitKConfig | GemvConfig | SwapABConfig
+    # split_k: only where the output tiles alone leave SMs idle (else the general GEMMs);
+    # swap_ab: its split_k only there, one split elsewhere
+    only_if_underfilled: bool
 
 
 # From benchmarks/fp8_decode_bench.py, which times each shape's 32 layers in one CUDA graph
 # (results/fp8_decode_h200_89e7e1c.json): at 1 row the GEMV with 4 rows x 1024 per program took
-# 2.16 ms for the 128 layers against 2.62 ms for the first, unmeasured choice (8 x 2048, 8 warps);
-# at 24 rows split-K 32 x 64 x 128 in 4 slices 2.50 ms against 2.63 ms. End to end on the H200
-# (gpu_bench_h200_fp8_2dfd3a8.json): fp8 single stream 3.30 ms per token (3.78 ms before), W6 3.51 s.
+# 2.16 ms for the 128 layers against 2.62 ms for the first, unmeasured choice (8 x 2048, 8 warps).
+# At 24 rows (--swap-ab, results/fp8_decode_swap_ab_h200_1b894a4.json) swap-AB 64 x 32 x 128, 4
+# stages, 4 splits where the tiles underfill the chip (qkv, o, down) and one elsewhere (gate_up):
+# 0.34 + 0.28 + 1.04 + 0.64 = 2.30 ms, against 2.50 ms for mma.sync split-K 32 x 64 x 128 in 4
+# slices with gate_up on torch's row-wise _scaled_mm, and 4.11 ms for bf16 cuBLAS.
 # Rows past the table go to triton_fp8 / torch._scaled_mm.
 SMALL_M_TABLE: tuple[SmallMChoice, ...] = (
     SmallMChoice(1, "gemv", GemvConfig(4, 1024, 4), only_if_underfilled=False),
-    SmallMChoice(32, "split_k", SplitKConfig(32, 64, 128, 4), only_if_underfilled=True),
+    SmallMChoice(32, "swap_ab", SwapABConfig(64, 32, 128, 4), only_if_underfilled=True),
 )
 
 
@@ -218,12 +240,16 @@ def _plan(table: tuple[SmallMChoice, ...], num_rows: int, num_cols: int, inner: 
         cfg = choice.config
         if isinstance(cfg, GemvConfig):
             return choice if num_rows == 1 else None
-        if choice.only_if_underfilled and output_tiles(num_rows, num_cols, cfg) >= sms:
-            return None
         block_k = cfg.block_k
         while inner % block_k:  # halve for a K the table's tile does not divide (K is a multiple of 16)
             block_k //= 2
         if block_k < MIN_BLOCK_K:
+            return None
+        if isinstance(cfg, SwapABConfig):
+            filled = triton.cdiv(num_cols, cfg.block_n) >= sms
+            split = 1 if filled and choice.only_if_underfilled else cfg.split_k
+            return replace(choice, config=replace(cfg, block_k=block_k, split_k=split))
+        if choice.only_if_underfilled and output_tiles(num_rows, num_cols, cfg) >= sms:
             return None
         cfg = replace(cfg, block_k=block_k)
         return replace(choice, config=replace(cfg, split_k=cfg.split_k or auto_split_k(num_rows, num_cols, inner, cfg, sms)))
@@ -272,24 +298,21 @@ def scaled_mm_split_k(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
         A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.split_k > 1:
-        block = min(1024, triton.next_power_of_2(num_cols))
-        _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
-            part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
-            BLOCK=block, SPLIT_K=cfg.split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
-        )
+    _reduce_splits(part, out, x_scale, w_scale, cfg.split_k, a_per_row, b_per_col)
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class SwapABConfig:
-    block_n: int  # weight rows per program: 64 or 128 (wgmma's M)
-    block_t: int  # batch rows per program (>= the batch): 16 or 32
-    block_k: int
-    split_k: int
-    num_warps: int = 4
-    num_stages: int = 4
-    promote_every: int = 32  # K products between moves into the float32 accumulator
+def _reduce_splits(part: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                   split_k: int, a_per_row: bool, b_per_col: bool) -> None:
+    """out = scales x (the sum of part [SPLIT_K, M, N] over splits, in split order); nothing for one split."""
+    if split_k == 1:
+        return
+    num_rows, num_cols = out.shape
+    block = min(1024, triton.next_power_of_2(num_cols))
+    _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
+        part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
+        BLOCK=block, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
+    )
 
 
 def scaled_mm_swap_ab(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
@@ -314,12 +337,7 @@ def scaled_mm_swap_ab(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
         A_PER_ROW=a_per_row, B_PER_COL=b_per_col, PROMOTE_EVERY=cfg.promote_every,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if cfg.split_k > 1:
-        block = min(1024, triton.next_power_of_2(num_cols))
-        _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
-            part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
-            BLOCK=block, SPLIT_K=cfg.split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
-        )
+    _reduce_splits(part, out, x_scale, w_scale, cfg.split_k, a_per_row, b_per_col)
     return out
 
 
@@ -345,4 +363,6 @@ def run(choice: SmallMChoice, qx: torch.Tensor, x_scale: torch.Tensor, qw: torch
     """The product by a `plan` result."""
     if isinstance(choice.config, GemvConfig):
         return gemv(qx, x_scale, qw, w_scale, out_dtype, choice.config)
+    if isinstance(choice.config, SwapABConfig):
+        return scaled_mm_swap_ab(qx, x_scale, qw, w_scale, out_dtype, choice.config)
     return scaled_mm_split_k(qx, x_scale, qw, w_scale, out_dtype, choice.config)
