@@ -144,6 +144,21 @@ def sweep_swap_ab(weights, report: dict, rows: int = 24) -> None:
     print(rows, "bf16 cuBLAS", {k: round(v, 3) for k, v in bf16_ms.items()}, round(sum(bf16_ms.values()), 3), flush=True)
 
 
+def sweep_per_tensor(weights, report: dict, rows: int = 24) -> None:
+    """--per-tensor: fp8_per_tensor's GEMM (cuBLASLt through torch._scaled_mm) against swap-AB with
+    the same per-tensor scales, at `rows` rows."""
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+    tile = triton_fp8_small.SMALL_M_TABLE[-1].config
+    candidates = {
+        "cublaslt_per_tensor": lambda qx, xs, qw, ws: fp8.scaled_mm_torch(qx, one, qw, one, torch.bfloat16),
+        "swap_ab_per_tensor": lambda qx, xs, qw, ws: triton_fp8_small.run(
+            triton_fp8_small.plan(qx.shape[0], qw.shape[0], qw.shape[1], triton_fp8_small.num_sms(qx.device)),
+            qx, one, qw, one, torch.bfloat16),
+    }
+    report["per_tensor_tile"] = repr(tile)
+    report["runs"][f"per_tensor_rows{rows}"] = time_candidates(candidates, rows, weights)
+
+
 def best_table_rows(times1, times24) -> list[dict]:
     """Table rows (SMALL_M_TABLE's form) whose tile beats the present choice summed over shapes."""
     rows = []
@@ -177,6 +192,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--wide", action="store_true", help="only sweep_wide: 64-row tiles, deeper pipelines")
     parser.add_argument("--swap-ab", action="store_true", help="only sweep_swap_ab: the weight on wgmma's M side")
+    parser.add_argument("--per-tensor", action="store_true", help="only sweep_per_tensor: cuBLASLt vs swap-AB")
     args = parser.parse_args()
     torch.manual_seed(0)
     weights = []
@@ -187,6 +203,12 @@ def main() -> None:
             layer[name] = (qw, torch.rand(1, num_cols, device="cuda") / 100)
         weights.append(layer)
     report = {"card": torch.cuda.get_device_name(), "commit": os.environ.get("FITSERVE_COMMIT", ""), "runs": {}}
+    if args.per_tensor:
+        for rows in (8, 24):
+            sweep_per_tensor(weights, report, rows)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fp8_decode_per_tensor.json").write_text(json.dumps(report, indent=2))
+        return
     if args.swap_ab:
         sweep_swap_ab(weights, report)
         Path(args.out).mkdir(parents=True, exist_ok=True)
