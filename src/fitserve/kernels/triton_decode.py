@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fitserve.kernels import fp8
 from fitserve.kernels.triton_attention import (
     MIN_DOT_ROWS,
     TILE_N,
@@ -33,10 +32,6 @@ from fitserve.kernels.triton_attention import (
 
 MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
 MAX_SPLITS = 16
-# Benchmark knob, not a setting (benchmarks/decode_attention_bench.py times it on and off): an
-# fp8 cache's tiles widen to float16 (one conversion instruction per two values on sm89+) and
-# q, with the softmax scale folded in first so that it cannot overflow float16, joins them.
-FP8_CACHE_F16_DOTS = True
 
 
 @triton.jit
@@ -45,7 +40,7 @@ def _decode_split_kernel(
     query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, F16_DOTS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
 ):
     """One slice of one (request, KV head): its GROUP query heads' partial rows, written at
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split (output [D] and log-sum-exp, float32)."""
@@ -65,9 +60,6 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
                 mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
-    if F16_DOTS:  # attend_tiles widens the cache's tiles to q's dtype
-        q = (q.to(tl.float32) * scale).to(tl.float16)
-        scale = 1.0
     m_i, l_i, acc = attend_tiles(
         q, rows, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, key_begin, key_end, scale,
         stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, False)
@@ -136,7 +128,7 @@ def paged_decode_attention(
         float(v_scale), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
         BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        TILE=TILE_N, F16_DOTS=FP8_CACHE_F16_DOTS and fp8.is_fp8(k_cache.dtype), num_warps=4, num_stages=2,
+        TILE=TILE_N, num_warps=4, num_stages=2,
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
