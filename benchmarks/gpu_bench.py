@@ -300,7 +300,7 @@ def part_profile(args: argparse.Namespace) -> dict:
     return result
 
 
-GEMM_KERNEL_MARKS = ("gemm", "gemv", "sm90", "cutlass", "nvjet", "scaled_mm", "splitk")
+GEMM_KERNEL_MARKS = ("gemm", "gemv", "sm90", "cutlass", "nvjet", "scaled_mm", "splitk", "swap_ab")
 ATTENTION_KERNEL_MARKS = ("attention", "_decode_split", "_decode_merge")
 
 
