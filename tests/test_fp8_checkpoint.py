@@ -224,10 +224,25 @@ def test_plan_counts_an_fp8_checkpoint_as_fp8_without_the_flag(dense_folder, tmp
     assert [(o["quantization"], o["kv_cache_dtype"]) for o in options] == [("fp8", "auto"), ("fp8", "fp8")]
 
 
-def test_check_quant_refuses_an_fp8_checkpoint(dense_folder, tmp_path):
+def test_check_quant_compares_an_fp8_checkpoint_with_its_original(dense_folder, tmp_path, capsys):
+    """With --reference-model the checkpoint is checked against the bf16/fp16 weights it came from: here
+    the same figures as online fp8 of the original, since the bytes are the same."""
     folder = write_fp8_checkpoint(dense_folder, tmp_path / "fp8", CHANNEL_DYNAMIC, per_channel=True)
-    with pytest.raises(ConfigError, match="no float32 weights to compare with"):
-        run_check(EngineConfig(model=str(folder), dtype="float32", device="cpu", quantization="fp8"))
+    config = EngineConfig(model=str(folder), dtype="float32", device="cpu")
+    with pytest.raises(ConfigError, match="no float32 weights to compare with. Give .* as --reference-model"):
+        run_check(config)
+    prompts = ("The capital of France is", "def add(a, b):")
+    stored = run_check(config, max_new_tokens=6, prompts=prompts, reference_model=str(dense_folder))
+    online = run_check(EngineConfig(model=str(dense_folder), dtype="float32", device="cpu", quantization="fp8"),
+                       max_new_tokens=6, prompts=prompts)
+    assert stored.to_json()["prompts"] == online.to_json()["prompts"] and stored.top1_agreement > 0.5
+    assert stored.reference.endswith(f"({dense_folder})") and stored.quantized.startswith("weights fp8")
+    assert main(["check-quant", "--model", str(folder), "--reference-model", str(dense_folder), "--dtype", "float32",
+                 "--device", "cpu", "--num-prompts", "1", "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantized"].startswith("weights fp8")
+    other = write_tiny_llama(tmp_path / "other", hidden_size=32)
+    with pytest.raises(ConfigError, match="not the same model.*hidden_size"):
+        run_check(config, reference_model=str(other))
 
 
 def test_openai_client_gets_completions_from_an_fp8_checkpoint(dense_folder, tmp_path, caplog):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -170,26 +170,45 @@ def _first_divergence(reference: list[int], quantized: list[int]) -> int | None:
     return None
 
 
+def reference_source(config: EngineConfig, source: ModelSource, reference_model: str | None) -> ModelSource:
+    """The unquantized model to compare with: --reference-model, else --model itself (which an fp8
+    checkpoint cannot be: it has no unquantized weights)."""
+    if reference_model is None:
+        if source.checkpoint_fp8 is not None:
+            raise ConfigError(
+                f"{source.name} is an {source.checkpoint_fp8.describe()}: it has no {config.dtype} weights to "
+                "compare with. Give the bf16/fp16 checkpoint it was made from as --reference-model.")
+        return source
+    reference = resolve_model_source(replace(config, model=reference_model, load_format="auto"))
+    if reference.checkpoint_fp8 is not None:
+        raise ConfigError(f"--reference-model {reference_model} is itself an fp8 checkpoint; give an unquantized one.")
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim")
+    differ = [f for f in shape_fields if getattr(reference.arch, f) != getattr(source.arch, f)]
+    if differ:
+        raise ConfigError(f"--reference-model {reference_model} is not the same model as {source.name}: "
+                          f"{', '.join(differ)} differ.")
+    return reference
+
+
 def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-              prompts: tuple[str, ...] = PROMPTS) -> QuantReport:
-    """The check for config's --quantization / --kv-cache-dtype against its --dtype."""
+              prompts: tuple[str, ...] = PROMPTS, reference_model: str | None = None) -> QuantReport:
+    """The check for config's --quantization / --kv-cache-dtype (or an fp8 checkpoint's own
+    scheme) against --dtype, on --model or on `reference_model`'s unquantized weights."""
     start_s = time.monotonic()
     source = resolve_model_source(config)
-    if source.checkpoint_fp8 is not None:
-        raise ConfigError(
-            f"{source.name} is an {source.checkpoint_fp8.describe()}: it has no {config.dtype} weights to compare "
-            "with. Run check-quant on the bf16/fp16 checkpoint it was made from, with the --quantization it "
-            "corresponds to.")
+    ref_source = reference_source(config, source, reference_model)
+    quantization = source.quantization(config.quantization)
     device = resolve_device(config)
     dtype_name = resolve_dtype(config.dtype)
     dtype = TORCH_DTYPES[dtype_name]
     tokenizer = Tokenizer.from_source(source)
     eos_ids = set(source.eos_token_ids or tokenizer.eos_token_ids)
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
-    setting = Setting(config.quantization, config.cache.kv_cache_dtype)
-    reference = run_reference(source, dtype, device, prompt_ids, eos_ids, max_new_tokens)
+    setting = Setting(quantization, config.cache.kv_cache_dtype)
+    reference = run_reference(ref_source, dtype, device, prompt_ids, eos_ids, max_new_tokens)
     compared = compare(reference, source, dtype, device, setting, max_new_tokens,
-                       fp8_calibration_ids(config.quantization, tokenizer))
+                       fp8_calibration_ids(quantization, tokenizer, source))
     comparisons = []
     for text, ref_tokens, (quant_tokens, positions, agree, gen_positions, gen_agree, kl_sum) in zip(
             prompts, reference.continuations, compared):
@@ -199,9 +218,13 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
             num_positions=positions, num_agree=agree, num_generated_positions=gen_positions,
             num_generated_agree=gen_agree, kl_sum=kl_sum, first_divergence=_first_divergence(ref_tokens, quant_tokens),
         ))
+    described_ref = Setting(None, "auto").describe(dtype_name)
+    described = setting.describe(dtype_name)
+    if ref_source is not source:
+        described_ref, described = f"{described_ref} ({ref_source.name})", f"{described} ({source.name})"
     return QuantReport(
-        model=source.name, device=str(device), reference=Setting(None, "auto").describe(dtype_name),
-        quantized=setting.describe(dtype_name), max_new_tokens=max_new_tokens, prompts=tuple(comparisons),
+        model=source.name, device=str(device), reference=described_ref,
+        quantized=described, max_new_tokens=max_new_tokens, prompts=tuple(comparisons),
         seconds=time.monotonic() - start_s,
     )
 
@@ -211,7 +234,7 @@ def verify_at_startup(config: EngineConfig) -> QuantReport | None:
     checkpoint = resolve_model_source(config).checkpoint_fp8
     if checkpoint is not None:
         logger.warning("--verify-quantization: the model is an %s, with no unquantized weights to compare with; "
-                       "run `fitserve check-quant` on the checkpoint it was made from.", checkpoint.describe())
+                       "run `fitserve check-quant --model M --reference-model ORIGINAL`.", checkpoint.describe())
         return None
     if config.quantization is None and config.cache.kv_cache_dtype == "auto":
         logger.info("--verify-quantization: nothing is quantized (no --quantization, --kv-cache-dtype auto)")

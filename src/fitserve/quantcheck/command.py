@@ -2,6 +2,7 @@
 
     fitserve check-quant --quantization fp8                         # the embedded SmolLM2, CPU or GPU
     fitserve check-quant --model M --quantization fp8 --kv-cache-dtype fp8 --json
+    fitserve check-quant --model FP8_CHECKPOINT --reference-model ITS_BF16_ORIGINAL
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def add_check_quant_parser(subparsers: Any, add_engine_args: Callable[[argparse.
     check = subparsers.add_parser(
         "check-quant", help="compare --quantization / --kv-cache-dtype with --dtype on built-in prompts")
     add_engine_args(check)
+    check.add_argument("--reference-model", default=None,
+                       help="the unquantized checkpoint to compare with (default: --model itself); what an fp8 "
+                            "checkpoint needs")
     check.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
     check.add_argument("--num-prompts", type=int, default=None, help="use the first N built-in prompts")
     check.add_argument("--min-agreement", type=float, default=None,
@@ -34,9 +38,9 @@ def add_check_quant_parser(subparsers: Any, add_engine_args: Callable[[argparse.
 
 def run_check_quant(args: argparse.Namespace, config_from_args: Callable[[argparse.Namespace], EngineConfig]) -> int:
     config = config_from_args(args)
-    if config.quantization is None and config.cache.kv_cache_dtype == "auto":
+    if config.quantization is None and config.cache.kv_cache_dtype == "auto" and args.reference_model is None:
         raise ConfigError("check-quant compares a quantized setting with --dtype: give --quantization fp8 "
-                          "and/or --kv-cache-dtype fp8.")
+                          "and/or --kv-cache-dtype fp8 (or, for an fp8 checkpoint, --reference-model).")
     if args.max_new_tokens < 1 or (args.num_prompts is not None and args.num_prompts < 1):
         raise ConfigError("--max-new-tokens and --num-prompts must be at least 1.")
     from fitserve.quantcheck.check import run_check  # torch from here on
@@ -44,7 +48,8 @@ def run_check_quant(args: argparse.Namespace, config_from_args: Callable[[argpar
     from fitserve.quantcheck.report import format_report
 
     prompts = PROMPTS[:args.num_prompts] if args.num_prompts else PROMPTS
-    report = run_check(config, max_new_tokens=args.max_new_tokens, prompts=prompts)
+    report = run_check(config, max_new_tokens=args.max_new_tokens, prompts=prompts,
+                       reference_model=args.reference_model)
     sys.stdout.write((json.dumps(report.to_json(), indent=2) if args.json else format_report(report)) + "\n")
     if args.min_agreement is not None and report.top1_agreement < args.min_agreement:
         return EXIT_BELOW_MIN_AGREEMENT
