@@ -10,6 +10,7 @@ checkpoint quantized per channel must load into exactly the model online quantiz
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -211,6 +212,16 @@ def test_broken_checkpoints_fail_with_the_layer_named(dense_folder, tmp_path):
     static = write_fp8_checkpoint(dense_folder, tmp_path / "static", TENSOR_STATIC, per_channel=False)
     with pytest.raises(ConfigError, match="declares static input scales, but 12 layers have none"):
         load(static)
+    tensors = load_file(static / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name].float().to(torch.float8_e5m2)
+    save_file(tensors, str(static / "model.safetensors"))
+    with pytest.raises(ConfigError, match="down_proj.weight: shard 0 is torch.float8_e5m2"):
+        load(static)
+    fresh = write_fp8_checkpoint(dense_folder, tmp_path / "fresh", CHANNEL_DYNAMIC, per_channel=True)
+    source = resolve_model_source(EngineConfig(model=str(fresh)))
+    with pytest.raises(ConfigError, match="an fp8 checkpoint needs --quantization fp8"):
+        load_model(replace(source, checkpoint_fp8=None), torch.float32, CPU, progress=False)  # no fp8 layers
 
 
 def test_plan_counts_an_fp8_checkpoint_as_fp8_without_the_flag(dense_folder, tmp_path, capsys):

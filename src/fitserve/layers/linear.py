@@ -41,6 +41,8 @@ class Linear(nn.Module):
         rows = self.shard_sizes[shard_index]
         if tuple(loaded.shape) != (rows, self.weight.shape[1]):
             raise ValueError(f"shard {shard_index}: expected {(rows, self.weight.shape[1])}, got {tuple(loaded.shape)}")
+        if loaded.dtype.itemsize == 1:  # an fp8 tensor means nothing without its scale (Fp8Linear reads both)
+            raise ValueError(f"shard {shard_index} is {loaded.dtype}: an fp8 checkpoint needs --quantization fp8")
         self.weight.data[start:start + rows].copy_(loaded)
 
 

@@ -112,6 +112,9 @@ class Fp8Linear(nn.Module):
         if fp8.is_fp8(loaded.dtype):
             self.load_fp8_piece(shard_index, "weight", loaded)
             return
+        if loaded.dtype.itemsize == 1:
+            raise ValueError(f"shard {shard_index} is {loaded.dtype}: fitserve reads fp8 checkpoints in e4m3 "
+                             "(float8_e4m3fn) only")
         # Round to the serving dtype first: the fp8 model is the bf16 model, quantized.
         weight = loaded.to(device=self.weight.device, dtype=self.dtype)
         if not self.per_tensor:
@@ -139,7 +142,7 @@ class Fp8Linear(nn.Module):
         if kind == "input_scale":
             if tensor.numel() != 1:
                 raise ValueError(f"shard {shard_index}: input_scale must hold one value, got shape {tuple(tensor.shape)}")
-            self._checkpoint_input_scales[shard_index] = _checked_scale(tensor, "input_scale")
+            self._checkpoint_input_scales[shard_index] = _checked_scale(tensor, "input_scale").reshape(())
             return
         pieces = self._fp8_pieces.setdefault(shard_index, {})
         pieces[kind] = tensor

@@ -68,6 +68,13 @@ def tensor_shard(hf_name: str, arch: ArchConfig, tp: TensorParallel) -> TensorSh
     return TensorShard(dim, tp.rank * length, length)
 
 
+def _load_shard(module: Linear | Fp8Linear, shard_index: int, tensor: torch.Tensor, hf_name: str) -> None:
+    try:
+        module.load_shard(shard_index, tensor)
+    except ValueError as exc:
+        raise ValueError(f"{hf_name}: {exc}") from None
+
+
 class LlamaAttention(nn.Module):
     """`arch` is one rank's shard (ArchConfig.shard): its heads only; o_proj's partial sums are all-reduced."""
 
@@ -197,9 +204,9 @@ class LlamaForCausalLM(nn.Module):
             elif len(parts) >= 2 and parts[-2] in _MERGED_SHARDS:
                 merged, shard = _MERGED_SHARDS[parts[-2]]
                 module = self.get_submodule(".".join(parts[:-2] + [merged]))
-                module.load_shard(shard, tensor)
+                _load_shard(module, shard, tensor, hf_name)
             elif isinstance(module := self._module_of(name), (Linear, Fp8Linear)):
-                module.load_shard(0, tensor)  # o_proj, down_proj, lm_head (an fp8 layer quantizes here)
+                _load_shard(module, 0, tensor, hf_name)  # o_proj, down_proj, lm_head (an fp8 layer quantizes here)
             elif name in params:
                 if params[name].shape != tensor.shape:
                     raise ValueError(f"{hf_name}: expected {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
