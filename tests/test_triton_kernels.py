@@ -99,6 +99,7 @@ def test_split_decode_matches_reference(num_seqs, num_splits):
 def test_split_count_fills_the_chip_only_for_small_batches():
     assert triton_decode.decode_num_splits(1, 8, 132) == triton_decode.MAX_SPLITS
     assert triton_decode.decode_num_splits(256, 8, 132) == 1
+    assert triton_decode.decode_num_splits(20, 8, 132) == 4  # W1/W6's batch (decode_attention_bench.py)
 
 
 @pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096)])

@@ -30,7 +30,12 @@ from fitserve.kernels.triton_attention import (
     cache_scales,
 )
 
-MIN_PROGRAMS_PER_SM = 2  # enough programs in flight to hide memory latency
+# Enough programs in flight to hide memory latency. benchmarks/decode_attention_bench.py on the
+# H200 (results/decode_attention_splits_h200_bf72932.json, Llama-3-8B heads, 32 layers): at 20
+# requests x 576 tokens 4 splits took 0.630 ms (bf16 cache) and 0.566 ms (fp8) against 0.670 and
+# 0.631 ms for the 2 that 2 programs per SM gave; at 20 x 2048 1.468 / 1.718 against 1.605 / 1.817
+# ms; at 64 requests 2 splits cost 1-3% against 1, and at one request 16 splits stay best.
+MIN_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 16
 
 
