@@ -28,18 +28,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+from test_fp8_checkpoint import CHANNEL_DYNAMIC as FP8_DYNAMIC  # noqa: E402  (llm-compressor's FP8_DYNAMIC layout)
 CONFIG_DIR = ROOT / "configs" / "llama-3-8b-instruct"
 BUDGET_BYTES = 18 * 2**30  # W6: the guide's 20 GB card at --gpu-memory-utilization 0.90
 SHARD_BYTES = 2 * 2**30
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-FP8_DYNAMIC = {
-    "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-    "config_groups": {"group_0": {
-        "targets": ["Linear"],
-        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
-        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
-                              "dynamic": True}}},
-}
 
 
 def write_checkpoint(folder: Path) -> dict:

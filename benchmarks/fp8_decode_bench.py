@@ -84,27 +84,34 @@ WIDE_TILES = [SplitKConfig(bm, bn, bk, split, 4, stages) for bm in (32, 64) for 
               for split in (1, 2, 4) for stages in (4, 6)]
 
 
-def sweep_wide(weights, report: dict, rows: int = 24) -> None:
-    """--wide: split-K tiles at `rows` rows with 64-row tiles (Hopper's wgmma, whose fp8 sums are
-    not exact float32: their error against the reference is recorded) and deeper pipelines."""
-    triton_fp8_small.MMA_SYNC_MAX_BLOCK_M = 64  # this sweep only: the kernel's guard for exact sums
+def sweep_tiles(weights, report: dict, name: str, tiles: list, run, rows: int = 24) -> None:
+    """Each tile of `run` (scaled_mm_split_k or scaled_mm_swap_ab) at `rows` rows beside the present
+    choice: ms per shape (report["runs"][f"{name}_rows{rows}"]) and the relative error on down
+    against the exact reference (report[f"{name}_rel_err_down"])."""
     errors: dict[str, float] = {}
+    by_key = {repr(tile): tile for tile in tiles}
     candidates = {"present": present_choice}
-    tiles = {repr(tile): tile for tile in WIDE_TILES}
-    for tile in WIDE_TILES:
-        candidates[repr(tile)] = lambda qx, xs, qw, ws, tile=tile: triton_fp8_small.scaled_mm_split_k(
-            qx, xs, qw, ws, torch.bfloat16, tile)
-    def error_on_down(key: str, name: str, qx: torch.Tensor, x_scale: torch.Tensor) -> None:
-        if name == "down" and key in tiles:
-            qw, w_scale = weights[0][name]
+    for key, tile in by_key.items():
+        candidates[key] = lambda qx, xs, qw, ws, tile=tile: run(qx, xs, qw, ws, torch.bfloat16, tile)
+
+    def error_on_down(key: str, shape: str, qx: torch.Tensor, x_scale: torch.Tensor) -> None:
+        if shape == "down" and key in by_key:
+            qw, w_scale = weights[0][shape]
             expected = fp8.scaled_mm_reference(qx, x_scale, qw, w_scale, torch.float32)
-            got = triton_fp8_small.scaled_mm_split_k(qx, x_scale, qw, w_scale, torch.float32, tiles[key])
+            got = run(qx, x_scale, qw, w_scale, torch.float32, by_key[key])
             errors[key] = ((got - expected).norm() / expected.norm()).item()
             print(f"  {key}: relative error on down {errors[key]:.1e}", flush=True)
 
-    times = time_candidates(candidates, rows, weights, error_on_down)
-    report["runs"][f"wide_rows{rows}"] = times
-    report["wide_rel_err_down"] = errors
+    report["runs"][f"{name}_rows{rows}"] = time_candidates(candidates, rows, weights, error_on_down)
+    report[f"{name}_rel_err_down"] = errors
+
+
+def sweep_wide(weights, report: dict, rows: int = 24) -> None:
+    """--wide: split-K tiles at `rows` rows with 64-row tiles (Hopper's wgmma, whose fp8 sums are
+    not exact float32 without promotion: their error against the reference is recorded) and
+    deeper pipelines."""
+    triton_fp8_small.MMA_SYNC_MAX_BLOCK_M = 64  # this sweep only: the kernel's guard for exact sums
+    sweep_tiles(weights, report, "wide", WIDE_TILES, triton_fp8_small.scaled_mm_split_k, rows)
 
 
 SWAP_AB_TILES = [triton_fp8_small.SwapABConfig(bn, 32, bk, split, 4, stages)
@@ -116,23 +123,7 @@ def sweep_swap_ab(weights, report: dict, rows: int = 24) -> None:
     """--swap-ab: the weight on wgmma's M side (triton_fp8_small.scaled_mm_swap_ab) at `rows` rows,
     beside the present choice and bf16 cuBLAS on the same shapes; the error on down against the
     exact reference for each tile."""
-    errors: dict[str, float] = {}
-    tiles = {repr(t): t for t in SWAP_AB_TILES + SWAP_AB_PROMOTE}
-    candidates = {"present": present_choice}
-    for key, tile in tiles.items():
-        candidates[key] = lambda qx, xs, qw, ws, tile=tile: triton_fp8_small.scaled_mm_swap_ab(
-            qx, xs, qw, ws, torch.bfloat16, tile)
-
-    def error_on_down(key: str, name: str, qx: torch.Tensor, x_scale: torch.Tensor) -> None:
-        if name == "down" and key in tiles:
-            qw, w_scale = weights[0][name]
-            expected = fp8.scaled_mm_reference(qx, x_scale, qw, w_scale, torch.float32)
-            got = triton_fp8_small.scaled_mm_swap_ab(qx, x_scale, qw, w_scale, torch.float32, tiles[key])
-            errors[key] = ((got - expected).norm() / expected.norm()).item()
-            print(f"  {key}: relative error on down {errors[key]:.1e}", flush=True)
-
-    report["runs"][f"swap_ab_rows{rows}"] = time_candidates(candidates, rows, weights, error_on_down)
-    report["swap_ab_rel_err_down"] = errors
+    sweep_tiles(weights, report, "swap_ab", SWAP_AB_TILES + SWAP_AB_PROMOTE, triton_fp8_small.scaled_mm_swap_ab, rows)
     bf16 = {name: torch.randn(32, *shape, device="cuda").to(torch.bfloat16).unbind(0) for name, shape in SHAPES.items()}
     report["runs"][f"bf16_cublas_rows{rows}"] = {}
     for name, (_, inner) in SHAPES.items():

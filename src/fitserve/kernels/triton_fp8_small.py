@@ -67,6 +67,15 @@ def _splitk_kernel(
         acc = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    _store_tile(acc, offs_m, offs_n, rows, cols, split, M, N, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr, stride_cm,
+                SPLIT_K, A_PER_ROW, B_PER_COL)
+
+
+@triton.jit
+def _store_tile(acc, offs_m, offs_n, rows, cols, split, M, N, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr, stride_cm,
+                SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] float32 of output rows offs_m and columns offs_n (rows, cols: the same,
+    clamped in bounds): scaled and cast into C with one split, else into this split's partials."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
         c = apply_scales(acc, a_scale_ptr, b_scale_ptr, rows, cols, A_PER_ROW, B_PER_COL)
@@ -105,15 +114,8 @@ def _swap_ab_kernel(
         acc = tl.dot(tl.load(w_ptrs), tl.load(x_ptrs), acc, max_num_imprecise_acc=PROMOTE_EVERY)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    acc_t = tl.trans(acc)  # [BLOCK_T, BLOCK_N]
-    mask = (offs_t < M)[:, None] & (offs_n < N)[None, :]
-    if SPLIT_K == 1:
-        c = apply_scales(acc_t, a_scale_ptr, b_scale_ptr, rows, cols, A_PER_ROW, B_PER_COL)
-        c_ptrs = c_ptr + offs_t.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=mask)
-    else:
-        part = part_ptr + (split.to(tl.int64) * M + offs_t.to(tl.int64)[:, None]) * N + offs_n[None, :]
-        tl.store(part, acc_t, mask=mask)
+    _store_tile(tl.trans(acc), offs_t, offs_n, rows, cols, split, M, N, c_ptr, part_ptr, a_scale_ptr, b_scale_ptr,
+                stride_cm, SPLIT_K, A_PER_ROW, B_PER_COL)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -277,68 +279,49 @@ def scaled_mm_split_k(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
     """qx [M, K] fp8, x_scale [M, 1] or [] float32; qw [N, K] fp8, w_scale [1, N] or [] float32
     -> [M, N] out_dtype; fp8.scaled_mm_reference. K must be a multiple of BLOCK_K (splits may be
     uneven: a split takes cdiv(K / BLOCK_K, SPLIT_K) blocks, the last fewer)."""
+    cfg = config
+    assert cfg.block_m <= MMA_SYNC_MAX_BLOCK_M and cfg.split_k >= 1
+    grid = (output_tiles(qx.shape[0], qw.shape[0], cfg), cfg.split_k)
+    return _split_k_gemm(_splitk_kernel, grid, qx, x_scale, qw, w_scale, out_dtype, cfg.block_k, cfg.split_k,
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _split_k_gemm(kernel, grid: tuple[int, int], qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
+                  w_scale: torch.Tensor, out_dtype: torch.dtype, block_k: int, split_k: int, **meta) -> torch.Tensor:
+    """Launch a split-over-K GEMM kernel (_splitk_kernel or _swap_ab_kernel: the same arguments but
+    for `meta`'s tile) and, with several splits, the reduce kernel after it."""
     a_per_row, b_per_col = _check(qx, x_scale, qw, w_scale)
     num_rows, inner = qx.shape
     num_cols = qw.shape[0]
-    cfg = config
-    assert cfg.block_m <= MMA_SYNC_MAX_BLOCK_M and cfg.split_k >= 1
-    assert inner % cfg.block_k == 0, f"K ({inner}) must be a multiple of BLOCK_K ({cfg.block_k})"
+    assert inner % block_k == 0, f"K ({inner}) must be a multiple of BLOCK_K ({block_k})"
     out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=qx.device)
     if num_rows == 0:
         return out
-    num_k_blocks = inner // cfg.block_k
-    per_split = triton.cdiv(num_k_blocks, cfg.split_k)
+    num_k_blocks = inner // block_k
+    per_split = triton.cdiv(num_k_blocks, split_k)
     # [SPLIT_K, M, N] float32 partial sums (unused with one split: the GEMM kernel stores `out`)
-    part = torch.empty((cfg.split_k, num_rows, num_cols) if cfg.split_k > 1 else (1,),
-                       dtype=torch.float32, device=qx.device)
-    grid = (output_tiles(num_rows, num_cols, cfg), cfg.split_k)
-    _splitk_kernel[grid](
-        qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
-        qx.stride(0), qw.stride(0), out.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _reduce_splits(part, out, x_scale, w_scale, cfg.split_k, a_per_row, b_per_col)
+    part = torch.empty((split_k, num_rows, num_cols) if split_k > 1 else (1,), dtype=torch.float32, device=qx.device)
+    kernel[grid](qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
+                 qx.stride(0), qw.stride(0), out.stride(0), BLOCK_K=block_k, SPLIT_K=split_k,
+                 A_PER_ROW=a_per_row, B_PER_COL=b_per_col, **meta)
+    if split_k > 1:
+        block = min(1024, triton.next_power_of_2(num_cols))
+        _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
+            part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
+            BLOCK=block, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
+        )
     return out
-
-
-def _reduce_splits(part: torch.Tensor, out: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                   split_k: int, a_per_row: bool, b_per_col: bool) -> None:
-    """out = scales x (the sum of part [SPLIT_K, M, N] over splits, in split order); nothing for one split."""
-    if split_k == 1:
-        return
-    num_rows, num_cols = out.shape
-    block = min(1024, triton.next_power_of_2(num_cols))
-    _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
-        part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
-        BLOCK=block, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
-    )
 
 
 def scaled_mm_swap_ab(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
                       out_dtype: torch.dtype, config: SwapABConfig) -> torch.Tensor:
     """scaled_mm_split_k's contract for at most config.block_t rows, with the weight on wgmma's M side."""
-    a_per_row, b_per_col = _check(qx, x_scale, qw, w_scale)
-    num_rows, inner = qx.shape
-    num_cols = qw.shape[0]
     cfg = config
-    assert num_rows <= cfg.block_t and inner % cfg.block_k == 0
-    out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=qx.device)
-    if num_rows == 0:
-        return out
-    num_k_blocks = inner // cfg.block_k
-    per_split = triton.cdiv(num_k_blocks, cfg.split_k)
-    part = torch.empty((cfg.split_k, num_rows, num_cols) if cfg.split_k > 1 else (1,),
-                       dtype=torch.float32, device=qx.device)
-    _swap_ab_kernel[(triton.cdiv(num_cols, cfg.block_n), cfg.split_k)](
-        qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
-        qx.stride(0), qw.stride(0), out.stride(0),
-        BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
-        A_PER_ROW=a_per_row, B_PER_COL=b_per_col, PROMOTE_EVERY=cfg.promote_every,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    _reduce_splits(part, out, x_scale, w_scale, cfg.split_k, a_per_row, b_per_col)
-    return out
+    assert qx.shape[0] <= cfg.block_t and cfg.split_k >= 1
+    grid = (triton.cdiv(qw.shape[0], cfg.block_n), cfg.split_k)
+    return _split_k_gemm(_swap_ab_kernel, grid, qx, x_scale, qw, w_scale, out_dtype, cfg.block_k, cfg.split_k,
+                         BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, PROMOTE_EVERY=cfg.promote_every,
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def gemv(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
