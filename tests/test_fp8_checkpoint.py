@@ -154,11 +154,14 @@ def test_tensor_parallel_ranks_take_their_rows_scales(dense_folder, tmp_path):
                            a.mlp.down_proj.weight[:, rank * 48:(rank + 1) * 48].view(torch.uint8))
 
 
-def test_kv_cache_scales_come_from_the_checkpoint(dense_folder, tmp_path):
+def test_kv_cache_scales_come_from_the_checkpoint(dense_folder, tmp_path, caplog):
     kv_scales = {"model.layers.0.self_attn.k_scale": 0.5, "model.layers.0.self_attn.v_scale": 0.25,
                  "model.layers.2.self_attn.k_proj.output_scale": 2.0}  # the older name
     folder = write_fp8_checkpoint(dense_folder, tmp_path / "kv", {**CHANNEL_DYNAMIC, "kv_cache_scheme": {
         "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}}, per_channel=True, kv_scales=kv_scales)
+    with caplog.at_level("INFO", logger="fitserve"):
+        tiny_llm(folder)  # a bf16 cache has no use for them: said once
+    assert "carries calibrated KV-cache scales; --kv-cache-dtype fp8 would use them" in caplog.text
     llm = tiny_llm(folder, kv_cache_dtype="fp8")
     attns = [layer.self_attn.attn for layer in llm.engine.runner.model.layers]
     assert [(a.k_scale, a.v_scale) for a in attns] == [(0.5, 0.25), (1.0, 1.0), (2.0, 1.0)]

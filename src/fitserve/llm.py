@@ -267,6 +267,8 @@ def with_checkpoint_quantization(config: EngineConfig, source: ModelSource) -> E
     if checkpoint.activations == "none":
         logger.warning("The checkpoint quantizes weights only; fitserve's fp8 layers also quantize activations "
                        "(per token, at run time).")
+    if checkpoint.kv_cache_scales and config.cache.kv_cache_dtype == "auto":
+        logger.info("The checkpoint carries calibrated KV-cache scales; --kv-cache-dtype fp8 would use them.")
     unquantized = unquantized_block_layers(checkpoint)
     if unquantized:
         logger.warning("The checkpoint leaves %s unquantized; fitserve quantizes them to fp8 while loading.",
