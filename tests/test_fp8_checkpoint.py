@@ -174,6 +174,7 @@ def test_kv_cache_scales_come_from_the_checkpoint(dense_folder, tmp_path, caplog
     ({**CHANNEL_DYNAMIC, "config_groups": {"group_0": {
         "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}}, "8-bit float"),
     ({**CHANNEL_DYNAMIC, "config_groups": {"a": {}, "b": {}}}, "2 config groups"),
+    ({**CHANNEL_DYNAMIC, "quantization_status": "frozen"}, "state 'frozen'"),
     ({**CHANNEL_DYNAMIC, "config_groups": {"group_0": {
         "weights": {"num_bits": 8, "type": "float", "strategy": "group", "group_size": 128}}}}, "'group' weight"),
 ])

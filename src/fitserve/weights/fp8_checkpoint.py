@@ -86,6 +86,11 @@ def _parse_vllm_fp8(qc: dict[str, Any]) -> CheckpointFp8:
 
 
 def _parse_compressed_tensors(qc: dict[str, Any]) -> CheckpointFp8:
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ConfigError(
+            f"compressed-tensors checkpoint in state {status!r}: its weights are not stored in fp8 (only "
+            "'compressed' checkpoints are). Save it compressed, or serve it as bf16 with --quantization fp8.")
     groups = list((qc.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise ConfigError(
