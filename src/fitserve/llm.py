@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +52,7 @@ from fitserve.runner.memory import (
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
 from fitserve.sampling_params import SamplingParams, generation_config_defaults
-from fitserve.weights.fp8_checkpoint import unquantized_block_layers
+from fitserve.weights.fp8_checkpoint import with_checkpoint_quantization
 from fitserve.weights.source import (
     ModelSource,
     load_generation_config,
@@ -257,30 +257,11 @@ def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: M
     return runner
 
 
-def with_checkpoint_quantization(config: EngineConfig, source: ModelSource) -> EngineConfig:
-    """An fp8 checkpoint sets --quantization (its own scheme unless the flag picks another it allows)."""
-    checkpoint = source.checkpoint_fp8
-    if checkpoint is None:
-        return config
-    quantization = source.quantization(config.quantization)
-    logger.info("%s: serving it as --quantization %s", checkpoint.describe(), quantization)
-    if checkpoint.activations == "none":
-        logger.warning("The checkpoint quantizes weights only; fitserve's fp8 layers also quantize activations "
-                       "(per token, at run time).")
-    if checkpoint.kv_cache_scales and config.cache.kv_cache_dtype == "auto":
-        logger.info("The checkpoint carries calibrated KV-cache scales; --kv-cache-dtype fp8 would use them.")
-    unquantized = unquantized_block_layers(checkpoint)
-    if unquantized:
-        logger.warning("The checkpoint leaves %s unquantized; fitserve quantizes them to fp8 while loading.",
-                       ", ".join(unquantized[:4]) + (" ..." if len(unquantized) > 4 else ""))
-    return replace(config, quantization=quantization)
-
-
 def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     start_s = time.monotonic()
     refuse_unsupported(config)
     source = resolve_model_source(config)
-    config = with_checkpoint_quantization(config, source)
+    config = with_checkpoint_quantization(config, source.checkpoint_fp8)
     device = resolve_device(config)
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
     check_tensor_parallel(config, source, device)

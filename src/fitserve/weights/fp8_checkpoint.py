@@ -21,10 +21,13 @@ DeepSeek's), integer formats and other quantization methods are refused with a c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Any
 
-from fitserve.config import ConfigError
+from fitserve.config import ConfigError, EngineConfig
+
+logger = logging.getLogger(__name__)
 
 FP8_BITS = 8
 # Layers a checkpoint may leave unquantized without changing what fitserve runs: they stay in
@@ -152,3 +155,22 @@ def unquantized_block_layers(checkpoint: CheckpointFp8) -> list[str]:
     """The checkpoint's ignore entries that name something inside a block's linear layers
     (anything but lm_head, embeddings and norms): fitserve quantizes those online instead."""
     return [name for name in checkpoint.ignored if not any(part in name for part in UNQUANTIZED_LAYERS)]
+
+
+def with_checkpoint_quantization(config: EngineConfig, checkpoint: CheckpointFp8 | None) -> EngineConfig:
+    """The config to run an fp8 checkpoint with: --quantization its own scheme unless the flag picks
+    another it allows (resolve_quantization); logs the choice and what the checkpoint leaves unused."""
+    if checkpoint is None:
+        return config
+    quantization = resolve_quantization(config.quantization, checkpoint)
+    logger.info("%s: serving it as --quantization %s", checkpoint.describe(), quantization)
+    if checkpoint.activations == "none":
+        logger.warning("The checkpoint quantizes weights only; fitserve's fp8 layers also quantize activations "
+                       "(per token, at run time).")
+    if checkpoint.kv_cache_scales and config.cache.kv_cache_dtype == "auto":
+        logger.info("The checkpoint carries calibrated KV-cache scales; --kv-cache-dtype fp8 would use them.")
+    unquantized = unquantized_block_layers(checkpoint)
+    if unquantized:
+        logger.warning("The checkpoint leaves %s unquantized; fitserve quantizes them to fp8 while loading.",
+                       ", ".join(unquantized[:4]) + (" ..." if len(unquantized) > 4 else ""))
+    return replace(config, quantization=quantization)
