@@ -45,7 +45,7 @@ def test_nothing_to_compare_is_a_config_error(capsys):
 def test_verify_at_startup_logs_the_summary(monkeypatch, caplog):
     from fitserve.quantcheck import check
 
-    monkeypatch.setattr(check, "run_check", lambda config: _report(agree=10, diverge=None))
+    monkeypatch.setattr(check, "run_check", lambda config, **kwargs: _report(agree=10, diverge=None))
     with caplog.at_level(logging.INFO, logger="fitserve.quantcheck.check"):
         assert check.verify_at_startup(EngineConfig(quantization="fp8")) is not None
         assert check.verify_at_startup(EngineConfig()) is None

@@ -145,11 +145,11 @@ def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: 
 
 
 def fp8_calibration_ids(quantization: str | None, tokenizer: Tokenizer,
-                        source: ModelSource | None = None) -> list[list[int]] | None:
+                        source: ModelSource) -> list[list[int]] | None:
     """runner/calibration.py's texts in this model's tokens (half through its chat template if it
     has one) when `quantization` (fp8_per_tensor) calibrates static scales; else None (also when
     an fp8 checkpoint brings its own)."""
-    if quantization != "fp8_per_tensor" or (source is not None and checkpoint_input_scales(source, quantization)):
+    if quantization != "fp8_per_tensor" or checkpoint_input_scales(source, quantization):
         return None
     chat = None
     if tokenizer.hf.chat_template:

@@ -152,7 +152,7 @@ class Fp8Linear(nn.Module):
 
     def _place_fp8_shard(self, shard_index: int, q: torch.Tensor, scale: torch.Tensor) -> None:
         start, rows = sum(self.shard_sizes[:shard_index]), self.shard_sizes[shard_index]
-        scale = _checked_scale(scale, "weight_scale").reshape(-1)  # [1] per tensor or [rows] per channel
+        scale = _checked_scale(scale, "weight_scale", allow_zero=True).reshape(-1)  # [1] per tensor or [rows] per channel
         if scale.numel() not in (1, rows):
             raise ValueError(f"shard {shard_index}: weight_scale must hold 1 or {rows} values, got {scale.numel()}")
         q = q.to(self.weight.device)
@@ -240,10 +240,11 @@ class Fp8Linear(nn.Module):
         return triton_fp8.scaled_mm(qx, x_scale, self.weight, self.weight_scale, out_dtype)
 
 
-def _checked_scale(tensor: torch.Tensor, name: str) -> torch.Tensor:
-    """A checkpoint's scale as float32: finite, positive (a weight row of zeros may have scale 0)."""
+def _checked_scale(tensor: torch.Tensor, name: str, allow_zero: bool = False) -> torch.Tensor:
+    """A checkpoint's scale as float32, finite and positive (`allow_zero`: a weight row of zeros
+    may have scale 0)."""
     scale = tensor.detach().to(torch.float32)
-    floor_ok = (scale >= 0) if name == "weight_scale" else (scale > 0)
+    floor_ok = (scale >= 0) if allow_zero else (scale > 0)
     if not bool(torch.isfinite(scale).all()) or not bool(floor_ok.all()):
         raise ValueError(f"{name} must be finite and positive")
     return scale

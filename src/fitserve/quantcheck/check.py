@@ -192,11 +192,13 @@ def reference_source(config: EngineConfig, source: ModelSource, reference_model:
 
 
 def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-              prompts: tuple[str, ...] = PROMPTS, reference_model: str | None = None) -> QuantReport:
+              prompts: tuple[str, ...] = PROMPTS, reference_model: str | None = None,
+              source: ModelSource | None = None) -> QuantReport:
     """The check for config's --quantization / --kv-cache-dtype (or an fp8 checkpoint's own
-    scheme) against --dtype, on --model or on `reference_model`'s unquantized weights."""
+    scheme) against --dtype, on --model or on `reference_model`'s unquantized weights. `source`:
+    --model's, when the caller has resolved it already."""
     start_s = time.monotonic()
-    source = resolve_model_source(config)
+    source = source or resolve_model_source(config)
     ref_source = reference_source(config, source, reference_model)
     quantization = source.quantization(config.quantization)
     device = resolve_device(config)
@@ -231,7 +233,8 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 def verify_at_startup(config: EngineConfig) -> QuantReport | None:
     """`serve --verify-quantization`: run the check before the engine loads and log its figures."""
-    checkpoint = resolve_model_source(config).checkpoint_fp8
+    source = resolve_model_source(config)
+    checkpoint = source.checkpoint_fp8
     if checkpoint is not None:
         logger.warning("--verify-quantization: the model is an %s, with no unquantized weights to compare with; "
                        "run `fitserve check-quant --model M --reference-model ORIGINAL`.", checkpoint.describe())
@@ -240,7 +243,7 @@ def verify_at_startup(config: EngineConfig) -> QuantReport | None:
         logger.info("--verify-quantization: nothing is quantized (no --quantization, --kv-cache-dtype auto)")
         return None
     logger.info("--verify-quantization: comparing with --dtype on %d built-in prompts", len(PROMPTS))
-    report = run_check(config)
+    report = run_check(config, source=source)
     log = logger.info if report.top1_agreement >= AGREEMENT_TARGET else logger.warning
     log("Quantization check: %s (%.1f s)", report.summary(), report.seconds)
     return report

@@ -7,6 +7,7 @@ import torch
 
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.forward_batch import ForwardBatch
+from fitserve.sampling_params import SamplingParams
 
 
 def to_device(values: list | tuple, dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
@@ -19,6 +20,21 @@ def to_device(values: list | tuple, dtype: torch.dtype | None, device: torch.dev
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def chunks_on_blocks(requests: list[tuple[tuple[int, ...], int]], name: str, block_size: int,
+                     params: SamplingParams) -> tuple[ScheduledRequest, ...]:
+    """One made-up step (profiling, calibration, warm-up): per request (token ids fed, tokens
+    already cached), a sampling chunk named f"{name}-{index}" on its own consecutive blocks,
+    the first request's from block 0."""
+    chunks, next_block = [], 0
+    for index, (token_ids, num_cached) in enumerate(requests):
+        num_blocks = -(-(num_cached + len(token_ids)) // block_size)
+        chunks.append(ScheduledRequest(
+            request_id=f"{name}-{index}", token_ids=token_ids, num_computed_tokens=num_cached,
+            block_table=tuple(range(next_block, next_block + num_blocks)), samples=True, sampling_params=params))
+        next_block += num_blocks
+    return tuple(chunks)
 
 
 def build_forward_batch(

@@ -18,7 +18,7 @@ import torch
 from fitserve.config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import ScheduledRequest
-from fitserve.runner.input_batch import build_forward_batch
+from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
 from fitserve.runner.model_runner import allocate_kv_cache
 from fitserve.runner.sampler import Sampler
 from fitserve.sampling_params import SamplingParams
@@ -33,17 +33,7 @@ WORST_CASE_SAMPLING = SamplingParams(
 
 def prefill_chunks(prompts: list[tuple[int, ...]], name: str) -> tuple[ScheduledRequest, ...]:
     """Whole prompts as one step's prefills, each on its own consecutive blocks of PROFILE_BLOCK_SIZE."""
-    chunks = []
-    next_block = 0
-    for index, token_ids in enumerate(prompts):
-        num_blocks = -(-len(token_ids) // PROFILE_BLOCK_SIZE)
-        chunks.append(ScheduledRequest(
-            request_id=f"{name}-{index}", token_ids=token_ids, num_computed_tokens=0,
-            block_table=tuple(range(next_block, next_block + num_blocks)), samples=True,
-            sampling_params=SamplingParams(),
-        ))
-        next_block += num_blocks
-    return tuple(chunks)
+    return chunks_on_blocks([(token_ids, 0) for token_ids in prompts], name, PROFILE_BLOCK_SIZE, SamplingParams())
 
 
 def profile_chunks(num_tokens: int, max_model_len: int) -> tuple[ScheduledRequest, ...]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from fitserve.core.interfaces import KVCapacity
-from fitserve.core.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from fitserve.core.outputs import RunnerOutput, SchedulerOutput
+from fitserve.runner.input_batch import chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
 
 # Each step: per request, (tokens fed, tokens already in the cache).
@@ -38,17 +39,11 @@ def warm_up(runner: _Runner) -> int:
     """Run WARM_UP_STEPS through the runner (greedy, so no random state moves); returns how many
     ran (a step needing more KV blocks than the cache has is skipped). The blocks written hold
     nothing any request reads: every request writes a slot before attention reads it."""
-    block_size, num_ran = runner.capacity.block_size, 0
+    num_ran = 0
     for index, step in enumerate(WARM_UP_STEPS):
-        chunks, next_block = [], 0
-        for row, (num_new, num_cached) in enumerate(step):
-            num_blocks = -(-(num_cached + num_new) // block_size)
-            chunks.append(ScheduledRequest(
-                request_id=f"warm-up-{index}-{row}", token_ids=(0,) * num_new, num_computed_tokens=num_cached,
-                block_table=tuple(range(next_block, next_block + num_blocks)), samples=True,
-                sampling_params=_GREEDY))
-            next_block += num_blocks
-        if next_block > runner.capacity.num_blocks:
+        chunks = chunks_on_blocks([((0,) * num_new, num_cached) for num_new, num_cached in step],
+                                  f"warm-up-{index}", runner.capacity.block_size, _GREEDY)
+        if chunks[-1].block_table[-1] >= runner.capacity.num_blocks:
             continue
         finished = frozenset(chunk.request_id for chunk in chunks)
         runner.execute(SchedulerOutput(scheduled=tuple(chunks), finished_request_ids=frozenset()))
