@@ -138,6 +138,10 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     if args.fp8_small_table:
         load_fp8_small_table(args.fp8_small_table)
+    if not args.pdl:  # the A/B switch: every Triton kernel launched as before programmatic dependent launch
+        from fitserve.kernels import pdl
+
+        pdl.supported = lambda device_index: False
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc, async_scheduling=args.async_scheduling,
@@ -537,8 +541,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["W1", "W2", "W3", "W4", "single"])
     parser.add_argument("--hf-workloads", nargs="+", default=["W1", "W2"])
     parser.add_argument("--variants", nargs="+", default=["graphs"],
-                        help="graphs (the defaults), eager, nosched (graphs with --no-async-scheduling) and/or "
-                             "sync (graphs with neither async scheduling nor async output processing)")
+                        help="graphs (the defaults), eager, nosched (graphs with --no-async-scheduling), "
+                             "sync (graphs with neither async scheduling nor async output processing) and/or "
+                             "nopdl (graphs with --no-pdl)")
     parser.add_argument("--quant-variant", default="bf16", choices=sorted(QUANT_VARIANTS), help="one part's setting")
     parser.add_argument("--quant-variants", nargs="+", default=["bf16"], choices=sorted(QUANT_VARIANTS),
                         help="all: run each (bf16; fp8 = fp8 weights and fp8 KV cache)")
@@ -552,6 +557,8 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--disable-async-output-proc", action="store_true")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                        help="programmatic dependent launch of the Triton kernels (kernels/pdl.py) where the card has it")
     parser.add_argument("--fp8-small-table", default=None,
                         help="fp8_decode_bench.py's fp8_small_table.json: its rows replace SMALL_M_TABLE's")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -605,7 +612,7 @@ def main() -> None:
         (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     for quant in args.quant_variants:
         for variant in args.variants:
-            flags = {"eager": ["--enforce-eager"], "nosched": ["--no-async-scheduling"],
+            flags = {"eager": ["--enforce-eager"], "nosched": ["--no-async-scheduling"], "nopdl": ["--no-pdl"],
                      "sync": ["--disable-async-output-proc", "--no-async-scheduling"]}.get(variant, [])
             name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
             if full_budget:

@@ -298,6 +298,19 @@ def test_fp8_cuda_graph_decode_gives_the_eager_tokens(quant):
     assert graph_tokens == eager_tokens
 
 
+def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
+    """kernels/pdl.py only lets each kernel launch early and wait: with it off, graphs and eager
+    decoding give the same tokens as with it on."""
+    from fitserve.kernels import pdl
+
+    if not pdl.supported(torch.cuda.current_device()):
+        pytest.skip("no programmatic dependent launch before sm_90: nothing to compare")
+    with_pdl = graph_and_eager_tokens("fp8")
+    monkeypatch.setattr(pdl, "supported", lambda device_index: False)
+    assert pdl.options(CUDA) == {"PDL": False, "launch_pdl": False}
+    assert graph_and_eager_tokens("fp8") == with_pdl
+
+
 def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
     """Peak memory while loading an fp8 model: the fp8 weights, bf16 embeddings, and one projection's
     temporaries; never the bf16 model."""

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from fitserve.forward_batch import PAD_SLOT
-from fitserve.kernels import fp8
+from fitserve.kernels import fp8, pdl
+from fitserve.kernels.pdl import begin
 from fitserve.kernels.triton_fused import rope_table_row, rotate_heads_, rotated_heads
 
 TILE_N = 64  # context tokens per inner-loop tile: several KV blocks, enough work per iteration
@@ -42,7 +43,9 @@ def _store_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale, v_scale,
     stride_k_token, stride_v_token, stride_cache_slot,
     ROW: tl.constexpr, ROW_POW2: tl.constexpr, QUANTIZE: tl.constexpr, FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot == -1:  # PAD_SLOT
@@ -75,6 +78,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale),
         k.stride(0), v.stride(0), row,
         ROW=row, ROW_POW2=triton.next_power_of_2(row), QUANTIZE=fp8.is_fp8(k_cache.dtype), FP8_MAX=fp8.FP8_MAX,
+        **pdl.options(k.device),
     )
 
 
@@ -127,7 +131,9 @@ def _paged_attention_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     q_block = tl.program_id(2)
@@ -190,7 +196,7 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, TILE=TILE_N,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl.options(q.device),
     )
     return out
 
@@ -207,7 +213,9 @@ def _rotary_store_kv_kernel(
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, Q_HEADS_POW2: tl.constexpr, KV_HEADS_POW2: tl.constexpr,
     HALF: tl.constexpr, HEAD_DIM: tl.constexpr, KV_ROW_POW2: tl.constexpr, QUANTIZE: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     token = tl.program_id(0)
     cos, sin = rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF)  # [1, D/2] float32
     rotate_heads_(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, Q_HEADS_POW2, HALF, HEAD_DIM)  # every row
@@ -252,5 +260,5 @@ def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, Q_HEADS_POW2=triton.next_power_of_2(num_q_heads),
         KV_HEADS_POW2=triton.next_power_of_2(num_kv_heads), HALF=head_dim // 2, HEAD_DIM=head_dim,
         KV_ROW_POW2=triton.next_power_of_2(num_kv_heads * head_dim),
-        QUANTIZE=fp8.is_fp8(k_cache.dtype), FP8_MAX=fp8.FP8_MAX, num_warps=4,
+        QUANTIZE=fp8.is_fp8(k_cache.dtype), FP8_MAX=fp8.FP8_MAX, num_warps=4, **pdl.options(q.device),
     )

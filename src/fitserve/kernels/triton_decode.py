@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fitserve.kernels import pdl
+from fitserve.kernels.pdl import begin
 from fitserve.kernels.triton_attention import (
     MIN_DOT_ROWS,
     TILE_N,
@@ -46,9 +48,11 @@ def _decode_split_kernel(
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One slice of one (request, KV head): its GROUP query heads' partial rows, written at
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split (output [D] and log-sum-exp, float32)."""
+    begin(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,7 +84,9 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, stride_o_token, stride_o_head,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_ptr + seq)
@@ -133,11 +139,11 @@ def paged_decode_attention(
         float(v_scale), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
         BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        TILE=TILE_N, num_warps=4, num_stages=2,
+        TILE=TILE_N, num_warps=4, num_stages=2, **pdl.options(q.device),
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, num_warps=1,
+        HEAD_DIM=head_dim, num_warps=1, **pdl.options(q.device),
     )
     return out

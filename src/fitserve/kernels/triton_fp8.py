@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fitserve.kernels import fp8
+from fitserve.kernels import fp8, pdl
+from fitserve.kernels.pdl import begin
 
 ONE_PASS_MAX_COLS = 16384  # rows up to this width stay in registers (Llama-3-8B's widest input: 14336)
 TWO_PASS_BLOCK = 4096  # elements per step for wider rows
@@ -31,7 +32,9 @@ def _quant_per_token_kernel(
     x_ptr, q_ptr, scale_ptr, num_cols, stride_x, stride_q,
     BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr,
     MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     if ONE_PASS:  # the whole row in registers: one read
@@ -71,13 +74,15 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _quant_per_token_kernel[(num_rows,)](
         x, q, scale, num_cols, x.stride(0), q.stride(0),
         BLOCK=block, ONE_PASS=one_pass, FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
-        num_warps=max(1, min(16, block // 1024)),  # about 8 elements per thread
+        num_warps=max(1, min(16, block // 1024)), **pdl.options(x.device),  # about 8 elements per thread
     )
     return q, scale
 
 
 @triton.jit
-def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, num_elements, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr):
+def _quant_static_kernel(x_ptr, q_ptr, scale_ptr, num_elements, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+                         PDL: tl.constexpr):
+    begin(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_elements
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -95,7 +100,8 @@ def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = torch.empty(x.shape, dtype=fp8.FP8_DTYPE, device=x.device)
     if x.numel():
         _quant_static_kernel[(triton.cdiv(x.numel(), STATIC_QUANT_BLOCK),)](
-            x, q, scale, x.numel(), BLOCK=STATIC_QUANT_BLOCK, FP8_MAX=fp8.FP8_MAX, num_warps=4)
+            x, q, scale, x.numel(), BLOCK=STATIC_QUANT_BLOCK, FP8_MAX=fp8.FP8_MAX, num_warps=4,
+            **pdl.options(x.device))
     return q
 
 
@@ -119,7 +125,9 @@ def _scaled_mm_kernel(
     stride_am, stride_bn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     # Grouped order: GROUP_M row blocks walk the same column blocks, so weight tiles hit L2.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -199,5 +207,6 @@ def scaled_mm(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale
         qx.stride(0), qw.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl.options(qx.device),
     )
     return out

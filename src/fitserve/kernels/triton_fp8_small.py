@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fitserve.kernels import pdl
+from fitserve.kernels.pdl import begin
 from fitserve.kernels.triton_fp8 import apply_scales
 from fitserve.kernels.triton_gemv import row_dot
 
@@ -47,7 +49,9 @@ def _splitk_kernel(
     stride_am, stride_bn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     # Axis 0 walks M tiles fastest: the few M tiles of one weight tile run together (L2 reuse).
     num_m = tl.cdiv(M, BLOCK_M)
     pid_m = tl.program_id(0) % num_m
@@ -93,6 +97,7 @@ def _swap_ab_kernel(
     stride_am, stride_bn, stride_cm,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr, PROMOTE_EVERY: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """C^T = W X^T: the weight's BLOCK_N rows are the MMA's M side (64 or 128: Hopper's wgmma),
     the batch's <= BLOCK_T rows its N side, so a few rows waste no tensor-core rows. The fp8
@@ -106,6 +111,7 @@ def _swap_ab_kernel(
     rows = (offs_t % M).to(tl.int64)  # clamped: loads stay in bounds without masks
     first_block = split * blocks_per_split
     last_block = tl.minimum(first_block + blocks_per_split, num_k_blocks)
+    begin(PDL)
     offs_k = first_block.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     w_ptrs = b_ptr + cols[:, None] * stride_bn + offs_k[None, :]  # [BLOCK_N, BLOCK_K], K-contiguous
     x_ptrs = a_ptr + rows[None, :] * stride_am + offs_k[:, None]  # [BLOCK_K, BLOCK_T], K-contiguous
@@ -122,7 +128,9 @@ def _swap_ab_kernel(
 def _splitk_reduce_kernel(
     part_ptr, c_ptr, a_scale_ptr, b_scale_ptr, M, N, stride_cm,
     BLOCK: tl.constexpr, SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr, B_PER_COL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs_n < N
@@ -144,10 +152,12 @@ def _splitk_reduce_kernel(
 def _gemv_kernel(
     x_ptr, w_ptr, y_ptr, x_scale_ptr, w_scale_ptr, N, K, stride_w,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, B_PER_COL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
     rows = tl.where(row_valid, rows, 0).to(tl.int64)  # out-of-range rows read row 0 and are not stored
+    begin(PDL)
     y = row_dot(x_ptr, w_ptr, rows, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)  # fp8 products are exact in float32
     y = y * tl.load(x_scale_ptr)
     if B_PER_COL:
@@ -303,12 +313,13 @@ def _split_k_gemm(kernel, grid: tuple[int, int], qx: torch.Tensor, x_scale: torc
     part = torch.empty((split_k, num_rows, num_cols) if split_k > 1 else (1,), dtype=torch.float32, device=qx.device)
     kernel[grid](qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
                  qx.stride(0), qw.stride(0), out.stride(0), BLOCK_K=block_k, SPLIT_K=split_k,
-                 A_PER_ROW=a_per_row, B_PER_COL=b_per_col, **meta)
+                 A_PER_ROW=a_per_row, B_PER_COL=b_per_col, **meta, **pdl.options(qx.device))
     if split_k > 1:
         block = min(1024, triton.next_power_of_2(num_cols))
         _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
             part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
             BLOCK=block, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
+            **pdl.options(qx.device),
         )
     return out
 
@@ -336,7 +347,7 @@ def gemv(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: tor
     _gemv_kernel[(triton.cdiv(num_cols, config.block_n),)](
         qx, qw, out, x_scale, w_scale, num_cols, inner, qw.stride(0),
         BLOCK_N=config.block_n, BLOCK_K=block_k, EVEN_K=inner % block_k == 0, B_PER_COL=b_per_col,
-        num_warps=config.num_warps,
+        num_warps=config.num_warps, **pdl.options(qx.device),
     )
     return out
 

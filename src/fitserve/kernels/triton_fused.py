@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fitserve.kernels import pdl
+from fitserve.kernels.pdl import begin
+
 
 @triton.jit
 def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
@@ -35,7 +38,9 @@ def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
     stride_x, stride_residual, stride_out, stride_residual_out,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -62,7 +67,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         x, residual if residual is not None else x, weight, out, residual_out, eps,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
         HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
-        num_warps=8 if hidden >= 4096 else 4,
+        num_warps=8 if hidden >= 4096 else 4, **pdl.options(x.device),
     )
     return out, residual_out
 
@@ -112,7 +117,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr, stride_q, stride_k, stride_table,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
     HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     token = tl.program_id(0)
     cos, sin = rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF)  # [1, D/2] float32
     rotate_heads_(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, HEADS_POW2, HALF, HEAD_DIM)
@@ -135,12 +142,14 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q, k, positions, cos, sin, q.stride(0), k.stride(0), cos.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads,
         HEADS_POW2=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
-        HALF=head_dim // 2, HEAD_DIM=head_dim, num_warps=4,
+        HALF=head_dim // 2, HEAD_DIM=head_dim, num_warps=4, **pdl.options(q.device),
     )
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    begin(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
@@ -163,6 +172,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     _silu_and_mul_kernel[(num_rows, triton.cdiv(inter, SILU_BLOCK))](
         gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=SILU_BLOCK, num_warps=4,
+        **pdl.options(gate_up.device),
     )
     return out
 
@@ -190,7 +200,9 @@ def _rms_norm_quant_kernel(
     stride_x, stride_residual, stride_q, stride_residual_out,
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -218,7 +230,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
         x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0), residual_out.stride(0),
         HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
         FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
-        num_warps=8 if hidden >= 4096 else 4,
+        num_warps=8 if hidden >= 4096 else 4, **pdl.options(x.device),
     )
     return q, scale, residual_out
 
@@ -227,7 +239,9 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
 def _silu_and_mul_quant_kernel(
     gate_up_ptr, q_ptr, scale_ptr, stride_in, stride_q, INTER: tl.constexpr, BLOCK: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    begin(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)  # the whole row: its maximum sets the scale
     mask = cols < INTER
@@ -258,6 +272,6 @@ def silu_and_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     _silu_and_mul_quant_kernel[(num_rows,)](
         gate_up, q, scale, gate_up.stride(0), q.stride(0), INTER=inter, BLOCK=block,
         FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
-        num_warps=max(4, min(16, block // 1024)),
+        num_warps=max(4, min(16, block // 1024)), **pdl.options(gate_up.device),
     )
     return q, scale

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fitserve.kernels import pdl
+from fitserve.kernels.pdl import begin
+
 # (BLOCK_N, BLOCK_K, num_warps), chosen by `benchmarks/decode_gemm_bench.py` on an H200: the
 # fastest over the 8B model's four shapes (results/decode_gemm_h200_e62ba6a.json); BLOCK_K shrinks
 # to K for small layers. Benchmarks may replace it to compare tiles.
@@ -42,10 +45,11 @@ def row_dot(x_ptr, w_ptr, rows, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_w,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_valid = rows < N
     rows = tl.where(row_valid, rows, 0)  # out-of-range rows read row 0 and are not stored
+    begin(PDL)
     y = row_dot(x_ptr, w_ptr, rows, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
     tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
@@ -66,6 +70,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(1, num_rows, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(num_rows, block_n),)](
         x, weight, out, num_rows, k, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        num_warps=num_warps, **pdl.options(x.device),
     )
     return out
