@@ -13,6 +13,9 @@ A kernel opts in with a `PDL: tl.constexpr` argument, `begin(PDL)` as its first 
 the launch options of `options(device)`: {"PDL": True, "launch_pdl": True} on Hopper, both off
 elsewhere. Kernels of other libraries (cuBLAS, torch) are launched as before and are waited on
 in full. CUDA graphs capture the programmatic edges.
+
+Measured on an H200 (docs/performance.md): a decode step's graph 6.6% faster at one row in fp8
+(4.7% in bf16), 1% at 20 rows, nothing at 128.
 """
 
 from __future__ import annotations
