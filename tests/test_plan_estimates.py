@@ -47,12 +47,31 @@ def test_forward_peak_matches_the_reference_path(model, num_tokens):
     del caches
 
 
-def test_sampler_peak_bytes_per_logit(model):
-    num_rows = 64
+@pytest.mark.parametrize("num_rows", [16, 64, 100, 200])  # one pass, a full one, a short second, three
+def test_sampler_peak_bytes_per_logit(model, num_rows):
     hidden = torch.randn(num_rows, ARCH.hidden_size, dtype=torch.bfloat16)
     measured = _tracked(lambda: profiling.run_sampling(model, hidden, num_rows, torch.device("cpu")))
     estimated = estimates.sampler_peak_bytes(ARCH, num_rows, act_bytes=2, on_gpu=False)
     assert measured == pytest.approx(estimated, rel=0.03)
+
+
+def test_sampler_constants_match_the_runner():
+    from fitserve.runner import logits_processors, sampler
+
+    assert estimates.SAMPLER_ROWS_PER_PASS == sampler.ROWS_PER_PASS
+    assert estimates.PENALTY_SLAB_FIRST_ROWS == logits_processors.INITIAL_SLAB_ROWS
+
+
+def test_sampler_passes_bound_its_peak():
+    """Past one pass the peak grows by the held bytes and the slab only: 256 rows of a 128K
+    vocabulary take well under half of what one pass over all of them would."""
+    arch = ArchConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=8192)
+    one_pass = 256 * arch.vocab_size * (estimates.SAMPLER_HELD_BYTES_PER_LOGIT
+                                        + estimates.PENALTY_SLAB_BYTES_PER_LOGIT
+                                        + estimates.SAMPLER_PASS_BYTES_PER_LOGIT
+                                        + estimates.CUDA_SORT_SCRATCH_BYTES_PER_LOGIT)
+    assert estimates.sampler_peak_bytes(arch, 256, act_bytes=2) < 0.45 * one_pass
 
 
 def test_profile_chunks_cover_the_budget_within_the_context():

@@ -110,3 +110,29 @@ def test_greedy_batch_without_extras_reports_no_logprobs():
     sampler = Sampler(torch.device("cpu"), seed=0)
     out = sampler.sample(torch.randn(2, VOCAB), [chunk("a"), chunk("b")])
     assert out.logprobs is None and sampler.token_counts.num_tracked == 0
+
+
+def test_a_batch_past_one_pass_samples_each_row_as_it_would_alone():
+    """runner/sampler.py takes the rows ROWS_PER_PASS at a time: penalties, logit_bias, min_tokens,
+    filters, seeded draws and logprobs of a 2.3-pass batch match each request sampled on its own."""
+    from fitserve.runner import sampler as sampler_module
+
+    num_rows = 2 * sampler_module.ROWS_PER_PASS + 22
+    settings = [dict(), dict(temperature=0.9, seed=7, top_k=4), dict(presence_penalty=0.8, frequency_penalty=0.5),
+                dict(temperature=1.0, seed=11, top_p=0.8, repetition_penalty=1.3, logprobs=2),
+                dict(logit_bias={5: 3.0}, min_tokens=2, eos_token_ids=(5,)), dict(min_p=0.1, temperature=0.5, seed=3)]
+    chunks = [chunk(f"r{i}", prompt=(i % VOCAB, (3 * i) % VOCAB), **settings[i % len(settings)]) for i in range(num_rows)]
+    batch_sampler = Sampler(torch.device("cpu"), seed=0)
+    alone = [Sampler(torch.device("cpu"), seed=0) for _ in range(num_rows)]
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):  # steps: the penalties' counts and min_tokens carry over
+        logits = torch.randn(num_rows, VOCAB, generator=generator)
+        together = batch_sampler.sample(logits.clone(), chunks)
+        for row, (one, c) in enumerate(zip(alone, chunks)):
+            single = one.sample(logits[row : row + 1].clone(), [c])
+            assert together.token_ids[row] == single.token_ids[0], f"row {row}"
+            if single.logprobs is None:
+                assert together.logprobs is None or together.logprobs[row] is None
+            else:
+                assert together.logprobs[row] == single.logprobs[0]
+    assert batch_sampler.token_counts.num_tracked == sum(1 for c in chunks if c.sampling_params.needs_token_counts)

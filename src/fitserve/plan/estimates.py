@@ -33,12 +33,17 @@ MLP_PHASE_INTERMEDIATE_TENSORS = 3
 REFERENCE_SILU_TEMPORARIES = 1
 NORM_PHASE_FP32_HIDDEN_TENSORS = 3
 FP32_BYTES = 4
-# Bytes per logit at the sampler's peak with every option on: the float32 logits, the
-# temperature-scaled copy, sorted values (float32) and ids (int64), softmax, cumulative sum and
-# masked copies (33), plus the raw logprobs kept for the step (4) and the penalties' per-request
-# count slab, int32 counts and a bool prompt mask (5). tests/test_plan_estimates.py measures it
-# on the CPU: 42.
-SAMPLER_BYTES_PER_LOGIT = 42
+# The sampler's memory per logit (runner/sampler.py, with every option on). Held for the whole
+# batch: the float32 logits and the raw logprobs kept for the step (8). The penalties' count slab:
+# int32 counts and a bool prompt mask per tracked request (5), rows doubling from 8. Per pass of
+# at most SAMPLER_ROWS_PER_PASS rows: the penalties' temporaries, the temperature-scaled copy,
+# sorted values (float32) and ids (int64), softmax, cumulative sum, masked copies, probabilities
+# and noise (29). tests/test_plan_estimates.py measures them on the CPU.
+SAMPLER_HELD_BYTES_PER_LOGIT = 8
+PENALTY_SLAB_BYTES_PER_LOGIT = 5
+SAMPLER_PASS_BYTES_PER_LOGIT = 29
+SAMPLER_ROWS_PER_PASS = 64  # must match runner/sampler.py ROWS_PER_PASS (a test checks)
+PENALTY_SLAB_FIRST_ROWS = 8  # must match runner/logits_processors.py INITIAL_SLAB_ROWS (a test checks)
 # On CUDA the sort needs scratch space besides its outputs. H200: 40.6 bytes per logit in all.
 CUDA_SORT_SCRATCH_BYTES_PER_LOGIT = 8
 # One CUDA graph's executable lives outside torch (driver memory), per captured batch size.
@@ -63,13 +68,28 @@ def forward_peak_bytes(arch: ArchConfig, num_tokens: int, act_bytes: int, fp8_li
     return num_tokens * max(mlp_phase, norm_phase)
 
 
+def penalty_slab_rows(num_requests: int) -> int:
+    """Rows of the count slab once num_requests are tracked: doubled from PENALTY_SLAB_FIRST_ROWS."""
+    rows = PENALTY_SLAB_FIRST_ROWS
+    while rows < num_requests:
+        rows *= 2
+    return rows
+
+
 def sampler_peak_bytes(arch: ArchConfig, num_rows: int, act_bytes: int, on_gpu: bool = True) -> int:
-    """Logits for `num_rows` requests and the sampler's worst path (top-k/top-p/min-p)."""
-    logits = num_rows * arch.vocab_size
+    """Logits for `num_rows` requests and the sampler's worst path (penalties, top-k/top-p/min-p,
+    logprobs), pass by pass as runner/sampler.py takes the rows."""
+    vocab = arch.vocab_size
     # compute_logits holds the projection in the model dtype and its float32 copy at once
-    projection = logits * (act_bytes + FP32_BYTES)
-    per_logit = SAMPLER_BYTES_PER_LOGIT + (CUDA_SORT_SCRATCH_BYTES_PER_LOGIT if on_gpu else 0)
-    return max(projection, logits * per_logit)
+    projection = num_rows * vocab * (act_bytes + FP32_BYTES)
+    held = num_rows * vocab * SAMPLER_HELD_BYTES_PER_LOGIT
+    per_pass_logit = SAMPLER_PASS_BYTES_PER_LOGIT + (CUDA_SORT_SCRATCH_BYTES_PER_LOGIT if on_gpu else 0)
+    peak = 0
+    for start in range(0, num_rows, SAMPLER_ROWS_PER_PASS):
+        rows = min(SAMPLER_ROWS_PER_PASS, num_rows - start)
+        slab = penalty_slab_rows(start + rows) * vocab * PENALTY_SLAB_BYTES_PER_LOGIT
+        peak = max(peak, held + slab + rows * vocab * per_pass_logit)
+    return max(projection, peak)
 
 
 def activation_peak_bytes(

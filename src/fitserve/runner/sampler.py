@@ -95,6 +95,13 @@ def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
     return host.copy_(tensor, non_blocking=True)
 
 
+# Rows processed at once past the greedy fast path: the penalties, filters (a full sort of each
+# row), softmax and noise hold about 40 bytes per logit, so a pass bounds them at ROWS_PER_PASS
+# rows (0.3 GB for a 128K vocabulary) instead of the batch's (1.2 GB at 256 rows, memory that
+# the KV cache gets instead). plan/estimates.py counts it.
+ROWS_PER_PASS = 64
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
@@ -128,11 +135,15 @@ class Sampler:
             return DeviceSample(logits.argmax(dim=-1))
         logprob_rows = [row for row, p in enumerate(params) if p.logprobs is not None]
         raw_logprobs = logits[logprob_rows].log_softmax(dim=-1) if logprob_rows else None  # [L, V]
-        penalty_slots = self._process_logits(logits, chunks, params)
-        sampled = self._draw(logits, chunks, params)  # [N] int64
-        if penalty_slots is not None:
-            rows, slots = penalty_slots
-            self.token_counts.record(slots, sampled[rows])
+        sampled = torch.empty(len(chunks), dtype=torch.int64, device=logits.device)  # [N]
+        for start in range(0, len(chunks), ROWS_PER_PASS):
+            rows = slice(start, start + ROWS_PER_PASS)
+            pass_logits = logits[rows]  # a view: penalties, bias and min_tokens write through
+            penalty_slots = self._process_logits(pass_logits, chunks[rows], params[rows])
+            sampled[rows] = pass_sampled = self._draw(pass_logits, chunks[rows], params[rows])
+            if penalty_slots is not None:
+                pass_rows, slots = penalty_slots
+                self.token_counts.record(slots, pass_sampled[pass_rows])
         logprobs = None
         if raw_logprobs is not None:
             index = to_device(logprob_rows, torch.int64, logits.device)
