@@ -142,10 +142,6 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
         from fitserve.kernels import pdl
 
         pdl.supported = lambda device_index: False
-    if not args.defer_split_reduce:  # the A/B switch: o_proj and down_proj run their own reduce kernel
-        from fitserve.layers import quantization
-
-        quantization.DEFER_SPLIT_REDUCE = False
     config = EngineConfig(
         model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc, async_scheduling=args.async_scheduling,
@@ -547,7 +543,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["graphs"],
                         help="graphs (the defaults), eager, nosched (graphs with --no-async-scheduling), "
                              "sync (graphs with neither async scheduling nor async output processing) and/or "
-                             "nopdl (graphs with --no-pdl), nodefer (graphs with --no-defer-split-reduce)")
+                             "nopdl (graphs with --no-pdl)")
     parser.add_argument("--quant-variant", default="bf16", choices=sorted(QUANT_VARIANTS), help="one part's setting")
     parser.add_argument("--quant-variants", nargs="+", default=["bf16"], choices=sorted(QUANT_VARIANTS),
                         help="all: run each (bf16; fp8 = fp8 weights and fp8 KV cache)")
@@ -563,8 +559,6 @@ def main() -> None:
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                         help="programmatic dependent launch of the Triton kernels (kernels/pdl.py) where the card has it")
-    parser.add_argument("--defer-split-reduce", action=argparse.BooleanOptionalAction, default=True,
-                        help="fp8 o_proj/down_proj leave their split-K sums to the next RMSNorm (layers/quantization.py)")
     parser.add_argument("--fp8-small-table", default=None,
                         help="fp8_decode_bench.py's fp8_small_table.json: its rows replace SMALL_M_TABLE's")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -619,7 +613,6 @@ def main() -> None:
     for quant in args.quant_variants:
         for variant in args.variants:
             flags = {"eager": ["--enforce-eager"], "nosched": ["--no-async-scheduling"], "nopdl": ["--no-pdl"],
-                     "nodefer": ["--no-defer-split-reduce"],
                      "sync": ["--disable-async-output-proc", "--no-async-scheduling"]}.get(variant, [])
             name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
             if full_budget:

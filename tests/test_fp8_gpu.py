@@ -335,47 +335,6 @@ def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
     assert peak - final <= largest * (2 + 4 + 4 + 4), "one projection's bf16 copy and float32 temporaries at most"
 
 
-@pytest.mark.parametrize("num_rows,hidden,split_k", [(1, 4096, 4), (20, 4096, 4), (7, 576, 2), (32, 1000, 3)])
-@pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("quantize", [False, True])
-def test_split_sums_rms_norm_is_reduce_then_rms_norm(num_rows, hidden, split_k, with_residual, quantize):
-    """The deferred split-K reduction (layers/quantization.SplitSums) gives the bytes of the reduce kernel
-    followed by rms_norm / rms_norm_quant."""
-    from fitserve.kernels import triton_fused
-
-    parts = torch.randn(split_k, num_rows, hidden, device=CUDA) * 300
-    x_scale = torch.rand(num_rows, 1, device=CUDA) / 100 + 1e-3
-    w_scale = torch.rand(1, hidden, device=CUDA) / 100 + 1e-3
-    residual = torch.randn(num_rows, hidden, device=CUDA).to(torch.bfloat16) if with_residual else None
-    weight = torch.randn(hidden, device=CUDA).to(torch.bfloat16)
-    x = triton_fp8_small.reduce_splits(parts, x_scale, w_scale, torch.bfloat16)
-    out, scale, summed = triton_fused.split_sums_rms_norm(parts, x_scale, w_scale, torch.bfloat16, weight, 1e-5,
-                                                          residual, quantize)
-    if quantize:
-        ref_q, ref_scale, ref_sum = triton_fused.rms_norm_quant(x, weight, 1e-5, residual)
-        assert torch.equal(out.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(scale, ref_scale)
-    else:
-        ref_out, ref_sum = triton_fused.rms_norm(x, weight, 1e-5, residual)
-        assert torch.equal(out, ref_out) and scale is None
-    assert torch.equal(summed, ref_sum)
-
-
-def test_deferred_split_reduce_changes_no_token(monkeypatch):
-    """o_proj and down_proj hand the next RMSNorm their split-K sums (DEFER_SPLIT_REDUCE): the same
-    tokens, in graphs and eagerly, as with the reduce kernel."""
-    from fitserve.kernels import triton_fused
-
-    calls = []
-    fused = triton_fused.split_sums_rms_norm
-    monkeypatch.setattr(triton_fused, "split_sums_rms_norm", lambda *args: calls.append(1) or fused(*args))
-    deferred = graph_and_eager_tokens("fp8")
-    assert calls, "the tiny model's o_proj and down_proj split K at decode sizes: the norms reduce"
-    monkeypatch.setattr(quantization, "DEFER_SPLIT_REDUCE", False)
-    calls.clear()
-    assert graph_and_eager_tokens("fp8") == deferred
-    assert not calls
-
-
 @pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_quant_is_rms_norm_then_quantize(num_rows, hidden, with_residual):

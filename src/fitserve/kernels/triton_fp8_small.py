@@ -268,12 +268,6 @@ def _plan(table: tuple[SmallMChoice, ...], num_rows: int, num_cols: int, inner: 
     return None
 
 
-def scale_forms(x_scale: torch.Tensor, w_scale: torch.Tensor) -> tuple[bool, bool]:
-    """(per row, per column). [M, 1] and [1, N] scales take the per-row / per-column form even at one
-    row or column, so that one compiled kernel serves every batch size; [] or [1] is per tensor."""
-    return x_scale.dim() == 2 or x_scale.numel() != 1, w_scale.dim() == 2 or w_scale.numel() != 1
-
-
 def _check(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor) -> tuple[bool, bool]:
     """Shapes, strides and scale forms, as triton_fp8.scaled_mm takes them -> (a_per_row, b_per_col)."""
     num_rows, inner = qx.shape
@@ -281,7 +275,10 @@ def _check(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: t
     assert qw.shape[1] == inner and qx.stride(1) == 1 and qw.stride(1) == 1, "K-contiguous [M, K] and [N, K]"
     assert x_scale.dtype == torch.float32 and w_scale.dtype == torch.float32
     assert x_scale.is_contiguous() and w_scale.is_contiguous()
-    a_per_row, b_per_col = scale_forms(x_scale, w_scale)
+    # [M, 1] and [1, N] scales take the per-row / per-column form even at one row or column, so
+    # that one compiled kernel serves every batch size; [] or [1] is per tensor.
+    a_per_row = x_scale.dim() == 2 or x_scale.numel() != 1
+    b_per_col = w_scale.dim() == 2 or w_scale.numel() != 1
     assert not a_per_row or x_scale.numel() == num_rows, "x_scale: [M, 1] or one value"
     assert not b_per_col or w_scale.numel() == num_cols, "w_scale: [1, N] or one value"
     return a_per_row, b_per_col
@@ -300,63 +297,40 @@ def scaled_mm_split_k(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
 
 
 def _split_k_gemm(kernel, grid: tuple[int, int], qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor,
-                  w_scale: torch.Tensor, out_dtype: torch.dtype, block_k: int, split_k: int, reduce: bool = True,
-                  **meta) -> torch.Tensor:
+                  w_scale: torch.Tensor, out_dtype: torch.dtype, block_k: int, split_k: int, **meta) -> torch.Tensor:
     """Launch a split-over-K GEMM kernel (_splitk_kernel or _swap_ab_kernel: the same arguments but
-    for `meta`'s tile) and, with several splits, the reduce kernel after it; `reduce=False` returns
-    the splits' sums [SPLIT_K, M, N] float32 instead (reduce_splits, or a kernel that fuses it)."""
+    for `meta`'s tile) and, with several splits, the reduce kernel after it."""
     a_per_row, b_per_col = _check(qx, x_scale, qw, w_scale)
     num_rows, inner = qx.shape
     num_cols = qw.shape[0]
     assert inner % block_k == 0, f"K ({inner}) must be a multiple of BLOCK_K ({block_k})"
-    if split_k == 1:  # the GEMM kernel scales and stores the output itself
-        out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=qx.device)
-        if num_rows:
-            _launch_split_k(kernel, grid, qx, qw, out, out, x_scale, w_scale, block_k, 1, a_per_row, b_per_col, meta)
-        return out
-    part = torch.empty(split_k, num_rows, num_cols, dtype=torch.float32, device=qx.device)  # [SPLIT_K, M, N]
-    if num_rows:
-        _launch_split_k(kernel, grid, qx, qw, part, part, x_scale, w_scale, block_k, split_k, a_per_row, b_per_col,
-                        meta)
-    return reduce_splits(part, x_scale, w_scale, out_dtype) if reduce else part
-
-
-def _launch_split_k(kernel, grid, qx, qw, out, part, x_scale, w_scale, block_k, split_k, a_per_row, b_per_col, meta):
-    num_rows, inner = qx.shape
-    num_cols = qw.shape[0]
-    num_k_blocks = inner // block_k
-    kernel[grid](qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks,
-                 triton.cdiv(num_k_blocks, split_k), qx.stride(0), qw.stride(0), num_cols,
-                 BLOCK_K=block_k, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, **meta,
-                 **pdl.options(qx.device))
-
-
-def reduce_splits(part: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
-                  ) -> torch.Tensor:
-    """part [SPLIT_K, M, N] float32 -> (sum over splits, in split order) * x_scale * w_scale as [M, N] out_dtype."""
-    split_k, num_rows, num_cols = part.shape
-    out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=part.device)
+    out = torch.empty(num_rows, num_cols, dtype=out_dtype, device=qx.device)
     if num_rows == 0:
         return out
-    a_per_row, b_per_col = scale_forms(x_scale, w_scale)
-    block = min(1024, triton.next_power_of_2(num_cols))
-    _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
-        part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
-        BLOCK=block, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
-        **pdl.options(part.device),
-    )
+    num_k_blocks = inner // block_k
+    per_split = triton.cdiv(num_k_blocks, split_k)
+    # [SPLIT_K, M, N] float32 partial sums (unused with one split: the GEMM kernel stores `out`)
+    part = torch.empty((split_k, num_rows, num_cols) if split_k > 1 else (1,), dtype=torch.float32, device=qx.device)
+    kernel[grid](qx, qw, out, part, x_scale, w_scale, num_rows, num_cols, num_k_blocks, per_split,
+                 qx.stride(0), qw.stride(0), out.stride(0), BLOCK_K=block_k, SPLIT_K=split_k,
+                 A_PER_ROW=a_per_row, B_PER_COL=b_per_col, **meta, **pdl.options(qx.device))
+    if split_k > 1:
+        block = min(1024, triton.next_power_of_2(num_cols))
+        _splitk_reduce_kernel[(num_rows, triton.cdiv(num_cols, block))](
+            part, out, x_scale, w_scale, num_rows, num_cols, out.stride(0),
+            BLOCK=block, SPLIT_K=split_k, A_PER_ROW=a_per_row, B_PER_COL=b_per_col, num_warps=4,
+            **pdl.options(qx.device),
+        )
     return out
 
 
 def scaled_mm_swap_ab(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
-                      out_dtype: torch.dtype, config: SwapABConfig, reduce: bool = True) -> torch.Tensor:
-    """scaled_mm_split_k's contract for at most config.block_t rows, with the weight on wgmma's M side
-    (`reduce`: as _split_k_gemm)."""
+                      out_dtype: torch.dtype, config: SwapABConfig) -> torch.Tensor:
+    """scaled_mm_split_k's contract for at most config.block_t rows, with the weight on wgmma's M side."""
     cfg = config
     assert qx.shape[0] <= cfg.block_t and cfg.split_k >= 1
     grid = (triton.cdiv(qw.shape[0], cfg.block_n), cfg.split_k)
     return _split_k_gemm(_swap_ab_kernel, grid, qx, x_scale, qw, w_scale, out_dtype, cfg.block_k, cfg.split_k,
-                         reduce=reduce,
                          BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, PROMOTE_EVERY=cfg.promote_every,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

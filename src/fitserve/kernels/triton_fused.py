@@ -22,14 +22,6 @@ def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, ro
                       HAS_RESIDUAL: tl.constexpr):
     """One row: store x (+ residual) at residual_out, return its RMSNorm times weight in float32."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    return _add_rms_norm_values(x, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                                stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL)
-
-
-@triton.jit
-def _add_rms_norm_values(x, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                         stride_residual, stride_residual_out, HIDDEN: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """_add_rms_norm_row for a row x [BLOCK] (the storage dtype) already in registers."""
     if HAS_RESIDUAL:
         # Round the sum to the storage dtype first, as the torch reference does.
         x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
@@ -283,74 +275,3 @@ def silu_and_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         num_warps=max(4, min(16, block // 1024)), **pdl.options(gate_up.device),
     )
     return q, scale
-
-
-# -- an fp8 GEMM's split-K sums reduced in the RMSNorm that follows it ------------------------------
-# triton_fp8_small's swap-AB GEMM leaves [SPLIT_K, T, N] float32 sums when it splits K; instead of
-# its reduce kernel writing the output and the norm reading it back, one program per row adds the
-# splits in split order, scales and rounds them exactly as _splitk_reduce_kernel does, then goes on
-# as _rms_norm_kernel / _rms_norm_quant_kernel: the same bytes, one kernel fewer per norm.
-
-
-@triton.jit
-def _split_sums_rms_norm_kernel(
-    part_ptr, x_scale_ptr, w_scale_ptr, residual_ptr, weight_ptr, out_ptr, scale_ptr, residual_out_ptr, eps,
-    num_rows, stride_residual, stride_out, stride_residual_out,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, SPLIT_K: tl.constexpr, A_PER_ROW: tl.constexpr,
-    B_PER_COL: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZE: tl.constexpr,
-    FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr, PDL: tl.constexpr,
-):
-    begin(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < HIDDEN
-    acc = tl.zeros([BLOCK], tl.float32)
-    for split in tl.static_range(SPLIT_K):  # fixed order, as the reduce kernel
-        acc += tl.load(part_ptr + (split * num_rows + row) * HIDDEN + cols, mask=mask, other=0.0)
-    if A_PER_ROW:
-        acc = acc * tl.load(x_scale_ptr + row)
-    else:
-        acc = acc * tl.load(x_scale_ptr)
-    if B_PER_COL:
-        acc = acc * tl.load(w_scale_ptr + cols, mask=mask, other=0.0)
-    else:
-        acc = acc * tl.load(w_scale_ptr)
-    x = acc.to(residual_out_ptr.dtype.element_ty)  # the GEMM's output, as the reduce kernel stores it
-    y = _add_rms_norm_values(x, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                             stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL)
-    if QUANTIZE:
-        out = y.to(residual_out_ptr.dtype.element_ty).to(tl.float32)  # the value rms_norm would store
-        _quantize_row(out, mask, out_ptr + row * stride_out, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
-    else:
-        tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def split_sums_rms_norm(part: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype,
-                        weight: torch.Tensor, eps: float, residual: torch.Tensor | None, quantize: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """part [SPLIT_K, T, H] float32 sums of an fp8 GEMM (x_scale [T, 1], w_scale [1, H] or per tensor) whose
-    output in `dtype` feeds rms_norm: -> (normed [T, H] `dtype`, None, x + residual [T, H]), or with
-    `quantize` (q [T, H] fp8, scale [T, 1] float32, x + residual), as rms_norm / rms_norm_quant would give."""
-    from fitserve.kernels import fp8
-    from fitserve.kernels.triton_fp8_small import scale_forms
-
-    split_k, num_rows, hidden = part.shape
-    assert part.is_contiguous() and part.dtype == torch.float32 and weight.shape == (hidden,)
-    assert residual is None or (residual.shape == (num_rows, hidden) and residual.stride(1) == 1)
-    assert hidden <= FUSED_QUANT_MAX_COLS
-    out = torch.empty(num_rows, hidden, dtype=fp8.FP8_DTYPE if quantize else dtype, device=part.device)
-    scale = torch.empty(num_rows, 1, dtype=torch.float32, device=part.device) if quantize else None
-    residual_out = torch.empty(num_rows, hidden, dtype=dtype, device=part.device)
-    if num_rows == 0:
-        return out, scale, residual_out
-    a_per_row, b_per_col = scale_forms(x_scale, w_scale)
-    _split_sums_rms_norm_kernel[(num_rows,)](
-        part, x_scale, w_scale, residual if residual is not None else residual_out, weight, out,
-        scale if scale is not None else x_scale, residual_out, eps, num_rows,
-        residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
-        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), SPLIT_K=split_k, A_PER_ROW=a_per_row,
-        B_PER_COL=b_per_col, HAS_RESIDUAL=residual is not None, QUANTIZE=quantize,
-        FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
-        num_warps=8 if hidden >= 4096 else 4, **pdl.options(part.device),
-    )
-    return out, scale, residual_out

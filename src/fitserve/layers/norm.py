@@ -7,7 +7,7 @@ from torch import nn
 
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
-from fitserve.layers.quantization import QuantizedRows, SplitSums
+from fitserve.layers.quantization import QuantizedRows
 
 
 class RMSNorm(nn.Module):
@@ -16,19 +16,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor | SplitSums, residual: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """x [T, H] -> (normed [T, H], residual [T, H]); with a residual, normalises x + residual.
 
         quantize: the consumer is an `fp8` linear layer; on CUDA the normed rows then come back
         quantized per token by the same kernel (elsewhere the layer quantizes them itself).
-        x may be an fp8 GEMM's unreduced SplitSums (CUDA): the same kernel reduces them first.
         """
-        if isinstance(x, SplitSums):
-            assert triton_fused is not None
-            normed, scale, summed = triton_fused.split_sums_rms_norm(x.parts, x.x_scale, x.w_scale, x.dtype,
-                                                                     self.weight, self.eps, residual, quantize)
-            return (QuantizedRows(normed, scale, x.dtype) if scale is not None else normed), summed
         if quantize and x.is_cuda and triton_fused is not None and x.shape[1] <= triton_fused.FUSED_QUANT_MAX_COLS:
             q, scale, summed = triton_fused.rms_norm_quant(x, self.weight, self.eps, residual)
             return QuantizedRows(q, scale, x.dtype), summed

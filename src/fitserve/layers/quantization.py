@@ -48,10 +48,6 @@ SCALED_MM_MIN_ROWS = 17
 # Row-wise _scaled_mm with fast accumulation (partial sums in the tensor cores' reduced
 # precision, about 1e-3 relative): 5-10% faster at prefill sizes, far below fp8's own rounding.
 ROW_WISE_FAST_ACCUM = True
-# On one GPU, o_proj and down_proj hand the RMSNorm after them their split-K sums unreduced
-# (SplitSums), which it reduces in its own kernel: one kernel fewer per norm at decode sizes.
-# Benchmarks turn it off to compare.
-DEFER_SPLIT_REDUCE = True
 MIXED_SHARDS = "fp8_per_tensor needs every shard of a layer in fp8 with one weight_scale each, or none in fp8"
 
 
@@ -68,22 +64,6 @@ class QuantizedRows:
     @property
     def is_cuda(self) -> bool:
         return self.q.is_cuda
-
-
-@dataclass(frozen=True, slots=True)
-class SplitSums:
-    """An fp8 GEMM's output before its split-K reduction (CUDA only, from Fp8Linear(x, reduce=False)):
-    the next RMSNorm adds, scales and rounds the splits in its own kernel (triton_fused.split_sums_rms_norm)."""
-
-    parts: torch.Tensor  # [SPLIT_K, T, N] float32: each K slice's unscaled sums
-    x_scale: torch.Tensor  # [T, 1] float32
-    w_scale: torch.Tensor  # [1, N] float32
-    dtype: torch.dtype  # the output's: the model dtype
-
-    def reduce(self) -> torch.Tensor:
-        """The output [T, N] as the GEMM would have returned it."""
-        assert triton_fp8_small is not None
-        return triton_fp8_small.reduce_splits(self.parts, self.x_scale, self.w_scale, self.dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -218,11 +198,8 @@ class Fp8Linear(nn.Module):
             self.load_shard(index, weight[start:start + rows])
             start += rows
 
-    def forward(self, x: torch.Tensor | QuantizedRows, reduce: bool = True) -> torch.Tensor | SplitSums:
-        """x [T, in_features] (or its per-token quantization) -> [T, out_features] in the model dtype.
-
-        reduce=False: a GEMM split over K (CUDA, decode sizes) returns its SplitSums for the next
-        RMSNorm to finish instead."""
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """x [T, in_features] (or its per-token quantization) -> [T, out_features] in the model dtype."""
         fast = x.is_cuda and triton_fp8 is not None and self._fits_gpu_gemm()
         if isinstance(x, QuantizedRows):
             assert not self.per_tensor, "fused kernels quantize per token"
@@ -235,7 +212,7 @@ class Fp8Linear(nn.Module):
             (qx, x_scale), out_dtype = fp8.quantize_per_row(x), x.dtype
         if not fast:
             return fp8.scaled_mm_reference(qx, x_scale, self.weight, self.weight_scale, out_dtype)
-        return self._gemm_cuda(qx, x_scale, out_dtype, reduce)
+        return self._gemm_cuda(qx, x_scale, out_dtype)
 
     def _quantize_per_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._observed_amax is not None:  # calibrating: note the range, quantize as dynamic
@@ -249,17 +226,12 @@ class Fp8Linear(nn.Module):
     def _fits_gpu_gemm(self) -> bool:
         return self.in_features % GEMM_ALIGNMENT == 0 and self.out_features % GEMM_ALIGNMENT == 0
 
-    def _gemm_cuda(self, qx: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype, reduce: bool = True
-                   ) -> torch.Tensor | SplitSums:
+    def _gemm_cuda(self, qx: torch.Tensor, x_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         assert triton_fp8 is not None and triton_fp8_small is not None
         row_wise = not self.per_tensor
         if row_wise:  # decode batches first ask triton_fp8_small.SMALL_M_TABLE, which may decline
             choice = triton_fp8_small.plan(qx.shape[0], self.out_features, self.in_features,
                                            triton_fp8_small.num_sms(qx.device))
-            if choice is not None and not reduce and choice.kernel == "swap_ab" and choice.config.split_k > 1:
-                parts = triton_fp8_small.scaled_mm_swap_ab(qx, x_scale, self.weight, self.weight_scale, out_dtype,
-                                                           choice.config, reduce=False)
-                return SplitSums(parts, x_scale, self.weight_scale, out_dtype)
             if choice is not None:
                 return triton_fp8_small.run(choice, qx, x_scale, self.weight, self.weight_scale, out_dtype)
         if (self.per_tensor or qx.shape[0] >= SCALED_MM_MIN_ROWS) and scaled_mm_works(qx.device, row_wise, out_dtype):

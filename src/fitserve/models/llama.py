@@ -15,8 +15,7 @@ from fitserve.layers.linear import Embedding, Linear, linear
 from fitserve.layers.norm import RMSNorm
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
 from fitserve.kernels import fp8
-from fitserve.layers import quantization
-from fitserve.layers.quantization import Fp8Linear, QuantizedRows, SplitSums, make_linear
+from fitserve.layers.quantization import Fp8Linear, QuantizedRows, make_linear
 
 FUSED_QUANT_SCHEME = "fp8"  # per-token activation scales: norms and SiLU-and-multiply quantize in their kernels
 from fitserve.layers.rotary import RotaryEmbedding
@@ -76,15 +75,6 @@ def _load_shard(module: Linear | Fp8Linear, shard_index: int, tensor: torch.Tens
         raise ValueError(f"{hf_name}: {exc}") from None
 
 
-def project_out(layer: Linear | Fp8Linear, x: torch.Tensor | QuantizedRows, tp: TensorParallel
-                ) -> torch.Tensor | SplitSums:
-    """A row-parallel projection whose output goes to an RMSNorm: all-reduced across ranks; on one
-    GPU an fp8 layer may return its split-K sums for the norm to reduce (DEFER_SPLIT_REDUCE)."""
-    if tp.size == 1 and isinstance(layer, Fp8Linear) and quantization.DEFER_SPLIT_REDUCE:
-        return layer(x, reduce=False)
-    return tp.all_reduce(layer(x))
-
-
 class LlamaAttention(nn.Module):
     """`arch` is one rank's shard (ArchConfig.shard): its heads only; o_proj's partial sums are all-reduced."""
 
@@ -100,9 +90,9 @@ class LlamaAttention(nn.Module):
         # (on CUDA in its KV-store kernel)
         self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5, rotary=rotary)
 
-    def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor | SplitSums:
+    def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
-        return project_out(self.o_proj, self.attn(q, k, v, batch), self.tp)
+        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, batch)))
 
 
 class LlamaMLP(nn.Module):
@@ -116,10 +106,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = make_linear(arch.intermediate_size, arch.hidden_size, dtype, device, quantization)
         self.fp8_input = quantization == FUSED_QUANT_SCHEME  # down_proj takes per-token fp8 rows
 
-    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor | SplitSums:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        return project_out(self.down_proj, silu_and_mul_for_fp8(gate_up) if self.fp8_input else silu_and_mul(gate_up),
-                           self.tp)
+        return self.tp.all_reduce(
+            self.down_proj(silu_and_mul_for_fp8(gate_up) if self.fp8_input else silu_and_mul(gate_up)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -133,10 +123,9 @@ class LlamaDecoderLayer(nn.Module):
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
         self.fp8_input = quantization == FUSED_QUANT_SCHEME
 
-    def forward(self, hidden: torch.Tensor | SplitSums, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor | SplitSums, torch.Tensor]:
-        """hidden [T, H] (this layer's input delta; the previous layer's unreduced down_proj sums on one GPU),
-        residual [T, H] or None for layer 0."""
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H] (this layer's input delta), residual [T, H] or None for layer 0."""
         normed, residual = self.input_layernorm(hidden, residual, quantize=self.fp8_input)
         hidden = self.self_attn(normed, batch)
         normed, residual = self.post_attention_layernorm(hidden, residual, quantize=self.fp8_input)
