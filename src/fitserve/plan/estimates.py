@@ -44,8 +44,10 @@ PENALTY_SLAB_BYTES_PER_LOGIT = 5
 SAMPLER_PASS_BYTES_PER_LOGIT = 29
 SAMPLER_ROWS_PER_PASS = 64  # must match runner/sampler.py ROWS_PER_PASS (a test checks)
 PENALTY_SLAB_FIRST_ROWS = 8  # must match runner/logits_processors.py INITIAL_SLAB_ROWS (a test checks)
-# On CUDA the sort needs scratch space besides its outputs. H200: 40.6 bytes per logit in all.
-CUDA_SORT_SCRATCH_BYTES_PER_LOGIT = 8
+# On CUDA a pass's sort needs scratch space besides its outputs: 19.2 bytes per logit of a
+# 64-row pass on an H100 (benchmarks/sampler_memory.py, results/sampler_memory_h100_2491129.json:
+# 48.2 bytes per logit of a pass in all, 8 held per row of the batch, as on the CPU).
+CUDA_SORT_SCRATCH_BYTES_PER_LOGIT = 20
 # One CUDA graph's executable lives outside torch (driver memory), per captured batch size.
 # H200: the pool measured 92 to 140 MiB above its tensors for 36 graphs of Llama-3-8B.
 GRAPH_DRIVER_BYTES_PER_CAPTURE = 4 * MIB

@@ -96,9 +96,9 @@ def _to_pinned(tensor: torch.Tensor) -> torch.Tensor:
 
 
 # Rows processed at once past the greedy fast path: the penalties, filters (a full sort of each
-# row), softmax and noise hold about 40 bytes per logit, so a pass bounds them at ROWS_PER_PASS
-# rows (0.3 GB for a 128K vocabulary) instead of the batch's (1.2 GB at 256 rows, memory that
-# the KV cache gets instead). plan/estimates.py counts it.
+# row), softmax and noise hold about 48 bytes per logit on CUDA, so a pass bounds them at
+# ROWS_PER_PASS rows (0.4 GB for a 128K vocabulary) instead of the batch's (1.6 GB at 256 rows,
+# memory that the KV cache gets instead). plan/estimates.py counts it.
 ROWS_PER_PASS = 64
 
 
