@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 
@@ -37,6 +38,26 @@ def test_report_figures_and_text():
     assert json.loads(json.dumps(report.to_json()))["top1_agreement"] == 0.9
 
 
+def test_noise_floor_in_the_report():
+    from fitserve.quantcheck.report import NoiseFloor
+
+    floor = NoiseFloor("weights float32, KV cache float32", 20, 19, 4, 4, 0.04)
+    report = replace(_report(agree=9, diverge=None), noise_floor=floor)
+    assert floor.top1_agreement == 0.95 and floor.mean_kl == pytest.approx(0.002)
+    text = format_report(report)
+    assert "noise floor: the reference model as weights float32" in text and "95.00%" in text
+    assert "already costs 5.00% of top-1 agreement" in text
+    assert "noise floor (weights float32, KV cache float32): top-1 agreement 95.00%" in report.summary()
+    assert report.to_json()["noise_floor"]["top1_agreement"] == 0.95
+    assert _report(agree=9, diverge=None).to_json()["noise_floor"] is None
+
+
+def test_noise_floor_needs_a_dtype_below_float32(capsys):
+    assert cli.main(["check-quant", "--device", "cpu", "--quantization", "fp8", "--dtype", "float32",
+                     "--noise-floor", "--num-prompts", "1"]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+
+
 def test_nothing_to_compare_is_a_config_error(capsys):
     assert cli.main(["check-quant", "--device", "cpu"]) == 2
     assert "give --quantization fp8" in capsys.readouterr().err
@@ -61,7 +82,7 @@ def test_serve_flag_is_known():
 @pytest.mark.slow
 def test_check_quant_on_the_embedded_model(capsys):
     code = cli.main(["check-quant", "--device", "cpu", "--quantization", "fp8", "--kv-cache-dtype", "fp8",
-                     "--num-prompts", "4", "--max-new-tokens", "16", "--json", "--min-agreement",
+                     "--num-prompts", "4", "--max-new-tokens", "16", "--json", "--noise-floor", "--min-agreement",
                      str(MIN_TOP1_AGREEMENT)])
     figures = json.loads(capsys.readouterr().out)
     assert code == 0, figures
@@ -71,3 +92,6 @@ def test_check_quant_on_the_embedded_model(capsys):
     assert figures["generated_agreement"] >= MIN_GENERATED_AGREEMENT
     assert 0.0 < figures["mean_kl"] <= MAX_MEAN_KL
     assert "Paris" in figures["prompts"][0]["reference"] and "Paris" in figures["prompts"][0]["quantized"]
+    floor = figures["noise_floor"]  # the bf16 model against itself in float32: rounding alone
+    assert floor["setting"] == "weights float32, KV cache float32"
+    assert floor["top1_agreement"] > figures["top1_agreement"] and floor["mean_kl"] < figures["mean_kl"] / 5

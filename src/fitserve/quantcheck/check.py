@@ -28,7 +28,7 @@ from fitserve.llm import TORCH_DTYPES, fp8_calibration_ids, resolve_device
 from fitserve.models.loader import load_model
 from fitserve.plan.shapes import resolve_dtype
 from fitserve.quantcheck.prompts import PROMPTS
-from fitserve.quantcheck.report import AGREEMENT_TARGET, PromptComparison, QuantReport
+from fitserve.quantcheck.report import AGREEMENT_TARGET, NoiseFloor, PromptComparison, QuantReport
 from fitserve.runner.calibration import calibrate_fp8_activation_scales
 from fitserve.runner.input_batch import build_forward_batch
 from fitserve.runner.memory import TORCH_KV_DTYPES
@@ -193,10 +193,11 @@ def reference_source(config: EngineConfig, source: ModelSource, reference_model:
 
 def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
               prompts: tuple[str, ...] = PROMPTS, reference_model: str | None = None,
-              source: ModelSource | None = None) -> QuantReport:
+              source: ModelSource | None = None, noise_floor: bool = False) -> QuantReport:
     """The check for config's --quantization / --kv-cache-dtype (or an fp8 checkpoint's own
     scheme) against --dtype, on --model or on `reference_model`'s unquantized weights. `source`:
-    --model's, when the caller has resolved it already."""
+    --model's, when the caller has resolved it already. `noise_floor`: also compare the reference
+    model run in float32 (a third load, twice the reference's weight memory)."""
     start_s = time.monotonic()
     source = source or resolve_model_source(config)
     ref_source = reference_source(config, source, reference_model)
@@ -204,6 +205,9 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     device = resolve_device(config)
     dtype_name = resolve_dtype(config.dtype)
     dtype = TORCH_DTYPES[dtype_name]
+    if noise_floor and dtype == torch.float32:
+        raise ConfigError("--noise-floor compares the model in float32 with --dtype; with --dtype float32 there is "
+                          "nothing to compare: use --dtype bfloat16 or float16.")
     tokenizer = Tokenizer.from_source(source)
     eos_ids = set(source.eos_token_ids or tokenizer.eos_token_ids)
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
@@ -220,6 +224,7 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
             num_positions=positions, num_agree=agree, num_generated_positions=gen_positions,
             num_generated_agree=gen_agree, kl_sum=kl_sum, first_divergence=_first_divergence(ref_tokens, quant_tokens),
         ))
+    floor = _noise_floor(reference, ref_source, device, max_new_tokens) if noise_floor else None
     described_ref = Setting(None, "auto").describe(dtype_name)
     described = setting.describe(dtype_name)
     if ref_source is not source:
@@ -227,8 +232,17 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     return QuantReport(
         model=source.name, device=str(device), reference=described_ref,
         quantized=described, max_new_tokens=max_new_tokens, prompts=tuple(comparisons),
-        seconds=time.monotonic() - start_s,
+        seconds=time.monotonic() - start_s, noise_floor=floor,
     )
+
+
+def _noise_floor(reference: Reference, source: ModelSource, device: torch.device, max_new_tokens: int) -> NoiseFloor:
+    """The reference model in float32 (weights and KV cache) through compare(), summed over the prompts."""
+    setting = Setting(None, "auto")
+    rows = compare(reference, source, torch.float32, device, setting, max_new_tokens)
+    _, positions, agree, gen_positions, gen_agree, kl_sum = (list(column) for column in zip(*rows))
+    return NoiseFloor(setting.describe("float32"), sum(positions), sum(agree), sum(gen_positions), sum(gen_agree),
+                      sum(kl_sum))
 
 
 def verify_at_startup(config: EngineConfig) -> QuantReport | None:

@@ -31,6 +31,10 @@ def add_check_quant_parser(subparsers: Any, add_engine_args: Callable[[argparse.
     check.add_argument("--num-prompts", type=int, default=None, help="use the first N built-in prompts")
     check.add_argument("--min-agreement", type=float, default=None,
                        help=f"exit {EXIT_BELOW_MIN_AGREEMENT} when top-1 agreement is below this fraction (e.g. 0.97)")
+    check.add_argument("--noise-floor", action="store_true",
+                       help="also run the reference model in float32 and compare it with --dtype: the agreement "
+                            "that rounding alone gives, to read the quantized figures against (a third model load, "
+                            "in float32)")
     check.add_argument("--json", action="store_true", help="print the figures as JSON")
     check.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     check.set_defaults(handler=lambda args: run_check_quant(args, config_from_args))
@@ -49,7 +53,7 @@ def run_check_quant(args: argparse.Namespace, config_from_args: Callable[[argpar
 
     prompts = PROMPTS[:args.num_prompts] if args.num_prompts else PROMPTS
     report = run_check(config, max_new_tokens=args.max_new_tokens, prompts=prompts,
-                       reference_model=args.reference_model)
+                       reference_model=args.reference_model, noise_floor=args.noise_floor)
     sys.stdout.write((json.dumps(report.to_json(), indent=2) if args.json else format_report(report)) + "\n")
     if args.min_agreement is not None and report.top1_agreement < args.min_agreement:
         return EXIT_BELOW_MIN_AGREEMENT

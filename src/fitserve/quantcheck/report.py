@@ -26,6 +26,35 @@ class PromptComparison:
 
 
 @dataclass(frozen=True, slots=True)
+class NoiseFloor:
+    """The reference model run in float32, compared with the reference (`check-quant --noise-floor`): how far
+    the reference dtype's own rounding moves the figures, the scale to read the quantized ones against."""
+
+    setting: str  # e.g. "weights float32, KV cache float32"
+    num_positions: int
+    num_agree: int
+    num_generated_positions: int
+    num_generated_agree: int
+    kl_sum: float  # nats, KL(reference || float32) summed over positions
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.num_agree / max(1, self.num_positions)
+
+    @property
+    def generated_agreement(self) -> float:
+        return self.num_generated_agree / max(1, self.num_generated_positions)
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl_sum / max(1, self.num_positions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"setting": self.setting, "top1_agreement": self.top1_agreement,
+                "generated_agreement": self.generated_agreement, "mean_kl": self.mean_kl}
+
+
+@dataclass(frozen=True, slots=True)
 class QuantReport:
     model: str
     device: str
@@ -34,6 +63,7 @@ class QuantReport:
     max_new_tokens: int
     prompts: tuple[PromptComparison, ...]
     seconds: float
+    noise_floor: NoiseFloor | None = None
 
     @property
     def num_positions(self) -> int:
@@ -57,9 +87,13 @@ class QuantReport:
         return sum(p.first_divergence is None for p in self.prompts)
 
     def summary(self) -> str:
-        return (f"{self.quantized} vs {self.reference}: top-1 agreement {self.top1_agreement:.2%} over "
+        text = (f"{self.quantized} vs {self.reference}: top-1 agreement {self.top1_agreement:.2%} over "
                 f"{self.num_positions} positions ({self.generated_agreement:.2%} on generated tokens), mean KL "
                 f"{self.mean_kl:.4f} nats, {self.num_identical}/{len(self.prompts)} greedy continuations identical")
+        if self.noise_floor is not None:
+            text += (f"; noise floor ({self.noise_floor.setting}): top-1 agreement "
+                     f"{self.noise_floor.top1_agreement:.2%}, mean KL {self.noise_floor.mean_kl:.4f} nats")
+        return text
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +102,7 @@ class QuantReport:
             "num_positions": self.num_positions, "top1_agreement": self.top1_agreement,
             "generated_agreement": self.generated_agreement, "mean_kl": self.mean_kl,
             "identical_continuations": self.num_identical, "seconds": self.seconds,
+            "noise_floor": self.noise_floor.to_json() if self.noise_floor is not None else None,
             "prompts": [
                 {"prompt": p.prompt, "reference": p.reference_text, "quantized": p.quantized_text,
                  "positions": p.num_positions, "agree": p.num_agree, "mean_kl": p.kl_sum / max(1, p.num_positions),
@@ -82,6 +117,17 @@ def _clip(text: str) -> str:
     return flat if len(flat) <= SHOWN_TEXT_CHARS else flat[:SHOWN_TEXT_CHARS - 3] + "..."
 
 
+def _noise_floor_lines(floor: NoiseFloor | None) -> list[str]:
+    if floor is None:
+        return []
+    return [
+        f"  noise floor: the reference model as {floor.setting}, against the reference",
+        f"    top-1 next-token agreement {floor.top1_agreement:8.2%}",
+        f"    on the generated tokens    {floor.generated_agreement:8.2%}",
+        f"    mean KL                    {floor.mean_kl:8.4f} nats",
+    ]
+
+
 def format_report(report: QuantReport) -> str:
     lines = [
         f"fitserve check-quant: {report.model} on {report.device}, {len(report.prompts)} built-in prompts, "
@@ -93,6 +139,7 @@ def format_report(report: QuantReport) -> str:
         f"    on the generated tokens    {report.generated_agreement:8.2%}",
         f"  mean KL(reference || quant)  {report.mean_kl:8.4f} nats",
         f"  identical greedy outputs     {report.num_identical:5d} / {len(report.prompts)}",
+        *_noise_floor_lines(report.noise_floor),
         "",
         "Greedy continuations, reference | quantized (the first differing token marked by its index):",
     ]
@@ -104,4 +151,7 @@ def format_report(report: QuantReport) -> str:
             lines.append(textwrap.indent(f"quant: {_clip(p.quantized_text)}", "    "))
     verdict = "meets" if report.top1_agreement >= AGREEMENT_TARGET else "is below"
     lines += ["", f"Verdict: top-1 agreement {verdict} the {AGREEMENT_TARGET:.0%} target for fp8 weights."]
+    if report.noise_floor is not None:
+        lines.append(f"The reference's own rounding (against {report.noise_floor.setting}) already costs "
+                     f"{1 - report.noise_floor.top1_agreement:.2%} of top-1 agreement on these prompts.")
     return "\n".join(lines)
