@@ -240,9 +240,8 @@ def _noise_floor(reference: Reference, source: ModelSource, device: torch.device
     """The reference model in float32 (weights and KV cache) through compare(), summed over the prompts."""
     setting = Setting(None, "auto")
     rows = compare(reference, source, torch.float32, device, setting, max_new_tokens)
-    _, positions, agree, gen_positions, gen_agree, kl_sum = (list(column) for column in zip(*rows))
-    return NoiseFloor(setting.describe("float32"), sum(positions), sum(agree), sum(gen_positions), sum(gen_agree),
-                      sum(kl_sum))
+    totals = [sum(column) for column in list(zip(*rows))[1:]]  # positions, agree, generated ones, KL sum
+    return NoiseFloor(setting.describe("float32"), *totals)
 
 
 def verify_at_startup(config: EngineConfig) -> QuantReport | None:

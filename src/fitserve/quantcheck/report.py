@@ -25,17 +25,16 @@ class PromptComparison:
     first_divergence: int | None  # first generated token that differs; None when identical
 
 
-@dataclass(frozen=True, slots=True)
-class NoiseFloor:
-    """The reference model run in float32, compared with the reference (`check-quant --noise-floor`): how far
-    the reference dtype's own rounding moves the figures, the scale to read the quantized ones against."""
+class AgreementRatios:
+    """Top-1 agreement, on the generated tokens, and mean KL, from the totals a subclass holds:
+    num_positions, num_agree, num_generated_positions, num_generated_agree and kl_sum."""
 
-    setting: str  # e.g. "weights float32, KV cache float32"
+    __slots__ = ()
     num_positions: int
     num_agree: int
     num_generated_positions: int
     num_generated_agree: int
-    kl_sum: float  # nats, KL(reference || float32) summed over positions
+    kl_sum: float
 
     @property
     def top1_agreement(self) -> float:
@@ -49,13 +48,26 @@ class NoiseFloor:
     def mean_kl(self) -> float:
         return self.kl_sum / max(1, self.num_positions)
 
+
+@dataclass(frozen=True, slots=True)
+class NoiseFloor(AgreementRatios):
+    """The reference model run in float32, compared with the reference (`check-quant --noise-floor`): how far
+    the reference dtype's own rounding moves the figures, the scale to read the quantized ones against."""
+
+    setting: str  # e.g. "weights float32, KV cache float32"
+    num_positions: int
+    num_agree: int
+    num_generated_positions: int
+    num_generated_agree: int
+    kl_sum: float  # nats, KL(reference || float32) summed over positions
+
     def to_json(self) -> dict[str, Any]:
         return {"setting": self.setting, "top1_agreement": self.top1_agreement,
                 "generated_agreement": self.generated_agreement, "mean_kl": self.mean_kl}
 
 
 @dataclass(frozen=True, slots=True)
-class QuantReport:
+class QuantReport(AgreementRatios):
     model: str
     device: str
     reference: str  # e.g. "weights bfloat16, KV cache bfloat16"
@@ -65,22 +77,26 @@ class QuantReport:
     seconds: float
     noise_floor: NoiseFloor | None = None
 
+    # The totals over the prompts (AgreementRatios turns them into the figures).
     @property
     def num_positions(self) -> int:
         return sum(p.num_positions for p in self.prompts)
 
     @property
-    def top1_agreement(self) -> float:
-        return sum(p.num_agree for p in self.prompts) / max(1, self.num_positions)
+    def num_agree(self) -> int:
+        return sum(p.num_agree for p in self.prompts)
 
     @property
-    def generated_agreement(self) -> float:
-        total = sum(p.num_generated_positions for p in self.prompts)
-        return sum(p.num_generated_agree for p in self.prompts) / max(1, total)
+    def num_generated_positions(self) -> int:
+        return sum(p.num_generated_positions for p in self.prompts)
 
     @property
-    def mean_kl(self) -> float:
-        return sum(p.kl_sum for p in self.prompts) / max(1, self.num_positions)
+    def num_generated_agree(self) -> int:
+        return sum(p.num_generated_agree for p in self.prompts)
+
+    @property
+    def kl_sum(self) -> float:
+        return sum(p.kl_sum for p in self.prompts)
 
     @property
     def num_identical(self) -> int:
