@@ -12,6 +12,7 @@ import pytest
 from fake_nvml import FakeGpu, FakeNvml, ManualClock
 
 from fitserve.core.engine_stats import EngineStats
+from fitserve.core.kv_cache_manager import PrefixCacheStats
 from fitserve.telemetry import Telemetry, load_nvml
 from fitserve.telemetry.monitor import LoadMonitor
 from fitserve.telemetry.nvml import GpuDevice, GpuSample, open_device, read_sample, select_devices
@@ -222,6 +223,16 @@ def test_the_stats_line_every_10_s_while_busy(caplog):
                         "KV cache 25.0% used | GPU 0: 612 W, 66 °C, SM 1,980 MHz")
     assert lines[1].startswith("Engine: 300.0 output tokens/s") and "0 running, 0 waiting" in lines[1]
 
+
+def test_the_stats_line_gives_the_prefix_cache_hit_rate_of_its_interval(caplog):
+    monitor = LoadMonitor()
+    cached = replace(BUSY, enable_prefix_caching=True)
+    earlier = replace(cached.metrics, prefix_cache=PrefixCacheStats(queries=1000, hits=900))
+    later = replace(cached.metrics, prefix_cache=PrefixCacheStats(queries=1400, hits=1000))
+    with caplog.at_level(logging.INFO, logger="fitserve.telemetry"):
+        monitor.tick(0.0, replace(cached, metrics=earlier), [])
+        monitor.tick(10.0, replace(cached, metrics=later), [])
+    assert caplog.records[-1].getMessage().endswith("KV cache 25.0% used; prefix cache hit rate 25.0%")
 
 def test_the_thread_samples_until_stopped_and_survives_a_failing_tick(caplog):
     nvml = FakeNvml([FakeGpu(energy_step_mj=1000)])
