@@ -11,9 +11,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fitserve.core.engine_stats import EngineStats
 from fitserve.engine.errors import InvalidRequestError
+from fitserve.engine.llm_engine import DEFAULT_MAX_LOGPROBS
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
+from fitserve.testing import idle_engine_stats
 
 BOS_TOKEN_ID = 256
 EOS_TOKEN_ID = 257
@@ -50,12 +53,16 @@ class FakeEngine:
                  token_delay_s: float = 0.0) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.max_logprobs = DEFAULT_MAX_LOGPROBS
+        self.default_sampling_params: dict[str, Any] = {}
+        self.startup_info: dict[str, Any] | None = None
         self.token_delay_s = token_delay_s  # sleep per token, so tests can disconnect mid-stream
         self.healthy = True
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
         self.aborted: list[str] = []
         self.finished: list[str] = []
         self.running: set[str] = set()
+        self.num_shutdowns = 0
         self._tokenizer = FakeTokenizer()
 
     @property
@@ -65,8 +72,16 @@ class FakeEngine:
     def is_healthy(self) -> bool:
         return self.healthy
 
-    def stats(self) -> dict[str, Any]:
-        return {"num_running": len(self.running), "num_aborted": len(self.aborted)}
+    @property
+    def num_requests_in_flight(self) -> int:
+        return len(self.running)
+
+    def stats(self) -> EngineStats:
+        """An engine without a KV cache; only its running requests show."""
+        return idle_engine_stats(num_requests_running=len(self.running), max_model_len_tokens=self.max_model_len)
+
+    def shutdown(self) -> None:
+        self.num_shutdowns += 1
 
     async def abort(self, request_id: str) -> None:
         if request_id in self.running:

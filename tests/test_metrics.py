@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import httpx
 import openai
 import pytest
@@ -16,7 +18,7 @@ from fitserve.engine.metrics import EngineMetrics, Histogram, one_two_five_bucke
 from fitserve.sampling_params import SamplingParams
 from fitserve.server.app import build_app
 from fitserve.server.metrics import admissible_requests
-from fitserve.testing import FakeDecoder, FakeRunner
+from fitserve.testing import FakeDecoder, FakeRunner, idle_engine_stats
 
 VOCAB_SIZE = 1000
 MAX_MODEL_LEN = 256
@@ -92,11 +94,10 @@ def test_histogram_buckets_are_prometheus_le():
 
 
 def test_admissible_requests():
-    stats = {"block_size": 16, "num_free_kv_blocks": 100, "max_num_seqs": 8, "num_requests_running": 2,
-             "num_requests_waiting": 0}
+    stats = idle_engine_stats(block_size_tokens=16, num_free_kv_blocks=100, max_num_seqs=8, num_requests_running=2)
     assert admissible_requests(stats, 512) == 3  # 100 blocks // 32 blocks each
     assert admissible_requests(stats, 16) == 6  # capped by the free --max-num-seqs slots
-    assert admissible_requests({**stats, "num_requests_waiting": 1}, 16) == 0
+    assert admissible_requests(replace(stats, num_requests_waiting=1), 16) == 0
 
 
 @pytest.fixture

@@ -73,9 +73,9 @@ def test_second_request_starts_after_the_cached_prefix():
     assert starts == {"first": 0, "second": 28}, "7 full blocks of the shared 30 tokens are reused"
     assert outputs["second"] == expected_tokens([*system, 7, 8], 4, VOCAB)
     stats = engine.stats()
-    assert stats["prefix_cache_queries_total"] == 33 + 32
-    assert stats["prefix_cache_hits_total"] == 28
-    assert stats["prefix_cache_hit_rate"] == pytest.approx(28 / 65)
+    assert stats.prefix_cache_queried_tokens_total == 33 + 32
+    assert stats.prefix_cache_hit_tokens_total == 28
+    assert stats.prefix_cache_hit_rate == pytest.approx(28 / 65)
 
 
 def test_requests_admitted_in_one_step_share_the_prompt():
@@ -213,8 +213,8 @@ def test_caching_off_counts_no_queries():
     add(engine, "b", range(20), max_tokens=2)
     run(engine)
     stats = engine.stats()
-    assert stats["prefix_cache_queries_total"] == 0 and stats["prefix_cache_hit_rate"] is None
-    assert stats["enable_prefix_caching"] is False
+    assert stats.prefix_cache_queried_tokens_total == 0 and stats.prefix_cache_hit_rate is None
+    assert stats.enable_prefix_caching is False
 
 
 def test_the_flag_is_on_by_default_and_turns_off_like_vllms():

@@ -6,18 +6,27 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 from fake_nvml import FakeGpu, FakeNvml, ManualClock
 
+from fitserve.core.engine_stats import EngineStats
+from fitserve.core.kv_cache_manager import PrefixCacheStats
 from fitserve.telemetry import Telemetry, load_nvml
 from fitserve.telemetry.monitor import LoadMonitor
 from fitserve.telemetry.nvml import GpuDevice, GpuSample, open_device, read_sample, select_devices
 from fitserve.telemetry.sampler import ENERGY_FROM_COUNTER, ENERGY_FROM_POWER, GpuSampler
+from fitserve.testing import idle_engine_stats
 
-BUSY = {"num_requests_running": 8, "num_requests_waiting": 2, "kv_cache_usage": 0.25,
-        "num_generation_tokens_total": 0, "num_prompt_tokens_total": 0}
-IDLE = {**BUSY, "num_requests_running": 0, "num_requests_waiting": 0}
+BUSY = idle_engine_stats(num_requests_running=8, num_requests_waiting=2, kv_cache_used_fraction=0.25)
+IDLE = replace(BUSY, num_requests_running=0, num_requests_waiting=0)
+
+
+def with_more_tokens(stats: EngineStats, generated: int, prompted: int) -> EngineStats:
+    metrics = stats.metrics
+    return replace(stats, metrics=replace(metrics, generation_tokens_total=metrics.generation_tokens_total + generated,
+                                          prompt_tokens_total=metrics.prompt_tokens_total + prompted))
 
 
 def test_a_reading_in_fitserve_units():
@@ -197,16 +206,15 @@ def test_a_new_reason_is_said_at_once(caplog):
 
 def test_the_stats_line_every_10_s_while_busy(caplog):
     monitor, gpu = LoadMonitor(), device()
-    stats = dict(IDLE)
+    stats = IDLE
     with caplog.at_level(logging.INFO, logger="fitserve.telemetry"):
         for t in range(41):
             if t == 12:
-                stats = {**BUSY}
+                stats = BUSY
             if t > 12:
-                stats["num_generation_tokens_total"] += 300
-                stats["num_prompt_tokens_total"] += 1000
+                stats = with_more_tokens(stats, generated=300, prompted=1000)
             if t == 25:
-                stats = {**stats, "num_requests_running": 0, "num_requests_waiting": 0}
+                stats = replace(stats, num_requests_running=0, num_requests_waiting=0)
             monitor.tick(float(t), stats, [(gpu, sample(float(t), power=612.4, temp=66))])
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Engine:")]
     # intervals end at t = 10 (idle: no line), 20 (busy), 30 (busy until 25: one more line), 40 (idle: none)
@@ -215,6 +223,16 @@ def test_the_stats_line_every_10_s_while_busy(caplog):
                         "KV cache 25.0% used | GPU 0: 612 W, 66 °C, SM 1,980 MHz")
     assert lines[1].startswith("Engine: 300.0 output tokens/s") and "0 running, 0 waiting" in lines[1]
 
+
+def test_the_stats_line_gives_the_prefix_cache_hit_rate_of_its_interval(caplog):
+    monitor = LoadMonitor()
+    cached = replace(BUSY, enable_prefix_caching=True)
+    earlier = replace(cached.metrics, prefix_cache=PrefixCacheStats(queries=1000, hits=900))
+    later = replace(cached.metrics, prefix_cache=PrefixCacheStats(queries=1400, hits=1000))
+    with caplog.at_level(logging.INFO, logger="fitserve.telemetry"):
+        monitor.tick(0.0, replace(cached, metrics=earlier), [])
+        monitor.tick(10.0, replace(cached, metrics=later), [])
+    assert caplog.records[-1].getMessage().endswith("KV cache 25.0% used; prefix cache hit rate 25.0%")
 
 def test_the_thread_samples_until_stopped_and_survives_a_failing_tick(caplog):
     nvml = FakeNvml([FakeGpu(energy_step_mj=1000)])

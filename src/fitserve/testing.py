@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+from fitserve.core.engine_stats import EngineStats, MetricsSnapshot
 from fitserve.core.interfaces import KVCapacity, PendingOutput, Ready
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 
@@ -20,9 +22,14 @@ class FakeRunner:
         self.vocab_size = vocab_size
         self.num_steps = 0
         self.live_request_ids: set[str] = set()  # requests seen and not yet reported finished
+        self.num_shutdowns = 0
 
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
+
+    def shutdown(self) -> None:
+        """Nothing to release; counted, so tests can see the engine pass its shutdown on."""
+        self.num_shutdowns += 1
 
     def execute_async(self, scheduler_output: SchedulerOutput, previous: PendingOutput | None = None
                       ) -> PendingOutput:
@@ -65,3 +72,14 @@ class FakeDecoder:
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(f" {t}" for t in token_ids)
+
+
+def idle_engine_stats(**changes: Any) -> EngineStats:
+    """The stats of an engine with no KV cache and nothing counted yet, with `changes` applied
+    (EngineStats' field names): what fake engines report, and a base for made-up stats."""
+    stats = EngineStats(
+        num_requests_running=0, num_requests_waiting=0, kv_cache_used_fraction=0.0, num_kv_blocks=0,
+        num_free_kv_blocks=0, num_free_kv_tokens=0, num_cached_kv_blocks=0, block_size_tokens=0,
+        enable_prefix_caching=False, max_num_seqs=0, max_model_len_tokens=0, num_preemptions_total=0,
+        num_steps_total=0, metrics=MetricsSnapshot(0, 0, {}, {}), monotonic_time_s=0.0)
+    return replace(stats, **changes)

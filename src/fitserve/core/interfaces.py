@@ -7,7 +7,7 @@ The engine sees a model runner only through `ModelRunner`; a fake that returns
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 
@@ -38,16 +38,25 @@ class Ready:
         return self.output
 
 
+@runtime_checkable
 class ModelRunner(Protocol):
-    """`execute` runs one step to its sampled tokens.
+    """What the engine asks of a runner: its KV capacity, a step, and its release.
 
-    A runner may also offer `execute_async(scheduler_output, previous=None) -> PendingOutput`,
-    which returns once the step is queued on the device; the engine then does host work
-    (detokenizing the previous step) before it waits. Without it the engine calls `execute`.
-    With async scheduling the engine launches a step before the previous one is resolved:
-    `previous` is that step, whose sampled ids fill the new step's placeholder tokens.
+    `execute` runs one step to its sampled tokens. `execute_async` returns once the step is
+    queued on the device; the engine then does host work (detokenizing the previous step)
+    before it waits on the PendingOutput. A runner that has no asynchronous path runs the step
+    at once and returns it `Ready`. With async scheduling the engine launches a step before the
+    previous one is resolved: `previous` is that step, whose sampled ids fill the new step's
+    placeholder tokens (a runner that cannot fill them never gets async scheduling).
+    `shutdown` releases what the runner holds outside this process (tensor-parallel workers);
+    idempotent, and a no-op for a runner that holds nothing.
     """
 
     def kv_capacity(self) -> KVCapacity: ...
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+    def execute_async(self, scheduler_output: SchedulerOutput, previous: PendingOutput | None = None
+                      ) -> PendingOutput: ...
+
+    def shutdown(self) -> None: ...

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fitserve.core.engine_stats import EngineStats
 from fitserve.engine.errors import EngineDeadError, EngineOverloadedError
 from fitserve.engine.llm_engine import LLMEngine
 from fitserve.engine.outputs import RequestOutput
@@ -48,6 +49,7 @@ class AsyncEngine:
         self.max_logprobs = engine.limits.max_logprobs
         # The model's generation_config.json defaults, for fields a request leaves unset.
         self.default_sampling_params = dict(default_sampling_params or {})
+        self.startup_info: dict[str, Any] | None = None  # the page's settings and memory plan, set by who built it
         self.max_queue_len = max_queue_len
         max_num_seqs = engine.limits.scheduler.max_num_seqs
         self.max_num_in_flight = None if max_queue_len is None else max_num_seqs + max_queue_len
@@ -76,12 +78,12 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        getattr(self.engine, "shutdown", lambda: None)()  # tensor-parallel workers stop with the engine
+        self.engine.shutdown()  # tensor-parallel workers stop with the engine
 
     def is_healthy(self) -> bool:
         return self._dead_error is None and self._thread.is_alive()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         return self.engine.stats()
 
     @property

@@ -1,20 +1,36 @@
-"""How the HTTP layer sees the engine. `AsyncEngine` implements it; tests may fake it."""
+"""How the HTTP layer, the launcher and the telemetry see the engine. `AsyncEngine` implements
+it; tests fake it (tests/fake_engine.py). Everything the server reads of the engine is declared
+here, so another implementation (the engine in its own process, say) knows what to provide."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+from fitserve.core.engine_stats import EngineStats
 from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
 
 
+@runtime_checkable
 class EngineClient(Protocol):
     model_name: str  # the name clients put in the `model` field
     max_model_len: int  # prompt + output tokens a request may reach
+    max_logprobs: int  # most (top) logprobs a request may ask for per token (--max-logprobs)
+    # The model's generation_config.json defaults (SamplingParams field -> value) for fields a
+    # request leaves unset; empty with --generation-config vllm.
+    default_sampling_params: dict[str, Any]
+    # The settings and memory plan the page shows (server/ui/info.py `startup_info`); None when
+    # whoever built the engine recorded none.
+    startup_info: dict[str, Any] | None
 
     @property
     def tokenizer(self) -> Any:  # fitserve.engine.tokenizer.Tokenizer
+        ...
+
+    @property
+    def num_requests_in_flight(self) -> int:
+        """Requests accepted and not yet finished or aborted."""
         ...
 
     def generate(
@@ -32,4 +48,8 @@ class EngineClient(Protocol):
 
     def is_healthy(self) -> bool: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None:
+        """Stop serving and release the engine's threads and processes; idempotent."""
+        ...

@@ -25,9 +25,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Callable
 
-from fitserve.core.interfaces import ModelRunner, PendingOutput, Ready
+from fitserve.core.engine_stats import EngineStats
+from fitserve.core.interfaces import ModelRunner, PendingOutput
 from fitserve.core.kv_cache_manager import KVCacheManager
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput, TokenLogprobs
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
@@ -164,9 +165,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Release the runner's processes, if it has any (tensor-parallel workers); idempotent."""
-        shutdown = getattr(self.runner, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.runner.shutdown()
 
     @property
     def has_unfinished(self) -> bool:
@@ -244,11 +243,7 @@ class LLMEngine:
 
     def _launch(self, scheduler_output: SchedulerOutput, previous: PendingOutput | None = None) -> PendingOutput:
         """Queue the step; `previous` is the step in flight whose sampled ids fill placeholders."""
-        execute_async = getattr(self.runner, "execute_async", None)
-        if execute_async is None:
-            assert previous is None, "async scheduling needs a runner with execute_async"
-            return Ready(self.runner.execute(scheduler_output))
-        return execute_async(scheduler_output, previous)
+        return self.runner.execute_async(scheduler_output, previous)
 
     def _process_outputs(self) -> list[RequestOutput]:
         """Detokenize the tokens of the last step and check stop strings: one output per token."""
@@ -338,32 +333,27 @@ class LLMEngine:
         by_position = self._prompt_logprobs.pop(request.request_id, {})
         return (None,) + tuple(by_position.get(p) for p in range(1, request.num_prompt_tokens))
 
-    def stats(self) -> dict[str, Any]:
-        """Counters and gauges for /metrics and benchmarks; safe to call from another thread."""
-        scheduler = self.scheduler
-        snapshot = self.metrics.snapshot()
-        return {
-            "num_requests_running": len(scheduler.running),
-            "num_requests_waiting": len(scheduler.waiting),
-            "kv_cache_usage": self.kv_cache.usage,
-            "num_free_kv_blocks": self.kv_cache.num_free_blocks,
-            "num_kv_blocks": self.kv_cache.pool.num_blocks,
-            "block_size": self.block_size,
-            "num_preemptions_total": scheduler.num_preemptions_total,
-            "num_prompt_tokens_total": self.metrics.prompt_tokens_total,
-            "num_generation_tokens_total": self.metrics.generation_tokens_total,
-            "num_steps": self.num_steps,
-            "num_free_kv_tokens": self.kv_cache.num_free_tokens,
-            "enable_prefix_caching": self.kv_cache.enable_caching,
-            "num_cached_kv_blocks": self.kv_cache.pool.num_cached_blocks,
-            "max_num_seqs": self.limits.scheduler.max_num_seqs,
-            "max_model_len": self.max_model_len,
-            "metrics": snapshot,
-            "prefix_cache_queries_total": snapshot.prefix_cache.queries,
-            "prefix_cache_hits_total": snapshot.prefix_cache.hits,
-            "prefix_cache_hit_rate": snapshot.prefix_cache_hit_rate,
-            "time_s": time.monotonic(),
-        }
+    def stats(self) -> EngineStats:
+        """Gauges and counters for /metrics, the page, the stats line and benchmarks; safe to call
+        from another thread."""
+        scheduler, kv_cache = self.scheduler, self.kv_cache
+        return EngineStats(
+            num_requests_running=len(scheduler.running),
+            num_requests_waiting=len(scheduler.waiting),
+            kv_cache_used_fraction=kv_cache.usage,
+            num_kv_blocks=kv_cache.pool.num_blocks,
+            num_free_kv_blocks=kv_cache.num_free_blocks,
+            num_free_kv_tokens=kv_cache.num_free_tokens,
+            num_cached_kv_blocks=kv_cache.pool.num_cached_blocks,
+            block_size_tokens=self.block_size,
+            enable_prefix_caching=kv_cache.enable_caching,
+            max_num_seqs=self.limits.scheduler.max_num_seqs,
+            max_model_len_tokens=self.max_model_len,
+            num_preemptions_total=scheduler.num_preemptions_total,
+            num_steps_total=self.num_steps,
+            metrics=self.metrics.snapshot(),
+            monotonic_time_s=time.monotonic(),
+        )
 
     def check_invariants(self) -> None:
         self.scheduler.check_invariants()

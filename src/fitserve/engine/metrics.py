@@ -2,12 +2,13 @@
 (torch-free, and free of any metrics library).
 
 The engine thread records into `EngineMetrics` as it steps (one lock, taken a few times per
-step); the HTTP side reads `snapshot()`, a frozen copy, and server/metrics.py turns it into
-Prometheus text under vLLM's names. Timings follow vLLM's definitions: queue time from
-arrival to the first step that schedules the request, time to first token from arrival,
-inter-token latency between consecutive tokens of a request, end-to-end from arrival to the
-last token (or the abort). Prompt tokens are counted when the prompt has been processed
-(the first token), so a request aborted in the queue adds none.
+step); `snapshot()` is a frozen copy (core/engine_stats.py's MetricsSnapshot) that travels in
+the engine's `stats()` to server/metrics.py, which writes it as Prometheus text under vLLM's
+names. Timings follow vLLM's definitions: queue time from arrival to the first step that
+schedules the request, time to first token from arrival, inter-token latency between
+consecutive tokens of a request, end-to-end from arrival to the last token (or the abort).
+Prompt tokens are counted when the prompt has been processed (the first token), so a request
+aborted in the queue adds none.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
+from fitserve.core.engine_stats import HistogramSnapshot, MetricsSnapshot
 from fitserve.core.kv_cache_manager import PrefixCacheStats
 from fitserve.core.outputs import SchedulerOutput
 from fitserve.request import Request
@@ -45,23 +47,6 @@ def one_two_five_buckets(max_value: int) -> tuple[int, ...]:
         scale *= 10
 
 
-@dataclass(frozen=True, slots=True)
-class HistogramSnapshot:
-    upper_bounds: tuple[float, ...]
-    bucket_counts: tuple[int, ...]  # per bucket (not cumulative); the last one is +Inf
-    sum: float
-    count: int
-
-    def cumulative(self) -> list[tuple[float, int]]:
-        """(upper bound, observations <= it), ending with (inf, count): Prometheus' `le` buckets."""
-        running = 0
-        out = []
-        for bound, count in zip((*self.upper_bounds, float("inf")), self.bucket_counts):
-            running += count
-            out.append((bound, running))
-        return out
-
-
 class Histogram:
     def __init__(self, upper_bounds: tuple[float, ...]) -> None:
         self.upper_bounds = tuple(upper_bounds)
@@ -84,22 +69,6 @@ class _RequestTimes:
     scheduled_s: float | None = None  # first step that scheduled it
     first_token_s: float | None = None
     last_token_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsSnapshot:
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    finished_total: dict[str, int]  # finish reason -> requests
-    histograms: dict[str, HistogramSnapshot]  # by vLLM metric name, without the "vllm:" prefix
-    cache_info: dict[str, str] = field(default_factory=dict)  # vllm:cache_config_info labels
-    prefix_cache: PrefixCacheStats = field(default_factory=PrefixCacheStats)  # totals since start-up, in tokens
-
-    @property
-    def prefix_cache_hit_rate(self) -> float | None:
-        """Hit tokens / queried tokens of new requests since start-up (None before any query)."""
-        queries = self.prefix_cache.queries
-        return self.prefix_cache.hits / queries if queries else None
 
 
 class EngineMetrics:

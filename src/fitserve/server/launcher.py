@@ -66,7 +66,7 @@ class DrainingServer(uvicorn.Server):
         if not self.should_exit:
             self.lifecycle.begin_draining()
             engine = self.lifecycle.engine
-            in_flight = getattr(engine, "num_requests_in_flight", "?") if engine is not None else 0
+            in_flight = engine.num_requests_in_flight if engine is not None else 0
             logger.info("Received %s: accepting no new requests; draining %s in flight (up to %g s).",
                         signal.Signals(sig).name, in_flight, self.config.timeout_graceful_shutdown or 0)
         super().handle_exit(sig, frame)
@@ -111,9 +111,8 @@ async def _serve(server: DrainingServer, app: Any, lifecycle: ServerLifecycle, l
             logger.info("Ready: /health answers 200.")
         await server_task
     finally:
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        if engine is not None:
+            engine.shutdown()
     return 0
 
 

@@ -1,17 +1,16 @@
 """GET /metrics: Prometheus text with vLLM's metric names, plus fitserve's capacity gauges.
 
 Nothing is kept in prometheus-client's global registry: each app has its own registry with
-one collector that, on every scrape, reads the engine's `stats()` (counters, gauges and the
-histogram snapshot of engine/metrics.py) and writes them out. So existing vLLM dashboards
-read fitserve unchanged (labels `model_name` and `engine`, as vLLM's), and several apps in
-one process (tests) never collide. Before the engine has loaded, /metrics answers with no
-engine series.
+one collector that, on every scrape, reads the engine's `stats()` (an EngineStats of
+core/engine_stats.py: gauges, counters and the histogram snapshot of engine/metrics.py) and
+writes them out. So existing vLLM dashboards read fitserve unchanged (labels `model_name` and
+`engine`, as vLLM's), and several apps in one process (tests) never collide. Before the engine
+has loaded, /metrics answers with no engine series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -19,8 +18,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fitserve.core.engine_stats import EngineStats, MetricsSnapshot
 from fitserve.engine.client import EngineClient
-from fitserve.engine.metrics import FINISH_REASONS, MetricsSnapshot
+from fitserve.engine.metrics import FINISH_REASONS
 from fitserve.server.gpu_metrics import GpuCollector
 from fitserve.telemetry import Telemetry
 
@@ -53,36 +53,34 @@ def _counter(name: str, doc: str, labels: list[str], value: float) -> Metric:
     return family
 
 
-def admissible_requests(stats: dict[str, Any], context_tokens: int) -> int:
+def admissible_requests(stats: EngineStats, context_tokens: int) -> int:
     """Requests of `context_tokens` tokens that could start now: what the free KV blocks hold,
     at most the free --max-num-seqs slots, and none while requests wait in the queue."""
-    if stats.get("num_requests_waiting", 0):
+    if stats.num_requests_waiting:
         return 0
-    block_size = max(int(stats.get("block_size", 1)), 1)
-    blocks_each = -(-context_tokens // block_size)
-    by_memory = int(stats.get("num_free_kv_blocks", 0)) // blocks_each
-    free_slots = int(stats.get("max_num_seqs", 0)) - int(stats.get("num_requests_running", 0))
+    blocks_each = -(-context_tokens // max(stats.block_size_tokens, 1))
+    by_memory = stats.num_free_kv_blocks // blocks_each
+    free_slots = stats.max_num_seqs - stats.num_requests_running
     return max(min(by_memory, free_slots), 0)
 
 
-def _scheduler_families(stats: dict[str, Any], labels: list[str]) -> Iterator[Metric]:
+def _scheduler_families(stats: EngineStats, labels: list[str]) -> Iterator[Metric]:
     yield _gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels,
-                 stats.get("num_requests_running", 0))
+                 stats.num_requests_running)
     yield _gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels,
-                 stats.get("num_requests_waiting", 0))
+                 stats.num_requests_waiting)
     yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels,
-                 stats.get("kv_cache_usage", 0.0))
+                 stats.kv_cache_used_fraction)
     yield _counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels,
-                   stats.get("num_preemptions_total", 0))
+                   stats.num_preemptions_total)
 
 
-def _capacity_families(stats: dict[str, Any], labels: list[str]) -> Iterator[Metric]:
-    block_size = int(stats.get("block_size", 0))
+def _capacity_families(stats: EngineStats, labels: list[str]) -> Iterator[Metric]:
     yield _gauge("fitserve:kv_cache_free_tokens", "Tokens the free KV-cache blocks hold now.", labels,
-                 stats.get("num_free_kv_tokens", int(stats.get("num_free_kv_blocks", 0)) * block_size))
+                 stats.num_free_kv_tokens)
     yield _gauge("fitserve:kv_cache_capacity_tokens", "Tokens the whole KV cache holds.", labels,
-                 int(stats.get("num_kv_blocks", 0)) * block_size)
-    contexts = sorted({*ADMISSION_CONTEXT_TOKENS, int(stats.get("max_model_len", 0))} - {0})
+                 stats.kv_capacity_tokens)
+    contexts = sorted({*ADMISSION_CONTEXT_TOKENS, stats.max_model_len_tokens} - {0})
     family = GaugeMetricFamily(
         "fitserve:num_requests_admissible",
         "Requests of context_tokens tokens (prompt + output) that could start now without preempting anyone.",
@@ -131,9 +129,7 @@ class EngineCollector(Collector):
         labels = [engine.model_name, ENGINE_INDEX]
         yield from _scheduler_families(stats, labels)
         yield from _capacity_families(stats, labels)
-        snapshot = stats.get("metrics")
-        if isinstance(snapshot, MetricsSnapshot):
-            yield from _snapshot_families(snapshot, labels)
+        yield from _snapshot_families(stats.metrics, labels)
 
 
 def build_registry(get_engine: Callable[[], EngineClient | None],

@@ -213,7 +213,7 @@ class ServingBase:
     @property
     def default_sampling_params(self) -> dict[str, Any]:
         """The model's generation_config.json defaults (empty with --generation-config vllm)."""
-        return getattr(self.engine, "default_sampling_params", None) or {}
+        return self.engine.default_sampling_params
 
     def check_model(self, requested: str | None) -> None:
         if requested is not None and requested != self.engine.model_name:
@@ -243,8 +243,8 @@ class ServingBase:
         if body.max_tokens_unset() and "max_tokens" in defaults:
             max_tokens = min(defaults["max_tokens"], room_tokens)  # generation_config's max_new_tokens
         params = body.to_sampling_params(max_tokens=max_tokens, defaults=defaults)
-        max_logprobs = getattr(self.engine, "max_logprobs", None)
-        if max_logprobs is not None and params.logprobs is not None and params.logprobs > max_logprobs:
+        max_logprobs = self.engine.max_logprobs
+        if params.logprobs is not None and params.logprobs > max_logprobs:
             raise BadRequestError(
                 f"`{body.logprobs_param}` is too large: {params.logprobs}; this server allows at most "
                 f"{max_logprobs} (--max-logprobs).", param=body.logprobs_param)

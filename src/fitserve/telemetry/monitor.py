@@ -1,7 +1,7 @@
 """What the samples mean, said in the log: slowdowns under load, and a stats line while busy.
 
-Fed once a tick (about a second) with the engine's `stats()` and the GPU samples of that tick;
-it owns no thread and reads no clock, so tests drive it with made-up samples.
+Fed once a tick (about a second) with the engine's `stats()` (an EngineStats) and the GPU
+samples of that tick; it owns no thread and reads no clock, so tests drive it with made-up samples.
 
 - A warning when the card holds its clocks down while requests are in flight: a throttle
   reason other than idle, or the SM clock more than CLOCK_DROP_FRACTION below its peak of the
@@ -20,8 +20,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
+from fitserve.core.engine_stats import EngineStats
 from fitserve.telemetry.nvml import GpuDevice, GpuSample
 
 logger = logging.getLogger("fitserve.telemetry")
@@ -46,9 +45,8 @@ REASON_TEXT = {
 }
 
 
-def is_busy(stats: dict[str, Any] | None) -> bool:
-    return bool(stats) and (int(stats.get("num_requests_running", 0)) > 0
-                            or int(stats.get("num_requests_waiting", 0)) > 0)
+def is_busy(stats: EngineStats | None) -> bool:
+    return stats is not None and stats.is_busy
 
 
 def _mhz(value: float | None) -> str:
@@ -89,7 +87,7 @@ class LoadMonitor:
         self._last_prefix_cache: tuple[int, int] = (0, 0)  # (queried, hit) prompt tokens at the last line
         self._busy_since_line = False
 
-    def tick(self, now_s: float, stats: dict[str, Any] | None,
+    def tick(self, now_s: float, stats: EngineStats | None,
              readings: Sequence[tuple[GpuDevice, GpuSample]]) -> None:
         busy = is_busy(stats)
         for device, sample in readings:
@@ -102,36 +100,34 @@ class LoadMonitor:
                 logger.info("%s", self.stats_line(now_s, stats, readings))
             self._start_interval(now_s, stats)
 
-    def _start_interval(self, now_s: float, stats: dict[str, Any] | None) -> None:
+    def _start_interval(self, now_s: float, stats: EngineStats | None) -> None:
         self._last_line_s = now_s
         self._busy_since_line = False
         if stats is not None:
-            self._last_tokens = (int(stats.get("num_generation_tokens_total", 0)),
-                                 int(stats.get("num_prompt_tokens_total", 0)))
-            self._last_prefix_cache = (int(stats.get("prefix_cache_queries_total", 0)),
-                                       int(stats.get("prefix_cache_hits_total", 0)))
+            self._last_tokens = (stats.num_generation_tokens_total, stats.num_prompt_tokens_total)
+            self._last_prefix_cache = (stats.prefix_cache_queried_tokens_total, stats.prefix_cache_hit_tokens_total)
 
-    def stats_line(self, now_s: float, stats: dict[str, Any], readings: Sequence[tuple[GpuDevice, GpuSample]]) -> str:
+    def stats_line(self, now_s: float, stats: EngineStats, readings: Sequence[tuple[GpuDevice, GpuSample]]) -> str:
         elapsed_s = max(now_s - (self._last_line_s or now_s), 1e-9)
         generated, prompted = self._last_tokens or (0, 0)
-        output_tps = (int(stats.get("num_generation_tokens_total", 0)) - generated) / elapsed_s
-        prompt_tps = (int(stats.get("num_prompt_tokens_total", 0)) - prompted) / elapsed_s
+        output_tps = (stats.num_generation_tokens_total - generated) / elapsed_s
+        prompt_tps = (stats.num_prompt_tokens_total - prompted) / elapsed_s
         parts = [(f"Engine: {output_tps:,.1f} output tokens/s, {prompt_tps:,.1f} prompt tokens/s; "
-                  f"{stats.get('num_requests_running', 0)} running, {stats.get('num_requests_waiting', 0)} waiting; "
-                  f"KV cache {100.0 * float(stats.get('kv_cache_usage', 0.0)):.1f}% used{self._hit_rate(stats)}")]
+                  f"{stats.num_requests_running} running, {stats.num_requests_waiting} waiting; "
+                  f"KV cache {100.0 * stats.kv_cache_used_fraction:.1f}% used{self._hit_rate(stats)}")]
         for device, s in readings:
             power = "power ?" if s.power_w is None else f"{s.power_w:.0f} W"
             temperature = "? °C" if s.temperature_c is None else f"{s.temperature_c:.0f} °C"
             parts.append(f"GPU {device.index}: {power}, {temperature}, SM {_mhz(s.sm_clock_mhz)}")
         return " | ".join(parts)
 
-    def _hit_rate(self, stats: dict[str, Any]) -> str:
+    def _hit_rate(self, stats: EngineStats) -> str:
         """The prefix cache's hit rate over the interval's new requests, as vLLM's line has it."""
-        if not stats.get("enable_prefix_caching"):
+        if not stats.enable_prefix_caching:
             return ""
         queried, hit = self._last_prefix_cache
-        queries = int(stats.get("prefix_cache_queries_total", 0)) - queried
-        hits = int(stats.get("prefix_cache_hits_total", 0)) - hit
+        queries = stats.prefix_cache_queried_tokens_total - queried
+        hits = stats.prefix_cache_hit_tokens_total - hit
         return f"; prefix cache hit rate {100.0 * hits / queries if queries else 0.0:.1f}%"
 
     # -- slowdowns ---------------------------------------------------------------------------

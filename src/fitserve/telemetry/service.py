@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
+from fitserve.core.engine_stats import EngineStats
 from fitserve.telemetry.monitor import STATS_INTERVAL_S, LoadMonitor
 from fitserve.telemetry.nvml import GpuDevice, NvmlLike, load_nvml, select_devices
 from fitserve.telemetry.sampler import GpuSampler, GpuSnapshot
@@ -26,7 +26,7 @@ STOP_TIMEOUT_S = 5.0
 READINGS = ("power", "power_limit", "energy", "temperature", "sm_clock", "memory_clock", "utilization",
             "memory", "throttle_reasons", "max_sm_clock", "slowdown_temperature")
 
-StatsGetter = Callable[[], dict[str, Any]]
+StatsGetter = Callable[[], EngineStats]
 
 
 class Telemetry:

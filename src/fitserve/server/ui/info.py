@@ -103,17 +103,16 @@ def ui_info(engine: EngineClient | None, phase: str, version: str) -> dict[str, 
     if engine is None:
         return info
     stats = engine.stats()
-    block_size = int(stats.get("block_size", 0))
     info["model"] = engine.model_name
     info["engine"] = {
         "max_model_len": engine.max_model_len,
-        "max_num_seqs": stats.get("max_num_seqs"),
-        "block_size": block_size or None,
-        "num_kv_blocks": stats.get("num_kv_blocks"),
-        "kv_capacity_tokens": int(stats.get("num_kv_blocks", 0)) * block_size or None,
+        "max_num_seqs": stats.max_num_seqs or None,
+        "block_size": stats.block_size_tokens or None,
+        "num_kv_blocks": stats.num_kv_blocks or None,
+        "kv_capacity_tokens": stats.kv_capacity_tokens or None,
     }
-    startup = getattr(engine, "startup_info", None)  # set by `fitserve serve`; absent in tests' fakes
-    if isinstance(startup, dict):
+    startup = engine.startup_info  # None where whoever built the engine recorded none (tests' fakes)
+    if startup is not None:
         info["settings"] = dict(startup.get("settings") or {})
         info["memory"] = startup.get("memory")
     return info
