@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
+from fitserve.config import DEFAULT_MAX_LOGPROBS
 from fitserve.core.interfaces import ModelRunner, PendingOutput, Ready
 from fitserve.core.kv_cache_manager import KVCacheManager
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput, TokenLogprobs
@@ -42,7 +43,6 @@ from fitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from fitserve.config import DEFAULT_CPU_KV_CACHE_BYTES, ArchConfig, ConfigError
+from fitserve.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS,
+    ArchConfig,
+    ConfigError,
+)
 from fitserve.plan import estimates
 from fitserve.plan.shapes import (
     DTYPE_BYTES,
@@ -44,12 +52,12 @@ class PlanInputs:
     device_total_bytes: int | None = None  # None: the CPU
     device_free_bytes: int | None = None  # measured at start-up; None: total minus a CUDA context
     gpu_name: str | None = None
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    block_size: int = DEFAULT_BLOCK_SIZE
     cuda_graphs: bool = True  # False with --enforce-eager
     tensor_parallel_size: int = 1  # GPUs the model is split over; every figure of the plan is per GPU
 
