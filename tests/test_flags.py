@@ -30,6 +30,7 @@ SPECIAL = {
 SERVE_CLASSES = [*ENGINE_FLAG_GROUPS, SERVER_FLAG_GROUP]
 SERVE_FLAGS = [(cls, f, spec) for _, cls in SERVE_CLASSES for f, spec in declared_flags(cls)]
 PLAN_FLAGS = [(cls, f, spec) for cls, f, spec in SERVE_FLAGS if f.name in PLAN_FIELDS]
+ENGINE_FLAGS = [(cls, f, spec) for cls, f, spec in SERVE_FLAGS if cls is not ServerConfig]
 
 
 def _default(field: dataclasses.Field):
@@ -85,6 +86,12 @@ def test_every_serve_flag_parses_into_its_field(config_class, field, spec):
 def test_every_plan_flag_parses_into_its_field(config_class, field, spec):
     words, expected = _sample(field, spec)
     assert _field_value("plan", config_class, field, words) == expected
+
+
+@pytest.mark.parametrize(("config_class", "field", "spec"), ENGINE_FLAGS, ids=_ids(ENGINE_FLAGS))
+def test_every_check_quant_flag_parses_into_its_field(config_class, field, spec):
+    words, expected = _sample(field, spec)
+    assert _field_value("check-quant", config_class, field, words) == expected
 
 
 def test_plan_fields_name_declared_flags():
