@@ -6,24 +6,74 @@ raise `ConfigError`, whose message is shown as it is, without a stack trace.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # served name of the embedded default model
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block: vLLM's default, small enough to waste little
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB holds ~46k tokens of the default model in bf16
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default: the rest is left to the CUDA context and other processes
+DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default requests per step
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget per step (chunked prefill)
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANTIZATIONS = (None, "fp8", "fp8_per_tensor")  # linear layers in one byte per weight (docs/quantization.md)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's names; auto = --dtype
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; auto = --dtype; fp8 = fp8_e4m3
+# vLLM's other fp8 KV format; the KV store and attention kernels read and write e4m3 only.
+UNSUPPORTED_KV_CACHE_DTYPES = {
+    "fp8_e5m2": "--kv-cache-dtype fp8_e5m2 is not supported: fitserve's fp8 KV cache is e4m3 (float8_e4m3fn, "
+                "more mantissa, scaled per layer). Use --kv-cache-dtype fp8 (or fp8_e4m3).",
+}
 DTYPE_ALIASES = {"bf16": "bfloat16", "half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32"}
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message says what and which flag fixes it."""
+
+
+# -- command-line flags: declared on the field they set (fitserve/flags.py builds the parsers) ----
+
+FLAG_KEY = "flag"  # the dataclasses.field metadata key that holds a field's Flag
+FLAG_KINDS = ("value", "switch", "on_off", "disable", "words")
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """A config field's command-line flag, with vLLM's name where vLLM has one.
+
+    kind: "value" (one value; absent: the field's default), "switch" (present: True),
+    "on_off" (--x / --no-x), "disable" (--disable-x: present sets the field False),
+    "words" (one or more words; repeats add more).
+    """
+
+    names: tuple[str, ...]  # the long name first, then aliases: ("--tensor-parallel-size", "-tp")
+    help: str
+    kind: str = "value"
+    type: Callable[[str], Any] | None = None  # argparse's type: int, float; None: the text as given
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    convert: Callable[[Any], Any] | None = None  # the parsed value -> the field's (a size, a list)
+
+    def __post_init__(self) -> None:
+        assert self.kind in FLAG_KINDS and self.names[0].startswith("--"), self
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the value in (its own rule for the first long name)."""
+        return self.names[0].removeprefix("--").replace("-", "_")
+
+
+def flag(*names: str, help: str, kind: str = "value", type: Callable[[str], Any] | None = None,
+         choices: tuple[str, ...] | None = None, metavar: str | None = None,
+         convert: Callable[[Any], Any] | None = None) -> dict[str, Flag]:
+    """`field(metadata=flag(...))`: the one declaration of a flag."""
+    return {FLAG_KEY: Flag(names, help, kind, type, choices, metavar, convert)}
 
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
@@ -173,14 +223,28 @@ def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
-    block_size: int = DEFAULT_BLOCK_SIZE
-    gpu_memory_utilization: float = 0.9  # vLLM's meaning: fraction of total device memory
-    kv_cache_memory_bytes: int | None = None  # explicit KV size; the CPU default is DEFAULT_CPU_KV_CACHE_BYTES
-    num_gpu_blocks_override: int | None = None  # exact block count, for tests and debugging
-    kv_cache_dtype: str = "auto"  # vLLM's --kv-cache-dtype: auto (= --dtype) or fp8 (e4m3, 1 byte per element)
-    enable_prefix_caching: bool = True  # vLLM's default: reuse the cached K/V of full blocks of a shared prefix
+    block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata=flag(
+        "--block-size", type=int, help="tokens per KV-cache block"))
+    # vLLM's meaning: a fraction of the device's total memory, not of its free memory.
+    gpu_memory_utilization: float = field(default=DEFAULT_GPU_MEMORY_UTILIZATION, metadata=flag(
+        "--gpu-memory-utilization", type=float,
+        help="fraction of the GPU's total memory this server may use (weights, activations, KV)"))
+    kv_cache_memory_bytes: int | None = field(default=None, metadata=flag(  # the CPU's: DEFAULT_CPU_KV_CACHE_BYTES
+        "--kv-cache-memory-bytes", convert=parse_size_bytes, help="KV cache size, e.g. 2GiB; on the CPU the default is 1GiB"))
+    num_gpu_blocks_override: int | None = field(default=None, metadata=flag(  # for tests and debugging
+        "--num-gpu-blocks-override", type=int, help="exact number of KV blocks"))
+    kv_cache_dtype: str = field(default="auto", metadata=flag(
+        # No argparse choices: CacheConfig's own check names what is refused and why (fp8_e5m2).
+        "--kv-cache-dtype", metavar="{" + ",".join(KV_CACHE_DTYPES) + "}",
+        help="auto (= --dtype) or fp8 (e4m3, one byte per element, a scale per layer: 1.0 or the checkpoint's)"))
+    enable_prefix_caching: bool = field(default=True, metadata=flag(
+        "--enable-prefix-caching", kind="on_off",
+        help="reuse the KV cache of full blocks shared with earlier requests (a common system prompt is computed "
+             "once); on by default, --no-enable-prefix-caching turns it off (docs/prefix-caching.md)"))
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype in UNSUPPORTED_KV_CACHE_DTYPES:
+            raise ConfigError(UNSUPPORTED_KV_CACHE_DTYPES[self.kv_cache_dtype])
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}.")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -195,9 +259,12 @@ class CacheConfig:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256  # requests in one step
-    max_num_batched_tokens: int = 2048  # tokens fed in one step, prefill chunks and decodes together
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = field(default=DEFAULT_MAX_NUM_SEQS, metadata=flag(
+        "--max-num-seqs", type=int, help="requests batched in one step"))
+    max_num_batched_tokens: int = field(default=DEFAULT_MAX_NUM_BATCHED_TOKENS, metadata=flag(
+        "--max-num-batched-tokens", type=int, help="tokens fed in one step (prefill chunks and decodes together)"))
+    max_model_len: int | None = field(default=None, metadata=flag(  # None: the model's max_position_embeddings
+        "--max-model-len", type=int, help="prompt + output tokens per request"))
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -210,24 +277,45 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str | None = None  # None: the embedded default; else a folder, a .gguf file or a hub id
-    served_model_name: str | None = None
-    tokenizer: str | None = None  # a folder or hub id; None: the model's own
-    load_format: str = "auto"
-    dtype: str = "auto"
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    seed: int = 0
-    enforce_eager: bool = False  # vLLM's name: no CUDA graphs, every step launched from Python
-    # vLLM's name: detokenize a step's tokens while the GPU runs the next one (CUDA only).
-    disable_async_output_proc: bool = False
-    # vLLM's name: plan step n+1 while step n runs (CUDA with one GPU; off elsewhere).
-    async_scheduling: bool = True
-    quantization: str | None = None  # vLLM's --quantization: None, fp8 (per-channel) or fp8_per_tensor
-    # vLLM's --generation-config: "auto" (the model's generation_config.json gives sampling defaults),
-    # "vllm" (ignore it), or a folder holding a generation_config.json.
-    generation_config: str = "auto"
-    max_logprobs: int = 20  # vLLM's --max-logprobs: most (top) logprobs a request may ask for per token
-    tensor_parallel_size: int = 1  # vLLM's -tp: GPUs (processes) one model is split over (docs/parallelism.md)
+    model: str | None = field(default=None, metadata=flag(
+        "--model", help="a Hugging Face folder, a .gguf file or a hub id; default: the embedded SmolLM2-135M-Instruct"))
+    served_model_name: str | None = field(default=None, metadata=flag(
+        "--served-model-name", help="the name clients send as `model`"))
+    tokenizer: str | None = field(default=None, metadata=flag(
+        "--tokenizer", help="a tokenizer folder or hub id, if not the model's own"))
+    load_format: str = field(default="auto", metadata=flag(
+        "--load-format", choices=LOAD_FORMATS,
+        help="'dummy' builds random weights from the model's config.json, for benchmarks"))
+    dtype: str = field(default="auto", metadata=flag("--dtype", help="auto (bfloat16), bfloat16, float16 or float32"))
+    device: str = field(default="auto", metadata=flag("--device", help="auto (cuda if available), cpu or cuda"))
+    seed: int = field(default=0, metadata=flag(
+        "--seed", type=int, help="seed of the sampler for requests without a seed"))
+    enforce_eager: bool = field(default=False, metadata=flag(
+        "--enforce-eager", kind="switch",
+        help="no CUDA graphs: launch every decode step from Python (slower; for debugging)"))
+    disable_async_output_proc: bool = field(default=False, metadata=flag(  # CUDA only
+        "--disable-async-output-proc", kind="switch",
+        help="detokenize each step between steps instead of while the GPU runs the next one"))
+    async_scheduling: bool = field(default=True, metadata=flag(  # CUDA with one GPU; off elsewhere
+        "--async-scheduling", kind="on_off",
+        help="plan and launch each step before the last one's tokens are read, so host work overlaps the GPU "
+             "(CUDA on one GPU; on by default, --no-async-scheduling turns it off)"))
+    quantization: str | None = field(default=None, metadata=flag(
+        "--quantization", choices=tuple(q for q in QUANTIZATIONS if q),
+        help="fp8: linear layers quantized at load to e4m3, per-channel weight and per-token activation scales; "
+             "fp8_per_tensor: one scale per tensor; a checkpoint stored in fp8 picks its own unless given "
+             "(docs/quantization.md)"))
+    generation_config: str = field(default="auto", metadata=flag(
+        "--generation-config",
+        help="auto: the model's generation_config.json gives defaults (temperature, top_p, top_k, min_p, "
+             "repetition_penalty, max_new_tokens) for fields a request leaves unset; vllm: ignore it; "
+             "or a folder with a generation_config.json"))
+    max_logprobs: int = field(default=DEFAULT_MAX_LOGPROBS, metadata=flag(
+        "--max-logprobs", type=int, help="most logprobs / top_logprobs a request may ask for per token (more: 400)"))
+    tensor_parallel_size: int = field(default=1, metadata=flag(  # docs/parallelism.md
+        "--tensor-parallel-size", "-tp", type=int,
+        help="split the model over this many GPUs, one process each, started by fitserve (attention heads and "
+             "MLP columns; docs/parallelism.md)"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))
@@ -287,24 +375,62 @@ def _env_api_keys() -> tuple[str, ...]:
     return tuple(key.strip() for key in os.environ.get(API_KEY_ENV, "").split(",") if key.strip())
 
 
+def _words_or_json(values: list[str]) -> tuple[str, ...]:
+    """vLLM takes these lists either as words (`--allowed-origins a b`) or as one JSON list."""
+    items: list[str] = []
+    for value in values:
+        if value.lstrip().startswith("["):
+            try:
+                items.extend(str(item) for item in json.loads(value))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise ConfigError(f"Cannot read {value!r} as a JSON list of strings: {error}.") from None
+        else:
+            items.append(value)
+    return tuple(items)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """What `fitserve serve` sets around the engine: exposure, limits, lifecycle."""
 
-    api_keys: tuple[str, ...] = field(default_factory=_env_api_keys)  # any one opens /v1/*; () = open
-    metrics_api_key: str | None = None  # None: /metrics is public
-    allowed_origins: tuple[str, ...] = ("*",)  # CORS, with vLLM's defaults
-    allowed_methods: tuple[str, ...] = ("*",)
-    allowed_headers: tuple[str, ...] = ("*",)
-    allow_credentials: bool = False
-    request_timeout_s: float | None = None  # from arrival to last token; None: no limit
-    max_queue_len: int | None = None  # requests waiting beyond --max-num-seqs; None: no limit
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
-    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # drain time after SIGTERM
-    enable_log_requests: bool = False  # log prompts (token ids) and sampling settings
-    max_log_len: int | None = None  # prompt tokens shown per logged request; None: all
-    enable_ui: bool = True  # GET / and /ui: the built-in page (off: --disable-ui)
-    strict: bool = False  # an unsupported request field is a 400 naming it (default: ignored, logged once)
+    api_keys: tuple[str, ...] = field(default_factory=_env_api_keys, metadata=flag(  # any one opens /v1/*; () = open
+        "--api-key", kind="words", convert=tuple,
+        help=f"require one of these keys as `Authorization: Bearer` on /v1/* (else ${API_KEY_ENV}, comma-separated)"))
+    metrics_api_key: str | None = field(default=None, metadata=flag(
+        "--metrics-api-key", help="require this key on /metrics (default: public)"))
+    allowed_origins: tuple[str, ...] = field(default=("*",), metadata=flag(  # CORS, with vLLM's defaults
+        "--allowed-origins", kind="words", convert=_words_or_json, help="CORS origins (default: *)"))
+    allowed_methods: tuple[str, ...] = field(default=("*",), metadata=flag(
+        "--allowed-methods", kind="words", convert=_words_or_json, help="CORS methods (default: *)"))
+    allowed_headers: tuple[str, ...] = field(default=("*",), metadata=flag(
+        "--allowed-headers", kind="words", convert=_words_or_json, help="CORS headers (default: *)"))
+    allow_credentials: bool = field(default=False, metadata=flag(
+        "--allow-credentials", kind="switch", help="CORS: allow credentials"))
+    request_timeout_s: float | None = field(default=None, metadata=flag(  # None: no limit
+        "--request-timeout", type=float,
+        help="seconds from arrival to the last token; later, the request is aborted (408)"))
+    max_queue_len: int | None = field(default=None, metadata=flag(  # None: no limit
+        "--max-queue-len", type=int,
+        help="requests that may wait beyond --max-num-seqs; past it, 503 with Retry-After"))
+    max_request_body_bytes: int = field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata=flag(
+        "--max-request-body-bytes", convert=parse_size_bytes,
+        help=f"larger bodies get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES // 2**20}MiB)"))
+    shutdown_timeout_s: float = field(default=DEFAULT_SHUTDOWN_TIMEOUT_S, metadata=flag(  # drain time after SIGTERM
+        "--shutdown-timeout", type=float,
+        help="seconds to finish in-flight requests after SIGTERM before aborting them "
+             f"(default {DEFAULT_SHUTDOWN_TIMEOUT_S:g})"))
+    enable_log_requests: bool = field(default=False, metadata=flag(
+        "--enable-log-requests", kind="switch",
+        help="log each request's prompt token ids and settings (off: prompts are never logged)"))
+    max_log_len: int | None = field(default=None, metadata=flag(  # None: all
+        "--max-log-len", type=int, help="prompt tokens shown per logged request"))
+    enable_ui: bool = field(default=True, metadata=flag(  # GET / and /ui: the built-in page
+        "--disable-ui", kind="disable",
+        help="serve no web page at / and /ui (the dashboard and chat playground, docs/ui.md)"))
+    strict: bool = field(default=False, metadata=flag(
+        "--strict", kind="switch",
+        help="answer 400 to a request field fitserve does not support (default: ignore it and log it once; "
+             "GET /v1/compat lists the fields)"))
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):

@@ -4,12 +4,15 @@ and entry points. fitserve.cli registers them with add_bench_parsers()."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from fitserve.bench.benchmark import normalize_base_url, run_benchmark
 from fitserve.bench.client import CHAT_ENDPOINT, COMPLETIONS_ENDPOINT, BenchError, RequestSettings
 from fitserve.bench.driver import RunOptions
+from fitserve.bench.grid import parse_grid
 from fitserve.bench.report import save_json
 from fitserve.bench.server_metrics import DEFAULT_POLL_INTERVAL_S
 from fitserve.bench.stats import DEFAULT_PERCENTILES, GOODPUT_METRICS
@@ -141,9 +144,38 @@ def bench_command(args: argparse.Namespace) -> int:
 
 
 def sweep_command(args: argparse.Namespace) -> int:
-    from fitserve.bench.sweep import run_sweep_command  # matplotlib and subprocesses only when sweeping
+    from fitserve.bench.sweep import READY_CHECK_AFTER_HEALTH_S, rerender, run_sweep  # subprocesses, matplotlib
 
-    return run_sweep_command(args)
+    output_dir = Path(args.output_dir)
+    try:
+        if args.rerender:
+            document = rerender(output_dir)
+            print(document["table"])
+            print(document["advice"])
+            return 0
+        if not args.grid:
+            raise BenchError("--grid is required (or --rerender to redo the table and plots of a finished sweep)")
+        axes = parse_grid(args.grid)
+        workload = workload_from_args(args)
+        percentiles = parse_percentiles(args.metric_percentiles)
+        metadata = parse_metadata(args.metadata)
+        goodput = parse_goodput(args.goodput)
+    except (BenchError, WorkloadError) as error:
+        print(f"fitserve sweep: {error}", file=sys.stderr)
+        return 2
+    # /health answered before the benchmark starts: the test request need not wait long.
+    options = dataclasses.replace(options_from_args(args), ready_timeout_s=READY_CHECK_AFTER_HEALTH_S)
+
+    def bench(base_url: str) -> dict:
+        return run_benchmark(workload, settings_from_args(args, base_url), options,
+                             percentiles=percentiles, metadata=metadata, goodput_slos_ms=goodput).result
+
+    document = run_sweep(axes, workload, bench, server_command=args.server_command, server_args=args.server_args,
+                         output_dir=output_dir, startup_timeout_s=args.startup_timeout, metadata=metadata)
+    print(document["table"])
+    print(document["advice"])
+    print(f"saved {output_dir / 'sweep.json'}, {output_dir / 'sweep.md'} and {len(document['plots'])} plots")
+    return 0
 
 
 def add_bench_parsers(commands: argparse._SubParsersAction) -> None:

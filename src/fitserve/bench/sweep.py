@@ -6,65 +6,25 @@ guide's "crash on startup" rows are; so is a point whose benchmark cannot run.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import itertools
 import json
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from fitserve.bench.benchmark import run_benchmark
 from fitserve.bench.client import BenchError
+from fitserve.bench.grid import (  # noqa: F401  (parse_grid, grid_points: this module's API)
+    GridAxis,
+    grid_points,
+    parse_grid,
+    point_flags,
+    point_label,
+)
 from fitserve.bench.report import provenance, save_json
 from fitserve.bench.server_process import ServerProcess, free_port
-from fitserve.bench.workloads import Workload, WorkloadError
+from fitserve.bench.workloads import Workload
 
-DEFAULT_VALUE = "default"   # a grid value that leaves the flag out: the server's own default
 READY_CHECK_AFTER_HEALTH_S = 60.0
 PROVENANCE_KEYS = ("format_version", "date", "command_line", "commit", "dirty", "dirty_files", "machine")
-
-
-@dataclass(frozen=True, slots=True)
-class GridAxis:
-    name: str                 # as the user wrote it, underscores: max_num_seqs
-    values: tuple[str, ...]   # as written; DEFAULT_VALUE leaves the flag out
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-def parse_grid(specs: list[str]) -> list[GridAxis]:
-    axes = []
-    for spec in specs:
-        name, sep, values = spec.partition("=")
-        name = name.strip().lstrip("-").replace("-", "_")
-        parts = tuple(v.strip() for v in values.split(",") if v.strip())
-        if not sep or not name or not parts:
-            raise BenchError(f"--grid takes NAME=V1,V2,... (e.g. max_num_seqs=1,4,8), not {spec!r}")
-        if any(a.name == name for a in axes):
-            raise BenchError(f"--grid names {name} twice")
-        axes.append(GridAxis(name, parts))
-    return axes
-
-
-def grid_points(axes: list[GridAxis]) -> list[dict[str, str]]:
-    """Every combination, the first axis varying slowest, in the order the values were given."""
-    return [dict(zip((a.name for a in axes), combo)) for combo in itertools.product(*(a.values for a in axes))]
-
-
-def point_flags(point: dict[str, str]) -> list[str]:
-    flags = []
-    for name, value in point.items():
-        if value.lower() != DEFAULT_VALUE:
-            flags += [GridAxis(name, ()).flag, value]
-    return flags
-
-
-def point_label(point: dict[str, str]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in point.items())
 
 
 def base_server_command(server_command: str | None) -> list[str]:
@@ -155,45 +115,3 @@ def summary_line(row: dict) -> str:
     r = row["result"]
     return (f"{r['request_throughput']:.2f} req/s, {r['output_throughput']:.1f} output tok/s, "
             f"{r['failed']} failed")
-
-
-def run_sweep_command(args: argparse.Namespace) -> int:
-    from fitserve.bench.cli import (
-        options_from_args,
-        parse_goodput,
-        parse_metadata,
-        parse_percentiles,
-        settings_from_args,
-        workload_from_args,
-    )
-
-    output_dir = Path(args.output_dir)
-    try:
-        if args.rerender:
-            document = rerender(output_dir)
-            print(document["table"])
-            print(document["advice"])
-            return 0
-        if not args.grid:
-            raise BenchError("--grid is required (or --rerender to redo the table and plots of a finished sweep)")
-        axes = parse_grid(args.grid)
-        workload = workload_from_args(args)
-        percentiles = parse_percentiles(args.metric_percentiles)
-        metadata = parse_metadata(args.metadata)
-        goodput = parse_goodput(args.goodput)
-    except (BenchError, WorkloadError) as error:
-        print(f"fitserve sweep: {error}", file=sys.stderr)
-        return 2
-    # /health answered before the benchmark starts: the test request need not wait long.
-    options = dataclasses.replace(options_from_args(args), ready_timeout_s=READY_CHECK_AFTER_HEALTH_S)
-
-    def bench(base_url: str) -> dict:
-        return run_benchmark(workload, settings_from_args(args, base_url), options,
-                             percentiles=percentiles, metadata=metadata, goodput_slos_ms=goodput).result
-
-    document = run_sweep(axes, workload, bench, server_command=args.server_command, server_args=args.server_args,
-                         output_dir=output_dir, startup_timeout_s=args.startup_timeout, metadata=metadata)
-    print(document["table"])
-    print(document["advice"])
-    print(f"saved {output_dir / 'sweep.json'}, {output_dir / 'sweep.md'} and {len(document['plots'])} plots")
-    return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fitserve.bench.sweep import DEFAULT_VALUE, GridAxis
+from fitserve.bench.grid import DEFAULT_VALUE, GridAxis
 from fitserve.bench.workloads import Workload
 from fitserve.config import ConfigError, parse_size_bytes
 

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from fitserve.config import DEFAULT_MAX_LOGPROBS
 from fitserve.core.engine_stats import EngineStats
 from fitserve.core.interfaces import ModelRunner, PendingOutput
 from fitserve.core.kv_cache_manager import KVCacheManager
@@ -43,7 +44,6 @@ from fitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,16 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fitserve.config import (
-    DEFAULT_BLOCK_SIZE,
-    KV_CACHE_DTYPES,
-    ArchConfig,
-    CacheConfig,
-    ConfigError,
-    EngineConfig,
-    SchedulerConfig,
-    parse_size_bytes,
-)
+from fitserve.config import ArchConfig, ConfigError, EngineConfig, parse_size_bytes
+from fitserve.flags import PLAN_FIELDS, add_engine_args, engine_config_from_args
 from fitserve.plan.fit_search import fit_to_json, format_fit, search_fit
 from fitserve.plan.gpus import KNOWN_GPUS, find_gpu
 from fitserve.plan.planner import PlanInputs, plan_memory, resolve_max_model_len
@@ -52,26 +44,11 @@ def add_plan_parser(subparsers: Any, resolve_source: Callable[[EngineConfig], Mo
     """Register `fitserve plan`; the cli passes weights.source.resolve_model_source (a layer above)."""
     plan = subparsers.add_parser("plan", help="plan GPU memory: does the model fit, how many requests it holds")
     plan.add_argument("model_tag", nargs="?", default=None, help="the model, as `fitserve serve MODEL` takes it")
-    plan.add_argument("--model", default=None, help="a model folder (config.json), a .gguf file, a hub id, "
-                      "or configs/NAME; default: the embedded SmolLM2-135M-Instruct")
-    card = plan.add_mutually_exclusive_group()
+    add_engine_args(plan, only=PLAN_FIELDS)  # serve's flags, declared once in config.py
+    card = plan.add_argument_group("the card").add_mutually_exclusive_group()
     card.add_argument("--gpu", default=None, help="a card by name, e.g. 'RTX 4000 Ada', h100 (see --list-gpus)")
     card.add_argument("--gpu-memory", default=None, help="the card's total memory, e.g. 20475MiB or 24GiB")
     plan.add_argument("--list-gpus", action="store_true", help="print the cards --gpu knows and exit")
-    plan.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16, float16 or float32")
-    plan.add_argument("--quantization", default=None, choices=["fp8", "fp8_per_tensor"],
-                      help="fp8: linear layers in one byte")
-    plan.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES, help="auto (= --dtype) or fp8")
-    plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    plan.add_argument("--max-model-len", type=int, default=None)
-    plan.add_argument("--max-num-seqs", type=int, default=256)
-    plan.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    plan.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    plan.add_argument("--kv-cache-memory-bytes", default=None, help="a fixed KV cache size (the CPU default: 1GiB)")
-    plan.add_argument("--num-gpu-blocks-override", type=int, default=None)
-    plan.add_argument("--enforce-eager", action="store_true", help="plan without CUDA graphs")
-    plan.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                      help="GPUs (of the --gpu kind) the model is split over; the plan is per GPU")
     plan.add_argument("--users", type=int, default=None, help="with --context: the load to fit")
     plan.add_argument("--context", type=int, default=None, help="tokens per request (prompt + output)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -89,27 +66,21 @@ def _device_total_bytes(args: argparse.Namespace) -> tuple[int | None, str | Non
 
 
 def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> PlanInputs:
-    # The same validation as `fitserve serve` (one config tree), then the planner's own inputs.
-    cache = CacheConfig(
-        block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_bytes=None if args.kv_cache_memory_bytes is None else parse_size_bytes(args.kv_cache_memory_bytes),
-        num_gpu_blocks_override=args.num_gpu_blocks_override, kv_cache_dtype=args.kv_cache_dtype,
-    )
-    scheduler = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                max_model_len=args.max_model_len)
-    EngineConfig(tensor_parallel_size=args.tensor_parallel_size)  # its validation
+    # The same EngineConfig, and so the same validation and messages, as `fitserve serve`.
+    config = engine_config_from_args(args)
+    cache, scheduler = config.cache, config.scheduler
     total_bytes, gpu_name = _device_total_bytes(args)
     folder = source.weights_path if source.kind in ("hf", "dummy") else None
     return PlanInputs(
         arch=source.arch, model_name=source.name, param_counts=model_param_counts(source.arch, folder),
-        max_model_len=resolve_max_model_len(scheduler.max_model_len, source.arch), dtype=resolve_dtype(args.dtype),
-        quantization=source.quantization(args.quantization), kv_cache_dtype=args.kv_cache_dtype,
+        max_model_len=resolve_max_model_len(scheduler.max_model_len, source.arch), dtype=resolve_dtype(config.dtype),
+        quantization=source.quantization(config.quantization), kv_cache_dtype=cache.kv_cache_dtype,
         device_total_bytes=total_bytes,
         gpu_name=gpu_name, gpu_memory_utilization=cache.gpu_memory_utilization,
         kv_cache_memory_bytes=cache.kv_cache_memory_bytes, num_gpu_blocks_override=cache.num_gpu_blocks_override,
         max_num_seqs=scheduler.max_num_seqs, max_num_batched_tokens=scheduler.max_num_batched_tokens,
-        block_size=cache.block_size, cuda_graphs=not args.enforce_eager,
-        tensor_parallel_size=args.tensor_parallel_size,
+        block_size=cache.block_size, cuda_graphs=not config.enforce_eager,
+        tensor_parallel_size=config.tensor_parallel_size,
     )
 
 
@@ -126,6 +97,7 @@ def run_plan(args: argparse.Namespace, resolve_source: Callable[[EngineConfig], 
         return 0
     if (args.users is None) != (args.context is None):
         raise ConfigError("--users and --context go together: N requests of T tokens each.")
+    engine_config_from_args(args)  # a setting serve refuses is refused before the model is looked up
     model = args.model or args.model_tag
     source = resolve_source(EngineConfig(model=model, load_format="dummy"))
     inputs = plan_inputs_from_args(args, source)

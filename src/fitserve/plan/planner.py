@@ -15,157 +15,20 @@ holds that many tokens (each token's K and V spread over the N GPUs).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from fitserve.config import DEFAULT_CPU_KV_CACHE_BYTES, ArchConfig, ConfigError
 from fitserve.plan import estimates
-from fitserve.plan.shapes import (
-    DTYPE_BYTES,
-    ParamCounts,
-    WeightBytes,
-    kv_bytes_per_token,
-    kv_dtype_name,
-    weight_bytes,
+from fitserve.plan.memory_plan import (  # noqa: F401  (the plan's types, imported from here by its users)
+    MemoryBreakdown,
+    MemoryPlan,
+    PlanInputs,
+    PlanProblem,
+    blocks_for_tokens,
+    kv_blocks_for_budget,
 )
-
-UTILIZATION_STEP = 0.01  # suggested utilizations are rounded to this, up (need) or down (limit)
-
-
-@dataclass(frozen=True, slots=True)
-class PlanInputs:
-    arch: ArchConfig
-    model_name: str
-    param_counts: ParamCounts
-    max_model_len: int
-    dtype: str = "bfloat16"  # resolved: bfloat16, float16 or float32
-    quantization: str | None = None  # None or "fp8" (linear layers)
-    kv_cache_dtype: str = "auto"  # "auto" (= dtype) or an fp8 name
-    device_total_bytes: int | None = None  # None: the CPU
-    device_free_bytes: int | None = None  # measured at start-up; None: total minus a CUDA context
-    gpu_name: str | None = None
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_bytes: int | None = None
-    num_gpu_blocks_override: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    block_size: int = 16
-    cuda_graphs: bool = True  # False with --enforce-eager
-    tensor_parallel_size: int = 1  # GPUs the model is split over; every figure of the plan is per GPU
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device_total_bytes is not None
-
-    @property
-    def fixed_kv_cache(self) -> bool:
-        """The KV cache's size is given (--kv-cache-memory-bytes or --num-gpu-blocks-override), not
-        what --gpu-memory-utilization leaves after the rest."""
-        return self.kv_cache_memory_bytes is not None or self.num_gpu_blocks_override is not None
-
-    @property
-    def rank_arch(self) -> ArchConfig:
-        """One GPU's shapes (ConfigError when the size does not divide the heads or MLP columns)."""
-        return self.arch.shard(self.tensor_parallel_size)
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryBreakdown:
-    """What the budget holds besides the KV cache."""
-
-    weights_bytes: int
-    activation_peak_bytes: int  # forward of the token budget, logits and sampling
-    runtime_non_torch_bytes: int  # outside torch's allocator, added by loading and running
-    cuda_graph_bytes: int  # the decode graphs' pool (0 on the CPU or with --enforce-eager)
-
-    @property
-    def non_kv_bytes(self) -> int:
-        return self.weights_bytes + self.activation_peak_bytes + self.runtime_non_torch_bytes + self.cuda_graph_bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PlanProblem:
-    kind: str  # "free_memory", "weights", "no_kv", "kv_exceeds_free", "max_model_len", "concurrency"
-    fatal: bool  # False: a warning
-    message: str  # one paragraph with the numbers and the flag that fixes it
-
-
-def kv_blocks_for_budget(kv_budget_bytes: int, block_bytes: int) -> int:
-    """The one sizing rule: whole blocks of what is left, never negative."""
-    return max(kv_budget_bytes, 0) // block_bytes
-
-
-def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
-
-
-@dataclass(frozen=True, slots=True)
-class MemoryPlan:
-    inputs: PlanInputs
-    weights: WeightBytes
-    breakdown: MemoryBreakdown
-    kv_dtype: str
-    kv_block_bytes: int
-    budget_bytes: int  # GPU: total x utilization; CPU: the KV cache bytes
-    outside_budget_bytes: int  # GPU: what is in use before fitserve allocates (CUDA context, others)
-    kv_budget_bytes: int  # what the budget leaves for the KV cache (negative: it does not fit)
-    num_kv_blocks: int
-    problems: tuple[PlanProblem, ...] = field(default=())
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.num_kv_blocks * self.inputs.block_size
-
-    @property
-    def kv_cache_bytes(self) -> int:
-        return self.num_kv_blocks * self.kv_block_bytes
-
-    @property
-    def fits(self) -> bool:
-        return not any(p.fatal for p in self.problems)
-
-    @property
-    def headroom_bytes(self) -> int | None:
-        """GPU memory neither budgeted nor held before start-up."""
-        total = self.inputs.device_total_bytes
-        if total is None:
-            return None
-        used = self.outside_budget_bytes + self.breakdown.non_kv_bytes + self.kv_cache_bytes
-        return total - used
-
-    @property
-    def max_usable_utilization(self) -> float | None:
-        """The largest --gpu-memory-utilization the free memory can give."""
-        total = self.inputs.device_total_bytes
-        if total is None:
-            return None
-        return _floor_step((total - self.outside_budget_bytes) / total)
-
-    def requests_at(self, context_tokens: int) -> int:
-        """Requests of `context_tokens` tokens the KV cache holds at once (not capped by max_num_seqs)."""
-        return self.num_kv_blocks // blocks_for_tokens(context_tokens, self.inputs.block_size)
-
-    def utilization_for_kv_tokens(self, kv_tokens: int) -> float | None:
-        """Smallest utilization whose budget holds the non-KV memory and `kv_tokens` of cache."""
-        total = self.inputs.device_total_bytes
-        if total is None:
-            return None
-        need = self.breakdown.non_kv_bytes + blocks_for_tokens(kv_tokens, self.inputs.block_size) * self.kv_block_bytes
-        return _ceil_step(need / total)
-
-    def raise_if_fatal(self) -> None:
-        fatal = [p for p in self.problems if p.fatal]
-        if fatal:
-            raise ConfigError(fatal[0].message)
-
-
-def _ceil_step(fraction: float) -> float:
-    return round(math.ceil(round(fraction / UTILIZATION_STEP, 6)) * UTILIZATION_STEP, 2)
-
-
-def _floor_step(fraction: float) -> float:
-    return round(math.floor(round(fraction / UTILIZATION_STEP, 6)) * UTILIZATION_STEP, 2)
-
+from fitserve.plan.problems import find_problems
+from fitserve.plan.shapes import DTYPE_BYTES, WeightBytes, kv_bytes_per_token, kv_dtype_name, weight_bytes
 
 def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreakdown:
     act_bytes = DTYPE_BYTES[inputs.dtype]
@@ -184,8 +47,6 @@ def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreak
 
 def plan_memory(inputs: PlanInputs, breakdown: MemoryBreakdown | None = None) -> MemoryPlan:
     """The plan for `inputs`; with `breakdown` (measured at start-up) in place of the estimates."""
-    from fitserve.plan.problems import find_problems  # messages need a finished plan
-
     weights = weight_bytes(inputs.param_counts.per_rank(inputs.tensor_parallel_size), inputs.dtype,
                            inputs.quantization)
     breakdown = breakdown or estimated_breakdown(inputs, weights)
@@ -205,7 +66,7 @@ def plan_memory(inputs: PlanInputs, breakdown: MemoryBreakdown | None = None) ->
         budget_bytes=budget, outside_budget_bytes=outside, kv_budget_bytes=kv_budget,
         num_kv_blocks=kv_blocks_for_budget(kv_budget, block_bytes),
     )
-    return replace(plan, problems=tuple(find_problems(plan)))
+    return replace(plan, problems=tuple(find_problems(plan, plan_memory)))  # messages need a finished plan
 
 
 def _budget(inputs: PlanInputs, block_bytes: int) -> tuple[int, int]:

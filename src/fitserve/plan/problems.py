@@ -6,22 +6,21 @@ code 2, no stack trace) and appear in `fitserve plan`'s verdict.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
-from fitserve.plan.planner import MemoryPlan, PlanProblem
+from fitserve.plan.memory_plan import MemoryPlan, PlanInputs, PlanProblem
 from fitserve.plan.units import gib
 
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+Replan = Callable[[PlanInputs], MemoryPlan]  # planner.plan_memory, for the plans of the other ways out
 
 AVERAGE_CONTEXT_FRACTION = 0.5  # a request's average length, for the concurrency warning
 
 
-def find_problems(plan: MemoryPlan) -> Iterator[PlanProblem]:
+def find_problems(plan: MemoryPlan, replan: Replan) -> Iterator[PlanProblem]:
     inputs = plan.inputs
     if inputs.on_gpu:
-        yield from _gpu_budget_problems(plan)
+        yield from _gpu_budget_problems(plan, replan)
     if plan.num_kv_blocks >= 1 and plan.kv_tokens < inputs.max_model_len:
         yield PlanProblem("max_model_len", True, _max_model_len_message(plan))
     if plan.num_kv_blocks >= 1:
@@ -30,7 +29,7 @@ def find_problems(plan: MemoryPlan) -> Iterator[PlanProblem]:
             yield PlanProblem("concurrency", False, warning)
 
 
-def _gpu_budget_problems(plan: MemoryPlan) -> Iterator[PlanProblem]:
+def _gpu_budget_problems(plan: MemoryPlan, replan: Replan) -> Iterator[PlanProblem]:
     inputs = plan.inputs
     total = inputs.device_total_bytes
     assert total is not None
@@ -43,9 +42,9 @@ def _gpu_budget_problems(plan: MemoryPlan) -> Iterator[PlanProblem]:
     if plan.budget_bytes > free:
         yield PlanProblem("free_memory", True, _free_memory_message(plan, free))
     if plan.weights.total_bytes > plan.budget_bytes:
-        yield PlanProblem("weights", True, _weights_message(plan))
+        yield PlanProblem("weights", True, _weights_message(plan, replan))
     elif plan.num_kv_blocks < 1:
-        yield PlanProblem("no_kv", True, _no_kv_message(plan))
+        yield PlanProblem("no_kv", True, _no_kv_message(plan, replan))
 
 
 def _model_and_card(plan: MemoryPlan) -> str:
@@ -66,14 +65,12 @@ def _utilization_fix(plan: MemoryPlan) -> str:
             f"{need_util:.2f} of the card, and at most {max_util:.2f} is free")
 
 
-def _alternatives(plan: MemoryPlan) -> str:
+def _alternatives(plan: MemoryPlan, replan: Replan) -> str:
     """Other ways out: fp8 weights (with their planned size), fewer sequences, another card."""
-    from fitserve.plan.planner import plan_memory
-
     inputs = plan.inputs
     ways = []
     if inputs.quantization is None:
-        fp8 = plan_memory(replace(inputs, quantization="fp8"))
+        fp8 = replan(replace(inputs, quantization="fp8"))
         fp8_util = fp8.utilization_for_kv_tokens(inputs.max_model_len)
         ways.append(f"--quantization fp8 ({gib(fp8.weights.total_bytes)} of weights, from utilization "
                     f"{fp8_util:.2f})")
@@ -100,7 +97,7 @@ def _free_memory_message(plan: MemoryPlan, free: int) -> str:
     )
 
 
-def _weights_message(plan: MemoryPlan) -> str:
+def _weights_message(plan: MemoryPlan, replan: Replan) -> str:
     inputs = plan.inputs
     w = plan.weights
     return (
@@ -110,11 +107,11 @@ def _weights_message(plan: MemoryPlan) -> str:
         f"{inputs.gpu_memory_utilization:.2f} gives. With activations ({gib(plan.breakdown.activation_peak_bytes)}), "
         f"the CUDA-graph pool ({gib(plan.breakdown.cuda_graph_bytes)}) and runtime memory it needs "
         f"{gib(plan.breakdown.non_kv_bytes)} before any KV cache. {_utilization_fix(plan)}. Other ways: "
-        f"{_alternatives(plan)}."
+        f"{_alternatives(plan, replan)}."
     )
 
 
-def _no_kv_message(plan: MemoryPlan) -> str:
+def _no_kv_message(plan: MemoryPlan, replan: Replan) -> str:
     inputs = plan.inputs
     b = plan.breakdown
     return (
@@ -124,7 +121,7 @@ def _no_kv_message(plan: MemoryPlan) -> str:
         f"{inputs.max_num_batched_tokens} and --max-num-seqs {inputs.max_num_seqs}), the CUDA-graph pool "
         f"({gib(b.cuda_graph_bytes)}) and runtime memory ({gib(b.runtime_non_torch_bytes)}) it is "
         f"{gib(-plan.kv_budget_bytes)} short of one {plan.kv_block_bytes // 1024} KiB block. "
-        f"{_utilization_fix(plan)}. Other ways: {_alternatives(plan)}."
+        f"{_utilization_fix(plan)}. Other ways: {_alternatives(plan, replan)}."
     )
 
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
-from fitserve.config import ConfigError, EngineConfig
+from fitserve.config import ConfigError
+from fitserve.flags import add_engine_args, engine_config_from_args
 
 EXIT_BELOW_MIN_AGREEMENT = 1
 
 
-def add_check_quant_parser(subparsers: Any, add_engine_args: Callable[[argparse.ArgumentParser], None],
-                           config_from_args: Callable[[argparse.Namespace], EngineConfig]) -> None:
-    """Register `fitserve check-quant`; the cli passes its own engine flags (the serve flags)."""
+def add_check_quant_parser(subparsers: Any) -> None:
+    """Register `fitserve check-quant`: the engine flags of `fitserve serve`, and its own."""
     check = subparsers.add_parser(
         "check-quant", help="compare --quantization / --kv-cache-dtype with --dtype on built-in prompts")
     add_engine_args(check)
@@ -37,11 +36,11 @@ def add_check_quant_parser(subparsers: Any, add_engine_args: Callable[[argparse.
                             "in float32)")
     check.add_argument("--json", action="store_true", help="print the figures as JSON")
     check.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    check.set_defaults(handler=lambda args: run_check_quant(args, config_from_args))
+    check.set_defaults(handler=run_check_quant)
 
 
-def run_check_quant(args: argparse.Namespace, config_from_args: Callable[[argparse.Namespace], EngineConfig]) -> int:
-    config = config_from_args(args)
+def run_check_quant(args: argparse.Namespace) -> int:
+    config = engine_config_from_args(args)
     if config.quantization is None and config.cache.kv_cache_dtype == "auto" and args.reference_model is None:
         raise ConfigError("check-quant compares a quantized setting with --dtype: give --quantization fp8 "
                           "and/or --kv-cache-dtype fp8 (or, for an fp8 checkpoint, --reference-model).")

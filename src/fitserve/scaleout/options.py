@@ -18,7 +18,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-from fitserve.config import ConfigError
+from fitserve.config import DEFAULT_MAX_NUM_SEQS, ConfigError
 
 APP_NAME = "fitserve"  # the Ray Serve application (serve status, serve delete fitserve)
 DEPLOYMENT_NAME = "FitserveReplica"
@@ -36,8 +36,8 @@ class ReplicaOptions:
     num_replicas: int | None = None  # fixed count; None: autoscale between min and max
     min_replicas: int = 1
     max_replicas: int | None = None
-    max_ongoing_requests: int = 256  # per replica; default --max-num-seqs
-    target_ongoing_requests: float = 256.0  # autoscaling target per replica; default --max-num-seqs
+    max_ongoing_requests: int = DEFAULT_MAX_NUM_SEQS  # per replica; default --max-num-seqs
+    target_ongoing_requests: float = float(DEFAULT_MAX_NUM_SEQS)  # autoscaling target per replica; likewise
     max_queued_requests: int | None = None  # in each proxy's router queue; None: no limit
     num_cpus: float = 1.0  # Ray resources one replica reserves
     num_gpus: float = 0.0
