@@ -39,7 +39,6 @@ def test_content_parts_are_joined():
     {"messages": USER, "tools": [{"type": "function", "function": {"name": "f g"}}]},  # a space in a name
     {"messages": USER, "tools": [{"type": "retrieval"}]},
     {"messages": USER, "n": 0},
-    {"messages": USER, "n": 129},
     {"messages": USER, "top_logprobs": 2},  # top_logprobs needs logprobs: true
     {"messages": USER, "logprobs": True, "top_logprobs": -1},
     {"messages": USER, "logit_bias": {"5": "strong"}},

@@ -14,6 +14,10 @@ from fitserve.scaleout.options import add_replica_args, wants_replicas
 from fitserve.config import (
     API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_CHOICES_PER_REQUEST,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST,
+    DEFAULT_MAX_PROMPTS_PER_REQUEST,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
     KV_CACHE_DTYPES,
@@ -160,7 +164,8 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--request-timeout", type=float, default=None,
                        help="seconds from arrival to the last token; later, the request is aborted (408)")
     serve.add_argument("--max-queue-len", type=int, default=None,
-                       help="requests that may wait beyond --max-num-seqs; past it, 503 with Retry-After")
+                       help="requests that may wait beyond --max-num-seqs; past it, 503 with Retry-After "
+                            "(default 8 x --max-num-seqs)")
     serve.add_argument("--max-request-body-bytes", default=None,
                        help=f"larger bodies get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES // 2**20}MiB)")
     serve.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
@@ -174,6 +179,15 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--strict", action="store_true",
                        help="answer 400 to a request field fitserve does not support (default: ignore it and log "
                             "it once; GET /v1/compat lists the fields)")
+    serve.add_argument("--max-n", type=int, default=DEFAULT_MAX_N,
+                       help=f"most choices (`n`) one request may ask for (default {DEFAULT_MAX_N})")
+    serve.add_argument("--max-prompts-per-request", type=int, default=DEFAULT_MAX_PROMPTS_PER_REQUEST,
+                       help=f"most prompts in one completions request (default {DEFAULT_MAX_PROMPTS_PER_REQUEST})")
+    serve.add_argument("--max-choices-per-request", type=int, default=DEFAULT_MAX_CHOICES_PER_REQUEST,
+                       help=f"most n x prompts in one request (default {DEFAULT_MAX_CHOICES_PER_REQUEST})")
+    serve.add_argument("--max-prompt-tokens-per-request", type=int, default=DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST,
+                       help=f"most prompt tokens of all a request's prompts (default "
+                            f"{DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--gpu-telemetry-interval", type=float, default=1.0,
                        help="seconds between NVML readings of the GPUs in use (fitserve:gpu_* on /metrics, "
@@ -201,6 +215,10 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_log_len=args.max_log_len,
         enable_ui=not args.disable_ui,
         strict=args.strict,
+        max_n=args.max_n,
+        max_prompts_per_request=args.max_prompts_per_request,
+        max_choices_per_request=args.max_choices_per_request,
+        max_prompt_tokens_per_request=args.max_prompt_tokens_per_request,
     )
 
 

@@ -276,6 +276,12 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20  # a 128k-token prompt as JSON token
 # Fits inside Kubernetes' default 30 s termination grace period, with room to close connections.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
 MIN_REQUEST_BODY_BYTES = 1024  # below this even a one-line chat request would be refused
+# The work one request may create (docs/reliability.md, "Request caps"); every prompt and choice
+# of a request is an engine request, counted before anything is tokenized.
+DEFAULT_MAX_N = 128  # choices (`n`) per request: OpenAI's own limit
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 256  # prompts in one completions `prompt` list
+DEFAULT_MAX_CHOICES_PER_REQUEST = 256  # n x prompts: the engine requests one HTTP request creates
+DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST = 262_144  # all of a request's prompts together: two 128k contexts
 
 
 def ray_address() -> str | None:
@@ -305,6 +311,10 @@ class ServerConfig:
     max_log_len: int | None = None  # prompt tokens shown per logged request; None: all
     enable_ui: bool = True  # GET / and /ui: the built-in page (off: --disable-ui)
     strict: bool = False  # an unsupported request field is a 400 naming it (default: ignored, logged once)
+    max_n: int = DEFAULT_MAX_N
+    max_prompts_per_request: int = DEFAULT_MAX_PROMPTS_PER_REQUEST
+    max_choices_per_request: int = DEFAULT_MAX_CHOICES_PER_REQUEST
+    max_prompt_tokens_per_request: int = DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
@@ -323,3 +333,8 @@ class ServerConfig:
             raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}.")
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ConfigError(f"--max-log-len must be 0 or more, got {self.max_log_len}.")
+        for flag, value in (("--max-n", self.max_n), ("--max-prompts-per-request", self.max_prompts_per_request),
+                            ("--max-choices-per-request", self.max_choices_per_request),
+                            ("--max-prompt-tokens-per-request", self.max_prompt_tokens_per_request)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}.")
