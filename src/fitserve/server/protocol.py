@@ -42,8 +42,8 @@ def unpaired_surrogate_path(data: Any) -> str | None:
         elif isinstance(value, dict):
             for key, item in value.items():
                 item_path = f"{path}.{key}" if path else str(key)
-                if isinstance(key, str) and not _encodes(key):
-                    return item_path
+                if isinstance(key, str) and not _encodes(key):  # named escaped: the answer must encode
+                    return f"{path}.{key!a}" if path else ascii(key)
                 stack.append((item_path, item))
         elif isinstance(value, list):
             stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
