@@ -107,8 +107,8 @@ def test_requests_within_the_caps_are_served(capped):
     ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', "prompt.1"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}', "stop.0"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"\\ud800": 1}}',
-     "chat_template_kwargs.'\\ud800'"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], '
+     '"chat_template_kwargs": {"\\ud800": 1}}', "chat_template_kwargs.'\\ud800'"),
     ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
     ("/tokenize", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
      "messages.0.content.0.text"),

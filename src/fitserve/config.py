@@ -304,7 +304,7 @@ class ServerConfig:
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
     request_timeout_s: float | None = None  # from arrival to last token; None: no limit
-    max_queue_len: int | None = None  # requests waiting beyond --max-num-seqs; None: no limit
+    max_queue_len: int | None = None  # requests waiting beyond --max-num-seqs; None: 8 x --max-num-seqs (AsyncEngine)
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S  # drain time after SIGTERM
     enable_log_requests: bool = False  # log prompts (token ids) and sampling settings
