@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fitserve.core.engine_stats import EngineStats
 from fitserve.engine.errors import InvalidRequestError
 from fitserve.engine.llm_engine import DEFAULT_MAX_LOGPROBS
 from fitserve.engine.outputs import RequestOutput
+from fitserve.engine.request_limits import RequestLimits, check_request
 from fitserve.sampling_params import SamplingParams
 from fitserve.testing import idle_engine_stats
 
@@ -50,12 +52,14 @@ class FakeEngine:
     """Implements EngineClient; records every request and every abort."""
 
     def __init__(self, model_name: str = "fake-model", max_model_len: int = 128,
-                 token_delay_s: float = 0.0) -> None:
+                 token_delay_s: float = 0.0, tokenizer: Any = None) -> None:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.max_logprobs = DEFAULT_MAX_LOGPROBS
+        self.max_num_in_flight: int | None = None  # no queue bound
         self.default_sampling_params: dict[str, Any] = {}
         self.startup_info: dict[str, Any] | None = None
+        self.request_limits = RequestLimits(max_model_len, VOCAB_SIZE, DEFAULT_MAX_LOGPROBS)
         self.token_delay_s = token_delay_s  # sleep per token, so tests can disconnect mid-stream
         self.healthy = True
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
@@ -63,10 +67,10 @@ class FakeEngine:
         self.finished: list[str] = []
         self.running: set[str] = set()
         self.num_shutdowns = 0
-        self._tokenizer = FakeTokenizer()
+        self._tokenizer = tokenizer or FakeTokenizer()
 
     @property
-    def tokenizer(self) -> FakeTokenizer:
+    def tokenizer(self) -> Any:
         return self._tokenizer
 
     def is_healthy(self) -> bool:
@@ -90,10 +94,9 @@ class FakeEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        sampling_params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        if any(not 0 <= t < VOCAB_SIZE for t in prompt_token_ids):
-            raise InvalidRequestError(f"Token ids must be in [0, {VOCAB_SIZE}).", "prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise InvalidRequestError(f"The prompt ({len(prompt_token_ids)} tokens) is too long.", "prompt")
+        # The real engine's checks (engine/request_limits.py), so the HTTP layer's mapping of them is tested.
+        max_tokens = check_request(prompt_token_ids, sampling_params, self.request_limits)
+        sampling_params = replace(sampling_params, max_tokens=max_tokens)
         self.requests[request_id] = (list(prompt_token_ids), sampling_params)
         self.running.add(request_id)
         try:

@@ -6,7 +6,15 @@ import pytest
 from pydantic import ValidationError
 
 from fitserve.sampling_params import InvalidSamplingParam
-from fitserve.server.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatStreamChoice, CompletionRequest, DeltaMessage
+from fitserve.server.protocol import (
+    INVALID_TEXT_ERROR,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatStreamChoice,
+    CompletionRequest,
+    DeltaMessage,
+    unpaired_surrogate_path,
+)
 
 USER = [{"role": "user", "content": "hi"}]
 
@@ -39,7 +47,6 @@ def test_content_parts_are_joined():
     {"messages": USER, "tools": [{"type": "function", "function": {"name": "f g"}}]},  # a space in a name
     {"messages": USER, "tools": [{"type": "retrieval"}]},
     {"messages": USER, "n": 0},
-    {"messages": USER, "n": 129},
     {"messages": USER, "top_logprobs": 2},  # top_logprobs needs logprobs: true
     {"messages": USER, "logprobs": True, "top_logprobs": -1},
     {"messages": USER, "logit_bias": {"5": "strong"}},
@@ -149,3 +156,37 @@ def test_include_usage_only_when_streaming():
 def test_delta_sends_only_changed_fields():
     chunk = ChatCompletionChunk(id="c", model="m", choices=[ChatStreamChoice(index=0, delta=DeltaMessage(content="x"))])
     assert chunk.model_dump()["choices"][0]["delta"] == {"content": "x"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", True), ("temperature", "0.5"), ("stream", "yes"), ("stream", 1), ("n", 2.0), ("n", "2"),
+    ("max_tokens", True), ("seed", 1.5), ("logprobs", "yes"), ("add_generation_prompt", "false"),
+    ("logit_bias", {"5": True}), ("stream_options", {"include_usage": "yes"}),
+])
+def test_types_are_as_strict_as_openais(field, value):
+    body = {"messages": USER, field: value} if field != "stream_options" else \
+        {"messages": USER, "stream": True, field: value}
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate(body)
+
+
+def test_a_number_field_takes_an_integer():
+    req = ChatCompletionRequest.model_validate({"messages": USER, "temperature": 1, "top_p": 1, "logit_bias": {"5": 2}})
+    assert req.temperature == 1.0 and req.top_p == 1.0 and req.logit_bias == {"5": 2.0}
+
+
+@pytest.mark.parametrize("data, path", [
+    ({"prompt": "a\ud800"}, "prompt"),
+    ({"prompt": ["ok", "\udc00"]}, "prompt.1"),
+    ({"messages": USER, "chat_template_kwargs": {"\ud800": 1}}, "chat_template_kwargs.'\\ud800'"),
+    ({"prompt": "\N{GRINNING FACE} and text"}, None),
+])
+def test_unpaired_surrogate_path(data, path):
+    assert unpaired_surrogate_path(data) == path
+
+
+def test_an_unpaired_surrogate_is_a_validation_error_naming_the_field():
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"prompt": ["ok", "x\ud800"]})
+    error = info.value.errors()[0]
+    assert error["type"] == INVALID_TEXT_ERROR and error["ctx"]["param"] == "prompt.1"

@@ -41,6 +41,16 @@ def test_every_flag(monkeypatch):
     assert config.enable_log_requests and config.max_log_len == 100
 
 
+def test_request_caps():
+    defaults = config_of()
+    assert (defaults.max_n, defaults.max_prompts_per_request, defaults.max_choices_per_request,
+            defaults.max_prompt_tokens_per_request) == (128, 256, 256, 262_144)
+    config = config_of("--max-n", "4", "--max-prompts-per-request", "8", "--max-choices-per-request", "16",
+                       "--max-prompt-tokens-per-request", "1000")
+    assert (config.max_n, config.max_prompts_per_request, config.max_choices_per_request,
+            config.max_prompt_tokens_per_request) == (4, 8, 16, 1000)
+
+
 def test_api_key_from_the_environment(monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "env-key")
     assert config_of().api_keys == ("env-key",)
@@ -53,6 +63,8 @@ def test_api_key_from_the_environment(monkeypatch):
     (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
     (["--allowed-origins", "[not json"], "JSON"),
     (["--api-key", ""], "--api-key"),
+    (["--max-n", "0"], "--max-n"),
+    (["--max-prompt-tokens-per-request", "0"], "--max-prompt-tokens-per-request"),
 ])
 def test_impossible_settings_exit_2_before_loading(flags, named, capsys):
     assert main(["serve", *flags]) == 2

@@ -1,5 +1,6 @@
-"""Limits a client can run into: body size (413), queue length (503 + Retry-After), request
-timeout (408, or an in-band error once streaming), and aborts that free every KV block."""
+"""Limits a client can run into: body size (413), queue length (503 + Retry-After; bounded by
+default), request timeout (408, or an in-band error once streaming), a request that could never be
+admitted or never fit the KV cache (400, not a retryable 503), and aborts that free every KV block."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from reliability_helpers import (
 )
 
 from fitserve.config import ServerConfig
+from fitserve.engine.async_engine import DEFAULT_MAX_QUEUE_LEN_PER_SEQ
 
 BODY_LIMIT_BYTES = 2048
 LONG = {"max_tokens": 200, "ignore_eos": True}  # at 10 ms a step: ~2 s, longer than any test waits
@@ -143,4 +145,39 @@ def test_abort_lands_within_one_engine_step_of_the_disconnect():
         assert wait_until(lambda: not engine.engine.has_unfinished, 2.0)
         # The step running when the client left may finish; the next one no longer has the request.
         assert engine.engine.num_steps - steps_at_close <= 2
+        assert_all_blocks_free(engine)
+
+
+def test_a_request_that_could_never_be_admitted_is_a_400_not_a_503():
+    with engine_server(ServerConfig(max_queue_len=0), max_num_seqs=2) as (url, engine):
+        with httpx.Client(base_url=url, timeout=10) as http:
+            three_prompts = http.post("/v1/completions", json={"prompt": [[1], [2], [3]], "max_tokens": 2})
+            error = assert_openai_error(three_prompts, 400, param="n")
+            assert "ever holds at once (2" in error["message"] and "retry-after" not in three_prompts.headers
+            chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "n": 3})
+            assert_openai_error(chat, 400, param="n")
+            two = http.post("/v1/completions", json={"prompt": [[1], [2]], "max_tokens": 2})
+            assert two.status_code == 200, two.text
+        assert_all_blocks_free(engine)
+
+
+def test_the_queue_is_bounded_by_default():
+    with engine_server(max_num_seqs=2) as (url, engine):
+        assert engine.max_num_in_flight == 2 + DEFAULT_MAX_QUEUE_LEN_PER_SEQ * 2
+        resp = httpx.post(f"{url}/v1/completions", json={"prompt": [1], "n": engine.max_num_in_flight + 1}, timeout=10)
+        assert_openai_error(resp, 400, param="n")
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": [5], "max_tokens": 40}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 40},
+     "max_completion_tokens"),
+])
+def test_a_request_longer_than_the_whole_kv_cache_is_a_400(path, body, param):
+    with engine_server(num_blocks=8, block_size=4) as (url, engine):  # 32 tokens of KV cache, a 256-token context
+        resp = httpx.post(f"{url}{path}", json=body, timeout=10)
+        error = assert_openai_error(resp, 400, param=param)
+        assert "KV cache holds 32 tokens" in error["message"] and f"`{param}` is too large" in error["message"]
+        fits = httpx.post(f"{url}/v1/completions", json={"prompt": [5], "max_tokens": 20}, timeout=10)
+        assert fits.status_code == 200, fits.text
         assert_all_blocks_free(engine)

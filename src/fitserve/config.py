@@ -364,6 +364,12 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20  # a 128k-token prompt as JSON token
 # Fits inside Kubernetes' default 30 s termination grace period, with room to close connections.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
 MIN_REQUEST_BODY_BYTES = 1024  # below this even a one-line chat request would be refused
+# The work one request may create (docs/reliability.md, "Request caps"); every prompt and choice
+# of a request is an engine request, counted before anything is tokenized.
+DEFAULT_MAX_N = 128  # choices (`n`) per request: OpenAI's own limit
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 256  # prompts in one completions `prompt` list
+DEFAULT_MAX_CHOICES_PER_REQUEST = 256  # n x prompts: the engine requests one HTTP request creates
+DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST = 262_144  # all of a request's prompts together: two 128k contexts
 
 
 def ray_address() -> str | None:
@@ -409,9 +415,9 @@ class ServerConfig:
     request_timeout_s: float | None = field(default=None, metadata=flag(  # None: no limit
         "--request-timeout", type=float,
         help="seconds from arrival to the last token; later, the request is aborted (408)"))
-    max_queue_len: int | None = field(default=None, metadata=flag(  # None: no limit
+    max_queue_len: int | None = field(default=None, metadata=flag(  # None: 8 x --max-num-seqs (AsyncEngine)
         "--max-queue-len", type=int,
-        help="requests that may wait beyond --max-num-seqs; past it, 503 with Retry-After"))
+        help="requests that may wait beyond --max-num-seqs; past it, 503 with Retry-After (default 8 x --max-num-seqs)"))
     max_request_body_bytes: int = field(default=DEFAULT_MAX_REQUEST_BODY_BYTES, metadata=flag(
         "--max-request-body-bytes", convert=parse_size_bytes,
         help=f"larger bodies get 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES // 2**20}MiB)"))
@@ -431,6 +437,17 @@ class ServerConfig:
         "--strict", kind="switch",
         help="answer 400 to a request field fitserve does not support (default: ignore it and log it once; "
              "GET /v1/compat lists the fields)"))
+    max_n: int = field(default=DEFAULT_MAX_N, metadata=flag(
+        "--max-n", type=int, help=f"most choices (`n`) one request may ask for (default {DEFAULT_MAX_N})"))
+    max_prompts_per_request: int = field(default=DEFAULT_MAX_PROMPTS_PER_REQUEST, metadata=flag(
+        "--max-prompts-per-request", type=int,
+        help=f"most prompts in one completions request (default {DEFAULT_MAX_PROMPTS_PER_REQUEST})"))
+    max_choices_per_request: int = field(default=DEFAULT_MAX_CHOICES_PER_REQUEST, metadata=flag(
+        "--max-choices-per-request", type=int,
+        help=f"most n x prompts in one request (default {DEFAULT_MAX_CHOICES_PER_REQUEST})"))
+    max_prompt_tokens_per_request: int = field(default=DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST, metadata=flag(
+        "--max-prompt-tokens-per-request", type=int,
+        help=f"most prompt tokens of all a request's prompts (default {DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST})"))
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
@@ -449,3 +466,8 @@ class ServerConfig:
             raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}.")
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ConfigError(f"--max-log-len must be 0 or more, got {self.max_log_len}.")
+        for flag, value in (("--max-n", self.max_n), ("--max-prompts-per-request", self.max_prompts_per_request),
+                            ("--max-choices-per-request", self.max_choices_per_request),
+                            ("--max-prompt-tokens-per-request", self.max_prompt_tokens_per_request)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}.")

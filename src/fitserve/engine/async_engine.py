@@ -36,10 +36,15 @@ class _Stream:
         self.finished = False
 
 
+# The queue's default length, per request the engine runs at once: a request waits for at most
+# this many batches to drain, and a flood is refused with 503 instead of growing without end.
+DEFAULT_MAX_QUEUE_LEN_PER_SEQ = 8
+
+
 class AsyncEngine:
     """`max_queue_len`: requests that may wait beyond the `max_num_seqs` the engine runs at once;
     past `max_num_seqs + max_queue_len` requests in flight, `generate` raises EngineOverloadedError.
-    None: no limit."""
+    None: DEFAULT_MAX_QUEUE_LEN_PER_SEQ x max_num_seqs."""
 
     def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any, max_queue_len: int | None = None,
                  default_sampling_params: dict[str, Any] | None = None) -> None:
@@ -50,9 +55,9 @@ class AsyncEngine:
         # The model's generation_config.json defaults, for fields a request leaves unset.
         self.default_sampling_params = dict(default_sampling_params or {})
         self.startup_info: dict[str, Any] | None = None  # the page's settings and memory plan, set by who built it
-        self.max_queue_len = max_queue_len
         max_num_seqs = engine.limits.scheduler.max_num_seqs
-        self.max_num_in_flight = None if max_queue_len is None else max_num_seqs + max_queue_len
+        self.max_queue_len = DEFAULT_MAX_QUEUE_LEN_PER_SEQ * max_num_seqs if max_queue_len is None else max_queue_len
+        self.max_num_in_flight: int | None = max_num_seqs + self.max_queue_len
         self._tokenizer = tokenizer
         self._inbox_lock = threading.Lock()
         self._new_requests: list[Request] = []

@@ -17,6 +17,7 @@ class EngineClient(Protocol):
     model_name: str  # the name clients put in the `model` field
     max_model_len: int  # prompt + output tokens a request may reach
     max_logprobs: int  # most (top) logprobs a request may ask for per token (--max-logprobs)
+    max_num_in_flight: int | None  # requests it holds at once, running and queued; None: no bound
     # The model's generation_config.json defaults (SamplingParams field -> value) for fields a
     # request leaves unset; empty with --generation-config vllm.
     default_sampling_params: dict[str, Any]

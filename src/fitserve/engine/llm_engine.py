@@ -37,6 +37,7 @@ from fitserve.engine.detokenizer import Decoder, IncrementalDetokenizer
 from fitserve.engine.errors import InvalidRequestError
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.outputs import RequestOutput
+from fitserve.engine.request_limits import RequestLimits, check_request
 from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.request import Request, RequestStatus
 from fitserve.sampling_params import SamplingParams
@@ -76,6 +77,8 @@ class LLMEngine:
         self.block_size = capacity.block_size
         self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size, enable_caching=enable_prefix_caching)
         self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
+        self.request_limits = RequestLimits(limits.scheduler.max_model_len, limits.vocab_size, limits.max_logprobs,
+                                            num_kv_tokens=capacity.num_tokens)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Prompt logprobs gathered over prefill chunks, by position, until the first output carries them.
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}
@@ -99,27 +102,12 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Validate a request and resolve its defaults; raises InvalidRequestError.
+        """Validate a request (engine/request_limits.py) and resolve its defaults; raises
+        InvalidRequestError (RequestLimitError for a limit).
 
         Reads only immutable limits, so the HTTP thread may call it before queueing.
         """
-        num_prompt = len(prompt_token_ids)
-        if num_prompt == 0:
-            raise InvalidRequestError("The prompt is empty: send at least one token.", param="prompt")
-        vocab = self.limits.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError(f"Token id {bad} is out of vocabulary (valid ids: 0 to {vocab - 1}).", "prompt")
-        max_len = self.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_len - num_prompt
-        if num_prompt + max(max_tokens, 1) > max_len:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {max_len} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
-                "Please reduce the length of the prompt or of max_tokens.",
-                param="max_tokens" if params.max_tokens is not None and num_prompt < max_len else "prompt",
-            )
-        self._check_output_controls(params)
+        max_tokens = check_request(prompt_token_ids, params, self.request_limits)
         resolved = replace(params, max_tokens=max_tokens, eos_token_ids=self.limits.eos_token_ids)
         return Request(request_id, tuple(prompt_token_ids), resolved, grammar=self._compile_grammar(params))
 
@@ -130,20 +118,6 @@ class LLMEngine:
             raise InvalidRequestError("Structured output is not available on this server.",
                                       param=params.structured_output.param)
         return self.grammar_compiler.compile(params.structured_output)
-
-    def _check_output_controls(self, params: SamplingParams) -> None:
-        vocab = self.limits.vocab_size
-        bad = [token_id for token_id, _ in params.logit_bias if token_id >= vocab]
-        if bad:
-            raise InvalidRequestError(
-                f"logit_bias has token ids out of the vocabulary: {bad[:5]} (valid ids: 0 to {vocab - 1}).",
-                param="logit_bias")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > self.limits.max_logprobs:
-                raise InvalidRequestError(
-                    f"Requested {value} {name}, more than the server's maximum of {self.limits.max_logprobs} "
-                    "(--max-logprobs).", param=name)
 
     def add_request(self, request: Request) -> None:
         self._detokenizers[request.request_id] = IncrementalDetokenizer(

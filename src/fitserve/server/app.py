@@ -111,12 +111,12 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, raw_request: Request) -> Response:
         serving: OpenAIServingTokenization = raw_request.app.state.serving_tokenization
-        return JSONResponse(serving.tokenize(body).model_dump(exclude_none=True))
+        return JSONResponse((await serving.tokenize(body)).model_dump(exclude_none=True))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, raw_request: Request) -> Response:
         serving: OpenAIServingTokenization = raw_request.app.state.serving_tokenization
-        return JSONResponse(serving.detokenize(body).model_dump())
+        return JSONResponse((await serving.detokenize(body)).model_dump())
 
     @app.get("/health")
     async def health(raw_request: Request) -> Response:
@@ -148,8 +148,7 @@ def build_app(engine: EngineClient | None = None, *, api_key: str | None = None,
     app = FastAPI(title="fitserve", version=server_version(), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.lifecycle = lifecycle or ServerLifecycle()
-    app.state.serving_options = ServingOptions(config.request_timeout_s, config.enable_log_requests,
-                                               config.max_log_len)
+    app.state.serving_options = ServingOptions.from_config(config)
     app.state.engine = None
     app.state.compat = CompatChecker(config.strict)  # unsupported fields: logged once, or 400 with --strict
     install_error_handlers(app)

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fitserve.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
 from fitserve.sampling_params import InvalidSamplingParam
-from fitserve.server.protocol import ErrorInfo, ErrorResponse
+from fitserve.server.protocol import INVALID_TEXT_ERROR, ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +169,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request.", None
     first = errors[0]
+    if first.get("type") == INVALID_TEXT_ERROR:  # found by protocol.check_text, anywhere in the body
+        return str(first.get("msg")), first.get("ctx", {}).get("param")
     if first.get("type") == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}.", None
     locs = [tuple(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]

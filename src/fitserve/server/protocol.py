@@ -13,16 +13,58 @@ import time
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from fitserve.sampling_params import SamplingParams
 from fitserve.server.protocol_tools import ChatTool, DeltaToolCall, ResponseFormat, ToolCall, ToolChoice
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's default, as OpenAI and vLLM have it
-MAX_N = 128  # choices per request: each is an engine request, so a huge n would flood the queue
 # Integers reach torch as int64 (seeds, top-k): a larger one would fail inside the engine loop
-# and take every request down with it, so it is a 400 here.
-Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# and take every request down with it, so it is a 400 here. Types are strict where OpenAI's are:
+# `true` is not a number, `"yes"` or 1 not a boolean, `2.0` or `"2"` not an integer (a float field
+# takes an integer, as JSON numbers go).
+Int64 = Annotated[int, Strict(), Field(ge=-(2**63), le=2**63 - 1)]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+INVALID_TEXT_ERROR = "invalid_text"  # the pydantic error type of a string that is not valid Unicode
+
+
+def unpaired_surrogate_path(data: Any) -> str | None:
+    """The dotted path of the first string in `data` (parsed JSON) that holds an unpaired UTF-16
+    surrogate such as "\\ud800": JSON can spell one, but it is no text a tokenizer can read."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii() and not _encodes(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                item_path = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and not _encodes(key):  # named escaped: the answer must encode
+                    return f"{path}.{key!a}" if path else ascii(key)
+                stack.append((item_path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_text(data: Any) -> Any:
+    """A model's `before` validator: a request with an unpaired surrogate is a 400 naming the field."""
+    path = unpaired_surrogate_path(data)
+    if path is not None:
+        raise PydanticCustomError(INVALID_TEXT_ERROR, "`{param}` is not valid Unicode text: it holds an unpaired "
+                                  "surrogate (such as \\ud800).", {"param": path})
+    return data
 
 
 def _not_supported(name: str) -> ValueError:
@@ -51,8 +93,8 @@ class ErrorResponse(OpenAIModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False  # vLLM extra: usage (so far) on every chunk, with include_usage
+    include_usage: Bool = False
+    continuous_usage_stats: Bool = False  # vLLM extra: usage (so far) on every chunk, with include_usage
 
 
 class TextPart(OpenAIModel):
@@ -98,32 +140,37 @@ class SamplingFields(OpenAIModel):
     logprobs_param: ClassVar[str] = "logprobs"  # the field that sets how many top logprobs
 
     model: str | None = None  # None: the served model, as vLLM allows
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    n: Int64 = 1
-    temperature: float | None = None
-    top_p: float | None = None
+    n: Int64 = 1  # at most --max-n (server/serving_common.py RequestCaps)
+    temperature: Float | None = None
+    top_p: Float | None = None
     seed: Int64 | None = None
     stop: str | list[str] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Float | None = None
+    frequency_penalty: Float | None = None
+    logit_bias: dict[str, Float] | None = None
     user: str | None = None
     # vLLM extras
     top_k: Int64 | None = None
-    min_p: float | None = None
+    min_p: Float | None = None
     stop_token_ids: list[Int64] | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    repetition_penalty: float | None = None
+    ignore_eos: Bool = False
+    include_stop_str_in_output: Bool = False
+    skip_special_tokens: Bool = True
+    repetition_penalty: Float | None = None
     min_tokens: Int64 = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return check_text(data)
 
     @field_validator("n")
     @classmethod
-    def _choices_in_range(cls, n: int) -> int:
-        if not 1 <= n <= MAX_N:
-            raise ValueError(f"n must be in [1, {MAX_N}], got {n}.")
+    def _at_least_one_choice(cls, n: int) -> int:
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}.")
         return n
 
     @model_validator(mode="after")
@@ -152,7 +199,12 @@ class SamplingFields(OpenAIModel):
         """(logprobs, prompt_logprobs) for SamplingParams: top logprobs per output / prompt token."""
         return None, None
 
-    def to_sampling_params(self, max_tokens: int, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    def field_names(self) -> dict[str, str]:
+        """The request field the client sent for each engine parameter whose name differs
+        (engine/request_limits.py errors name the engine's)."""
+        return {"logprobs": self.logprobs_param, "prompt_logprobs": self.logprobs_param}
+
+    def to_sampling_params(self, max_tokens: int | None, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """Fields the request leaves unset take `defaults` (the model's generation config), then
         SamplingParams' own. Raises InvalidSamplingParam (-> 400) for out-of-range values."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -191,14 +243,14 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Int64 | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: Int64 | None = None
-    logprobs: bool = False
+    logprobs: Bool = False
     top_logprobs: Int64 | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: Bool = True
     response_format: ResponseFormat | None = None
     # vLLM extras
-    add_generation_prompt: bool = True
+    add_generation_prompt: Bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("top_logprobs")
@@ -218,12 +270,16 @@ class ChatCompletionRequest(SamplingFields):
         # max_completion_tokens wins: it is the newer name of the same limit.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def field_names(self) -> dict[str, str]:
+        max_tokens = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return {**super().field_names(), "prompt": "messages", "max_tokens": max_tokens}
+
 
 class CompletionRequest(SamplingFields):
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Int64 | None = COMPLETIONS_DEFAULT_MAX_TOKENS  # null: up to the context
-    echo: bool = False
+    echo: Bool = False
     logprobs: Int64 | None = None
     suffix: str | None = None
     best_of: Int64 | None = None

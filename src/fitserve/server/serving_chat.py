@@ -43,26 +43,23 @@ from fitserve.server.serving_common import (
     sse_event,
     until_disconnected,
 )
+from fitserve.server.request_caps import check_fan_out, check_prompt_tokens
 
 
 class OpenAIServingChat(ServingBase):
-    def prompt_token_ids(self, body: ChatCompletionRequest, plan: ToolPlan) -> list[int]:
-        token_ids = chat_prompt_ids(self.engine.tokenizer, body.messages, plan, body.add_generation_prompt,
-                                    body.chat_template_kwargs)
-        self.check_prompt_ids(token_ids, "messages")
-        return token_ids
-
     async def create(self, body: ChatCompletionRequest, raw_request: Request, request_id: str) -> Response:
         deadline = self.deadline()
         self.check_model(body.model)
+        check_fan_out(self.options.caps, self.engine, 1, body.n, "messages")  # before the template runs
         plan = plan_tools(body)
-        token_ids = self.prompt_token_ids(body, plan)
-        max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        params = self.sampling_params(body, len(token_ids), "messages", max_tokens_param)
+        token_ids = await self.off_loop(chat_prompt_ids, self.engine.tokenizer, body.messages, plan,
+                                        body.add_generation_prompt, body.chat_template_kwargs)
+        check_prompt_tokens(self.options.caps, len(token_ids), "messages")
+        params = self.sampling_params(body, len(token_ids))
         params = replace(params, structured_output=structured_output(body, plan))
         completion_id = f"chatcmpl-{request_id}"
         request_ids = [completion_id] if body.n == 1 else [f"{completion_id}-{i}" for i in range(body.n)]
-        streams = self.fan_out(request_ids, token_ids, params, deadline)
+        streams = self.fan_out(request_ids, token_ids, params, deadline, body.field_names())
         if body.stream:
             # The first outputs come before the 200 headers, so early engine errors are 400s.
             primed = await self.prime_all(raw_request, streams)

@@ -1,12 +1,13 @@
-"""What both endpoints share: model check, context-length checks, engine streams that always
-abort on exit, disconnect detection, and Server-Sent Events framing."""
+"""What both endpoints share: model check, the caps on the work one request creates, tokenizing
+off the event loop, engine streams that always abort on exit (their 400s renamed to the client's
+fields), disconnect detection, and Server-Sent Events framing."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any, Generic, TypeVar
@@ -16,13 +17,17 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from fitserve.config import ServerConfig
 from fitserve.core.outputs import TokenLogprobs
 from fitserve.engine.client import EngineClient
+from fitserve.engine.errors import InvalidRequestError
 from fitserve.engine.outputs import RequestOutput
+from fitserve.engine.request_limits import RequestLimitError
 from fitserve.sampling_params import SamplingParams
 from fitserve.server.errors import BadRequestError, ModelNotFoundError, RequestTimeoutError, sse_error_event
 from fitserve.server.logprobs import TokenTexts
 from fitserve.server.protocol import SamplingFields
+from fitserve.server.request_caps import RequestCaps
 
 T = TypeVar("T")
 SSE_DONE = "data: [DONE]\n\n"
@@ -188,6 +193,21 @@ class ServingOptions:
     request_timeout_s: float | None = None  # from arrival to the last token; None: no limit
     enable_log_requests: bool = False  # log each request's prompt token ids and settings
     max_log_len: int | None = None  # prompt tokens shown in that log line; None: all
+    caps: RequestCaps = RequestCaps()
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> ServingOptions:
+        caps = RequestCaps(config.max_n, config.max_prompts_per_request, config.max_choices_per_request,
+                           config.max_prompt_tokens_per_request)
+        return cls(config.request_timeout_s, config.enable_log_requests, config.max_log_len, caps)
+
+
+def client_error(exc: InvalidRequestError, field_names: Mapping[str, str]) -> BadRequestError:
+    """An engine's 400, naming the field the client sent (`max_completion_tokens`, `top_logprobs`,
+    `messages`) where the engine names its own parameter."""
+    param = None if exc.param is None else field_names.get(exc.param, exc.param)
+    message = exc.message_for(param or "") if isinstance(exc, RequestLimitError) else str(exc)
+    return BadRequestError(message, param=param)
 
 
 class ServingBase:
@@ -219,43 +239,21 @@ class ServingBase:
         if requested is not None and requested != self.engine.model_name:
             raise ModelNotFoundError(requested, self.engine.model_name)
 
-    def check_prompt_ids(self, token_ids: list[int], param: str) -> None:
-        # Token ids out of the vocabulary are the engine's to reject: it knows the model's
-        # vocabulary, which may be larger than the tokenizer's `vocab_size`.
-        if not token_ids:
-            raise BadRequestError("The prompt is empty.", param=param)
+    @staticmethod
+    async def off_loop(work: Callable[..., T], *args: Any) -> T:
+        """Run tokenizing or template rendering in a worker thread: a huge body must not hold
+        the event loop (and with it /health and every other request) while it is read."""
+        return await asyncio.to_thread(work, *args)
 
-    def sampling_params(self, body: SamplingFields, num_prompt_tokens: int, prompt_param: str,
-                        max_tokens_param: str = "max_tokens") -> SamplingParams:
-        """SamplingParams with a concrete max_tokens that fits the context, else a 400."""
-        max_model_len = self.engine.max_model_len
-        if num_prompt_tokens >= max_model_len:
-            raise BadRequestError(
-                f"This model's maximum context length is {max_model_len} tokens. However, your "
-                f"request has {num_prompt_tokens} input tokens, which leaves no room for output. "
-                "Please reduce the length of the input.",
-                param=prompt_param,
-            )
-        room_tokens = max_model_len - num_prompt_tokens
-        requested = body.requested_max_tokens()
+    def sampling_params(self, body: SamplingFields, num_prompt_tokens: int) -> SamplingParams:
+        """The request's SamplingParams, unset fields from the model's defaults. The engine checks
+        every limit (engine/request_limits.py) and fills an unset max_tokens with the room left."""
         defaults = self.default_sampling_params
-        max_tokens = room_tokens if requested is None else requested
-        if body.max_tokens_unset() and "max_tokens" in defaults:
+        max_tokens = body.requested_max_tokens()
+        room_tokens = self.engine.max_model_len - num_prompt_tokens
+        if body.max_tokens_unset() and "max_tokens" in defaults and room_tokens > 0:
             max_tokens = min(defaults["max_tokens"], room_tokens)  # generation_config's max_new_tokens
-        params = body.to_sampling_params(max_tokens=max_tokens, defaults=defaults)
-        max_logprobs = self.engine.max_logprobs
-        if params.logprobs is not None and params.logprobs > max_logprobs:
-            raise BadRequestError(
-                f"`{body.logprobs_param}` is too large: {params.logprobs}; this server allows at most "
-                f"{max_logprobs} (--max-logprobs).", param=body.logprobs_param)
-        if requested is not None and requested > room_tokens:
-            raise BadRequestError(
-                f"`{max_tokens_param}` is too large: {requested}. This model's maximum context "
-                f"length is {max_model_len} tokens and your request has {num_prompt_tokens} input "
-                f"tokens ({requested} > {max_model_len} - {num_prompt_tokens}).",
-                param=max_tokens_param,
-            )
-        return params
+        return body.to_sampling_params(max_tokens=max_tokens, defaults=defaults)
 
     def log_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Prompts are logged only with --enable-log-requests: they may hold private data."""
@@ -265,16 +263,16 @@ class ServingBase:
         logger.info("Request %s: %d prompt tokens %s, %s", request_id, len(prompt_token_ids), shown, params)
 
     def fan_out(self, request_ids: list[str], prompt_token_ids: list[int], params: SamplingParams,
-                deadline: float | None) -> list[AsyncIterator[RequestOutput]]:
+                deadline: float | None, field_names: Mapping[str, str]) -> list[AsyncIterator[RequestOutput]]:
         """One engine request per id: the choices of one prompt (`n`), sharing its prompt.
 
         Choice i of a request with a seed gets seed + i (vLLM's rule), so the choices differ and
-        are reproducible.
+        are reproducible. `field_names` renames the engine's parameters in its errors.
         """
         return [
             self.engine_stream(request_id, prompt_token_ids,
                                params if i == 0 or params.seed is None else replace(params, seed=params.seed + i),
-                               deadline)
+                               deadline, field_names)
             for i, request_id in enumerate(request_ids)
         ]
 
@@ -288,11 +286,13 @@ class ServingBase:
             raise
 
     async def engine_stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                            deadline: float | None = None) -> AsyncIterator[RequestOutput]:
+                            deadline: float | None = None, field_names: Mapping[str, str] | None = None,
+                            ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request; leaving early in any way aborts it.
 
         `generate` is called lazily, so a stream that is never started never reaches the engine.
         Past `deadline` (event-loop time) it raises RequestTimeoutError, which aborts the request.
+        The engine's 400s name the client's fields (`field_names`: engine name -> client's).
         """
         self.log_request(request_id, prompt_token_ids, params)
         outputs = self.engine.generate(request_id, prompt_token_ids, params)
@@ -306,6 +306,8 @@ class ServingBase:
                     return
                 except TimeoutError:
                     raise RequestTimeoutError(self.options.request_timeout_s or 0.0) from None
+                except InvalidRequestError as exc:
+                    raise client_error(exc, field_names or {}) from None
                 finished = out.finished
                 yield out
         finally:

@@ -38,6 +38,7 @@ from fitserve.server.serving_common import (
     sse_event,
     until_disconnected,
 )
+from fitserve.server.request_caps import check_fan_out, check_prompt_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,33 +49,36 @@ class PlannedPrompt:
 
 
 class OpenAIServingCompletion(ServingBase):
-    def prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            token_ids = list(self.engine.tokenizer.encode(prompt, add_special_tokens=True))
-        else:
-            token_ids = list(prompt)
-        self.check_prompt_ids(token_ids, "prompt")
-        return token_ids
-
-    def _plan(self, body: CompletionRequest) -> list[PlannedPrompt]:
-        """Tokenize and size every prompt before any reaches the engine: one bad prompt fails all."""
+    def _plan(self, body: CompletionRequest, prompts: list[str | list[int]]) -> list[PlannedPrompt]:
+        """Tokenize every prompt before any reaches the engine (in a worker thread: see off_loop),
+        keeping a running total of prompt tokens under --max-prompt-tokens-per-request."""
         plan = []
-        for prompt in body.prompts():
-            token_ids = self.prompt_token_ids(prompt)
-            params = self.sampling_params(body, len(token_ids), "prompt")
+        tokenizer = self.engine.tokenizer
+        num_prompt_tokens = 0
+        for prompt in prompts:
+            token_ids = list(tokenizer.encode(prompt, add_special_tokens=True)) if isinstance(prompt, str) \
+                else list(prompt)
+            num_prompt_tokens += len(token_ids)
+            check_prompt_tokens(self.options.caps, num_prompt_tokens, "prompt")
             text = "" if not body.echo else prompt if isinstance(prompt, str) else \
-                self.engine.tokenizer.decode(token_ids, skip_special_tokens=body.skip_special_tokens)
-            plan.append(PlannedPrompt(text, token_ids, params))
+                tokenizer.decode(token_ids, skip_special_tokens=body.skip_special_tokens)
+            plan.append(PlannedPrompt(text, token_ids, self.sampling_params(body, len(token_ids))))
         return plan
 
     async def create(self, body: CompletionRequest, raw_request: Request, request_id: str) -> Response:
         deadline = self.deadline()
         self.check_model(body.model)
-        plan = self._plan(body)
+        prompts = body.prompts()
+        # Counted before anything is tokenized: the engine requests, then the token-id prompts' tokens.
+        check_fan_out(self.options.caps, self.engine, len(prompts), body.n, "prompt")
+        check_prompt_tokens(self.options.caps, sum(len(p) for p in prompts if not isinstance(p, str)), "prompt")
+        plan = await self.off_loop(self._plan, body, prompts)
         completion_id = f"cmpl-{request_id}"
         n = body.n
+        field_names = body.field_names()
         streams = [stream for p, prompt in enumerate(plan) for stream in self.fan_out(
-            [f"{completion_id}-{p * n + i}" for i in range(n)], prompt.token_ids, prompt.params, deadline)]
+            [f"{completion_id}-{p * n + i}" for i in range(n)], prompt.token_ids, prompt.params, deadline,
+            field_names)]
         if body.stream:
             primed = await self.prime_all(raw_request, streams)
             events = self.stream_events(completion_id, primed, body, plan)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitserve.server.chat_tools import ToolPlan, chat_prompt_ids
 from fitserve.server.errors import BadRequestError
-from fitserve.server.protocol import ChatMessage
+from fitserve.server.protocol import Bool, ChatMessage, check_text
 from fitserve.server.protocol_tools import ChatTool
 from fitserve.server.serving_common import ServingBase
 
@@ -29,11 +29,16 @@ class TokenizeRequest(_Model):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool | None = None  # default: True for `prompt`; with `messages` the template writes them
-    add_generation_prompt: bool = True  # messages only
+    add_special_tokens: Bool | None = None  # default: True for `prompt`; with `messages` the template writes them
+    add_generation_prompt: Bool = True  # messages only
     tools: list[ChatTool] | None = None  # messages only: offered as with tool_choice "auto"
     chat_template_kwargs: dict[str, Any] | None = None
-    return_token_strs: bool = False
+    return_token_strs: Bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        return check_text(data)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -62,8 +67,11 @@ class DetokenizeResponse(_Model):
 
 
 class OpenAIServingTokenization(ServingBase):
-    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         self.check_model(body.model)
+        return await self.off_loop(self._tokenize, body)  # a huge prompt must not hold the event loop
+
+    def _tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         tokenizer = self.engine.tokenizer
         if body.messages is not None:
             plan = ToolPlan(tuple(body.tools or ()), "auto")
@@ -76,7 +84,7 @@ class OpenAIServingTokenization(ServingBase):
         return TokenizeResponse(count=len(token_ids), max_model_len=self.engine.max_model_len, tokens=token_ids,
                                 token_strs=token_strs)
 
-    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(body.model)
         tokenizer = self.engine.tokenizer
         vocab_size = tokenizer.vocab_size
@@ -84,4 +92,5 @@ class OpenAIServingTokenization(ServingBase):
         if bad is not None:
             raise BadRequestError(f"Token id {bad} is out of vocabulary (valid ids: 0 to {vocab_size - 1}).",
                                   param="tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(list(body.tokens), skip_special_tokens=False))
+        prompt = await self.off_loop(tokenizer.decode, list(body.tokens), False)
+        return DetokenizeResponse(prompt=prompt)
