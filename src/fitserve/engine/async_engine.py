@@ -38,11 +38,13 @@ class _Stream:
 class AsyncEngine:
     """`max_queue_len`: requests that may wait beyond the `max_num_seqs` the engine runs at once;
     past `max_num_seqs + max_queue_len` requests in flight, `generate` raises EngineOverloadedError.
-    None: no limit."""
+    None: no limit. `startup_info`: the page's memory plan and settings (server/ui/info.py)."""
 
     def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any, max_queue_len: int | None = None,
-                 default_sampling_params: dict[str, Any] | None = None) -> None:
+                 default_sampling_params: dict[str, Any] | None = None,
+                 startup_info: dict[str, Any] | None = None) -> None:
         self.engine = engine
+        self.startup_info = startup_info
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self.max_logprobs = engine.limits.max_logprobs
