@@ -2,10 +2,10 @@
 
 `build_engine(config)` plans (a setting that cannot fit stops before any weight is read), loads,
 measures and sizes the KV cache: the one place where the torch side (weights, model, runner)
-meets the torch-free engine. `start_async_engine(...)` wraps the built engine for serving (the
-model's generation_config.json defaults, the page's start-up info, telemetry on every GPU of
-the engine). `fitserve serve`, each `--replicas` replica (scaleout/replica.py) and the offline
-`LLM` (llm.py) all start here.
+meets the torch-free engine. `start_serving_engine(...)` builds it and starts the AsyncEngine
+that serves it (the model's generation_config.json defaults, the page's start-up info, telemetry
+on every GPU of the engine). `fitserve serve` and each `--replicas` replica (scaleout/replica.py)
+start with `start_serving_engine`, the offline `LLM` (llm.py) with `build_engine`.
 """
 
 from __future__ import annotations
