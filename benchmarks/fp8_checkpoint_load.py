@@ -84,7 +84,7 @@ def write_checkpoint(folder: Path) -> dict:
 
 def start_and_run(model: str, load_format: str, quantization: str | None) -> dict:
     from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
     from fitserve.sampling_params import SamplingParams
 
     total = torch.cuda.mem_get_info()[1]

@@ -132,7 +132,7 @@ def load_fp8_small_table(path: str) -> None:
 
 def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
 
     quantization, kv_cache_dtype = QUANT_VARIANTS[args.quant_variant]
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization

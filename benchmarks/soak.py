@@ -104,7 +104,7 @@ def main() -> int:
 
     from fitserve.config import EngineConfig, SchedulerConfig, ServerConfig
     from fitserve.engine.async_engine import AsyncEngine
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
     from fitserve.server.app import build_app
 
     built = build_engine(EngineConfig(dtype=args.dtype, scheduler=SchedulerConfig(max_model_len=args.max_model_len)),

@@ -39,7 +39,7 @@ LONG_PROMPT_TOKENS = 8000
 
 def _plan_only(config, total_bytes: int) -> dict:
     """What `fitserve plan --gpu-memory <total>` prints, from the config alone."""
-    from fitserve.llm import plan_inputs
+    from fitserve.startup import plan_inputs
     from fitserve.plan.planner import plan_memory, resolve_max_model_len
     from fitserve.plan.report import plan_to_json
     from fitserve.weights.source import resolve_model_source
@@ -91,7 +91,7 @@ def run_one(utilization: float, fp8: bool = False) -> dict:
     import torch
 
     from fitserve.config import CacheConfig, ConfigError, EngineConfig
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
 
     config = EngineConfig(model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16",
                           quantization="fp8" if fp8 else None,

@@ -69,7 +69,7 @@ def greedy(engine, vocab_size: int) -> list[list[int]]:
 
 def part_tokens(args: argparse.Namespace) -> dict:
     """Greedy tokens of one TP size, in float32 and in bf16."""
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
 
     result = {"tp": args.tp}
     args.max_num_seqs = NUM_PROMPTS  # fewer CUDA graphs to capture; the prompts run side by side
@@ -85,7 +85,7 @@ def part_tokens(args: argparse.Namespace) -> dict:
 
 def part_workloads(args: argparse.Namespace) -> dict:
     """W2 and single-stream on one TP size, bf16 with CUDA graphs (gpu_bench.run_workload)."""
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
 
     start = time.perf_counter()
     built = build_engine(engine_config(args, args.tp, "float32" if args.smoke else "bfloat16"), progress=False)

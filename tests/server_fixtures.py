@@ -60,7 +60,7 @@ def live_server(app) -> Iterator[str]:
 
 @contextmanager
 def built_engine_server(built) -> Iterator[tuple[str, AsyncEngine]]:
-    """Serve an engine from `fitserve.llm.build_engine` until the block exits; yields the base URL
+    """Serve an engine from `fitserve.startup.build_engine` until the block exits; yields the base URL
     and its started AsyncEngine, shut down on the way out."""
     engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
     try:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import EngineConfig
-from fitserve.llm import build_engine
+from fitserve.startup import build_engine
 
 pytestmark = pytest.mark.slow
 

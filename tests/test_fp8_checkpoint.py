@@ -266,7 +266,7 @@ def test_openai_client_gets_completions_from_an_fp8_checkpoint(dense_folder, tmp
     from server_fixtures import live_server
 
     from fitserve.engine.async_engine import AsyncEngine
-    from fitserve.llm import build_engine
+    from fitserve.startup import build_engine
     from fitserve.server.app import build_app
 
     folder = write_fp8_checkpoint(dense_folder, tmp_path / "fp8", TENSOR_STATIC, per_channel=False,

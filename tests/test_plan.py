@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from fitserve.cli import main
 from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
-from fitserve.llm import build_engine
+from fitserve.startup import build_engine
 from fitserve.plan.gpus import find_gpu
 from fitserve.plan.planner import kv_blocks_for_budget, plan_memory
 from fitserve.plan.shapes import counts_from_arch, kv_bytes_per_token, model_param_counts, weight_bytes

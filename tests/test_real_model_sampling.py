@@ -9,7 +9,7 @@ import pytest
 from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import EngineConfig
-from fitserve.llm import build_engine
+from fitserve.startup import build_engine
 
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"

@@ -9,7 +9,8 @@ import pytest
 from server_fixtures import FAKE_API_KEY, built_engine_server
 
 from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from fitserve.llm import LLM, build_engine
+from fitserve.llm import LLM
+from fitserve.startup import build_engine
 from fitserve.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,8 @@ import pytest
 from tiny_model import TINY_EOS, tiny_engine_config, write_tiny_model
 
 from fitserve.config import CacheConfig, ConfigError, SchedulerConfig
-from fitserve.llm import LLM, build_engine
+from fitserve.llm import LLM
+from fitserve.startup import build_engine
 from fitserve.sampling_params import SamplingParams
 from fitserve.weights.source import load_generation_config, resolve_model_source
 
@@ -86,7 +87,7 @@ def test_generation_config_defaults(tmp_path, caplog):
                                                    "repetition_penalty": 1.2, "do_sample": True, "eos_token_id": 5})
     source = resolve_model_source(tiny_engine_config(folder))
     assert source.eos_token_ids == (TINY_EOS, 5)
-    with caplog.at_level("INFO", logger="fitserve.llm"):
+    with caplog.at_level("INFO", logger="fitserve.startup"):
         llm = LLM(config=tiny_engine_config(folder))
     assert llm.default_sampling_params == {"temperature": 0.0, "top_k": 5, "repetition_penalty": 1.2,
                                            "max_tokens": 7}

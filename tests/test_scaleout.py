@@ -15,10 +15,10 @@ from ray.serve._private.common import DeploymentID, ReplicaID, StreamingHTTPRequ
 from ray.serve._private.request_router.common import ReplicaQueueLengthCache
 from ray.serve.schema import ServeDeploySchema
 
-from fitserve.cli import build_parser
+from fitserve.cli import app_builder, build_parser
 from fitserve.config import ConfigError
 from fitserve.scaleout import launch
-from fitserve.scaleout.launch import _flags_from_mapping
+from fitserve.scaleout.launch import flags_from_mapping
 from fitserve.scaleout.options import PREFIX_KEY_HEADER, ReplicaOptions, replica_options_from_args
 from fitserve.scaleout.proxy import ReplicaFailureMiddleware
 from fitserve.scaleout.router import PrefixAffinityRouter, prefix_key, rendezvous_order
@@ -70,7 +70,7 @@ def test_bad_replica_flags_are_config_errors(flags, words):
 
 
 def test_serve_run_args_become_fitserve_flags():
-    argv = _flags_from_mapping({"max-num-seqs": 64, "enable_log_requests": "true", "disable-ui": False,
+    argv = flags_from_mapping({"max-num-seqs": 64, "enable_log_requests": "true", "disable-ui": False,
                                 "api-key": ["a", "b"], "served-model-name": None})
     assert argv == ["--max-num-seqs", "64", "--enable-log-requests", "--api-key", "a", "b"]
     parsed = build_parser().parse_args(["serve", *argv])
@@ -198,12 +198,12 @@ def _serve_configs() -> list[dict]:
 def test_deploy_serve_configs_follow_ray_serves_schema_and_build(index, monkeypatch):
     config = ServeDeploySchema.model_validate(_serve_configs()[index])
     app = config.applications[0]
-    assert app.import_path == "fitserve.scaleout.launch:app_builder" and app.route_prefix == "/"
+    assert app.import_path == "fitserve.cli:app_builder" and app.route_prefix == "/"
     built = {}
-    monkeypatch.setattr(launch, "_engine_on_gpu", lambda device: True)
+    monkeypatch.setattr(launch, "engine_on_gpu", lambda device: True)
     monkeypatch.setattr(launch, "build_application", lambda engine, server, options, *rest: built.update(
         engine=engine, server=server, options=options.deployment_options()))
-    launch.app_builder(app.args)  # what `serve deploy` runs: every arg must be a fitserve serve flag
+    app_builder(app.args)  # what `serve deploy` runs: every arg must be a fitserve serve flag
     assert built["engine"].model == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert built["options"]["autoscaling_config"]["max_replicas"] == 4
     assert built["options"]["ray_actor_options"] == {"num_cpus": 4.0, "num_gpus": 1.0}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from plan_helpers import llama_8b_inputs, write_model_folder
 
-import fitserve.llm as llm
+import fitserve.startup as startup
 from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.plan.planner import plan_memory
 from fitserve.runner.memory import DeviceMemory, StartupMemory
@@ -24,12 +24,12 @@ GIB = 2**30
 def no_weight_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded although the plan cannot fit")
-    monkeypatch.setattr(llm, "load_model", refuse)
+    monkeypatch.setattr(startup, "load_model", refuse)
 
 
 def test_e5m2_kv_cache_is_refused_before_loading(no_weight_loading):
     with pytest.raises(ConfigError, match="fp8_e5m2 is not supported") as info:  # by the config itself
-        llm.build_engine(EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8_e5m2")), progress=False)
+        startup.build_engine(EngineConfig(cache=CacheConfig(kv_cache_dtype="fp8_e5m2")), progress=False)
     assert "--kv-cache-dtype fp8" in str(info.value)
 
 
@@ -38,7 +38,7 @@ def test_a_cache_too_small_for_max_model_len_stops_before_loading(tmp_path, no_w
     config = EngineConfig(model=str(folder), load_format="dummy", device="cpu",
                           cache=CacheConfig(kv_cache_memory_bytes=64 * 1024), scheduler=SchedulerConfig(max_model_len=512))
     with pytest.raises(ConfigError, match=r"Set --max-model-len (\d+) or less") as info:
-        llm.build_engine(config, progress=False)
+        startup.build_engine(config, progress=False)
     assert "--kv-cache-memory-bytes" in str(info.value)
 
 
@@ -94,7 +94,7 @@ def test_measured_figures_that_leave_too_little_fail_like_the_plan():
 def test_plan_inputs_from_the_engine_config_match_the_cli(tmp_path):
     folder = write_model_folder(tmp_path / "tiny")
     config = EngineConfig(model=str(folder), load_format="dummy", device="cpu")
-    source = llm.resolve_model_source(config)
-    inputs = llm.plan_inputs(config, source, 512, llm.torch.device("cpu"), None)
+    source = startup.resolve_model_source(config)
+    inputs = startup.plan_inputs(config, source, 512, startup.torch.device("cpu"), None)
     assert inputs.on_gpu is False and inputs.cuda_graphs is False and inputs.dtype == "bfloat16"
     assert replace(inputs, model_name="x").max_num_seqs == 256

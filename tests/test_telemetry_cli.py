@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from fitserve.cli import gpu_ids_in_use, main
+from types import SimpleNamespace
+
+import torch
+
+from fitserve.cli import main
+from fitserve.startup import gpu_ids_in_use
 
 
 def test_serve_flags(capsys):
@@ -11,13 +16,11 @@ def test_serve_flags(capsys):
 
 
 def test_a_cpu_engine_uses_no_gpu():
-    class CpuDevice:
-        type = "cpu"
+    assert gpu_ids_in_use(torch.device("cpu")) == [] and gpu_ids_in_use(torch.device("cpu"), 2) == []
 
-    class Runner:
-        device = CpuDevice()
 
-    class Engine:
-        runner = Runner()
-
-    assert gpu_ids_in_use(Engine()) == [] and gpu_ids_in_use(object()) == []
+def test_a_tensor_parallel_engine_uses_the_gpus_after_rank_0s(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace(uuid=f"GPU-{index}"))
+    assert gpu_ids_in_use(torch.device("cuda", 2), 3) == ["GPU-2", "GPU-3", "GPU-4"]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: SimpleNamespace())  # torch without uuid
+    assert gpu_ids_in_use(torch.device("cuda", 1)) == [1]

@@ -17,7 +17,8 @@ from fitserve.cli import main
 from fitserve.config import ArchConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.kernels import fp8
 from fitserve.layers.parallel import TensorParallel
-from fitserve.llm import LLM, build_engine
+from fitserve.llm import LLM
+from fitserve.startup import build_engine
 from fitserve.models.llama import tensor_shard
 from fitserve.models.loader import load_model
 from fitserve.plan.planner import plan_memory

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tiny_model import tiny_engine_config, write_tiny_model
 
-from fitserve.llm import build_engine
+from fitserve.startup import build_engine
 from fitserve.runner.warmup import WARM_UP_STEPS, warm_up
 from fitserve.sampling_params import SamplingParams
 

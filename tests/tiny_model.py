@@ -15,7 +15,7 @@ from server_fixtures import live_server
 
 from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from fitserve.engine.async_engine import AsyncEngine
-from fitserve.llm import build_engine
+from fitserve.startup import build_engine
 from fitserve.server.app import build_app
 
 TINY_VOCAB = 300

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 from fitserve.bench.cli import add_bench_parsers
 from fitserve.plan.command import add_plan_parser
 from fitserve.quantcheck.command import add_check_quant_parser
 from fitserve.scaleout.options import add_replica_args, wants_replicas
-from fitserve.config import ConfigError
+from fitserve.config import ConfigError, EngineConfig, ServerConfig
 from fitserve.flags import (  # noqa: F401  (engine_config_from_args, server_config_from_args: cli's API)
     add_engine_args,
     add_server_config_args,
@@ -54,21 +56,6 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
                             "while busy")
 
 
-def gpu_ids_in_use(engine, tensor_parallel_size: int = 1) -> list[str | int]:
-    """The GPUs the engine's runner uses (rank 0's and the workers' after it), by UUID (NVML numbers
-    GPUs apart from CUDA_VISIBLE_DEVICES)."""
-    device = getattr(getattr(engine, "runner", None), "device", None)
-    if device is None or device.type != "cuda":
-        return []
-    import torch
-
-    ids: list[str | int] = []
-    for index in range(device.index or 0, (device.index or 0) + tensor_parallel_size):
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        ids.append(str(uuid) if uuid is not None else index)
-    return ids
-
-
 def serve(args: argparse.Namespace) -> int:
     """The HTTP server comes up first (/health 503 with the phase), then the engine loads."""
     # Imported here so that `fitserve --help` and config errors answer without loading torch.
@@ -76,14 +63,11 @@ def serve(args: argparse.Namespace) -> int:
     from fitserve.server.lifecycle import Phase
     from fitserve.telemetry import Telemetry
 
+    engine_config, server_config = _serve_configs(args)
     if wants_replicas(args):
         from fitserve.scaleout.launch import serve_replicas
 
-        return serve_replicas(args)
-    if args.model_tag and not args.model:
-        args.model = args.model_tag
-    engine_config = engine_config_from_args(args)
-    server_config = server_config_from_args(args)
+        return serve_replicas(args, engine_config, server_config)
     if args.gpu_telemetry_interval < 0:
         raise ConfigError(f"--gpu-telemetry-interval must be 0 (off) or more seconds, not {args.gpu_telemetry_interval}.")
     telemetry = Telemetry(interval_s=args.gpu_telemetry_interval,
@@ -91,28 +75,38 @@ def serve(args: argparse.Namespace) -> int:
 
     def load_engine(report_phase):
         report_phase(Phase.LOADING)  # importing torch is the first part of loading
-        from fitserve.engine.async_engine import AsyncEngine
-        from fitserve.llm import build_engine
+        from fitserve.startup import start_serving_engine
 
         if args.verify_quantization:
             from fitserve.quantcheck.check import verify_at_startup
 
             verify_at_startup(engine_config)
-        from fitserve.server.ui.info import startup_info
-
-        built = build_engine(engine_config)
-        engine = AsyncEngine(built.engine, built.model_name, built.tokenizer,
-                             max_queue_len=server_config.max_queue_len,
-                             default_sampling_params=built.default_sampling_params).start()
-        engine.startup_info = startup_info(built.memory, engine_config)  # the page's memory plan (/ui/api/info)
-        telemetry.start(engine.stats, gpu_ids_in_use(built.engine, engine_config.tensor_parallel_size))
-        return engine
+        return start_serving_engine(engine_config, telemetry, max_queue_len=server_config.max_queue_len)
 
     try:
         return launcher.serve(server_config, args.host, args.port, load_engine, log_level=args.log_level,
                               telemetry=telemetry)
     finally:
         telemetry.stop()
+
+
+def app_builder(args: Mapping[str, Any]) -> Any:
+    """Ray Serve's application builder for `serve run` / `serve deploy` configs, whose `import_path`
+    names it (`fitserve.cli:app_builder`, deploy/ray/serve-config.yaml): their `args` are `fitserve
+    serve` flags without the dashes, e.g. `{max-num-seqs: 64, replicas: 2}`."""
+    from fitserve.scaleout import launch
+
+    parsed = build_parser().parse_args(["serve", *launch.flags_from_mapping(args)])
+    if parsed.replicas is None and parsed.max_replicas is None:
+        parsed.replicas = 1  # the config's `deployments:` section may set num_replicas or autoscaling instead
+    return launch.application_from_args(parsed, *_serve_configs(parsed), launch.engine_on_gpu(parsed.device))
+
+
+def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    """`fitserve serve`'s two configs; `fitserve serve MODEL` is `--model MODEL`."""
+    if args.model_tag and not args.model:
+        args.model = args.model_tag
+    return engine_config_from_args(args), server_config_from_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,17 +44,19 @@ DEFAULT_MAX_QUEUE_LEN_PER_SEQ = 8
 class AsyncEngine:
     """`max_queue_len`: requests that may wait beyond the `max_num_seqs` the engine runs at once;
     past `max_num_seqs + max_queue_len` requests in flight, `generate` raises EngineOverloadedError.
-    None: DEFAULT_MAX_QUEUE_LEN_PER_SEQ x max_num_seqs."""
+    None: DEFAULT_MAX_QUEUE_LEN_PER_SEQ x max_num_seqs. `startup_info`: the page's memory plan and settings
+    (server/ui/info.py)."""
 
     def __init__(self, engine: LLMEngine, model_name: str, tokenizer: Any, max_queue_len: int | None = None,
-                 default_sampling_params: dict[str, Any] | None = None) -> None:
+                 default_sampling_params: dict[str, Any] | None = None,
+                 startup_info: dict[str, Any] | None = None) -> None:
         self.engine = engine
+        self.startup_info = startup_info
         self.model_name = model_name
         self.max_model_len = engine.max_model_len
         self.max_logprobs = engine.limits.max_logprobs
         # The model's generation_config.json defaults, for fields a request leaves unset.
         self.default_sampling_params = dict(default_sampling_params or {})
-        self.startup_info: dict[str, Any] | None = None  # the page's settings and memory plan, set by who built it
         max_num_seqs = engine.limits.scheduler.max_num_seqs
         self.max_queue_len = DEFAULT_MAX_QUEUE_LEN_PER_SEQ * max_num_seqs if max_queue_len is None else max_queue_len
         self.max_num_in_flight: int | None = max_num_seqs + self.max_queue_len

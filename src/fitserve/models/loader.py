@@ -57,7 +57,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
 
 def finish_fp8_layers(model: LlamaForCausalLM, source: ModelSource, quantization: str | None) -> None:
     """Every fp8 layer is whole; an fp8 checkpoint with static input scales gave one to each
-    (fp8_per_tensor then needs no calibration: llm.fp8_calibration_ids)."""
+    (fp8_per_tensor then needs no calibration: startup.fp8_calibration_ids)."""
     for name, module in model.named_modules():
         if isinstance(module, Fp8Linear):
             try:

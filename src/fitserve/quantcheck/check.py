@@ -24,7 +24,7 @@ from fitserve.config import ConfigError, EngineConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.engine.tokenizer import Tokenizer
-from fitserve.llm import TORCH_DTYPES, fp8_calibration_ids, resolve_device
+from fitserve.startup import TORCH_DTYPES, fp8_calibration_ids, resolve_device
 from fitserve.models.loader import load_model
 from fitserve.plan.shapes import resolve_dtype
 from fitserve.quantcheck.prompts import PROMPTS
@@ -116,7 +116,7 @@ def _encode(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def _load(source: ModelSource, dtype: torch.dtype, device: torch.device, setting: Setting,
           calibration_ids: list[list[int]] | None = None):
     model = load_model(source, dtype, device, progress=False, quantization=setting.quantization)
-    if calibration_ids is not None:  # fp8_per_tensor: as the server does at start-up (llm.build_runner)
+    if calibration_ids is not None:  # fp8_per_tensor: as the server does at start-up (startup.build_runner)
         calibrate_fp8_activation_scales(model, calibration_ids, device)
     kv_dtype = dtype if setting.kv_cache_dtype == "auto" else TORCH_KV_DTYPES["fp8"]
     return model, kv_dtype

@@ -5,9 +5,9 @@ starts a local Ray instance), starts Ray Serve's HTTP proxy on `--host:--port`, 
 replicas and blocks until SIGINT/SIGTERM; then it deletes the application (Ray lets each replica
 finish its requests for up to --shutdown-timeout) and stops what it started.
 
-`app_builder(args)` is what a Ray Serve config's `import_path` names
-(`fitserve.scaleout.launch:app_builder`, deploy/ray/serve-config.yaml): its `args` are
-`fitserve serve` flags without the dashes, e.g. `{max-num-seqs: 64, replicas: 2}`.
+`application_from_args(...)` is also what `fitserve.cli:app_builder` returns, the builder a Ray
+Serve config's `import_path` names (deploy/ray/serve-config.yaml). This package never imports
+the command line: `fitserve serve` hands it the configs it parsed.
 """
 
 from __future__ import annotations
@@ -42,20 +42,17 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
     return deployment.bind(engine_config, server_config, telemetry_interval_s, log_stats)
 
 
-def application_from_args(args: argparse.Namespace, on_gpu: bool) -> Any:
-    from fitserve.cli import engine_config_from_args, server_config_from_args
-
-    if args.model_tag and not args.model:
-        args.model = args.model_tag
-    engine_config = engine_config_from_args(args)
-    server_config = server_config_from_args(args)
+def application_from_args(args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig,
+                          on_gpu: bool) -> Any:
+    """The application of `fitserve serve --replicas` flags (`args`, the replica options), with the
+    configs the command line made of the same flags."""
     options = replica_options_from_args(args, engine_config.scheduler.max_num_seqs, on_gpu,
                                         server_config.shutdown_timeout_s)
     return build_application(engine_config, server_config, options, args.gpu_telemetry_interval,
                              not args.disable_log_stats)
 
 
-def _engine_on_gpu(device: str) -> bool:
+def engine_on_gpu(device: str) -> bool:
     """Whether replicas reserve GPUs by default: --device cuda, or auto on a cluster that has GPUs."""
     if device.startswith("cuda"):
         return True
@@ -66,8 +63,9 @@ def _engine_on_gpu(device: str) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def serve_replicas(args: argparse.Namespace) -> int:
-    """Run the replicas until SIGINT/SIGTERM (blocks); returns the exit code."""
+def serve_replicas(args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Run the replicas until SIGINT/SIGTERM (blocks); returns the exit code. `engine_config` and
+    `server_config` are what the command line made of `args`."""
     try:
         import ray
         from ray import serve
@@ -81,7 +79,7 @@ def serve_replicas(args: argparse.Namespace) -> int:
     ray.init(address=args.ray_address, namespace=APP_NAME, runtime_env=runtime_env, log_to_driver=True)
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        app = application_from_args(args, _engine_on_gpu(args.device))
+        app = application_from_args(args, engine_config, server_config, engine_on_gpu(args.device))
         serve.start(http_options={"host": args.host, "port": args.port})
         logger.info("Deploying the replicas on Ray (%s); the proxy listens on http://%s:%d.",
                     "joined cluster" if joined_cluster else "local instance", args.host, args.port)
@@ -128,7 +126,7 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _flags_from_mapping(args: Mapping[str, Any]) -> list[str]:
+def flags_from_mapping(args: Mapping[str, Any]) -> list[str]:
     """`{max-num-seqs: 64, enable-log-requests: true, api-key: [a, b]}` -> argv of `fitserve serve`."""
     argv: list[str] = []
     for name, value in args.items():
@@ -144,13 +142,3 @@ def _flags_from_mapping(args: Mapping[str, Any]) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
-
-
-def app_builder(args: Mapping[str, Any]) -> Any:
-    """Ray Serve application builder for `serve run` / `serve deploy` configs (module docstring)."""
-    from fitserve.cli import build_parser
-
-    parsed = build_parser().parse_args(["serve", *_flags_from_mapping(args)])
-    if parsed.replicas is None and parsed.max_replicas is None:
-        parsed.replicas = 1  # the config's `deployments:` section may set num_replicas or autoscaling instead
-    return application_from_args(parsed, _engine_on_gpu(parsed.device))

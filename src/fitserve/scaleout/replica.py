@@ -50,21 +50,17 @@ class ReplicaHeader:
 
 def start_engine(engine_config: EngineConfig, server_config: ServerConfig,
                  telemetry_interval_s: float, log_stats: bool) -> tuple[Any, Any]:
-    """Build and start this replica's engine as `fitserve serve` does; returns (engine, telemetry)."""
-    from fitserve.cli import gpu_ids_in_use
-    from fitserve.engine.async_engine import AsyncEngine
-    from fitserve.llm import build_engine
-    from fitserve.server.ui.info import startup_info
+    """Build and start this replica's engine on `fitserve serve`'s start-up path (startup.py);
+    returns (engine, telemetry)."""
+    from fitserve.startup import start_serving_engine
     from fitserve.telemetry import Telemetry
     from fitserve.telemetry.monitor import STATS_INTERVAL_S
 
-    built = build_engine(engine_config, progress=False)
-    # No queue limit in the engine: Ray sends a replica at most max_ongoing_requests (= max_num_seqs by
-    # default); --max-queue-len bounds Ray's router queue instead (options.py).
-    engine = AsyncEngine(built.engine, built.model_name, built.tokenizer).start()
-    engine.startup_info = startup_info(built.memory, engine_config)
     telemetry = Telemetry(interval_s=telemetry_interval_s, stats_interval_s=STATS_INTERVAL_S if log_stats else None)
-    telemetry.start(engine.stats, gpu_ids_in_use(built.engine))
+    # server_config.max_queue_len is not applied here: Ray sends a replica at most max_ongoing_requests
+    # (= max_num_seqs by default) and --max-queue-len bounds Ray's router queue instead (options.py); the
+    # engine keeps its default bound (8 x max_num_seqs), which Ray's routing never reaches.
+    engine = start_serving_engine(engine_config, telemetry, max_queue_len=None, progress=False)
     return engine, telemetry
 
 
