@@ -135,8 +135,9 @@ class LlamaForCausalLM(nn.Module):
     (models/base.py CausalLM).
 
     `quantization` (a weight format's name, layers/formats/registry.py: "fp8", "fp8_per_tensor" or
-    None) applies to the four linear layers of each block; embeddings, norms and lm_head stay in `dtype`. With `tp` of size N the blocks hold
-    this rank's 1/N (layers/parallel.py): `full_arch` is the model, `arch` this rank's shard.
+    None) applies to the four linear layers of each block; embeddings, norms and lm_head stay in
+    `dtype`. With `tp` of size N the blocks hold this rank's 1/N (layers/parallel.py): `full_arch`
+    is the model, `arch` this rank's shard. `fuse_rotary_store`: layers/attention.py.
     An fp8 layer's scales are computed on the rank's own slice (per output row of the slice, or
     one per slice), so a row-parallel fp8 layer is quantized a little finer than with N = 1.
     """
@@ -152,7 +153,8 @@ class LlamaForCausalLM(nn.Module):
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build)
+                                    for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
 
