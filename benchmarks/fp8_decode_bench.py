@@ -29,7 +29,7 @@ SPLIT_K_TILES = [SplitKConfig(32, bn, bk, split, w) for bn in (32, 64, 128) for 
 
 
 def present_choice(qx, x_scale, qw, w_scale):
-    """What Fp8Linear._gemm_cuda does for per-channel scales (layers/quantization.py)."""
+    """What Fp8Linear._gemm_cuda does for per-channel scales (layers/formats/fp8.py)."""
     choice = triton_fp8_small.plan(qx.shape[0], qw.shape[0], qw.shape[1], triton_fp8_small.num_sms(qx.device))
     if choice is not None:
         return triton_fp8_small.run(choice, qx, x_scale, qw, w_scale, torch.bfloat16)

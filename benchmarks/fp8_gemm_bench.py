@@ -1,6 +1,6 @@
 """FP8 GEMMs of the Llama-3-8B linear layers on the GPU: bf16 cuBLAS against torch._scaled_mm
 (row-wise and per-tensor scales) and the Triton kernel of kernels/triton_fp8.py, by batch rows.
-Decides layers/quantization.py's SCALED_MM_MIN_ROWS (docs/quantization.md).
+Decides layers/formats/fp8.py's SCALED_MM_MIN_ROWS (docs/quantization.md).
 
     python benchmarks/fp8_gemm_bench.py --out $OUT     # table on stdout, fp8_gemm.json under --out
     python benchmarks/fp8_gemm_bench.py --small-m --out $OUT   # fp8_small_m.json: the sweep below

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from fitserve.cli import main
-from fitserve.layers import quantization
+from fitserve.layers.formats import fp8 as quantization
 
 
 def weight_only_forward(self: quantization.Fp8Linear, x: torch.Tensor) -> torch.Tensor:

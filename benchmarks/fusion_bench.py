@@ -1,7 +1,7 @@
 """`gpu_bench.py fusion`: the rotary + KV store fusion of a decode step on and off, on the dummy 8B model.
 
 - the whole decode forward (32 layers, hidden states out) captured in a CUDA graph and replayed,
-  with layers/attention.py's FUSE_ROTARY_STORE on and off;
+  with the attention layers' fuse_rotary_store (layers/attention.py) on and off;
 - each attention piece alone, 32 calls (one per layer) in one graph: rotary + KV store in one
   kernel vs triton_fused.rotary_ then store_kv, and (for information) the split-context decode
   attention, split + merge kernels;
@@ -20,7 +20,7 @@ import torch
 
 CONTEXT_TOKENS = 512  # tokens already cached per request; the step feeds token 513
 BATCH_SIZES = (1, 20)
-SETTINGS = {"fused": True, "unfused": False}  # name: FUSE_ROTARY_STORE
+SETTINGS = {"fused": True, "unfused": False}  # name: PagedAttention.fuse_rotary_store
 CALLS_PER_GRAPH = 32  # one per layer of the 8B model
 REPLAYS_PER_ROUND = 20
 ROUNDS = 7
@@ -83,26 +83,40 @@ def gpu_kernels_per_call(fn: Callable[[], object]) -> int:
     return sum(1 for event in prof.events() if getattr(event, "device_type", None) == DeviceType.CUDA)
 
 
+def set_fuse_rotary_store(model, on: bool) -> list[bool]:
+    """Set every attention layer's fusion setting (a CUDA graph keeps the one it was captured
+    with); returns the settings it had."""
+    from fitserve.layers.attention import PagedAttention
+
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    before = [layer.fuse_rotary_store for layer in layers]
+    for layer in layers:
+        layer.fuse_rotary_store = on
+    return before
+
+
 def time_forward(model, batch, timer: Callable = graph_replay_ms, counter: Callable = gpu_kernels_per_call) -> dict:
     """The whole decode forward in every fusion setting (all timed before the profiler first runs);
-    the default is restored afterwards."""
-    from fitserve.layers import attention
+    the model's own setting is restored afterwards."""
+    from fitserve.layers.attention import PagedAttention
 
-    default = attention.FUSE_ROTARY_STORE
+    default = set_fuse_rotary_store(model, True)
     result = {}
     try:
         for name, rotary_store in SETTINGS.items():
-            attention.FUSE_ROTARY_STORE = rotary_store
+            set_fuse_rotary_store(model, rotary_store)
             result[name] = {"forward_ms": timer(lambda: model(batch))}
         for name, rotary_store in SETTINGS.items():
-            attention.FUSE_ROTARY_STORE = rotary_store
+            set_fuse_rotary_store(model, rotary_store)
             try:
                 kernels = counter(lambda: model(batch))
                 result[name] |= {"kernels_per_forward": kernels, "kernels_per_layer": kernels / len(model.layers)}
             except Exception as error:  # the count is a by-product: keep the timings whatever the profiler does
                 result[name]["kernels_error"] = repr(error)[:300]
     finally:
-        attention.FUSE_ROTARY_STORE = default
+        layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+        for layer, setting in zip(layers, default):
+            layer.fuse_rotary_store = setting
     return result
 
 

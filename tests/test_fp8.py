@@ -9,9 +9,10 @@ import torch
 from fitserve.config import ArchConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.forward_batch import PAD_SLOT
 from fitserve.kernels import fp8, reference
-from fitserve.layers import quantization
-from fitserve.layers.linear import Linear
-from fitserve.layers.quantization import Fp8Linear, make_linear
+from fitserve.layers.formats import fp8 as quantization
+from fitserve.layers.formats.unquantized import Linear
+from fitserve.layers.formats.fp8 import Fp8Linear
+from fitserve.layers.formats.registry import make_linear
 from fitserve.models.llama import LlamaForCausalLM
 from fitserve.models.loader import init_dummy
 from paged_helpers import PagedDriver, make_batch

@@ -22,7 +22,7 @@ from fitserve.cli import main
 from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.kernels import fp8
 from fitserve.layers.parallel import TensorParallel
-from fitserve.layers.quantization import Fp8Linear
+from fitserve.layers.formats.fp8 import Fp8Linear
 from fitserve.llm import LLM
 from fitserve.models.loader import load_model
 from fitserve.quantcheck.check import run_check

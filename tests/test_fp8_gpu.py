@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from fitserve.kernels import triton_fp8, triton_fp8_small  # noqa: E402  (imports triton, present with CUDA torch)
-from fitserve.layers import quantization  # noqa: E402
+from fitserve.layers.formats import fp8 as quantization  # noqa: E402
+from fitserve.layers.formats.registry import make_linear  # noqa: E402
 
 CUDA = torch.device("cuda")
 
@@ -201,7 +202,7 @@ def test_fp8_linear_on_gpu_matches_the_cpu_path(quant, num_rows):
     weight = (torch.randn(6144, 4096) * 0.02).to(torch.bfloat16)
     layers = {}
     for device in (torch.device("cpu"), CUDA):
-        layer = quantization.make_linear(4096, (4096, 1024, 1024), torch.bfloat16, device, quant)
+        layer = make_linear(4096, (4096, 1024, 1024), torch.bfloat16, device, quant)
         for index, shard in enumerate(weight.split([4096, 1024, 1024])):
             layer.load_shard(index, shard)
         layers[device.type] = layer

@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 from fitserve.kernels import triton_gemv  # noqa: E402  (triton comes with CUDA torch)
-from fitserve.layers.linear import Linear, linear  # noqa: E402
+from fitserve.layers.formats.unquantized import Linear  # noqa: E402
+from fitserve.layers.linear import linear  # noqa: E402
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -137,13 +137,11 @@ def test_silu_and_mul_matches_reference():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_model_on_gpu_matches_cpu_reference_path(fused, monkeypatch):
+def test_model_on_gpu_matches_cpu_reference_path(fused):
     """The whole model through the Triton kernels agrees with the pure-torch path in float32, with the
     rotary + KV store fusion and without (decode split over the context either way)."""
     from fitserve.config import ArchConfig
-    from fitserve.layers import attention
-
-    monkeypatch.setattr(attention, "FUSE_ROTARY_STORE", fused)
+    from fitserve.layers.attention import PagedAttention
     from fitserve.models.llama import LlamaForCausalLM
     from paged_helpers import PagedDriver
 
@@ -153,8 +151,9 @@ def test_model_on_gpu_matches_cpu_reference_path(fused, monkeypatch):
     cpu_model = LlamaForCausalLM(arch, torch.float32, torch.device("cpu"))
     for p in cpu_model.parameters():
         p.data.normal_(0, 0.05)
-    gpu_model = LlamaForCausalLM(arch, torch.float32, torch.device("cuda"))
+    gpu_model = LlamaForCausalLM(arch, torch.float32, torch.device("cuda"), fuse_rotary_store=fused)
     gpu_model.load_state_dict(cpu_model.state_dict())
+    assert all(m.fuse_rotary_store == fused for m in gpu_model.modules() if isinstance(m, PagedAttention))
     chunks = [("a", list(range(1, 40))), ("b", list(range(50, 57)))]
     cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)
     gpu_driver = PagedDriver(gpu_model, num_blocks=16, block_size=16, device="cuda")

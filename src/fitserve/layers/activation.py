@@ -6,7 +6,7 @@ import torch
 
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
-from fitserve.layers.quantization import QuantizedRows
+from fitserve.layers.weight_format import QuantizedRows
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -17,7 +17,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_and_mul_for_fp8(gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
-    """silu_and_mul for an `fp8` linear layer: on CUDA quantized per token in the same kernel."""
+    """silu_and_mul for a layer whose weight format takes QuantizedRows (`fp8`): on CUDA quantized
+    per token in the same kernel."""
     if gate_up.is_cuda and triton_fused is not None and gate_up.shape[1] // 2 <= triton_fused.FUSED_QUANT_MAX_COLS:
         q, scale = triton_fused.silu_and_mul_quant(gate_up)
         return QuantizedRows(q, scale, gate_up.dtype)

@@ -26,19 +26,19 @@ from fitserve.layers.rotary import RotaryEmbedding
 
 DEFAULT_KV_SCALE = 1.0  # per layer, for K and for V; see the module docstring
 
-# Benchmark and test knob, not a setting: `benchmarks/gpu_bench.py fusion` times the fusion on
-# and off (read at every forward, so a CUDA graph keeps the choice it was captured with).
-FUSE_ROTARY_STORE = True  # CUDA: rotary embedding + KV store in one kernel, else rotary_ then store_kv
-
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 rotary: RotaryEmbedding | None = None) -> None:
+                 rotary: RotaryEmbedding | None = None, fuse_rotary_store: bool = True) -> None:
         super().__init__()
         assert rotary is None or rotary.head_dim == head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.rotary = rotary  # applied to q and k at batch.positions before the store; shared by all layers
+        # CUDA: the rotary embedding and the KV store in one kernel, else rotary_ then store_kv. Off only
+        # to measure the fusion (benchmarks/fusion_bench.py); read at every forward, so a CUDA graph
+        # keeps the choice it was captured with.
+        self.fuse_rotary_store = fuse_rotary_store
         # [num_blocks, block_size, Hkv, D] each; set by bind_kv_cache, owned by the runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -83,7 +83,7 @@ class PagedAttention(nn.Module):
 
     def _triton_rotary_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """k (rotated) and v stored at batch.slot_mapping, by one kernel or two; returns q rotated (in place)."""
-        if self.rotary is not None and FUSE_ROTARY_STORE:
+        if self.rotary is not None and self.fuse_rotary_store:
             triton_attention.rotary_store_kv(q, k, v, self.k_cache, self.v_cache, batch.slot_mapping, batch.positions,
                                              self.rotary.cos, self.rotary.sin, self.k_scale, self.v_scale)
             return q

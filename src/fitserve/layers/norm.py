@@ -7,7 +7,7 @@ from torch import nn
 
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
-from fitserve.layers.quantization import QuantizedRows
+from fitserve.layers.weight_format import QuantizedRows
 
 
 class RMSNorm(nn.Module):
@@ -20,8 +20,8 @@ class RMSNorm(nn.Module):
                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """x [T, H] -> (normed [T, H], residual [T, H]); with a residual, normalises x + residual.
 
-        quantize: the consumer is an `fp8` linear layer; on CUDA the normed rows then come back
-        quantized per token by the same kernel (elsewhere the layer quantizes them itself).
+        quantize: the consumer's weight format takes QuantizedRows (`fp8`); on CUDA the normed rows
+        then come back quantized per token by the same kernel (elsewhere the layer quantizes them itself).
         """
         if quantize and x.is_cuda and triton_fused is not None and x.shape[1] <= triton_fused.FUSED_QUANT_MAX_COLS:
             q, scale, summed = triton_fused.rms_norm_quant(x, self.weight, self.eps, residual)

@@ -8,27 +8,27 @@ import torch
 from torch import nn
 
 from fitserve.config import ArchConfig
+from fitserve.forward_batch import ForwardBatch
+from fitserve.kernels import fp8
 from fitserve.layers.activation import silu_and_mul, silu_and_mul_for_fp8
 from fitserve.layers.attention import PagedAttention
-from fitserve.forward_batch import ForwardBatch
-from fitserve.layers.linear import Embedding, Linear, linear
+from fitserve.layers.formats.registry import get_weight_format
+from fitserve.layers.formats.unquantized import Linear
+from fitserve.layers.linear import Embedding, linear
 from fitserve.layers.norm import RMSNorm
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
-from fitserve.kernels import fp8
-from fitserve.layers.quantization import Fp8Linear, QuantizedRows, make_linear
-
-FUSED_QUANT_SCHEME = "fp8"  # per-token activation scales: norms and SiLU-and-multiply quantize in their kernels
 from fitserve.layers.rotary import RotaryEmbedding
+from fitserve.layers.weight_format import CHECKPOINT_PIECES, WEIGHT, WEIGHT_SCALE, LinearLayer, QuantizedRows
+from fitserve.models.base import LayerBuild
 
 # HF checkpoint projection name -> (our merged module, shard index)
 _MERGED_SHARDS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
-# An fp8 checkpoint's scale tensors (weights/fp8_checkpoint.py), by the last part of the name:
-# a linear layer's weight_scale and input_scale, and an fp8 KV cache's scales per layer
-# (self_attn.k_scale / v_scale, or the older k_proj.output_scale / v_proj.output_scale).
-_LINEAR_SCALES = ("weight_scale", "input_scale")
+# An fp8 checkpoint's KV-cache scales per layer, by the last part of the name (self_attn.k_scale /
+# v_scale, or the older k_proj.output_scale / v_proj.output_scale); a linear layer's own scales
+# (weight_scale, input_scale: weight_format.CHECKPOINT_PIECES) go to the layer like its weight.
 _KV_SCALES = ("k_scale", "v_scale", "output_scale")
 # HF projection -> the dimension tensor parallelism splits (layers/parallel.py): 0 = output rows
 # (column-parallel), 1 = input columns (row-parallel, followed by an all-reduce)
@@ -68,9 +68,9 @@ def tensor_shard(hf_name: str, arch: ArchConfig, tp: TensorParallel) -> TensorSh
     return TensorShard(dim, tp.rank * length, length)
 
 
-def _load_shard(module: Linear | Fp8Linear, shard_index: int, tensor: torch.Tensor, hf_name: str) -> None:
+def _load_piece(module: LinearLayer, shard_index: int, piece: str, tensor: torch.Tensor, hf_name: str) -> None:
     try:
-        module.load_shard(shard_index, tensor)
+        module.load(shard_index, piece, tensor)
     except ValueError as exc:
         raise ValueError(f"{hf_name}: {exc}") from None
 
@@ -78,17 +78,17 @@ def _load_shard(module: Linear | Fp8Linear, shard_index: int, tensor: torch.Tens
 class LlamaAttention(nn.Module):
     """`arch` is one rank's shard (ArchConfig.shard): its heads only; o_proj's partial sums are all-reduced."""
 
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild) -> None:
         super().__init__()
-        self.tp = tp
+        self.tp = build.tp
         d = arch.head_dim
         self.qkv_sizes = (arch.num_attention_heads * d, arch.num_key_value_heads * d, arch.num_key_value_heads * d)
-        self.qkv_proj = make_linear(arch.hidden_size, self.qkv_sizes, dtype, device, quantization)
-        self.o_proj = make_linear(arch.num_attention_heads * d, arch.hidden_size, dtype, device, quantization)
+        self.qkv_proj = build.linear(arch.hidden_size, self.qkv_sizes)
+        self.o_proj = build.linear(arch.num_attention_heads * d, arch.hidden_size)
         # rotary: shared by all layers, only derived non-persistent buffers; the attention layer applies it
         # (on CUDA in its KV-store kernel)
-        self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5, rotary=rotary)
+        self.attn = PagedAttention(arch.num_attention_heads, arch.num_key_value_heads, d, scale=d ** -0.5,
+                                   rotary=rotary, fuse_rotary_store=build.fuse_rotary_store)
 
     def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
@@ -98,13 +98,12 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """`arch` is one rank's shard: intermediate_size of its columns; down_proj's partial sums are all-reduced."""
 
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, arch: ArchConfig, build: LayerBuild) -> None:
         super().__init__()
-        self.tp = tp
-        self.gate_up_proj = make_linear(arch.hidden_size, (arch.intermediate_size,) * 2, dtype, device, quantization)
-        self.down_proj = make_linear(arch.intermediate_size, arch.hidden_size, dtype, device, quantization)
-        self.fp8_input = quantization == FUSED_QUANT_SCHEME  # down_proj takes per-token fp8 rows
+        self.tp = build.tp
+        self.gate_up_proj = build.linear(arch.hidden_size, (arch.intermediate_size,) * 2)
+        self.down_proj = build.linear(arch.intermediate_size, arch.hidden_size)
+        self.fp8_input = build.weight_format.fused_input_quantization  # down_proj takes per-token fp8 rows
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -113,15 +112,14 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(arch, rotary, dtype, device, quantization, tp)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(arch, dtype, device, quantization, tp)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
+        self.self_attn = LlamaAttention(arch, rotary, build)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
+        self.mlp = LlamaMLP(arch, build)
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
-        self.fp8_input = quantization == FUSED_QUANT_SCHEME
+        self.fp8_input = build.weight_format.fused_input_quantization
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,27 +131,30 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(batch) -> final hidden states [T, H]; compute_logits(hidden [N, H]) -> [N, vocab] float32.
+    """forward(batch) -> final hidden states [T, H]; compute_logits(hidden [N, H]) -> [N, vocab] float32
+    (models/base.py CausalLM).
 
-    `quantization` ("fp8", "fp8_per_tensor" or None) applies to the four linear layers of each
-    block; embeddings, norms and lm_head stay in `dtype`. With `tp` of size N the blocks hold
-    this rank's 1/N (layers/parallel.py): `full_arch` is the model, `arch` this rank's shard.
+    `quantization` (a weight format's name, layers/formats/registry.py: "fp8", "fp8_per_tensor" or
+    None) applies to the four linear layers of each block; embeddings, norms and lm_head stay in
+    `dtype`. With `tp` of size N the blocks hold this rank's 1/N (layers/parallel.py): `full_arch`
+    is the model, `arch` this rank's shard. `fuse_rotary_store`: layers/attention.py.
     An fp8 layer's scales are computed on the rank's own slice (per output row of the slice, or
     one per slice), so a row-parallel fp8 layer is quantized a little finer than with N = 1.
     """
 
-    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device,
-                 quantization: str | None = None, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device, *,
+                 quantization: str | None = None, tp: TensorParallel = SINGLE, fuse_rotary_store: bool = True) -> None:
         super().__init__()
         self.full_arch, self.tp = arch, tp
         arch = arch.shard(tp.size)  # ConfigError when N does not divide the heads or MLP columns
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
         self.quantization = quantization
+        build = LayerBuild(dtype, self.device, get_weight_format(quantization), tp, fuse_rotary_store)
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, rotary, dtype, self.device, quantization, tp) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build)
+                                    for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
 
@@ -185,7 +186,8 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named tensors into our (partly merged) parameters; returns the HF names loaded.
 
         A split tensor may arrive whole (this rank takes its slice) or already sliced (a reader
-        that reads only this rank's part, weights/loader.py)."""
+        that reads only this rank's part, weights/loader.py). A projection's tensors (its weight,
+        and an fp8 checkpoint's scales) go to its layer, whose weight format takes them."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -196,17 +198,18 @@ class LlamaForCausalLM(nn.Module):
             if shard is not None and tensor.shape[shard.dim] != shard.length:
                 tensor = tensor.narrow(shard.dim, shard.start, shard.length).contiguous()
             parts = name.split(".")
-            if parts[-1] in _LINEAR_SCALES + _KV_SCALES:
-                self._load_fp8_scale(hf_name, parts, tensor)
-            elif fp8.is_fp8(tensor.dtype) and parts[-2] not in _SPLIT_DIMS:
+            if parts[-1] in _KV_SCALES:
+                self._load_kv_scale(hf_name, parts, tensor)
+            elif len(parts) >= 2 and parts[-2] in _SPLIT_DIMS and parts[-1] in CHECKPOINT_PIECES:
+                self._load_projection_piece(hf_name, parts, tensor)
+            elif parts[-1] in CHECKPOINT_PIECES[1:]:
+                raise ValueError(f"{hf_name}: fitserve reads fp8 scales only for the linear layers of each block "
+                                 "(lm_head and embeddings stay in --dtype)")
+            elif fp8.is_fp8(tensor.dtype):
                 raise ValueError(f"{hf_name} is stored in fp8: fitserve keeps embeddings, norms and lm_head in "
                                  "--dtype and reads fp8 only for the linear layers of each block")
-            elif len(parts) >= 2 and parts[-2] in _MERGED_SHARDS:
-                merged, shard = _MERGED_SHARDS[parts[-2]]
-                module = self.get_submodule(".".join(parts[:-2] + [merged]))
-                _load_shard(module, shard, tensor, hf_name)
-            elif isinstance(module := self._module_of(name), (Linear, Fp8Linear)):
-                _load_shard(module, 0, tensor, hf_name)  # o_proj, down_proj, lm_head (an fp8 layer quantizes here)
+            elif name == "lm_head.weight" and self.lm_head is not None:
+                _load_piece(self.lm_head, 0, WEIGHT, tensor, hf_name)
             elif name in params:
                 if params[name].shape != tensor.shape:
                     raise ValueError(f"{hf_name}: expected {tuple(params[name].shape)}, got {tuple(tensor.shape)}")
@@ -218,36 +221,35 @@ class LlamaForCausalLM(nn.Module):
             loaded.add(hf_name)
         return loaded
 
-    def _load_fp8_scale(self, hf_name: str, parts: list[str], tensor: torch.Tensor) -> None:
-        """One scale tensor of an fp8 checkpoint ([] or [1] per tensor, [rows, 1] per channel)."""
-        kind, owner = parts[-1], parts[-2]
-        if kind in _KV_SCALES:  # layers.i.self_attn.k_scale, or layers.i.self_attn.k_proj.output_scale
-            which = kind[0] if owner == "self_attn" else owner[0]
-            if tensor.numel() != 1 or which not in "kv" or "self_attn" not in parts:
-                raise ValueError(f"unexpected KV-cache scale {hf_name!r} of shape {tuple(tensor.shape)}")
-            attn = self.get_submodule(".".join(parts[:parts.index("self_attn") + 1])).attn
-            attn.set_kv_scale(which, float(tensor.float().reshape(())))
-            return
-        if owner not in _SPLIT_DIMS:
-            raise ValueError(f"{hf_name}: fitserve reads fp8 scales only for the linear layers of each block "
-                             "(lm_head and embeddings stay in --dtype)")
+    def _load_projection_piece(self, hf_name: str, parts: list[str], tensor: torch.Tensor) -> None:
+        """A projection's weight, or its weight_scale ([] or [1] per tensor, [rows, 1] per channel) or
+        input_scale, into its (merged) layer."""
+        piece, owner = parts[-1], parts[-2]
         merged, shard_index = _MERGED_SHARDS.get(owner, (owner, 0))
-        module = self.get_submodule(".".join(parts[:-2] + [merged]))
-        if not isinstance(module, Fp8Linear):
-            raise ValueError(f"{hf_name}: an fp8 checkpoint needs --quantization fp8 or fp8_per_tensor")
-        shard = tensor_shard(f"{hf_name.rpartition('.')[0]}.weight", self.full_arch, self.tp)
-        if kind == "weight_scale" and shard is not None and shard.dim == 0 and tensor.numel() > 1:
-            tensor = tensor.reshape(-1).narrow(0, shard.start, shard.length)  # this rank's rows' scales
-        module.load_fp8_piece(shard_index, kind, tensor)
-
-    def _module_of(self, param_name: str) -> nn.Module | None:
-        owner, _, leaf = param_name.rpartition(".")
-        if leaf != "weight" or not owner:
-            return None
         try:
-            return self.get_submodule(owner)
-        except AttributeError:
-            return None
+            module = self.get_submodule(".".join(parts[:-2] + [merged]))
+        except AttributeError:  # a layer index past num_hidden_layers, a misplaced projection
+            raise ValueError(f"unexpected checkpoint tensor {hf_name!r}") from None
+        assert isinstance(module, LinearLayer), f"{merged} is built by the weight format"
+        shard = tensor_shard(f"{hf_name.rpartition('.')[0]}.weight", self.full_arch, self.tp)
+        if piece == WEIGHT_SCALE and shard is not None and shard.dim == 0 and tensor.numel() > 1:
+            tensor = tensor.reshape(-1).narrow(0, shard.start, shard.length)  # this rank's rows' scales
+        _load_piece(module, shard_index, piece, tensor, hf_name)
+
+    def _load_kv_scale(self, hf_name: str, parts: list[str], tensor: torch.Tensor) -> None:
+        """layers.i.self_attn.k_scale, or layers.i.self_attn.k_proj.output_scale: one value."""
+        kind, owner = parts[-1], parts[-2]
+        which = kind[0] if owner == "self_attn" else owner[0]
+        if tensor.numel() != 1 or which not in "kv" or "self_attn" not in parts:
+            raise ValueError(f"unexpected KV-cache scale {hf_name!r} of shape {tuple(tensor.shape)}")
+        attn = self.get_submodule(".".join(parts[:parts.index("self_attn") + 1])).attn
+        attn.set_kv_scale(which, float(tensor.float().reshape(())))
+
+    def checkpoint_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return hf_tensor_shapes(self.full_arch)
+
+    def checkpoint_slice(self, hf_name: str) -> TensorShard | None:
+        return tensor_shard(hf_name, self.full_arch, self.tp)
 
     def expected_weight_names(self) -> set[str]:
         """HF names a complete checkpoint provides (for a missing-tensor check)."""

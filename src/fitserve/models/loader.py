@@ -1,7 +1,9 @@
 """load_model: build the model on its device and fill it from GGUF, safetensors, or random values.
 
-With `quantization` the linear layers are fp8 (layers/quantization.py) and each checkpoint
-tensor is quantized as it arrives, so the serving-dtype copy of the model never exists.
+The architecture comes from models/registry.py (an unknown one fails here, before any weight is
+read), the linear layers' weight format from `quantization` (layers/formats/registry.py): with
+fp8 each checkpoint tensor is quantized as it arrives, so the serving-dtype copy of the model
+never exists.
 With tensor parallelism (`tp`) each rank keeps its slice of the split tensors: a safetensors
 checkpoint is read only as that slice; a GGUF file is dequantized tensor by tensor and sliced
 (its quantization blocks run along the rows); dummy weights are drawn whole and sliced.
@@ -11,15 +13,15 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from functools import partial
 
 import torch
 from tqdm import tqdm
 
 from fitserve.config import ConfigError
+from fitserve.layers.formats.fp8 import Fp8Linear
 from fitserve.layers.parallel import SINGLE, TensorParallel
-from fitserve.layers.quantization import Fp8Linear
-from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes, tensor_shard
+from fitserve.layers.weight_format import LinearLayer
+from fitserve.models.base import CausalLM
 from fitserve.models.registry import get_model_class
 from fitserve.weights.loader import gguf_weights, safetensors_weights
 from fitserve.weights.source import ModelSource
@@ -29,15 +31,17 @@ DUMMY_SEED = 0
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True,
-               quantization: str | None = None, tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
+               quantization: str | None = None, tp: TensorParallel = SINGLE,
+               fuse_rotary_store: bool = True) -> CausalLM:
     model_class = get_model_class(source.arch.architecture)
-    model = model_class(source.arch, dtype, device, quantization=quantization, tp=tp)
+    model = model_class(source.arch, dtype, device, quantization=quantization, tp=tp,
+                        fuse_rotary_store=fuse_rotary_store)
     if source.kind == "dummy":
         weights = dummy_weights(model)
     elif source.kind == "gguf":
         weights = gguf_weights(source)
     else:
-        weights = safetensors_weights(source.weights_path, partial(tensor_shard, arch=source.arch, tp=tp))
+        weights = safetensors_weights(source.weights_path, model.checkpoint_slice)
     prequantized = source.kind == "hf" and source.checkpoint_fp8 is not None
     bar = tqdm(weights, total=None if prequantized else len(model.expected_weight_names()),  # + scale tensors
                desc=f"Loading {source.name}", unit="tensor", disable=not progress or source.kind == "dummy")
@@ -49,17 +53,17 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
     if missing:
         raise ConfigError(f"The checkpoint {source.weights_path} lacks {len(missing)} tensors, "
                           f"e.g. {sorted(missing)[:3]}.")
-    finish_fp8_layers(model, source, quantization)
+    finish_linear_layers(model, source, quantization)
     if model.device.type == "cuda":
         torch.cuda.empty_cache()  # hand back the temporaries (whole dummy tensors, fp8) before memory is measured
     return model.eval()
 
 
-def finish_fp8_layers(model: LlamaForCausalLM, source: ModelSource, quantization: str | None) -> None:
-    """Every fp8 layer is whole; an fp8 checkpoint with static input scales gave one to each
-    (fp8_per_tensor then needs no calibration: startup.fp8_calibration_ids)."""
+def finish_linear_layers(model: CausalLM, source: ModelSource, quantization: str | None) -> None:
+    """Every linear layer is whole (its weight format checks); an fp8 checkpoint with static input
+    scales gave one to each (fp8_per_tensor then needs no calibration: startup.fp8_calibration_ids)."""
     for name, module in model.named_modules():
-        if isinstance(module, Fp8Linear):
+        if isinstance(module, LinearLayer):
             try:
                 module.finish_loading()
             except ValueError as exc:
@@ -78,14 +82,14 @@ def checkpoint_input_scales(source: ModelSource, quantization: str | None) -> bo
             and checkpoint.activations == "static")
 
 
-def dummy_weights(model: LlamaForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+def dummy_weights(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """Random HF-named tensors in the serving dtype on the model's device, norms at one.
 
     Each tensor is drawn whole from its own generator, seeded by its name, so the values do
     not depend on the order of loading or on the tensor-parallel size: a rank's slice of a
     TP=2 model is the same slice of the TP=1 model. An fp8 layer quantizes the same values.
     """
-    for name, shape in sorted(hf_tensor_shapes(model.full_arch).items()):
+    for name, shape in sorted(model.checkpoint_tensor_shapes().items()):
         tensor = torch.empty(shape, dtype=model.dtype, device=model.device)
         if name.endswith("norm.weight"):
             tensor.fill_(1.0)
@@ -96,6 +100,6 @@ def dummy_weights(model: LlamaForCausalLM) -> Iterator[tuple[str, torch.Tensor]]
 
 
 @torch.no_grad()
-def init_dummy(model: LlamaForCausalLM) -> None:
+def init_dummy(model: CausalLM) -> None:
     """Fill a built model with dummy_weights (tests build models directly)."""
     model.load_weights(dummy_weights(model))

@@ -1,18 +1,27 @@
-"""Model classes by Hugging Face architecture name."""
+"""Model classes by Hugging Face architecture name (config.json's `architectures[0]`).
+
+Adding an architecture is one module under models/ whose class satisfies models/base.py
+`CausalLM` / `ModelClass`, plus one entry here. The name must also be in
+config.SUPPORTED_ARCHITECTURES, which rejects an unknown architecture while config.json is
+read, before torch is imported (`fitserve plan` never imports it); the assert below keeps the
+two lists equal.
+"""
 
 from __future__ import annotations
 
 from fitserve.config import SUPPORTED_ARCHITECTURES, ConfigError
+from fitserve.models.base import ModelClass
 from fitserve.models.llama import LlamaForCausalLM
 
-MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+MODEL_REGISTRY: dict[str, ModelClass] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # same blocks; sliding window is not supported
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "registry and config must agree"
 
 
-def get_model_class(architecture: str) -> type[LlamaForCausalLM]:
+def get_model_class(architecture: str) -> ModelClass:
+    """ConfigError naming the architecture and the supported ones when it is not registered."""
     try:
         return MODEL_REGISTRY[architecture]
     except KeyError:

@@ -4,7 +4,7 @@ One prefill forward of built-in text (CALIBRATION_TEXTS: prose, code, a table, n
 several languages, half of it through the model's chat template; none of it is in quantcheck's
 prompts, so the quality check does not test on its own calibration data) through a paged KV
 cache of its own, with every per-tensor fp8 layer noting the largest |x| it sees
-(layers.quantization.observe_activations). The caller tokenizes (calibration_token_ids with
+(layers.formats.fp8.observe_activations). The caller tokenizes (calibration_token_ids with
 the engine's tokenizer, which the runner cannot reach) and hands the same ids to every
 tensor-parallel rank.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from fitserve.layers.quantization import observe_activations
+from fitserve.layers.formats.fp8 import observe_activations
 from fitserve.runner.profiling import (
     prefill_chunks,
     run_forward,

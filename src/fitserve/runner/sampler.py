@@ -123,10 +123,6 @@ class Sampler:
         """logits: [N, vocab] float32, one row per sampling request, in `chunks` order."""
         return self.sample_device(logits, chunks).to_host()
 
-    def sample_tensor(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> torch.Tensor:
-        """The sampled ids only, left on the logits' device ([N] int64): no host sync."""
-        return self.sample_device(logits, chunks).token_ids
-
     def sample_device(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> DeviceSample:
         """Like `sample`, but nothing waits for the device: the results stay there."""
         logits = apply_allowed_token_masks(logits, chunks)  # structured output: forbidden tokens -> -inf

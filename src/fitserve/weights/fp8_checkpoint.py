@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 FP8_BITS = 8
 # Layers a checkpoint may leave unquantized without changing what fitserve runs: they stay in
-# --dtype anyway (layers/quantization.py quantizes only the four linear layers of each block).
+# --dtype anyway (layers/formats/fp8.py quantizes only the four linear layers of each block).
 UNQUANTIZED_LAYERS = ("lm_head", "embed_tokens", "norm")
 
 

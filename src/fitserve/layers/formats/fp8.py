@@ -1,4 +1,4 @@
-"""FP8 linear layers, quantized online while the checkpoint loads (`--quantization fp8`).
+"""The fp8 weight formats: linear layers quantized online while the checkpoint loads (`--quantization fp8`).
 
 `fp8`: e4m3 weights with one float32 scale per output channel, activations quantized per
 token at run time (dynamic scales). `fp8_per_tensor`: one scale for the whole weight and a
@@ -35,12 +35,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fitserve.config import ConfigError
 from fitserve.kernels import fp8
 from fitserve.kernels.dispatch import triton_fp8, triton_fp8_small
-from fitserve.layers.linear import Linear
+from fitserve.layers.weight_format import (
+    INPUT_SCALE,
+    WEIGHT,
+    WEIGHT_SCALE,
+    LinearLayer,
+    QuantizedRows,
+    WeightFormat,
+    WeightSpec,
+)
 
-FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
 GEMM_ALIGNMENT = 16  # fp8 tensor-core GEMMs need K and N in multiples of 16
 # Per-channel scales: batch rows from which torch._scaled_mm (CUTLASS, row-wise scales) beat
 # the Triton GEMM on the H200 (benchmarks/fp8_gemm_bench.py, docs/quantization.md).
@@ -51,40 +57,18 @@ ROW_WISE_FAST_ACCUM = True
 MIXED_SHARDS = "fp8_per_tensor needs every shard of a layer in fp8 with one weight_scale each, or none in fp8"
 
 
-@dataclass(frozen=True, slots=True)
-class QuantizedRows:
-    """Activations a fused kernel already quantized per token (RMSNorm, SiLU-and-multiply on CUDA),
-    handed to an `fp8` Fp8Linear in place of a tensor: the bytes triton_fp8.quantize_per_token
-    would produce, without its kernel and the model-dtype write before it."""
-
-    q: torch.Tensor  # [T, K] float8_e4m3fn
-    scale: torch.Tensor  # [T, 1] float32
-    dtype: torch.dtype  # the model dtype, which the GEMM outputs
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.q.is_cuda
-
-
-class Fp8Linear(nn.Module):
-    """y = x @ W.T with W stored as e4m3 [out_features, in_features] plus float32 scales.
-
-    Same interface as layers.linear.Linear: `shard_sizes` and `load_shard` fill a merged
-    projection from separate checkpoint tensors, which arrive in the serving dtype.
+class Fp8Linear(LinearLayer):
+    """y = x @ W.T with W stored as e4m3 [out_features, in_features] plus float32 scales
+    (Fp8Format.weight_specs). A merged projection is filled from separate checkpoint tensors,
+    which arrive in the serving dtype (quantized here) or, from an fp8 checkpoint, in e4m3 with
+    their scales.
     """
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
                  device: torch.device, per_tensor: bool = False) -> None:
-        super().__init__()
-        self.shard_sizes = out_features if isinstance(out_features, tuple) else (out_features,)
-        total = sum(self.shard_sizes)
-        self.in_features, self.out_features = in_features, total
-        self.dtype, self.per_tensor = dtype, per_tensor
-        self.weight = nn.Parameter(torch.empty(total, in_features, dtype=fp8.FP8_DTYPE, device=device),
-                                   requires_grad=False)
-        scale_shape = () if per_tensor else (1, total)  # [1, N]: the row-wise layout _scaled_mm reads
-        self.weight_scale = nn.Parameter(torch.ones(scale_shape, dtype=torch.float32, device=device),
-                                         requires_grad=False)
+        super().__init__(FP8_PER_TENSOR if per_tensor else FP8, in_features, out_features, dtype, device)
+        self.per_tensor = per_tensor
+        self.weight_scale.data.fill_(1.0)
         self._staging: torch.Tensor | None = None  # per-tensor only: [N, K] serving dtype while shards arrive
         self._pending: set[int] = set(range(len(self.shard_sizes)))
         # An fp8 checkpoint's shards (load_fp8_piece): its weight and weight_scale, until both
@@ -101,16 +85,20 @@ class Fp8Linear(nn.Module):
     def is_loaded(self) -> bool:
         return not self._pending
 
+    def load(self, shard_index: int, piece: str, tensor: torch.Tensor) -> None:
+        if piece == WEIGHT:
+            self._load_weight(shard_index, tensor)
+        else:
+            self.load_fp8_piece(shard_index, piece, tensor)
+
     @torch.no_grad()
-    def load_shard(self, shard_index: int, loaded: torch.Tensor) -> None:
+    def _load_weight(self, shard_index: int, loaded: torch.Tensor) -> None:
         """Quantize one checkpoint tensor [shard_rows, in_features] into its row range (an fp8
         tensor is already quantized: it waits for its weight_scale, load_fp8_piece)."""
-        start = sum(self.shard_sizes[:shard_index])
-        rows = self.shard_sizes[shard_index]
-        if tuple(loaded.shape) != (rows, self.in_features):
-            raise ValueError(f"shard {shard_index}: expected {(rows, self.in_features)}, got {tuple(loaded.shape)}")
+        start, rows = self.shard_rows(shard_index)
+        self.check_shard_shape(shard_index, loaded)
         if fp8.is_fp8(loaded.dtype):
-            self.load_fp8_piece(shard_index, "weight", loaded)
+            self.load_fp8_piece(shard_index, WEIGHT, loaded)
             return
         if loaded.dtype.itemsize == 1:
             raise ValueError(f"shard {shard_index} is {loaded.dtype}: fitserve reads fp8 checkpoints in e4m3 "
@@ -139,16 +127,16 @@ class Fp8Linear(nn.Module):
     def load_fp8_piece(self, shard_index: int, kind: str, tensor: torch.Tensor) -> None:
         """A piece of an fp8 checkpoint's shard (weights/fp8_checkpoint.py): its e4m3 "weight",
         its "weight_scale" (one, or one per row) or its static "input_scale" (one)."""
-        if kind == "input_scale":
+        if kind == INPUT_SCALE:
             if tensor.numel() != 1:
                 raise ValueError(f"shard {shard_index}: input_scale must hold one value, got shape {tuple(tensor.shape)}")
-            self._checkpoint_input_scales[shard_index] = _checked_scale(tensor, "input_scale").reshape(())
+            self._checkpoint_input_scales[shard_index] = _checked_scale(tensor, INPUT_SCALE).reshape(())
             return
         pieces = self._fp8_pieces.setdefault(shard_index, {})
         pieces[kind] = tensor
-        if "weight" in pieces and "weight_scale" in pieces:
+        if WEIGHT in pieces and WEIGHT_SCALE in pieces:
             del self._fp8_pieces[shard_index]
-            self._place_fp8_shard(shard_index, pieces["weight"], pieces["weight_scale"])
+            self._place_fp8_shard(shard_index, pieces[WEIGHT], pieces[WEIGHT_SCALE])
 
     def _place_fp8_shard(self, shard_index: int, q: torch.Tensor, scale: torch.Tensor) -> None:
         start, rows = sum(self.shard_sizes[:shard_index]), self.shard_sizes[shard_index]
@@ -190,13 +178,6 @@ class Fp8Linear(nn.Module):
                 raise ValueError(f"input_scale for {len(scales)} of {len(self.shard_sizes)} shards")
             self.input_scale = torch.stack(list(scales.values())).amax().to(self.weight.device)
         scales.clear()
-
-    def load_full(self, weight: torch.Tensor) -> None:
-        """The whole merged weight [out_features, in_features] at once (dummy weights)."""
-        start = 0
-        for index, rows in enumerate(self.shard_sizes):
-            self.load_shard(index, weight[start:start + rows])
-            start += rows
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         """x [T, in_features] (or its per-token quantization) -> [T, out_features] in the model dtype."""
@@ -289,12 +270,30 @@ def scaled_mm_works(device: torch.device, row_wise: bool, out_dtype: torch.dtype
     return bool(((got - expected).norm() / expected.norm()).item() < 1e-2)
 
 
-def make_linear(in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
-                device: torch.device, quantization: str | None) -> Linear | Fp8Linear:
-    """The linear layer for `--quantization` (None: the serving dtype)."""
-    if quantization is None:
-        return Linear(in_features, out_features, dtype, device)
-    if quantization not in FP8_QUANTIZATIONS:
-        raise ConfigError(f"--quantization must be one of {', '.join(FP8_QUANTIZATIONS)} or left out, "
-                          f"got {quantization!r}.")
-    return Fp8Linear(in_features, out_features, dtype, device, per_tensor=quantization == "fp8_per_tensor")
+@dataclass(frozen=True, slots=True)
+class Fp8Format(WeightFormat):
+    """`fp8`: per-channel weight scales [1, N] (the row-wise layout _scaled_mm reads), activations
+    quantized per token, by the norm or SiLU before the layer where a fused kernel can;
+    `fp8_per_tensor`: one weight scale [], static input scales."""
+
+    name: str
+    per_tensor: bool
+
+    @property
+    def fused_input_quantization(self) -> bool:  # type: ignore[override]
+        return not self.per_tensor
+
+    def weight_specs(self, in_features: int, shard_sizes: tuple[int, ...], dtype: torch.dtype
+                     ) -> tuple[WeightSpec, ...]:
+        out_features = sum(shard_sizes)
+        scale_shape = () if self.per_tensor else (1, out_features)
+        return (WeightSpec(WEIGHT, (out_features, in_features), fp8.FP8_DTYPE),
+                WeightSpec(WEIGHT_SCALE, scale_shape, torch.float32))
+
+    def create(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> Fp8Linear:
+        return Fp8Linear(in_features, out_features, dtype, device, per_tensor=self.per_tensor)
+
+
+FP8 = Fp8Format("fp8", per_tensor=False)
+FP8_PER_TENSOR = Fp8Format("fp8_per_tensor", per_tensor=True)
