@@ -14,8 +14,12 @@ from fitserve.scaleout.options import add_replica_args, wants_replicas
 from fitserve.config import (
     API_KEY_ENV,
     DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_REQUEST_BODY_BYTES,
     DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_TIMEOUT_BODY_S,
+    DEFAULT_TIMEOUT_HEADER_S,
+    DEFAULT_TIMEOUT_KEEP_ALIVE_S,
     KV_CACHE_DTYPES,
     LOAD_FORMATS,
     CacheConfig,
@@ -174,6 +178,18 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--strict", action="store_true",
                        help="answer 400 to a request field fitserve does not support (default: ignore it and log "
                             "it once; GET /v1/compat lists the fields)")
+    serve.add_argument("--trust-request-chat-template", action="store_true",
+                       help="let a request replace the chat template (chat_template_kwargs.chat_template); it is "
+                            "rendered sandboxed, with a time and size limit (default: 400)")
+    serve.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+                       help=f"seconds an idle kept-alive connection stays open (default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:g})")
+    serve.add_argument("--timeout-header", type=float, default=DEFAULT_TIMEOUT_HEADER_S,
+                       help=f"seconds for a request's line and headers to arrive (default {DEFAULT_TIMEOUT_HEADER_S:g})")
+    serve.add_argument("--timeout-body", type=float, default=DEFAULT_TIMEOUT_BODY_S,
+                       help=f"seconds for a request's body to arrive after its headers (default {DEFAULT_TIMEOUT_BODY_S:g})")
+    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       help="open connections; more get 503 and are closed (default "
+                            f"{DEFAULT_MAX_CONNECTIONS}, lowered below the open-file limit)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument("--gpu-telemetry-interval", type=float, default=1.0,
                        help="seconds between NVML readings of the GPUs in use (fitserve:gpu_* on /metrics, "
@@ -201,6 +217,11 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_log_len=args.max_log_len,
         enable_ui=not args.disable_ui,
         strict=args.strict,
+        trust_request_chat_template=args.trust_request_chat_template,
+        timeout_keep_alive_s=args.timeout_keep_alive,
+        timeout_header_s=args.timeout_header,
+        timeout_body_s=args.timeout_body,
+        max_connections=args.max_connections,
     )
 
 

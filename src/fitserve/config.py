@@ -276,6 +276,10 @@ DEFAULT_MAX_REQUEST_BODY_BYTES = 16 * 2**20  # a 128k-token prompt as JSON token
 # Fits inside Kubernetes' default 30 s termination grace period, with room to close connections.
 DEFAULT_SHUTDOWN_TIMEOUT_S = 25.0
 MIN_REQUEST_BODY_BYTES = 1024  # below this even a one-line chat request would be refused
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # vLLM's and uvicorn's: an idle kept-alive connection is closed after this
+DEFAULT_TIMEOUT_HEADER_S = 10.0  # request line and headers, from the first byte (or the connection) on
+DEFAULT_TIMEOUT_BODY_S = 60.0  # a whole body after its headers: 16 MiB at about 2 Mbit/s
+DEFAULT_MAX_CONNECTIONS = 1024  # open HTTP connections; lowered to fit under the open-file limit at start-up
 
 
 def ray_address() -> str | None:
@@ -305,6 +309,11 @@ class ServerConfig:
     max_log_len: int | None = None  # prompt tokens shown per logged request; None: all
     enable_ui: bool = True  # GET / and /ui: the built-in page (off: --disable-ui)
     strict: bool = False  # an unsupported request field is a 400 naming it (default: ignored, logged once)
+    trust_request_chat_template: bool = False  # a request's chat_template_kwargs.chat_template: 400 unless set
+    timeout_keep_alive_s: float = DEFAULT_TIMEOUT_KEEP_ALIVE_S
+    timeout_header_s: float = DEFAULT_TIMEOUT_HEADER_S
+    timeout_body_s: float = DEFAULT_TIMEOUT_BODY_S
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # more are answered 503 and closed at once
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
@@ -323,3 +332,9 @@ class ServerConfig:
             raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}.")
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ConfigError(f"--max-log-len must be 0 or more, got {self.max_log_len}.")
+        for flag, seconds in (("--timeout-keep-alive", self.timeout_keep_alive_s),
+                              ("--timeout-header", self.timeout_header_s), ("--timeout-body", self.timeout_body_s)):
+            if not seconds > 0:
+                raise ConfigError(f"{flag} must be positive, got {seconds}.")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")
