@@ -33,7 +33,7 @@ _CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 API_PREFIX = "/v1"  # needs one of --api-key
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1; guarded and gated like it
 METRICS_PREFIX = "/metrics"  # needs --metrics-api-key when it is set, else --api-key when that is
-UI_DATA_PREFIX = "/ui/api/"  # the built-in page's data (model path, settings, memory plan): needs --api-key
+UI_DATA_PREFIX = "/ui/api/"  # the built-in page's data (model path, settings, memory plan): guarded as /metrics
 QUIET_PATHS = ("/health", "/metrics")  # polled every few seconds: access-logged at DEBUG only
 STARTUP_RETRY_AFTER_S = 5  # a client may retry a starting server after this long
 
@@ -109,9 +109,10 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>`: one of `api_keys` on /v1/*, `metrics_api_key` on /metrics.
+    """`Authorization: Bearer <key>`: one of `api_keys` on /v1/*; on /metrics and /ui/api/* the
+    `metrics_api_key` when set, else one of `api_keys` (they show the model path and settings).
 
-    Either may be empty (that prefix is open). CORS preflights (OPTIONS) pass: browsers send
+    With neither key, everything is open. CORS preflights (OPTIONS) pass: browsers send
     them without credentials. Every key is compared, in constant time, whatever matches.
     """
 
@@ -121,10 +122,10 @@ class ApiKeyMiddleware:
         self.metrics_digests = (_digest(metrics_api_key),) if metrics_api_key else ()
 
     def _required(self, path: str) -> tuple[bytes, ...]:
-        if _is_api(path) or _under(path, UI_DATA_PREFIX):
+        if _is_api(path):
             return self.api_digests
-        if _under(path, METRICS_PREFIX):  # the scraper's key, or any API key
-            return self.metrics_digests + self.api_digests if self.metrics_digests else self.api_digests
+        if _under(path, METRICS_PREFIX) or _under(path, UI_DATA_PREFIX):  # the metrics key, else the API keys
+            return self.metrics_digests or self.api_digests
         return ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
