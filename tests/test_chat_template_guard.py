@@ -9,13 +9,10 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-from reliability_helpers import EOS_TOKEN_ID, MODEL, VOCAB_SIZE, SlowRunner, assert_openai_error
-from server_fixtures import live_server
+from reliability_helpers import EOS_TOKEN_ID, MODEL, assert_openai_error, byte_tokenizer, engine_server
 from transformers import PreTrainedTokenizerFast
 
 from fitserve.config import ServerConfig
-from fitserve.core.scheduler import SchedulerLimits
-from fitserve.engine.async_engine import AsyncEngine
 from fitserve.engine.chat_template import (
     RESERVED_TEMPLATE_ARGS,
     TRUST_FLAG,
@@ -24,17 +21,9 @@ from fitserve.engine.chat_template import (
     template_variables,
 )
 from fitserve.engine.errors import InvalidRequestError
-from fitserve.engine.llm_engine import EngineLimits, LLMEngine
-from fitserve.engine.tokenizer import Tokenizer, _fallback_tokenizer
-from fitserve.server.app import build_app
-from fitserve.testing import FakeDecoder
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 SHORT_LIMITS = TemplateLimits(timeout_s=2.0, max_output_bytes=1000, max_memory_bytes=512 * 2**20)
-
-
-def byte_tokenizer() -> Tokenizer:
-    return Tokenizer(_fallback_tokenizer(VOCAB_SIZE, (EOS_TOKEN_ID,)), (EOS_TOKEN_ID,))
 
 
 def test_reserved_names_cover_apply_chat_templates_own_arguments():
@@ -82,14 +71,8 @@ def test_a_hostile_or_broken_request_template_is_a_400(template, reason):
 
 @contextmanager
 def byte_tokenizer_server(config: ServerConfig):
-    runner = SlowRunner(0.0, num_blocks=128, block_size=4, vocab_size=VOCAB_SIZE)
-    limits = EngineLimits(VOCAB_SIZE, (EOS_TOKEN_ID,), SchedulerLimits(8, 64, 256))
-    engine = AsyncEngine(LLMEngine(runner, FakeDecoder(), limits), MODEL, byte_tokenizer()).start()
-    try:
-        with live_server(build_app(engine, config=config)) as url, httpx.Client(base_url=url, timeout=30) as http:
-            yield http
-    finally:
-        engine.shutdown()
+    with engine_server(config, tokenizer=byte_tokenizer()) as (url, _), httpx.Client(base_url=url, timeout=30) as http:
+        yield http
 
 
 def chat(http: httpx.Client, kwargs: dict) -> httpx.Response:
