@@ -16,7 +16,9 @@ from reliability_helpers import make_engine
 
 from fitserve.bench.server_process import free_port
 from fitserve.config import ServerConfig
+from fitserve.server import connection_guard
 from fitserve.server.app import build_app
+from fitserve.server.connection_guard import GuardedH11Protocol, GuardedHttpToolsProtocol
 from fitserve.server.launcher import build_server
 
 TIMEOUT_S = 1.0  # every guard timeout in these tests
@@ -26,12 +28,19 @@ GUARDED = ServerConfig(timeout_keep_alive_s=TIMEOUT_S, timeout_header_s=TIMEOUT_
                        max_connections=4)
 
 
+@pytest.fixture(params=[GuardedHttpToolsProtocol, GuardedH11Protocol], ids=["httptools", "h11"])
+def protocol(request, monkeypatch):
+    monkeypatch.setattr(connection_guard, "default_protocol", lambda: request.param)
+    return request.param
+
+
 @contextmanager
 def guarded_server(config: ServerConfig = GUARDED) -> Iterator[int]:
     engine = make_engine()
     app = build_app(engine, config=config)
     port = free_port()
     server = build_server(app, "127.0.0.1", port, app.state.lifecycle, config, log_level="warning")
+    assert isinstance(server.config, connection_guard.GuardedConfig)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -80,31 +89,31 @@ def health(port: int) -> bytes:
         return read_until_closed(sock)
 
 
-def test_a_silent_connection_is_closed():
+def test_a_silent_connection_is_closed(protocol):
     with guarded_server() as port, connect(port) as sock:
         assert read_until_closed(sock) == b""
         assert health(port).startswith(b"HTTP/1.1 200")
 
 
-def test_headers_dripped_a_byte_at_a_time_are_cut():
+def test_headers_dripped_a_byte_at_a_time_are_cut(protocol):
     with guarded_server() as port, connect(port) as sock:
         assert closed_while_dripping(sock, b"GET /health HTTP/1.1\r\n" + b"X-Slow: " + b"a" * 200)
 
 
-def test_half_a_body_is_cut():
+def test_half_a_body_is_cut(protocol):
     with guarded_server() as port, connect(port) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
         read_until_closed(sock)  # closed (with or without an answer) instead of waiting for ever
 
 
-def test_an_idle_kept_alive_connection_is_closed():
+def test_an_idle_kept_alive_connection_is_closed(protocol):
     with guarded_server() as port, connect(port) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_until_closed(sock).startswith(b"HTTP/1.1 200")
 
 
-def test_past_max_connections_a_new_connection_gets_503_and_the_rest_still_serve():
+def test_past_max_connections_a_new_connection_gets_503_and_the_rest_still_serve(protocol):
     config = ServerConfig(timeout_header_s=30.0, max_connections=3)
     with guarded_server(config) as port:
         idle = [connect(port) for _ in range(3)]
@@ -120,7 +129,7 @@ def test_past_max_connections_a_new_connection_gets_503_and_the_rest_still_serve
 
 
 @pytest.mark.parametrize("transfer_encoding", [b"chunked", b"gzip, chunked"])
-def test_content_length_with_transfer_encoding_is_a_400_that_closes(transfer_encoding):
+def test_content_length_with_transfer_encoding_is_a_400_that_closes(protocol, transfer_encoding):
     with guarded_server() as port, connect(port) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: "
                      + transfer_encoding + b"\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
