@@ -129,7 +129,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--request-timeout", type=float, default=30.0, help="the server's --request-timeout")
+    parser.add_argument("--request-timeout", type=float, default=120.0,
+                        help="the server's --request-timeout (the default mix's server_timeout kind needs a long "
+                             "--long-tokens to pass it; on a busy 2-core machine 30 s cuts valid requests)")
     parser.add_argument("--client-timeout", type=float, default=3.0, help="the client_timeout kind's patience")
     parser.add_argument("--long-tokens", type=int, default=64,
                         help="max_tokens of the long requests (dropped, timed out), still running when left")
