@@ -160,7 +160,8 @@ EDGE_TEXT = st.sampled_from(["\ud800", "a\udfffb", "\x00", "nul\x00in", "\U0010f
 UNICODE_TEXT = (st.text(st.characters(codec="utf-8"), max_size=30) | st.text(max_size=30) | EDGE_TEXT
                 | st.lists(EDGE_TEXT, max_size=4).map("".join))
 TEMPLATE_KWARGS = st.dictionaries(
-    st.sampled_from(sorted(RESERVED_TEMPLATE_ARGS)) | st.sampled_from(["enable_thinking", "date_string"]) | UNICODE_TEXT,
+    st.sampled_from(sorted(RESERVED_TEMPLATE_ARGS)) | st.sampled_from(["enable_thinking", "date_string"])
+    | UNICODE_TEXT,
     ANY_JSON | UNICODE_TEXT, max_size=4)
 TEMPLATES = st.sampled_from(["{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
                              "{{ messages | tojson }}{{ enable_thinking }}", "{{ raise_exception(x) }}",

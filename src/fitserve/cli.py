@@ -182,11 +182,14 @@ def add_server_args(serve: argparse.ArgumentParser) -> None:
                        help="let a request replace the chat template (chat_template_kwargs.chat_template); it is "
                             "rendered sandboxed, with a time and size limit (default: 400)")
     serve.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_TIMEOUT_KEEP_ALIVE_S,
-                       help=f"seconds an idle kept-alive connection stays open (default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:g})")
+                       help="seconds an idle kept-alive connection stays open "
+                            f"(default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:g})")
     serve.add_argument("--timeout-header", type=float, default=DEFAULT_TIMEOUT_HEADER_S,
-                       help=f"seconds for a request's line and headers to arrive (default {DEFAULT_TIMEOUT_HEADER_S:g})")
+                       help="seconds for a request's line and headers to arrive "
+                            f"(default {DEFAULT_TIMEOUT_HEADER_S:g})")
     serve.add_argument("--timeout-body", type=float, default=DEFAULT_TIMEOUT_BODY_S,
-                       help=f"seconds for a request's body to arrive after its headers (default {DEFAULT_TIMEOUT_BODY_S:g})")
+                       help="seconds for a request's body to arrive after its headers "
+                            f"(default {DEFAULT_TIMEOUT_BODY_S:g})")
     serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                        help="open connections; more get 503 and are closed (default "
                             f"{DEFAULT_MAX_CONNECTIONS}, lowered below the open-file limit)")
