@@ -136,3 +136,9 @@ def test_content_length_with_transfer_encoding_is_a_400_that_closes(protocol, tr
         answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert answer.count(b"HTTP/1.1") == 1  # the smuggled second request was not served
+
+
+def test_the_cap_leaves_room_under_the_open_file_limit(monkeypatch):
+    monkeypatch.setattr(connection_guard.resource, "getrlimit", lambda _: (256, 4096))
+    assert connection_guard.connection_cap(1024) == 256 - connection_guard.FD_RESERVE
+    assert connection_guard.connection_cap(100) == 100
