@@ -12,6 +12,12 @@ Kinds, and what the server must answer:
   bad_params      a parameter out of range, an unknown model, a wrong type...: 400 or 404
   client_timeout  a long request the client gives up on (the server must abort it)
   server_timeout  a request longer than the server's --request-timeout: 408
+  slow_reader     a valid streamed request read one event every SLOW_READ_DELAY_S: the expected text
+
+Mixes (SoakSettings.mix): "default" (KIND_WEIGHTS, every kind), "issue" (the reliability issue's
+soak: 10% disconnects mid-stream, 5% malformed bodies, 1% oversized, 2% slow readers, the rest
+valid) and "clean" (valid only: the baseline the others are compared with). A request with no
+answer within SoakSettings.hang_timeout_s counts as a hang.
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ import httpx
 
 KIND_WEIGHTS = {"valid": 50, "disconnect": 10, "malformed_json": 8, "oversize": 8, "bad_params": 12,
                 "client_timeout": 6, "server_timeout": 6}
+MIXES = {"default": KIND_WEIGHTS,
+         "issue": {"valid": 82, "disconnect": 10, "malformed_json": 5, "oversize": 1, "slow_reader": 2},
+         "clean": {"valid": 100}}
+SLOW_READ_DELAY_S = 0.2  # between the events a slow reader reads
 MALFORMED_BODIES = [b'{"prompt": "abc", ', b"not json", b'{"prompt": "a"}}', b"", b"[1, 2", b'{"prompt": "\xff"}']
 DISCONNECT_AFTER_EVENTS = 2
 NOT_A_MODEL = "no-such-model"
@@ -50,6 +60,8 @@ class SoakSettings:
     client_timeout_s: float  # the client_timeout kind gives up after this long
     server_timeout: bool = True  # the server runs with --request-timeout (else no server_timeout kind)
     seed: int = 0
+    mix: str = "default"  # a key of MIXES
+    hang_timeout_s: float = 300.0  # no answer within this long: a hang
 
 
 @dataclass(frozen=True)
@@ -92,7 +104,7 @@ def bad_param_bodies(max_model_len: int) -> list[tuple[str, dict[str, Any], int]
 def plan_requests(settings: SoakSettings, valid: list[ValidRequest]) -> list[Planned]:
     """`settings.num_requests` requests, kinds drawn by KIND_WEIGHTS from a seeded generator."""
     rng = random.Random(settings.seed)
-    weights = {k: w for k, w in KIND_WEIGHTS.items() if settings.server_timeout or k != "server_timeout"}
+    weights = {k: w for k, w in MIXES[settings.mix].items() if settings.server_timeout or k != "server_timeout"}
     kinds = rng.choices(list(weights), weights=list(weights.values()), k=settings.num_requests)
     bad = bad_param_bodies(settings.max_model_len)
     return [_plan_one(kind, rng, settings, valid, bad) for kind in kinds]
@@ -101,9 +113,10 @@ def plan_requests(settings: SoakSettings, valid: list[ValidRequest]) -> list[Pla
 def _plan_one(kind: str, rng: random.Random, settings: SoakSettings, valid: list[ValidRequest],
               bad: list[tuple[str, dict[str, Any], int]]) -> Planned:
     completions = "/v1/completions"
-    if kind == "valid":
+    if kind in ("valid", "slow_reader"):
         request = rng.choice(valid)
-        return Planned(kind, request.path, request.body, rng.random() < 0.5, request.expected_text, (200,))
+        stream = kind == "slow_reader" or rng.random() < 0.5
+        return Planned(kind, request.path, request.body, stream, request.expected_text, (200,))
     if kind == "malformed_json":
         return Planned(kind, rng.choice([completions, "/v1/chat/completions"]), rng.choice(MALFORMED_BODIES),
                        expected_statuses=(400,))
@@ -159,6 +172,8 @@ async def _send_stream(client: httpx.AsyncClient, planned: Planned) -> tuple[str
                 events.append(line.removeprefix("data: "))
                 if planned.kind == "disconnect" and len(events) >= DISCONNECT_AFTER_EVENTS:
                     return "disconnected", "", events
+                if planned.kind == "slow_reader":
+                    await asyncio.sleep(SLOW_READ_DELAY_S)
     return "200", "", events
 
 
@@ -224,7 +239,7 @@ async def run_soak(url: str, plan: list[Planned], settings: SoakSettings) -> tup
             results.append(await _send(client, queue.get_nowait(), settings.client_timeout_s))
 
     start_s = time.monotonic()
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=settings.hang_timeout_s, limits=limits) as client:
         await asyncio.gather(*(worker(client) for _ in range(settings.concurrency)))
     return results, time.monotonic() - start_s
 
@@ -261,6 +276,7 @@ def summarize(results: list[Result], wall_s: float) -> dict[str, Any]:
     valid = [r for r in results if r.kind == "valid"]
     latencies = [r.latency_s for r in valid if r.ok]
     unexpected = [f"{r.kind}: {r.detail}" for r in results if not r.ok]
+    hangs = [r for r in results if r.outcome == "client_timeout" and r.kind != "client_timeout"]
     return {
         "requests_sent": len(results),
         "requests_by_kind": {kind: sum(n.values()) for kind, n in sorted(by_kind.items())},
@@ -268,6 +284,7 @@ def summarize(results: list[Result], wall_s: float) -> dict[str, Any]:
         "errors_by_status": dict(sorted(statuses.items())),
         "num_5xx": sum(n for status, n in statuses.items() if status.startswith("5")),
         "num_unexpected": len(unexpected),
+        "num_hangs": len(hangs),
         "unexpected_examples": unexpected[:20],
         "valid": {"sent": len(valid), "correct": sum(r.ok for r in valid),
                   "latency_p50_s": round(percentile(latencies, 0.50), 4),

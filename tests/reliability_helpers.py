@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 from fake_engine import FakeTokenizer
@@ -38,12 +39,13 @@ class SlowRunner(FakeRunner):
 
 def make_engine(*, num_blocks: int = 128, block_size: int = 4, max_num_seqs: int = 8,
                 max_num_batched_tokens: int = 64, max_model_len: int = 256, max_queue_len: int | None = None,
-                step_delay_s: float = 0.0) -> AsyncEngine:
+                step_delay_s: float = 0.0, tokenizer: Any = None) -> AsyncEngine:
     runner = SlowRunner(step_delay_s, num_blocks=num_blocks, block_size=block_size, vocab_size=VOCAB_SIZE)
     limits = EngineLimits(VOCAB_SIZE, (EOS_TOKEN_ID,),
                           SchedulerLimits(max_num_seqs, max_num_batched_tokens, max_model_len))
     engine = LLMEngine(runner, FakeDecoder(), limits)
-    return AsyncEngine(engine, MODEL, FakeTokenizer(), max_queue_len=max_queue_len).start()
+    tokenizer = FakeTokenizer() if tokenizer is None else tokenizer
+    return AsyncEngine(engine, MODEL, tokenizer, max_queue_len=max_queue_len).start()
 
 
 @contextmanager
@@ -87,3 +89,10 @@ def assert_openai_error(resp: httpx.Response, status: int, param: str | None = N
 def expected_text(last_prompt_id: int, num_tokens: int) -> str:
     """What the fake runner and FakeDecoder produce after a prompt ending in `last_prompt_id`."""
     return "".join(f" {(last_prompt_id + k) % VOCAB_SIZE}" for k in range(1, num_tokens + 1))
+
+
+def byte_tokenizer():
+    """The real Tokenizer (transformers, with the byte-level fallback's chat template) over VOCAB_SIZE:
+    the chat template path as served, without model files."""
+    from fitserve.engine.tokenizer import Tokenizer, _fallback_tokenizer
+    return Tokenizer(_fallback_tokenizer(VOCAB_SIZE, (EOS_TOKEN_ID,)), (EOS_TOKEN_ID,))

@@ -4,7 +4,9 @@ Two generators: schemathesis, from the app's own OpenAPI schema (valid bodies an
 negative mode, bodies that break the schema), and hypothesis, from the request models' fields
 with values of every JSON type, plus raw bytes. Whatever comes in: no 5xx, every error in
 OpenAI's shape, every success well formed, and afterwards every KV block free.
-Both are derandomized, so CI runs the same examples every time.
+Both are derandomized, so CI runs the same examples every time. A third part fuzzes
+chat_template_kwargs and unicode edge cases (lone surrogates, NUL, the last codepoints) through the
+real tokenizer and its chat template, with and without --trust-request-chat-template.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reliability_helpers import OPENAI_ERROR_KEYS, VOCAB_SIZE, assert_all_blocks_free, engine_server
+from reliability_helpers import OPENAI_ERROR_KEYS, VOCAB_SIZE, assert_all_blocks_free, byte_tokenizer, engine_server
 
 from fitserve.config import ServerConfig
+from fitserve.engine.chat_template import RESERVED_TEMPLATE_ARGS
 from fitserve.server.app import build_app
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -148,6 +151,68 @@ def test_edge_literals(server, raw):
     url, _ = server
     resp = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"}, timeout=30)
     check_response(resp.status_code, resp.headers.get("content-type", ""), resp.content)
+
+
+# -- chat_template_kwargs and unicode edge cases, through the real tokenizer's chat template -------
+
+EDGE_TEXT = st.sampled_from(["\ud800", "a\udfffb", "\x00", "nul\x00in", "\U0010ffff", "\ufffe\uffff", "\u202e",
+                             "\U0001f600" * 3, "{{ messages }}", "{% for %}", "\r\n\t"])
+UNICODE_TEXT = (st.text(st.characters(codec="utf-8"), max_size=30) | st.text(max_size=30) | EDGE_TEXT
+                | st.lists(EDGE_TEXT, max_size=4).map("".join))
+TEMPLATE_KWARGS = st.dictionaries(
+    st.sampled_from(sorted(RESERVED_TEMPLATE_ARGS)) | st.sampled_from(["enable_thinking", "date_string"])
+    | UNICODE_TEXT,
+    ANY_JSON | UNICODE_TEXT, max_size=4)
+TEMPLATES = st.sampled_from(["{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+                             "{{ messages | tojson }}{{ enable_thinking }}", "{{ raise_exception(x) }}",
+                             "{% for i in range(100000) %}{{ i }}{% endfor %}", "{{ ''.__class__ }}"]) | UNICODE_TEXT
+UNICODE_MESSAGES = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant"]), "content": UNICODE_TEXT}), min_size=1, max_size=3)
+TEMPLATE_EXAMPLES = 40  # with the flag each render starts a child process (~0.1-0.5 s)
+
+
+def post_json(url: str, body: dict) -> httpx.Response:
+    """POST `body` as ASCII JSON: a lone surrogate travels as the escape `\\ud800`, as JSON allows
+    (httpx's own encoder writes UTF-8, which cannot carry one)."""
+    return httpx.post(url, content=json.dumps(body).encode(), headers={"content-type": "application/json"},
+                      timeout=30)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["default", "trusted"])
+def template_server(request):
+    config = ServerConfig(request_timeout_s=10.0, trust_request_chat_template=request.param)
+    with engine_server(config, num_blocks=256, max_model_len=MAX_MODEL_LEN, tokenizer=byte_tokenizer()) as served:
+        yield served
+
+
+@settings(FUZZ_SETTINGS, max_examples=TEMPLATE_EXAMPLES)
+@given(messages=UNICODE_MESSAGES, kwargs=TEMPLATE_KWARGS | st.none(), template=st.none() | TEMPLATES,
+       path=st.sampled_from(["/v1/chat/completions", "/tokenize"]), stream=st.booleans())
+def test_hypothesis_chat_template_kwargs_and_unicode(template_server, messages, kwargs, template, path, stream):
+    url, _ = template_server
+    if template is not None:
+        kwargs = {**(kwargs or {}), "chat_template": template}
+    body = {"messages": messages, "chat_template_kwargs": kwargs, "max_tokens": 3, "stream": stream}
+    if path == "/tokenize":
+        del body["max_tokens"], body["stream"]
+    resp = post_json(f"{url}{path}", body)
+    check_response(resp.status_code, resp.headers.get("content-type", ""), resp.content)
+
+
+@pytest.mark.parametrize("prompt", ["\ud800", "a\udfffb", "\x00", "\U0010ffff", "\ufffe"])
+def test_unicode_edges_in_prompts(template_server, prompt):
+    url, _ = template_server
+    for path, body in (("/v1/completions", {"prompt": prompt, "max_tokens": 2}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2}),
+                       ("/tokenize", {"prompt": prompt})):
+        resp = post_json(f"{url}{path}", body)
+        check_response(resp.status_code, resp.headers.get("content-type", ""), resp.content)
+
+
+def test_nothing_leaked_after_the_template_fuzz(template_server):
+    _, engine = template_server
+    assert_all_blocks_free(engine)
+    assert engine.is_healthy()
 
 
 def test_nothing_leaked_after_the_fuzz(server):

@@ -35,7 +35,7 @@ def test_the_fake_runners_implement_the_whole_protocol(runner_type):
 
 
 def test_the_torch_runner_implements_the_whole_protocol(tmp_path):
-    from fitserve.llm import build_engine  # torch: only this test needs it
+    from fitserve.startup import build_engine  # torch: only this test needs it
 
     built = build_engine(tiny_engine_config(write_tiny_model(tmp_path / "tiny")), progress=False)
     try:

@@ -56,8 +56,11 @@ def test_metrics_needs_its_own_key_whether_or_not_the_route_exists(url):
     assert httpx.get(f"{url}/version").status_code == 200
 
 
-def test_metrics_stay_public_without_a_metrics_key():
+def test_metrics_need_the_api_key_without_a_metrics_key():
     with live_server(build_app(FakeEngine(), api_key="k")) as url:
+        assert_openai_error(httpx.get(f"{url}/metrics"), 401)
+        assert httpx.get(f"{url}/metrics", headers=bearer("k")).status_code in (200, 404)
+    with live_server(build_app(FakeEngine())) as url:  # no key at all: open
         assert httpx.get(f"{url}/metrics").status_code in (200, 404)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -64,3 +65,27 @@ def test_soak_with_the_fake_runner():
                           "server_timeout"}
     assert 0.07 <= kinds["disconnect"] / SETTINGS.num_requests <= 0.13
     assert summary["outcomes_by_kind"]["server_timeout"] == {"408": kinds["server_timeout"]}
+
+
+def test_the_issue_mix_has_its_shares_and_the_clean_mix_only_valid_requests():
+    valid = valid_requests()
+    plan = plan_requests(replace(SETTINGS, num_requests=10_000, mix="issue"), valid)
+    share = {kind: sum(p.kind == kind for p in plan) / len(plan) for kind in {p.kind for p in plan}}
+    assert set(share) == {"valid", "disconnect", "malformed_json", "oversize", "slow_reader"}
+    assert 0.09 <= share["disconnect"] <= 0.11 and 0.04 <= share["malformed_json"] <= 0.06
+    assert 0.005 <= share["oversize"] <= 0.015 and share["slow_reader"] > 0
+    assert {p.kind for p in plan_requests(replace(SETTINGS, mix="clean"), valid)} == {"valid"}
+
+
+def test_issue_mix_soak_with_slow_readers_and_no_hangs():
+    settings = replace(SETTINGS, num_requests=300, mix="issue", hang_timeout_s=30.0)
+    config = ServerConfig(request_timeout_s=REQUEST_TIMEOUT_S, max_request_body_bytes=BODY_LIMIT_BYTES)
+    plan = plan_requests(settings, valid_requests())
+    with engine_server(config, num_blocks=4096, max_num_seqs=128, max_num_batched_tokens=512,
+                       max_model_len=MAX_MODEL_LEN, step_delay_s=STEP_DELAY_S) as (url, engine):
+        results, wall_s = asyncio.run(asyncio.wait_for(run_soak(url, plan, settings), SOAK_TIME_LIMIT_S))
+        summary = summarize(results, wall_s)
+        assert_all_blocks_free(engine)
+    assert summary["num_5xx"] == 0 and summary["num_hangs"] == 0, summary
+    assert summary["num_unexpected"] == 0, summary["unexpected_examples"]
+    assert summary["outcomes_by_kind"]["slow_reader"] == {"200": summary["requests_by_kind"]["slow_reader"]}

@@ -98,9 +98,10 @@ def test_info_names_the_model_and_its_capacity(engine):
     assert body["process_resident_bytes"] is None or body["process_resident_bytes"] > 0
 
 
-def test_info_follows_the_metrics_key_not_the_api_key(engine):
-    open_metrics = client_for(engine, api_keys=("api-key",))
-    assert open_metrics.get("/ui/api/info").status_code == 200  # as /metrics: public without --metrics-api-key
+def test_info_follows_the_metrics_key_else_the_api_key(engine):
+    api_only = client_for(engine, api_keys=("api-key",))
+    assert api_only.get("/ui/api/info").status_code == 401  # as /metrics: the API key without --metrics-api-key
+    assert api_only.get("/ui/api/info", headers={"Authorization": "Bearer api-key"}).status_code == 200
     guarded = client_for(engine, api_keys=("api-key",), metrics_api_key="metrics-key")
     assert guarded.get("/").status_code == 200  # the page itself holds no data
     for headers in ({}, {"Authorization": "Bearer api-key"}, {"Authorization": "Bearer metrics-ke"}):

@@ -370,6 +370,10 @@ DEFAULT_MAX_N = 128  # choices (`n`) per request: OpenAI's own limit
 DEFAULT_MAX_PROMPTS_PER_REQUEST = 256  # prompts in one completions `prompt` list
 DEFAULT_MAX_CHOICES_PER_REQUEST = 256  # n x prompts: the engine requests one HTTP request creates
 DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST = 262_144  # all of a request's prompts together: two 128k contexts
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 5.0  # vLLM's and uvicorn's: an idle kept-alive connection is closed after this
+DEFAULT_TIMEOUT_HEADER_S = 10.0  # request line and headers, from the first byte (or the connection) on
+DEFAULT_TIMEOUT_BODY_S = 60.0  # a whole body after its headers: 16 MiB at about 2 Mbit/s
+DEFAULT_MAX_CONNECTIONS = 1024  # open HTTP connections; lowered to fit under the open-file limit at start-up
 
 
 def ray_address() -> str | None:
@@ -448,6 +452,23 @@ class ServerConfig:
     max_prompt_tokens_per_request: int = field(default=DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST, metadata=flag(
         "--max-prompt-tokens-per-request", type=int,
         help=f"most prompt tokens of all a request's prompts (default {DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST})"))
+    trust_request_chat_template: bool = field(default=False, metadata=flag(  # else a request's template is a 400
+        "--trust-request-chat-template", kind="switch",
+        help="let a request replace the chat template (chat_template_kwargs.chat_template); it is rendered "
+             "sandboxed, with a time and size limit (default: 400)"))
+    timeout_keep_alive_s: float = field(default=DEFAULT_TIMEOUT_KEEP_ALIVE_S, metadata=flag(
+        "--timeout-keep-alive", type=float,
+        help=f"seconds an idle kept-alive connection stays open (default {DEFAULT_TIMEOUT_KEEP_ALIVE_S:g})"))
+    timeout_header_s: float = field(default=DEFAULT_TIMEOUT_HEADER_S, metadata=flag(
+        "--timeout-header", type=float,
+        help=f"seconds for a request's line and headers to arrive (default {DEFAULT_TIMEOUT_HEADER_S:g})"))
+    timeout_body_s: float = field(default=DEFAULT_TIMEOUT_BODY_S, metadata=flag(
+        "--timeout-body", type=float,
+        help=f"seconds for a request's body to arrive after its headers (default {DEFAULT_TIMEOUT_BODY_S:g})"))
+    max_connections: int = field(default=DEFAULT_MAX_CONNECTIONS, metadata=flag(  # more: 503 and closed at once
+        "--max-connections", type=int,
+        help=f"open connections; more get 503 and are closed (default {DEFAULT_MAX_CONNECTIONS}, lowered below "
+             "the open-file limit)"))
 
     def __post_init__(self) -> None:
         if any(not key for key in self.api_keys):
@@ -471,3 +492,9 @@ class ServerConfig:
                             ("--max-prompt-tokens-per-request", self.max_prompt_tokens_per_request)):
             if value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}.")
+        for flag, seconds in (("--timeout-keep-alive", self.timeout_keep_alive_s),
+                              ("--timeout-header", self.timeout_header_s), ("--timeout-body", self.timeout_body_s)):
+            if not seconds > 0:
+                raise ConfigError(f"{flag} must be positive, got {seconds}.")
+        if self.max_connections < 1:
+            raise ConfigError(f"--max-connections must be at least 1, got {self.max_connections}.")

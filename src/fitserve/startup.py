@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fitserve.config import ConfigError, EngineConfig
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.async_engine import AsyncEngine
@@ -116,9 +116,19 @@ def plan_startup(config: EngineConfig, source: ModelSource, max_model_len: int, 
         if holders:  # NVML can tell who holds the memory: add it to the paragraph
             raise ConfigError(f"{planned.problems[0].message} On the GPU now: {holders}.")
     planned.raise_if_fatal()
-    for problem in planned.problems:
-        logger.warning("%s", problem.message)
+    for problem in planned.problems:  # the default sizes queue by design: a WARNING only for chosen ones
+        chosen = problem.kind != "concurrency" or sizes_chosen(config)
+        logger.log(logging.WARNING if chosen else logging.INFO, "%s", problem.message)
     return StartupMemory(planned=planned, start=start)
+
+
+def sizes_chosen(config: EngineConfig) -> bool:
+    """Whether the operator set a size that decides how many requests run at once (not all defaults)."""
+    cache, scheduler = CacheConfig(), SchedulerConfig()
+    return (config.scheduler.max_num_seqs, config.scheduler.max_model_len, config.cache.kv_cache_memory_bytes,
+            config.cache.gpu_memory_utilization, config.cache.num_gpu_blocks_override) != (
+        scheduler.max_num_seqs, scheduler.max_model_len, cache.kv_cache_memory_bytes,
+        cache.gpu_memory_utilization, cache.num_gpu_blocks_override)
 
 
 def size_after_profiling(memory: StartupMemory, model: torch.nn.Module, config: EngineConfig,

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from transformers import PreTrainedTokenizerFast  # unlike AutoTokenizer, this does not import torch
 
 from fitserve.config import ConfigError
+from fitserve.engine.chat_template import render_request_template, template_variables
 from fitserve.engine.errors import InvalidRequestError
 from fitserve.weights.source import ModelSource
 
@@ -84,17 +85,31 @@ class Tokenizer:
             return [int(piece[3:5], 16)]
         return list(self.decode([token_id], skip_special_tokens=False).encode("utf-8"))
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """The prompt text of a conversation; InvalidRequestError when the template rejects it."""
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
+                    request_template: str | None = None, **kwargs: Any) -> str:
+        """The prompt text of a conversation; InvalidRequestError when the template rejects it.
+
+        `kwargs` are template variables (and `tools`); `request_template`, a request's own template,
+        is rendered in the sandbox child (engine/chat_template.py), never in this process."""
+        tools = kwargs.pop("tools", None)
+        variables, _ = template_variables(kwargs, allow_template=False)  # 400 for `messages`, `tokenize`...
+        if request_template is not None:
+            return render_request_template(request_template, {
+                **self._special_tokens(), **variables, "messages": messages, "tools": tools,
+                "add_generation_prompt": add_generation_prompt})
         if not self.hf.chat_template:
             raise InvalidRequestError("This model has no chat template; use /v1/completions with a plain prompt.",
                                       param="messages")
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False,
-                                               add_generation_prompt=add_generation_prompt, **kwargs)
+            return self.hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt, **variables)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad message shapes
             raise InvalidRequestError(f"The chat template cannot render these messages: {exc}",
                                       param="messages") from None
+
+    def _special_tokens(self) -> dict[str, str]:
+        """bos_token, eos_token, ...: the variables transformers gives a template besides the messages."""
+        return {key: value for key, value in self.hf.special_tokens_map.items() if isinstance(value, str)}
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from collections.abc import Awaitable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -17,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 import fitserve
 from fitserve.config import ServerConfig
+from fitserve.engine.chat_template import template_variables
 from fitserve.engine.client import EngineClient
 from fitserve.server.compat import CHAT, COMPLETIONS, CompatChecker, compat_document
 from fitserve.server.errors import (
@@ -33,8 +35,11 @@ from fitserve.server.middleware import (
     REQUEST_ID_HEADER,
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
+    FramingMiddleware,
     ReadinessMiddleware,
     RequestIdMiddleware,
+    ShutdownCutMiddleware,
+    ShutdownCuts,
 )
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from fitserve.server.serving_chat import OpenAIServingChat
@@ -80,11 +85,17 @@ def _model_card(engine: EngineClient) -> ModelCard:
     return ModelCard(id=engine.model_name, root=engine.model_name, max_model_len=engine.max_model_len)
 
 
+def _check_template_kwargs(kwargs: dict[str, Any] | None, request: Request) -> None:
+    """400 for a request's own chat template unless --trust-request-chat-template, or a reserved key."""
+    template_variables(kwargs, allow_template=request.app.state.config.trust_request_chat_template)
+
+
 def _add_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw_request: Request) -> Response:
         serving: OpenAIServingChat = raw_request.app.state.serving_chat
         raw_request.app.state.compat.check(CHAT, body)
+        _check_template_kwargs(body.chat_template_kwargs, raw_request)
         return await _respond(serving.create(body, raw_request, raw_request.state.request_id), raw_request)
 
     @app.post("/v1/completions")
@@ -111,6 +122,7 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, raw_request: Request) -> Response:
         serving: OpenAIServingTokenization = raw_request.app.state.serving_tokenization
+        _check_template_kwargs(body.chat_template_kwargs, raw_request)
         return JSONResponse((await serving.tokenize(body)).model_dump(exclude_none=True))
 
     @app.post("/detokenize")
@@ -148,6 +160,7 @@ def build_app(engine: EngineClient | None = None, *, api_key: str | None = None,
     app = FastAPI(title="fitserve", version=server_version(), docs_url=None, redoc_url=None, openapi_url=None)
     app.state.config = config
     app.state.lifecycle = lifecycle or ServerLifecycle()
+    app.state.shutdown_cuts = ShutdownCuts()  # requests a forced shutdown cut; the launcher's exit code
     app.state.serving_options = ServingOptions.from_config(config)
     app.state.engine = None
     app.state.compat = CompatChecker(config.strict)  # unsupported fields: logged once, or 400 with --strict
@@ -164,8 +177,9 @@ def build_app(engine: EngineClient | None = None, *, api_key: str | None = None,
 
 def _add_middleware(app: FastAPI, config: ServerConfig) -> None:
     # Starlette runs the last added outermost. From the outside in: request id and access log
-    # (every answer carries the id), CORS (so browsers can read 401s), API keys, readiness,
-    # body size (read only for requests that will be served), then the routes.
+    # (every answer carries the id), framing (Content-Length with Transfer-Encoding: 400, closed),
+    # the ending of requests a forced shutdown cuts, CORS (so browsers can read 401s), API keys,
+    # readiness, body size (read only for requests that will be served), then the routes.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.max_request_body_bytes)
     app.add_middleware(ReadinessMiddleware, lifecycle=app.state.lifecycle)
     if config.api_keys or config.metrics_api_key:
@@ -173,4 +187,6 @@ def _add_middleware(app: FastAPI, config: ServerConfig) -> None:
     app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins),
                        allow_methods=list(config.allowed_methods), allow_headers=list(config.allowed_headers),
                        allow_credentials=config.allow_credentials, expose_headers=[REQUEST_ID_HEADER])
+    app.add_middleware(ShutdownCutMiddleware, lifecycle=app.state.lifecycle, cuts=app.state.shutdown_cuts)
+    app.add_middleware(FramingMiddleware)
     app.add_middleware(RequestIdMiddleware)

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from fitserve.engine.chat_template import template_variables
 from fitserve.server.errors import BadRequestError
 from fitserve.server.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, DeltaMessage
 from fitserve.server.protocol_tools import ChatTool, DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
@@ -111,8 +112,12 @@ def _call_schema(tool: ChatTool) -> dict[str, Any]:
 def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], plan: ToolPlan, add_generation_prompt: bool,
                     chat_template_kwargs: dict[str, Any] | None) -> list[int]:
     """The conversation through the chat template, tools offered as `plan` says."""
-    rendered, tool_kwargs = template_messages(messages, plan, template_handles_tools(tokenizer))
-    kwargs = {**(chat_template_kwargs or {}), **tool_kwargs, "add_generation_prompt": add_generation_prompt}
+    variables, request_template = template_variables(chat_template_kwargs, allow_template=True)  # 400: reserved
+    handles_tools = "tools" in request_template if request_template is not None else template_handles_tools(tokenizer)
+    rendered, tool_kwargs = template_messages(messages, plan, handles_tools)
+    kwargs = {**variables, **tool_kwargs, "add_generation_prompt": add_generation_prompt}
+    if request_template is not None:  # allowed by --trust-request-chat-template (checked in app.py)
+        kwargs["request_template"] = request_template
     return list(tokenizer.apply_chat_template(rendered, **kwargs))
 
 

@@ -5,8 +5,11 @@ Order of events in `serve`:
   2. a daemon thread builds the engine (`load_engine`), reporting phases as it goes;
   3. the engine is attached: /health 200, /v1/* serves;
   4. on SIGTERM or SIGINT: stop accepting connections, let the requests in flight finish for
-     up to `shutdown_timeout_s`, abort what is left, stop the engine, return 0. A second
-     SIGINT forces the exit at once.
+     up to `shutdown_timeout_s`, then cut what is left (a stream ends with an OpenAI error event
+     and `[DONE]`, one log line per request, server/middleware.py's ShutdownCutMiddleware), stop
+     the engine; return 0, or EXIT_REQUESTS_CUT when requests were cut. A second SIGINT forces
+     the exit at once.
+Connections are guarded against slow and idle clients (server/connection_guard.py).
 A failed load stops the server and re-raises the error (the CLI turns a ConfigError into
 exit code 2).
 """
@@ -27,6 +30,7 @@ import uvicorn
 from fitserve.config import ServerConfig
 from fitserve.engine.client import EngineClient
 from fitserve.server.app import attach_engine, build_app
+from fitserve.server.connection_guard import GuardedConfig, connection_cap
 from fitserve.server.lifecycle import Phase, ServerLifecycle
 from fitserve.telemetry import Telemetry
 
@@ -34,6 +38,8 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # `load_engine(report_phase)` builds and starts the engine; it calls report_phase(Phase...) as it goes.
 EngineLoader = Callable[[Callable[[Phase], None]], EngineClient]
+EXIT_REQUESTS_CUT = 1  # the shutdown cut requests that were still running: a supervisor should know
+CUT_FLUSH_TIMEOUT_S = 2.0  # after uvicorn cancels them, how long cut requests get to send their ending
 
 
 class DrainingServer(uvicorn.Server):
@@ -71,13 +77,26 @@ class DrainingServer(uvicorn.Server):
                         signal.Signals(sig).name, in_flight, self.config.timeout_graceful_shutdown or 0)
         super().handle_exit(sig, frame)
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        await super().shutdown(sockets)  # past the timeout it cancels the request tasks left
+        pending = set(self.server_state.tasks)
+        if pending:  # let the cancelled ones write their error event and [DONE] before the loop stops
+            await asyncio.wait(pending, timeout=CUT_FLUSH_TIMEOUT_S)
 
-def build_server(app: Any, host: str, port: int, lifecycle: ServerLifecycle, shutdown_timeout_s: float,
+
+def build_server(app: Any, host: str, port: int, lifecycle: ServerLifecycle, config: ServerConfig,
                  log_level: str = "info") -> DrainingServer:
     # access_log off: fitserve's own access line (fitserve.access) carries the request id.
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout_s, lifespan="off")
-    return DrainingServer(config, lifecycle)
+    max_connections = connection_cap(config.max_connections)
+    if max_connections < config.max_connections:
+        logger.info("Accepting at most %d connections (--max-connections %d, lowered under the open-file limit).",
+                    max_connections, config.max_connections)
+    uvicorn_config = GuardedConfig(
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
+        timeout_graceful_shutdown=config.shutdown_timeout_s, timeout_keep_alive=config.timeout_keep_alive_s,
+        timeout_header_s=config.timeout_header_s, timeout_body_s=config.timeout_body_s,
+        max_connections=max_connections)
+    return DrainingServer(uvicorn_config, lifecycle)
 
 
 def serve(config: ServerConfig, host: str, port: int, load_engine: EngineLoader, log_level: str = "info",
@@ -88,7 +107,7 @@ def serve(config: ServerConfig, host: str, port: int, load_engine: EngineLoader,
     lifecycle = ServerLifecycle()
     app = build_app(config=config, lifecycle=lifecycle)
     app.state.telemetry = telemetry  # fitserve:gpu_* on /metrics (server/metrics.py)
-    server = build_server(app, host, port, lifecycle, config.shutdown_timeout_s, log_level)
+    server = build_server(app, host, port, lifecycle, config, log_level)
     if not config.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Listening on %s without --api-key: anyone who can reach this port can use it.", host)
     return asyncio.run(_serve(server, app, lifecycle, load_engine))
@@ -113,6 +132,11 @@ async def _serve(server: DrainingServer, app: Any, lifecycle: ServerLifecycle, l
     finally:
         if engine is not None:
             engine.shutdown()
+    num_cut = len(app.state.shutdown_cuts.request_ids)
+    if num_cut:
+        logger.error("Shutdown cut %d request(s) still running after --shutdown-timeout; exiting with %d.",
+                     num_cut, EXIT_REQUESTS_CUT)
+        return EXIT_REQUESTS_CUT
     return 0
 
 

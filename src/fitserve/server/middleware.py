@@ -1,4 +1,5 @@
-"""ASGI middleware around the routes: request ids and access log, API keys, body size, readiness.
+"""ASGI middleware around the routes: request ids and access log, framing, API keys, body size,
+readiness, and the last words of requests that a forced shutdown cuts.
 
 Each is a plain ASGI class that holds only its settings; per-request data travels in the
 ASGI scope (`scope["state"]`), never in module state.
@@ -6,6 +7,7 @@ ASGI scope (`scope["state"]`), never in module state.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -17,9 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fitserve.server.errors import (
     AuthenticationError,
+    BadRequestError,
     RequestTooLargeError,
     ServiceUnavailableError,
     openai_error_response,
+    sse_error_event,
 )
 from fitserve.server.lifecycle import STARTUP_PHASES, Phase, ServerLifecycle
 
@@ -28,7 +32,8 @@ REQUEST_ID_HEADER = "x-request-id"
 _CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 API_PREFIX = "/v1"  # needs one of --api-key
 TOKENIZER_PATHS = ("/tokenize", "/detokenize")  # vLLM's paths, outside /v1; guarded and gated like it
-METRICS_PREFIX = "/metrics"  # needs --metrics-api-key when it is set
+METRICS_PREFIX = "/metrics"  # needs --metrics-api-key when it is set, else --api-key when that is
+UI_DATA_PREFIX = "/ui/api/"  # the built-in page's data (model path, settings, memory plan): guarded as /metrics
 QUIET_PATHS = ("/health", "/metrics")  # polled every few seconds: access-logged at DEBUG only
 STARTUP_RETRY_AFTER_S = 5  # a client may retry a starting server after this long
 
@@ -104,9 +109,10 @@ def _digest(key: str) -> bytes:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>`: one of `api_keys` on /v1/*, `metrics_api_key` on /metrics.
+    """`Authorization: Bearer <key>`: one of `api_keys` on /v1/*; on /metrics and /ui/api/* the
+    `metrics_api_key` when set, else one of `api_keys` (they show the model path and settings).
 
-    Either may be empty (that prefix is open). CORS preflights (OPTIONS) pass: browsers send
+    With neither key, everything is open. CORS preflights (OPTIONS) pass: browsers send
     them without credentials. Every key is compared, in constant time, whatever matches.
     """
 
@@ -118,8 +124,8 @@ class ApiKeyMiddleware:
     def _required(self, path: str) -> tuple[bytes, ...]:
         if _is_api(path):
             return self.api_digests
-        if _under(path, METRICS_PREFIX):
-            return self.metrics_digests
+        if _under(path, METRICS_PREFIX) or _under(path, UI_DATA_PREFIX):  # the metrics key, else the API keys
+            return self.metrics_digests or self.api_digests
         return ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -209,3 +215,81 @@ class ReadinessMiddleware:
                 await openai_error_response(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class FramingMiddleware:
+    """A request with both Content-Length and Transfer-Encoding is refused (400) and its connection
+    closed: a proxy in front may have framed it the other way (request smuggling, RFC 9112 6.3)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            names = {key for key, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                error = BadRequestError("A request may not carry both Content-Length and Transfer-Encoding.")
+                response = openai_error_response(error)
+                response.headers["Connection"] = "close"  # uvicorn closes the connection after this answer
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+SHUTDOWN_CUT_MESSAGE = "The server is shutting down and this request ran past --shutdown-timeout; it was stopped."
+shutdown_logger = logging.getLogger("fitserve.shutdown")
+
+
+class ShutdownCuts:
+    """The ids of the requests a forced shutdown cut (the launcher then exits non-zero)."""
+
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+
+
+class ShutdownCutMiddleware:
+    """When uvicorn cancels the requests still open past --shutdown-timeout, each gets an ending:
+    a stream its OpenAI error event and `[DONE]`, a request not yet answered a 503; one log line each.
+
+    Only a cancellation while the server drains is treated so (uvicorn cancels request tasks only
+    then); the cancellation has already run through the handlers, so engine requests are aborted.
+    """
+
+    def __init__(self, app: ASGIApp, lifecycle: ServerLifecycle, cuts: ShutdownCuts) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.cuts = cuts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = {"started": False, "streaming": False, "done": False}
+        start_s = time.monotonic()
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                sent["started"], sent["streaming"] = True, content_type.startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent["done"] = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if self.lifecycle.phase != Phase.DRAINING or sent["done"] or (sent["started"] and not sent["streaming"]):
+                raise
+            await self._end(scope, receive, send, sent["started"], time.monotonic() - start_s)
+
+    async def _end(self, scope: Scope, receive: Receive, send: Send, streaming: bool, elapsed_s: float) -> None:
+        request_id = scope.get("state", {}).get("request_id")
+        self.cuts.request_ids.append(request_id or "-")
+        shutdown_logger.warning('Cut request id=%s "%s %s" after %.1f s: past --shutdown-timeout.', request_id,
+                                scope["method"], scope["path"], elapsed_s)
+        error = ServiceUnavailableError(SHUTDOWN_CUT_MESSAGE, code="shutdown")
+        if streaming:
+            ending = sse_error_event(error, request_id) + "data: [DONE]\n\n"
+            await send({"type": "http.response.body", "body": ending.encode(), "more_body": False})
+        else:
+            await openai_error_response(error, request_id)(scope, receive, send)

@@ -5,7 +5,7 @@ served from memory: no build step, nothing fetched from elsewhere (the Content-S
 allows this origin only). The page reads /health and /metrics every second (both access-logged
 at DEBUG only) and /ui/api/info once (the model, its settings and the start-up memory plan),
 and chats through /v1/chat/completions. /ui/api/info is guarded like /metrics: by
---metrics-api-key when it is set. `--disable-ui` leaves all of it out.
+--metrics-api-key when it is set, else by --api-key. `--disable-ui` leaves all of it out.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ async function fetchPhase() {
 
 async function fetchMetrics() {
   try {
-    const response = await fetch("/metrics", { cache: "no-store", headers: authHeaders(keys.metrics) });
+    const response = await fetch("/metrics", { cache: "no-store", headers: authHeaders(keys.metrics || keys.api) });
     if (response.status === 401) return { unauthorized: true };
     if (!response.ok) return { error: `/metrics answered ${response.status}` };
     return { families: parsePrometheus(await response.text()) };
@@ -87,7 +87,7 @@ async function fetchMetrics() {
 }
 
 async function loadInfo() {
-  const response = await fetch("/ui/api/info", { cache: "no-store", headers: authHeaders(keys.metrics) });
+  const response = await fetch("/ui/api/info", { cache: "no-store", headers: authHeaders(keys.metrics || keys.api) });
   if (response.status === 401) return { unauthorized: true };
   if (!response.ok) return null;
   return response.json();
