@@ -66,6 +66,23 @@ class _Deadlines:
     loop: asyncio.AbstractEventLoop
     client: tuple[str, int] | None
 
+    def __init__(self, config: GuardedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)  # type: ignore[call-arg]  (the uvicorn protocol's)
+        self.guard_config = config
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        if not self._over_cap(transport):
+            self._on_connected()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _on_connected(self) -> None:
+        """The first deadline of a connection under the cap (each protocol knows its parser's state)."""
+        raise NotImplementedError
+
     def _over_cap(self, transport: asyncio.Transport) -> bool:
         """Past max_connections (this one counted): answer 503, close, True."""
         if len(self.connections) <= self.guard_config.max_connections:
@@ -99,18 +116,8 @@ class _Deadlines:
 
 
 class GuardedH11Protocol(_Deadlines, H11Protocol):
-    def __init__(self, config: GuardedConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        self.guard_config = config
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if not self._over_cap(transport):
-            self._arm_for_state()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+    def _on_connected(self) -> None:
+        self._arm_for_state()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -135,18 +142,8 @@ class GuardedH11Protocol(_Deadlines, H11Protocol):
 class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     """httptools calls back at each step of a request: begin (first byte), headers done, body done."""
 
-    def __init__(self, config: GuardedConfig, *args: Any, **kwargs: Any) -> None:
-        super().__init__(config, *args, **kwargs)
-        self.guard_config = config
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if not self._over_cap(transport):
-            self._arm("headers")
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+    def _on_connected(self) -> None:
+        self._arm("headers")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
