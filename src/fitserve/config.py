@@ -72,6 +72,8 @@ class ArchConfig:
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
     torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
+    qkv_bias: bool = False  # q, k and v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over head_dim on each q and k head, before rotary (Qwen3)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -89,6 +91,7 @@ class ArchConfig:
             raise ConfigError(
                 f"Architecture {arch!r} is not supported; fitserve serves {', '.join(SUPPORTED_ARCHITECTURES)}."
             )
+        _refuse_unsupported_attention(arch, cfg)
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -109,6 +112,8 @@ class ArchConfig:
             eos_token_ids=eos_ids,
             architecture=arch,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
+            qk_norm=arch == "Qwen3ForCausalLM",
         )
 
     def shard(self, tensor_parallel_size: int) -> ArchConfig:
@@ -138,7 +143,18 @@ class ArchConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
+    """Config switches of the Qwen configs that fitserve's attention does not implement (real
+    Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
+    sliding = cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ())
+    if arch.startswith("Qwen") and sliding:
+        raise ConfigError(f"{arch} with use_sliding_window (sliding-window attention) is not supported yet; "
+                          "fitserve attends over the whole context.")
+    if arch == "Qwen3ForCausalLM" and cfg.get("attention_bias"):
+        raise ConfigError("Qwen3ForCausalLM with attention_bias is not supported (q, k, v and o biases).")
 
 
 def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

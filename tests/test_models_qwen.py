@@ -1,0 +1,155 @@
+"""Qwen2/2.5 and Qwen3 match transformers on the same tiny random checkpoints (float32, CPU), and
+the planner counts what the models allocate.
+
+Each checkpoint is written by transformers' own model class (2 layers, GQA 4:2) with its biases
+and norm weights drawn at random (transformers initialises biases to zero and norms to one, which
+would hide a missing bias or q/k norm), then read back through fitserve's source and loader.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from fitserve.config import ArchConfig, ConfigError, EngineConfig
+from fitserve.layers.parallel import TensorParallel
+from fitserve.models.loader import load_model
+from fitserve.models.qwen2 import Qwen2ForCausalLM
+from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
+from fitserve.weights.source import resolve_model_source
+from paged_helpers import PagedDriver
+
+TINY = dict(vocab_size=311, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+QWEN3_HEAD_DIM = 32  # not hidden_size / heads (16): Qwen3 reads head_dim from the config
+PROMPTS = [[5, 17, 101, 44, 9, 250, 3], list(range(3, 60, 3)), [300, 12, 12, 7, 88, 190, 45, 61, 2, 30, 77, 8]]
+NUM_DECODE_STEPS = 4
+LOGITS_TOL = 1e-4  # float32, two layers
+
+
+def qwen2_config(tied: bool) -> transformers.Qwen2Config:
+    return transformers.Qwen2Config(**TINY, tie_word_embeddings=tied)
+
+
+def qwen3_config(tied: bool) -> transformers.Qwen3Config:
+    return transformers.Qwen3Config(**TINY, head_dim=QWEN3_HEAD_DIM, tie_word_embeddings=tied)
+
+
+MODELS = {"qwen2": (qwen2_config, transformers.Qwen2ForCausalLM),
+          "qwen3": (qwen3_config, transformers.Qwen3ForCausalLM)}
+
+
+def write_checkpoint(folder, name: str, tied: bool):
+    """transformers' model saved as safetensors in `folder`; returns it (eval, float32)."""
+    make_config, model_class = MODELS[name]
+    torch.manual_seed(0)
+    hf = model_class(make_config(tied)).eval()
+    with torch.no_grad():
+        for param_name, param in hf.named_parameters():
+            if param_name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
+            elif "norm" in param_name:
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+    hf.save_pretrained(folder)
+    return hf
+
+
+def load_ours(folder):
+    source = resolve_model_source(EngineConfig(model=str(folder)))
+    return source, load_model(source, torch.float32, torch.device("cpu"), progress=False)
+
+
+def hf_last_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_prefill_and_decode_match_hf(tmp_path, name, tied):
+    """Three prompts of different lengths prefilled in one batch, then decoded together through the
+    paged cache; every step's logits equal transformers' on the whole sequence."""
+    hf = write_checkpoint(tmp_path, name, tied)
+    source, ours = load_ours(tmp_path)
+    assert type(ours).__name__ == hf.config.architectures[0] and source.arch.tie_word_embeddings == tied
+    driver = PagedDriver(ours, num_blocks=64, block_size=4)
+    seqs = {f"r{i}": list(p) for i, p in enumerate(PROMPTS)}
+    logits = driver.step(list(seqs.items()), num_pad_rows=2)
+    for step in range(NUM_DECODE_STEPS + 1):
+        for row, ids in enumerate(seqs.values()):
+            torch.testing.assert_close(logits[row], hf_last_logits(hf, ids), atol=LOGITS_TOL, rtol=LOGITS_TOL,
+                                       msg=lambda m, r=row, s=step: f"request {r}, step {s}: {m}")
+        if step < NUM_DECODE_STEPS:
+            for ids, token in zip(seqs.values(), logits.argmax(-1).tolist()):
+                ids.append(token)
+            logits = driver.step([(req, ids[-1:]) for req, ids in seqs.items()])
+
+
+def test_the_config_gives_qwen3_its_head_dim_and_norms_qwen2_its_biases(tmp_path):
+    write_checkpoint(tmp_path / "q2", "qwen2", tied=False)
+    write_checkpoint(tmp_path / "q3", "qwen3", tied=False)
+    q2 = resolve_model_source(EngineConfig(model=str(tmp_path / "q2"))).arch
+    q3 = resolve_model_source(EngineConfig(model=str(tmp_path / "q3"))).arch
+    assert (q2.qkv_bias, q2.qk_norm, q2.head_dim) == (True, False, 16)
+    assert (q3.qkv_bias, q3.qk_norm, q3.head_dim) == (False, True, QWEN3_HEAD_DIM)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_plan_weight_bytes_are_the_models_bytes(tmp_path, name, tied):
+    """`fitserve plan`'s weight bytes, from config.json and from the safetensors headers, equal what
+    the loaded model holds (parameters and the rotary tables)."""
+    write_checkpoint(tmp_path, name, tied)
+    source, ours = load_ours(tmp_path)
+    held_bytes = sum(t.numel() * t.element_size() for t in [*ours.parameters(), *ours.buffers()])
+    from_config = weight_bytes(counts_from_arch(source.arch), "float32", None)
+    from_headers = weight_bytes(model_param_counts(source.arch, str(tmp_path)), "float32", None)
+    assert from_config.total_bytes == from_headers.total_bytes == held_bytes
+    biases = sum(p.numel() * 4 for n, p in ours.named_parameters() if n.endswith("qkv_bias"))
+    assert from_config.bias_bytes == from_headers.bias_bytes == biases and (biases > 0) == (name == "qwen2")
+
+
+def test_fp8_keeps_the_biases_in_the_serving_dtype():
+    arch = ArchConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64, qkv_bias=True,
+                      architecture="Qwen2ForCausalLM")
+    model = Qwen2ForCausalLM(arch, torch.bfloat16, torch.device("cpu"), quantization="fp8_per_tensor")
+    planned = weight_bytes(counts_from_arch(arch), "bfloat16", "fp8_per_tensor")
+    biases = [p for n, p in model.named_parameters() if n.endswith("qkv_bias")]
+    assert all(p.dtype == torch.bfloat16 for p in biases)
+    assert planned.bias_bytes == sum(p.numel() * 2 for p in biases) == 2 * 2 * (64 + 2 * 32)
+
+
+def test_a_tensor_parallel_rank_takes_its_rows_of_each_bias(tmp_path):
+    hf = write_checkpoint(tmp_path, "qwen2", tied=False)
+    source = resolve_model_source(EngineConfig(model=str(tmp_path)))
+    rank1 = Qwen2ForCausalLM(source.arch, torch.float32, torch.device("cpu"), tp=TensorParallel(rank=1, size=2))
+    state = hf.state_dict()
+    rank1.load_weights(state.items())
+    got = rank1.layers[1].self_attn.qkv_bias
+    want = torch.cat([state[f"model.layers.1.self_attn.{p}_proj.bias"].chunk(2)[1] for p in "qkv"])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert rank1.checkpoint_slice("model.layers.0.self_attn.k_proj.bias").length == 16  # 1 of 2 KV heads
+
+
+@pytest.mark.parametrize("name,switch", [("qwen2", {"use_sliding_window": True, "sliding_window": 64}),
+                                         ("qwen3", {"use_sliding_window": True, "sliding_window": 64}),
+                                         ("qwen3", {"attention_bias": True})])
+def test_switches_fitserve_does_not_implement_are_refused(tmp_path, name, switch):
+    write_checkpoint(tmp_path, name, tied=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **switch}))
+    with pytest.raises(ConfigError, match=next(iter(switch))):
+        resolve_model_source(EngineConfig(model=str(tmp_path)))
+
+
+def test_an_unknown_bias_tensor_is_refused(tmp_path):
+    write_checkpoint(tmp_path, "qwen2", tied=False)
+    source = resolve_model_source(EngineConfig(model=str(tmp_path)))
+    model = Qwen2ForCausalLM(source.arch, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="o_proj.bias"):
+        model.load_weights([("model.layers.0.self_attn.o_proj.bias", torch.zeros(64))])
