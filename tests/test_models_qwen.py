@@ -153,3 +153,48 @@ def test_an_unknown_bias_tensor_is_refused(tmp_path):
     model = Qwen2ForCausalLM(source.arch, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="o_proj.bias"):
         model.load_weights([("model.layers.0.self_attn.o_proj.bias", torch.zeros(64))])
+
+
+# Qwen2.5-Instruct's ChatML template without its tool branch: a default system turn, <|im_start|>role
+QWEN_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def write_qwen_tokenizer(folder, template_file: bool) -> dict[str, int]:
+    """A word-level tokenizer with Qwen's special tokens and eos (<|im_end|>), its chat template in
+    tokenizer_config.json or (transformers 5's layout) chat_template.jinja; returns the special ids."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    words = ["hello", "world", "system", "user", "assistant", "You", "are", "Qwen"]
+    raw = Tokenizer(models.WordLevel({"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.add_special_tokens([AddedToken(t, special=True) for t in QWEN_SPECIAL_TOKENS])
+    raw.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>", "bos_token": None}
+    if template_file:
+        (folder / "chat_template.jinja").write_text(QWEN_CHAT_TEMPLATE)
+    else:
+        config["chat_template"] = QWEN_CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return {t: raw.token_to_id(t) for t in QWEN_SPECIAL_TOKENS}
+
+
+@pytest.mark.parametrize("name,template_file", [("qwen2", False), ("qwen3", True)])
+def test_the_tokenizer_and_chat_template_come_from_the_checkpoint_folder(tmp_path, name, template_file):
+    from fitserve.engine.tokenizer import Tokenizer
+    write_checkpoint(tmp_path, name, tied=True)
+    ids = write_qwen_tokenizer(tmp_path, template_file)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids["<|im_end|>"], 2]}))
+    source = resolve_model_source(EngineConfig(model=str(tmp_path)))
+    assert source.tokenizer_kind == "hf" and source.tokenizer_path == str(tmp_path)
+    assert source.eos_token_ids[1:] == (ids["<|im_end|>"],)  # config.json's 2, then generation_config's
+    tok = Tokenizer.from_source(source)
+    assert tok.render_chat([{"role": "user", "content": "hello world"}]) == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nhello world<|im_end|>\n<|im_start|>assistant\n")
+    prompt = tok.apply_chat_template([{"role": "system", "content": "hello"}, {"role": "user", "content": "world"}])
+    assert prompt[0] == ids["<|im_start|>"] and prompt.count(ids["<|im_end|>"]) == 2 and 0 not in prompt
+    assert ids["<|im_end|>"] in tok.eos_token_ids
