@@ -16,19 +16,15 @@ import transformers
 
 from fitserve.config import ArchConfig, ConfigError, EngineConfig
 from fitserve.layers.parallel import TensorParallel
-from fitserve.models.loader import load_model
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
 from fitserve.weights.source import resolve_model_source
-from paged_helpers import PagedDriver
+from hf_compare_helpers import check_prefill_and_decode, load_ours, save_random_checkpoint
 
 TINY = dict(vocab_size=311, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
 QWEN3_HEAD_DIM = 32  # not hidden_size / heads (16): Qwen3 reads head_dim from the config
-PROMPTS = [[5, 17, 101, 44, 9, 250, 3], list(range(3, 60, 3)), [300, 12, 12, 7, 88, 190, 45, 61, 2, 30, 77, 8]]
-NUM_DECODE_STEPS = 4
-LOGITS_TOL = 1e-4  # float32, two layers
 
 
 def qwen2_config(tied: bool) -> transformers.Qwen2Config:
@@ -44,28 +40,10 @@ MODELS = {"qwen2": (qwen2_config, transformers.Qwen2ForCausalLM),
 
 
 def write_checkpoint(folder, name: str, tied: bool):
-    """transformers' model saved as safetensors in `folder`; returns it (eval, float32)."""
+    """transformers' model, its biases and norms random, saved as safetensors in `folder` (eval, float32)."""
     make_config, model_class = MODELS[name]
     torch.manual_seed(0)
-    hf = model_class(make_config(tied)).eval()
-    with torch.no_grad():
-        for param_name, param in hf.named_parameters():
-            if param_name.endswith(".bias"):
-                param.normal_(0.0, 0.5)
-            elif "norm" in param_name:
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-    hf.save_pretrained(folder)
-    return hf
-
-
-def load_ours(folder):
-    source = resolve_model_source(EngineConfig(model=str(folder)))
-    return source, load_model(source, torch.float32, torch.device("cpu"), progress=False)
-
-
-def hf_last_logits(hf, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf(torch.tensor([ids])).logits[0, -1].float()
+    return save_random_checkpoint(folder, model_class(make_config(tied)).eval())
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -76,17 +54,7 @@ def test_batched_prefill_and_decode_match_hf(tmp_path, name, tied):
     hf = write_checkpoint(tmp_path, name, tied)
     source, ours = load_ours(tmp_path)
     assert type(ours).__name__ == hf.config.architectures[0] and source.arch.tie_word_embeddings == tied
-    driver = PagedDriver(ours, num_blocks=64, block_size=4)
-    seqs = {f"r{i}": list(p) for i, p in enumerate(PROMPTS)}
-    logits = driver.step(list(seqs.items()), num_pad_rows=2)
-    for step in range(NUM_DECODE_STEPS + 1):
-        for row, ids in enumerate(seqs.values()):
-            torch.testing.assert_close(logits[row], hf_last_logits(hf, ids), atol=LOGITS_TOL, rtol=LOGITS_TOL,
-                                       msg=lambda m, r=row, s=step: f"request {r}, step {s}: {m}")
-        if step < NUM_DECODE_STEPS:
-            for ids, token in zip(seqs.values(), logits.argmax(-1).tolist()):
-                ids.append(token)
-            logits = driver.step([(req, ids[-1:]) for req, ids in seqs.items()])
+    check_prefill_and_decode(ours, hf)
 
 
 def test_the_config_gives_qwen3_its_head_dim_and_norms_qwen2_its_biases(tmp_path):

@@ -106,7 +106,7 @@ class ArchConfig:
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
-            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            max_position_embeddings=_max_positions(arch, cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -143,7 +143,16 @@ class ArchConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
+
+
+def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
+    """Phi-3's sliding window (Phi-3-mini-4k: 2047 of 4096) caps the context: up to the window,
+    its attention is full attention, which fitserve computes."""
+    max_positions = cfg.get("max_position_embeddings", 8192)
+    window = cfg.get("sliding_window")
+    return min(max_positions, window) if arch == "Phi3ForCausalLM" and window else max_positions
 
 
 def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
@@ -155,6 +164,11 @@ def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
                           "fitserve attends over the whole context.")
     if arch == "Qwen3ForCausalLM" and cfg.get("attention_bias"):
         raise ConfigError("Qwen3ForCausalLM with attention_bias is not supported (q, k, v and o biases).")
+    rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head, as "
+                          "Phi-4-mini) is not supported.")
 
 
 def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -21,9 +21,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 AUTO_DTYPE = "bfloat16"  # fitserve's --dtype auto
 FP8_SCALE_BYTES = 4  # one float32 scale per quantized weight tensor
 ROTARY_TABLE_BYTES = 4  # cos and sin are float32
-LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
-BIAS_SUFFIXES = ("q_proj.bias", "k_proj.bias", "v_proj.bias")
+# A block's projections as checkpoints name them: apart (Llama, Qwen) or fused (Phi-3's qkv_proj,
+# gate_up_proj); each of the first set begins one of fitserve's 4 merged linear layers of a block.
+MERGED_LINEAR_STARTS = ("q_proj", "qkv_proj", "o_proj", "gate_proj", "gate_up_proj", "down_proj")
+LINEAR_PROJECTIONS = (*MERGED_LINEAR_STARTS, "k_proj", "v_proj", "up_proj")
+BIASED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 LINEARS_PER_LAYER = 4  # qkv_proj, o_proj, gate_up_proj, down_proj after merging
 SAFETENSORS_HEADER_LEN_BYTES = 8  # a little-endian u64 before the JSON header
 
@@ -118,19 +120,18 @@ def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | Non
             numel = 1
             for dim in shape:
                 numel *= dim
-            if name.endswith(LINEAR_SUFFIXES):
+            prefix, _, piece = name.rpartition(".")
+            owner = prefix.rpartition(".")[2]  # the projection or norm a tensor belongs to
+            if owner in LINEAR_PROJECTIONS and piece == "weight":
                 linear += numel
-                num_linear += 1
+                num_linear += owner in MERGED_LINEAR_STARTS
             elif "embed_tokens" in name or (name.startswith("lm_head") and not arch.tie_word_embeddings):
                 embedding += numel
             elif name.endswith("norm.weight"):
                 norm += numel
-            elif name.endswith(BIAS_SUFFIXES):
+            elif owner in BIASED_PROJECTIONS and piece == "bias":
                 bias += numel
-    # The checkpoint stores q, k, v and gate, up apart; fitserve merges them (4 tensors a layer).
-    merged_linear_tensors = num_linear * LINEARS_PER_LAYER // len(LINEAR_SUFFIXES)
-    return ParamCounts(linear, merged_linear_tensors, embedding, norm, _rotary_elements(arch), "safetensors headers",
-                       bias)
+    return ParamCounts(linear, num_linear, embedding, norm, _rotary_elements(arch), "safetensors headers", bias)
 
 
 def model_param_counts(arch: ArchConfig, folder: str | None) -> ParamCounts:
