@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from fitserve.config import EngineConfig
+from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from fitserve.llm import build_engine
 from fitserve.models.loader import load_model
 from fitserve.weights.source import ModelSource, resolve_model_source
-from paged_helpers import PagedDriver
+from paged_helpers import PagedDriver, engine_greedy_tokens
 
 PROMPTS = [[5, 17, 101, 44, 9, 250, 3], list(range(3, 60, 3)), [300, 12, 12, 7, 88, 190, 45, 61, 2, 30, 77, 8]]
 NUM_DECODE_STEPS = 4
@@ -53,3 +54,19 @@ def check_prefill_and_decode(ours, hf, prompts: list[list[int]] = PROMPTS,
             for ids, token in zip(seqs.values(), logits.argmax(-1).tolist()):
                 ids.append(token)
             logits = driver.step([(req, ids[-1:]) for req, ids in seqs.items()])
+
+
+def check_engine_greedy(folder, hf) -> None:
+    """The whole engine (scheduler, runner, sampler) on the checkpoint in `folder`: paged_helpers'
+    11 requests, batched and decoded together, get transformers' greedy tokens (20, or up to eos)."""
+    config = EngineConfig(model=str(folder), dtype="float32", device="cpu",
+                          cache=CacheConfig(num_gpu_blocks_override=128),
+                          scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=16))
+    vocab_size = hf.config.vocab_size
+    got = engine_greedy_tokens(build_engine(config, progress=False).engine, vocab_size)
+    for i in range(11):
+        ids = torch.tensor([[(7 * i + j) % vocab_size for j in range(5 + 3 * i)]])  # engine_greedy_tokens' prompts
+        with torch.no_grad():  # an explicit mask: generate would take token 0 for padding
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                              eos_token_id=hf.config.eos_token_id, pad_token_id=0)
+        assert got[f"r{i}"] == ref[0, ids.shape[1]:].tolist(), f"request {i}"

@@ -17,7 +17,7 @@ from fitserve.models.loader import dummy_weights
 from fitserve.models.phi3 import Phi3ForCausalLM
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
 from fitserve.weights.source import resolve_model_source
-from hf_compare_helpers import check_prefill_and_decode, load_ours, save_random_checkpoint
+from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours, save_random_checkpoint
 
 TINY = dict(vocab_size=311, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -38,6 +38,10 @@ def test_batched_prefill_and_decode_match_hf(tmp_path, tied):
     source, ours = load_ours(tmp_path)
     assert isinstance(ours, Phi3ForCausalLM) and source.arch.max_position_embeddings == 256
     check_prefill_and_decode(ours, hf)
+
+
+def test_the_engine_generates_transformers_greedy_tokens(tmp_path):
+    check_engine_greedy(tmp_path, write_phi3(tmp_path))
 
 
 def test_a_sliding_window_caps_the_context_inside_which_attention_is_full(tmp_path):

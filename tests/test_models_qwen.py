@@ -19,7 +19,7 @@ from fitserve.layers.parallel import TensorParallel
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
 from fitserve.weights.source import resolve_model_source
-from hf_compare_helpers import check_prefill_and_decode, load_ours, save_random_checkpoint
+from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours, save_random_checkpoint
 
 TINY = dict(vocab_size=311, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
@@ -166,3 +166,8 @@ def test_the_tokenizer_and_chat_template_come_from_the_checkpoint_folder(tmp_pat
     prompt = tok.apply_chat_template([{"role": "system", "content": "hello"}, {"role": "user", "content": "world"}])
     assert prompt[0] == ids["<|im_start|>"] and prompt.count(ids["<|im_end|>"]) == 2 and 0 not in prompt
     assert ids["<|im_end|>"] in tok.eos_token_ids
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_engine_generates_transformers_greedy_tokens(tmp_path, name):
+    check_engine_greedy(tmp_path, write_checkpoint(tmp_path, name, tied=True))
