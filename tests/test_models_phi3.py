@@ -105,3 +105,12 @@ def test_a_partial_rotary_factor_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.75}))
     with pytest.raises(ConfigError, match="partial_rotary_factor 0.75"):
         resolve_model_source(EngineConfig(model=str(tmp_path)))
+
+
+def test_plan_counts_phi3_minis_published_parameters():
+    """Phi-3-mini-4k's config.json: 3,821,079,552 parameters, and a context capped at its 2047-token window."""
+    arch = ArchConfig.from_hf_config({
+        "architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096,
+        "sliding_window": 2047, "rope_scaling": None, "tie_word_embeddings": False})
+    assert counts_from_arch(arch).num_params == 3_821_079_552 and arch.max_position_embeddings == 2047

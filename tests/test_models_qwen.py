@@ -64,6 +64,10 @@ def test_the_config_gives_qwen3_its_head_dim_and_norms_qwen2_its_biases(tmp_path
     q3 = resolve_model_source(EngineConfig(model=str(tmp_path / "q3"))).arch
     assert (q2.qkv_bias, q2.qk_norm, q2.head_dim) == (True, False, 16)
     assert (q3.qkv_bias, q3.qk_norm, q3.head_dim) == (False, True, QWEN3_HEAD_DIM)
+    config = json.loads((tmp_path / "q3" / "config.json").read_text())
+    del config["head_dim"]  # transformers' Qwen3Config then takes 128, whatever hidden_size / heads
+    assert transformers.Qwen3Config(**config).head_dim == 128
+    assert ArchConfig.from_hf_config(config).head_dim == 128
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -171,3 +175,19 @@ def test_the_tokenizer_and_chat_template_come_from_the_checkpoint_folder(tmp_pat
 @pytest.mark.parametrize("name", list(MODELS))
 def test_the_engine_generates_transformers_greedy_tokens(tmp_path, name):
     check_engine_greedy(tmp_path, write_checkpoint(tmp_path, name, tied=True))
+
+
+def test_plan_counts_the_published_parameters_of_real_configs():
+    """Qwen2.5-7B's config.json gives its published 7,615,616,512 parameters (q, k, v biases included);
+    Qwen3-0.6B's its 0.44 B outside the (tied) embedding, q/k norms included."""
+    qwen25_7b = ArchConfig.from_hf_config({
+        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
+        "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+        "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072, "max_window_layers": 28})
+    assert counts_from_arch(qwen25_7b).num_params == 7_615_616_512
+    qwen3_06b = ArchConfig.from_hf_config({
+        "architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "tie_word_embeddings": True})
+    counts = counts_from_arch(qwen3_06b)
+    assert counts.num_params - counts.embedding_params == 440_467_456

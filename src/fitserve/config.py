@@ -102,7 +102,7 @@ class ArchConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=num_heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
@@ -145,6 +145,8 @@ class ArchConfig:
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                            "Phi3ForCausalLM")
+
+_DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # transformers' default for a config.json without head_dim
 
 
 def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
