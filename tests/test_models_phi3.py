@@ -16,6 +16,7 @@ from fitserve.layers.parallel import TensorParallel
 from fitserve.models.loader import dummy_weights
 from fitserve.models.phi3 import Phi3ForCausalLM
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
+from fitserve.weights.loader import safetensors_weights
 from fitserve.weights.source import resolve_model_source
 from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours, save_random_checkpoint
 
@@ -65,13 +66,14 @@ def test_plan_weight_bytes_are_the_models_bytes(tmp_path, tied):
     assert from_headers.num_linear_tensors == 4 * source.arch.num_hidden_layers  # fused tensors count once
 
 
-def test_a_tensor_parallel_rank_takes_its_rows_of_the_fused_tensors(tmp_path):
+@pytest.mark.parametrize("whole", [True, False])  # handed whole, or read as the rank's slice
+def test_a_tensor_parallel_rank_takes_its_rows_of_the_fused_tensors(tmp_path, whole):
     hf = write_phi3(tmp_path)
     source = resolve_model_source(EngineConfig(model=str(tmp_path)))
     rank1 = Phi3ForCausalLM(source.arch, torch.float32, torch.device("cpu"), tp=TensorParallel(rank=1, size=2))
     state = hf.state_dict()
     assert rank1.checkpoint_slice("model.layers.0.self_attn.qkv_proj.weight") is None  # read whole, split here
-    loaded = rank1.load_weights(state.items())
+    loaded = rank1.load_weights(state.items() if whole else safetensors_weights(str(tmp_path), rank1.checkpoint_slice))
     assert loaded == rank1.expected_weight_names() | ({"lm_head.weight"} & set(state))
     q, k, v = state["model.layers.1.self_attn.qkv_proj.weight"].split([64, 32, 32])
     want = torch.cat([q[32:], k[16:], v[16:]])  # rank 1: heads 2-3 of q, KV head 1

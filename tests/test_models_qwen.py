@@ -18,6 +18,7 @@ from fitserve.config import ArchConfig, ConfigError, EngineConfig
 from fitserve.layers.parallel import TensorParallel
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
+from fitserve.weights.loader import safetensors_weights
 from fitserve.weights.source import resolve_model_source
 from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours, save_random_checkpoint
 
@@ -96,12 +97,13 @@ def test_fp8_keeps_the_biases_in_the_serving_dtype():
     assert planned.bias_bytes == sum(p.numel() * 2 for p in biases) == 2 * 2 * (64 + 2 * 32)
 
 
-def test_a_tensor_parallel_rank_takes_its_rows_of_each_bias(tmp_path):
+@pytest.mark.parametrize("whole", [True, False])  # handed whole, or read as the rank's slice
+def test_a_tensor_parallel_rank_takes_its_rows_of_each_bias(tmp_path, whole):
     hf = write_checkpoint(tmp_path, "qwen2", tied=False)
     source = resolve_model_source(EngineConfig(model=str(tmp_path)))
     rank1 = Qwen2ForCausalLM(source.arch, torch.float32, torch.device("cpu"), tp=TensorParallel(rank=1, size=2))
     state = hf.state_dict()
-    rank1.load_weights(state.items())
+    rank1.load_weights(state.items() if whole else safetensors_weights(str(tmp_path), rank1.checkpoint_slice))
     got = rank1.layers[1].self_attn.qkv_bias
     want = torch.cat([state[f"model.layers.1.self_attn.{p}_proj.bias"].chunk(2)[1] for p in "qkv"])
     torch.testing.assert_close(got, want, rtol=0, atol=0)
