@@ -27,11 +27,11 @@ def test_an_unknown_architecture_fails_before_any_weight_is_read(monkeypatch):
 
     monkeypatch.setattr(loader, "safetensors_weights", no_reading)
     monkeypatch.setattr(loader, "gguf_weights", no_reading)
-    arch = ArchConfig(**{**_fields(ARCH), "architecture": "Qwen2ForCausalLM"})
+    arch = ArchConfig(**{**_fields(ARCH), "architecture": "GPT2LMHeadModel"})
     with pytest.raises(ConfigError) as info:
         loader.load_model(_source(arch), torch.float32, torch.device("cpu"), progress=False)
-    assert "'Qwen2ForCausalLM' is not supported" in str(info.value)
-    assert "LlamaForCausalLM, MistralForCausalLM" in str(info.value)
+    assert "'GPT2LMHeadModel' is not supported" in str(info.value)
+    assert "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in str(info.value)
 
 
 def test_registry_and_config_name_the_same_architectures():

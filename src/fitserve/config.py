@@ -122,6 +122,8 @@ class ArchConfig:
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = "LlamaForCausalLM"
     torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
+    qkv_bias: bool = False  # q, k and v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over head_dim on each q and k head, before rotary (Qwen3)
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -139,6 +141,7 @@ class ArchConfig:
             raise ConfigError(
                 f"Architecture {arch!r} is not supported; fitserve serves {', '.join(SUPPORTED_ARCHITECTURES)}."
             )
+        _refuse_unsupported_attention(arch, cfg)
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -149,16 +152,18 @@ class ArchConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=num_heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
-            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            max_position_embeddings=_max_positions(arch, cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             architecture=arch,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
+            qk_norm=arch == "Qwen3ForCausalLM",
         )
 
     def shard(self, tensor_parallel_size: int) -> ArchConfig:
@@ -188,7 +193,34 @@ class ArchConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
+
+_DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # transformers' default for a config.json without head_dim
+
+
+def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
+    """Phi-3's sliding window (Phi-3-mini-4k: 2047 of 4096) caps the context: up to the window,
+    its attention is full attention, which fitserve computes."""
+    max_positions = cfg.get("max_position_embeddings", 8192)
+    window = cfg.get("sliding_window")
+    return min(max_positions, window) if arch == "Phi3ForCausalLM" and window else max_positions
+
+
+def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
+    """Config switches of the Qwen configs that fitserve's attention does not implement (real
+    Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
+    sliding = cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ())
+    if arch.startswith("Qwen") and sliding:
+        raise ConfigError(f"{arch} with use_sliding_window (sliding-window attention) is not supported yet; "
+                          "fitserve attends over the whole context.")
+    if arch == "Qwen3ForCausalLM" and cfg.get("attention_bias"):
+        raise ConfigError("Qwen3ForCausalLM with attention_bias is not supported (q, k, v and o biases).")
+    rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head, as "
+                          "Phi-4-mini) is not supported.")
 
 
 def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -29,3 +29,24 @@ class RMSNorm(nn.Module):
         if x.is_cuda and triton_fused is not None:
             return triton_fused.rms_norm(x, self.weight, self.eps, residual)
         return reference.rms_norm(x, self.weight, self.eps, residual)
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head of q or k (Qwen3's q_norm / k_norm), weight [head_dim] shared by the heads.
+
+    Applied before the rotary embedding, so on CUDA before PagedAttention's fused rotary + KV store;
+    the same kernel as RMSNorm, over [T * heads, head_dim] rows."""
+
+    def __init__(self, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.head_dim, self.eps = head_dim, eps
+        self.weight = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads * head_dim] (a column slice of qkv allowed) -> normed [T, heads * head_dim], a new tensor."""
+        rows = x.reshape(-1, self.head_dim)  # copies a strided slice: the kernel wants unit column stride
+        if rows.is_cuda and triton_fused is not None:
+            normed, _ = triton_fused.rms_norm(rows.contiguous(), self.weight, self.eps)
+        else:
+            normed, _ = reference.rms_norm(rows, self.weight, self.eps)
+        return normed.view(x.shape[0], -1)

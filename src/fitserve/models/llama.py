@@ -112,10 +112,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild) -> None:
+    def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild,
+                 attention_class: type[LlamaAttention] = LlamaAttention) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
-        self.self_attn = LlamaAttention(arch, rotary, build)
+        self.self_attn = attention_class(arch, rotary, build)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
         self.mlp = LlamaMLP(arch, build)
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
@@ -142,6 +143,9 @@ class LlamaForCausalLM(nn.Module):
     one per slice), so a row-parallel fp8 layer is quantized a little finer than with N = 1.
     """
 
+    # the blocks' attention: a subclass changes it alone (models/qwen2.py: q/k/v biases, qwen3.py: q/k norms)
+    attention_class: type[LlamaAttention] = LlamaAttention
+
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device, *,
                  quantization: str | None = None, tp: TensorParallel = SINGLE, fuse_rotary_store: bool = True) -> None:
         super().__init__()
@@ -153,7 +157,7 @@ class LlamaForCausalLM(nn.Module):
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class)
                                     for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)

@@ -12,10 +12,16 @@ from __future__ import annotations
 from fitserve.config import SUPPORTED_ARCHITECTURES, ConfigError
 from fitserve.models.base import ModelClass
 from fitserve.models.llama import LlamaForCausalLM
+from fitserve.models.phi3 import Phi3ForCausalLM
+from fitserve.models.qwen2 import Qwen2ForCausalLM
+from fitserve.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, ModelClass] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # same blocks; sliding window is not supported
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,  # Qwen2 and Qwen2.5: q, k, v biases
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,  # q and k RMSNorm per head
+    "Phi3ForCausalLM": Phi3ForCausalLM,  # fused qkv and gate_up tensors, split at load
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "registry and config must agree"
 

@@ -53,7 +53,8 @@ def _memory_rows(plan: MemoryPlan) -> list[str]:
         _row(f"  weights: linear layers ({w.linear_dtype})", w.linear_bytes, total),
         _row(f"  weights: embeddings{'' if i.arch.tie_word_embeddings else ' + lm_head'} ({w.other_dtype})",
              w.embedding_bytes, total),
-        _row("  weights: norms, rotary tables, fp8 scales", w.norm_bytes + w.rotary_bytes + w.scale_bytes, total),
+        _row("  weights: norms, biases, rotary, fp8 scales",
+             w.norm_bytes + w.bias_bytes + w.rotary_bytes + w.scale_bytes, total),
     ]
     if total is not None:
         rows += [
@@ -126,7 +127,8 @@ def plan_to_json(plan: MemoryPlan) -> dict[str, Any]:
         "budget_bytes": plan.budget_bytes,
         "weights": {
             "linear_dtype": w.linear_dtype, "linear_bytes": w.linear_bytes, "other_dtype": w.other_dtype,
-            "embedding_bytes": w.embedding_bytes, "norm_bytes": w.norm_bytes, "rotary_bytes": w.rotary_bytes,
+            "embedding_bytes": w.embedding_bytes, "norm_bytes": w.norm_bytes, "bias_bytes": w.bias_bytes,
+            "rotary_bytes": w.rotary_bytes,
             "scale_bytes": w.scale_bytes, "total_bytes": w.total_bytes,
         },
         "activation_peak_bytes": b.activation_peak_bytes,

@@ -1,10 +1,11 @@
 """What a model's tensors weigh, from its config.json or its safetensors headers (torch-free).
 
-Counts follow what `models/llama.py` allocates: merged qkv and gate_up projections, o and
-down projections (the "linear layers"), the token embedding, an lm_head unless the
-embeddings are tied, the RMSNorm weights, and the rotary cos/sin tables (float32 buffers,
-[max_position_embeddings, head_dim] each). With `--quantization fp8` the linear layers take
-one byte per weight plus a float32 scale per tensor; everything else stays in `--dtype`.
+Counts follow what `models/llama.py` (and qwen2.py, qwen3.py) allocate: merged qkv and gate_up
+projections, o and down projections (the "linear layers"), the token embedding, an lm_head unless
+the embeddings are tied, the RMSNorm weights (Qwen3 also a [head_dim] q_norm and k_norm per
+layer), the q, k, v biases of Qwen2, and the rotary cos/sin tables (float32 buffers,
+[max_position_embeddings, head_dim] each). With `--quantization fp8` the linear layers take one
+byte per weight plus a float32 scale per tensor; everything else (biases too) stays in `--dtype`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 AUTO_DTYPE = "bfloat16"  # fitserve's --dtype auto
 FP8_SCALE_BYTES = 4  # one float32 scale per quantized weight tensor
 ROTARY_TABLE_BYTES = 4  # cos and sin are float32
-LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+# A block's projections as checkpoints name them: apart (Llama, Qwen) or fused (Phi-3's qkv_proj,
+# gate_up_proj); each of the first set begins one of fitserve's 4 merged linear layers of a block.
+MERGED_LINEAR_STARTS = ("q_proj", "qkv_proj", "o_proj", "gate_proj", "gate_up_proj", "down_proj")
+LINEAR_PROJECTIONS = (*MERGED_LINEAR_STARTS, "k_proj", "v_proj", "up_proj")
+BIASED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 LINEARS_PER_LAYER = 4  # qkv_proj, o_proj, gate_up_proj, down_proj after merging
 SAFETENSORS_HEADER_LEN_BYTES = 8  # a little-endian u64 before the JSON header
 
@@ -54,16 +58,18 @@ class ParamCounts:
     norm_params: int
     rotary_elements: int  # cos and sin tables together
     source: str  # "config.json" or "safetensors headers"
+    bias_params: int = 0  # q, k, v biases (Qwen2), split like their projections' rows
 
     @property
     def num_params(self) -> int:
-        return self.linear_params + self.embedding_params + self.norm_params
+        return self.linear_params + self.embedding_params + self.norm_params + self.bias_params
 
     def per_rank(self, tensor_parallel_size: int) -> ParamCounts:
-        """One GPU's share under tensor parallelism: 1/N of every linear layer, the rest replicated."""
+        """One GPU's share under tensor parallelism: 1/N of every linear layer and bias, the rest replicated."""
         if tensor_parallel_size == 1:
             return self
-        return replace(self, linear_params=self.linear_params // tensor_parallel_size)
+        return replace(self, linear_params=self.linear_params // tensor_parallel_size,
+                       bias_params=self.bias_params // tensor_parallel_size)
 
 
 def counts_from_arch(arch: ArchConfig) -> ParamCounts:
@@ -76,13 +82,15 @@ def counts_from_arch(arch: ArchConfig) -> ParamCounts:
         + hidden * arch.intermediate_size
     )
     num_embeddings = 1 if arch.tie_word_embeddings else 2
+    qk_norm_params = 2 * head_dim if arch.qk_norm else 0
     return ParamCounts(
         linear_params=per_layer * arch.num_hidden_layers,
         num_linear_tensors=LINEARS_PER_LAYER * arch.num_hidden_layers,
         embedding_params=num_embeddings * arch.vocab_size * hidden,
-        norm_params=(2 * arch.num_hidden_layers + 1) * hidden,
+        norm_params=(2 * arch.num_hidden_layers + 1) * hidden + arch.num_hidden_layers * qk_norm_params,
         rotary_elements=_rotary_elements(arch),
         source="config.json",
+        bias_params=arch.num_hidden_layers * qkv_rows if arch.qkv_bias else 0,
     )
 
 
@@ -106,22 +114,24 @@ def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | Non
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    linear = embedding = norm = num_linear = 0
+    linear = embedding = norm = bias = num_linear = 0
     for path in files:
         for name, (_, shape) in read_safetensors_shapes(path).items():
             numel = 1
             for dim in shape:
                 numel *= dim
-            if name.endswith(LINEAR_SUFFIXES):
+            prefix, _, piece = name.rpartition(".")
+            owner = prefix.rpartition(".")[2]  # the projection or norm a tensor belongs to
+            if owner in LINEAR_PROJECTIONS and piece == "weight":
                 linear += numel
-                num_linear += 1
+                num_linear += owner in MERGED_LINEAR_STARTS
             elif "embed_tokens" in name or (name.startswith("lm_head") and not arch.tie_word_embeddings):
                 embedding += numel
             elif name.endswith("norm.weight"):
                 norm += numel
-    # The checkpoint stores q, k, v and gate, up apart; fitserve merges them (4 tensors a layer).
-    merged_linear_tensors = num_linear * LINEARS_PER_LAYER // len(LINEAR_SUFFIXES)
-    return ParamCounts(linear, merged_linear_tensors, embedding, norm, _rotary_elements(arch), "safetensors headers")
+            elif owner in BIASED_PROJECTIONS and piece == "bias":
+                bias += numel
+    return ParamCounts(linear, num_linear, embedding, norm, _rotary_elements(arch), "safetensors headers", bias)
 
 
 def model_param_counts(arch: ArchConfig, folder: str | None) -> ParamCounts:
@@ -137,15 +147,17 @@ def model_param_counts(arch: ArchConfig, folder: str | None) -> ParamCounts:
 class WeightBytes:
     linear_dtype: str  # "bfloat16", "float16", "float32" or "fp8"
     linear_bytes: int
-    other_dtype: str  # embeddings, lm_head and norms
+    other_dtype: str  # embeddings, lm_head, norms and biases
     embedding_bytes: int
     norm_bytes: int
     rotary_bytes: int  # float32 cos/sin tables
     scale_bytes: int  # fp8 scales
+    bias_bytes: int = 0  # q, k, v biases (Qwen2)
 
     @property
     def total_bytes(self) -> int:
-        return self.linear_bytes + self.embedding_bytes + self.norm_bytes + self.rotary_bytes + self.scale_bytes
+        return (self.linear_bytes + self.embedding_bytes + self.norm_bytes + self.bias_bytes + self.rotary_bytes
+                + self.scale_bytes)
 
 
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
@@ -161,4 +173,5 @@ def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> W
         norm_bytes=counts.norm_params * dtype_bytes,
         rotary_bytes=counts.rotary_elements * ROTARY_TABLE_BYTES,
         scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization is not None else 0,
+        bias_bytes=counts.bias_params * dtype_bytes,
     )

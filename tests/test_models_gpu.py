@@ -1,0 +1,60 @@
+"""Qwen2, Qwen3 and Phi-3 through the Triton kernels agree with their pure-torch path (GPU only):
+Qwen2's biases added after the linear layer, Qwen3's q/k norms before the fused rotary + KV store,
+in float32 and, for the biases, under an fp8 weight format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fitserve.config import ArchConfig
+from fitserve.models.phi3 import Phi3ForCausalLM
+from fitserve.models.qwen2 import Qwen2ForCausalLM
+from fitserve.models.qwen3 import Qwen3ForCausalLM
+from paged_helpers import PagedDriver
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+MODELS = {"qwen2": (Qwen2ForCausalLM, dict(qkv_bias=True)), "qwen3": (Qwen3ForCausalLM, dict(qk_norm=True)),
+          "phi3": (Phi3ForCausalLM, {})}
+STEPS = ([("a", list(range(1, 40))), ("b", list(range(50, 57)))], [("a", [5]), ("b", list(range(60, 90)))],
+         [("a", [6]), ("b", [7])], [("a", [8]), ("b", [9])])  # prefill, mixed, decodes
+
+
+def _pair(name: str, quantization: str | None, **build):
+    model_class, features = MODELS[name]
+    arch = ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=48, tie_word_embeddings=True,
+                      architecture=model_class.__name__, **features)
+    torch.manual_seed(0)
+    cpu_model = model_class(arch, torch.float32, torch.device("cpu"))
+    weights = {n: torch.randn(s) * (0.3 if n.endswith("norm.weight") else 0.05) + n.endswith("norm.weight")
+               for n, s in cpu_model.checkpoint_tensor_shapes().items()}
+    cpu_model = model_class(arch, torch.float32, torch.device("cpu"), quantization=quantization)
+    gpu_model = model_class(arch, torch.float32, torch.device("cuda"), quantization=quantization, **build)
+    for model in (cpu_model, gpu_model):
+        model.load_weights((n, t.to(model.device)) for n, t in weights.items())
+        for module in model.modules():
+            if hasattr(module, "finish_loading"):
+                module.finish_loading()
+    return cpu_model, gpu_model
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_on_gpu_matches_cpu_reference_path(name, fused):
+    cpu_model, gpu_model = _pair(name, None, fuse_rotary_store=fused)
+    cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)
+    gpu_driver = PagedDriver(gpu_model, num_blocks=16, block_size=16, device="cuda")
+    for step in STEPS:
+        torch.testing.assert_close(gpu_driver.step(step).cpu(), cpu_driver.step(step), atol=2e-3, rtol=2e-3)
+
+
+def test_qwen2_biases_under_fp8_weights_match_the_cpu_path():
+    cpu_model, gpu_model = _pair("qwen2", "fp8")
+    cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)
+    gpu_driver = PagedDriver(gpu_model, num_blocks=16, block_size=16, device="cuda")
+    for step in STEPS:
+        torch.testing.assert_close(gpu_driver.step(step).cpu(), cpu_driver.step(step), atol=3e-2, rtol=3e-2)
