@@ -40,7 +40,7 @@ def write_checkpoint(folder: Path) -> dict:
     """dummy_weights' tensors (same generator per name), projections quantized per row, in shards."""
     from safetensors.torch import save_file
 
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
     from fitserve.kernels import fp8
     from fitserve.models.llama import hf_tensor_shapes
     from fitserve.models.loader import DUMMY_INIT_STD, DUMMY_SEED

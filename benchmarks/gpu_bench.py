@@ -83,7 +83,7 @@ def measure_ceilings() -> dict:
 
 def model_figures(quant_variant: str = "bf16") -> dict:
     """Parameters and bytes of the 8B shape; fp8 linear layers take one byte, embeddings stay bf16."""
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
 
     arch = ArchConfig.from_hf_config(json.loads((CONFIG_DIR / "config.json").read_text()))
     h, i, L, v = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size

@@ -32,7 +32,7 @@ class LmHead(torch.nn.Module):
 
 
 def main() -> None:
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
     from fitserve.plan import estimates
     from fitserve.runner import profiling
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.plan.planner import PlanInputs
 from fitserve.plan.shapes import counts_from_arch
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitserve.config import ArchConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from fitserve.arch_config import ArchConfig
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.forward_batch import PAD_SLOT
 from fitserve.kernels import fp8, reference
 from fitserve.layers.formats import fp8 as quantization

@@ -215,7 +215,7 @@ def test_fp8_linear_on_gpu_matches_the_cpu_path(quant, num_rows):
 
 
 def _tiny_arch():
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
 
     return ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
@@ -315,7 +315,7 @@ def test_programmatic_dependent_launch_changes_no_token(monkeypatch):
 def test_fp8_dummy_load_holds_one_projection_in_bf16_at_most():
     """Peak memory while loading an fp8 model: the fp8 weights, bf16 embeddings, and one projection's
     temporaries; never the bf16 model."""
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
     from fitserve.models.loader import init_dummy
     from fitserve.models.llama import LlamaForCausalLM
 

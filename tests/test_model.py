@@ -9,7 +9,8 @@ import torch
 import transformers
 from transformers.initialization import no_init_weights
 
-from fitserve.config import ArchConfig, EngineConfig
+from fitserve.arch_config import ArchConfig
+from fitserve.config import EngineConfig
 from fitserve.models.loader import load_model
 from fitserve.weights.loader import gguf_weights
 from fitserve.weights.source import resolve_model_source

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitserve.config import SUPPORTED_ARCHITECTURES, ArchConfig, ConfigError
+from fitserve.arch_config import SUPPORTED_ARCHITECTURES, ArchConfig
+from fitserve.config import ConfigError
 from fitserve.layers.attention import PagedAttention
 from fitserve.models import loader, registry
 from fitserve.models.llama import LlamaForCausalLM

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.models.phi3 import Phi3ForCausalLM
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.models.qwen3 import Qwen3ForCausalLM

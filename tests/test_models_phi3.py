@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-from fitserve.config import ArchConfig, ConfigError, EngineConfig
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError, EngineConfig
 from fitserve.layers.parallel import TensorParallel
 from fitserve.models.loader import dummy_weights
 from fitserve.models.phi3 import Phi3ForCausalLM

@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from fitserve.config import ArchConfig, ConfigError, EngineConfig
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError, EngineConfig
 from fitserve.layers.parallel import TensorParallel
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes

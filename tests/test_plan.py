@@ -72,7 +72,7 @@ def test_safetensors_headers_give_the_counts(tmp_path):
     folder = write_model_folder(tmp_path / "ckpt")
     arch_counts = model_param_counts(llama_8b_arch(), None)
     assert arch_counts.source == "config.json"
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
     arch = ArchConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
     h, i, v = 64, 160, 512
     tensors = {"model.embed_tokens.weight": torch.zeros(v, h, dtype=torch.bfloat16),

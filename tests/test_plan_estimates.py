@@ -11,7 +11,7 @@ import pytest
 import torch
 from memory_tracker import LiveBytesTracker
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.models.llama import LlamaForCausalLM
 from fitserve.plan import estimates
 from fitserve.runner import profiling

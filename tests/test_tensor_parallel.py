@@ -14,7 +14,8 @@ from plan_helpers import LLAMA_3_8B, llama_8b_arch, llama_8b_inputs
 from tp_helpers import GREEDY_16, PROMPTS, greedy_tokens, tiny_llm, write_tiny_llama
 
 from fitserve.cli import main
-from fitserve.config import ArchConfig, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from fitserve.arch_config import ArchConfig
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.kernels import fp8
 from fitserve.layers.parallel import TensorParallel
 from fitserve.llm import LLM

@@ -140,7 +140,7 @@ def test_silu_and_mul_matches_reference():
 def test_model_on_gpu_matches_cpu_reference_path(fused):
     """The whole model through the Triton kernels agrees with the pure-torch path in float32, with the
     rotary + KV store fusion and without (decode split over the context either way)."""
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
     from fitserve.layers.attention import PagedAttention
     from fitserve.models.llama import LlamaForCausalLM
     from paged_helpers import PagedDriver
@@ -166,7 +166,7 @@ def test_model_on_gpu_matches_cpu_reference_path(fused):
 
 def test_cuda_graph_decode_gives_the_eager_tokens():
     """The same requests through the engine with decode graphs and without: identical greedy tokens."""
-    from fitserve.config import ArchConfig
+    from fitserve.arch_config import ArchConfig
     from fitserve.core.interfaces import KVCapacity
     from fitserve.core.scheduler import SchedulerLimits
     from fitserve.engine.llm_engine import EngineLimits, LLMEngine

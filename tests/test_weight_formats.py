@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fitserve.config import ArchConfig, ConfigError
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError
 from fitserve.layers.formats import registry
 from fitserve.layers.formats.registry import WEIGHT_FORMATS, get_weight_format, make_linear
 from fitserve.layers.weight_format import WEIGHT, WEIGHT_SCALE, LinearLayer, WeightFormat, WeightSpec

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fitserve.config import RopeScaling
+from fitserve.arch_config import RopeScaling
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
 

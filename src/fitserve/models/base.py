@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
 from fitserve.layers.weight_format import LinearLayer, WeightFormat

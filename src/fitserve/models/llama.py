@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
 from fitserve.kernels import fp8
 from fitserve.layers.activation import silu_and_mul, silu_and_mul_for_fp8

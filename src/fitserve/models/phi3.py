@@ -7,7 +7,7 @@ layers here. At load each fused tensor is split into its parts and handed on und
 see what they see for Llama; under tensor parallelism a fused tensor is read whole (a rank's rows
 of q, k and v are not one contiguous slice) and each part is narrowed to the rank's rows.
 
-What config.ArchConfig refuses or limits, since serving it would give wrong numbers: "longrope" /
+What arch_config.ArchConfig refuses or limits, since serving it would give wrong numbers: "longrope" /
 "su" rope scaling (Phi-3-mini-128k, Phi-3.5) and a partial rotary factor (Phi-4-mini) are refused;
 a sliding window (Phi-3-mini-4k: 2047 tokens) caps the context at the window, inside which full
 attention is exact. An fp8 checkpoint's scales of a fused tensor are refused.
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.layers.parallel import TensorShard
 from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes, layer_projection_shapes
 

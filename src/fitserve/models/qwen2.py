@@ -2,7 +2,7 @@
 
 transformers' Qwen2 gives q_proj, k_proj and v_proj a bias (o_proj and the MLP none), ties the
 embeddings when config.json says so (the small Qwen2.5 models), and has a sliding window that real
-checkpoints leave off (`use_sliding_window: false`; config.ArchConfig refuses one that turns it on).
+checkpoints leave off (`use_sliding_window: false`; arch_config.ArchConfig refuses one that turns it on).
 
 The bias is added to the merged qkv projection's output, after the weight format's matmul, so it
 works with every weight format (bf16, fp8) and on every device: one [q + 2 kv rows] vector in the
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.parallel import TensorShard
 from fitserve.layers.rotary import RotaryEmbedding

@@ -3,7 +3,7 @@
 transformers' Qwen3 normalises every head of q and of k over head_dim (`q_norm`, `k_norm`, one
 [head_dim] weight each per layer) before the rotary embedding; head_dim comes from config.json
 (128 on every size, not hidden_size / heads: Qwen3-0.6B has 16 heads of 128 over a hidden size of
-1024). `attention_bias` and `use_sliding_window` stay off in real checkpoints; config.ArchConfig
+1024). `attention_bias` and `use_sliding_window` stay off in real checkpoints; arch_config.ArchConfig
 refuses a config that turns either on.
 
 The norms run before PagedAttention, so on CUDA before its fused rotary + KV-store kernel, with the
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.norm import HeadRMSNorm
 from fitserve.layers.rotary import RotaryEmbedding

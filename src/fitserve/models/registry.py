@@ -2,14 +2,15 @@
 
 Adding an architecture is one module under models/ whose class satisfies models/base.py
 `CausalLM` / `ModelClass`, plus one entry here. The name must also be in
-config.SUPPORTED_ARCHITECTURES, which rejects an unknown architecture while config.json is
+arch_config.SUPPORTED_ARCHITECTURES, which rejects an unknown architecture while config.json is
 read, before torch is imported (`fitserve plan` never imports it); the assert below keeps the
 two lists equal.
 """
 
 from __future__ import annotations
 
-from fitserve.config import SUPPORTED_ARCHITECTURES, ConfigError
+from fitserve.arch_config import SUPPORTED_ARCHITECTURES
+from fitserve.config import ConfigError
 from fitserve.models.base import ModelClass
 from fitserve.models.llama import LlamaForCausalLM
 from fitserve.models.phi3 import Phi3ForCausalLM

@@ -16,7 +16,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fitserve.config import ArchConfig, ConfigError, EngineConfig, parse_size_bytes
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError, EngineConfig, parse_size_bytes
 from fitserve.flags import PLAN_FIELDS, add_engine_args, engine_config_from_args
 from fitserve.plan.fit_search import fit_to_json, format_fit, search_fit
 from fitserve.plan.gpus import KNOWN_GPUS, find_gpu

@@ -10,7 +10,7 @@ tests/test_plan_estimates.py, the others were read on an H200 (torch 2.11, CUDA 
 
 from __future__ import annotations
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 
 MIB = 1 << 20
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fitserve.arch_config import ArchConfig
 from fitserve.config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_GPU_MEMORY_UTILIZATION,
     DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
-    ArchConfig,
     ConfigError,
 )
 from fitserve.plan.shapes import ParamCounts, WeightBytes

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fitserve.config import DEFAULT_CPU_KV_CACHE_BYTES, ArchConfig, ConfigError
+from fitserve.arch_config import ArchConfig
+from fitserve.config import DEFAULT_CPU_KV_CACHE_BYTES, ConfigError
 from fitserve.plan import estimates
 from fitserve.plan.memory_plan import (  # noqa: F401  (the plan's types, imported from here by its users)
     MemoryBreakdown,

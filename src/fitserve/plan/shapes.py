@@ -15,7 +15,8 @@ import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fitserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, ArchConfig, ConfigError
+from fitserve.arch_config import ArchConfig
+from fitserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, ConfigError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 AUTO_DTYPE = "bfloat16"  # fitserve's --dtype auto

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.plan.planner import MemoryBreakdown, MemoryPlan, plan_memory
 from fitserve.plan.units import GIB
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.runner.cuda_graph import DecodeGraphs

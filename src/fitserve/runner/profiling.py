@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from fitserve.config import ArchConfig
+from fitserve.arch_config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks

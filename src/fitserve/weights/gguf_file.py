@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader
 
-from fitserve.config import ArchConfig, ConfigError
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError
 
 # GGUF tensor name (per block or global) -> HF checkpoint name
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",

