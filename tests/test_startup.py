@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from plan_helpers import llama_8b_inputs, write_model_folder
 
 import fitserve.startup as startup
@@ -98,3 +99,16 @@ def test_plan_inputs_from_the_engine_config_match_the_cli(tmp_path):
     inputs = startup.plan_inputs(config, source, 512, startup.torch.device("cpu"), None)
     assert inputs.on_gpu is False and inputs.cuda_graphs is False and inputs.dtype == "bfloat16"
     assert replace(inputs, model_name="x").max_num_seqs == 256
+
+
+def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_on_cuda_before_loading():
+    """Phi-3-mini's head_dim 96 (3072 / 32 heads): the Triton kernels tile heads in powers of two."""
+    from fitserve.arch_config import ArchConfig
+
+    phi3_mini = ArchConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=32, head_dim=96,
+                           architecture="Phi3ForCausalLM")
+    with pytest.raises(ConfigError, match="head_dim 96.*power of two.*--device cpu"):
+        startup.check_gpu_kernels(phi3_mini, torch.device("cuda"))
+    startup.check_gpu_kernels(phi3_mini, torch.device("cpu"))  # the reference path takes any head_dim
+    startup.check_gpu_kernels(replace(phi3_mini, head_dim=128), torch.device("cuda"))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fitserve.arch_config import ArchConfig
 from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
@@ -241,6 +242,15 @@ def check_tensor_parallel(config: EngineConfig, source: ModelSource, device: tor
                 f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES picks them).")
 
 
+def check_gpu_kernels(arch: ArchConfig, device: torch.device) -> None:
+    """Before any weight is read: the Triton attention and rotary kernels tile a head in one power
+    of two (tl.arange), so a head_dim such as Phi-3-mini's 96 cannot run on CUDA yet."""
+    if device.type == "cuda" and arch.head_dim & (arch.head_dim - 1):
+        raise ConfigError(
+            f"{arch.architecture} has head_dim {arch.head_dim}; fitserve's GPU kernels need a power of two "
+            f"(64, 128, 256) and do not run this model yet. It runs on the CPU with --device cpu.")
+
+
 def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,
                           device: torch.device, progress: bool,
                           calibration_ids: list[list[int]] | None = None) -> TorchModelRunner:
@@ -267,6 +277,7 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     device = resolve_device(config)
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
     check_tensor_parallel(config, source, device)
+    check_gpu_kernels(source.arch, device)
     memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read
     tokenizer = Tokenizer.from_source(source)
     calibration_ids = fp8_calibration_ids(config.quantization, tokenizer, source)
