@@ -28,6 +28,7 @@ VOCAB_SIZE = 258  # 256 byte values + BOS + EOS
 class FakeTokenizer:
     vocab_size = VOCAB_SIZE
     eos_token_id = EOS_TOKEN_ID
+    chat_template: str | None = None  # its chat format is apply_chat_template below, not a Jinja template
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([BOS_TOKEN_ID] if add_special_tokens else []) + list(text.encode())
@@ -37,6 +38,9 @@ class FakeTokenizer:
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return [chr(i) if i < 256 else ("<bos>" if i == BOS_TOKEN_ID else "<eos>") for i in ids]
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        return [token_id] if token_id < 256 else list(self.convert_ids_to_tokens([token_id])[0].encode())
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> list[int]:

@@ -12,6 +12,29 @@ from fitserve.engine.outputs import RequestOutput
 from fitserve.sampling_params import SamplingParams
 
 
+class ServingTokenizer(Protocol):
+    """What the server uses of the model's tokenizer (engine/tokenizer.py `Tokenizer`)."""
+
+    eos_token_id: int | None
+
+    @property
+    def chat_template(self) -> str | None:  # the model's own Jinja template (None: it has none)
+        ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
+
+    def token_bytes(self, token_id: int) -> list[int]:
+        """One token's raw bytes (a piece may be part of a UTF-8 character)."""
+        ...
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> list[int]: ...
+
+
 @runtime_checkable
 class EngineClient(Protocol):
     model_name: str  # the name clients put in the `model` field
@@ -26,7 +49,7 @@ class EngineClient(Protocol):
     startup_info: dict[str, Any] | None
 
     @property
-    def tokenizer(self) -> Any:  # fitserve.engine.tokenizer.Tokenizer
+    def tokenizer(self) -> ServingTokenizer:
         ...
 
     @property

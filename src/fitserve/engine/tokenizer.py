@@ -75,6 +75,10 @@ class Tokenizer:
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(ids)
 
+    @property
+    def chat_template(self) -> str | None:
+        return self.hf.chat_template
+
     def token_bytes(self, token_id: int) -> list[int]:
         """One token's raw bytes: a byte-level BPE piece (or a `<0xNN>` byte-fallback piece) may
         be part of a UTF-8 character that its decoded text shows as a replacement character."""

@@ -123,7 +123,7 @@ def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], plan: ToolPlan,
 
 def template_handles_tools(tokenizer: Any) -> bool:
     """Whether the model's chat template renders `tools` itself (it mentions them)."""
-    template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
+    template = tokenizer.chat_template
     return isinstance(template, str) and "tools" in template
 
 

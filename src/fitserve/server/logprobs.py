@@ -46,9 +46,8 @@ class TokenTexts:
 
     def _raw_bytes(self, token_id: int) -> list[int]:
         text = self(token_id)
-        raw_bytes = getattr(self._tokenizer, "token_bytes", None)
-        if "\ufffd" in text and raw_bytes is not None:
-            return raw_bytes(token_id)
+        if "\ufffd" in text:
+            return self._tokenizer.token_bytes(token_id)
         return list(text.encode("utf-8"))
 
 
