@@ -319,9 +319,6 @@ class ServerConfig:
     max_choices_per_request: int = field(default=DEFAULT_MAX_CHOICES_PER_REQUEST, metadata=flag(
         "--max-choices-per-request", type=int,
         help=f"most n x prompts in one request (default {DEFAULT_MAX_CHOICES_PER_REQUEST})"))
-    reasoning_parser: str | None = field(default=None, metadata=flag(  # None: replies are all content
-        "--reasoning-parser", choices=("qwen3", "deepseek_r1"),
-        help="split <think>...</think> into reasoning_content (qwen3: the model opens <think>; deepseek_r1: the prompt does)"))
     max_prompt_tokens_per_request: int = field(default=DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST, metadata=flag(
         "--max-prompt-tokens-per-request", type=int,
         help=f"most prompt tokens of all a request's prompts (default {DEFAULT_MAX_PROMPT_TOKENS_PER_REQUEST})"))

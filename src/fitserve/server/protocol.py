@@ -356,7 +356,6 @@ class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the reply is tool calls
     tool_calls: list[ToolCall] | None = None
-    reasoning_content: str | None = None  # the <think> part, with --reasoning-parser
 
 
 # ---- logprobs (chat: OpenAI's `logprobs.content`; completions: the legacy four lists)
@@ -405,7 +404,6 @@ class DeltaMessage(OpenAIModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = None  # with --reasoning-parser
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")

@@ -24,7 +24,6 @@ from fitserve.server.chat_tools import (
     structured_output,
 )
 from fitserve.server.logprobs import chat_logprobs
-from fitserve.server.reasoning import ReasoningStream, split_reasoning
 from fitserve.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -69,9 +68,7 @@ class OpenAIServingChat(ServingBase):
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = []
         for index, final in enumerate(finals):
-            reasoning, text = self._split(final.text, params.structured_output is None)
-            message, finish_reason = chat_reply(text or "", final.finish_reason, plan)
-            message.reasoning_content = reasoning
+            message, finish_reason = chat_reply(final.text, final.finish_reason, plan)
             logprobs = None if final.logprobs is None else chat_logprobs(final.logprobs, self.token_texts)
             choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
                                       stop_reason=final.stop_reason))
@@ -79,13 +76,6 @@ class OpenAIServingChat(ServingBase):
         usage = UsageInfo.of(len(token_ids), sum(final.num_output_tokens for final in finals))
         response = ChatCompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
-
-    def _split(self, text: str, free: bool) -> tuple[str | None, str]:
-        """(reasoning, content); a grammar-forced reply has no reasoning part."""
-        parser = self.options.reasoning_parser
-        if parser is None or not free:
-            return None, text
-        return split_reasoning(text, parser)
 
     async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
                             body: ChatCompletionRequest, num_prompt_tokens: int,
@@ -103,9 +93,6 @@ class OpenAIServingChat(ServingBase):
 
         # Per choice: its text as content deltas, or, when it is a tool call, tool-call deltas.
         tool_streams = [ToolCallStream(plan or ToolPlan((), "none")) for _ in streams]
-        parser = self.options.reasoning_parser if body.response_format is None and (
-            plan is None or not plan.forced_tools()) else None
-        thinks = [ReasoningStream(parser) if parser else None for _ in streams]
         for index in range(len(streams)):
             role = DeltaMessage(role="assistant", content="")
             yield chunk([ChatStreamChoice(index=index, delta=role)], running_usage(index))
@@ -114,13 +101,7 @@ class OpenAIServingChat(ServingBase):
                 num_output_tokens[index] = out.num_output_tokens
                 tool_stream = tool_streams[index]
                 logprobs = None if out.new_logprobs is None else chat_logprobs(out.new_logprobs, self.token_texts)
-                new_text, deltas = out.new_text, []
-                think = thinks[index]
-                if think is not None:
-                    parts = [think.feed(new_text)] + ([think.finish()] if out.finished else [])
-                    deltas = [DeltaMessage(reasoning_content=p.reasoning) for p in parts if p.reasoning]
-                    new_text = "".join(p.content for p in parts)
-                deltas += tool_stream.feed(new_text) + (tool_stream.finish() if out.finished else [])
+                deltas = tool_stream.feed(out.new_text) + (tool_stream.finish() if out.finished else [])
                 for delta in deltas[:-1]:
                     yield chunk([ChatStreamChoice(index=index, delta=delta)], running_usage(index))
                 if deltas or out.finished or logprobs is not None:
