@@ -437,6 +437,10 @@ class ServerConfig:
     enable_ui: bool = field(default=True, metadata=flag(  # GET / and /ui: the built-in page
         "--disable-ui", kind="disable",
         help="serve no web page at / and /ui (the dashboard and chat playground, docs/ui.md)"))
+    reasoning_parser: str | None = field(default=None, metadata=flag(  # None: the reply is all content
+        "--reasoning-parser", choices=("qwen3", "deepseek_r1"),
+        help="put the reply's <think>...</think> in reasoning_content (qwen3: the model opens the tag; "
+             "deepseek_r1: the prompt did)"))
     strict: bool = field(default=False, metadata=flag(
         "--strict", kind="switch",
         help="answer 400 to a request field fitserve does not support (default: ignore it and log it once; "
