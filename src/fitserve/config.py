@@ -441,6 +441,12 @@ class ServerConfig:
         "--reasoning-parser", choices=("qwen3", "deepseek_r1"),
         help="put the reply's <think>...</think> in reasoning_content (qwen3: the model opens the tag; "
              "deepseek_r1: the prompt did)"))
+    tool_call_parser: str = field(default="llama3_json", metadata=flag(
+        "--tool-call-parser", choices=("llama3_json", "hermes", "mistral"),
+        help="the model's tool-call format: llama3_json (default), hermes (Hermes, Qwen2.5, Qwen3), mistral"))
+    enable_auto_tool_choice: bool = field(default=False, metadata=flag(  # accepted for vLLM; auto works without it
+        "--enable-auto-tool-choice", kind="switch",
+        help="accepted for vLLM compatibility: tool_choice auto is always on in fitserve (docs/api.md)"))
     strict: bool = field(default=False, metadata=flag(
         "--strict", kind="switch",
         help="answer 400 to a request field fitserve does not support (default: ignore it and log it once; "

@@ -24,6 +24,7 @@ from fitserve.server.chat_tools import (
     structured_output,
 )
 from fitserve.server.logprobs import chat_logprobs
+from fitserve.server.tool_parsers import ToolParser, tool_parser
 from fitserve.server.reasoning import ReasoningStream, reasoning_format, split_reasoning
 from fitserve.server.protocol import (
     ChatChoice,
@@ -70,7 +71,7 @@ class OpenAIServingChat(ServingBase):
         choices = []
         for index, final in enumerate(finals):
             reasoning, text = self.split_reasoning(final.text)
-            message, finish_reason = chat_reply(text, final.finish_reason, plan)
+            message, finish_reason = chat_reply(text, final.finish_reason, plan, self.tool_parser)
             message = message.model_copy(update={"reasoning_content": reasoning})
             logprobs = None if final.logprobs is None else chat_logprobs(final.logprobs, self.token_texts)
             choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
@@ -79,6 +80,10 @@ class OpenAIServingChat(ServingBase):
         usage = UsageInfo.of(len(token_ids), sum(final.num_output_tokens for final in finals))
         response = ChatCompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
+
+    @property
+    def tool_parser(self) -> ToolParser:
+        return tool_parser(self.options.tool_call_parser)
 
     def split_reasoning(self, text: str) -> tuple[str | None, str]:
         name = self.options.reasoning_parser
@@ -99,7 +104,7 @@ class OpenAIServingChat(ServingBase):
             return UsageInfo.of(num_prompt_tokens, num_output_tokens[index]) if continuous else None
 
         # Per choice: its text as content deltas, or, when it is a tool call, tool-call deltas.
-        tool_streams = [ToolCallStream(plan or ToolPlan((), "none")) for _ in streams]
+        tool_streams = [ToolCallStream(plan or ToolPlan((), "none"), self.tool_parser) for _ in streams]
         name = self.options.reasoning_parser
         reasoning_streams = [None if name is None else ReasoningStream(reasoning_format(name)) for _ in streams]
         for index in range(len(streams)):
