@@ -74,7 +74,8 @@ def test_live_reasoning_content_whole(thinking):
     resp = client.chat.completions.create(model="fake-model", messages=USER)
     message = resp.choices[0].message
     assert message.reasoning_content == "The user greets." and message.content == "\n\nHello!"
-    assert resp.usage.completion_tokens == -(-len(engine.reply) // PIECE_CHARS), "usage counts the engine's outputs, reasoning included"
+    num_pieces = -(-len(engine.reply) // PIECE_CHARS)
+    assert resp.usage.completion_tokens == num_pieces, "usage counts the engine's outputs, reasoning included"
 
 
 def test_live_reasoning_content_streamed(thinking):

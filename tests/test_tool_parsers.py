@@ -11,10 +11,11 @@ import pytest
 from server_fixtures import FAKE_API_KEY, live_server
 from test_api_tools import TIME, USER, WEATHER, ScriptedEngine
 
-from fitserve.config import ServerConfig
+from fitserve.config import REASONING_PARSER_NAMES, TOOL_CALL_PARSER_NAMES, ConfigError, ServerConfig
 from fitserve.server.app import build_app
 from fitserve.server.chat_tools import ToolCallStream, ToolPlan, chat_reply
 from fitserve.server.protocol_tools import ChatTool
+from fitserve.server.reasoning import REASONING_PARSERS
 from fitserve.server.tool_parsers import tool_parser
 
 PLAN = ToolPlan(tuple(ChatTool.model_validate(t) for t in (WEATHER, TIME)), "auto")
@@ -109,3 +110,12 @@ def test_live_malformed_call_is_content(served):
     engine.reply = "<tool_call>{oops</tool_call>" if parser == "hermes" else "[TOOL_CALLS][{oops"
     message = client.chat.completions.create(model="fake-model", messages=USER, tools=[WEATHER]).choices[0].message
     assert message.content == engine.reply and not message.tool_calls
+
+
+def test_unknown_parser_names_are_config_errors():
+    with pytest.raises(ConfigError, match="--tool-call-parser"):
+        ServerConfig(tool_call_parser="pythonic")
+    with pytest.raises(ConfigError, match="--reasoning-parser"):
+        ServerConfig(reasoning_parser="granite")
+    assert set(REASONING_PARSER_NAMES) == set(REASONING_PARSERS)
+    assert all(tool_parser(name).name == name for name in TOOL_CALL_PARSER_NAMES)

@@ -54,5 +54,3 @@ def tool_parser(name: str) -> ToolParser:
     except KeyError:
         raise ValueError(f"Unknown tool-call parser {name!r}; choose one of {sorted(parsers)}.") from None
 
-
-TOOL_CALL_PARSERS = ("llama3_json", "hermes", "mistral")
