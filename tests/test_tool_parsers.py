@@ -119,3 +119,22 @@ def test_unknown_parser_names_are_config_errors():
         ServerConfig(reasoning_parser="granite")
     assert set(REASONING_PARSER_NAMES) == set(REASONING_PARSERS)
     assert all(tool_parser(name).name == name for name in TOOL_CALL_PARSER_NAMES)
+
+
+def test_live_qwen3_reasoning_then_hermes_call():
+    engine = ScriptedEngine(max_model_len=4096)
+    engine.reply = "<think>Needs the weather.</think>\n\n" + HERMES_REPLY
+    config = ServerConfig(reasoning_parser="qwen3", tool_call_parser="hermes")
+    with live_server(build_app(engine, config=config)) as url:
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=10) as client:
+            resp = client.chat.completions.create(model="fake-model", messages=USER, tools=[WEATHER])
+            message = resp.choices[0].message
+            chunks = list(client.chat.completions.create(model="fake-model", messages=USER, tools=[WEATHER],
+                                                         stream=True))
+    assert message.reasoning_content == "Needs the weather." and message.content == "Let me look."
+    assert message.tool_calls[0].function.name == "get_weather"
+    deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Needs the weather."
+    assert "".join(d.content or "" for d in deltas).strip() == "Let me look."
+    assert [c.function.name for d in deltas for c in d.tool_calls or [] if c.function.name] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
