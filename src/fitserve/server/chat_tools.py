@@ -1,5 +1,5 @@
 """Tool calling and response_format for chat: what the model is offered, how it is constrained,
-and how its reply becomes OpenAI `tool_calls` (Llama 3 JSON style).
+and how its reply becomes OpenAI `tool_calls` (through a --tool-call-parser, server/tool_parsers/).
 
 - `tool_choice` "none": tools are not offered and nothing is parsed. "auto" (the default with
   tools): tools are offered, and a reply that is a tool-call JSON becomes `tool_calls`.
@@ -8,8 +8,9 @@ and how its reply becomes OpenAI `tool_calls` (Llama 3 JSON style).
 - Offering: a chat template that mentions `tools` gets them through apply_chat_template(tools=...);
   one that does not (the embedded SmolLM2's) gets a system-message paragraph listing them and the
   reply format (`tool_system_prompt`).
-- Parsing: optional `<|python_tag|>`, then one JSON object (or several, separated by `;`, or a
-  JSON array of them) with `name` and `parameters` (or `arguments`); anything else is content.
+- Parsing: the --tool-call-parser's format (default llama3_json, whose JSON reading lives here:
+  optional `<|python_tag|>`, then one JSON object, or several separated by `;`, or a JSON array of
+  them, with `name` and `parameters` (or `arguments`)); anything else is content.
 """
 
 from __future__ import annotations
