@@ -269,6 +269,10 @@ def _words_or_json(values: list[str]) -> tuple[str, ...]:
     return tuple(items)
 
 
+REASONING_PARSER_NAMES = ("qwen3", "deepseek_r1")  # server/reasoning.py
+TOOL_CALL_PARSER_NAMES = ("llama3_json", "hermes", "mistral")  # server/tool_parsers/
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     """What `fitserve serve` sets around the engine: exposure, limits, lifecycle."""
@@ -307,6 +311,16 @@ class ServerConfig:
     enable_ui: bool = field(default=True, metadata=flag(  # GET / and /ui: the built-in page
         "--disable-ui", kind="disable",
         help="serve no web page at / and /ui (the dashboard and chat playground, docs/ui.md)"))
+    reasoning_parser: str | None = field(default=None, metadata=flag(  # None: the reply is all content
+        "--reasoning-parser", choices=REASONING_PARSER_NAMES,
+        help="put the reply's <think>...</think> in reasoning_content (qwen3: the model opens the tag; "
+             "deepseek_r1: the prompt did)"))
+    tool_call_parser: str = field(default="llama3_json", metadata=flag(
+        "--tool-call-parser", choices=TOOL_CALL_PARSER_NAMES,
+        help="the model's tool-call format: llama3_json (default), hermes (Hermes, Qwen2.5, Qwen3), mistral"))
+    enable_auto_tool_choice: bool = field(default=False, metadata=flag(  # accepted for vLLM; auto works without it
+        "--enable-auto-tool-choice", kind="switch",
+        help="accepted for vLLM compatibility: tool_choice auto is always on in fitserve (docs/api.md)"))
     strict: bool = field(default=False, metadata=flag(
         "--strict", kind="switch",
         help="answer 400 to a request field fitserve does not support (default: ignore it and log it once; "
@@ -357,6 +371,12 @@ class ServerConfig:
             raise ConfigError(f"--shutdown-timeout must be 0 or more, got {self.shutdown_timeout_s}.")
         if self.max_log_len is not None and self.max_log_len < 0:
             raise ConfigError(f"--max-log-len must be 0 or more, got {self.max_log_len}.")
+        if self.reasoning_parser not in (None, *REASONING_PARSER_NAMES):
+            raise ConfigError(f"--reasoning-parser must be one of {REASONING_PARSER_NAMES}, "
+                              f"got {self.reasoning_parser!r}.")
+        if self.tool_call_parser not in TOOL_CALL_PARSER_NAMES:
+            raise ConfigError(f"--tool-call-parser must be one of {TOOL_CALL_PARSER_NAMES}, "
+                              f"got {self.tool_call_parser!r}.")
         for flag, value in (("--max-n", self.max_n), ("--max-prompts-per-request", self.max_prompts_per_request),
                             ("--max-choices-per-request", self.max_choices_per_request),
                             ("--max-prompt-tokens-per-request", self.max_prompt_tokens_per_request)):

@@ -1,5 +1,5 @@
 """Tool calling and response_format for chat: what the model is offered, how it is constrained,
-and how its reply becomes OpenAI `tool_calls` (Llama 3 JSON style).
+and how its reply becomes OpenAI `tool_calls` (through a --tool-call-parser, server/tool_parsers/).
 
 - `tool_choice` "none": tools are not offered and nothing is parsed. "auto" (the default with
   tools): tools are offered, and a reply that is a tool-call JSON becomes `tool_calls`.
@@ -8,8 +8,9 @@ and how its reply becomes OpenAI `tool_calls` (Llama 3 JSON style).
 - Offering: a chat template that mentions `tools` gets them through apply_chat_template(tools=...);
   one that does not (the embedded SmolLM2's) gets a system-message paragraph listing them and the
   reply format (`tool_system_prompt`).
-- Parsing: optional `<|python_tag|>`, then one JSON object (or several, separated by `;`, or a
-  JSON array of them) with `name` and `parameters` (or `arguments`); anything else is content.
+- Parsing: the --tool-call-parser's format (default llama3_json, whose JSON reading lives here:
+  optional `<|python_tag|>`, then one JSON object, or several separated by `;`, or a JSON array of
+  them, with `name` and `parameters` (or `arguments`)); anything else is content.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fitserve.engine.chat_template import template_variables
 from fitserve.server.errors import BadRequestError
 from fitserve.server.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, DeltaMessage
 from fitserve.server.protocol_tools import ChatTool, DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
+from fitserve.server.tool_parsers import ToolParser
 from fitserve.structured_params import ANY_JSON_OBJECT_SCHEMA, StructuredOutputParams
 
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's marker before a tool call (dropped when special tokens are skipped)
@@ -175,12 +177,25 @@ def _arguments_object(arguments: str) -> Any:
 # ---------------------------------------------------------------- the reply
 
 
-def chat_reply(text: str, finish_reason: str | None, plan: ToolPlan) -> tuple[AssistantMessage, str | None]:
-    """The assistant message of a whole reply: its tool calls (finish_reason "tool_calls"), or its text."""
-    calls = parse_tool_calls(text, plan) if plan.parses_calls else None
-    if calls is None:
+def chat_reply(text: str, finish_reason: str | None, plan: ToolPlan,
+               parser: ToolParser | None = None) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of a whole reply: its tool calls (finish_reason "tool_calls"), or its text.
+
+    `parser`: the --tool-call-parser (None: llama3_json). Forced calls (grammar) are always Llama 3 JSON."""
+    if not plan.parses_calls:
         return AssistantMessage(content=text), finish_reason
-    return AssistantMessage(content=None, tool_calls=calls), "tool_calls"
+    extracted = _parser_for(plan, parser).extract(text, plan)
+    if extracted is None:
+        return AssistantMessage(content=text), finish_reason
+    return AssistantMessage(content=extracted.content, tool_calls=extracted.calls), "tool_calls"
+
+
+def _parser_for(plan: ToolPlan, parser: ToolParser | None) -> ToolParser:
+    from fitserve.server.tool_parsers import tool_parser  # its modules import this one
+
+    if parser is None or plan.forced_tools():  # the grammar writes Llama 3 JSON whatever the model's format
+        return tool_parser("llama3_json")
+    return parser
 
 
 def new_tool_call_id() -> str:
@@ -202,6 +217,11 @@ def parse_tool_calls(text: str, plan: ToolPlan) -> list[ToolCall] | None:
             return None
         objects.extend(value if isinstance(value, list) else [value])
         position = _skip_separator(body, position)
+    return calls_from_objects(objects, plan)
+
+
+def calls_from_objects(objects: list[Any], plan: ToolPlan) -> list[ToolCall] | None:
+    """Decoded `{"name", "parameters"|"arguments"}` objects as calls; None if any is not a call of an offered tool."""
     calls = [_to_tool_call(obj, plan) for obj in objects]
     if not calls or any(call is None for call in calls):
         return None
@@ -228,42 +248,45 @@ def _to_tool_call(obj: Any, plan: ToolPlan) -> ToolCall | None:
 
 
 class ToolCallStream:
-    """Streams a reply as content deltas, or, when it is a tool call, as `tool_calls` deltas.
+    """Streams a reply as content deltas, and its tool calls as `tool_calls` deltas.
 
-    While the reply may still be a call (it starts with `{`, `[` or the python tag) its text is
-    held; at the end it becomes one delta with each call's id and name, then one with its
-    arguments, or, if it did not parse as calls, the held text as content. A reply that starts
-    otherwise streams as content at once.
+    Text that may be (the start of) a call, as the parser says, is held until the reply ends; then
+    each call becomes one delta with its id and name, then one with its arguments, or, if the held
+    text did not parse as calls, it is sent as content. Text before it streams as content at once.
     """
 
-    def __init__(self, plan: ToolPlan) -> None:
+    def __init__(self, plan: ToolPlan, parser: ToolParser | None = None) -> None:
         self.plan = plan
+        self.parser = _parser_for(plan, parser) if plan.parses_calls else None
         self._held = ""
-        self._is_content = not plan.parses_calls
+        self._sent_any = False
         self.calls: list[ToolCall] = []
 
     def feed(self, new_text: str) -> list[DeltaMessage]:
-        if self._is_content:
+        if self.parser is None:
             return [DeltaMessage(content=new_text)] if new_text else []
         self._held += new_text
-        start = self._held.lstrip()
-        if start.startswith(("{", "[", PYTHON_TAG)) or PYTHON_TAG.startswith(start):
-            return []  # may be (the start of) a call: hold it
-        self._is_content = True
-        held, self._held = self._held, ""
-        return [DeltaMessage(content=held)]
+        start = self.parser.hold_from(self._held, at_start=not self._sent_any)
+        if start is None:
+            send, self._held = self._held, ""
+        else:
+            send, self._held = self._held[:start], self._held[start:]  # re-checked with the next text
+        if not send:
+            return []
+        self._sent_any = True
+        return [DeltaMessage(content=send)]
 
     def finish(self) -> list[DeltaMessage]:
         """Deltas for what is still held, at the end of the reply."""
         held, self._held = self._held, ""
-        if self._is_content or not held:
+        if self.parser is None or not held:
             return []
-        calls = parse_tool_calls(held, self.plan)
-        if calls is None:
+        extracted = self.parser.extract(held, self.plan)
+        if extracted is None:
             return [DeltaMessage(content=held)]
-        self.calls = calls
-        deltas = []
-        for index, call in enumerate(calls):
+        self.calls = extracted.calls
+        deltas = [DeltaMessage(content=extracted.content)] if extracted.content else []
+        for index, call in enumerate(extracted.calls):
             deltas.append(DeltaMessage(tool_calls=[DeltaToolCall(
                 index=index, id=call.id, type="function", function=DeltaFunctionCall(name=call.function.name,
                                                                                       arguments=""))]))

@@ -355,6 +355,7 @@ def _now_s() -> int:
 class AssistantMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the reply is tool calls
+    reasoning_content: str | None = None  # --reasoning-parser: the reply's <think> part
     tool_calls: list[ToolCall] | None = None
 
 
@@ -404,6 +405,7 @@ class DeltaMessage(OpenAIModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # --reasoning-parser
     tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")

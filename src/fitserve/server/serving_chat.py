@@ -24,6 +24,8 @@ from fitserve.server.chat_tools import (
     structured_output,
 )
 from fitserve.server.logprobs import chat_logprobs
+from fitserve.server.tool_parsers import ToolParser, tool_parser
+from fitserve.server.reasoning import ReasoningStream, reasoning_format, split_reasoning
 from fitserve.server.protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -68,7 +70,9 @@ class OpenAIServingChat(ServingBase):
         finals = await until_disconnected(raw_request, gather_or_cancel(*map(collect, streams)))
         choices = []
         for index, final in enumerate(finals):
-            message, finish_reason = chat_reply(final.text, final.finish_reason, plan)
+            reasoning, text = self.split_reasoning(final.text)
+            message, finish_reason = chat_reply(text, final.finish_reason, plan, self.tool_parser)
+            message = message.model_copy(update={"reasoning_content": reasoning})
             logprobs = None if final.logprobs is None else chat_logprobs(final.logprobs, self.token_texts)
             choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
                                       stop_reason=final.stop_reason))
@@ -76,6 +80,14 @@ class OpenAIServingChat(ServingBase):
         usage = UsageInfo.of(len(token_ids), sum(final.num_output_tokens for final in finals))
         response = ChatCompletionResponse(id=completion_id, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(response.model_dump())
+
+    @property
+    def tool_parser(self) -> ToolParser:
+        return tool_parser(self.options.tool_call_parser)
+
+    def split_reasoning(self, text: str) -> tuple[str | None, str]:
+        name = self.options.reasoning_parser
+        return (None, text) if name is None else split_reasoning(text, reasoning_format(name))
 
     async def stream_events(self, completion_id: str, streams: list[AsyncIterator[RequestOutput]],
                             body: ChatCompletionRequest, num_prompt_tokens: int,
@@ -92,7 +104,9 @@ class OpenAIServingChat(ServingBase):
             return UsageInfo.of(num_prompt_tokens, num_output_tokens[index]) if continuous else None
 
         # Per choice: its text as content deltas, or, when it is a tool call, tool-call deltas.
-        tool_streams = [ToolCallStream(plan or ToolPlan((), "none")) for _ in streams]
+        tool_streams = [ToolCallStream(plan or ToolPlan((), "none"), self.tool_parser) for _ in streams]
+        name = self.options.reasoning_parser
+        reasoning_streams = [None if name is None else ReasoningStream(reasoning_format(name)) for _ in streams]
         for index in range(len(streams)):
             role = DeltaMessage(role="assistant", content="")
             yield chunk([ChatStreamChoice(index=index, delta=role)], running_usage(index))
@@ -101,7 +115,14 @@ class OpenAIServingChat(ServingBase):
                 num_output_tokens[index] = out.num_output_tokens
                 tool_stream = tool_streams[index]
                 logprobs = None if out.new_logprobs is None else chat_logprobs(out.new_logprobs, self.token_texts)
-                deltas = tool_stream.feed(out.new_text) + (tool_stream.finish() if out.finished else [])
+                reasoning_stream, text, reasoning = reasoning_streams[index], out.new_text, ""
+                if reasoning_stream is not None:
+                    reasoning, text = reasoning_stream.feed(text)
+                    if out.finished:
+                        more_reasoning, more_text = reasoning_stream.finish()
+                        reasoning, text = reasoning + more_reasoning, text + more_text
+                deltas = [DeltaMessage(reasoning_content=reasoning)] if reasoning else []
+                deltas += tool_stream.feed(text) + (tool_stream.finish() if out.finished else [])
                 for delta in deltas[:-1]:
                     yield chunk([ChatStreamChoice(index=index, delta=delta)], running_usage(index))
                 if deltas or out.finished or logprobs is not None:

@@ -194,12 +194,15 @@ class ServingOptions:
     enable_log_requests: bool = False  # log each request's prompt token ids and settings
     max_log_len: int | None = None  # prompt tokens shown in that log line; None: all
     caps: RequestCaps = RequestCaps()
+    reasoning_parser: str | None = None  # --reasoning-parser's name; None: no split
+    tool_call_parser: str = "llama3_json"  # --tool-call-parser's name
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> ServingOptions:
         caps = RequestCaps(config.max_n, config.max_prompts_per_request, config.max_choices_per_request,
                            config.max_prompt_tokens_per_request)
-        return cls(config.request_timeout_s, config.enable_log_requests, config.max_log_len, caps)
+        return cls(config.request_timeout_s, config.enable_log_requests, config.max_log_len, caps,
+                   config.reasoning_parser, config.tool_call_parser)
 
 
 def client_error(exc: InvalidRequestError, field_names: Mapping[str, str]) -> BadRequestError:
