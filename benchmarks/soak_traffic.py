@@ -41,6 +41,7 @@ SLOW_READ_DELAY_S = 0.2  # between the events a slow reader reads
 MALFORMED_BODIES = [b'{"prompt": "abc", ', b"not json", b'{"prompt": "a"}}', b"", b"[1, 2", b'{"prompt": "\xff"}']
 DISCONNECT_AFTER_EVENTS = 2
 NOT_A_MODEL = "no-such-model"
+CLIENT_KEEPALIVE_EXPIRY_S = 2.0  # under the server's --timeout-keep-alive (see run_soak)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,12 @@ def _judge_valid(planned: Planned, detail: str, events: list[str]) -> tuple[bool
 
 async def run_soak(url: str, plan: list[Planned], settings: SoakSettings) -> tuple[list[Result], float]:
     """Send the plan with `settings.concurrency` requests in flight; returns (results, wall seconds)."""
-    limits = httpx.Limits(max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency)
+    # A pooled connection must expire on the client before the server's idle timeout closes it
+    # (--timeout-keep-alive, 5 s): with both at 5 s (httpx's default) a request sent on a connection
+    # the server is closing at that instant fails in transport, a race of HTTP/1.1 keep-alive, not
+    # of the server. Clients that retry on connection errors (the openai client does) never see it.
+    limits = httpx.Limits(max_connections=settings.concurrency + 8, max_keepalive_connections=settings.concurrency,
+                          keepalive_expiry=CLIENT_KEEPALIVE_EXPIRY_S)
     queue: asyncio.Queue[Planned] = asyncio.Queue()
     for planned in plan:
         queue.put_nowait(planned)
