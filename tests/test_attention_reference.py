@@ -12,19 +12,25 @@ from fitserve.forward_batch import PAD_SLOT
 from paged_helpers import make_batch
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int, scale: float) -> torch.Tensor:
-    """q [Lq, H, D], k/v [L, Hkv, D] of one request in float64 -> [Lq, H, D]; query r sits at num_cached + r."""
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int, scale: float,
+                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q [Lq, H, D], k/v [L, Hkv, D] of one request in float64 -> [Lq, H, D]; query r sits at num_cached + r
+    and sees keys j <= its position, and with a window only those with position - j < window."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1).double()
     v = v.repeat_interleave(group, dim=1).double()
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # [H, Lq, L]
-    allowed = torch.arange(k.shape[0])[None, :] <= (num_cached + torch.arange(q.shape[0]))[:, None]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    distance = (num_cached + torch.arange(q.shape[0]))[:, None] - torch.arange(k.shape[0])[None, :]
+    allowed = (distance >= 0) & (distance < (window or k.shape[0] + 1))
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
 def run_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
-             head_dim: int = 24, block_size: int = 4, num_pad_rows: int = 0, seed: int = 0) -> None:
+             head_dim: int = 24, block_size: int = 4, num_pad_rows: int = 0, seed: int = 0,
+             window: int | None = None, softcap: float | None = None) -> None:
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
@@ -58,10 +64,12 @@ def run_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_
     assert num_changed_slots == sum(query_lens), "exactly the fed, non-padding tokens are stored"
     q = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
     scale = head_dim ** -0.5
-    out = paged_attention(q, k_cache, v_cache, batch, scale)
+    if softcap is not None:
+        q = q * 8  # scores far past the cap, where capping changes them
+    out = paged_attention(q, k_cache, v_cache, batch, scale, sliding_window=window, softcap=softcap)
     row = 0
     for i, (q_len, s_len) in enumerate(zip(query_lens, seq_lens)):
-        ref = dense_attention(q[row:row + q_len], full_k[i], full_v[i], s_len - q_len, scale)
+        ref = dense_attention(q[row:row + q_len], full_k[i], full_v[i], s_len - q_len, scale, window, softcap)
         torch.testing.assert_close(out[row:row + q_len].double(), ref, atol=1e-5, rtol=1e-5)
         row += q_len
     assert torch.all(out[row:] == 0), "padding rows must produce zeros"
@@ -80,6 +88,25 @@ def test_decode_only_batch(block_size):
 
 def test_single_long_chunk_after_context():
     run_case([31], [70], 4, 1, head_dim=64, block_size=16, seed=2)
+
+
+@pytest.mark.parametrize("window", [1, 3, 6, 100])
+def test_sliding_window_in_prefill_chunks_and_decode(window):
+    run_case([7, 5, 1, 1, 8], [7, 13, 10, 1, 16], 6, 2, num_pad_rows=2, window=window)
+    run_case([1, 1, 1], [1, 17, 33], 4, 2, block_size=4, seed=3, window=window)
+
+
+def test_soft_capped_scores_with_and_without_a_window():
+    run_case([7, 5, 1, 8], [7, 13, 10, 16], 6, 2, softcap=2.0)
+    run_case([1, 1, 1], [1, 17, 33], 4, 2, seed=4, softcap=2.0, window=5)
+
+
+def test_the_window_changes_the_result():
+    """A window shorter than the context must not be a no-op (else the tests above prove nothing)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 8, generator=gen), torch.randn(10, 2, 8, generator=gen),
+               torch.randn(10, 2, 8, generator=gen))
+    assert not torch.allclose(dense_attention(q, k, v, 6, 0.3), dense_attention(q, k, v, 6, 0.3, window=3))
 
 
 def test_store_kv_skips_pad_slots():

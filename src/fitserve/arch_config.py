@@ -45,8 +45,15 @@ class ArchConfig:
     torch_dtype: str = "bfloat16"  # the checkpoint's own dtype
     qkv_bias: bool = False  # q, k and v projections carry a bias (Qwen2)
     qk_norm: bool = False  # an RMSNorm over head_dim on each q and k head, before rotary (Qwen3)
+    # Sliding-window attention: a query sees the last `sliding_window` positions up to its own. With
+    # `layer_types` empty every layer has the window (Mistral); else only the "sliding_attention"
+    # layers do and the "full_attention" ones see the whole context (Gemma 2/3), as config.json says.
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -107,6 +114,12 @@ class ArchConfig:
         return replace(self, num_attention_heads=self.num_attention_heads // n,
                        num_key_value_heads=self.num_key_value_heads // n,
                        intermediate_size=self.intermediate_size // n)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window, or None when it attends over the whole context."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return None
+        return self.sliding_window
 
     @property
     def kv_elements_per_token(self) -> int:

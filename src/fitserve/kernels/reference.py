@@ -47,21 +47,50 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+            softcap: float | None, is_causal: bool = False) -> torch.Tensor:
+    """_sdpa, or with a logit soft-cap (Gemma 2: scores = softcap * tanh(scores / softcap), before
+    the mask) the same attention written out, softmax in float32; mask True = attend."""
+    if softcap is None:
+        return _sdpa(q, k, v, mask, scale, is_causal)
+    group_size = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    scores = softcap * torch.tanh(scores / softcap)
+    if is_causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+
+
+def attend_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """[..., Lq, L] bool, True = attend: causal, and within the window when there is one (a query at
+    position p sees keys p - sliding_window < j <= p, transformers' convention)."""
+    distance = query_pos[..., :, None] - key_pos[..., None, :]
+    mask = distance >= 0
+    return mask if sliding_window is None else mask & (distance < sliding_window)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: ForwardBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+                    batch: ForwardBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
+                    sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Attention of q [T, H, D] over each request's cached context (new tokens already stored).
 
     K and V are read as cache * k_scale and cache * v_scale (1.0 unless the cache is fp8).
     Request i's query rows are query_start_loc[i]:query_start_loc[i+1]; they sit at the end of
-    its seq_lens[i] context, causal among themselves. Rows past the last request (CUDA-graph
-    padding) get zeros. Returns [T, H, D] in q's dtype.
+    its seq_lens[i] context, causal among themselves. With `sliding_window` a query sees only the
+    last `sliding_window` positions up to its own (the cache blocks before them are never read for
+    their values); with `softcap` the scores are soft-capped (_attend). Rows past the last request
+    (CUDA-graph padding) get zeros. Returns [T, H, D] in q's dtype.
     """
     out = torch.zeros_like(q)
     if batch.num_seqs == 0:
         return out
     if batch.max_query_len == 1:
         num_rows = sum(batch.query_lens_cpu)
-        out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale, k_scale, v_scale)
+        out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale, k_scale, v_scale,
+                                           sliding_window, softcap)
         return out
     row = 0
     for i, (query_len, seq_len) in enumerate(zip(batch.query_lens_cpu, batch.seq_lens_cpu)):
@@ -72,30 +101,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # [Hkv, L, D] in q's dtype
         q_i = q[row:row + query_len].transpose(0, 1)  # [H, Lq, D]
         num_cached = seq_len - query_len
-        if num_cached == 0:
-            o = _sdpa(q_i[None], k[None], v[None], None, scale, is_causal=query_len > 1)
+        if num_cached == 0 and sliding_window is None:
+            o = _attend(q_i[None], k[None], v[None], None, scale, softcap, is_causal=query_len > 1)
         else:
             key_pos = torch.arange(seq_len, device=q.device)  # [L]
             query_pos = num_cached + torch.arange(query_len, device=q.device)  # [Lq]
-            mask = key_pos[None, :] <= query_pos[:, None]  # [Lq, L] bool, True = attend
-            o = _sdpa(q_i[None], k[None], v[None], mask, scale)
+            mask = attend_mask(key_pos, query_pos, sliding_window)  # [Lq, L]
+            o = _attend(q_i[None], k[None], v[None], mask, scale, softcap)
         out[row:row + query_len] = o[0].transpose(0, 1)
         row += query_len
     return out
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      batch: ForwardBatch, scale: float, k_scale: float, v_scale: float) -> torch.Tensor:
-    """All requests feed one token: q [S, H, D]; one padded SDPA call over [S, max_seq_len]."""
+def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: ForwardBatch,
+                      scale: float, k_scale: float, v_scale: float, sliding_window: int | None,
+                      softcap: float | None) -> torch.Tensor:
+    """All requests feed one token: q [S, H, D]; one padded attention call over [S, max_seq_len]."""
     num_seqs, block_size = batch.num_seqs, k_cache.shape[1]
     num_blocks = -(-batch.max_seq_len // block_size)
     table = batch.block_tables[:, :num_blocks].long()  # [S, nb]
     k = fp8.load_from_cache(k_cache[table].flatten(1, 2)[:, :batch.max_seq_len], q.dtype, k_scale)  # [S, L, Hkv, D]
     v = fp8.load_from_cache(v_cache[table].flatten(1, 2)[:, :batch.max_seq_len], q.dtype, v_scale)
-    key_pos = torch.arange(batch.max_seq_len, device=q.device)  # [L]
-    mask = key_pos[None, :] < batch.seq_lens[:, None].to(q.device)  # [S, L] bool
-    o = _sdpa(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
-              mask[:, None, None, :], scale)  # [S, H, 1, D]
+    key_pos = torch.arange(batch.max_seq_len, device=q.device)[None, :]  # [1, L]
+    query_pos = batch.seq_lens[:, None].to(q.device) - 1  # [S, 1]: the new token is the last one
+    mask = attend_mask(key_pos, query_pos, sliding_window)  # [S, 1, L]
+    o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale, softcap)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]
 

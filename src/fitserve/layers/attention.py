@@ -29,11 +29,16 @@ DEFAULT_KV_SCALE = 1.0  # per layer, for K and for V; see the module docstring
 
 class PagedAttention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 rotary: RotaryEmbedding | None = None, fuse_rotary_store: bool = True) -> None:
+                 rotary: RotaryEmbedding | None = None, fuse_rotary_store: bool = True,
+                 sliding_window: int | None = None, softcap: float | None = None) -> None:
         super().__init__()
         assert rotary is None or rotary.head_dim == head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        # a query sees only the last `sliding_window` positions (Mistral, Gemma's local layers); scores
+        # soft-capped as softcap * tanh(score / softcap) (Gemma 2); kernels.reference.paged_attention
+        self.sliding_window = sliding_window
+        self.softcap = softcap
         self.rotary = rotary  # applied to q and k at batch.positions before the store; shared by all layers
         # CUDA: the rotary embedding and the KV store in one kernel, else rotary_ then store_kv. Off only
         # to measure the fusion (benchmarks/fusion_bench.py); read at every forward, so a CUDA graph
@@ -78,7 +83,8 @@ class PagedAttention(nn.Module):
             reference.store_kv(k.view(kv_shape), v.view(kv_shape), self.k_cache, self.v_cache, batch.slot_mapping,
                                self.k_scale, self.v_scale)
             out = reference.paged_attention(q.view(num_tokens, self.num_heads, self.head_dim), self.k_cache,
-                                            self.v_cache, batch, self.scale, self.k_scale, self.v_scale)
+                                            self.v_cache, batch, self.scale, self.k_scale, self.v_scale,
+                                            self.sliding_window, self.softcap)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
     def _triton_rotary_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -95,6 +101,8 @@ class PagedAttention(nn.Module):
         return q
 
     def _triton_attention(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        if self.sliding_window is not None or self.softcap is not None:
+            raise NotImplementedError("The Triton attention kernels have no sliding window or soft-cap yet.")
         out = torch.empty_like(q)
         if batch.max_query_len == 1:
             num_splits = triton_decode.decode_num_splits(batch.num_seqs, self.num_kv_heads, _num_sms(q.device))
