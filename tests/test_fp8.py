@@ -289,6 +289,7 @@ def test_llm_with_per_tensor_scales_calibrates_at_start_up(caplog):
     layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, Fp8Linear)]
     assert layers and all(m.input_scale is not None and m.input_scale.item() > 0 for m in layers)
     assert "static input scales of 120 layers calibrated" in caplog.text  # SmolLM2: 30 layers x 4
+    assert "Linear layers: fp8_per_tensor weights and activations (W8A8)" in caplog.text
     text = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0].text
     assert "Paris" in text
 

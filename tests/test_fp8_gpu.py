@@ -381,3 +381,70 @@ def test_fp8_checkpoint_serves_on_cuda_as_on_the_cpu(tmp_path, scheme):
         assert (layer.input_scale is None) == per_channel
     tokens = [o.token_ids for o in gpu.generate(PROMPTS, GREEDY_8)]
     assert all(len(t) == 8 for t in tokens)
+
+
+# -- fp8 weights without fp8 tensor cores (W8A16), forced on this card -----------------------------
+
+@pytest.mark.parametrize("num_rows", [1, 5, 16, 17, 300])
+@pytest.mark.parametrize("num_cols,inner", [(4096, 4096), (1000, 576), (70, 130)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_w8a16_kernel_matches_the_weight_only_reference(num_rows, num_cols, inner, dtype, per_tensor):
+    from fitserve.kernels import triton_w8a16
+
+    torch.manual_seed(0)
+    w = torch.randn(num_cols, inner, device=CUDA) * 0.05
+    qw, sw = fp8.quantize_per_tensor(w) if per_tensor else fp8.quantize_per_row(w)
+    sw = sw if per_tensor else sw.reshape(1, -1)
+    x = torch.randn(num_rows, inner, device=CUDA).to(dtype)
+    got = triton_w8a16.weight_only_mm(x, qw, sw)
+    expected = ((x.float() @ qw.float().t()) * sw)
+    assert got.dtype == dtype
+    assert rel_err(got, expected) < 4e-3  # one rounding to 16 bits; sums in float32 in another order
+
+
+def test_w8a16_widens_every_e4m3_code_exactly():
+    from fitserve.kernels import triton_w8a16
+
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # all but the two NaNs
+    qw = torch.cat([codes, codes[:2]]).view(torch.float8_e4m3fn).reshape(2, 128).to(CUDA)
+    got = triton_w8a16.weight_only_mm(torch.eye(128, dtype=torch.float16, device=CUDA), qw, torch.ones((), device=CUDA))
+    assert torch.equal(got.float().t(), qw.float())
+
+
+@pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])
+def test_weight_only_model_on_gpu_matches_the_cpu_path(quant, monkeypatch):
+    """`--quantization fp8` on a card without fp8 tensor cores, forced here: the whole model through
+    triton_w8a16 agrees with the same weights through the CPU reference, and CUDA graphs replay it."""
+    from fitserve.models.llama import LlamaForCausalLM
+    from paged_helpers import PagedDriver
+
+    monkeypatch.setattr(quantization, "FP8_TENSOR_CORES", (99, 0))
+    assert quantization.FP8.for_device(CUDA).weight_only
+    arch = _tiny_arch()
+    torch.manual_seed(0)
+    shapes = LlamaForCausalLM(arch, torch.float32, torch.device("cpu")).checkpoint_tensor_shapes()
+    weights = [(name, torch.randn(shape) * 0.05) for name, shape in shapes.items()]
+    drivers = []
+    for device in ("cpu", "cuda"):
+        model = LlamaForCausalLM(arch, torch.bfloat16, torch.device(device), quantization=quant)
+        if device == "cpu":  # the reference path in the weight-only form, as the GPU's
+            for module in model.modules():
+                if isinstance(module, quantization.Fp8Linear):
+                    module.weight_only = True
+        model.load_weights(weights)
+        fp8_layers = [m for m in model.modules() if isinstance(m, quantization.Fp8Linear)]
+        assert fp8_layers and all(m.weight_only for m in fp8_layers)
+        driver = PagedDriver(model, num_blocks=16, block_size=16, device=device)
+        model.bind_kv_cache(driver.caches)
+        drivers.append(driver)
+    chunks = [("a", list(range(1, 40))), ("b", list(range(50, 57)))]
+    for step in (chunks, [("a", [5]), ("b", list(range(60, 90)))], [("a", [6]), ("b", [7])]):
+        assert rel_err(drivers[1].step(step).cpu(), drivers[0].step(step)) < 3e-2
+
+
+def test_weight_only_cuda_graph_decode_gives_the_eager_tokens(monkeypatch):
+    monkeypatch.setattr(quantization, "FP8_TENSOR_CORES", (99, 0))
+    graph_tokens, eager_tokens = graph_and_eager_tokens("fp8")
+    assert graph_tokens == eager_tokens

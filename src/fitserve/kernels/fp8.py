@@ -70,6 +70,14 @@ def scaled_mm_reference(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tenso
     return ((qx.float() @ qw.float().t()) * x_scale * w_scale).to(out_dtype)
 
 
+def weight_only_mm_reference(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """x [T, K] in the model dtype; qw [N, K] fp8 with w_scale [1, N] or [] -> [T, N] in x's dtype.
+
+    The weight-only form (W8A16, GPUs without fp8 tensor cores): x times the exact stored weight,
+    float32 sums, the weight scale after the sum, one rounding (kernels/triton_w8a16.py)."""
+    return ((x.float() @ qw.float().t()) * w_scale).to(x.dtype)
+
+
 def scaled_mm_torch(qx: torch.Tensor, x_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
                     out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
     """The same on CUDA through torch._scaled_mm (cuBLASLt for per-tensor, CUTLASS for row-wise scales).

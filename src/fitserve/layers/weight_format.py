@@ -121,6 +121,14 @@ class WeightFormat(ABC):
                device: torch.device) -> LinearLayer:
         """An empty layer on `device`, to be filled by `load`."""
 
+    def describe(self) -> str:
+        """How the start-up log names it."""
+        return self.name
+
+    def for_device(self, device: torch.device) -> WeightFormat:
+        """The form this format takes on `device` (fp8 on a GPU without fp8 tensor cores: weight-only)."""
+        return self
+
     def weight_bytes(self, in_features: int, shard_sizes: tuple[int, ...], dtype: torch.dtype) -> int:
         """Device bytes of one layer's weights (with scales): what memory planning counts."""
         return sum(spec.num_bytes for spec in self.weight_specs(in_features, shard_sizes, dtype))

@@ -153,7 +153,8 @@ class LlamaForCausalLM(nn.Module):
         arch = arch.shard(tp.size)  # ConfigError when N does not divide the heads or MLP columns
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
         self.quantization = quantization
-        build = LayerBuild(dtype, self.device, get_weight_format(quantization), tp, fuse_rotary_store)
+        build = LayerBuild(dtype, self.device, get_weight_format(quantization).for_device(self.device), tp,
+                           fuse_rotary_store)
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)

@@ -23,6 +23,11 @@ torch._scaled_mm with row-wise scales above, except where kernels/triton_fp8_sma
 takes the product first (a one-row GEMV; split-K up to 32 rows for the narrow layers); with per-tensor scales torch._scaled_mm
 (cuBLASLt) at every size. Elsewhere the pure-torch reference of kernels/fp8.py, which is the
 specification.
+
+A GPU without fp8 tensor cores (compute capability below 8.9: A100, A10, RTX 30xx) gets the same
+weights, scales and checkpoints in the weight-only form (`Fp8Format.for_device`): activations stay
+in the model dtype and kernels/triton_w8a16.py widens the e4m3 bytes in registers, so the weights
+take fp8's memory while the arithmetic is 16-bit (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from fitserve.kernels import fp8
-from fitserve.kernels.dispatch import triton_fp8, triton_fp8_small
+from fitserve.kernels.dispatch import triton_fp8, triton_fp8_small, triton_w8a16
 from fitserve.layers.weight_format import (
     INPUT_SCALE,
     WEIGHT,
@@ -54,6 +59,7 @@ SCALED_MM_MIN_ROWS = 17
 # Row-wise _scaled_mm with fast accumulation (partial sums in the tensor cores' reduced
 # precision, about 1e-3 relative): 5-10% faster at prefill sizes, far below fp8's own rounding.
 ROW_WISE_FAST_ACCUM = True
+FP8_TENSOR_CORES = (8, 9)  # the first compute capability with fp8 tensor cores (Ada, Hopper and later)
 MIXED_SHARDS = "fp8_per_tensor needs every shard of a layer in fp8 with one weight_scale each, or none in fp8"
 
 
@@ -65,9 +71,10 @@ class Fp8Linear(LinearLayer):
     """
 
     def __init__(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
-                 device: torch.device, per_tensor: bool = False) -> None:
+                 device: torch.device, per_tensor: bool = False, weight_only: bool = False) -> None:
         super().__init__(FP8_PER_TENSOR if per_tensor else FP8, in_features, out_features, dtype, device)
         self.per_tensor = per_tensor
+        self.weight_only = weight_only  # W8A16: activations are not quantized (Fp8Format.for_device)
         self.weight_scale.data.fill_(1.0)
         self._staging: torch.Tensor | None = None  # per-tensor only: [N, K] serving dtype while shards arrive
         self._pending: set[int] = set(range(len(self.shard_sizes)))
@@ -181,6 +188,11 @@ class Fp8Linear(LinearLayer):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         """x [T, in_features] (or its per-token quantization) -> [T, out_features] in the model dtype."""
+        if self.weight_only:
+            assert isinstance(x, torch.Tensor), "a weight-only layer takes no QuantizedRows"
+            if x.is_cuda and triton_w8a16 is not None and x.dtype != torch.float32:
+                return triton_w8a16.weight_only_mm(x, self.weight, self.weight_scale)
+            return fp8.weight_only_mm_reference(x, self.weight, self.weight_scale)
         fast = x.is_cuda and triton_fp8 is not None and self._fits_gpu_gemm()
         if isinstance(x, QuantizedRows):
             assert not self.per_tensor, "fused kernels quantize per token"
@@ -236,7 +248,7 @@ def observe_activations(model: nn.Module) -> Iterator[int]:
     """Calibrate the static input scales of `model`'s per-tensor fp8 layers: inside the block each
     notes the largest |x| of its inputs (quantizing them dynamically meanwhile); on leaving, its
     input_scale becomes that maximum over 448. Yields how many layers it calibrates."""
-    layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.per_tensor]
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear) and m.per_tensor and not m.weight_only]
     for layer in layers:
         layer.input_scale = None
         layer._observed_amax = torch.zeros((), dtype=torch.float32, device=layer.weight.device)
@@ -278,10 +290,23 @@ class Fp8Format(WeightFormat):
 
     name: str
     per_tensor: bool
+    weight_only: bool = False  # W8A16, on GPUs without fp8 tensor cores (for_device)
 
     @property
     def fused_input_quantization(self) -> bool:  # type: ignore[override]
-        return not self.per_tensor
+        return not self.per_tensor and not self.weight_only
+
+    def describe(self) -> str:
+        if self.weight_only:
+            return (f"{self.name} weights, weight-only (W8A16): this GPU has no fp8 tensor cores (compute "
+                    f"capability below {FP8_TENSOR_CORES[0]}.{FP8_TENSOR_CORES[1]}), so activations stay 16-bit")
+        return f"{self.name} weights and activations (W8A8)"
+
+    def for_device(self, device: torch.device) -> Fp8Format:
+        """The weight-only form on a CUDA device without fp8 tensor cores (compute capability < 8.9)."""
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < FP8_TENSOR_CORES:
+            return replace(self, weight_only=True)
+        return self
 
     def weight_specs(self, in_features: int, shard_sizes: tuple[int, ...], dtype: torch.dtype
                      ) -> tuple[WeightSpec, ...]:
@@ -292,7 +317,8 @@ class Fp8Format(WeightFormat):
 
     def create(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
                device: torch.device) -> Fp8Linear:
-        return Fp8Linear(in_features, out_features, dtype, device, per_tensor=self.per_tensor)
+        return Fp8Linear(in_features, out_features, dtype, device, per_tensor=self.per_tensor,
+                         weight_only=self.weight_only)
 
 
 FP8 = Fp8Format("fp8", per_tensor=False)

@@ -29,4 +29,4 @@ def get_weight_format(quantization: str | None) -> WeightFormat:
 def make_linear(in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
                 device: torch.device, quantization: str | None) -> LinearLayer:
     """The linear layer for `--quantization` (None: the serving dtype)."""
-    return get_weight_format(quantization).create(in_features, out_features, dtype, device)
+    return get_weight_format(quantization).for_device(torch.device(device)).create(in_features, out_features, dtype, device)
