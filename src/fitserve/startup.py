@@ -28,7 +28,7 @@ from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
 from fitserve.layers.formats.registry import get_weight_format
 from fitserve.layers.parallel import SINGLE, TensorParallel
-from fitserve.models.loader import checkpoint_input_scales, load_model
+from fitserve.models.loader import checkpoint_input_scales, linear_format, load_model
 from fitserve.plan.planner import (
     MemoryPlan,
     PlanInputs,
@@ -175,8 +175,9 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
     dtype = TORCH_DTYPES[memory.planned.inputs.dtype]
     model = load_model(source, dtype, device, progress=progress and tp.is_driver, quantization=config.quantization,
                        tp=tp)
-    if config.quantization and tp.is_driver:
-        logger.info("Linear layers: %s", get_weight_format(config.quantization).for_device(device).describe())
+    if (config.quantization or source.checkpoint_int) and tp.is_driver:
+        weight_format = get_weight_format(linear_format(source, config.quantization, tp))
+        logger.info("Linear layers: %s", weight_format.for_device(device).describe())
     if peers is not None:
         peers.wait_for("loaded")
     if report is not None:

@@ -14,6 +14,7 @@ triton_fused: ModuleType | None
 triton_fp8: ModuleType | None
 triton_fp8_small: ModuleType | None
 triton_gemv: ModuleType | None
+triton_int_quant: ModuleType | None
 triton_w8a16: ModuleType | None
 try:
     from fitserve.kernels import (
@@ -23,6 +24,7 @@ try:
         triton_fp8_small,
         triton_fused,
         triton_gemv,
+        triton_int_quant,
         triton_w8a16,
     )
 except ImportError:  # CPU-only torch: no triton
@@ -32,4 +34,5 @@ except ImportError:  # CPU-only torch: no triton
     triton_fp8 = None
     triton_fp8_small = None
     triton_gemv = None
+    triton_int_quant = None
     triton_w8a16 = None

@@ -25,6 +25,10 @@ WEIGHT = "weight"
 WEIGHT_SCALE = "weight_scale"
 INPUT_SCALE = "input_scale"
 CHECKPOINT_PIECES = (WEIGHT, WEIGHT_SCALE, INPUT_SCALE)
+# An integer checkpoint's tensors of a linear layer (formats/int_quant.py): GPTQ and AWQ's, then
+# compressed-tensors' (whose weight_scale is the int scales: the layer's format reads it)
+INT_CHECKPOINT_PIECES = ("qweight", "qzeros", "scales", "g_idx", "weight_packed", "weight_zero_point",
+                         "weight_g_idx", "weight_shape")
 
 
 @dataclass(frozen=True, slots=True)

