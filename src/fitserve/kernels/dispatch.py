@@ -14,6 +14,7 @@ triton_fused: ModuleType | None
 triton_fp8: ModuleType | None
 triton_fp8_small: ModuleType | None
 triton_gemv: ModuleType | None
+triton_moe: ModuleType | None
 try:
     from fitserve.kernels import (
         triton_attention,
@@ -22,6 +23,7 @@ try:
         triton_fp8_small,
         triton_fused,
         triton_gemv,
+        triton_moe,
     )
 except ImportError:  # CPU-only torch: no triton
     triton_attention = None
@@ -30,3 +32,4 @@ except ImportError:  # CPU-only torch: no triton
     triton_fp8 = None
     triton_fp8_small = None
     triton_gemv = None
+    triton_moe = None

@@ -1,0 +1,101 @@
+"""Mixtral and Qwen3-MoE match transformers on the same tiny random checkpoints (float32, CPU): the
+router's top-k choice, the experts, the dense layers of Qwen3-MoE; and the planner counts them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError, EngineConfig
+from fitserve.kernels import moe_reference
+from fitserve.layers.moe import MoE
+from fitserve.models.mixtral import MixtralForCausalLM
+from fitserve.models.qwen3_moe import Qwen3MoeForCausalLM
+from fitserve.weights.source import resolve_model_source
+from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours
+from moe_helpers import MODELS, write_moe_checkpoint
+
+CASES = {"mixtral": ("mixtral", {}),
+         "qwen3_moe": ("qwen3_moe", {}),
+         "qwen3_moe_unnormalised": ("qwen3_moe", {"norm_topk_prob": False, "mlp_only_layers": []})}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_batched_prefill_and_decode_match_hf(tmp_path, case):
+    name, overrides = CASES[case]
+    hf = write_moe_checkpoint(tmp_path, name, **overrides)
+    source, ours = load_ours(tmp_path)
+    assert type(ours).__name__ == hf.config.architectures[0]
+    assert [isinstance(layer.mlp, MoE) for layer in ours.layers] == [
+        True, name == "mixtral" or not overrides.get("mlp_only_layers", [1])]
+    check_prefill_and_decode(ours, hf)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_engine_generates_transformers_greedy_tokens(tmp_path, name):
+    check_engine_greedy(tmp_path, write_moe_checkpoint(tmp_path, name))
+
+
+def test_the_config_gives_the_experts(tmp_path):
+    write_moe_checkpoint(tmp_path / "m", "mixtral")
+    write_moe_checkpoint(tmp_path / "q", "qwen3_moe", norm_topk_prob=False)
+    m = resolve_model_source(EngineConfig(model=str(tmp_path / "m"))).arch
+    q = resolve_model_source(EngineConfig(model=str(tmp_path / "q"))).arch
+    assert (m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.norm_topk_prob, m.dense_mlp_layers) == (
+        6, 2, 96, True, ())
+    assert (q.num_experts, q.num_experts_per_tok, q.moe_intermediate_size, q.norm_topk_prob, q.dense_mlp_layers) == (
+        8, 2, 48, False, (1,))
+    assert q.qk_norm and not m.qk_norm
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "num_local_experts" in config  # transformers 5 writes Qwen3-MoE's num_experts under Mixtral's key
+    sparse_step = {**config, "mlp_only_layers": [], "decoder_sparse_step": 2, "num_hidden_layers": 4}
+    assert ArchConfig.from_hf_config(sparse_step).dense_mlp_layers == (0, 2)  # experts on layers 1 and 3
+
+
+def test_routing_renormalises_only_when_asked():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 3.5, 0.0]])
+    weights, ids = moe_reference.route(logits, 2, renormalize=False)
+    assert ids.tolist() == [[0, 1], [2, 1]]
+    torch.testing.assert_close(weights, torch.softmax(logits, -1).topk(2).values)
+    normed, _ = moe_reference.route(logits, 2, renormalize=True)
+    torch.testing.assert_close(normed.sum(-1), torch.ones(2))
+    assert normed[0, 0] > weights[0, 0]
+
+
+def test_a_wrong_expert_tensor_is_refused_with_its_name(tmp_path):
+    write_moe_checkpoint(tmp_path, "mixtral")
+    source, ours = load_ours(tmp_path)
+    bad = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    with pytest.raises(ValueError, match=f"{bad}: expert 2 down: expected"):
+        ours.load_weights([(bad, torch.zeros(96, 64))])
+    with pytest.raises(ValueError, match="expert 9 of a layer of 6"):
+        ours.load_weights([("model.layers.0.block_sparse_moe.experts.9.w1.weight", torch.zeros(96, 64))])
+    with pytest.raises(ValueError, match="fp8 MoE checkpoint"):
+        ours.load_weights([("model.layers.0.block_sparse_moe.experts.0.w1.weight_scale", torch.ones(1))])
+    with pytest.raises(ValueError, match="stored in fp8"):
+        ours.load_weights([("model.layers.0.block_sparse_moe.experts.0.w1.weight",
+                            torch.zeros(96, 64, dtype=torch.float8_e4m3fn))])
+
+
+def test_fp8_quantizes_attention_and_keeps_the_experts_in_the_serving_dtype(tmp_path):
+    write_moe_checkpoint(tmp_path, "qwen3_moe")
+    source = resolve_model_source(EngineConfig(model=str(tmp_path)))
+    model = Qwen3MoeForCausalLM(source.arch, torch.bfloat16, torch.device("cpu"), quantization="fp8")
+    moe, dense = model.layers[0].mlp, model.layers[1].mlp
+    assert moe.w13.dtype == moe.w2.dtype == moe.router.dtype == torch.bfloat16
+    assert model.layers[0].self_attn.qkv_proj.weight.dtype == dense.down_proj.weight.dtype == torch.float8_e4m3fn
+    assert not model.layers[0].fp8_mlp_input and model.layers[1].fp8_mlp_input
+
+
+def test_a_model_built_without_experts_has_none():
+    arch = ArchConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=16, architecture="MixtralForCausalLM", num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=16)
+    model = MixtralForCausalLM(arch, torch.float32, torch.device("cpu"))
+    assert all(layer.mlp.w13.shape == (4, 32, 32) and layer.mlp.w2.shape == (4, 32, 16) for layer in model.layers)
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        ArchConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=5)
