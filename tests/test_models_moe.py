@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError, EngineConfig
@@ -14,6 +15,7 @@ from fitserve.kernels import moe_reference
 from fitserve.layers.moe import MoE
 from fitserve.models.mixtral import MixtralForCausalLM
 from fitserve.models.qwen3_moe import Qwen3MoeForCausalLM
+from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
 from fitserve.weights.source import resolve_model_source
 from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours
 from moe_helpers import MODELS, write_moe_checkpoint
@@ -99,3 +101,53 @@ def test_a_model_built_without_experts_has_none():
     with pytest.raises(ConfigError, match="num_experts_per_tok"):
         ArchConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                    num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_plan_weight_bytes_are_the_models_bytes(tmp_path, case):
+    """`fitserve plan`'s weight bytes, from config.json and from the safetensors headers, equal what the
+    loaded model holds (parameters, experts and routers included, and the rotary tables)."""
+    name, overrides = CASES[case]
+    write_moe_checkpoint(tmp_path, name, **overrides)
+    source, ours = load_ours(tmp_path)
+    held_bytes = sum(t.numel() * t.element_size() for t in [*ours.parameters(), *ours.buffers()])
+    from_config = weight_bytes(counts_from_arch(source.arch), "float32", None)
+    from_headers = weight_bytes(model_param_counts(source.arch, str(tmp_path)), "float32", None)
+    assert from_config == from_headers  # every field, not only the total
+    assert from_config.total_bytes == held_bytes
+    moe_bytes = sum(p.numel() * 4 for layer in ours.layers if isinstance(layer.mlp, MoE) for p in layer.mlp.parameters())
+    assert from_config.expert_bytes == moe_bytes > 0
+
+
+def test_fp8_plans_the_experts_in_the_serving_dtype():
+    arch = ArchConfig.from_hf_config({**MIXTRAL_8X7B, "num_hidden_layers": 2})
+    bf16, fp8 = (weight_bytes(counts_from_arch(arch), "bfloat16", q) for q in (None, "fp8"))
+    assert fp8.expert_bytes == bf16.expert_bytes == 2 * (8 * 3 * 14336 * 4096 + 8 * 4096) * 2
+    assert fp8.linear_bytes == bf16.linear_bytes // 2  # attention only: 2 linear layers a layer
+    assert fp8.scale_bytes == 2 * 2 * 4
+    per_rank = counts_from_arch(arch).per_rank(2)
+    assert per_rank.expert_params == counts_from_arch(arch).expert_params // 2
+    assert per_rank.router_params == counts_from_arch(arch).router_params
+
+
+# config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-30B-A3B (the keys the count reads)
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+                "num_experts_per_tok": 2, "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6,
+                "sliding_window": None, "tie_word_embeddings": False}
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048, "intermediate_size": 6144,
+                 "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+                 "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+                 "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+                 "max_position_embeddings": 40960, "tie_word_embeddings": False, "use_sliding_window": False}
+PUBLISHED = [(MIXTRAL_8X7B, transformers.MixtralConfig, transformers.MixtralForCausalLM, 46_702_792_704),
+             (QWEN3_30B_A3B, transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, 30_532_122_624)]
+
+
+@pytest.mark.parametrize("config,config_class,model_class,published", PUBLISHED, ids=["mixtral-8x7b", "qwen3-30b-a3b"])
+def test_plan_counts_the_published_parameters_of_real_configs(config, config_class, model_class, published):
+    """The published totals, which transformers' own model built on the meta device (no memory) agrees with."""
+    assert counts_from_arch(ArchConfig.from_hf_config(config)).num_params == published
+    with torch.device("meta"):
+        hf = model_class(config_class(**{k: v for k, v in config.items() if k != "architectures"}))
+    assert sum(p.numel() for p in hf.parameters()) == published
