@@ -151,3 +151,12 @@ def test_plan_counts_the_published_parameters_of_real_configs(config, config_cla
     with torch.device("meta"):
         hf = model_class(config_class(**{k: v for k, v in config.items() if k != "architectures"}))
     assert sum(p.numel() for p in hf.parameters()) == published
+
+
+def test_an_fp8_moe_checkpoint_is_refused_before_loading(tmp_path):
+    write_moe_checkpoint(tmp_path, "mixtral")
+    config = json.loads((tmp_path / "config.json").read_text())
+    fp8 = {**config, "quantization_config": {"quant_method": "fp8", "activation_scheme": "dynamic"}}
+    (tmp_path / "config.json").write_text(json.dumps(fp8))
+    with pytest.raises(ConfigError, match="fp8 checkpoint of a Mixture-of-Experts model"):
+        resolve_model_source(EngineConfig(model=str(tmp_path)))

@@ -118,11 +118,16 @@ def _hf_source(folder: str, name: str) -> ModelSource:
         eos += _as_ids(generation_config.get("eos_token_id"))
     if has_tokenizer:
         eos += _tokenizer_eos_ids(root)
+    checkpoint_fp8 = parse_quantization_config(hf_config)
+    if checkpoint_fp8 is not None and arch.num_experts:
+        raise ConfigError(f"{name!r} is an fp8 checkpoint of a Mixture-of-Experts model ({arch.architecture}); "
+                          "fitserve reads expert weights in bf16/fp16/fp32 only. Serve the unquantized checkpoint "
+                          "(with --quantization fp8 its attention layers are quantized, the experts stay in --dtype).")
     return ModelSource(kind="hf", name=name, weights_path=str(root), arch=arch,
                        tokenizer_kind="hf" if has_tokenizer else "none",
                        tokenizer_path=str(root) if has_tokenizer else None,
                        eos_token_ids=tuple(dict.fromkeys(eos)), generation_config=generation_config,
-                       checkpoint_fp8=parse_quantization_config(hf_config))
+                       checkpoint_fp8=checkpoint_fp8)
 
 
 def load_generation_config(setting: str, source: ModelSource) -> tuple[dict[str, Any], str | None]:
