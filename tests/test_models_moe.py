@@ -4,6 +4,7 @@ router's top-k choice, the experts, the dense layers of Qwen3-MoE; and the plann
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fitserve.kernels import moe_reference
 from fitserve.layers.moe import MoE
 from fitserve.models.mixtral import MixtralForCausalLM
 from fitserve.models.qwen3_moe import Qwen3MoeForCausalLM
+from fitserve.plan.estimates import MOE_ROUTING_BYTES_PER_CHOICE, forward_peak_bytes
 from fitserve.plan.shapes import counts_from_arch, model_param_counts, weight_bytes
 from fitserve.weights.source import resolve_model_source
 from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours
@@ -160,3 +162,11 @@ def test_an_fp8_moe_checkpoint_is_refused_before_loading(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(fp8))
     with pytest.raises(ConfigError, match="fp8 checkpoint of a Mixture-of-Experts model"):
         resolve_model_source(EngineConfig(model=str(tmp_path)))
+
+
+def test_the_activation_estimate_counts_every_tokens_k_expert_rows():
+    """Mixtral-8x7B: each token's 2 choices hold gate_up, the SiLU output and the down output."""
+    arch = ArchConfig.from_hf_config(MIXTRAL_8X7B)
+    per_token = forward_peak_bytes(arch, 1, 2)
+    assert per_token == 2 * 6 * 4096 + 2 * (2 * (3 * 14336 + 4096) + MOE_ROUTING_BYTES_PER_CHOICE)
+    assert per_token > forward_peak_bytes(replace(arch, num_experts=0), 1, 2)  # the dense MLP of one expert
