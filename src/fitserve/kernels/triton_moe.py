@@ -100,8 +100,10 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
     assert topk_weights.dtype == torch.float32, "routing weights in float32"
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor, aligned: tuple,
-          a_row_divisor: int, mul_weight: bool, config: tuple[int, int, int, int]) -> None:
+def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
+          aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a_row_divisor: int, mul_weight: bool,
+          config: tuple[int, int, int, int]) -> None:
+    """One grouped GEMM: c[choice] = a[choice // a_row_divisor] @ b[expert].T (* weights[choice])."""
     sorted_ids, block_experts, num_padded = aligned
     block_m, block_n, block_k, num_warps = config
     n, k = b.shape[1], b.shape[2]
