@@ -62,7 +62,8 @@ def test_fused_moe_replays_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         out = triton_moe.fused_moe(x, w13, w2, weights, ids)
     x2, _, _, weights2, ids2 = random_moe(4, 64, 48, 8, 2, torch.bfloat16, seed=4)
-    x.copy_(x2), weights.copy_(weights2), ids.copy_(ids2)
+    for buffer, new in ((x, x2), (weights, weights2), (ids, ids2)):
+        buffer.copy_(new)
     graph.replay()
     want = moe_reference.experts(x.float(), w13.float(), w2.float(), weights, ids)
     assert (out.float() - want).abs().max() <= 2e-2 * want.abs().max()
