@@ -4,6 +4,7 @@ router's top-k choice, the experts, the dense layers of Qwen3-MoE; and the plann
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -170,3 +171,22 @@ def test_the_activation_estimate_counts_every_tokens_k_expert_rows():
     per_token = forward_peak_bytes(arch, 1, 2)
     assert per_token == 2 * 6 * 4096 + 2 * (2 * (3 * 14336 + 4096) + MOE_ROUTING_BYTES_PER_CHOICE)
     assert per_token > forward_peak_bytes(replace(arch, num_experts=0), 1, 2)  # the dense MLP of one expert
+
+
+def test_fitserve_plan_shows_the_experts_row_and_json(tmp_path, capsys):
+    from fitserve.cli import main
+    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
+    assert main(["plan", "--model", str(tmp_path), "--gpu", "h200", "--quantization", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "46.70 B parameters" in out
+    assert re.search(r"weights: MoE experts \+ routers \(bfloat16\) +84\.00 GiB", out)  # fp8 leaves them alone
+    assert main(["plan", "--model", str(tmp_path), "--gpu", "h200", "--json"]) == 0
+    weights = json.loads(capsys.readouterr().out)["weights"]
+    assert weights["expert_bytes"] == 32 * (8 * 3 * 14336 * 4096 + 8 * 4096) * 2
+
+
+def test_a_moe_model_that_does_not_fit_names_its_experts(tmp_path, capsys):
+    from fitserve.cli import main
+    (tmp_path / "config.json").write_text(json.dumps(MIXTRAL_8X7B))
+    assert main(["plan", "--model", str(tmp_path), "--gpu", "RTX 4000 Ada"]) == 1
+    assert "84.00 GiB of MoE experts in bfloat16" in capsys.readouterr().out.replace("\n", " ")
