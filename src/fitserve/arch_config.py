@@ -50,6 +50,12 @@ class ArchConfig:
     # layers do and the "full_attention" ones see the whole context (Gemma 2/3), as config.json says.
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()
+    # Mixture of experts (Mixtral, Qwen3-MoE; layers/moe.py): 0 experts is a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # top-k: experts each token is routed to
+    moe_intermediate_size: int = 0  # each expert's MLP columns (intermediate_size: the dense MLP's)
+    norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (Mixtral always)
+    dense_mlp_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead of experts
 
     def __post_init__(self) -> None:
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
@@ -59,6 +65,13 @@ class ArchConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
+                              f"num_experts ({self.num_experts}).")
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether a layer's MLP is the experts (else the dense MLP of intermediate_size)."""
+        return self.num_experts > 0 and layer_index not in self.dense_mlp_layers
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ArchConfig:
@@ -91,7 +104,8 @@ class ArchConfig:
             architecture=arch,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            **_moe_fields(arch, cfg),
         )
 
     def shard(self, tensor_parallel_size: int) -> ArchConfig:
@@ -101,7 +115,8 @@ class ArchConfig:
         if n == 1:
             return self
         counts = (("num_attention_heads", self.num_attention_heads),
-                  ("num_key_value_heads", self.num_key_value_heads), ("intermediate_size", self.intermediate_size))
+                  ("num_key_value_heads", self.num_key_value_heads), ("intermediate_size", self.intermediate_size),
+                  *((("moe_intermediate_size", self.moe_intermediate_size),) if self.num_experts else ()))
         indivisible = [f"{name} = {value}" for name, value in counts if value % n]
         if indivisible:
             common = math.gcd(*(value for _, value in counts))
@@ -113,7 +128,8 @@ class ArchConfig:
             )
         return replace(self, num_attention_heads=self.num_attention_heads // n,
                        num_key_value_heads=self.num_key_value_heads // n,
-                       intermediate_size=self.intermediate_size // n)
+                       intermediate_size=self.intermediate_size // n,
+                       moe_intermediate_size=self.moe_intermediate_size // n)
 
     def layer_window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window, or None when it attends over the whole context."""
@@ -128,9 +144,9 @@ class ArchConfig:
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM")
+                           "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 
-_DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # transformers' default for a config.json without head_dim
+_DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # Qwen3MoeConfig's default is hidden_size / heads  # transformers' default for a config.json without head_dim
 
 
 def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
@@ -141,6 +157,24 @@ def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
     return min(max_positions, window) if arch == "Phi3ForCausalLM" and window else max_positions
 
 
+def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The experts of Mixtral (`num_local_experts`, each of intermediate_size, always renormalised) and
+    Qwen3-MoE (`num_experts`, written `num_local_experts` by transformers 5; `moe_intermediate_size`,
+    `norm_topk_prob`; a dense MLP on `mlp_only_layers`, else on layers off every `decoder_sparse_step`)."""
+    if arch == "MixtralForCausalLM":
+        return {"num_experts": cfg["num_local_experts"], "num_experts_per_tok": cfg.get("num_experts_per_tok", 2),
+                "moe_intermediate_size": cfg["intermediate_size"], "norm_topk_prob": True}
+    if arch != "Qwen3MoeForCausalLM":
+        return {}
+    num_experts = cfg.get("num_experts", cfg.get("num_local_experts", 128))
+    step, mlp_only = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or ())
+    dense = tuple(i for i in range(cfg["num_hidden_layers"])
+                  if i in mlp_only or num_experts == 0 or (i + 1) % step)
+    return {"num_experts": num_experts, "num_experts_per_tok": cfg.get("num_experts_per_tok", 8),
+            "moe_intermediate_size": cfg.get("moe_intermediate_size", 768),
+            "norm_topk_prob": bool(cfg.get("norm_topk_prob", False)), "dense_mlp_layers": dense}
+
+
 def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
     """Config switches of the Qwen configs that fitserve's attention does not implement (real
     Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
@@ -148,8 +182,8 @@ def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
     if arch.startswith("Qwen") and sliding:
         raise ConfigError(f"{arch} with use_sliding_window (sliding-window attention) is not supported yet; "
                           "fitserve attends over the whole context.")
-    if arch == "Qwen3ForCausalLM" and cfg.get("attention_bias"):
-        raise ConfigError("Qwen3ForCausalLM with attention_bias is not supported (q, k, v and o biases).")
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and cfg.get("attention_bias"):
+        raise ConfigError(f"{arch} with attention_bias is not supported (q, k, v and o biases).")
     rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
     partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
     if partial != 1.0:

@@ -15,6 +15,7 @@ triton_fp8: ModuleType | None
 triton_fp8_small: ModuleType | None
 triton_gemv: ModuleType | None
 triton_int_quant: ModuleType | None
+triton_moe: ModuleType | None
 triton_w8a16: ModuleType | None
 try:
     from fitserve.kernels import (
@@ -25,6 +26,7 @@ try:
         triton_fused,
         triton_gemv,
         triton_int_quant,
+        triton_moe,
         triton_w8a16,
     )
 except ImportError:  # CPU-only torch: no triton
@@ -35,4 +37,5 @@ except ImportError:  # CPU-only torch: no triton
     triton_fp8_small = None
     triton_gemv = None
     triton_int_quant = None
+    triton_moe = None
     triton_w8a16 = None

@@ -121,21 +121,22 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild,
-                 attention_class: type[LlamaAttention] = LlamaAttention) -> None:
+                 attention_class: type[LlamaAttention] = LlamaAttention, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
         self.self_attn = attention_class(arch, rotary, build)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
-        self.mlp = LlamaMLP(arch, build)
+        self.mlp = LlamaMLP(arch, build) if mlp is None else mlp  # another MLP: layers/moe.py MoE
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
         self.fp8_input = build.weight_format.fused_input_quantization
+        self.fp8_mlp_input = self.fp8_input and isinstance(self.mlp, LlamaMLP)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [T, H] (this layer's input delta), residual [T, H] or None for layer 0."""
         normed, residual = self.input_layernorm(hidden, residual, quantize=self.fp8_input)
         hidden = self.self_attn(normed, batch)
-        normed, residual = self.post_attention_layernorm(hidden, residual, quantize=self.fp8_input)
+        normed, residual = self.post_attention_layernorm(hidden, residual, quantize=self.fp8_mlp_input)
         return self.mlp(normed), residual
 
 
@@ -167,10 +168,15 @@ class LlamaForCausalLM(nn.Module):
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class)
-                                    for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class,
+                                                      self.build_mlp(i, arch, build))
+                                    for i in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
+
+    def build_mlp(self, layer_index: int, arch: ArchConfig, build: LayerBuild) -> nn.Module | None:
+        """Layer `layer_index`'s MLP; None: LlamaMLP (models/mixtral.py builds experts)."""
+        return None
 
     def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim] (the serving dtype or

@@ -13,9 +13,11 @@ from fitserve.arch_config import SUPPORTED_ARCHITECTURES
 from fitserve.config import ConfigError
 from fitserve.models.base import ModelClass
 from fitserve.models.llama import LlamaForCausalLM
+from fitserve.models.mixtral import MixtralForCausalLM
 from fitserve.models.phi3 import Phi3ForCausalLM
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.models.qwen3 import Qwen3ForCausalLM
+from fitserve.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, ModelClass] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -23,6 +25,8 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,  # Qwen2 and Qwen2.5: q, k, v biases
     "Qwen3ForCausalLM": Qwen3ForCausalLM,  # q and k RMSNorm per head
     "Phi3ForCausalLM": Phi3ForCausalLM,  # fused qkv and gate_up tensors, split at load
+    "MixtralForCausalLM": MixtralForCausalLM,  # Mixture of Experts (layers/moe.py), top-2
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # Qwen3 attention, Mixture of Experts
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "registry and config must agree"
 

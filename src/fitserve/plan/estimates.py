@@ -33,6 +33,9 @@ MLP_PHASE_INTERMEDIATE_TENSORS = 3
 REFERENCE_SILU_TEMPORARIES = 1
 NORM_PHASE_FP32_HIDDEN_TENSORS = 3
 FP32_BYTES = 4
+# An MoE layer's routing per token choice: float32 weight, int64 expert id, int32 sorted index and
+# the align step's int64 temporaries (order, rank, destination)
+MOE_ROUTING_BYTES_PER_CHOICE = 4 + 8 + 4 + 3 * 8
 # The sampler's memory per logit (runner/sampler.py, with every option on). Held for the whole
 # batch: the float32 logits and the raw logprobs kept for the step (8). The penalties' count slab:
 # int32 counts and a bool prompt mask per tracked request (5), rows doubling from 8. Per pass of
@@ -67,7 +70,18 @@ def forward_peak_bytes(arch: ArchConfig, num_tokens: int, act_bytes: int, fp8_li
         mlp_phase += inter
     norm_temporaries = 0 if fused_kernels else FP32_BYTES * NORM_PHASE_FP32_HIDDEN_TENSORS * hidden
     norm_phase = act_bytes * MLP_PHASE_HIDDEN_TENSORS * hidden + norm_temporaries
+    if arch.num_experts:
+        mlp_phase = max(mlp_phase if arch.dense_mlp_layers else 0, moe_phase_bytes(arch, act_bytes))
     return num_tokens * max(mlp_phase, norm_phase)
+
+
+def moe_phase_bytes(arch: ArchConfig, act_bytes: int) -> int:
+    """Live bytes per token inside an MoE layer (kernels/triton_moe.py): the six [T, hidden] tensors,
+    and for each of the k choices its gate_up [2I], SiLU output [I] and down output [H] rows, its
+    routing weight and ids (the pure-torch path holds less: one expert's rows at a time)."""
+    k, inter = arch.num_experts_per_tok, arch.moe_intermediate_size
+    per_choice = act_bytes * (MLP_PHASE_INTERMEDIATE_TENSORS * inter + arch.hidden_size) + MOE_ROUTING_BYTES_PER_CHOICE
+    return act_bytes * MLP_PHASE_HIDDEN_TENSORS * arch.hidden_size + k * per_choice
 
 
 def penalty_slab_rows(num_requests: int) -> int:

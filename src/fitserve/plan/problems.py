@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from fitserve.plan.memory_plan import MemoryPlan, PlanInputs, PlanProblem
+from fitserve.plan.shapes import WeightBytes
 from fitserve.plan.units import gib
 
 Replan = Callable[[PlanInputs], MemoryPlan]  # planner.plan_memory, for the plans of the other ways out
@@ -103,12 +104,17 @@ def _weights_message(plan: MemoryPlan, replan: Replan) -> str:
     return (
         f"{_model_and_card(plan)} does not fit: its weights need {gib(w.total_bytes)} "
         f"({gib(w.linear_bytes)} of linear layers in {w.linear_dtype}, {gib(w.embedding_bytes)} of embeddings "
-        f"in {w.other_dtype}), more than the budget of {gib(plan.budget_bytes)} that --gpu-memory-utilization "
+        f"in {w.other_dtype}{_experts(w)}), more than the budget of {gib(plan.budget_bytes)} that --gpu-memory-utilization "
         f"{inputs.gpu_memory_utilization:.2f} gives. With activations ({gib(plan.breakdown.activation_peak_bytes)}), "
         f"the CUDA-graph pool ({gib(plan.breakdown.cuda_graph_bytes)}) and runtime memory it needs "
         f"{gib(plan.breakdown.non_kv_bytes)} before any KV cache. {_utilization_fix(plan)}. Other ways: "
         f"{_alternatives(plan, replan)}."
     )
+
+
+def _experts(w: WeightBytes) -> str:
+    """An MoE model's experts, which --quantization leaves in --dtype (plan/shapes.py)."""
+    return f", {gib(w.expert_bytes)} of MoE experts in {w.other_dtype}" if w.expert_bytes else ""
 
 
 def _no_kv_message(plan: MemoryPlan, replan: Replan) -> str:

@@ -56,6 +56,8 @@ def _memory_rows(plan: MemoryPlan) -> list[str]:
         _row("  weights: norms, biases, rotary, fp8 scales",
              w.norm_bytes + w.bias_bytes + w.rotary_bytes + w.scale_bytes, total),
     ]
+    if w.expert_bytes:
+        rows.insert(-1, _row(f"  weights: MoE experts + routers ({w.other_dtype})", w.expert_bytes, total))
     if total is not None:
         rows += [
             _row(f"  activation peak ({i.max_num_batched_tokens} tokens, "
@@ -128,7 +130,7 @@ def plan_to_json(plan: MemoryPlan) -> dict[str, Any]:
         "weights": {
             "linear_dtype": w.linear_dtype, "linear_bytes": w.linear_bytes, "other_dtype": w.other_dtype,
             "embedding_bytes": w.embedding_bytes, "norm_bytes": w.norm_bytes, "bias_bytes": w.bias_bytes,
-            "rotary_bytes": w.rotary_bytes,
+            "rotary_bytes": w.rotary_bytes, "expert_bytes": w.expert_bytes,
             "scale_bytes": w.scale_bytes, "total_bytes": w.total_bytes,
         },
         "activation_peak_bytes": b.activation_peak_bytes,

@@ -6,6 +6,9 @@ the embeddings are tied, the RMSNorm weights (Qwen3 also a [head_dim] q_norm and
 layer), the q, k, v biases of Qwen2, and the rotary cos/sin tables (float32 buffers,
 [max_position_embeddings, head_dim] each). With `--quantization fp8` the linear layers take one
 byte per weight plus a float32 scale per tensor; everything else (biases too) stays in `--dtype`.
+A Mixture-of-Experts layer (models/mixtral.py, qwen3_moe.py) has no dense MLP but a router
+[E, H] and every expert's gate, up [I, H] and down [H, I]: all experts are resident, in `--dtype`
+whatever `--quantization` (layers/moe.py), and split over tensor-parallel ranks like the MLP.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ MERGED_LINEAR_STARTS = ("q_proj", "qkv_proj", "o_proj", "gate_proj", "gate_up_pr
 LINEAR_PROJECTIONS = (*MERGED_LINEAR_STARTS, "k_proj", "v_proj", "up_proj")
 BIASED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 LINEARS_PER_LAYER = 4  # qkv_proj, o_proj, gate_up_proj, down_proj after merging
+ATTENTION_LINEARS = 2  # qkv_proj, o_proj: the linear layers of an MoE layer (its experts are not)
 SAFETENSORS_HEADER_LEN_BYTES = 8  # a little-endian u64 before the JSON header
 
 
@@ -60,38 +64,42 @@ class ParamCounts:
     rotary_elements: int  # cos and sin tables together
     source: str  # "config.json" or "safetensors headers"
     bias_params: int = 0  # q, k, v biases (Qwen2), split like their projections' rows
+    expert_params: int = 0  # every expert's gate, up and down of every MoE layer, split like the MLP
+    router_params: int = 0  # the MoE layers' routers [E, H], replicated
 
     @property
     def num_params(self) -> int:
-        return self.linear_params + self.embedding_params + self.norm_params + self.bias_params
+        return (self.linear_params + self.embedding_params + self.norm_params + self.bias_params
+                + self.expert_params + self.router_params)
 
     def per_rank(self, tensor_parallel_size: int) -> ParamCounts:
         """One GPU's share under tensor parallelism: 1/N of every linear layer and bias, the rest replicated."""
         if tensor_parallel_size == 1:
             return self
         return replace(self, linear_params=self.linear_params // tensor_parallel_size,
-                       bias_params=self.bias_params // tensor_parallel_size)
+                       bias_params=self.bias_params // tensor_parallel_size,
+                       expert_params=self.expert_params // tensor_parallel_size)
 
 
 def counts_from_arch(arch: ArchConfig) -> ParamCounts:
     hidden, head_dim = arch.hidden_size, arch.head_dim
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
-    per_layer = (
-        qkv_rows * hidden
-        + hidden * arch.num_attention_heads * head_dim
-        + 2 * arch.intermediate_size * hidden
-        + hidden * arch.intermediate_size
-    )
+    attention = qkv_rows * hidden + hidden * arch.num_attention_heads * head_dim
+    dense_mlp = 3 * arch.intermediate_size * hidden
+    num_moe_layers = sum(arch.is_moe_layer(i) for i in range(arch.num_hidden_layers))
+    num_dense_layers = arch.num_hidden_layers - num_moe_layers
     num_embeddings = 1 if arch.tie_word_embeddings else 2
     qk_norm_params = 2 * head_dim if arch.qk_norm else 0
     return ParamCounts(
-        linear_params=per_layer * arch.num_hidden_layers,
-        num_linear_tensors=LINEARS_PER_LAYER * arch.num_hidden_layers,
+        linear_params=attention * arch.num_hidden_layers + dense_mlp * num_dense_layers,
+        num_linear_tensors=LINEARS_PER_LAYER * num_dense_layers + ATTENTION_LINEARS * num_moe_layers,
         embedding_params=num_embeddings * arch.vocab_size * hidden,
         norm_params=(2 * arch.num_hidden_layers + 1) * hidden + arch.num_hidden_layers * qk_norm_params,
         rotary_elements=_rotary_elements(arch),
         source="config.json",
         bias_params=arch.num_hidden_layers * qkv_rows if arch.qkv_bias else 0,
+        expert_params=num_moe_layers * arch.num_experts * 3 * arch.moe_intermediate_size * hidden,
+        router_params=num_moe_layers * arch.num_experts * hidden,
     )
 
 
@@ -115,7 +123,7 @@ def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | Non
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    linear = embedding = norm = bias = num_linear = 0
+    linear = embedding = norm = bias = num_linear = experts = routers = 0
     for path in files:
         for name, (_, shape) in read_safetensors_shapes(path).items():
             numel = 1
@@ -123,7 +131,11 @@ def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | Non
                 numel *= dim
             prefix, _, piece = name.rpartition(".")
             owner = prefix.rpartition(".")[2]  # the projection or norm a tensor belongs to
-            if owner in LINEAR_PROJECTIONS and piece == "weight":
+            if ".experts." in name and piece == "weight":  # model.layers.i.*.experts.e.w1.weight
+                experts += numel
+            elif owner == "gate" and piece == "weight":  # an MoE layer's router (block_sparse_moe.gate, mlp.gate)
+                routers += numel
+            elif owner in LINEAR_PROJECTIONS and piece == "weight":
                 linear += numel
                 num_linear += owner in MERGED_LINEAR_STARTS
             elif "embed_tokens" in name or (name.startswith("lm_head") and not arch.tie_word_embeddings):
@@ -132,7 +144,8 @@ def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | Non
                 norm += numel
             elif owner in BIASED_PROJECTIONS and piece == "bias":
                 bias += numel
-    return ParamCounts(linear, num_linear, embedding, norm, _rotary_elements(arch), "safetensors headers", bias)
+    return ParamCounts(linear, num_linear, embedding, norm, _rotary_elements(arch), "safetensors headers", bias,
+                       experts, routers)
 
 
 def model_param_counts(arch: ArchConfig, folder: str | None) -> ParamCounts:
@@ -154,11 +167,12 @@ class WeightBytes:
     rotary_bytes: int  # float32 cos/sin tables
     scale_bytes: int  # fp8 scales
     bias_bytes: int = 0  # q, k, v biases (Qwen2)
+    expert_bytes: int = 0  # MoE experts and routers, in other_dtype whatever --quantization
 
     @property
     def total_bytes(self) -> int:
         return (self.linear_bytes + self.embedding_bytes + self.norm_bytes + self.bias_bytes + self.rotary_bytes
-                + self.scale_bytes)
+                + self.scale_bytes + self.expert_bytes)
 
 
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
@@ -175,4 +189,5 @@ def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> W
         rotary_bytes=counts.rotary_elements * ROTARY_TABLE_BYTES,
         scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization is not None else 0,
         bias_bytes=counts.bias_params * dtype_bytes,
+        expert_bytes=(counts.expert_params + counts.router_params) * dtype_bytes,
     )

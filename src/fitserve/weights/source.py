@@ -124,16 +124,19 @@ def _hf_source(folder: str, name: str) -> ModelSource:
                        tokenizer_kind="hf" if has_tokenizer else "none",
                        tokenizer_path=str(root) if has_tokenizer else None,
                        eos_token_ids=tuple(dict.fromkeys(eos)), generation_config=generation_config,
-                       **_checkpoint_quantization(hf_config))
+                       **_checkpoint_quantization(hf_config, arch, name))
 
 
-def _checkpoint_quantization(hf_config: dict[str, Any]) -> dict[str, Any]:
+def _checkpoint_quantization(hf_config: dict[str, Any], arch: ArchConfig, name: str) -> dict[str, Any]:
     """ModelSource's checkpoint_int or checkpoint_fp8, from config.json's quantization_config."""
     qc = hf_config.get("quantization_config")
     scheme = parse_int_quantization(qc) if isinstance(qc, dict) else None
-    if scheme is not None:
-        return {"checkpoint_int": scheme}
-    return {"checkpoint_fp8": parse_quantization_config(hf_config)}
+    checkpoint_fp8 = None if scheme is not None else parse_quantization_config(hf_config)
+    if (scheme is not None or checkpoint_fp8 is not None) and arch.num_experts:
+        raise ConfigError(f"{name!r} is a quantized checkpoint of a Mixture-of-Experts model ({arch.architecture}); "
+                          "fitserve reads expert weights in bf16/fp16/fp32 only. Serve the unquantized checkpoint "
+                          "(with --quantization fp8 its attention layers are quantized, the experts stay in --dtype).")
+    return {"checkpoint_int": scheme} if scheme is not None else {"checkpoint_fp8": checkpoint_fp8}
 
 
 def load_generation_config(setting: str, source: ModelSource) -> tuple[dict[str, Any], str | None]:
