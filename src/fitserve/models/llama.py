@@ -113,10 +113,12 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild,
-                 attention_class: type[LlamaAttention] = LlamaAttention) -> None:
+                 attention_class: type[LlamaAttention] = LlamaAttention, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
         self.self_attn = attention_class(arch, rotary, build)
+        # this layer's sliding window (Mistral v0.1, Phi-3, Qwen2's windowed layers), None for full attention
+        self.self_attn.attn.sliding_window = arch.layer_window(layer)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
         self.mlp = LlamaMLP(arch, build)
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
@@ -157,8 +159,8 @@ class LlamaForCausalLM(nn.Module):
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class)
-                                    for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class, layer)
+                                    for layer in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
 
