@@ -1,6 +1,6 @@
 """Qwen2, Qwen3 and Phi-3 through the Triton kernels agree with their pure-torch path (GPU only):
 Qwen2's biases added after the linear layer, Qwen3's q/k norms before the fused rotary + KV store,
-in float32 and, for the biases, under an fp8 weight format; Phi-3 also at Phi-3-mini's head_dim 96, which
+in float32 and, for the biases, under an fp8 weight format; a Llama with a 24-token sliding window; Phi-3 also at Phi-3-mini's head_dim 96, which
 the kernels pad to 128."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fitserve.arch_config import ArchConfig
+from fitserve.models.llama import LlamaForCausalLM
 from fitserve.models.phi3 import Phi3ForCausalLM
 from fitserve.models.qwen2 import Qwen2ForCausalLM
 from fitserve.models.qwen3 import Qwen3ForCausalLM
@@ -19,7 +20,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 MODELS = {"qwen2": (Qwen2ForCausalLM, dict(qkv_bias=True)), "qwen3": (Qwen3ForCausalLM, dict(qk_norm=True)),
-          "phi3": (Phi3ForCausalLM, {})}
+          "phi3": (Phi3ForCausalLM, {}),
+          "mistral_window": (LlamaForCausalLM, dict(sliding_window=24))}  # shorter than the 39-token prompt
 STEPS = ([("a", list(range(1, 40))), ("b", list(range(50, 57)))], [("a", [5]), ("b", list(range(60, 90)))],
          [("a", [6]), ("b", [7])], [("a", [8]), ("b", [9])])  # prefill, mixed, decodes
 
