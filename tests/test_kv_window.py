@@ -19,12 +19,13 @@ BLOCK_SIZE = 4
 
 
 def make_engine(window: int | None, num_blocks: int = 64, max_num_seqs: int = 8, max_num_batched_tokens: int = 16,
-                enable_prefix_caching: bool = True) -> LLMEngine:
+                enable_prefix_caching: bool = True, async_scheduling: bool = False) -> LLMEngine:
     runner = FakeRunner(num_blocks=num_blocks, block_size=BLOCK_SIZE, vocab_size=VOCAB)
     runner.capacity = KVCapacity(num_blocks, BLOCK_SIZE, sliding_window_tokens=window)
     limits = EngineLimits(vocab_size=VOCAB, eos_token_ids=(VOCAB - 1,),
                           scheduler=SchedulerLimits(max_num_seqs, max_num_batched_tokens, max_model_len=512))
-    return LLMEngine(runner, FakeDecoder(), limits, enable_prefix_caching=enable_prefix_caching)
+    return LLMEngine(runner, FakeDecoder(), limits, enable_prefix_caching=enable_prefix_caching,
+                     async_scheduling=async_scheduling)
 
 
 def add(engine: LLMEngine, request_id: str, prompt: list[int], max_tokens: int) -> None:
@@ -90,10 +91,11 @@ def test_the_freed_entries_name_the_freed_block_and_the_rest_cover_the_window():
     assert manager.num_free_blocks == 32
 
 
-def test_many_requests_with_preemption_and_a_shared_prefix_give_their_tokens():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_many_requests_with_preemption_and_a_shared_prefix_give_their_tokens(async_scheduling):
     """A pool too small for all at once: preemptions; a shared prompt prefix: cache hits on blocks
     that other requests' windows freed (still holding their prefix's K/V)."""
-    engine = make_engine(12, num_blocks=14, max_num_seqs=4)
+    engine = make_engine(12, num_blocks=14, max_num_seqs=4, async_scheduling=async_scheduling)
     shared = list(range(100, 124))
     prompts = {f"r{i}": shared + [i + 1] * (i % 3 + 1) for i in range(6)}
     for rid, prompt in prompts.items():
