@@ -68,5 +68,6 @@ def test_qwen_windows_the_layers_from_max_window_layers_on_when_use_sliding_wind
 
 
 def test_mixed_layers_have_no_uniform_window():
-    arch = ArchConfig(**SHAPES, sliding_window=512, layer_types=("sliding_attention", "full_attention", "sliding_attention"))
+    arch = ArchConfig(**SHAPES, sliding_window=512,
+                      layer_types=("sliding_attention", "full_attention", "sliding_attention"))
     assert arch.uniform_sliding_window is None

@@ -1,7 +1,7 @@
 """Qwen2, Qwen3 and Phi-3 through the Triton kernels agree with their pure-torch path (GPU only):
 Qwen2's biases added after the linear layer, Qwen3's q/k norms before the fused rotary + KV store,
-in float32 and, for the biases, under an fp8 weight format; a Llama with a 24-token sliding window; Phi-3 also at Phi-3-mini's head_dim 96, which
-the kernels pad to 128."""
+in float32 and, for the biases, under an fp8 weight format; a Llama with a 24-token sliding window; Phi-3
+also at Phi-3-mini's head_dim 96, which the kernels pad to 128."""
 
 from __future__ import annotations
 

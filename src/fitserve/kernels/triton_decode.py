@@ -84,7 +84,8 @@ def _decode_split_kernel(
     out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
-    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None] & dim_valid[None, :])
+    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out,
+             mask=row_valid[:, None] & dim_valid[None, :])
     tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
 
 
