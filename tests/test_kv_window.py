@@ -143,3 +143,15 @@ def test_with_a_window_a_request_longer_than_the_cache_is_accepted():
     prompt = list(range(1, 41))
     add(engine, "r", prompt, max_tokens=100)
     assert run(engine)["r"] == expected_tokens(prompt, 100)
+
+
+def test_the_blocks_behind_the_window_serve_the_same_requests_next_block():
+    """A full pool: the block the request needs next comes from what its window left, no preemption."""
+    manager = KVCacheManager(num_blocks=4, block_size=BLOCK_SIZE, sliding_window_tokens=4)
+    request = Request("r", list(range(16)), SamplingParams(max_tokens=4))
+    assert manager.allocate_slots(request, 16) and manager.num_free_blocks == 0
+    request.num_computed_tokens = 16
+    request.output_token_ids.append(1)
+    assert manager.allocate_slots(request, 17)
+    assert manager.num_held_blocks("r") == 2 and manager.block_table("r")[:3] == [FREED_BLOCK] * 3
+    manager.check_invariants()

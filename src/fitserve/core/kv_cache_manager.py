@@ -190,6 +190,8 @@ class KVCacheManager:
         cached_blocks = cached_blocks or []
         table = self._tables.get(rid)
         assert not (cached_blocks and table), "cached blocks start a table; they are never added to one"
+        if table is not None:  # first, so that what the window left can serve this allocation
+            self._free_out_of_window(request, table)
         held = len(table) if table else len(cached_blocks)
         num_new = max(blocks_for_tokens(num_tokens, self.block_size) - held, 0)
         # Cached blocks wholly before the window of the first token computed are not even taken.
@@ -203,8 +205,6 @@ class KVCacheManager:
             table = self._tables[rid] = [FREED_BLOCK] * num_behind + cached_blocks[num_behind:]
             self._num_registered[rid] = len(cached_blocks)
             self._num_freed[rid] = num_behind
-        else:
-            self._free_out_of_window(request, table)
         if num_new:
             new_blocks = self.pool.allocate(num_new)
             assert new_blocks is not None, "checked above"
