@@ -9,7 +9,10 @@ tile is read once per KV head rather than once per query head. It walks the requ
 context in tiles of TILE_N tokens, gathering each token's block through the block table,
 with an online softmax; keys past a query's own position are masked (causality). Every
 bound it reads (query lengths, context lengths) comes from device memory, so the launch is
-the same for every step of a given batch size: CUDA graphs can capture it.
+the same for every step of a given batch size: CUDA graphs can capture it. A sliding window
+starts each program's walk at its first query's window (the blocks before it are never read: the
+cache manager may have freed them) and masks the rest per row; a logit soft-cap and a head_dim
+that is not a power of two (padded, with masks) are compile-time switches that cost nothing off.
 
 The pure-torch versions in kernels/reference.py are the specification; tests compare.
 """
