@@ -56,11 +56,12 @@ def check_prefill_and_decode(ours, hf, prompts: list[list[int]] = PROMPTS,
             logits = driver.step([(req, ids[-1:]) for req, ids in seqs.items()])
 
 
-def check_engine_greedy(folder, hf) -> None:
+def check_engine_greedy(folder, hf, block_size: int | None = None) -> None:
     """The whole engine (scheduler, runner, sampler) on the checkpoint in `folder`: paged_helpers'
     11 requests, batched and decoded together, get transformers' greedy tokens (20, or up to eos)."""
+    blocks = {} if block_size is None else {"block_size": block_size}
     config = EngineConfig(model=str(folder), dtype="float32", device="cpu",
-                          cache=CacheConfig(num_gpu_blocks_override=128),
+                          cache=CacheConfig(num_gpu_blocks_override=128, **blocks),
                           scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=16))
     vocab_size = hf.config.vocab_size
     got = engine_greedy_tokens(build_engine(config, progress=False).engine, vocab_size)

@@ -30,7 +30,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cache
 
 def run_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int,
              head_dim: int = 24, block_size: int = 4, num_pad_rows: int = 0, seed: int = 0,
-             window: int | None = None, softcap: float | None = None) -> None:
+             window: int | None = None, softcap: float | None = None, poison_freed: bool = False) -> None:
+    """poison_freed: the blocks wholly before each request's (num_cached - window), which the cache
+    manager frees, are filled with NaN (a freed block may hold anything) after the store."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
@@ -62,6 +64,10 @@ def run_case(query_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_
     assert batch.slot_mapping[-1].item() == PAD_SLOT or num_pad_rows == 0
     num_changed_slots = int((k_cache != before).any(-1).any(-1).sum())
     assert num_changed_slots == sum(query_lens), "exactly the fed, non-padding tokens are stored"
+    for table, q_len, s_len in zip(tables, query_lens, seq_lens):
+        if poison_freed and window is not None:
+            for block in table[:max(0, (s_len - q_len - window) // block_size)]:
+                k_cache[block], v_cache[block] = float("nan"), float("nan")
     q = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
     scale = head_dim ** -0.5
     if softcap is not None:
@@ -94,6 +100,13 @@ def test_single_long_chunk_after_context():
 def test_sliding_window_in_prefill_chunks_and_decode(window):
     run_case([7, 5, 1, 1, 8], [7, 13, 10, 1, 16], 6, 2, num_pad_rows=2, window=window)
     run_case([1, 1, 1], [1, 17, 33], 4, 2, block_size=4, seed=3, window=window)
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_blocks_before_the_window_are_never_read_for_values(softcap):
+    """Freed blocks full of NaN: a key outside every query's window is selected away, not multiplied by 0."""
+    run_case([7, 5, 1, 1, 8], [7, 30, 10, 1, 16], 6, 2, num_pad_rows=2, window=6, softcap=softcap, poison_freed=True)
+    run_case([1, 1, 1], [1, 17, 33], 4, 2, block_size=4, seed=3, window=5, softcap=softcap, poison_freed=True)
 
 
 def test_soft_capped_scores_with_and_without_a_window():

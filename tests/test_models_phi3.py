@@ -1,6 +1,6 @@
 """Phi-3 matches transformers on a tiny random checkpoint (float32, CPU): its fused qkv_proj and
 gate_up_proj tensors are split at load into the shared layers; what fitserve cannot compute
-exactly (longrope scaling, a partial rotary factor) is refused, and a sliding window caps the context."""
+exactly (longrope scaling, a partial rotary factor) is refused; a sliding window is attended as transformers does."""
 
 from __future__ import annotations
 
@@ -46,13 +46,15 @@ def test_the_engine_generates_transformers_greedy_tokens(tmp_path):
     check_engine_greedy(tmp_path, write_phi3(tmp_path))
 
 
-def test_a_sliding_window_caps_the_context_inside_which_attention_is_full(tmp_path):
-    """transformers masks keys older than the window; up to `sliding_window` tokens nothing is masked."""
-    window = 24
+def test_a_sliding_window_shorter_than_the_context_matches_transformers(tmp_path):
+    """transformers masks keys older than the window; the whole max_position_embeddings is served, and
+    the engine, freeing the blocks the window leaves, generates transformers' tokens."""
+    window = 9
     hf = write_phi3(tmp_path, sliding_window=window)
     source, ours = load_ours(tmp_path)
-    assert source.arch.max_position_embeddings == window
-    check_prefill_and_decode(ours, hf, prompts=[list(range(3, 3 + window - 4)), [7, 8, 9]], num_decode_steps=4)
+    assert source.arch.max_position_embeddings == 256 and source.arch.uniform_sliding_window == window
+    check_prefill_and_decode(ours, hf, prompts=[list(range(3, 30)), [7, 8, 9]], num_decode_steps=6)
+    check_engine_greedy(tmp_path, hf, block_size=4)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -111,9 +113,11 @@ def test_a_partial_rotary_factor_is_refused(tmp_path):
 
 
 def test_plan_counts_phi3_minis_published_parameters():
-    """Phi-3-mini-4k's config.json: 3,821,079,552 parameters, and a context capped at its 2047-token window."""
+    """Phi-3-mini-4k's config.json: 3,821,079,552 parameters, its whole 4096-token context served with a
+    2047-token window on every layer."""
     arch = ArchConfig.from_hf_config({
         "architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
         "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064, "max_position_embeddings": 4096,
         "sliding_window": 2047, "rope_scaling": None, "tie_word_embeddings": False})
-    assert counts_from_arch(arch).num_params == 3_821_079_552 and arch.max_position_embeddings == 2047
+    assert counts_from_arch(arch).num_params == 3_821_079_552 and arch.max_position_embeddings == 4096
+    assert arch.uniform_sliding_window == 2047

@@ -111,9 +111,7 @@ def test_a_tensor_parallel_rank_takes_its_rows_of_each_bias(tmp_path, whole):
     assert rank1.checkpoint_slice("model.layers.0.self_attn.k_proj.bias").length == 16  # 1 of 2 KV heads
 
 
-@pytest.mark.parametrize("name,switch", [("qwen2", {"use_sliding_window": True, "sliding_window": 64}),
-                                         ("qwen3", {"use_sliding_window": True, "sliding_window": 64}),
-                                         ("qwen3", {"attention_bias": True})])
+@pytest.mark.parametrize("name,switch", [("qwen3", {"attention_bias": True})])
 def test_switches_fitserve_does_not_implement_are_refused(tmp_path, name, switch):
     write_checkpoint(tmp_path, name, tied=False)
     config = json.loads((tmp_path / "config.json").read_text())

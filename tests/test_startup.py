@@ -102,13 +102,16 @@ def test_plan_inputs_from_the_engine_config_match_the_cli(tmp_path):
 
 
 def test_a_head_dim_the_gpu_kernels_cannot_tile_is_refused_on_cuda_before_loading():
-    """Phi-3-mini's head_dim 96 (3072 / 32 heads): the Triton kernels tile heads in powers of two."""
+    """Phi-3-mini's head_dim 96 (3072 / 32 heads) is padded to 128 in the kernels and runs; an odd
+    head_dim or one under 16 cannot (rotation in halves, tl.dot's inner dimension)."""
     from fitserve.arch_config import ArchConfig
 
     phi3_mini = ArchConfig(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=32, head_dim=96,
                            architecture="Phi3ForCausalLM")
-    with pytest.raises(ConfigError, match="head_dim 96.*power of two.*--device cpu"):
-        startup.check_gpu_kernels(phi3_mini, torch.device("cuda"))
-    startup.check_gpu_kernels(phi3_mini, torch.device("cpu"))  # the reference path takes any head_dim
-    startup.check_gpu_kernels(replace(phi3_mini, head_dim=128), torch.device("cuda"))
+    for head_dim in (96, 80, 128):
+        startup.check_gpu_kernels(replace(phi3_mini, head_dim=head_dim), torch.device("cuda"))
+    for head_dim in (8, 95):
+        with pytest.raises(ConfigError, match=f"head_dim {head_dim}.*even.*--device cpu"):
+            startup.check_gpu_kernels(replace(phi3_mini, head_dim=head_dim), torch.device("cuda"))
+    startup.check_gpu_kernels(replace(phi3_mini, head_dim=95), torch.device("cpu"))  # the reference path takes any

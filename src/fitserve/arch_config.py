@@ -106,6 +106,7 @@ class ArchConfig:
             qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             **_moe_fields(arch, cfg),
+            **_window_fields(arch, cfg),
         )
 
     def shard(self, tensor_parallel_size: int) -> ArchConfig:
@@ -138,6 +139,13 @@ class ArchConfig:
         return self.sliding_window
 
     @property
+    def uniform_sliding_window(self) -> int | None:
+        """The window when every layer has the same one (Mistral v0.1, Phi-3), else None (none, or
+        full and local layers mixed, as Gemma 2/3: those keep every KV block)."""
+        windows = {self.layer_window(layer) for layer in range(self.num_hidden_layers)}
+        return windows.pop() if len(windows) == 1 else None
+
+    @property
     def kv_elements_per_token(self) -> int:
         """K and V elements per token over all layers; times the KV dtype's size gives bytes."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
@@ -150,11 +158,29 @@ _DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # Qwen3MoeConfig's default is hi
 
 
 def _max_positions(arch: str, cfg: dict[str, Any]) -> int:
-    """Phi-3's sliding window (Phi-3-mini-4k: 2047 of 4096) caps the context: up to the window,
-    its attention is full attention, which fitserve computes."""
-    max_positions = cfg.get("max_position_embeddings", 8192)
+    return cfg.get("max_position_embeddings", 8192)
+
+
+QWEN_DEFAULT_MAX_WINDOW_LAYERS = 28  # transformers' Qwen2Config / Qwen3Config default
+
+
+def _window_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """sliding_window and layer_types as transformers reads them. Mistral (v0.1: 4096; null from
+    v0.2 on) and Phi-3 (Phi-3-mini-4k: 2047) window every layer. Qwen2/Qwen3 window only with
+    use_sliding_window, and then the layers from max_window_layers on (or those config.json's
+    layer_types names); none windowed gives no window, all of them a uniform one."""
     window = cfg.get("sliding_window")
-    return min(max_positions, window) if arch == "Phi3ForCausalLM" and window else max_positions
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
+        return {"sliding_window": window}
+    if not (arch.startswith("Qwen") and cfg.get("use_sliding_window") and window):
+        return {}
+    num_layers = cfg["num_hidden_layers"]
+    first = cfg.get("max_window_layers", QWEN_DEFAULT_MAX_WINDOW_LAYERS)
+    types = tuple(cfg.get("layer_types") or ("sliding_attention" if i >= first else "full_attention"
+                                               for i in range(num_layers)))
+    if "sliding_attention" not in types:
+        return {}
+    return {"sliding_window": window, "layer_types": () if set(types) == {"sliding_attention"} else types}
 
 
 def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -178,10 +204,6 @@ def _moe_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
     """Config switches of the Qwen configs that fitserve's attention does not implement (real
     Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
-    sliding = cfg.get("use_sliding_window") or "sliding_attention" in (cfg.get("layer_types") or ())
-    if arch.startswith("Qwen") and sliding:
-        raise ConfigError(f"{arch} with use_sliding_window (sliding-window attention) is not supported yet; "
-                          "fitserve attends over the whole context.")
     if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and cfg.get("attention_bias"):
         raise ConfigError(f"{arch} with attention_bias is not supported (q, k, v and o biases).")
     rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}

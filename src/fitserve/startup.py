@@ -246,13 +246,17 @@ def check_tensor_parallel(config: EngineConfig, source: ModelSource, device: tor
                 f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES picks them).")
 
 
+MIN_GPU_HEAD_DIM = 16  # the attention kernels' tl.dot needs an inner dimension of at least 16
+
+
 def check_gpu_kernels(arch: ArchConfig, device: torch.device) -> None:
-    """Before any weight is read: the Triton attention and rotary kernels tile a head in one power
-    of two (tl.arange), so a head_dim such as Phi-3-mini's 96 cannot run on CUDA yet."""
-    if device.type == "cuda" and arch.head_dim & (arch.head_dim - 1):
+    """Before any weight is read: the Triton kernels pad a head to the next power of two (Phi-3-mini's
+    96 to 128), but rotate it in two halves and multiply it with tl.dot, so it must be even and at
+    least MIN_GPU_HEAD_DIM."""
+    if device.type == "cuda" and (arch.head_dim % 2 or arch.head_dim < MIN_GPU_HEAD_DIM):
         raise ConfigError(
-            f"{arch.architecture} has head_dim {arch.head_dim}; fitserve's GPU kernels need a power of two "
-            f"(64, 128, 256) and do not run this model yet. It runs on the CPU with --device cpu.")
+            f"{arch.architecture} has head_dim {arch.head_dim}; fitserve's GPU kernels need an even head_dim "
+            f"of at least {MIN_GPU_HEAD_DIM} and do not run this model. It runs on the CPU with --device cpu.")
 
 
 def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: ModelSource, max_model_len: int,

@@ -16,6 +16,9 @@ from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 class KVCapacity:
     num_blocks: int  # KV blocks allocated per layer
     block_size: int  # tokens per block
+    # The sliding window every layer shares (Mistral v0.1, Phi-3), in tokens; None when a layer sees the
+    # whole context. With it the cache manager frees the blocks a request's window has left behind.
+    sliding_window_tokens: int | None = None
 
     @property
     def num_tokens(self) -> int:

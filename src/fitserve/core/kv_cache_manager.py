@@ -11,6 +11,13 @@ requests admitted later, even in the same step, share it. A new request, or a pr
 one coming back, starts from the longest run of its leading full blocks that is cached;
 `num_computed_tokens` starts there and the runner computes only the rest.
 docs/prefix-caching.md tells the whole story.
+
+Sliding window (`sliding_window_tokens`, when every layer of the model has the same one): a
+query at position p reads keys p - window < j <= p only, so once a request has computed c
+tokens, its blocks wholly before position c - window are never read again. Each allocation
+frees them (their table entries become FREED_BLOCK), so a decoding request holds at most
+ceil(window / block_size) + 1 blocks whatever its length. A freed block that is cached stays
+findable, like any freed cached block, until evicted: its K/V are still those of its prefix.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from fitserve.core.block_pool import BlockKey, BlockPool
 from fitserve.request import Request
 
 HASH_BYTES = 16  # 128-bit block hashes: a chance collision is negligible, and hits are verified anyway
+# A table entry whose block left the sliding window and was freed. The attention kernels never read
+# such a block for its values (kernels/reference.py selects it away, the Triton kernels start after
+# it), so any valid block id serves; 0 is also what the runner pads tables with.
+FREED_BLOCK = 0
 
 
 def hash_block(parent_hash: int | None, token_bytes: bytes) -> int:
@@ -59,8 +70,11 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
-                 hash_fn: Callable[[int | None, bytes], int] = hash_block) -> None:
+                 hash_fn: Callable[[int | None, bytes], int] = hash_block,
+                 sliding_window_tokens: int | None = None) -> None:
+        assert sliding_window_tokens is None or sliding_window_tokens >= 1
         self.block_size = block_size
+        self.sliding_window_tokens = sliding_window_tokens
         self.enable_caching = enable_caching
         self.hash_fn = hash_fn  # tests force collisions through it
         self.pool = BlockPool(num_blocks)
@@ -69,6 +83,8 @@ class KVCacheManager:
         self._keys: dict[str, list[BlockKey]] = {}
         # Per request holding blocks: how many leading blocks of its table were found or registered.
         self._num_registered: dict[str, int] = {}
+        # Per request holding blocks: how many leading table entries left the window (FREED_BLOCK).
+        self._num_freed: dict[str, int] = {}
         self._stats = PrefixCacheStats()
 
     @property
@@ -153,7 +169,7 @@ class KVCacheManager:
             return
         table = self._tables[rid]
         keys = self._block_keys(request, num_full)
-        for index in range(done, num_full):
+        for index in range(max(done, self._num_freed[rid]), num_full):
             self.pool.cache(table[index], keys[index])  # False for a duplicate: the first one stays found
         self._num_registered[rid] = num_full
 
@@ -163,7 +179,8 @@ class KVCacheManager:
         """Grow the request's table to hold `num_tokens` tokens in all, the first blocks being
         `cached_blocks` (from `find_cached_prefix`, for a request holding no blocks yet).
 
-        Returns False, changing nothing, when the pool has too few free blocks. On success the
+        First frees the request's blocks that left its sliding window (if any; see the module
+        docstring). Returns False, changing nothing else, when the pool has too few free blocks. On success the
         blocks full within `num_tokens` are registered in the prefix cache: the caller schedules
         those tokens for computation in this step. A block holding a token not sampled yet (async
         scheduling plans a step before the last one's tokens are known) waits for a later call:
@@ -173,22 +190,49 @@ class KVCacheManager:
         cached_blocks = cached_blocks or []
         table = self._tables.get(rid)
         assert not (cached_blocks and table), "cached blocks start a table; they are never added to one"
+        if table is not None:  # first, so that what the window left can serve this allocation
+            self._free_out_of_window(request, table)
         held = len(table) if table else len(cached_blocks)
         num_new = max(blocks_for_tokens(num_tokens, self.block_size) - held, 0)
+        # Cached blocks wholly before the window of the first token computed are not even taken.
+        num_behind = 0 if table else self._num_behind_window(len(cached_blocks) * self.block_size)
         # A cached block that is free leaves the free queue when taken: count it with the new ones.
-        num_cached_free = sum(1 for block_id in cached_blocks if self.pool.ref_count(block_id) == 0)
+        num_cached_free = sum(1 for block_id in cached_blocks[num_behind:] if self.pool.ref_count(block_id) == 0)
         if num_new + num_cached_free > self.pool.num_free_blocks:
             return False
         if table is None:
-            self.pool.touch(cached_blocks)
-            table = self._tables[rid] = list(cached_blocks)
+            self.pool.touch(cached_blocks[num_behind:])
+            table = self._tables[rid] = [FREED_BLOCK] * num_behind + cached_blocks[num_behind:]
             self._num_registered[rid] = len(cached_blocks)
+            self._num_freed[rid] = num_behind
         if num_new:
             new_blocks = self.pool.allocate(num_new)
             assert new_blocks is not None, "checked above"
             table.extend(new_blocks)
         self._register_full_blocks(request, min(num_tokens, request.num_tokens))
         return True
+
+    def _free_out_of_window(self, request: Request, table: list[int]) -> None:
+        """Free the blocks wholly before (num_computed_tokens - window): the queries of this step and
+        later ones, at positions >= num_computed_tokens, never read them."""
+        rid = request.request_id
+        done = self._num_freed[rid]
+        num_behind = self._num_behind_window(request.num_computed_tokens)
+        if num_behind <= done:
+            return
+        self.pool.free(table[done:num_behind])
+        table[done:num_behind] = [FREED_BLOCK] * (num_behind - done)
+        self._num_freed[rid] = num_behind
+
+    def _num_behind_window(self, num_computed_tokens: int) -> int:
+        """Leading blocks that no query at a position >= num_computed_tokens reads (0 without a window)."""
+        if self.sliding_window_tokens is None:
+            return 0
+        return max(0, (num_computed_tokens - self.sliding_window_tokens) // self.block_size)
+
+    def num_held_blocks(self, request_id: str) -> int:
+        """Blocks the request holds: its table less the entries freed behind the window."""
+        return len(self._tables.get(request_id, ())) - self._num_freed.get(request_id, 0)
 
     def free(self, request_id: str, keep_keys: bool = False) -> None:
         """Release every block of the request (preemption or finish); unknown ids are a no-op.
@@ -198,26 +242,32 @@ class KVCacheManager:
         """
         table = self._tables.pop(request_id, None)
         self._num_registered.pop(request_id, None)
+        num_freed = self._num_freed.pop(request_id, 0)
         if not keep_keys:
             self._keys.pop(request_id, None)
         if table:
-            self.pool.free(table)
+            self.pool.free(table[num_freed:])
 
     # -- checks --------------------------------------------------------------------------------
 
     def check_invariants(self) -> None:
         self.pool.check_invariants()
-        held = Counter(block for table in self._tables.values() for block in table)
+        held = Counter(block for rid, table in self._tables.items() for block in table[self._num_freed[rid]:])
         for block_id in range(self.pool.num_blocks):
             assert self.pool.ref_count(block_id) == held[block_id], (
                 f"block {block_id}: ref count {self.pool.ref_count(block_id)} but held by {held[block_id]} tables"
             )
         assert self.pool.num_free_blocks + len(held) == self.pool.num_blocks, "free + used != all blocks"
         assert set(self._num_registered) == set(self._tables), "registration state without a table, or missing"
-        for rid, table in self._tables.items():
+        assert set(self._num_freed) == set(self._tables), "window state without a table, or missing"
+        for rid, full_table in self._tables.items():
+            num_freed = self._num_freed[rid]
+            assert self.sliding_window_tokens is not None or num_freed == 0, "blocks freed without a window"
+            assert full_table[:num_freed] == [FREED_BLOCK] * num_freed, f"{rid}: a freed entry names a block"
+            table = full_table[num_freed:]
             assert len(set(table)) == len(table), f"{rid}: a block twice in one table"
             keys = self._keys.get(rid, [])
-            for index, block_id in enumerate(table):
+            for index, block_id in enumerate(table, start=num_freed):
                 key = self.pool.block_keys[block_id]
                 if key is not None:  # a cached block in a table holds exactly that request's tokens there
                     assert index < self._num_registered[rid] and index < len(keys) and keys[index] == key, (

@@ -29,7 +29,7 @@ from typing import Callable
 
 from fitserve.config import DEFAULT_MAX_LOGPROBS
 from fitserve.core.engine_stats import EngineStats
-from fitserve.core.interfaces import ModelRunner, PendingOutput
+from fitserve.core.interfaces import KVCapacity, ModelRunner, PendingOutput
 from fitserve.core.kv_cache_manager import KVCacheManager
 from fitserve.core.outputs import RunnerOutput, SchedulerOutput, TokenLogprobs
 from fitserve.core.scheduler import Scheduler, SchedulerLimits
@@ -65,6 +65,17 @@ def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOut
     return []
 
 
+def _kv_token_limit(capacity: KVCapacity, limits: SchedulerLimits) -> int | None:
+    """The most tokens a request may hold in the cache, None for no limit: with a sliding window a
+    request holds at most its window plus one step's chunk (core/kv_cache_manager.py), so when that
+    fits, a request of any length runs."""
+    window = capacity.sliding_window_tokens
+    if window is None:
+        return capacity.num_tokens
+    most_blocks = -(-(window + limits.max_num_batched_tokens) // capacity.block_size) + 1
+    return None if most_blocks <= capacity.num_blocks else capacity.num_tokens
+
+
 class LLMEngine:
     def __init__(self, runner: ModelRunner, decoder: Decoder, limits: EngineLimits,
                  metrics: EngineMetrics | None = None, async_output: bool = False,
@@ -75,10 +86,11 @@ class LLMEngine:
         self.decoder = decoder
         self.limits = limits
         self.block_size = capacity.block_size
-        self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size, enable_caching=enable_prefix_caching)
+        self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size, enable_caching=enable_prefix_caching,
+                                       sliding_window_tokens=capacity.sliding_window_tokens)
         self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
         self.request_limits = RequestLimits(limits.scheduler.max_model_len, limits.vocab_size, limits.max_logprobs,
-                                            num_kv_tokens=capacity.num_tokens)
+                                            num_kv_tokens=_kv_token_limit(capacity, limits.scheduler))
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         # Prompt logprobs gathered over prefill chunks, by position, until the first output carries them.
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}

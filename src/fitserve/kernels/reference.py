@@ -72,6 +72,13 @@ def attend_mask(key_pos: torch.Tensor, query_pos: torch.Tensor, sliding_window: 
     return mask if sliding_window is None else mask & (distance < sliding_window)
 
 
+def _zero_unseen(x: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """x with the keys no query sees set to zero (seen: bool, broadcast against x). The cache blocks
+    before a sliding window are freed (core/kv_cache_manager.py) and may hold anything, NaN included,
+    and a masked-out NaN would still poison the softmax's sum (0 * NaN is NaN): select, never multiply."""
+    return torch.where(seen, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: ForwardBatch, scale: float, k_scale: float = 1.0, v_scale: float = 1.0,
                     sliding_window: int | None = None, softcap: float | None = None) -> torch.Tensor:
@@ -107,6 +114,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             key_pos = torch.arange(seq_len, device=q.device)  # [L]
             query_pos = num_cached + torch.arange(query_len, device=q.device)  # [Lq]
             mask = attend_mask(key_pos, query_pos, sliding_window)  # [Lq, L]
+            k, v = _zero_unseen(k, mask.any(0)[None, :, None]), _zero_unseen(v, mask.any(0)[None, :, None])
             o = _attend(q_i[None], k[None], v[None], mask, scale, softcap)
         out[row:row + query_len] = o[0].transpose(0, 1)
         row += query_len
@@ -125,6 +133,7 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     key_pos = torch.arange(batch.max_seq_len, device=q.device)[None, :]  # [1, L]
     query_pos = batch.seq_lens[:, None].to(q.device) - 1  # [S, 1]: the new token is the last one
     mask = attend_mask(key_pos, query_pos, sliding_window)  # [S, 1, L]
+    k, v = _zero_unseen(k, mask[:, 0, :, None, None]), _zero_unseen(v, mask[:, 0, :, None, None])
     o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale, softcap)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]

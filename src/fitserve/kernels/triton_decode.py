@@ -30,6 +30,7 @@ from fitserve.kernels.triton_attention import (
     TILE_N,
     attend_tiles,
     cache_scales,
+    check_window_softcap,
 )
 
 # Enough programs in flight to hide memory latency. benchmarks/decode_attention_bench.py on the
@@ -44,14 +45,16 @@ MAX_SPLITS = 16
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_lse_ptr,
-    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale,
+    query_start_ptr, seq_lens_ptr, block_tables_ptr, scale, v_scale, window, softcap,
     stride_q_token, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_POW2: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One slice of one (request, KV head): its GROUP query heads' partial rows, written at
-    part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split (output [D] and log-sum-exp, float32)."""
+    part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split (output [D] and log-sum-exp, float32).
+    With SLIDING the slices split the window's keys [seq_len - window, seq_len) only."""
     begin(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -59,24 +62,30 @@ def _decode_split_kernel(
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     seq_len = tl.where(q_len > 0, tl.load(seq_lens_ptr + seq), 0)  # padding sequences attend to nothing
-    num_tiles = tl.cdiv(seq_len, TILE)
+    first_key = 0
+    if SLIDING:  # the one query, at seq_len - 1, sees keys after seq_len - 1 - window
+        first_key = tl.maximum(seq_len - window, 0)
+    num_tiles = tl.cdiv(seq_len - first_key, TILE)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    key_begin = split * tiles_per_split * TILE
+    key_begin = first_key + split * tiles_per_split * TILE
     key_end = tl.minimum(key_begin + tiles_per_split * TILE, seq_len)
     rows = tl.arange(0, BLOCK_M)
     head = kv_head * GROUP + rows
     row_valid = rows < GROUP
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_POW2)
+    dim_valid = dims < HEAD_DIM
     q = tl.load(q_ptr + q_start * stride_q_token + head[:, None] * stride_q_head + dims[None, :],
-                mask=row_valid[:, None] & (q_len > 0), other=0.0)  # [BLOCK_M, D]
+                mask=row_valid[:, None] & dim_valid[None, :] & (q_len > 0), other=0.0)  # [BLOCK_M, HEAD_POW2]
     m_i, l_i, acc = attend_tiles(
         q, rows, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_table, kv_head, key_begin, key_end, scale,
-        stride_cache_block, stride_cache_slot, stride_cache_head, BLOCK_M, HEAD_DIM, BLOCK_SIZE, TILE, False)
+        window, softcap, stride_cache_block, stride_cache_slot, stride_cache_head,
+        BLOCK_M, HEAD_DIM, HEAD_POW2, BLOCK_SIZE, TILE, False, False, SOFTCAP)
     # Partial results: out normalised within the slice, and the slice's log-sum-exp (-inf if empty).
     out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_i))
     part_row = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
-    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None])
+    tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + dims[None, :], out,
+             mask=row_valid[:, None] & dim_valid[None, :])
     tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
 
 
@@ -84,7 +93,7 @@ def _decode_split_kernel(
 def _decode_merge_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_ptr, stride_o_token, stride_o_head,
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PDL: tl.constexpr,
+    HEAD_POW2: tl.constexpr, PDL: tl.constexpr,
 ):
     begin(PDL)
     seq = tl.program_id(0)
@@ -98,11 +107,12 @@ def _decode_merge_kernel(
     lse_max = tl.max(lse, axis=0)
     weights = tl.exp(lse - lse_max)  # empty slices weigh 0
     weights = weights / tl.sum(weights, axis=0)
-    dims = tl.arange(0, HEAD_DIM)
+    dims = tl.arange(0, HEAD_POW2)
     parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=(splits < NUM_SPLITS)[:, None], other=0.0)  # [SPLITS, D]
+                    mask=(splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)  # [SPLITS, D]
     out = tl.sum(parts * weights[:, None], axis=0)
-    tl.store(out_ptr + q_start * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + q_start * stride_o_token + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
@@ -115,15 +125,18 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
     num_splits: int, k_scale: float = 1.0, v_scale: float = 1.0,
+    sliding_window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Like triton_attention.paged_attention for a batch where every request feeds one token (at most),
     split over the context: q [T, H, D], out [T, H, D], query_start_loc [S+1], seq_lens [S], block_tables
-    [S, max_blocks]: the split kernel, then the merge kernel.
+    [S, max_blocks]: the split kernel, then the merge kernel. sliding_window and softcap as there:
+    with a window the splits share only the window's keys, so a long context costs no more.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = seq_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
-    assert num_heads % num_kv_heads == 0 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
+    assert num_heads % num_kv_heads == 0 and head_dim >= 16
+    check_window_softcap(sliding_window, softcap)
     assert q.stride(2) == 1 and out.shape == q.shape and out.stride(2) == 1 and block_tables.stride(1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
     assert head_dim == k_cache.shape[3] and 1 <= num_splits <= MAX_SPLITS
@@ -132,18 +145,21 @@ def paged_decode_attention(
         return out
     k_scale, v_scale = cache_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
+    head_pow2 = triton.next_power_of_2(head_dim)
     part_out = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, part_out, part_lse, query_start_loc, seq_lens, block_tables, scale * k_scale,
-        float(v_scale), q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        float(v_scale), sliding_window or 0, float(softcap or 1.0),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
-        BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        TILE=TILE_N, num_warps=4, num_stages=2, **pdl.options(q.device),
+        BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_POW2=head_pow2,
+        BLOCK_SIZE=k_cache.shape[1], TILE=TILE_N, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
+        num_warps=4, num_stages=2, **pdl.options(q.device),
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits),
-        HEAD_DIM=head_dim, num_warps=1, **pdl.options(q.device),
+        HEAD_DIM=head_dim, HEAD_POW2=head_pow2, num_warps=1, **pdl.options(q.device),
     )
     return out

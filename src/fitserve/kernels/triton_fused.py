@@ -98,23 +98,25 @@ def _rope_halves(x1, x2, cos, sin):
 
 
 @triton.jit
-def rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF: tl.constexpr):
-    """(cos, sin) [1, D/2] float32 at this token's position (the tables' halves are equal)."""
+def rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF: tl.constexpr,
+                   HALF_POW2: tl.constexpr):
+    """(cos, sin) [1, HALF_POW2] float32 at this token's position (the tables' halves are equal); a
+    half that is not a power of two (Phi-3's head_dim 96) is padded, the padding reads 0."""
     position = tl.load(positions_ptr + token)
-    dims = tl.arange(0, HALF)
-    cos = tl.load(cos_ptr + position * stride_table + dims)[None, :]
-    sin = tl.load(sin_ptr + position * stride_table + dims)[None, :]
+    dims = tl.arange(0, HALF_POW2)
+    cos = tl.load(cos_ptr + position * stride_table + dims, mask=dims < HALF, other=0.0)[None, :]
+    sin = tl.load(sin_ptr + position * stride_table + dims, mask=dims < HALF, other=0.0)[None, :]
     return cos, sin
 
 
 @triton.jit
 def rotated_heads(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
-                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  HALF: tl.constexpr, HALF_POW2: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Heads [NUM_HEADS, D] at base, rotated -> (offsets of the first halves, mask, first halves,
-    second halves), the halves [HEADS_POW2, D/2] rounded to the tensor's dtype."""
+    second halves), the halves [HEADS_POW2, HALF_POW2] rounded to the tensor's dtype."""
     heads = tl.arange(0, HEADS_POW2)[:, None]
-    dims = tl.arange(0, HALF)[None, :]
-    mask = heads < NUM_HEADS
+    dims = tl.arange(0, HALF_POW2)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < HALF)
     first = heads * HEAD_DIM + dims
     x1 = tl.load(base + first, mask=mask, other=0.0)
     x2 = tl.load(base + first + HALF, mask=mask, other=0.0)
@@ -124,8 +126,8 @@ def rotated_heads(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.conste
 
 @triton.jit
 def rotate_heads_(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
-                  HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    first, mask, y1, y2 = rotated_heads(base, cos, sin, NUM_HEADS, HEADS_POW2, HALF, HEAD_DIM)
+                  HALF: tl.constexpr, HALF_POW2: tl.constexpr, HEAD_DIM: tl.constexpr):
+    first, mask, y1, y2 = rotated_heads(base, cos, sin, NUM_HEADS, HEADS_POW2, HALF, HALF_POW2, HEAD_DIM)
     tl.store(base + first, y1, mask=mask)
     tl.store(base + first + HALF, y2, mask=mask)
 
@@ -134,14 +136,14 @@ def rotate_heads_(base, cos, sin, NUM_HEADS: tl.constexpr, HEADS_POW2: tl.conste
 def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_ptr, sin_ptr, stride_q, stride_k, stride_table,
     NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr,
-    HALF: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr, HALF_POW2: tl.constexpr, HEAD_DIM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     begin(PDL)
     token = tl.program_id(0)
-    cos, sin = rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF)  # [1, D/2] float32
-    rotate_heads_(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, HEADS_POW2, HALF, HEAD_DIM)
-    rotate_heads_(k_ptr + token * stride_k, cos, sin, NUM_K_HEADS, HEADS_POW2, HALF, HEAD_DIM)
+    cos, sin = rope_table_row(cos_ptr, sin_ptr, positions_ptr, token, stride_table, HALF, HALF_POW2)  # [1, D/2] f32
+    rotate_heads_(q_ptr + token * stride_q, cos, sin, NUM_Q_HEADS, HEADS_POW2, HALF, HALF_POW2, HEAD_DIM)
+    rotate_heads_(k_ptr + token * stride_k, cos, sin, NUM_K_HEADS, HEADS_POW2, HALF, HALF_POW2, HEAD_DIM)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -160,7 +162,8 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
         q, k, positions, cos, sin, q.stride(0), k.stride(0), cos.stride(0),
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads,
         HEADS_POW2=triton.next_power_of_2(max(num_q_heads, num_k_heads)),
-        HALF=head_dim // 2, HEAD_DIM=head_dim, num_warps=4, **pdl.options(q.device),
+        HALF=head_dim // 2, HALF_POW2=triton.next_power_of_2(head_dim // 2), HEAD_DIM=head_dim, num_warps=4,
+        **pdl.options(q.device),
     )
 
 

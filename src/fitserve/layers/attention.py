@@ -101,8 +101,6 @@ class PagedAttention(nn.Module):
         return q
 
     def _triton_attention(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        if self.sliding_window is not None or self.softcap is not None:
-            raise NotImplementedError("The Triton attention kernels have no sliding window or soft-cap yet.")
         out = torch.empty_like(q)
         if batch.max_query_len == 1:
             num_splits = triton_decode.decode_num_splits(batch.num_seqs, self.num_kv_heads, _num_sms(q.device))
@@ -110,10 +108,12 @@ class PagedAttention(nn.Module):
                 return triton_decode.paged_decode_attention(
                     q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
                     batch.block_tables, self.scale, num_splits, self.k_scale, self.v_scale,
+                    self.sliding_window, self.softcap,
                 )
         return triton_attention.paged_attention(
             q, self.k_cache, self.v_cache, out, batch.query_start_loc, batch.seq_lens,
             batch.block_tables, batch.max_query_len, self.scale, self.k_scale, self.v_scale,
+            self.sliding_window, self.softcap,
         )
 
 

@@ -121,10 +121,13 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, arch: ArchConfig, rotary: RotaryEmbedding, build: LayerBuild,
-                 attention_class: type[LlamaAttention] = LlamaAttention, mlp: nn.Module | None = None) -> None:
+                 attention_class: type[LlamaAttention] = LlamaAttention, mlp: nn.Module | None = None,
+                 layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
         self.self_attn = attention_class(arch, rotary, build)
+        # this layer's sliding window (Mistral v0.1, Phi-3, Qwen2's windowed layers), None for full attention
+        self.self_attn.attn.sliding_window = arch.layer_window(layer)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, build.dtype, build.device)
         self.mlp = LlamaMLP(arch, build) if mlp is None else mlp  # another MLP: layers/moe.py MoE
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms quantize what they write
@@ -169,8 +172,8 @@ class LlamaForCausalLM(nn.Module):
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class,
-                                                      self.build_mlp(i, arch, build))
-                                    for i in range(arch.num_hidden_layers))
+                                                      self.build_mlp(layer, arch, build), layer)
+                                    for layer in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fitserve.plan.planner import MemoryPlan, PlanInputs, blocks_for_tokens, plan_memory
+from fitserve.plan.memory_plan import request_blocks
+from fitserve.plan.planner import MemoryPlan, PlanInputs, plan_memory
 from fitserve.plan.units import gib
 
 # (quantization, kv cache dtype), in the order we recommend them: full precision first.
@@ -35,7 +36,7 @@ class FitOption:
 
 
 def _search_one(inputs: PlanInputs, num_users: int, context_tokens: int) -> FitOption:
-    need_tokens = num_users * blocks_for_tokens(context_tokens, inputs.block_size) * inputs.block_size
+    need_tokens = num_users * request_blocks(inputs, context_tokens) * inputs.block_size
     probe = plan_memory(replace(inputs, gpu_memory_utilization=1.0))
     max_util = probe.max_usable_utilization
     guess = probe.utilization_for_kv_tokens(need_tokens)

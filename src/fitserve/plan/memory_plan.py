@@ -88,6 +88,25 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def request_blocks(inputs: PlanInputs, context_tokens: int) -> int:
+    """KV blocks one decoding request of `context_tokens` holds: all of its context, or with a sliding
+    window on every layer at most ceil(window / block_size) + 1 (core/kv_cache_manager.py frees
+    the rest)."""
+    blocks = blocks_for_tokens(context_tokens, inputs.block_size)
+    window = inputs.arch.uniform_sliding_window
+    return blocks if window is None else min(blocks, blocks_for_tokens(window, inputs.block_size) + 1)
+
+
+def request_kv_tokens(inputs: PlanInputs) -> int:
+    """The most KV tokens one --max-model-len request holds at once: its whole context, or with a
+    window the window plus a step's chunk (a prefill chunk is stored before older blocks are freed)."""
+    window = inputs.arch.uniform_sliding_window
+    if window is None:
+        return inputs.max_model_len
+    chunk_blocks = blocks_for_tokens(window + inputs.max_num_batched_tokens, inputs.block_size) + 1
+    return min(inputs.max_model_len, chunk_blocks * inputs.block_size)
+
+
 @dataclass(frozen=True, slots=True)
 class MemoryPlan:
     inputs: PlanInputs
@@ -132,7 +151,7 @@ class MemoryPlan:
 
     def requests_at(self, context_tokens: int) -> int:
         """Requests of `context_tokens` tokens the KV cache holds at once (not capped by max_num_seqs)."""
-        return self.num_kv_blocks // blocks_for_tokens(context_tokens, self.inputs.block_size)
+        return self.num_kv_blocks // request_blocks(self.inputs, context_tokens)
 
     def utilization_for_kv_tokens(self, kv_tokens: int) -> float | None:
         """Smallest utilization whose budget holds the non-KV memory and `kv_tokens` of cache."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from fitserve.plan.memory_plan import MemoryPlan, PlanInputs, PlanProblem
+from fitserve.plan.memory_plan import MemoryPlan, PlanInputs, PlanProblem, request_kv_tokens
 from fitserve.plan.shapes import WeightBytes
 from fitserve.plan.units import gib
 
@@ -22,7 +22,7 @@ def find_problems(plan: MemoryPlan, replan: Replan) -> Iterator[PlanProblem]:
     inputs = plan.inputs
     if inputs.on_gpu:
         yield from _gpu_budget_problems(plan, replan)
-    if plan.num_kv_blocks >= 1 and plan.kv_tokens < inputs.max_model_len:
+    if plan.num_kv_blocks >= 1 and plan.kv_tokens < request_kv_tokens(inputs):
         yield PlanProblem("max_model_len", True, _max_model_len_message(plan))
     if plan.num_kv_blocks >= 1:
         warning = _concurrency_warning(plan)
@@ -56,7 +56,7 @@ def _model_and_card(plan: MemoryPlan) -> str:
 def _utilization_fix(plan: MemoryPlan) -> str:
     """'Set --gpu-memory-utilization X' when some X holds one full-length request, else why not."""
     inputs = plan.inputs
-    need_util = plan.utilization_for_kv_tokens(inputs.max_model_len)
+    need_util = plan.utilization_for_kv_tokens(request_kv_tokens(inputs))
     max_util = plan.max_usable_utilization
     assert need_util is not None and max_util is not None
     if need_util <= max_util:
@@ -72,7 +72,7 @@ def _alternatives(plan: MemoryPlan, replan: Replan) -> str:
     ways = []
     if inputs.quantization is None:
         fp8 = replan(replace(inputs, quantization="fp8"))
-        fp8_util = fp8.utilization_for_kv_tokens(inputs.max_model_len)
+        fp8_util = fp8.utilization_for_kv_tokens(request_kv_tokens(inputs))
         ways.append(f"--quantization fp8 ({gib(fp8.weights.total_bytes)} of weights, from utilization "
                     f"{fp8_util:.2f})")
     reserves = plan.breakdown.activation_peak_bytes + plan.breakdown.cuda_graph_bytes
@@ -160,7 +160,7 @@ def _max_model_len_message(plan: MemoryPlan) -> str:
         f"The KV cache of {where} holds {plan.kv_tokens} tokens ({plan.num_kv_blocks} blocks of "
         f"{inputs.block_size}, {gib(plan.kv_cache_bytes)}), fewer than one request of --max-model-len "
         f"{inputs.max_model_len} needs, so such a request could never run. Set --max-model-len "
-        f"{plan.kv_tokens} or less (the largest that fits), or {_memory_flag(plan, inputs.max_model_len)}."
+        f"{plan.kv_tokens} or less (the largest that fits), or {_memory_flag(plan, request_kv_tokens(inputs))}."
     )
 
 

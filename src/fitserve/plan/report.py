@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
+from fitserve.plan.memory_plan import request_blocks
 from fitserve.plan.planner import MemoryPlan, concurrency_contexts
 from fitserve.plan.units import GIB, MIB
 
@@ -83,11 +84,20 @@ def _concurrency_rows(plan: MemoryPlan) -> list[str]:
         "",
         f"KV cache: {plan.kv_tokens:,} tokens = {plan.num_kv_blocks:,} blocks of {i.block_size} tokens "
         f"({plan.kv_cache_bytes / GIB:.2f} GiB)",
+        *_window_rows(plan),
         f"Concurrent requests it holds, each at its full context (at most --max-num-seqs {i.max_num_seqs}):",
         "  context tokens " + "".join(f"{c:>9}" for c in contexts),
         "  requests       " + "".join(f"{min(plan.requests_at(c), i.max_num_seqs):>9}" for c in contexts),
     ]
     return rows
+
+
+def _window_rows(plan: MemoryPlan) -> list[str]:
+    window = plan.inputs.arch.uniform_sliding_window
+    if window is None:
+        return []
+    return [f"Sliding window of {window:,} tokens on every layer: a decoding request holds at most "
+            f"{request_blocks(plan.inputs, plan.inputs.max_model_len)} blocks, whatever its context"]
 
 
 def _verdict_rows(plan: MemoryPlan) -> list[str]:

@@ -9,6 +9,7 @@ worker's runner runs `forward_only`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -56,7 +57,8 @@ class TorchModelRunner:
         use_cuda_graphs: bool = False,
     ) -> None:
         self.model = model
-        self.capacity = capacity
+        # The model's layers attend within arch's window (models/llama.py): the cache may free what it leaves
+        self.capacity = replace(capacity, sliding_window_tokens=arch.uniform_sliding_window)
         self.device = device
         self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device)
         model.bind_kv_cache(self.kv_caches)
