@@ -12,6 +12,8 @@ from __future__ import annotations
 from fitserve.arch_config import SUPPORTED_ARCHITECTURES
 from fitserve.config import ConfigError
 from fitserve.models.base import ModelClass
+from fitserve.models.gemma2 import Gemma2ForCausalLM
+from fitserve.models.gemma3 import Gemma3ForCausalLM
 from fitserve.models.llama import LlamaForCausalLM
 from fitserve.models.phi3 import Phi3ForCausalLM
 from fitserve.models.qwen2 import Qwen2ForCausalLM
@@ -23,6 +25,9 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,  # Qwen2 and Qwen2.5: q, k, v biases
     "Qwen3ForCausalLM": Qwen3ForCausalLM,  # q and k RMSNorm per head
     "Phi3ForCausalLM": Phi3ForCausalLM,  # fused qkv and gate_up tensors, split at load
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,  # 4 norms a layer, (1 + w) norms, GELU, soft-caps, local layers
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,  # Gemma 2's blocks with q/k norms and a local rope base
+    "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,  # the text tower only (language_model.* tensors)
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "registry and config must agree"
 
