@@ -11,6 +11,7 @@ missing norm or a norm of the wrong form).
 from __future__ import annotations
 
 import json
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 import torch
@@ -169,3 +170,24 @@ def test_switches_fitserve_does_not_implement_are_refused(tmp_path, switch):
 def test_an_image_text_config_without_a_text_model_is_refused():
     with pytest.raises(ConfigError, match="text_config"):
         ArchConfig.from_hf_config({"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {}})
+
+
+def test_plan_says_what_a_windowed_cache_would_save():
+    """Gemma 3 1B at 32,768 tokens: 22 of 26 layers (all but 5, 11, 17, 23) hold 512 tokens in a windowed
+    cache, so it would hold 1 - (22 * 512 + 4 * 32768) / (26 * 32768) = 83% fewer KV bytes; a model
+    without windows has no such line."""
+    from fitserve.plan.planner import PlanInputs, plan_memory
+    from fitserve.plan.report import format_plan
+    gemma3_1b = ArchConfig.from_hf_config({
+        "architectures": ["Gemma3ForCausalLM"], "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+        "sliding_window": 512, "sliding_window_pattern": 6, "max_position_embeddings": 32768})
+    text = " ".join(format_plan(plan_memory(PlanInputs(
+        arch=gemma3_1b, model_name="gemma-3-1b", param_counts=counts_from_arch(gemma3_1b), max_model_len=32768,
+        device_total_bytes=20 * 2**30, gpu_name="test card", gpu_memory_utilization=0.9))).split())
+    assert "22 of 26 layers attend over a sliding window of 512 tokens" in text
+    assert "would hold 83% fewer KV bytes for a request at 32,768 tokens" in text
+    llama = dataclasses_replace(gemma3_1b, sliding_window=None)
+    assert "sliding window" not in format_plan(plan_memory(PlanInputs(
+        arch=llama, model_name="x", param_counts=counts_from_arch(llama), max_model_len=32768,
+        device_total_bytes=20 * 2**30, gpu_name="test card", gpu_memory_utilization=0.9)))

@@ -61,8 +61,10 @@ def test_the_gemma3_gguf_matches_transformers_on_a_chat_prompt(gguf_path):
     assert prompt[:2] == [2, 105] and prompt.count(2) == 1  # one <bos>, then <start_of_turn>
 
     ours = load_model(source, torch.float32, torch.device("cpu"), progress=False)
-    norm = ours.layers[0].input_layernorm.weight
-    assert norm.abs().mean() < 1.0 < (norm + 1).abs().mean()  # held as w (the file holds 1 + w)
+    from fitserve.weights.gguf_file import open_gguf
+    stored = next(t for t in open_gguf(gguf_path).tensors if t.name == "blk.0.ffn_norm.weight")  # F32
+    held = ours.layers[0].pre_feedforward_layernorm.weight  # the file holds 1 + w, transformers w
+    torch.testing.assert_close(held, torch.from_numpy(stored.data.copy()) - 1, rtol=0, atol=0)
     got = PagedDriver(ours, num_blocks=16, block_size=16).greedy({"q": prompt}, NUM_NEW_TOKENS)["q"]
     first_logits = PagedDriver(ours, num_blocks=16, block_size=16).step([("q", prompt)])[0]
     del ours
