@@ -191,3 +191,23 @@ def test_plan_says_what_a_windowed_cache_would_save():
     assert "sliding window" not in format_plan(plan_memory(PlanInputs(
         arch=llama, model_name="x", param_counts=counts_from_arch(llama), max_model_len=32768,
         device_total_bytes=20 * 2**30, gpu_name="test card", gpu_memory_utilization=0.9)))
+
+
+def test_gemma3_gguf_tensors_take_gemmas_names_and_norms():
+    """llama.cpp names Gemma's pre-feedforward norm `ffn_norm` (Llama's post-attention norm) and stores
+    every norm weight as 1 + w; the projections keep their values (no q/k row permutation)."""
+    import numpy as np
+
+    from fitserve.weights.gguf_file import gemma3_hf_tensor_name, gemma3_norm_from_gguf, hf_tensor_name
+    assert hf_tensor_name("blk.2.ffn_norm.weight") == "model.layers.2.post_attention_layernorm.weight"
+    assert {g: gemma3_hf_tensor_name(f"blk.2.{g}.weight") for g in (
+        "ffn_norm", "post_attention_norm", "post_ffw_norm", "attn_q_norm", "attn_norm")} == {
+        "ffn_norm": "model.layers.2.pre_feedforward_layernorm.weight",
+        "post_attention_norm": "model.layers.2.post_attention_layernorm.weight",
+        "post_ffw_norm": "model.layers.2.post_feedforward_layernorm.weight",
+        "attn_q_norm": "model.layers.2.self_attn.q_norm.weight", "attn_norm": "model.layers.2.input_layernorm.weight"}
+    with pytest.raises(ConfigError, match="Gemma 3"):
+        gemma3_hf_tensor_name("blk.0.ssm_conv1d.weight")
+    values = np.array([1.5, 0.25], dtype=np.float32)
+    np.testing.assert_array_equal(gemma3_norm_from_gguf("model.norm.weight", values), [0.5, -0.75])
+    np.testing.assert_array_equal(gemma3_norm_from_gguf("model.layers.0.self_attn.q_proj.weight", values), values)
