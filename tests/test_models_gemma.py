@@ -90,7 +90,8 @@ def test_the_text_tower_of_an_image_text_checkpoint_matches_hf(tmp_path):
     """Gemma3ForConditionalGeneration: text_config gives the shapes, model.language_model.* the weights,
     the vision tower is skipped; a text prompt's logits equal transformers' whole model's."""
     torch.manual_seed(0)
-    hf = save_random_checkpoint(tmp_path, transformers.Gemma3ForConditionalGeneration(gemma3_image_text_config()).eval())
+    hf = transformers.Gemma3ForConditionalGeneration(gemma3_image_text_config()).eval()
+    save_random_checkpoint(tmp_path, hf)
     source, ours = load_ours(tmp_path)
     assert source.arch.architecture == "Gemma3ForConditionalGeneration" and source.eos_token_ids[:2] == (2, 3)
     assert source.arch.layer_types == tuple(GEMMA3_LAYERS) and isinstance(source.arch.rope_scaling, LinearRopeScaling)

@@ -36,7 +36,8 @@ from fitserve.layers.rotary import RotaryEmbedding
 from fitserve.models.base import LayerBuild
 from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes
 
-_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")
 
 
 def gemma_tensor_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
@@ -136,7 +137,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.layers = nn.ModuleList(GemmaDecoderLayer(arch, rotary if window is None else local_rotary, build, window)
                                     for window in windows)
         self.norm = GemmaRMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
-        self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device)
+        self.lm_head = (None if arch.tie_word_embeddings
+                        else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

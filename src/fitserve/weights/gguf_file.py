@@ -144,7 +144,8 @@ def gemma3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
             raise ConfigError(f"GGUF file lacks {GEMMA3_GGUF_ARCH}.{name}.")
         return value
 
-    num_layers, num_heads, hidden = int(key("block_count")), int(key("attention.head_count")), int(key("embedding_length"))
+    num_layers, num_heads = int(key("block_count")), int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
     head_dim = int(key("attention.key_length", 256))
     pattern = field_value(reader, f"{GEMMA3_GGUF_ARCH}.attention.sliding_window_pattern")
     if isinstance(pattern, list):  # newer files: one flag per layer, True = local
