@@ -109,7 +109,7 @@ class ArchConfig:
             architecture=arch,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
-            qk_norm=arch in ("Qwen3ForCausalLM", *GEMMA_ARCHITECTURES[1:]),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"),
             **(_gemma_fields(arch, cfg) if arch in GEMMA_ARCHITECTURES else {}),
         )
 
