@@ -241,3 +241,16 @@ def test_fp8_weights_stay_close_to_the_serving_dtype(tmp_path):
     chunks = [(f"r{i}", p) for i, p in enumerate(PROMPTS)]
     want, got = PagedDriver(plain).step(chunks), PagedDriver(fp8).step(chunks)
     assert 0 < ((got - want).norm() / want.norm()).item() < 0.2
+
+
+def test_image_text_tensor_names_of_both_layouts_map_to_the_text_model():
+    """The hub's Gemma 3 4B+ files (transformers 4.50: language_model.model.*) and later saves
+    (model.language_model.*) both give the text model's names; the vision tower's are skipped."""
+    from fitserve.models.gemma3 import text_tensor_name
+    assert text_tensor_name("language_model.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
+    assert text_tensor_name("language_model.lm_head.weight") == "lm_head.weight"
+    assert text_tensor_name("model.language_model.norm.weight") == "model.norm.weight"
+    assert text_tensor_name("model.layers.3.self_attn.q_norm.weight") == "model.layers.3.self_attn.q_norm.weight"
+    for vision in ("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight",
+                   "model.multi_modal_projector.mm_input_projection_weight"):
+        assert text_tensor_name(vision) is None
