@@ -24,6 +24,13 @@ class RopeScaling:
 
 
 @dataclass(frozen=True, slots=True)
+class LinearRopeScaling:
+    """`rope_type: linear`: every inverse frequency divided by `factor` (Gemma 3 4B and up, global layers)."""
+
+    factor: float
+
+
+@dataclass(frozen=True, slots=True)
 class ArchConfig:
     """The shapes of a Llama-architecture model, read from config.json or GGUF metadata."""
 
@@ -36,7 +43,7 @@ class ArchConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
+    rope_scaling: RopeScaling | LinearRopeScaling | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -56,6 +63,15 @@ class ArchConfig:
     moe_intermediate_size: int = 0  # each expert's MLP columns (intermediate_size: the dense MLP's)
     norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (Mixtral always)
     dense_mlp_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP instead of experts
+    # Gemma 2/3 (models/gemma2.py): attention scale query_pre_attn_scalar ** -0.5 (else head_dim ** -0.5);
+    # scores and final logits soft-capped as cap * tanh(x / cap) when set (Gemma 2); a post-attention and a
+    # post-feedforward norm in each layer (4 norms, not 2); the local ("sliding_attention") layers' own
+    # rope base (Gemma 3: rope_local_base_freq, without the global layers' rope scaling)
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sandwich_norms: bool = False
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
@@ -76,8 +92,10 @@ class ArchConfig:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ArchConfig:
         """Build from a Hugging Face config.json dict (transformers 4 or 5 layout)."""
-        cfg = _lift_rope_parameters(cfg)
         arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch in GEMMA_ARCHITECTURES:
+            cfg = _gemma_text_config(arch, cfg)
+        cfg = _lift_rope_parameters(cfg)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
                 f"Architecture {arch!r} is not supported; fitserve serves {', '.join(SUPPORTED_ARCHITECTURES)}."
@@ -104,9 +122,11 @@ class ArchConfig:
             architecture=arch,
             torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
             qkv_bias=arch == "Qwen2ForCausalLM",  # transformers' Qwen2 always has them
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM",
+                             "Gemma3ForConditionalGeneration"),
             **_moe_fields(arch, cfg),
             **_window_fields(arch, cfg),
+            **(_gemma_fields(arch, cfg) if arch in GEMMA_ARCHITECTURES else {}),
         )
 
     def shard(self, tensor_parallel_size: int) -> ArchConfig:
@@ -151,8 +171,10 @@ class ArchConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
 
 
+# Gemma 2, Gemma 3 (text) and the text tower of Gemma 3's image-text checkpoints
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+                           "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM", *GEMMA_ARCHITECTURES)
 
 _DEFAULT_HEAD_DIMS = {"Qwen3ForCausalLM": 128}  # Qwen3MoeConfig's default is hidden_size / heads  # transformers' default for a config.json without head_dim
 
@@ -233,11 +255,88 @@ def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
     rope_type = raw.get("rope_type", raw.get("type"))
     if rope_type in (None, "default"):
         return None
+    if rope_type == "linear":
+        return LinearRopeScaling(factor=float(raw["factor"]))
     if rope_type != "llama3":
-        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3').")
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3' and 'linear').")
     return RopeScaling(
         factor=float(raw["factor"]),
         low_freq_factor=float(raw["low_freq_factor"]),
         high_freq_factor=float(raw["high_freq_factor"]),
         original_max_position_embeddings=int(raw["original_max_position_embeddings"]),
     )
+
+
+# transformers' Gemma2Config / Gemma3TextConfig defaults for keys a config.json may leave out (Gemma 3's
+# image-text checkpoints write a text_config of a few keys and rely on them)
+_GEMMA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Gemma2ForCausalLM": dict(vocab_size=256000, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                              rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                              final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True,
+                              max_position_embeddings=8192, bos_token_id=2, eos_token_id=1),
+    "Gemma3ForCausalLM": dict(vocab_size=262208, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                              rms_norm_eps=1e-6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                              query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                              tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=2, eos_token_id=1),
+}
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")  # GELU, tanh approximation: what Gemma 2/3 use
+
+
+def _gemma_text_config(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config with transformers' defaults filled in; for Gemma3ForConditionalGeneration
+    its text_config, with the top level's eos, dtype and tied embeddings (the vision tower is not served)."""
+    if arch == "Gemma3ForConditionalGeneration":
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError("Gemma3ForConditionalGeneration config.json has no text_config: fitserve serves only "
+                              "the text model of Gemma 3 image-text checkpoints, and this one has none.")
+        top = {k: cfg[k] for k in ("eos_token_id", "bos_token_id", "torch_dtype", "dtype", "tie_word_embeddings")
+               if k in cfg}
+        cfg = {**text, **{k: v for k, v in top.items() if k not in text or k == "eos_token_id"}}
+    defaults = _GEMMA_DEFAULTS["Gemma2ForCausalLM" if arch == "Gemma2ForCausalLM" else "Gemma3ForCausalLM"]
+    out = {**defaults, **{k: v for k, v in cfg.items() if v is not None or k.endswith("softcapping")}}
+    out["architectures"] = [arch]
+    params = out.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # transformers 5: rope per layer type
+        local = params.get("sliding_attention") or {}
+        params = out["rope_parameters"] = params["full_attention"] or {}
+        out["rope_local_base_freq"] = local.get("rope_theta", out.get("rope_local_base_freq"))
+        if local.get("rope_type", "default") != "default":
+            raise ConfigError(f"{arch}: rope scaling of the sliding-window layers ({local['rope_type']!r}) is "
+                              "not supported.")
+    if isinstance(params, dict) and "rope_theta" in params:  # over the default filled in above
+        out["rope_theta"] = params["rope_theta"]
+    return out
+
+
+def _gemma_fields(arch: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """ArchConfig fields of Gemma 2/3 from a config.json with defaults filled in (_gemma_text_config)."""
+    activation = cfg.get("hidden_activation") or cfg.get("hidden_act") or GEMMA_ACTIVATIONS[0]
+    if activation not in GEMMA_ACTIVATIONS:
+        raise ConfigError(f"{arch} with hidden_activation {activation!r} is not supported (only gelu_pytorch_tanh).")
+    if cfg.get("attention_bias"):
+        raise ConfigError(f"{arch} with attention_bias is not supported (q, k, v and o biases).")
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError(f"{arch} with use_bidirectional_attention (an embedding model) is not supported.")
+    num_layers = cfg["num_hidden_layers"]
+    layer_types = cfg.get("layer_types")
+    if not layer_types:  # older configs: Gemma 2 alternates from a local layer 0; Gemma 3 every Nth is global
+        every = 2 if arch == "Gemma2ForCausalLM" else int(cfg.get("sliding_window_pattern") or 6)
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{arch}: unknown layer_types {sorted(unknown)}.")
+    is_gemma3 = arch != "Gemma2ForCausalLM"
+    return dict(
+        sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
+        layer_types=tuple(layer_types),
+        query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]),
+        attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping")),
+        final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")),
+        sandwich_norms=True,
+        rope_local_theta=float(cfg["rope_local_base_freq"]) if is_gemma3 else None,
+    )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)

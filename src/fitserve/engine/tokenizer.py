@@ -147,10 +147,14 @@ def _gguf_tokenizer_cached(path: str | None, cache_root: Path) -> PreTrainedToke
 
 
 def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template."""
+    """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template
+    (Gemma 3's SentencePiece files: engine/gguf_gemma_tokenizer.py)."""
     from fitserve.weights.gguf_file import field_value, open_gguf
     reader = open_gguf(path)
     model_type = field_value(reader, "tokenizer.ggml.model")
+    if model_type == "llama" and field_value(reader, "general.architecture") == "gemma3":
+        from fitserve.engine.gguf_gemma_tokenizer import gemma_gguf_tokenizer  # SentencePiece: Gemma 3
+        return gemma_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
     if model_type != "gpt2":
         raise ConfigError(f"GGUF tokenizer type {model_type!r} is not supported (only byte-level BPE, 'gpt2'); "
                           "pass --tokenizer with a Hugging Face tokenizer folder.")

@@ -152,6 +152,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * normed, x
 
 
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gemma's RMSNorm: as rms_norm, but scaled by (1 + weight) in float32 before the rounding to x's
+    dtype (transformers' Gemma2RMSNorm / Gemma3RMSNorm); weight [H] is the checkpoint's, centred on 0."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + weight.float())
+    return normed.to(x.dtype), x
+
+
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T, H*D], k [T, Hkv*D] rotated at positions [T] (rotate_half layout); cos/sin [P, D] float32."""
@@ -165,6 +176,12 @@ def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
         return (x * cos_t + rotated * sin_t).flatten(1)
 
     return rotate(q), rotate(k)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2*I] (gate first) -> gelu_tanh(gate) * up [T, I] (Gemma's gelu_pytorch_tanh MLP)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

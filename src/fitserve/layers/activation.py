@@ -1,4 +1,4 @@
-"""Activations: SiLU-and-multiply of the merged gate/up projection."""
+"""Activations: SiLU-and-multiply (or Gemma's GELU-tanh-and-multiply) of the merged gate/up projection."""
 
 from __future__ import annotations
 
@@ -23,3 +23,9 @@ def silu_and_mul_for_fp8(gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
         q, scale = triton_fused.silu_and_mul_quant(gate_up)
         return QuantizedRows(q, scale, gate_up.dtype)
     return silu_and_mul(gate_up)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2*I] -> gelu_tanh(gate) * up [T, I] (Gemma 2/3); torch ops on every device (no
+    fused kernel yet), so a layer with fp8 inputs quantizes the result itself."""
+    return reference.gelu_tanh_and_mul(gate_up)

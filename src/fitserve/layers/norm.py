@@ -50,3 +50,33 @@ class HeadRMSNorm(nn.Module):
         else:
             normed, _ = reference.rms_norm(rows, self.weight, self.eps)
         return normed.view(x.shape[0], -1)
+
+
+class GemmaRMSNorm(nn.Module):
+    """Gemma 2/3's RMSNorm: weight [H] as the checkpoint holds it (centred on 0), applied as (1 + weight)
+    in float32 (kernels/reference.py gemma_rms_norm), with the same optional residual add as RMSNorm.
+
+    Torch ops on every device (no fused kernel for this form yet); an fp8 consumer quantizes the
+    output itself."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (normed [T, H], residual [T, H]); with a residual, normalises x + residual."""
+        return reference.gemma_rms_norm(x, self.weight, self.eps, residual)
+
+
+class GemmaHeadRMSNorm(GemmaRMSNorm):
+    """GemmaRMSNorm over each head of q or k (Gemma 3's q_norm / k_norm), weight [head_dim]."""
+
+    def __init__(self, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(head_dim, eps, dtype, device)
+        self.head_dim = head_dim
+
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor:  # type: ignore[override]
+        """x [T, heads * head_dim] (a column slice of qkv allowed) -> normed [T, heads * head_dim], a new tensor."""
+        normed, _ = reference.gemma_rms_norm(x.reshape(-1, self.head_dim), self.weight, self.eps)
+        return normed.view(x.shape[0], -1)

@@ -1,4 +1,4 @@
-"""Rotary position embedding (the half-split "rotate_half" layout of HF Llama), with Llama 3 scaling."""
+"""Rotary position embedding (the half-split "rotate_half" layout of HF Llama), with Llama 3 or linear scaling."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import math
 import torch
 from torch import nn
 
-from fitserve.arch_config import RopeScaling
+from fitserve.arch_config import LinearRopeScaling, RopeScaling
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
 
 
-def rope_inv_freq(head_dim: int, rope_theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, rope_theta: float, scaling: RopeScaling | LinearRopeScaling | None) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies, radians per position."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
     inv_freq = 1.0 / (rope_theta ** exponents)
     if scaling is None:
         return inv_freq
+    if isinstance(scaling, LinearRopeScaling):  # positions divided by the factor (transformers' "linear")
+        return inv_freq / scaling.factor
     return _llama3_scale(inv_freq, scaling)
 
 
@@ -38,7 +40,7 @@ class RotaryEmbedding(nn.Module):
     """Applies rope to q [T, H*D] and k [T, Hkv*D] at positions [T]; cos/sin cached per position."""
 
     def __init__(self, head_dim: int, rope_theta: float, max_positions: int,
-                 scaling: RopeScaling | None, device: torch.device) -> None:
+                 scaling: RopeScaling | LinearRopeScaling | None, device: torch.device) -> None:
         super().__init__()
         self.head_dim = head_dim
         inv_freq = rope_inv_freq(head_dim, rope_theta, scaling).to(device)  # [D/2] float32

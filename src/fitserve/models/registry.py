@@ -12,6 +12,8 @@ from __future__ import annotations
 from fitserve.arch_config import SUPPORTED_ARCHITECTURES
 from fitserve.config import ConfigError
 from fitserve.models.base import ModelClass
+from fitserve.models.gemma2 import Gemma2ForCausalLM
+from fitserve.models.gemma3 import Gemma3ForCausalLM
 from fitserve.models.llama import LlamaForCausalLM
 from fitserve.models.mixtral import MixtralForCausalLM
 from fitserve.models.phi3 import Phi3ForCausalLM
@@ -27,6 +29,9 @@ MODEL_REGISTRY: dict[str, ModelClass] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,  # fused qkv and gate_up tensors, split at load
     "MixtralForCausalLM": MixtralForCausalLM,  # Mixture of Experts (layers/moe.py), top-2
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,  # Qwen3 attention, Mixture of Experts
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,  # 4 norms a layer, (1 + w) norms, GELU, soft-caps, local layers
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,  # Gemma 2's blocks with q/k norms and a local rope base
+    "Gemma3ForConditionalGeneration": Gemma3ForCausalLM,  # the text tower only (language_model.* tensors)
 }
 assert set(MODEL_REGISTRY) == set(SUPPORTED_ARCHITECTURES), "registry and config must agree"
 

@@ -84,15 +84,32 @@ def _concurrency_rows(plan: MemoryPlan) -> list[str]:
         "",
         f"KV cache: {plan.kv_tokens:,} tokens = {plan.num_kv_blocks:,} blocks of {i.block_size} tokens "
         f"({plan.kv_cache_bytes / GIB:.2f} GiB)",
-        *_window_rows(plan),
+        *_uniform_window_rows(plan),
         f"Concurrent requests it holds, each at its full context (at most --max-num-seqs {i.max_num_seqs}):",
         "  context tokens " + "".join(f"{c:>9}" for c in contexts),
         "  requests       " + "".join(f"{min(plan.requests_at(c), i.max_num_seqs):>9}" for c in contexts),
     ]
-    return rows
+    return rows + _mixed_window_rows(plan)
 
 
-def _window_rows(plan: MemoryPlan) -> list[str]:
+def _mixed_window_rows(plan: MemoryPlan) -> list[str]:
+    """Models mixing windowed and full layers (Gemma 2/3) still cache the whole context in every layer:
+    what a windowed cache would save. (A window on every layer is freed as it moves: _uniform_window_rows.)"""
+    arch, context = plan.inputs.arch, plan.inputs.max_model_len
+    windows = [arch.layer_window(layer) for layer in range(arch.num_hidden_layers)]
+    local = [w for w in windows if w is not None]
+    if not local or context <= 0 or arch.uniform_sliding_window is not None:
+        return []
+    held = sum(min(w, context) for w in local) + (len(windows) - len(local)) * context
+    saved = 1 - held / (len(windows) * context)
+    return textwrap.wrap(
+        f"{len(local)} of {len(windows)} layers attend over a sliding window of {local[0]:,} tokens, but every "
+        f"layer caches the whole context (blocks that left a window are not freed yet): a windowed cache would "
+        f"hold {saved:.0%} fewer KV bytes for a request at {context:,} tokens.",
+        WRAP_COLUMNS, break_on_hyphens=False)
+
+
+def _uniform_window_rows(plan: MemoryPlan) -> list[str]:
     window = plan.inputs.arch.uniform_sliding_window
     if window is None:
         return []

@@ -2,8 +2,9 @@
 
 Counts follow what `models/llama.py` (and qwen2.py, qwen3.py) allocate: merged qkv and gate_up
 projections, o and down projections (the "linear layers"), the token embedding, an lm_head unless
-the embeddings are tied, the RMSNorm weights (Qwen3 also a [head_dim] q_norm and k_norm per
-layer), the q, k, v biases of Qwen2, and the rotary cos/sin tables (float32 buffers,
+the embeddings are tied, the RMSNorm weights (Qwen3 and Gemma 3 also a [head_dim] q_norm and k_norm
+per layer; Gemma 2/3 four norms per layer, and Gemma 3 a second rotary table for its local layers), the
+q, k, v biases of Qwen2, and the rotary cos/sin tables (float32 buffers,
 [max_position_embeddings, head_dim] each). With `--quantization fp8` the linear layers take one
 byte per weight plus a float32 scale per tensor; everything else (biases too) stays in `--dtype`.
 A Mixture-of-Experts layer (models/mixtral.py, qwen3_moe.py) has no dense MLP but a router
@@ -32,6 +33,8 @@ LINEAR_PROJECTIONS = (*MERGED_LINEAR_STARTS, "k_proj", "v_proj", "up_proj")
 BIASED_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 LINEARS_PER_LAYER = 4  # qkv_proj, o_proj, gate_up_proj, down_proj after merging
 ATTENTION_LINEARS = 2  # qkv_proj, o_proj: the linear layers of an MoE layer (its experts are not)
+VISION_TENSOR_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                          "model.multi_modal_projector.")
 SAFETENSORS_HEADER_LEN_BYTES = 8  # a little-endian u64 before the JSON header
 
 
@@ -90,11 +93,12 @@ def counts_from_arch(arch: ArchConfig) -> ParamCounts:
     num_dense_layers = arch.num_hidden_layers - num_moe_layers
     num_embeddings = 1 if arch.tie_word_embeddings else 2
     qk_norm_params = 2 * head_dim if arch.qk_norm else 0
+    norms_per_layer = 4 if arch.sandwich_norms else 2  # Gemma: post-attention and pre/post-feedforward norms
     return ParamCounts(
         linear_params=attention * arch.num_hidden_layers + dense_mlp * num_dense_layers,
         num_linear_tensors=LINEARS_PER_LAYER * num_dense_layers + ATTENTION_LINEARS * num_moe_layers,
         embedding_params=num_embeddings * arch.vocab_size * hidden,
-        norm_params=(2 * arch.num_hidden_layers + 1) * hidden + arch.num_hidden_layers * qk_norm_params,
+        norm_params=(norms_per_layer * arch.num_hidden_layers + 1) * hidden + arch.num_hidden_layers * qk_norm_params,
         rotary_elements=_rotary_elements(arch),
         source="config.json",
         bias_params=arch.num_hidden_layers * qkv_rows if arch.qkv_bias else 0,
@@ -104,7 +108,9 @@ def counts_from_arch(arch: ArchConfig) -> ParamCounts:
 
 
 def _rotary_elements(arch: ArchConfig) -> int:
-    return 2 * max(arch.max_position_embeddings, 1) * arch.head_dim
+    """cos and sin tables; a second pair when local layers have their own rope base (Gemma 3)."""
+    num_tables = 1 if arch.rope_local_theta is None else 2
+    return num_tables * 2 * max(arch.max_position_embeddings, 1) * arch.head_dim
 
 
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -126,6 +132,8 @@ def counts_from_safetensors(folder: Path, arch: ArchConfig) -> ParamCounts | Non
     linear = embedding = norm = bias = num_linear = experts = routers = 0
     for path in files:
         for name, (_, shape) in read_safetensors_shapes(path).items():
+            if name.startswith(VISION_TENSOR_PREFIXES):
+                continue  # the vision tower of an image-text checkpoint (Gemma 3): not loaded
             numel = 1
             for dim in shape:
                 numel *= dim

@@ -1,4 +1,4 @@
-"""GGUF metadata and tensor names for Llama-architecture files, read with gguf.GGUFReader (torch-free)."""
+"""GGUF metadata and tensor names for Llama- and Gemma 3-architecture files, read with gguf.GGUFReader (torch-free)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader
 
-from fitserve.arch_config import ArchConfig
+from fitserve.arch_config import ArchConfig, LinearRopeScaling
 from fitserve.config import ConfigError
 
 # GGUF tensor name (per block or global) -> HF checkpoint name
@@ -68,10 +68,13 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def arch_from_gguf(reader: GGUFReader) -> ArchConfig:
-    """ArchConfig from `llama.*` and `tokenizer.ggml.*` metadata."""
+    """ArchConfig from `llama.*` (or `gemma3.*`: gemma3_arch_from_gguf) and `tokenizer.ggml.*` metadata."""
     arch_name = field_value(reader, "general.architecture")
+    if arch_name == "gemma3":
+        return gemma3_arch_from_gguf(reader)
     if arch_name != "llama":
-        raise ConfigError(f"GGUF architecture {arch_name!r} is not supported; fitserve reads 'llama' files.")
+        raise ConfigError(f"GGUF architecture {arch_name!r} is not supported; fitserve reads 'llama' and "
+                          "'gemma3' files.")
 
     def key(name: str, default: Any = None) -> Any:
         value = field_value(reader, f"llama.{name}", default)
@@ -104,3 +107,94 @@ def arch_from_gguf(reader: GGUFReader) -> ArchConfig:
         eos_token_ids=() if eos is None else (int(eos),),
         torch_dtype="float32",  # GGUF is dequantized; the serving dtype comes from --dtype
     )
+
+
+# Gemma 3 (llama.cpp's convert_hf_to_gguf Gemma3Model): Gemma's block names, q/k rows unpermuted (rope in
+# the half-split NEOX layout, as transformers), and every norm weight stored as 1 + w.
+GEMMA3_GGUF_ARCH = "gemma3"
+_GEMMA3_BLOCK_NAMES = {
+    **{k: v for k, v in _BLOCK_NAMES.items() if k != "ffn_norm"},
+    "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+GEMMA_NORM_SHIFT = 1.0  # the converter adds 1 to Gemma's (1 + w) norm weights; transformers holds w
+# What llama.cpp fixes for Gemma 3 rather than writing to the file (llama-model.cpp, LLM_ARCH_GEMMA3)
+GEMMA3_SLIDING_WINDOW_PATTERN = 6  # one global layer in six
+GEMMA3_LOCAL_ROPE_BASE = 10_000.0
+GEMMA3_27B_BLOCKS = 62  # the 27B scales queries by (hidden / heads) ** -0.5, the others by head_dim ** -0.5
+GEMMA_END_OF_TURN = "<end_of_turn>"  # ends a chat turn: an eos besides the file's own (as llama.cpp's EOT)
+
+
+def gemma3_hf_tensor_name(gguf_name: str) -> str | None:
+    """'blk.3.ffn_norm.weight' -> 'model.layers.3.pre_feedforward_layernorm.weight' (Gemma's names)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.match(gguf_name)
+    if not match or match.group(2) not in _GEMMA3_BLOCK_NAMES:
+        raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of a Gemma 3 text model.")
+    return f"model.layers.{match.group(1)}.{_GEMMA3_BLOCK_NAMES[match.group(2)]}.weight"
+
+
+def gemma3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
+    """ArchConfig of a Gemma 3 text model from `gemma3.*` metadata, with llama.cpp's fixed values for
+    what the file leaves out (the local layers' rope base and pattern, the query scale)."""
+    def key(name: str, default: Any = None) -> Any:
+        value = field_value(reader, f"{GEMMA3_GGUF_ARCH}.{name}", default)
+        if value is None:
+            raise ConfigError(f"GGUF file lacks {GEMMA3_GGUF_ARCH}.{name}.")
+        return value
+
+    num_layers, num_heads = int(key("block_count")), int(key("attention.head_count"))
+    hidden = int(key("embedding_length"))
+    head_dim = int(key("attention.key_length", 256))
+    pattern = field_value(reader, f"{GEMMA3_GGUF_ARCH}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # newer files: one flag per layer, True = local
+        layer_types = ["sliding_attention" if local else "full_attention" for local in pattern]
+    else:
+        every = int(pattern or GEMMA3_SLIDING_WINDOW_PATTERN)
+        layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(num_layers)]
+    scaling_type = field_value(reader, f"{GEMMA3_GGUF_ARCH}.rope.scaling.type", "none")
+    rope_scaling = None
+    if scaling_type == "linear":
+        rope_scaling = LinearRopeScaling(float(key("rope.scaling.factor")))
+    elif scaling_type not in ("none", None):
+        raise ConfigError(f"GGUF rope scaling {scaling_type!r} is not supported for Gemma 3 (only 'linear').")
+    tokens = field_value(reader, "tokenizer.ggml.tokens") or []
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    eos_ids = (() if eos is None else (int(eos),)) + tuple(
+        i for i, token in enumerate(tokens) if token == GEMMA_END_OF_TURN)
+    return ArchConfig(
+        vocab_size=int(field_value(reader, f"{GEMMA3_GGUF_ARCH}.vocab_size", 0)) or len(tokens),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(str(np.float32(key("attention.layer_norm_rms_epsilon", 1e-6)))),
+        rope_theta=float(key("rope.freq_base", 1_000_000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(key("context_length", 131072)),
+        tie_word_embeddings="output.weight" not in {t.name for t in reader.tensors},
+        bos_token_id=field_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(eos_ids)),
+        architecture="Gemma3ForCausalLM",
+        torch_dtype="float32",  # GGUF is dequantized; the serving dtype comes from --dtype
+        qk_norm=True,
+        sliding_window=int(key("attention.sliding_window")),
+        layer_types=tuple(layer_types),
+        query_pre_attn_scalar=float(hidden // num_heads if num_layers == GEMMA3_27B_BLOCKS else head_dim),
+        sandwich_norms=True,
+        rope_local_theta=float(key("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
+    )
+
+
+def is_gemma3_gguf(arch: ArchConfig) -> bool:
+    """Whether a GGUF file's ArchConfig (arch_from_gguf) is Gemma 3's: its tensors take Gemma's names
+    (gemma3_hf_tensor_name) and norms (gemma3_norm_from_gguf), and its q/k rows are not permuted."""
+    return arch.architecture == "Gemma3ForCausalLM"
+
+
+def gemma3_norm_from_gguf(hf_name: str, values: np.ndarray) -> np.ndarray:
+    """A norm weight as transformers holds it (w, applied as 1 + w): the file holds 1 + w."""
+    return values - np.float32(GEMMA_NORM_SHIFT) if hf_name.endswith("norm.weight") else values

@@ -16,17 +16,21 @@ def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout."""
     from gguf.quants import dequantize
 
+    from fitserve.weights import gguf_file
     from fitserve.weights.gguf_file import hf_tensor_name, open_gguf, unpermute_rope_rows
     reader = open_gguf(source.weights_path)
     arch = source.arch
+    gemma3 = gguf_file.is_gemma3_gguf(arch)  # Gemma's names and (1 + w) norms; q/k rows not permuted
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = gguf_file.gemma3_hf_tensor_name(tensor.name) if gemma3 else hf_tensor_name(tensor.name)
         if name is None:
             continue
         # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if name.endswith("self_attn.q_proj.weight"):
+        if gemma3:
+            values = gguf_file.gemma3_norm_from_gguf(name, values)
+        elif name.endswith("self_attn.q_proj.weight"):
             values = unpermute_rope_rows(values, arch.num_attention_heads)
         elif name.endswith("self_attn.k_proj.weight"):
             values = unpermute_rope_rows(values, arch.num_key_value_heads)

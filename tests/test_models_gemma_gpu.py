@@ -1,0 +1,53 @@
+"""Gemma 2 and Gemma 3 through the CUDA path agree with their pure-torch path (GPU only): the sliding
+window and soft-caps in the Triton attention kernels, the (1 + w) norms and GELU-tanh MLP (torch ops),
+Gemma 3's q/k norms before the fused rotary + KV store, its two rotary tables. head_dim 64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fitserve.arch_config import ArchConfig
+from fitserve.models.gemma2 import Gemma2ForCausalLM
+from fitserve.models.gemma3 import Gemma3ForCausalLM
+from paged_helpers import PagedDriver
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+LAYERS = ("sliding_attention", "full_attention", "sliding_attention")
+MODELS = {"gemma2": (Gemma2ForCausalLM, dict(attn_logit_softcap=20.0, final_logit_softcap=10.0)),
+          "gemma3": (Gemma3ForCausalLM, dict(qk_norm=True, rope_local_theta=10_000.0, rope_theta=1e6))}
+STEPS = ([("a", list(range(1, 40))), ("b", list(range(50, 57)))], [("a", [5]), ("b", list(range(60, 90)))],
+         [("a", [6]), ("b", [7])], [("a", [8]), ("b", [9])])  # prefill, mixed, decodes; windows of 16 tokens
+
+
+def _pair(name: str, fuse_rotary_store: bool):
+    model_class, features = MODELS[name]
+    arch = ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                      architecture=model_class.__name__, sliding_window=16, layer_types=LAYERS,
+                      query_pre_attn_scalar=48.0, sandwich_norms=True, **features)
+    torch.manual_seed(0)
+    models = [model_class(arch, torch.float32, torch.device(d), fuse_rotary_store=fuse_rotary_store)
+              for d in ("cpu", "cuda")]
+    weights = {n: torch.randn(s) * (0.3 if n.endswith("norm.weight") else 0.05)
+               for n, s in models[0].checkpoint_tensor_shapes().items()}
+    for model in models:
+        model.load_weights((n, t.to(model.device)) for n, t in weights.items())
+        for module in model.modules():
+            if hasattr(module, "finish_loading"):
+                module.finish_loading()
+    return models
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_gemma_on_gpu_matches_cpu_reference_path(name, fused):
+    cpu_model, gpu_model = _pair(name, fused)
+    cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)
+    gpu_driver = PagedDriver(gpu_model, num_blocks=16, block_size=16, device="cuda")
+    for step in STEPS:
+        # float32 in, but the kernels' tl.dot rounds to tf32 (as tests/test_models_gpu.py)
+        torch.testing.assert_close(gpu_driver.step(step).cpu(), cpu_driver.step(step), atol=5e-3, rtol=5e-3)
