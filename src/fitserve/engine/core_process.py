@@ -66,7 +66,7 @@ def run_core(build: CoreBuilder, config: Any, addresses: CoreAddresses, log_leve
     outbox.connect(addresses.from_core)
     encoder, _ = from_core_codec()
     try:
-        engine, ready = build(config, False)
+        engine, ready = build(config, True)  # progress: the weights bar, as in one process
     except ConfigError as error:
         outbox.send(encoder.encode(CoreFailed(str(error), config_error=True)))
         return _close(context, inbox, outbox)
