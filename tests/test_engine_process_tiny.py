@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from pathlib import Path
 
 import openai
 import pytest
-from proc_helpers import is_running
+from core_fakes import wait_for
+from proc_helpers import child_pids, is_running
 from server_fixtures import FAKE_API_KEY, live_server
 from test_shutdown import fitserve_process, refuses_new_connections, stream_completion, wait_for_phases
 from tiny_model import tiny_engine_config, tiny_server, write_tiny_model
@@ -89,3 +91,24 @@ def test_fitserve_serve_engine_process_drains_on_sigterm_and_stops_its_core(tmp_
         events = results[index]
         assert isinstance(events, list) and events[-1] == "[DONE]", (index, events, log[-3000:])
         assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigterm_while_the_core_loads_exits_0_and_leaves_no_core(tmp_path):
+    folder = write_tiny_model(tmp_path / "tiny")
+    flags = ("--model", str(folder), "--load-format", "dummy", "--dtype", "float32", "--device", "cpu",
+             "--engine-process")
+    with fitserve_process(tmp_path, *flags) as (proc, url, log_path):
+        wait_for_phases(url, proc, "loading")
+        assert wait_for(lambda: any(b"spawn_main" in _cmdline(pid) for pid in child_pids(proc.pid)), 120), \
+            log_path.read_text()[-3000:]  # the core process has started (and is loading)
+        children = child_pids(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]
+    assert not any(is_running(pid) for pid in children)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -139,7 +139,7 @@ class CoreClient:
         if self._dead_message is not None:
             return  # nobody reads: the streams have been failed already
         with self._send_lock:
-            self._to_core.send(self._encoder.encode(message), copy=False)
+            self._to_core.send(self._encoder.encode(message))
 
     # -- the reader thread -------------------------------------------------------------------
 

@@ -161,7 +161,7 @@ class CoreLoop:
         self._send(StepOutputs(outputs, stats))
 
     def _send(self, message: StepOutputs | RequestFailed) -> None:
-        self.outbox.send(self.encoder.encode(message), copy=False)
+        self.outbox.send(self.encoder.encode(message))
 
     def _parent_alive_now_and_then(self) -> bool:
         """While busy, the API process is checked once per PARENT_CHECK_S (one syscall)."""
