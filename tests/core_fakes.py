@@ -19,11 +19,22 @@ from fitserve.config import ConfigError, ServerConfig
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.core_client import CoreClient, start_core_client
 from fitserve.engine.core_messages import CoreReady
+from fitserve.engine.errors import InvalidRequestError
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.server.app import build_app
 from fitserve.testing import FakeDecoder
 
 MODEL = "fake-core"
+
+
+class PickyCompiler:
+    """A grammar compiler that refuses every schema: as the client's fault, or (a schema with
+    "crash" in it) by raising as a bug would."""
+
+    def compile(self, params: Any) -> object:
+        if "crash" in params.json_schema:
+            raise RuntimeError("compiler bug: secret detail")
+        raise InvalidRequestError("This schema is not supported here.", param=params.param)
 
 
 def build_fake_core(config: Any, progress: bool, *, step_delay_s: float = 0.0, max_num_seqs: int = 8,
@@ -36,7 +47,7 @@ def build_fake_core(config: Any, progress: bool, *, step_delay_s: float = 0.0, m
         raise RuntimeError("the loader fell over")
     runner = SlowRunner(step_delay_s, num_blocks=num_blocks, block_size=4, vocab_size=VOCAB_SIZE)
     limits = EngineLimits(VOCAB_SIZE, (EOS_TOKEN_ID,), SchedulerLimits(max_num_seqs, 64, 256))
-    engine = LLMEngine(runner, FakeDecoder(), limits)
+    engine = LLMEngine(runner, FakeDecoder(), limits, grammar_compiler=PickyCompiler())
     return engine, CoreReady(
         model_name=MODEL, max_model_len=engine.max_model_len, max_logprobs=limits.max_logprobs,
         max_num_seqs=max_num_seqs, request_limits=engine.request_limits, default_sampling_params={},

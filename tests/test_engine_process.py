@@ -18,6 +18,7 @@ from reliability_helpers import assert_openai_error, expected_text
 from server_fixtures import FAKE_API_KEY
 
 from fitserve.config import ConfigError, EngineConfig, ServerConfig
+from fitserve.engine.client import EngineClient
 
 LONG = {"max_tokens": 200, "ignore_eos": True}  # at 10 ms a step: ~2 s, longer than any test waits
 USER = [{"role": "user", "content": "hi"}]
@@ -54,12 +55,24 @@ def test_chat_whole_and_streamed(api):
     assert text == whole.choices[0].message.content and chunks[-1].usage.completion_tokens == 3
 
 
+def _json_schema(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
 def test_a_request_the_core_refuses_is_a_400(api):
-    # The fake core has no grammar compiler: the core refuses the request after it was sent (RequestFailed).
+    # The fake core's grammar compiler refuses every schema: in the core, after the request was sent.
     with pytest.raises(openai.BadRequestError) as info:
-        api.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, response_format={
-            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
-    assert info.value.param == "response_format" and "not available" in info.value.message
+        api.chat.completions.create(model=MODEL, messages=USER, max_tokens=3,
+                                    response_format=_json_schema({"type": "object"}))
+    assert info.value.param == "response_format" and "not supported here" in info.value.message
+
+
+def test_a_request_the_core_fails_to_add_is_a_500_and_the_core_goes_on(api):
+    with pytest.raises(openai.InternalServerError) as info:
+        api.chat.completions.create(model=MODEL, messages=USER, max_tokens=3,
+                                    response_format=_json_schema({"title": "crash"}))
+    assert "secret" not in info.value.message
+    assert api.completions.create(model=MODEL, prompt=[5], max_tokens=2).choices[0].text == expected_text(5, 2)
 
 
 def test_a_request_over_the_limits_is_refused_in_the_api_process(api):
@@ -120,7 +133,8 @@ def test_queue_limit_answers_503():
     with fake_core_server(ServerConfig(max_queue_len=0), max_num_seqs=1, step_delay_s=0.01) as (url, client):
         with httpx.Client(base_url=url, timeout=10) as http:
             with http.stream("POST", "/v1/completions", json={"prompt": [1], "stream": True, **LONG}) as running:
-                next(running.iter_lines())
+                lines = running.iter_lines()  # kept: a dropped iterator closes the stream (a disconnect)
+                next(lines)
                 refused = http.post("/v1/completions", json={"prompt": [9], "max_tokens": 2})
                 assert assert_openai_error(refused, 503)["code"] == "server_overloaded"
             assert wait_for(lambda: client.num_requests_in_flight == 0)
@@ -153,6 +167,7 @@ def test_a_core_that_cannot_start_raises_here(fail_with, error, words):
 
 def test_shutdown_stops_the_core_process():
     client = start_fake_core()
+    assert isinstance(client, EngineClient)
     process = client._process
     client.shutdown()
     client.shutdown()  # idempotent

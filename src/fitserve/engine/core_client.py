@@ -164,7 +164,7 @@ class CoreClient:
             elif isinstance(message, RequestFailed):
                 stream = self._streams.get(message.request_id)
                 if stream is not None:
-                    fail_streams({message.request_id: stream}, InvalidRequestError(message.message, message.param))
+                    fail_streams({message.request_id: stream}, _request_error(message))
             elif isinstance(message, CoreFailed):
                 self._die(f"The engine loop failed: {message.message}")
                 return
@@ -193,6 +193,12 @@ class CoreClient:
             self._reader.join()
         _close(self._context, self._to_core, self._from_core)
         shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+
+def _request_error(message: RequestFailed) -> Exception:
+    if message.internal:  # logged in the core; the HTTP layer answers 500 without the text
+        return RuntimeError(f"The engine could not start request {message.request_id}.")
+    return InvalidRequestError(message.message, message.param)
 
 
 def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:

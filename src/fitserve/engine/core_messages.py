@@ -43,11 +43,13 @@ class StepOutputs(msgspec.Struct, tag=True, array_like=True):
 
 
 class RequestFailed(msgspec.Struct, tag=True, array_like=True):
-    """The core refused a request before running it (a grammar it cannot compile): HTTP 400."""
+    """The core refused a request before running it: the client's fault (a grammar it cannot
+    compile: HTTP 400, `message` is for the client) or, `internal`, the core's (HTTP 500, logged there)."""
 
     request_id: str
     message: str
     param: str | None = None
+    internal: bool = False
 
 
 class CoreReady(msgspec.Struct, tag=True, array_like=True):

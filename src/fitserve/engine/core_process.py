@@ -150,6 +150,10 @@ class CoreLoop:
         except InvalidRequestError as error:
             self._send(RequestFailed(message.request_id, str(error), error.param))
             return
+        except Exception:  # noqa: BLE001 - one request's failure must not stop the core
+            logger.exception("Request %s could not be added.", message.request_id)
+            self._send(RequestFailed(message.request_id, "internal error", internal=True))
+            return
         request.arrival_time_s = message.arrival_time_s
         self.engine.add_request(request)
 
