@@ -120,6 +120,8 @@ class CoreClient:
         self._streams[request_id] = stream
         self._send(AddRequest(request_id, list(prompt_token_ids), sampling_params, time.monotonic()))
         try:
+            if self._dead_message is not None:  # the core died between the check above and here
+                raise EngineDeadError(DEAD_MESSAGE)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -148,6 +150,13 @@ class CoreClient:
         return self
 
     def _read_loop(self) -> None:
+        try:
+            self._read_until_stopped()
+        except Exception:  # noqa: BLE001 - without its reader the server would hang: fail loudly instead
+            logger.exception("Reading the engine process's messages failed.")
+            self._die("The link to the engine process failed.")
+
+    def _read_until_stopped(self) -> None:
         _, decoder = from_core_codec()
         while not self._stopping:
             if not self._from_core.poll(int(WATCH_INTERVAL_S * 1000)):
@@ -170,8 +179,8 @@ class CoreClient:
                 return
 
     def _die(self, reason: str) -> None:
+        self._dead_message = reason  # first: a request that generate() adds from now on sees it
         logger.error("%s Failing %d request(s) in flight.", reason, len(self._streams))
-        self._dead_message = reason
         fail_streams(self._streams, EngineDeadError("The engine failed while running this request."))
 
     # -- shutdown ------------------------------------------------------------------------------
