@@ -42,6 +42,7 @@ from fitserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 PARENT_CHECK_S = 1.0  # how often an idle (or busy) core checks that the API process still lives
+LAST_WORD_TIMEOUT_S = 10.0  # how long a start-up or failure message waits for the API process to take it
 STATS_INTERVAL_S = 0.5  # stats ride on a step message at least this often while requests run
 # Builds the engine in the core process: (config, progress) -> the engine and what the API process needs.
 CoreBuilder = Callable[[Any, bool], "tuple[LLMEngine, CoreReady]"]
@@ -62,34 +63,49 @@ def run_core(build: CoreBuilder, config: Any, addresses: CoreAddresses, log_leve
     inbox.connect(addresses.to_core)
     outbox = context.socket(zmq.PUSH)
     outbox.setsockopt(zmq.SNDHWM, 0)  # never block a send: the step loop waits on nobody
-    outbox.setsockopt(zmq.LINGER, 5000)  # the last message (a failure) still leaves on exit
+    outbox.setsockopt(zmq.LINGER, int(LAST_WORD_TIMEOUT_S * 1000))  # the last message still leaves on exit
+    outbox.setsockopt(zmq.SNDTIMEO, int(LAST_WORD_TIMEOUT_S * 1000))  # a blocking send gives up (parent gone)
     outbox.connect(addresses.from_core)
-    encoder, _ = from_core_codec()
     try:
         engine, ready = build(config, True)  # progress: the weights bar, as in one process
     except ConfigError as error:
-        outbox.send(encoder.encode(CoreFailed(str(error), config_error=True)))
+        _last_word(outbox, CoreFailed(str(error), config_error=True))
         return _close(context, inbox, outbox)
     except BaseException as error:  # noqa: BLE001 - reported to the API process, which raises it
         logger.exception("The engine failed to start.")
-        outbox.send(encoder.encode(CoreFailed(f"{type(error).__name__}: {error}")))
+        _last_word(outbox, CoreFailed(f"{type(error).__name__}: {error}"))
         return _close(context, inbox, outbox)
-    outbox.send(encoder.encode(ready))
     try:
-        CoreLoop(engine, inbox, outbox, parent_pid).run()
+        if _last_word(outbox, ready):
+            CoreLoop(engine, inbox, outbox, parent_pid).run()
+    except ApiProcessGone:
+        logger.info("The API process has gone; the engine core stops.")
     except BaseException as error:  # noqa: BLE001 - the API process must hear of every failure
         logger.exception("The engine loop failed; the API process fails the requests in flight.")
-        outbox.send(encoder.encode(CoreFailed(f"{type(error).__name__}: {error}")))
+        _last_word(outbox, CoreFailed(f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from error
     finally:
         engine.shutdown()
         _close(context, inbox, outbox)
 
 
+def _last_word(outbox: zmq.Socket, message: CoreReady | CoreFailed) -> bool:
+    """A blocking send that gives up after LAST_WORD_TIMEOUT_S (the API process has gone); False then."""
+    try:
+        outbox.send(from_core_codec()[0].encode(message))
+        return True
+    except zmq.Again:
+        return False
+
+
 def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:
     for sock in sockets:
         sock.close()
     context.term()
+
+
+class ApiProcessGone(Exception):
+    """The API process closed its end: nobody is left to serve."""
 
 
 class CoreLoop:
@@ -165,7 +181,10 @@ class CoreLoop:
         self._send(StepOutputs(outputs, stats))
 
     def _send(self, message: StepOutputs | RequestFailed) -> None:
-        self.outbox.send(self.encoder.encode(message))
+        try:  # with no high-water mark, a send can only find no peer: the API process has gone
+            self.outbox.send(self.encoder.encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            raise ApiProcessGone from None
 
     def _parent_alive_now_and_then(self) -> bool:
         """While busy, the API process is checked once per PARENT_CHECK_S (one syscall)."""
