@@ -6,6 +6,7 @@ and /health instead of hanging; a core that cannot start raises the launcher's e
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -181,3 +182,19 @@ def test_not_yet_with_tensor_parallelism_or_replicas(capsys):
 
     assert main(["serve", "--engine-process", "--replicas", "2"]) == 2
     assert "--replicas" in capsys.readouterr().err
+
+
+def test_many_concurrent_streams_each_get_their_own_tokens():
+
+    async def one(api: openai.AsyncOpenAI, prompt_id: int) -> str:
+        chunks = await api.completions.create(model=MODEL, prompt=[prompt_id], max_tokens=12, stream=True)
+        return "".join([c.choices[0].text async for c in chunks if c.choices])
+
+    async def run_all() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=60) as api:
+            return await asyncio.gather(*(one(api, i) for i in range(1, 65)))
+
+    with fake_core_server(max_num_seqs=16) as (url, client):  # 64 streams, 16 at a time, the rest queued
+        texts = asyncio.run(run_all())
+        assert texts == [expected_text(i, 12) for i in range(1, 65)]
+        assert wait_for(lambda: core_is_idle_and_free(client))
