@@ -3,9 +3,11 @@
 `build_engine(config)` plans (a setting that cannot fit stops before any weight is read), loads,
 measures and sizes the KV cache: the one place where the torch side (weights, model, runner)
 meets the torch-free engine. `start_serving_engine(...)` builds it and starts the AsyncEngine
-that serves it (or, with --engine-process, builds it in its own process: `build_core` there) (the model's generation_config.json defaults, the page's start-up info, telemetry
-on every GPU of the engine). `fitserve serve` and each `--replicas` replica (scaleout/replica.py)
-start with `start_serving_engine`, the offline `LLM` (llm.py) with `build_engine`.
+that serves it (the model's generation_config.json defaults, the page's start-up info, telemetry
+on every GPU of the engine); with --engine-process it starts the engine-core process instead,
+which builds the engine with `build_core` (docs/engine_process.md). `fitserve serve` and each
+`--replicas` replica (scaleout/replica.py) start with `start_serving_engine`, the offline `LLM`
+(llm.py) with `build_engine`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
