@@ -138,8 +138,8 @@ class CoreClient:
         self._send(AbortRequests([request_id]))
 
     def _send(self, message: AddRequest | AbortRequests | Shutdown) -> None:
-        if self._dead_message is not None:
-            return  # nobody reads: the streams have been failed already
+        if self._dead_message is not None or self._stopping:
+            return  # nobody reads: the streams have been failed, or the sockets are closing
         with self._send_lock:
             self._to_core.send(self._encoder.encode(message))
 
