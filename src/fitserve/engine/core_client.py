@@ -12,6 +12,7 @@ in flight ends with EngineDeadError (an OpenAI error), never a hang.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import os
@@ -223,6 +224,7 @@ def start_core_client(build: CoreBuilder, config: Any, tokenizer_for: Callable[[
     `build(config, progress)` runs in the core; `tokenizer_for(ready)` here. A ConfigError in the
     core is raised here as a ConfigError (exit code 2); any other start-up failure as RuntimeError."""
     socket_dir = tempfile.mkdtemp(prefix="fitserve-core-")
+    atexit.register(shutil.rmtree, socket_dir, ignore_errors=True)  # also when we exit while the core loads
     addresses = CoreAddresses(f"ipc://{socket_dir}/to_core", f"ipc://{socket_dir}/from_core")
     context = zmq.Context()
     to_core = context.socket(zmq.PUSH)
