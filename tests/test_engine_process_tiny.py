@@ -99,12 +99,17 @@ def test_sigterm_while_the_core_loads_exits_0_and_leaves_no_core(tmp_path):
              "--engine-process")
     with fitserve_process(tmp_path, *flags) as (proc, url, log_path):
         wait_for_phases(url, proc, "loading")
-        assert wait_for(lambda: any(b"spawn_main" in _cmdline(pid) for pid in child_pids(proc.pid)), 120), \
-            log_path.read_text()[-3000:]  # the core process has started (and is loading)
-        children = child_pids(proc.pid)
+        assert wait_for(lambda: _core_pids(proc.pid), 120), log_path.read_text()[-3000:]  # the core is loading
+        core_pids = _core_pids(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
-    assert not any(is_running(pid) for pid in children)
+    # The API process joined its core before it exited (multiprocessing's exit handler); only the
+    # resource tracker, which leaves once it reads the end of its pipe, may outlive it a moment.
+    assert not any(is_running(pid) for pid in core_pids)
+
+
+def _core_pids(parent_pid: int) -> list[int]:
+    return [pid for pid in child_pids(parent_pid) if b"spawn_main" in _cmdline(pid)]
 
 
 def _cmdline(pid: int) -> bytes:
