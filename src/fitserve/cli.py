@@ -67,6 +67,7 @@ def serve(args: argparse.Namespace) -> int:
     if wants_replicas(args):
         from fitserve.scaleout.launch import serve_replicas
 
+        _refuse_engine_process(engine_config)
         return serve_replicas(args, engine_config, server_config)
     if args.gpu_telemetry_interval < 0:
         raise ConfigError(f"--gpu-telemetry-interval must be 0 (off) or more seconds, not {args.gpu_telemetry_interval}.")
@@ -97,9 +98,16 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     from fitserve.scaleout import launch
 
     parsed = build_parser().parse_args(["serve", *launch.flags_from_mapping(args)])
+    _refuse_engine_process(engine_config_from_args(parsed))
     if parsed.replicas is None and parsed.max_replicas is None:
         parsed.replicas = 1  # the config's `deployments:` section may set num_replicas or autoscaling instead
     return launch.application_from_args(parsed, *_serve_configs(parsed), launch.engine_on_gpu(parsed.device))
+
+
+def _refuse_engine_process(config: EngineConfig) -> None:
+    if config.engine_process:  # each replica would start its own core; not done yet
+        raise ConfigError("--engine-process does not work with --replicas yet: leave one of them out "
+                          "(docs/engine_process.md).")
 
 
 def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:

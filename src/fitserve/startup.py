@@ -4,8 +4,10 @@
 measures and sizes the KV cache: the one place where the torch side (weights, model, runner)
 meets the torch-free engine. `start_serving_engine(...)` builds it and starts the AsyncEngine
 that serves it (the model's generation_config.json defaults, the page's start-up info, telemetry
-on every GPU of the engine). `fitserve serve` and each `--replicas` replica (scaleout/replica.py)
-start with `start_serving_engine`, the offline `LLM` (llm.py) with `build_engine`.
+on every GPU of the engine); with --engine-process it starts the engine-core process instead,
+which builds the engine with `build_core` (docs/engine_process.md). `fitserve serve` and each
+`--replicas` replica (scaleout/replica.py) start with `start_serving_engine`, the offline `LLM`
+(llm.py) with `build_engine`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -22,6 +25,9 @@ from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerCon
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.scheduler import SchedulerLimits
 from fitserve.engine.async_engine import AsyncEngine
+from fitserve.engine.client import EngineClient
+from fitserve.engine.core_client import start_core_client
+from fitserve.engine.core_messages import CoreReady
 from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.structured_output import GrammarCompiler
@@ -364,14 +370,36 @@ def gpu_ids_in_use(device: torch.device, tensor_parallel_size: int = 1) -> list[
 
 
 def start_serving_engine(config: EngineConfig, telemetry: Telemetry, *, max_queue_len: int | None,
-                         progress: bool = True) -> AsyncEngine:
+                         progress: bool = True) -> EngineClient:
     """Build the engine and start it for serving, as `fitserve serve` and each replica do: the model's
     generation_config.json defaults for the sampling fields a request leaves unset, the page's memory
     plan (/ui/api/info), and `telemetry` started on every GPU of the engine (all tensor-parallel ranks).
-    `max_queue_len` None: no queue limit in the engine; each caller says why its choice is right."""
+    `max_queue_len` None: no queue limit in the engine; each caller says why its choice is right.
+    With --engine-process the engine is built and stepped in its own process (docs/engine_process.md)."""
+    if config.engine_process:
+        client = start_core_client(build_core, config, partial(serving_tokenizer, config), max_queue_len=max_queue_len)
+        telemetry.start(client.stats, client.gpu_ids)
+        return client
     built = build_engine(config, progress=progress)
     engine = AsyncEngine(built.engine, built.model_name, built.tokenizer, max_queue_len=max_queue_len,
                          default_sampling_params=built.default_sampling_params,
                          startup_info=startup_info(built.memory, config)).start()
     telemetry.start(engine.stats, gpu_ids_in_use(built.device, config.tensor_parallel_size))
     return engine
+
+
+def build_core(config: EngineConfig, progress: bool) -> tuple[LLMEngine, CoreReady]:
+    """In the engine-core process (engine/core_process.py): build the engine, and what the API process needs."""
+    built = build_engine(config, progress=progress)
+    engine = built.engine
+    return engine, CoreReady(
+        model_name=built.model_name, max_model_len=engine.max_model_len, max_logprobs=engine.limits.max_logprobs,
+        max_num_seqs=engine.limits.scheduler.max_num_seqs, request_limits=engine.request_limits,
+        default_sampling_params=dict(built.default_sampling_params or {}),
+        startup_info=startup_info(built.memory, config),
+        gpu_ids=gpu_ids_in_use(built.device, config.tensor_parallel_size), stats=engine.stats())
+
+
+def serving_tokenizer(config: EngineConfig, ready: CoreReady) -> Tokenizer:
+    """In the API process, once the core is ready: the model's tokenizer (already downloaded by the core)."""
+    return Tokenizer.from_source(resolve_model_source(config))

@@ -25,8 +25,8 @@ from fitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-class _Stream:
-    """Where one request's outputs wait for its consumer."""
+class RequestStream:
+    """Where one request's outputs wait for its consumer (also engine/core_client.py's)."""
 
     __slots__ = ("loop", "queue", "finished")
 
@@ -65,7 +65,7 @@ class AsyncEngine:
         self._new_requests: list[Request] = []
         self._aborts: list[str] = []
         self._wakeup = threading.Event()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
         self._stop = False
         self._dead_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run_loop, name="fitserve-engine", daemon=True)
@@ -114,7 +114,7 @@ class AsyncEngine:
                 f"The server is at capacity: {len(self._streams)} requests are in flight "
                 f"(--max-num-seqs plus --max-queue-len {self.max_queue_len}). Retry later."
             )
-        stream = _Stream(asyncio.get_running_loop())
+        stream = RequestStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._inbox_lock:
             self._new_requests.append(request)
@@ -168,20 +168,30 @@ class AsyncEngine:
             self.engine.abort_request(request_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None:
-                continue  # its consumer left; the abort is already queued
-            stream.finished = output.finished
-            by_loop.setdefault(stream.loop, []).append((stream, output))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+        deliver_to_streams(self._streams, outputs)
 
     def _fail_all(self, error: BaseException) -> None:
-        for stream in list(self._streams.values()):
-            stream.finished = True
-            _call_soon(stream.loop, stream.queue.put_nowait, error)
+        fail_streams(self._streams, error)
+
+
+def deliver_to_streams(streams: dict[str, RequestStream], outputs: list[RequestOutput]) -> None:
+    """From the thread that reads the engine: each output to its request's stream, one call per event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+    for output in outputs:
+        stream = streams.get(output.request_id)
+        if stream is None:
+            continue  # its consumer left; the abort is already queued
+        stream.finished = output.finished
+        by_loop.setdefault(stream.loop, []).append((stream, output))
+    for loop, items in by_loop.items():
+        _call_soon(loop, _put_all, items)
+
+
+def fail_streams(streams: dict[str, RequestStream], error: BaseException) -> None:
+    """From the thread that reads the engine: every stream ends with `error`."""
+    for stream in list(streams.values()):
+        stream.finished = True
+        _call_soon(stream.loop, stream.queue.put_nowait, error)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
@@ -191,6 +201,6 @@ def _call_soon(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> No
         pass
 
 
-def _put_all(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+def _put_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
     for stream, item in items:
         stream.queue.put_nowait(item)
