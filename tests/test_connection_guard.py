@@ -142,3 +142,17 @@ def test_the_cap_leaves_room_under_the_open_file_limit(monkeypatch):
     monkeypatch.setattr(connection_guard.resource, "getrlimit", lambda _: (256, 4096))
     assert connection_guard.connection_cap(1024) == 256 - connection_guard.FD_RESERVE
     assert connection_guard.connection_cap(100) == 100
+
+
+def test_the_server_imports_and_picks_h11_without_httptools():
+    """`pip install uvicorn` (without [standard]) has no httptools: the guard must still import (it once
+    defined the httptools protocol unconditionally, and `fitserve serve` failed at start-up)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['httptools'] = None\n"
+            "from fitserve.server import connection_guard, launcher\n"
+            "assert connection_guard.HttpToolsProtocol is None\n"
+            "assert connection_guard.default_protocol() is connection_guard.GuardedH11Protocol\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -139,24 +139,26 @@ class GuardedH11Protocol(_Deadlines, H11Protocol):
             self._disarm()
 
 
-class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
-    """httptools calls back at each step of a request: begin (first byte), headers done, body done."""
+if HttpToolsProtocol is not None:  # without httptools (plain `uvicorn`) only the h11 protocol exists
+    class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
+        """httptools calls back at each step of a request: begin (first byte), headers done, body done."""
 
-    def _on_connected(self) -> None:
-        self._arm("headers")
+        def _on_connected(self) -> None:
+            self._arm("headers")
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._arm("headers")
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm("headers")
 
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        self._arm("body")
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            self._arm("body")
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self._disarm()
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._disarm()
 
 
 def default_protocol() -> type[asyncio.Protocol]:
+    """httptools' protocol when it is installed (uvicorn's own choice), else h11's."""
     return GuardedHttpToolsProtocol if HttpToolsProtocol is not None else GuardedH11Protocol
