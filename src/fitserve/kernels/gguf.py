@@ -143,15 +143,16 @@ def dequantize(packed: torch.Tensor, ggml_type: int, out_dtype: torch.dtype = to
     return values.reshape(num_rows, -1).to(out_dtype)
 
 
-def matmul_reference(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
+def matmul_reference(x: torch.Tensor, packed: torch.Tensor, ggml_type: int,
+                     chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
     """x [T, K] @ dequantize(packed).T -> [T, N] in x's dtype. The weight is dequantized to x's dtype
-    CHUNK_ROWS rows at a time (in float32 first, so a float32 model multiplies exactly the weights
+    `chunk_rows` rows at a time (in float32 first, so a float32 model multiplies exactly the weights
     that dequantizing at load gives)."""
     num_rows = packed.shape[0]
-    if num_rows <= CHUNK_ROWS:
+    if num_rows <= chunk_rows:
         return torch.nn.functional.linear(x, dequantize(packed, ggml_type, x.dtype))
     out = torch.empty(*x.shape[:-1], num_rows, dtype=x.dtype, device=x.device)
-    for start in range(0, num_rows, CHUNK_ROWS):
-        rows = packed[start:start + CHUNK_ROWS]
+    for start in range(0, num_rows, chunk_rows):
+        rows = packed[start:start + chunk_rows]
         out[..., start:start + rows.shape[0]] = torch.nn.functional.linear(x, dequantize(rows, ggml_type, x.dtype))
     return out

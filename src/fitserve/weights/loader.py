@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -14,25 +14,30 @@ from fitserve.weights.source import ModelSource
 
 def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout."""
-    from gguf.quants import dequantize
-
-    from fitserve.weights.gguf_file import hf_tensor_name, open_gguf, unpermute_rope_rows
+    from fitserve.weights.gguf_file import hf_tensor_name, open_gguf
     reader = open_gguf(source.weights_path)
-    arch = source.arch
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
-        if name is None:
-            continue
-        # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if name.endswith("self_attn.q_proj.weight"):
-            values = unpermute_rope_rows(values, arch.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            values = unpermute_rope_rows(values, arch.num_key_value_heads)
-        if not values.flags.writeable or not values.flags.c_contiguous:  # F32 tensors are read-only memmaps
-            values = np.array(values, copy=True, order="C")
-        yield name, torch.from_numpy(values)
+        if name is not None:
+            yield name, dequantized_gguf_tensor(tensor, name, source)
+
+
+def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torch.Tensor:
+    """One GGUF tensor (a gguf ReaderTensor, HF name `name`) as float32 [out, in], rope rows unpermuted."""
+    from gguf.quants import dequantize
+
+    from fitserve.weights.gguf_file import unpermute_rope_rows
+    arch = source.arch
+    # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    if name.endswith("self_attn.q_proj.weight"):
+        values = unpermute_rope_rows(values, arch.num_attention_heads)
+    elif name.endswith("self_attn.k_proj.weight"):
+        values = unpermute_rope_rows(values, arch.num_key_value_heads)
+    if not values.flags.writeable or not values.flags.c_contiguous:  # F32 tensors are read-only memmaps
+        values = np.array(values, copy=True, order="C")
+    return torch.from_numpy(values)
 
 
 class Slice(Protocol):
