@@ -1,0 +1,136 @@
+"""Decode GEMV over packed GGUF blocks: y = x @ W.T, W read as the file stores it.
+
+At decode a linear layer is a pure read of its weight, so reading 4.5 bits per weight (Q4_K)
+instead of 16 is the whole gain. Each program owns BLOCK_N output rows of one input row and walks
+K in BLOCK_K-wide tiles: for every weight of the tile it computes the byte address of its quant
+bits and of its block's scales from the type's layout (kernels/gguf.py, a constexpr switch),
+dequantizes in registers to float32 and multiplies, summing across the tile once at the end.
+Repeated loads of a block's scale bytes hit L1. Batches of more than GEMV_MAX_ROWS rows (prefill)
+dequantize the layer into a scratch buffer and use cuBLAS instead (layers/formats/gguf.py).
+
+The specification is kernels/gguf.py `matmul_reference` (tests compare, also under the Triton
+interpreter on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fitserve.kernels import gguf, pdl
+from fitserve.kernels.pdl import begin
+
+# Rows up to which a batch takes the GEMV (each row rereads the packed weight from L2); above,
+# the dequantize-then-cuBLAS path wins once the weight's read is shared by enough rows.
+GEMV_MAX_ROWS = 8
+PREFILL_CHUNK_ROWS = 8192  # rows dequantized at a time into the prefill scratch buffer
+# (BLOCK_N, BLOCK_K, num_warps): BLOCK_K a multiple of every type's block_elements (32, 256)
+CONFIG = (16, 256, 4)
+TYPE_IDS = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # the kernel's switch
+
+
+@triton.jit
+def _f16_at(ptr):
+    """float32 of the little-endian float16 at byte pointers `ptr`."""
+    lo = tl.load(ptr).to(tl.uint16)
+    hi = tl.load(ptr + 1).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _nibble(ptr, shift):
+    return ((tl.load(ptr) >> shift.to(tl.uint8)) & 0x0F).to(tl.int32)
+
+
+@triton.jit
+def _k_scale_min(scales_ptr, sub):
+    """Q4_K / Q5_K: the 6-bit scale and min of sub-block `sub` (0..7) from the 12 scale bytes."""
+    a = tl.load(scales_ptr + sub).to(tl.int32)  # scales[sub]
+    b = tl.load(scales_ptr + sub + 4).to(tl.int32)  # scales[sub + 4]
+    c = tl.load(scales_ptr + tl.where(sub >= 4, sub - 4, 0)).to(tl.int32)  # scales[sub - 4]
+    sc = tl.where(sub < 4, a & 63, (b & 0x0F) | ((c >> 6) << 4))
+    mn = tl.where(sub < 4, b & 63, (b >> 4) | ((a >> 6) << 4))
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _dequant_tile(w_ptr, rows, cols, row_bytes, TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] float32 weights W[rows, cols] from the packed rows (cols < K)."""
+    j = cols % QK  # position inside the block
+    base = w_ptr + rows[:, None].to(tl.int64) * row_bytes + ((cols // QK) * BB)[None, :]
+    j = j[None, :]
+    if TYPE == 0:  # Q4_0: d, 16 bytes of nibbles (low nibbles are weights 0..15)
+        q = _nibble(base + 2 + j % 16, (j // 16) * 4)
+        w = (q - 8).to(tl.float32) * _f16_at(base)
+    elif TYPE == 1:  # Q4_1: d, m, nibbles
+        q = _nibble(base + 4 + j % 16, (j // 16) * 4)
+        w = _f16_at(base) * q.to(tl.float32) + _f16_at(base + 2)
+    elif TYPE == 2:  # Q5_0: d, 32 high bits, nibbles
+        high = ((tl.load(base + 2 + j // 8) >> (j % 8).to(tl.uint8)) & 1).to(tl.int32)
+        q = _nibble(base + 6 + j % 16, (j // 16) * 4) | (high << 4)
+        w = (q - 16).to(tl.float32) * _f16_at(base)
+    elif TYPE == 3:  # Q8_0: d, 32 int8
+        q = tl.load(base + 2 + j).to(tl.int8, bitcast=True)
+        w = q.to(tl.float32) * _f16_at(base)
+    elif TYPE == 4 or TYPE == 5:  # Q4_K / Q5_K: d, dmin, 12 scale bytes, (Q5_K: 32 high-bit bytes), nibbles
+        sc, mn = _k_scale_min(base + 4, j // 32)
+        if TYPE == 4:
+            q = _nibble(base + 16 + (j // 64) * 32 + j % 32, ((j // 32) % 2) * 4)
+        else:
+            high = ((tl.load(base + 16 + j % 32) >> (j // 32).to(tl.uint8)) & 1).to(tl.int32)
+            q = _nibble(base + 48 + (j // 64) * 32 + j % 32, ((j // 32) % 2) * 4) | (high << 4)
+        w = (_f16_at(base) * sc) * q.to(tl.float32) - _f16_at(base + 2) * mn
+    else:  # Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d
+        half = j // 128
+        low = _nibble(base + half * 64 + j % 64, ((j // 64) % 2) * 4)
+        high = ((tl.load(base + 128 + half * 32 + j % 32) >> (((j // 32) % 4) * 2).to(tl.uint8)) & 3).to(tl.int32)
+        scale = tl.load(base + 192 + j // 16).to(tl.int8, bitcast=True).to(tl.float32)
+        w = (_f16_at(base + 208) * scale) * ((low | (high << 4)) - 32).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _gguf_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, row_bytes, stride_x, stride_y,
+                      TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1)
+    row_valid = rows < N
+    rows = tl.where(row_valid, rows, 0)  # out-of-range rows read row 0 and are not stored
+    begin(PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_valid = cols < K
+        cols = tl.where(col_valid, cols, 0)
+        w = _dequant_tile(w_ptr, rows, cols, row_bytes, TYPE, QK, BB)
+        x = tl.load(x_ptr + m * stride_x + cols, mask=col_valid, other=0.0).to(tl.float32)
+        acc += w * x[None, :]
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + m * stride_y + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
+
+
+def supports(x: torch.Tensor, ggml_type: int) -> bool:
+    """Whether gemv takes this product: at most GEMV_MAX_ROWS rows of a floating x, a packed type."""
+    return (x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.is_floating_point() and x.stride(-1) == 1
+            and ggml_type in gguf.BLOCK_TYPES)
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """x [M, K] @ dequantize(packed [N, row_bytes]).T -> [M, N] in x's dtype (float32 accumulation)."""
+    assert supports(x, ggml_type), "gemv takes a few contiguous rows and a packed GGML type"
+    block = gguf.BLOCK_TYPES[ggml_type]
+    num_rows, row_bytes = packed.shape
+    k = x.shape[1]
+    assert packed.dtype == torch.uint8 and packed.is_contiguous(), "packed rows are contiguous uint8"
+    assert row_bytes == block.row_bytes(k) and k % block.block_elements == 0, (
+        f"{block.name} rows of {row_bytes} bytes do not hold K = {k}")
+    block_n, block_k, num_warps = CONFIG
+    out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
+    _gguf_gemv_kernel[(triton.cdiv(num_rows, block_n), x.shape[0])](
+        x, packed, out, num_rows, k, row_bytes, x.stride(0), out.stride(0),
+        TYPE=TYPE_IDS[block.name], QK=block.block_elements, BB=block.block_bytes,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl.options(x.device),
+    )
+    return out
