@@ -1,4 +1,5 @@
-"""Decode GEMV over packed GGUF blocks (kernels/triton_gguf.py) against the bf16 GEMV on the same
+"""Decode kernels over packed GGUF blocks (kernels/triton_gguf.py matmul: the GEMV, then the small
+GEMM from 5 rows) at 1, 4, 16 and 64 rows, against the bf16 GEMV at one row on the same
 shapes: a Llama-3-8B decode step's 128 linear layers (distinct weights, so nothing comes from L2),
 each backend captured in one CUDA graph and replayed. Prints one JSON line per case and writes
 gguf_gemv.json to --out.
@@ -46,7 +47,7 @@ def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, 
             if ggml_type is None:
                 triton_gemv.gemv(x, w)
             else:
-                triton_gguf.gemv(x, w, ggml_type)
+                triton_gguf.matmul(x, w, ggml_type)
     return run
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LAYERS)
     args = parser.parse_args()
     results = []
-    for rows in (1, 4):
+    for rows in (1, 4, 16, 64):
         x_by_k = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
         cases: dict[str, int | None] = {"bf16": None, **TYPES}
         for label, ggml_type in cases.items():

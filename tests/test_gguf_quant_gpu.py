@@ -1,5 +1,6 @@
-"""The packed-GGUF Triton GEMV and the gguf layer on CUDA against the torch reference (GPU only):
-every packed type, awkward sizes, both 16-bit dtypes, a CUDA graph, prefill and decode batches."""
+"""The packed-GGUF Triton kernels (GEMV, small-batch GEMM) and the gguf layer on CUDA against the
+torch reference (GPU only): every packed type, awkward sizes, both 16-bit dtypes, a CUDA graph,
+prefill and decode batches."""
 
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ def in_features_for(name: str) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_tokens", [1, 3, triton_gguf.GEMV_MAX_ROWS])
+@pytest.mark.parametrize("num_tokens", [1, 3, triton_gguf.GEMV_MAX_ROWS + 1, 17, triton_gguf.GEMM_MAX_ROWS])
 @pytest.mark.parametrize("name", list(TYPES))
-def test_gemv_matches_the_dequantized_product(name, num_tokens, dtype):
+def test_decode_kernels_match_the_dequantized_product(name, num_tokens, dtype):
+    """The GEMV (a few rows) and the small tensor-core GEMM (more rows), through triton_gguf.matmul."""
     k, n = in_features_for(name), 1000 + 3
     packed = random_packed(name, n, k, seed=n + num_tokens)
     x = torch.randn(num_tokens, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(dtype)
-    got = triton_gguf.gemv(x, packed, TYPES[name])
+    got = triton_gguf.matmul(x, packed, TYPES[name])
     expected = x.float() @ gguf.dequantize(packed, TYPES[name]).T
     assert got.shape == (num_tokens, n) and got.dtype == dtype
     assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
@@ -62,7 +64,7 @@ def test_gemv_replays_in_a_cuda_graph():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 40])  # decode (GEMV) and prefill (dequantize + cuBLAS)
+@pytest.mark.parametrize("num_tokens", [1, 40, 100])  # GEMV, small GEMM, prefill (dequantize + cuBLAS)
 def test_a_mixed_type_layer_on_cuda_matches_the_cpu_layer(num_tokens):
     shards = [("Q4_K", 256), ("Q4_K", 128), ("Q6_K", 128)]
     layers = {dev: make_linear(512, tuple(r for _, r in shards), torch.float32, torch.device(dev), "gguf")

@@ -5,8 +5,9 @@ instead of 16 is the whole gain. Each program owns BLOCK_N output rows of one in
 K in BLOCK_K-wide tiles: for every weight of the tile it computes the byte address of its quant
 bits and of its block's scales from the type's layout (kernels/gguf.py, a constexpr switch),
 dequantizes in registers to float32 and multiplies, summing across the tile once at the end.
-Repeated loads of a block's scale bytes hit L1. Batches of more than GEMV_MAX_ROWS rows (prefill)
-dequantize the layer into a scratch buffer and use cuBLAS instead (layers/formats/gguf.py).
+Repeated loads of a block's scale bytes hit L1. A decode batch of a few rows more takes the small
+GEMM, which dequantizes each tile once and multiplies all rows with tl.dot; larger batches
+(prefill) dequantize the layer into a scratch buffer and use cuBLAS instead (layers/formats/gguf.py).
 
 The specification is kernels/gguf.py `matmul_reference` (tests compare, also under the Triton
 interpreter on the CPU).
@@ -21,12 +22,17 @@ import triton.language as tl
 from fitserve.kernels import gguf, pdl
 from fitserve.kernels.pdl import begin
 
-# Rows up to which a batch takes the GEMV (each row rereads the packed weight from L2); above,
-# the dequantize-then-cuBLAS path wins once the weight's read is shared by enough rows.
-GEMV_MAX_ROWS = 8
+# Rows up to which a batch takes the GEMV (each program dequantizes its tile once per input row);
+# up to GEMM_MAX_ROWS the small-batch GEMM (one dequantized tile, tl.dot over all rows); above,
+# dequantizing the layer once into a scratch buffer for cuBLAS costs less than its share of the
+# step. Chosen by reasoning, not yet measured (benchmarks/gguf_gemv_bench.py times them).
+GEMV_MAX_ROWS = 4
+GEMM_MAX_ROWS = 64
 PREFILL_CHUNK_ROWS = 8192  # rows dequantized at a time into the prefill scratch buffer
-# (BLOCK_N, BLOCK_K, num_warps): BLOCK_K a multiple of every type's block_elements (32, 256)
+# (BLOCK_N, BLOCK_K, num_warps) of the GEMV and of the small-batch GEMM; a tile may end inside a
+# block (the element addresses are computed one by one)
 CONFIG = (16, 256, 4)
+GEMM_CONFIG = (64, 64, 4)
 TYPE_IDS = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # the kernel's switch
 
 
@@ -111,21 +117,76 @@ def _gguf_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, row_bytes, stride_x, stride_y,
     tl.store(y_ptr + m * stride_y + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
 
+@triton.jit
+def _gguf_small_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_x, stride_y,
+                            TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """y [M, N] = x [M, K] @ W.T for a few rows: each tile of W is dequantized once, rounded to
+    x's dtype (as the dequantized-at-load model holds it) and multiplied on the tensor cores."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid, m_valid = rows < N, ms < M
+    rows = tl.where(row_valid, rows, 0)
+    begin(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_valid = cols < K
+        w = _dequant_tile(w_ptr, rows, tl.where(col_valid, cols, 0), row_bytes, TYPE, QK, BB)
+        w = tl.where(col_valid[None, :], w, 0.0)
+        x = tl.load(x_ptr + ms[:, None] * stride_x + cols[None, :], mask=m_valid[:, None] & col_valid[None, :],
+                    other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+    out = y_ptr + ms[:, None] * stride_y + rows[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & row_valid[None, :])
+
+
 def supports(x: torch.Tensor, ggml_type: int) -> bool:
-    """Whether gemv takes this product: at most GEMV_MAX_ROWS rows of a floating x, a packed type."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.is_floating_point() and x.stride(-1) == 1
+    """Whether `matmul` takes this product: at most GEMM_MAX_ROWS rows (GEMV_MAX_ROWS in float32,
+    which the tensor-core GEMM does not take), contiguous, a packed type."""
+    max_rows = GEMM_MAX_ROWS if x.dtype in (torch.bfloat16, torch.float16) else GEMV_MAX_ROWS
+    return (x.dim() == 2 and 0 < x.shape[0] <= max_rows and x.is_floating_point() and x.stride(-1) == 1
             and ggml_type in gguf.BLOCK_TYPES)
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """x [M, K] @ dequantize(packed).T for a decode batch: the GEMV up to GEMV_MAX_ROWS, else the small GEMM."""
+    if x.shape[0] <= GEMV_MAX_ROWS:
+        return gemv(x, packed, ggml_type)
+    return small_gemm(x, packed, ggml_type)
+
+
+def _check(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> gguf.GgmlBlock:
+    assert supports(x, ggml_type), "a few contiguous rows and a packed GGML type"
+    block = gguf.BLOCK_TYPES[ggml_type]
+    k = x.shape[1]
+    assert packed.dtype == torch.uint8 and packed.is_contiguous(), "packed rows are contiguous uint8"
+    assert packed.shape[1] == block.row_bytes(k) and k % block.block_elements == 0, (
+        f"{block.name} rows of {packed.shape[1]} bytes do not hold K = {k}")
+    return block
+
+
+def small_gemm(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """x [M, K] (bf16 or fp16, M <= GEMM_MAX_ROWS) @ dequantize(packed [N, row_bytes]).T -> [M, N]."""
+    block = _check(x, packed, ggml_type)
+    assert x.dtype in (torch.bfloat16, torch.float16), "the tensor-core GEMM takes 16-bit rows"
+    num_rows, row_bytes = packed.shape
+    block_m = max(16, triton.next_power_of_2(x.shape[0]))
+    block_n, block_k, num_warps = GEMM_CONFIG
+    out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
+    _gguf_small_gemm_kernel[(triton.cdiv(num_rows, block_n), triton.cdiv(x.shape[0], block_m))](
+        x, packed, out, x.shape[0], num_rows, x.shape[1], row_bytes, x.stride(0), out.stride(0),
+        TYPE=TYPE_IDS[block.name], QK=block.block_elements, BB=block.block_bytes,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl.options(x.device),
+    )
+    return out
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """x [M, K] @ dequantize(packed [N, row_bytes]).T -> [M, N] in x's dtype (float32 accumulation)."""
-    assert supports(x, ggml_type), "gemv takes a few contiguous rows and a packed GGML type"
-    block = gguf.BLOCK_TYPES[ggml_type]
+    block = _check(x, packed, ggml_type)
     num_rows, row_bytes = packed.shape
     k = x.shape[1]
-    assert packed.dtype == torch.uint8 and packed.is_contiguous(), "packed rows are contiguous uint8"
-    assert row_bytes == block.row_bytes(k) and k % block.block_elements == 0, (
-        f"{block.name} rows of {row_bytes} bytes do not hold K = {k}")
     block_n, block_k, num_warps = CONFIG
     out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
     _gguf_gemv_kernel[(triton.cdiv(num_rows, block_n), x.shape[0])](
