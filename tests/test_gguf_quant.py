@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize as gguf_dequantize
 
 from fitserve.config import ConfigError, EngineConfig
@@ -145,6 +145,33 @@ def test_an_unsupported_type_is_refused_naming_it_and_the_tensor():
                                               ("blk.0.attn_norm.weight", "F32", 1024, 256)))
     assert (counted.packed_bytes, counted.packed_params) == (354, 512)
     assert counted.types == (("F16", 1), ("Q4_K", 1), ("Q6_K", 1))
+
+
+def write_tiny_gguf(path: Path, q_type: str) -> None:
+    """A one-layer llama GGUF header whose attn_q is stored in `q_type` (zero blocks), other tensors F32."""
+    writer = GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": 1, "context_length": 64, "embedding_length": 256, "feed_forward_length": 256,
+                       "attention.head_count": 4, "vocab_size": 4}.items():
+        writer.add_uint32(f"llama.{key}", value)
+    block_elements, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[q_type]]
+    writer.add_tensor("token_embd.weight", np.zeros((4, 256), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((256, 256 // block_elements * block_bytes), np.uint8),
+                      raw_dtype=GGMLQuantizationType[q_type])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_loading_an_unsupported_type_packed_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "Q2_K")
+    source = resolve_model_source(EngineConfig(model=str(path)))
+    built = []
+    monkeypatch.setattr("fitserve.models.llama.LlamaForCausalLM.__init__", lambda *a, **k: built.append(1))
+    with pytest.raises(ConfigError, match=r"blk.0.attn_q.weight is Q2_K"):
+        load_model(source, torch.float32, CPU, progress=False, quantization="gguf")
+    assert not built
 
 
 def test_the_default_packs_a_gguf_on_one_gpu_only():

@@ -36,14 +36,17 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
                quantization: str | None = None, tp: TensorParallel = SINGLE,
                fuse_rotary_store: bool = True) -> CausalLM:
     model_class = get_model_class(source.arch.architecture)
-    if quantization == "gguf" and source.kind != "gguf":
-        raise ConfigError(f"--quantization gguf keeps a .gguf file's blocks packed; {source.name!r} is {source.kind}.")
+    packed_weights = None
+    if quantization == "gguf":
+        if source.kind != "gguf":
+            raise ConfigError(f"--quantization gguf keeps a .gguf file's blocks packed; {source.name!r} is {source.kind}.")
+        packed_weights = gguf_packed_weights(source)  # ConfigError for a type it cannot keep packed
     model = model_class(source.arch, dtype, device, quantization=quantization, tp=tp,
                         fuse_rotary_store=fuse_rotary_store)
     if source.kind == "dummy":
         weights = dummy_weights(model)
-    elif source.kind == "gguf" and quantization == "gguf":
-        weights = gguf_packed_weights(source)  # ConfigError here for a type it cannot keep packed
+    elif packed_weights is not None:
+        weights = packed_weights
     elif source.kind == "gguf":
         weights = gguf_weights(source)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,11 +37,16 @@ class PackedGgufTensor:
 
 def gguf_packed_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
     """HF-named tensors of a GGUF file: PackedGgufTensor for block projections, float32 otherwise.
-    ConfigError (before any tensor is read) for a projection in a type fitserve cannot keep packed."""
-    from fitserve.weights.gguf_file import hf_tensor_name, open_gguf, unpermute_rope_rows
-    from fitserve.weights.loader import dequantized_gguf_tensor
+    ConfigError here, when called, for a projection in a type fitserve cannot keep packed."""
+    from fitserve.weights.gguf_file import open_gguf
     reader = open_gguf(source.weights_path)
-    packed_linear_bytes(reader)  # the type check
+    packed_linear_bytes(reader)  # the type check, before the first tensor is read
+    return _packed_tensors(reader, source)
+
+
+def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
+    from fitserve.weights.gguf_file import hf_tensor_name, unpermute_rope_rows
+    from fitserve.weights.loader import dequantized_gguf_tensor
     arch = source.arch
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
