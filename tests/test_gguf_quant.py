@@ -4,6 +4,7 @@ against the model dequantized at load."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from fitserve.kernels import gguf
 from fitserve.layers.formats.gguf import GgufLinear
 from fitserve.layers.formats.registry import make_linear
 from fitserve.models.loader import load_model
-from fitserve.plan.gguf_bytes import PACKED_TYPES, gguf_quantization, packed_linear_bytes
+from fitserve.plan.gguf_bytes import PACKED_TYPES, gguf_quantization, packed_linear_bytes, read_packed_linear_bytes
 from fitserve.plan.shapes import model_param_counts, weight_bytes
 from fitserve.weights.gguf_file import open_gguf
 from fitserve.weights.gguf_packed import PackedGgufTensor, gguf_param_counts, with_gguf_quantization
@@ -237,3 +238,17 @@ def test_the_packed_model_holds_its_planned_bytes_and_under_half_of_bf16s(smol_b
     assert packed_bf16.total_bytes < 0.47 * bf16.total_bytes  # the Q8_0 embedding stays in bfloat16
     assert replace(counts, packed_linear_params=0, packed_linear_bytes=0, source="config.json") == \
         model_param_counts(source.arch, None)
+
+
+def test_fitserve_plan_packs_the_embedded_gguf_on_a_card_and_reads_its_header(capsys):
+    """The CLI's plan (a card given: the GPU default) counts the Q4_1 projections' stored bytes."""
+    from fitserve.cli import main
+    assert main(["plan", "--gpu", "h100", "--json"]) == 0
+    on_card = json.loads(capsys.readouterr().out)
+    assert on_card["settings"]["quantization"] == "gguf" and "GGUF header" in on_card["param_counts_from"]
+    assert on_card["weights"]["linear_dtype"] == "gguf"
+    header = read_packed_linear_bytes(resolve_model_source(EngineConfig()).weights_path)
+    assert header.types == (("Q4_1", 7 * 30),)
+    assert on_card["weights"]["linear_bytes"] == header.packed_bytes == 66_355_200  # 20 bytes per 32 weights
+    assert main(["plan", "--json"]) == 0  # the CPU: dequantized at load by default
+    assert json.loads(capsys.readouterr().out)["weights"]["linear_dtype"] == "bfloat16"
