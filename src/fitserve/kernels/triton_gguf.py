@@ -28,7 +28,9 @@ from fitserve.kernels.pdl import begin
 # step. Chosen by reasoning, not yet measured (benchmarks/gguf_gemv_bench.py times them).
 GEMV_MAX_ROWS = 4
 GEMM_MAX_ROWS = 64
-PREFILL_CHUNK_ROWS = 8192  # rows dequantized at a time into the prefill scratch buffer
+# Weights dequantized at a time for a prefill (float32, then the serving dtype): with the dequantizer's
+# temporaries a few hundred MB of scratch, whatever K (8192 rows of Llama-3-8B's down_proj would be 1.2 GB)
+PREFILL_CHUNK_ELEMENTS = 1 << 24
 # (BLOCK_N, BLOCK_K, num_warps) of the GEMV and of the small-batch GEMM; a tile may end inside a
 # block (the element addresses are computed one by one)
 CONFIG = (16, 256, 4)

@@ -39,7 +39,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
     packed_weights = None
     if quantization == "gguf":
         if source.kind != "gguf":
-            raise ConfigError(f"--quantization gguf keeps a .gguf file's blocks packed; {source.name!r} is {source.kind}.")
+            raise ConfigError(
+                f"--quantization gguf keeps a .gguf file's blocks packed; {source.name!r} is {source.kind}.")
         packed_weights = gguf_packed_weights(source)  # ConfigError for a type it cannot keep packed
     model = model_class(source.arch, dtype, device, quantization=quantization, tp=tp,
                         fuse_rotary_store=fuse_rotary_store)

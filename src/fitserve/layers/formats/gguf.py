@@ -8,12 +8,12 @@ parameters are created at load: after the checkpoint, consecutive shards of one 
 one parameter (`packed_<i>`, or `weight_<i>` in the serving dtype for a shard the file stores
 in F16/F32), and `forward` multiplies each part and concatenates the outputs.
 
-The matmul: on CUDA a decode batch (up to triton_gguf.GEMM_MAX_ROWS rows) takes a Triton kernel that
-reads the packed blocks and dequantizes them in registers (a GEMV for the first few rows, a small
-tensor-core GEMM above); larger batches (prefill)
-dequantize the part into a scratch buffer in the serving dtype and call cuBLAS. On the CPU the
-layer is dequantized in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32
-exactly what dequantizing at load computes. Byte counts for the planner come from the file's
+The matmul: on CUDA a decode batch (up to triton_gguf.GEMM_MAX_ROWS rows) takes a Triton kernel
+that reads the packed blocks and dequantizes them in registers (a GEMV for the first few rows, a
+small tensor-core GEMM above); larger batches (prefill) dequantize the part into a scratch buffer
+in the serving dtype (16M weights at a time) and call cuBLAS. On the CPU the layer is dequantized
+in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32 exactly what
+dequantizing at load computes. Byte counts for the planner come from the file's
 header (plan/gguf_bytes.py), since `weight_specs` cannot know the types before the file is read.
 """
 
@@ -105,7 +105,8 @@ class GgufLinear(LinearLayer):
         if x.is_cuda and triton_gguf is not None:
             if triton_gguf.supports(x, part.ggml_type):
                 return triton_gguf.matmul(x, data, part.ggml_type)
-            return gguf.matmul_reference(x, data, part.ggml_type, chunk_rows=triton_gguf.PREFILL_CHUNK_ROWS)
+            chunk_rows = max(1, triton_gguf.PREFILL_CHUNK_ELEMENTS // self.in_features)
+            return gguf.matmul_reference(x, data, part.ggml_type, chunk_rows=chunk_rows)
         return gguf.matmul_reference(x, data, part.ggml_type)
 
     def packed_bytes(self) -> int:
