@@ -22,7 +22,8 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget per step (c
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-QUANTIZATIONS = (None, "fp8", "fp8_per_tensor")  # linear layers in one byte per weight (docs/quantization.md)
+# fp8: linear layers in one byte per weight; gguf: a .gguf file's blocks kept packed (docs/quantization.md)
+QUANTIZATIONS = (None, "fp8", "fp8_per_tensor", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; auto = --dtype; fp8 = fp8_e4m3
 # vLLM's other fp8 KV format; the KV store and attention kernels read and write e4m3 only.
 UNSUPPORTED_KV_CACHE_DTYPES = {
@@ -173,7 +174,8 @@ class EngineConfig:
     quantization: str | None = field(default=None, metadata=flag(
         "--quantization", choices=tuple(q for q in QUANTIZATIONS if q),
         help="fp8: linear layers quantized at load to e4m3, per-channel weight and per-token activation scales; "
-             "fp8_per_tensor: one scale per tensor; a checkpoint stored in fp8 picks its own unless given "
+             "fp8_per_tensor: one scale per tensor; a checkpoint stored in fp8 picks its own unless given; "
+             "gguf: a .gguf model's quantized blocks kept packed in memory (the default for a .gguf on CUDA) "
              "(docs/quantization.md)"))
     generation_config: str = field(default="auto", metadata=flag(
         "--generation-config",
@@ -203,7 +205,11 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         object.__setattr__(self, "dtype", dtype)
         if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(f"--quantization must be fp8, fp8_per_tensor or left out, got {self.quantization!r}.")
+            raise ConfigError(
+                f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {self.quantization!r}.")
+        if self.quantization == "gguf" and self.tensor_parallel_size > 1:
+            raise ConfigError(
+                "--quantization gguf runs on one GPU: leave out --tensor-parallel-size or --quantization.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}.")
         if self.max_logprobs < 0:

@@ -61,6 +61,7 @@ from fitserve.sampling_params import generation_config_defaults
 from fitserve.server.ui.info import startup_info
 from fitserve.telemetry import Telemetry
 from fitserve.weights.fp8_checkpoint import with_checkpoint_quantization
+from fitserve.weights.gguf_packed import gguf_param_counts, with_gguf_quantization
 from fitserve.weights.source import (
     ModelSource,
     load_generation_config,
@@ -100,7 +101,8 @@ def plan_inputs(config: EngineConfig, source: ModelSource, max_model_len: int, d
                 start: DeviceMemory | None) -> PlanInputs:
     folder = source.weights_path if source.kind == "hf" else None
     return PlanInputs(
-        arch=source.arch, model_name=source.name, param_counts=model_param_counts(source.arch, folder),
+        arch=source.arch, model_name=source.name,
+        param_counts=gguf_param_counts(model_param_counts(source.arch, folder), source, config.quantization),
         max_model_len=max_model_len, dtype=resolve_dtype(config.dtype), quantization=config.quantization,
         kv_cache_dtype=config.cache.kv_cache_dtype,
         device_total_bytes=None if start is None else start.total_bytes,
@@ -289,6 +291,7 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     source = resolve_model_source(config)
     config = with_checkpoint_quantization(config, source.checkpoint_fp8)
     device = resolve_device(config)
+    config = with_gguf_quantization(config, source, on_gpu=device.type == "cuda")
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
     check_tensor_parallel(config, source, device)
     check_gpu_kernels(source.arch, device)

@@ -3,7 +3,8 @@
 The architecture comes from models/registry.py (an unknown one fails here, before any weight is
 read), the linear layers' weight format from `quantization` (layers/formats/registry.py): with
 fp8 each checkpoint tensor is quantized as it arrives, so the serving-dtype copy of the model
-never exists.
+never exists; with gguf a GGUF file's block projections arrive packed (weights/gguf_packed.py)
+and stay so.
 With tensor parallelism (`tp`) each rank keeps its slice of the split tensors: a safetensors
 checkpoint is read only as that slice; a GGUF file is dequantized tensor by tensor and sliced
 (its quantization blocks run along the rows); dummy weights are drawn whole and sliced.
@@ -24,6 +25,7 @@ from fitserve.layers.formats.int_quant import IntQuantFormat
 from fitserve.layers.weight_format import LinearLayer, WeightFormat
 from fitserve.models.base import CausalLM
 from fitserve.models.registry import get_model_class
+from fitserve.weights.gguf_packed import gguf_packed_weights
 from fitserve.weights.loader import gguf_weights, safetensors_weights
 from fitserve.weights.source import ModelSource
 
@@ -35,10 +37,18 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
                quantization: str | None = None, tp: TensorParallel = SINGLE,
                fuse_rotary_store: bool = True) -> CausalLM:
     model_class = get_model_class(source.arch.architecture)
+    packed_weights = None
+    if quantization == "gguf":
+        if source.kind != "gguf":
+            raise ConfigError(
+                f"--quantization gguf keeps a .gguf file's blocks packed; {source.name!r} is {source.kind}.")
+        packed_weights = gguf_packed_weights(source)  # ConfigError for a type it cannot keep packed
     model = model_class(source.arch, dtype, device, quantization=linear_format(source, quantization, tp), tp=tp,
                         fuse_rotary_store=fuse_rotary_store)
     if source.kind == "dummy":
         weights = dummy_weights(model)
+    elif packed_weights is not None:
+        weights = packed_weights
     elif source.kind == "gguf":
         weights = gguf_weights(source)
     else:

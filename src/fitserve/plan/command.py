@@ -23,7 +23,8 @@ from fitserve.plan.fit_search import fit_to_json, format_fit, search_fit
 from fitserve.plan.gpus import KNOWN_GPUS, find_gpu
 from fitserve.plan.planner import PlanInputs, plan_memory, resolve_max_model_len
 from fitserve.plan.report import format_plan, plan_to_json
-from fitserve.plan.shapes import model_param_counts, resolve_dtype
+from fitserve.plan.gguf_bytes import gguf_quantization, read_packed_linear_bytes
+from fitserve.plan.shapes import model_param_counts, resolve_dtype, with_packed_linears
 
 EXIT_DOES_NOT_FIT = 1  # like a failed check; 2 stays for settings that cannot be read
 
@@ -72,10 +73,17 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
     cache, scheduler = config.cache, config.scheduler
     total_bytes, gpu_name = _device_total_bytes(args)
     folder = source.weights_path if source.kind in ("hf", "dummy") else None
+    gguf_path = folder if folder is not None and folder.endswith(".gguf") else None
+    quantization = gguf_quantization(source.quantization(config.quantization), gguf_path, total_bytes is not None,
+                                     config.tensor_parallel_size)
+    counts = model_param_counts(source.arch, folder)
+    if quantization == "gguf" and gguf_path is not None:
+        packed = read_packed_linear_bytes(gguf_path)
+        counts = with_packed_linears(counts, packed.packed_params, packed.packed_bytes)
     return PlanInputs(
-        arch=source.arch, model_name=source.name, param_counts=model_param_counts(source.arch, folder),
+        arch=source.arch, model_name=source.name, param_counts=counts,
         max_model_len=resolve_max_model_len(scheduler.max_model_len, source.arch), dtype=resolve_dtype(config.dtype),
-        quantization=source.quantization(config.quantization), kv_cache_dtype=cache.kv_cache_dtype,
+        quantization=quantization, kv_cache_dtype=cache.kv_cache_dtype,
         device_total_bytes=total_bytes,
         gpu_name=gpu_name, gpu_memory_utilization=cache.gpu_memory_utilization,
         kv_cache_memory_bytes=cache.kv_cache_memory_bytes, num_gpu_blocks_override=cache.num_gpu_blocks_override,

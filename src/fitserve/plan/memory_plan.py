@@ -28,7 +28,7 @@ class PlanInputs:
     param_counts: ParamCounts
     max_model_len: int
     dtype: str = "bfloat16"  # resolved: bfloat16, float16 or float32
-    quantization: str | None = None  # None or "fp8" (linear layers)
+    quantization: str | None = None  # None, "fp8", "fp8_per_tensor" or "gguf" (linear layers)
     kv_cache_dtype: str = "auto"  # "auto" (= dtype) or an fp8 name
     device_total_bytes: int | None = None  # None: the CPU
     device_free_bytes: int | None = None  # measured at start-up; None: total minus a CUDA context

@@ -29,11 +29,18 @@ from fitserve.plan.memory_plan import (  # noqa: F401  (the plan's types, import
     kv_blocks_for_budget,
 )
 from fitserve.plan.problems import find_problems
-from fitserve.plan.shapes import DTYPE_BYTES, WeightBytes, kv_bytes_per_token, kv_dtype_name, weight_bytes
+from fitserve.plan.shapes import (
+    DTYPE_BYTES,
+    FP8_QUANTIZATIONS,
+    WeightBytes,
+    kv_bytes_per_token,
+    kv_dtype_name,
+    weight_bytes,
+)
 
 def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreakdown:
     act_bytes = DTYPE_BYTES[inputs.dtype]
-    fp8_linear = inputs.quantization is not None
+    fp8_linear = inputs.quantization in FP8_QUANTIZATIONS
     if not inputs.on_gpu:
         return MemoryBreakdown(weights.total_bytes, 0, 0, 0)
     activation = estimates.activation_peak_bytes(

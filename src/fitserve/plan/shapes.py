@@ -10,6 +10,9 @@ byte per weight plus a float32 scale per tensor; everything else (biases too) st
 A Mixture-of-Experts layer (models/mixtral.py, qwen3_moe.py) has no dense MLP but a router
 [E, H] and every expert's gate, up [I, H] and down [H, I]: all experts are resident, in `--dtype`
 whatever `--quantization` (layers/moe.py), and split over tensor-parallel ranks like the MLP.
+
+With `--quantization gguf` the projections a GGUF file stores in a block type take their stored
+bytes (`ParamCounts.packed_linear_bytes`, from the file's header: plan/gguf_bytes.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from fitserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, ConfigError
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 AUTO_DTYPE = "bfloat16"  # fitserve's --dtype auto
 FP8_SCALE_BYTES = 4  # one float32 scale per quantized weight tensor
+FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
 ROTARY_TABLE_BYTES = 4  # cos and sin are float32
 # A block's projections as checkpoints name them: apart (Llama, Qwen) or fused (Phi-3's qkv_proj,
 # gate_up_proj); each of the first set begins one of fitserve's 4 merged linear layers of a block.
@@ -69,6 +73,10 @@ class ParamCounts:
     bias_params: int = 0  # q, k, v biases (Qwen2), split like their projections' rows
     expert_params: int = 0  # every expert's gate, up and down of every MoE layer, split like the MLP
     router_params: int = 0  # the MoE layers' routers [E, H], replicated
+    # A GGUF file's projections kept packed by --quantization gguf (plan/gguf_bytes.py): their
+    # elements (part of linear_params) and stored bytes; 0 for other models
+    packed_linear_params: int = 0
+    packed_linear_bytes: int = 0
 
     @property
     def num_params(self) -> int:
@@ -167,7 +175,7 @@ def model_param_counts(arch: ArchConfig, folder: str | None) -> ParamCounts:
 
 @dataclass(frozen=True, slots=True)
 class WeightBytes:
-    linear_dtype: str  # "bfloat16", "float16", "float32" or "fp8"
+    linear_dtype: str  # "bfloat16", "float16", "float32", "fp8" or "gguf" (packed blocks)
     linear_bytes: int
     other_dtype: str  # embeddings, lm_head, norms and biases
     embedding_bytes: int
@@ -183,19 +191,30 @@ class WeightBytes:
                 + self.scale_bytes + self.expert_bytes)
 
 
+def with_packed_linears(counts: ParamCounts, packed_params: int, packed_bytes: int) -> ParamCounts:
+    """`counts` of a GGUF model whose projections --quantization gguf holds packed."""
+    return replace(counts, packed_linear_params=packed_params, packed_linear_bytes=packed_bytes,
+                   source=f"{counts.source} and the GGUF header")
+
+
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
     if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"--quantization must be fp8, fp8_per_tensor or left out, got {quantization!r}.")
-    linear_dtype = "fp8" if quantization is not None else dtype
+        raise ConfigError(f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {quantization!r}.")
     dtype_bytes = DTYPE_BYTES[dtype]
+    if quantization == "gguf":  # packed blocks as stored, any dense projection in --dtype
+        linear_dtype = "gguf"
+        linear = counts.packed_linear_bytes + (counts.linear_params - counts.packed_linear_params) * dtype_bytes
+    else:
+        linear_dtype = "fp8" if quantization is not None else dtype
+        linear = counts.linear_params * DTYPE_BYTES[linear_dtype]
     return WeightBytes(
         linear_dtype=linear_dtype,
-        linear_bytes=counts.linear_params * DTYPE_BYTES[linear_dtype],
+        linear_bytes=linear,
         other_dtype=dtype,
         embedding_bytes=counts.embedding_params * dtype_bytes,
         norm_bytes=counts.norm_params * dtype_bytes,
         rotary_bytes=counts.rotary_elements * ROTARY_TABLE_BYTES,
-        scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization is not None else 0,
+        scale_bytes=counts.num_linear_tensors * FP8_SCALE_BYTES if quantization in FP8_QUANTIZATIONS else 0,
         bias_bytes=counts.bias_params * dtype_bytes,
         expert_bytes=(counts.expert_params + counts.router_params) * dtype_bytes,
     )

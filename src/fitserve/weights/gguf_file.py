@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import os
 import re
 from typing import Any
@@ -187,6 +188,11 @@ def gemma3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
         sandwich_norms=True,
         rope_local_theta=float(key("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
     )
+
+
+def hf_name_function(arch: ArchConfig) -> Callable[[str], str | None]:
+    """The GGUF -> HF tensor-name mapping of a file's architecture (Gemma 3's names, else Llama's)."""
+    return gemma3_hf_tensor_name if is_gemma3_gguf(arch) else hf_tensor_name
 
 
 def is_gemma3_gguf(arch: ArchConfig) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -12,31 +12,37 @@ import torch
 from fitserve.config import ConfigError
 from fitserve.weights.source import ModelSource
 
+
 def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout."""
+    from fitserve.weights import gguf_file
+    reader = gguf_file.open_gguf(source.weights_path)
+    to_hf_name = gguf_file.hf_name_function(source.arch)
+    for tensor in reader.tensors:
+        name = to_hf_name(tensor.name)
+        if name is not None:
+            yield name, dequantized_gguf_tensor(tensor, name, source)
+
+
+def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torch.Tensor:
+    """One GGUF tensor (a gguf ReaderTensor, HF name `name`) as float32 [out, in]: rope rows unpermuted,
+    or for Gemma 3 its norms back to transformers' w (gguf_file.gemma3_norm_from_gguf)."""
     from gguf.quants import dequantize
 
     from fitserve.weights import gguf_file
-    from fitserve.weights.gguf_file import hf_tensor_name, open_gguf, unpermute_rope_rows
-    reader = open_gguf(source.weights_path)
     arch = source.arch
-    gemma3 = gguf_file.is_gemma3_gguf(arch)  # Gemma's names and (1 + w) norms; q/k rows not permuted
-    for tensor in reader.tensors:
-        name = gguf_file.gemma3_hf_tensor_name(tensor.name) if gemma3 else hf_tensor_name(tensor.name)
-        if name is None:
-            continue
-        # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-        if gemma3:
-            values = gguf_file.gemma3_norm_from_gguf(name, values)
-        elif name.endswith("self_attn.q_proj.weight"):
-            values = unpermute_rope_rows(values, arch.num_attention_heads)
-        elif name.endswith("self_attn.k_proj.weight"):
-            values = unpermute_rope_rows(values, arch.num_key_value_heads)
-        if not values.flags.writeable or not values.flags.c_contiguous:  # F32 tensors are read-only memmaps
-            values = np.array(values, copy=True, order="C")
-        yield name, torch.from_numpy(values)
+    # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    if gguf_file.is_gemma3_gguf(arch):
+        values = gguf_file.gemma3_norm_from_gguf(name, values)
+    elif name.endswith("self_attn.q_proj.weight"):
+        values = gguf_file.unpermute_rope_rows(values, arch.num_attention_heads)
+    elif name.endswith("self_attn.k_proj.weight"):
+        values = gguf_file.unpermute_rope_rows(values, arch.num_key_value_heads)
+    if not values.flags.writeable or not values.flags.c_contiguous:  # F32 tensors are read-only memmaps
+        values = np.array(values, copy=True, order="C")
+    return torch.from_numpy(values)
 
 
 class Slice(Protocol):

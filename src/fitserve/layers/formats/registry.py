@@ -8,6 +8,7 @@ import torch
 
 from fitserve.config import ConfigError
 from fitserve.layers.formats import fp8
+from fitserve.layers.formats.gguf import GGUF
 from fitserve.layers.formats.unquantized import UNQUANTIZED
 from fitserve.layers.weight_format import LinearLayer, WeightFormat
 
@@ -15,6 +16,7 @@ WEIGHT_FORMATS: dict[str | None, WeightFormat] = {
     None: UNQUANTIZED,
     "fp8": fp8.FP8,
     "fp8_per_tensor": fp8.FP8_PER_TENSOR,
+    "gguf": GGUF,
 }
 
 

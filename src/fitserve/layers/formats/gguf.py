@@ -1,0 +1,133 @@
+"""The `gguf` weight format: a GGUF file's quantized blocks kept packed (`--quantization gguf`).
+
+A layer holds each checkpoint tensor as the file stores it: a uint8 tensor [rows, K /
+block_elements * block_bytes] of one GGML block type (kernels/gguf.py), so Q4_K weights take
+4.5 bits each instead of 16. The type is only known when the tensor arrives, and a merged
+projection may mix types (llama.cpp's Q4_K_M stores some attn_v and ffn_down in Q6_K), so the
+parameters are created at load: after the checkpoint, consecutive shards of one type become
+one parameter (`packed_<i>`, or `weight_<i>` in the serving dtype for a shard the file stores
+in F16/F32), and `forward` multiplies each part and concatenates the outputs.
+
+The matmul: on CUDA a decode batch (up to triton_gguf.GEMM_MAX_ROWS rows) takes a Triton kernel
+that reads the packed blocks and dequantizes them in registers (a GEMV for the first few rows, a
+small tensor-core GEMM above); larger batches (prefill) dequantize the part into a scratch buffer
+in the serving dtype (16M weights at a time) and call cuBLAS. On the CPU the layer is dequantized
+in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32 exactly what
+dequantizing at load computes. Byte counts for the planner come from the file's
+header (plan/gguf_bytes.py), since `weight_specs` cannot know the types before the file is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fitserve.kernels import gguf
+from fitserve.layers.linear import linear
+from fitserve.layers.weight_format import WEIGHT, LinearLayer, WeightFormat, WeightSpec
+from fitserve.weights.gguf_packed import PackedGgufTensor
+
+try:  # CUDA builds of torch bring Triton; without it the layer takes the torch path
+    from fitserve.kernels import triton_gguf
+except ImportError:
+    triton_gguf = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class PackedPart:
+    """Consecutive output rows of a layer stored in one parameter."""
+
+    param_name: str  # "packed_0" (uint8 blocks) or "weight_0" (the serving dtype)
+    ggml_type: int | None  # None: a dense part
+    num_rows: int
+
+
+class GgufLinear(LinearLayer):
+    """y = x @ W.T with W held as packed GGUF blocks (or dense where the file stores it so)."""
+
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(GGUF, in_features, out_features, dtype, device)
+        self.device = torch.device(device)
+        self._arrived: dict[int, tuple[int | None, torch.Tensor]] = {}  # shard -> (type, data) until finished
+        self.parts: tuple[PackedPart, ...] = ()
+
+    def load(self, shard_index: int, piece: str, tensor: torch.Tensor | PackedGgufTensor) -> None:
+        if piece != WEIGHT:
+            raise ValueError(f"a GGUF layer takes weights only, not {piece}")
+        start, rows = self.shard_rows(shard_index)
+        if not isinstance(tensor, PackedGgufTensor):  # F16/F32 in the file, or dummy weights
+            self.check_shard_shape(shard_index, tensor)
+            self._arrived[shard_index] = (None, tensor.to(device=self.device, dtype=self.dtype))
+            return
+        if tensor.ggml_type not in gguf.BLOCK_TYPES:
+            raise ValueError(f"GGML type {tensor.type_name} cannot be kept packed")
+        if tensor.shape != (rows, self.in_features):
+            raise ValueError(f"shard {shard_index}: expected {(rows, self.in_features)}, got {tensor.shape}")
+        row_bytes = gguf.BLOCK_TYPES[tensor.ggml_type].row_bytes(self.in_features)
+        if tuple(tensor.data.shape) != (rows, row_bytes) or tensor.data.dtype != torch.uint8:
+            raise ValueError(f"shard {shard_index}: {tensor.type_name} rows of {row_bytes} bytes expected, "
+                             f"got {tuple(tensor.data.shape)} {tensor.data.dtype}")
+        self._arrived[shard_index] = (tensor.ggml_type, tensor.data.to(self.device))
+
+    @torch.no_grad()
+    def finish_loading(self) -> None:
+        """Every shard arrived: consecutive shards of one type become one parameter."""
+        missing = [i for i in range(len(self.shard_sizes)) if i not in self._arrived]
+        if missing:
+            raise ValueError(f"shards {missing} never arrived")
+        runs: list[tuple[int | None, list[torch.Tensor]]] = []
+        for index in range(len(self.shard_sizes)):
+            ggml_type, data = self._arrived.pop(index)
+            if runs and runs[-1][0] == ggml_type:
+                runs[-1][1].append(data)
+            else:
+                runs.append((ggml_type, [data]))
+        parts = []
+        for number, (ggml_type, pieces) in enumerate(runs):
+            name = f"{'weight' if ggml_type is None else 'packed'}_{number}"
+            data = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
+            parts.append(PackedPart(name, ggml_type, data.shape[0]))
+        self.parts = tuple(parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in_features] -> [T, out_features] in x's dtype."""
+        outs = [self._apply(part, x) for part in self.parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _apply(self, part: PackedPart, x: torch.Tensor) -> torch.Tensor:
+        data = getattr(self, part.param_name)
+        if part.ggml_type is None:
+            return linear(x, data)
+        if x.is_cuda and triton_gguf is not None:
+            if triton_gguf.supports(x, part.ggml_type):
+                return triton_gguf.matmul(x, data, part.ggml_type)
+            chunk_rows = max(1, triton_gguf.PREFILL_CHUNK_ELEMENTS // self.in_features)
+            return gguf.matmul_reference(x, data, part.ggml_type, chunk_rows=chunk_rows)
+        return gguf.matmul_reference(x, data, part.ggml_type)
+
+    def packed_bytes(self) -> int:
+        """Bytes this layer holds (its parameters), after finish_loading."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+@dataclass(frozen=True, slots=True)
+class GgufFormat(WeightFormat):
+    """`gguf`: the tensors and their types come from the file, so a layer declares no specs up front."""
+
+    name: str = "gguf"
+    fused_input_quantization: bool = False
+
+    def weight_specs(self, in_features: int, shard_sizes: tuple[int, ...], dtype: torch.dtype
+                     ) -> tuple[WeightSpec, ...]:
+        return ()  # created at load (GgufLinear.finish_loading); the planner reads the header
+
+    def create(self, in_features: int, out_features: int | tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> GgufLinear:
+        return GgufLinear(in_features, out_features, dtype, device)
+
+
+GGUF = GgufFormat()

@@ -1,0 +1,90 @@
+"""A GGUF file's tensors for `--quantization gguf`: the block projections as their packed bytes.
+
+Each projection stored in a block type (plan/gguf_bytes.py PACKED_TYPES) arrives as a
+`PackedGgufTensor`: its rows [N, K / block_elements * block_bytes] of uint8, copied from the file
+as stored, with q and k rows moved into HF's rope layout (a row's blocks run along K, so rows
+move whole). Every other tensor (norms, embeddings, a projection in F16/F32) is dequantized to
+float32 as weights/loader.py gguf_weights gives it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from fitserve.config import EngineConfig
+from fitserve.plan.gguf_bytes import PACKED_TYPES, gguf_quantization, is_projection, packed_linear_bytes
+from fitserve.plan.shapes import ParamCounts, with_packed_linears
+from fitserve.weights.source import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedGgufTensor:
+    """One projection's packed GGUF blocks, handed to a layer in place of a weight tensor."""
+
+    data: torch.Tensor  # [N, row_bytes] uint8, rows in HF order
+    ggml_type: int  # gguf.GGMLQuantizationType value
+    type_name: str  # "Q4_K"
+    shape: tuple[int, int]  # the weight it encodes: [N, K]
+
+
+def gguf_packed_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
+    """HF-named tensors of a GGUF file: PackedGgufTensor for block projections, float32 otherwise.
+    ConfigError here, when called, for a projection in a type fitserve cannot keep packed."""
+    from fitserve.weights.gguf_file import open_gguf
+    reader = open_gguf(source.weights_path)
+    packed_linear_bytes(reader)  # the type check, before the first tensor is read
+    return _packed_tensors(reader, source)
+
+
+def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
+    from fitserve.weights.gguf_file import hf_name_function, is_gemma3_gguf, unpermute_rope_rows
+    from fitserve.weights.loader import dequantized_gguf_tensor
+    arch = source.arch
+    to_hf_name, permuted = hf_name_function(arch), not is_gemma3_gguf(arch)  # Gemma's q/k rows are not permuted
+    for tensor in reader.tensors:
+        name = to_hf_name(tensor.name)
+        if name is None:
+            continue
+        if not (is_projection(tensor.name) and tensor.tensor_type.name in PACKED_TYPES):
+            yield name, dequantized_gguf_tensor(tensor, name, source)
+            continue
+        num_rows, in_features = (int(d) for d in reversed(tensor.shape.tolist()))
+        rows = np.asarray(tensor.data, dtype=np.uint8).reshape(num_rows, -1)
+        if permuted and name.endswith("self_attn.q_proj.weight"):
+            rows = unpermute_rope_rows(rows, arch.num_attention_heads)
+        elif permuted and name.endswith("self_attn.k_proj.weight"):
+            rows = unpermute_rope_rows(rows, arch.num_key_value_heads)
+        data = torch.from_numpy(np.array(rows, copy=True, order="C"))  # the file is a read-only memmap
+        yield name, PackedGgufTensor(data, int(tensor.tensor_type), tensor.tensor_type.name, (num_rows, in_features))
+
+
+def with_gguf_quantization(config: EngineConfig, source: ModelSource, on_gpu: bool) -> EngineConfig:
+    """The config to serve `source` with: a .gguf model's --quantization gguf by default on a GPU
+    (plan/gguf_bytes.py gguf_quantization); logs how the GGUF weights are held."""
+    gguf_path = source.weights_path if source.kind == "gguf" else None
+    quantization = gguf_quantization(config.quantization, gguf_path, on_gpu, config.tensor_parallel_size)
+    if gguf_path is not None:
+        if quantization == "gguf":
+            logger.info("GGUF weights: block projections kept packed (--quantization gguf%s)",
+                        "" if config.quantization else ", the default on CUDA")
+        else:
+            logger.info("GGUF weights: dequantized at load to the serving dtype (--quantization %s)",
+                        quantization or "left out; --quantization gguf keeps them packed")
+    return config if quantization == config.quantization else replace(config, quantization=quantization)
+
+
+def gguf_param_counts(counts: ParamCounts, source: ModelSource, quantization: str | None) -> ParamCounts:
+    """`counts` with the packed projections' bytes from the file's header under --quantization gguf."""
+    if quantization != "gguf" or source.kind != "gguf":
+        return counts
+    from fitserve.weights.gguf_file import open_gguf
+    packed = packed_linear_bytes(open_gguf(source.weights_path))
+    return with_packed_linears(counts, packed.packed_params, packed.packed_bytes)

@@ -1,0 +1,81 @@
+"""The packed-GGUF Triton kernels (GEMV, small-batch GEMM) and the gguf layer on CUDA against the
+torch reference (GPU only): every packed type, awkward sizes, both 16-bit dtypes, a CUDA graph,
+prefill and decode batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from fitserve.kernels import gguf, triton_gguf  # noqa: E402  (triton comes with CUDA torch)
+from fitserve.layers.formats.registry import make_linear  # noqa: E402
+from fitserve.weights.gguf_packed import PackedGgufTensor  # noqa: E402
+
+TYPES = {block.name: ggml_type for ggml_type, block in gguf.BLOCK_TYPES.items()}
+
+
+def random_packed(name: str, num_rows: int, in_features: int, seed: int) -> torch.Tensor:
+    """Random blocks on CUDA whose float16 scales are small and finite."""
+    block = gguf.BLOCK_TYPES[TYPES[name]]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    packed = torch.randint(0, 256, (num_rows, block.row_bytes(in_features)), dtype=torch.uint8, device="cuda",
+                           generator=gen)
+    blocks = packed.view(-1, block.block_bytes)
+    for offset in {"Q6_K": (208,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2)}.get(name, (0,)):
+        scale = (torch.rand(blocks.shape[0], device="cuda", generator=gen) * 0.02 - 0.01).to(torch.float16)
+        blocks[:, offset:offset + 2] = scale.view(torch.uint8).view(-1, 2)
+    return packed
+
+
+def in_features_for(name: str) -> int:
+    """Not a multiple of the kernel's 256-wide tile for the 32-weight blocks: a partial last tile."""
+    return 32 * 37 if gguf.BLOCK_TYPES[TYPES[name]].block_elements == 32 else 256 * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 3, triton_gguf.GEMV_MAX_ROWS + 1, 17, triton_gguf.GEMM_MAX_ROWS])
+@pytest.mark.parametrize("name", list(TYPES))
+def test_decode_kernels_match_the_dequantized_product(name, num_tokens, dtype):
+    """The GEMV (a few rows) and the small tensor-core GEMM (more rows), through triton_gguf.matmul."""
+    k, n = in_features_for(name), 1000 + 3
+    packed = random_packed(name, n, k, seed=n + num_tokens)
+    x = torch.randn(num_tokens, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(dtype)
+    got = triton_gguf.matmul(x, packed, TYPES[name])
+    expected = x.float() @ gguf.dequantize(packed, TYPES[name]).T
+    assert got.shape == (num_tokens, n) and got.dtype == dtype
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_gemv_replays_in_a_cuda_graph():
+    packed = random_packed("Q4_K", 512, 1024, seed=3)
+    x = torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16)
+    triton_gguf.gemv(x, packed, TYPES["Q4_K"])  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_gguf.gemv(x, packed, TYPES["Q4_K"])
+    x.copy_(torch.randn(1, 1024, device="cuda").to(torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = triton_gguf.gemv(x, packed, TYPES["Q4_K"])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 40, 100])  # GEMV, small GEMM, prefill (dequantize + cuBLAS)
+def test_a_mixed_type_layer_on_cuda_matches_the_cpu_layer(num_tokens):
+    shards = [("Q4_K", 256), ("Q4_K", 128), ("Q6_K", 128)]
+    layers = {dev: make_linear(512, tuple(r for _, r in shards), torch.float32, torch.device(dev), "gguf")
+              for dev in ("cpu", "cuda")}
+    for index, (name, rows) in enumerate(shards):
+        data = random_packed(name, rows, 512, seed=index)
+        for dev, layer in layers.items():
+            layer.load(index, "weight", PackedGgufTensor(data.to(dev), TYPES[name], name, (rows, 512)))
+    for layer in layers.values():
+        layer.finish_loading()
+    x = torch.randn(num_tokens, 512)
+    expected = layers["cpu"](x)
+    got = layers["cuda"](x.cuda().to(torch.bfloat16)).float().cpu()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
