@@ -213,3 +213,13 @@ def test_fitserve_bench_w2_drives_the_split_server(tmp_path, capsys):
     assert result["completed"] == 16 and result["p99_itl_ms"] >= 0 and result["median_ttft_ms"] > 0
     # Scraped from /metrics: counters the core counted, read in the API process from its stats.
     assert result["server_metrics"]["available"] and result["server_metrics"]["prefix_cache_queries"] > 0
+
+
+def test_the_default_is_the_core_process_on_one_gpu_and_in_process_elsewhere():
+    from fitserve.config import EngineConfig
+
+    assert EngineConfig().uses_engine_process(on_cuda=True)
+    assert not EngineConfig().uses_engine_process(on_cuda=False)
+    assert not EngineConfig(tensor_parallel_size=2).uses_engine_process(on_cuda=True)
+    assert not EngineConfig(engine_process=False).uses_engine_process(on_cuda=True)
+    assert EngineConfig(engine_process=True).uses_engine_process(on_cuda=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Mapping
@@ -67,8 +68,7 @@ def serve(args: argparse.Namespace) -> int:
     if wants_replicas(args):
         from fitserve.scaleout.launch import serve_replicas
 
-        _refuse_engine_process(engine_config)
-        return serve_replicas(args, engine_config, server_config)
+        return serve_replicas(args, _without_engine_process(engine_config), server_config)
     if args.gpu_telemetry_interval < 0:
         raise ConfigError(f"--gpu-telemetry-interval must be 0 (off) or more seconds, not {args.gpu_telemetry_interval}.")
     telemetry = Telemetry(interval_s=args.gpu_telemetry_interval,
@@ -98,16 +98,19 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     from fitserve.scaleout import launch
 
     parsed = build_parser().parse_args(["serve", *launch.flags_from_mapping(args)])
-    _refuse_engine_process(engine_config_from_args(parsed))
     if parsed.replicas is None and parsed.max_replicas is None:
         parsed.replicas = 1  # the config's `deployments:` section may set num_replicas or autoscaling instead
-    return launch.application_from_args(parsed, *_serve_configs(parsed), launch.engine_on_gpu(parsed.device))
+    engine_config, server_config = _serve_configs(parsed)
+    return launch.application_from_args(parsed, _without_engine_process(engine_config), server_config,
+                                        launch.engine_on_gpu(parsed.device))
 
 
-def _refuse_engine_process(config: EngineConfig) -> None:
+def _without_engine_process(config: EngineConfig) -> EngineConfig:
+    """A replica's engine runs in the replica's process: --engine-process is refused, its default off."""
     if config.engine_process:  # each replica would start its own core; not done yet
         raise ConfigError("--engine-process does not work with --replicas yet: leave one of them out "
                           "(docs/engine_process.md).")
+    return dataclasses.replace(config, engine_process=False)
 
 
 def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:

@@ -379,7 +379,7 @@ def start_serving_engine(config: EngineConfig, telemetry: Telemetry, *, max_queu
     plan (/ui/api/info), and `telemetry` started on every GPU of the engine (all tensor-parallel ranks).
     `max_queue_len` None: no queue limit in the engine; each caller says why its choice is right.
     With --engine-process the engine is built and stepped in its own process (docs/engine_process.md)."""
-    if config.engine_process:
+    if config.uses_engine_process(resolve_device(config).type == "cuda"):
         client = start_core_client(build_core, config, partial(serving_tokenizer, config), max_queue_len=max_queue_len)
         telemetry.start(client.stats, client.gpu_ids)
         return client
