@@ -40,9 +40,15 @@ GEMMA_CHAT_TEMPLATE = (
 
 def gemma_gguf_tokenizer(path: str, chat_template: str | None) -> PreTrainedTokenizerFast:
     """The file's tokenizer, with `chat_template` (the file's) or else GEMMA_CHAT_TEMPLATE."""
+    return converted_gguf_tokenizer(path, chat_template or GEMMA_CHAT_TEMPLATE)
+
+
+def converted_gguf_tokenizer(path: str, chat_template: str | None) -> PreTrainedTokenizerFast:
+    """A GGUF file's tokenizer as transformers' converter builds it for its architecture (Gemma 3's
+    SentencePiece; Qwen2/Qwen3's byte-level BPE with Qwen's pre-tokenizer, which splits digits one by
+    one, unlike GPT-2's), with `chat_template`."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
     architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
     backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
     tokenizer_config = {k: v for k, v in tokenizer_config.items() if k != "chat_template"}
-    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template or GEMMA_CHAT_TEMPLATE,
-                                   **tokenizer_config)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template, **tokenizer_config)

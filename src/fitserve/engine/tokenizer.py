@@ -152,9 +152,13 @@ def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     from fitserve.weights.gguf_file import field_value, open_gguf
     reader = open_gguf(path)
     model_type = field_value(reader, "tokenizer.ggml.model")
-    if model_type == "llama" and field_value(reader, "general.architecture") == "gemma3":
+    architecture = field_value(reader, "general.architecture")
+    if model_type == "llama" and architecture == "gemma3":
         from fitserve.engine.gguf_gemma_tokenizer import gemma_gguf_tokenizer  # SentencePiece: Gemma 3
         return gemma_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
+    if architecture in ("qwen2", "qwen3"):  # Qwen's pre-tokenizer regex: transformers' converter knows it
+        from fitserve.engine.gguf_gemma_tokenizer import converted_gguf_tokenizer
+        return converted_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
     if model_type != "gpt2":
         raise ConfigError(f"GGUF tokenizer type {model_type!r} is not supported (only byte-level BPE, 'gpt2'); "
                           "pass --tokenizer with a Hugging Face tokenizer folder.")

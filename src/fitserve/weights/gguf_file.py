@@ -1,4 +1,5 @@
-"""GGUF metadata and tensor names for Llama- and Gemma 3-architecture files, read with gguf.GGUFReader (torch-free)."""
+"""GGUF metadata and tensor names for Llama- and Gemma 3-architecture files (Qwen2/Qwen3: weights/gguf_qwen.py),
+read with gguf.GGUFReader (torch-free)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fitserve.config import ConfigError
 # GGUF tensor name (per block or global) -> HF checkpoint name
 _GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                  "output.weight": "lm_head.weight"}
-_BLOCK_NAMES = {
+BLOCK_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -51,9 +52,9 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _BLOCK_RE.match(gguf_name)
-    if not match or match.group(2) not in _BLOCK_NAMES:
+    if not match or match.group(2) not in BLOCK_NAMES:
         raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of a Llama model.")
-    return f"model.layers.{match.group(1)}.{_BLOCK_NAMES[match.group(2)]}.weight"
+    return f"model.layers.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}.weight"
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -70,12 +71,16 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 def arch_from_gguf(reader: GGUFReader) -> ArchConfig:
     """ArchConfig from `llama.*` (or `gemma3.*`: gemma3_arch_from_gguf) and `tokenizer.ggml.*` metadata."""
+    from fitserve.weights import gguf_qwen
+
     arch_name = field_value(reader, "general.architecture")
     if arch_name == "gemma3":
         return gemma3_arch_from_gguf(reader)
+    if arch_name in gguf_qwen.QWEN_GGUF_ARCHITECTURES:
+        return gguf_qwen.qwen_arch_from_gguf(reader, arch_name)
     if arch_name != "llama":
-        raise ConfigError(f"GGUF architecture {arch_name!r} is not supported; fitserve reads 'llama' and "
-                          "'gemma3' files.")
+        raise ConfigError(f"GGUF architecture {arch_name!r} is not supported; fitserve reads 'llama', 'gemma3', "
+                          "'qwen2' and 'qwen3' files.")
 
     def key(name: str, default: Any = None) -> Any:
         value = field_value(reader, f"llama.{name}", default)
@@ -114,7 +119,7 @@ def arch_from_gguf(reader: GGUFReader) -> ArchConfig:
 # the half-split NEOX layout, as transformers), and every norm weight stored as 1 + w.
 GEMMA3_GGUF_ARCH = "gemma3"
 _GEMMA3_BLOCK_NAMES = {
-    **{k: v for k, v in _BLOCK_NAMES.items() if k != "ffn_norm"},
+    **{k: v for k, v in BLOCK_NAMES.items() if k != "ffn_norm"},
     "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }
@@ -191,8 +196,20 @@ def gemma3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
 
 
 def hf_name_function(arch: ArchConfig) -> Callable[[str], str | None]:
-    """The GGUF -> HF tensor-name mapping of a file's architecture (Gemma 3's names, else Llama's)."""
-    return gemma3_hf_tensor_name if is_gemma3_gguf(arch) else hf_tensor_name
+    """The GGUF -> HF tensor-name mapping of a file's architecture (Gemma 3's, Qwen's, else Llama's)."""
+    from fitserve.weights import gguf_qwen
+
+    if is_gemma3_gguf(arch):
+        return gemma3_hf_tensor_name
+    if arch.architecture in gguf_qwen.QWEN_GGUF_ARCHITECTURES.values():
+        return gguf_qwen.qwen_hf_tensor_name
+    return hf_tensor_name
+
+
+def rope_rows_permuted(arch: ArchConfig) -> bool:
+    """Whether the file's q/k rows are in llama.cpp's interleaved rope order (unpermute_rope_rows): the
+    converter permutes them for `llama` files only; Gemma's and Qwen's are stored as transformers holds them."""
+    return arch.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
 
 
 def is_gemma3_gguf(arch: ArchConfig) -> bool:

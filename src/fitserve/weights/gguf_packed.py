@@ -45,10 +45,10 @@ def gguf_packed_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor
 
 
 def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
-    from fitserve.weights.gguf_file import hf_name_function, is_gemma3_gguf, unpermute_rope_rows
+    from fitserve.weights.gguf_file import hf_name_function, rope_rows_permuted, unpermute_rope_rows
     from fitserve.weights.loader import dequantized_gguf_tensor
     arch = source.arch
-    to_hf_name, permuted = hf_name_function(arch), not is_gemma3_gguf(arch)  # Gemma's q/k rows are not permuted
+    to_hf_name, permuted = hf_name_function(arch), rope_rows_permuted(arch)
     for tensor in reader.tensors:
         name = to_hf_name(tensor.name)
         if name is None:

@@ -25,8 +25,8 @@ def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torch.Tensor:
-    """One GGUF tensor (a gguf ReaderTensor, HF name `name`) as float32 [out, in]: rope rows unpermuted,
-    or for Gemma 3 its norms back to transformers' w (gguf_file.gemma3_norm_from_gguf)."""
+    """One GGUF tensor (a gguf ReaderTensor, HF name `name`) as float32 [out, in] (a bias [out]): a llama
+    file's rope rows unpermuted, a Gemma 3 file's norms back to transformers' w (gemma3_norm_from_gguf)."""
     from gguf.quants import dequantize
 
     from fitserve.weights import gguf_file
@@ -36,9 +36,9 @@ def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torc
     values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
     if gguf_file.is_gemma3_gguf(arch):
         values = gguf_file.gemma3_norm_from_gguf(name, values)
-    elif name.endswith("self_attn.q_proj.weight"):
+    elif gguf_file.rope_rows_permuted(arch) and name.endswith("self_attn.q_proj.weight"):
         values = gguf_file.unpermute_rope_rows(values, arch.num_attention_heads)
-    elif name.endswith("self_attn.k_proj.weight"):
+    elif gguf_file.rope_rows_permuted(arch) and name.endswith("self_attn.k_proj.weight"):
         values = gguf_file.unpermute_rope_rows(values, arch.num_key_value_heads)
     if not values.flags.writeable or not values.flags.c_contiguous:  # F32 tensors are read-only memmaps
         values = np.array(values, copy=True, order="C")
