@@ -239,3 +239,31 @@ def test_start_up_names_the_checkpoint_scheme(tmp_path, caplog):
         build_engine(config, progress=False)
     assert ("Linear layers: compressed-tensors checkpoint: 4-bit integer weights, group 32, symmetric, "
             "activations in --dtype") in caplog.text
+
+
+def test_plan_counts_the_bytes_the_layers_hold(tmp_path):
+    from fitserve.plan.shapes import weight_bytes
+
+    quantized_checkpoint(tmp_path, "gptq", act_order=True)
+    source, ours = load_ours(tmp_path)
+    planned = weight_bytes(source.param_counts(), "float32", None)
+    held = sum(t.numel() * t.element_size() for m in ours.modules() if isinstance(m, IntQuantLinear)
+               for t in m.parameters())
+    assert planned.linear_dtype == "gptq" and planned.linear_bytes == held
+
+
+def test_plan_of_a_4_bit_llama_3_8b_on_a_12_gb_card(tmp_path, capsys):
+    """What 4 bits buy: Llama-3-8B (GPTQ, group 128) fits a 12 GB card with 8k context at 0.90."""
+    import shutil
+
+    from fitserve.cli import main
+
+    shutil.copytree("configs/llama-3-8b-instruct", tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["quantization_config"] = quantization_config("gptq", 4, 128, True, False)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--model", str(tmp_path / "m"), "--gpu-memory", "12GiB", "--gpu-memory-utilization",
+                 "0.9", "--max-model-len", "8192", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["weights"]["linear_dtype"] == "gptq"
+    assert plan["weights"]["linear_bytes"] < 4.0 * 2**30  # bf16: 13 GiB of projections

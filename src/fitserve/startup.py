@@ -102,7 +102,8 @@ def plan_inputs(config: EngineConfig, source: ModelSource, max_model_len: int, d
     folder = source.weights_path if source.kind == "hf" else None
     return PlanInputs(
         arch=source.arch, model_name=source.name,
-        param_counts=gguf_param_counts(model_param_counts(source.arch, folder), source, config.quantization),
+        param_counts=source.param_counts() or gguf_param_counts(model_param_counts(source.arch, folder), source,
+                                                                config.quantization),
         max_model_len=max_model_len, dtype=resolve_dtype(config.dtype), quantization=config.quantization,
         kv_cache_dtype=config.cache.kv_cache_dtype,
         device_total_bytes=None if start is None else start.total_bytes,

@@ -24,7 +24,7 @@ from fitserve.plan.gpus import KNOWN_GPUS, find_gpu
 from fitserve.plan.planner import PlanInputs, plan_memory, resolve_max_model_len
 from fitserve.plan.report import format_plan, plan_to_json
 from fitserve.plan.gguf_bytes import gguf_quantization, read_packed_linear_bytes
-from fitserve.plan.shapes import model_param_counts, resolve_dtype, with_packed_linears
+from fitserve.plan.shapes import ParamCounts, model_param_counts, resolve_dtype, with_packed_linears
 
 EXIT_DOES_NOT_FIT = 1  # like a failed check; 2 stays for settings that cannot be read
 
@@ -39,6 +39,10 @@ class ModelSourceLike(Protocol):
 
     def quantization(self, requested: str | None) -> str | None:
         """--quantization as the checkpoint allows it (an fp8 checkpoint brings its own)."""
+        ...
+
+    def param_counts(self) -> ParamCounts | None:
+        """An integer checkpoint's counts at its held bytes; None for the others."""
         ...
 
 
@@ -76,7 +80,7 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
     gguf_path = folder if folder is not None and folder.endswith(".gguf") else None
     quantization = gguf_quantization(source.quantization(config.quantization), gguf_path, total_bytes is not None,
                                      config.tensor_parallel_size)
-    counts = model_param_counts(source.arch, folder)
+    counts = source.param_counts() or model_param_counts(source.arch, folder)
     if quantization == "gguf" and gguf_path is not None:
         packed = read_packed_linear_bytes(gguf_path)
         counts = with_packed_linears(counts, packed.packed_params, packed.packed_bytes)

@@ -23,7 +23,8 @@ def _row(label: str, num_bytes: int | None, total: int | None = None, note: str 
 
 def _header(plan: MemoryPlan) -> list[str]:
     i = plan.inputs
-    quant = i.quantization or "none"
+    counts = i.param_counts
+    quant = i.quantization or (f"none ({counts.packed_format} checkpoint)" if counts.packed_always else "none")
     where = (f"{i.gpu_name or 'GPU'} ({i.device_total_bytes // MIB} MiB = {i.device_total_bytes / GIB:.2f} GiB)"
              if i.device_total_bytes is not None else "the CPU")
     if i.tensor_parallel_size > 1:

@@ -77,6 +77,9 @@ class ParamCounts:
     # elements (part of linear_params) and stored bytes; 0 for other models
     packed_linear_params: int = 0
     packed_linear_bytes: int = 0
+    packed_format: str = "gguf"  # the report's name for them: "gguf", or an integer checkpoint's method
+    # an integer checkpoint is always held as stored; a GGUF's blocks only with --quantization gguf
+    packed_always: bool = False
 
     @property
     def num_params(self) -> int:
@@ -191,18 +194,21 @@ class WeightBytes:
                 + self.scale_bytes + self.expert_bytes)
 
 
-def with_packed_linears(counts: ParamCounts, packed_params: int, packed_bytes: int) -> ParamCounts:
-    """`counts` of a GGUF model whose projections --quantization gguf holds packed."""
+def with_packed_linears(counts: ParamCounts, packed_params: int, packed_bytes: int, packed_format: str = "gguf",
+                        source: str = "the GGUF header", always: bool = False) -> ParamCounts:
+    """`counts` of a model whose projections can be held as stored: a GGUF's blocks (under --quantization
+    gguf), or an integer checkpoint's values, scales and zeros (`always`: weights/int_checkpoint.py)."""
     return replace(counts, packed_linear_params=packed_params, packed_linear_bytes=packed_bytes,
-                   source=f"{counts.source} and the GGUF header")
+                   packed_format=packed_format, packed_always=always, source=f"{counts.source} and {source}")
 
 
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {quantization!r}.")
     dtype_bytes = DTYPE_BYTES[dtype]
-    if quantization == "gguf":  # packed blocks as stored, any dense projection in --dtype
-        linear_dtype = "gguf"
+    if quantization == "gguf" or counts.packed_always:
+        # held as stored (GGUF blocks, an integer checkpoint's values), any other projection in --dtype
+        linear_dtype = counts.packed_format
         linear = counts.packed_linear_bytes + (counts.linear_params - counts.packed_linear_params) * dtype_bytes
     else:
         linear_dtype = "fp8" if quantization is not None else dtype

