@@ -170,9 +170,10 @@ def test_kv_cache_scales_come_from_the_checkpoint(dense_folder, tmp_path, caplog
 
 @pytest.mark.parametrize("config, message", [
     ({"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}, "block-wise"),
-    ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
-    ({**CHANNEL_DYNAMIC, "config_groups": {"group_0": {
-        "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}}, "8-bit float"),
+    ({"quant_method": "gptq", "bits": 3}, "3-bit"),  # 4- and 8-bit ones are served (tests/test_int_quant.py)
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+    ({**CHANNEL_DYNAMIC, "config_groups": {"group_0": {  # integer weights, but not packed as compressed-tensors packs them
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel"}}}}, "reads 'pack-quantized'"),
     ({**CHANNEL_DYNAMIC, "config_groups": {"a": {}, "b": {}}}, "2 config groups"),
     ({**CHANNEL_DYNAMIC, "quantization_status": "frozen"}, "state 'frozen'"),
     ({**CHANNEL_DYNAMIC, "config_groups": {"group_0": {

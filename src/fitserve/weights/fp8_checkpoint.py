@@ -70,7 +70,8 @@ def parse_quantization_config(config: dict[str, Any]) -> CheckpointFp8 | None:
         return _parse_compressed_tensors(qc)
     raise ConfigError(
         f"This checkpoint is quantized with {method!r}; fitserve reads fp8 checkpoints (quant_method 'fp8' or "
-        "'compressed-tensors' float-quantized) and quantizes bf16/fp16 checkpoints itself with "
+        "'compressed-tensors' float-quantized), 4- and 8-bit integer ones ('gptq', 'awq', 'compressed-tensors' "
+        "pack-quantized: docs/quantization.md) and quantizes bf16/fp16 checkpoints itself with "
         "--quantization fp8. Use the unquantized checkpoint.")
 
 
