@@ -35,6 +35,24 @@ class RequestStream:
         self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self.finished = False
 
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they arrive, up to its finished one; a delivered exception is raised."""
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+
+def check_capacity(num_in_flight: int, max_num_in_flight: int | None, max_queue_len: int | None) -> None:
+    """EngineOverloadedError (503) when `num_in_flight` requests already fill the engine and its queue."""
+    if max_num_in_flight is not None and num_in_flight >= max_num_in_flight:
+        raise EngineOverloadedError(
+            f"The server is at capacity: {num_in_flight} requests are in flight "
+            f"(--max-num-seqs plus --max-queue-len {max_queue_len}). Retry later.")
+
 
 # The queue's default length, per request the engine runs at once: a request waits for at most
 # this many batches to drain, and a flood is refused with 503 instead of growing without end.
@@ -109,24 +127,15 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id} is already in use")
         # `_streams` changes only on the event loop, so this check and the insert below are atomic.
-        if self.max_num_in_flight is not None and len(self._streams) >= self.max_num_in_flight:
-            raise EngineOverloadedError(
-                f"The server is at capacity: {len(self._streams)} requests are in flight "
-                f"(--max-num-seqs plus --max-queue-len {self.max_queue_len}). Retry later."
-            )
+        check_capacity(len(self._streams), self.max_num_in_flight, self.max_queue_len)
         stream = RequestStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._inbox_lock:
             self._new_requests.append(request)
         self._wakeup.set()
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
+            async for output in stream.outputs():
+                yield output
         finally:
             # Reached on normal end, on an error, and when the consumer closes us early
             # (client disconnect): in the last two cases the request is still running.

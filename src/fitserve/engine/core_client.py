@@ -30,6 +30,7 @@ from fitserve.core.engine_stats import EngineStats
 from fitserve.engine.async_engine import (
     DEFAULT_MAX_QUEUE_LEN_PER_SEQ,
     RequestStream,
+    check_capacity,
     deliver_to_streams,
     fail_streams,
 )
@@ -46,7 +47,7 @@ from fitserve.engine.core_messages import (
     to_core_codec,
 )
 from fitserve.engine.core_process import CoreAddresses, CoreBuilder, run_core
-from fitserve.engine.errors import EngineDeadError, EngineOverloadedError, InvalidRequestError
+from fitserve.engine.errors import EngineDeadError, InvalidRequestError
 from fitserve.engine.outputs import RequestOutput
 from fitserve.engine.request_limits import check_request
 from fitserve.sampling_params import SamplingParams
@@ -113,23 +114,15 @@ class CoreClient:
         check_request(prompt_token_ids, sampling_params, self._limits)  # the core checks again, with grammars
         if request_id in self._streams:
             raise ValueError(f"request id {request_id} is already in use")
-        if self.max_num_in_flight is not None and len(self._streams) >= self.max_num_in_flight:
-            raise EngineOverloadedError(
-                f"The server is at capacity: {len(self._streams)} requests are in flight "
-                f"(--max-num-seqs plus --max-queue-len {self.max_queue_len}). Retry later.")
+        check_capacity(len(self._streams), self.max_num_in_flight, self.max_queue_len)
         stream = RequestStream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         self._send(AddRequest(request_id, list(prompt_token_ids), sampling_params, time.monotonic()))
         try:
             if self._dead_message is not None:  # the core died between the check above and here
                 raise EngineDeadError(DEAD_MESSAGE)
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finished:
-                    return
+            async for output in stream.outputs():
+                yield output
         finally:  # on a normal end, an error, or the consumer closing us early (client disconnect)
             self._streams.pop(request_id, None)
             if not stream.finished:

@@ -47,6 +47,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
 
 
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2's attention scores and final logits), or x when there is no cap."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
             softcap: float | None, is_causal: bool = False) -> torch.Tensor:
     """_sdpa, or with a logit soft-cap (Gemma 2: scores = softcap * tanh(scores / softcap), before
@@ -56,7 +61,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     group_size = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
-    scores = softcap * torch.tanh(scores / softcap)
+    scores = soft_cap(scores, softcap)
     if is_causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if mask is not None:

@@ -20,6 +20,7 @@ import torch
 
 from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
+from fitserve.layers.formats.registry import get_weight_format
 from fitserve.layers.parallel import SINGLE, TensorParallel, TensorShard
 from fitserve.layers.weight_format import LinearLayer, WeightFormat
 
@@ -33,6 +34,13 @@ class LayerBuild:
     weight_format: WeightFormat  # the blocks' linear layers (embeddings and lm_head stay in dtype)
     tp: TensorParallel = SINGLE
     fuse_rotary_store: bool = True  # layers/attention.py PagedAttention: rotary + KV store in one CUDA kernel
+
+    @classmethod
+    def for_model(cls, dtype: torch.dtype, device: torch.device, quantization: str | WeightFormat | None,
+                  tp: TensorParallel, fuse_rotary_store: bool) -> LayerBuild:
+        """The build of a model's blocks: `quantization`'s format in the form it takes on `device`
+        (fp8 on a GPU without fp8 tensor cores: weight-only)."""
+        return cls(dtype, device, get_weight_format(quantization).for_device(device), tp, fuse_rotary_store)
 
     def linear(self, in_features: int, out_features: int | tuple[int, ...]) -> LinearLayer:
         """A block's projection [sum(out_features), in_features] in the model's weight format."""

@@ -27,9 +27,8 @@ from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
 from fitserve.layers.activation import gelu_tanh_and_mul
 from fitserve.layers.attention import PagedAttention
-from fitserve.layers.formats.registry import get_weight_format
 from fitserve.layers.formats.unquantized import Linear
-from fitserve.layers.linear import Embedding, linear
+from fitserve.layers.linear import Embedding
 from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.layers.rotary import RotaryEmbedding
@@ -49,11 +48,6 @@ def gemma_tensor_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
         if arch.qk_norm:
             shapes.update({f"model.layers.{i}.self_attn.{n}.weight": (arch.head_dim,) for n in ("q_norm", "k_norm")})
     return shapes
-
-
-def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """cap * tanh(x / cap), or x when there is no cap."""
-    return x if cap is None else cap * torch.tanh(x / cap)
 
 
 class GemmaAttention(nn.Module):
@@ -124,7 +118,7 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         arch = arch.shard(tp.size)
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
         self.quantization = quantization
-        build = LayerBuild(dtype, self.device, get_weight_format(quantization), tp, fuse_rotary_store)
+        build = LayerBuild.for_model(dtype, self.device, quantization, tp, fuse_rotary_store)
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         local_rotary = rotary if arch.rope_local_theta is None else RotaryEmbedding(
@@ -140,20 +134,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.lm_head = (None if arch.tie_word_embeddings
                         else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device))
 
-    @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(batch.input_ids) * self.embed_scale  # [T, H]
-        residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, batch)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
-
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, vocab] float32, soft-capped in float32 when the config says so."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return soft_cap(linear(hidden, weight).float(), self.arch.final_logit_softcap)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.embed_scale
 
     def checkpoint_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return gemma_tensor_shapes(self.full_arch)

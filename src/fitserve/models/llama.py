@@ -12,7 +12,7 @@ from fitserve.forward_batch import ForwardBatch
 from fitserve.kernels import fp8
 from fitserve.layers.activation import silu_and_mul, silu_and_mul_for_fp8
 from fitserve.layers.attention import PagedAttention
-from fitserve.layers.formats.registry import get_weight_format
+from fitserve.kernels.reference import soft_cap
 from fitserve.layers.formats.unquantized import Linear
 from fitserve.layers.linear import Embedding, linear
 from fitserve.layers.norm import RMSNorm
@@ -166,8 +166,7 @@ class LlamaForCausalLM(nn.Module):
         arch = arch.shard(tp.size)  # ConfigError when N does not divide the heads or MLP columns
         self.arch, self.dtype, self.device = arch, dtype, torch.device(device)
         self.quantization = quantization
-        build = LayerBuild(dtype, self.device, get_weight_format(quantization).for_device(self.device), tp,
-                           fuse_rotary_store)
+        build = LayerBuild.for_model(dtype, self.device, quantization, tp, fuse_rotary_store)
         max_positions = max(arch.max_position_embeddings, 1)
         rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
@@ -191,18 +190,22 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden = self.embed_tokens(batch.input_ids)  # [T, H]
+        hidden = self.embed(batch.input_ids)  # [T, H]
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, batch)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [T, H] the first block reads (Gemma scales them)."""
+        return self.embed_tokens(input_ids)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, vocab] float32."""
+        """hidden [N, H] -> logits [N, vocab] float32, soft-capped in float32 when the config says so (Gemma 2)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        return soft_cap(linear(hidden, weight).float(), self.arch.final_logit_softcap)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
