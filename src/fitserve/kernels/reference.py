@@ -119,7 +119,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             key_pos = torch.arange(seq_len, device=q.device)  # [L]
             query_pos = num_cached + torch.arange(query_len, device=q.device)  # [Lq]
             mask = attend_mask(key_pos, query_pos, sliding_window)  # [Lq, L]
-            k, v = _zero_unseen(k, mask.any(0)[None, :, None]), _zero_unseen(v, mask.any(0)[None, :, None])
+            if sliding_window is not None:  # only a window frees blocks (see _zero_unseen)
+                k, v = _zero_unseen(k, mask.any(0)[None, :, None]), _zero_unseen(v, mask.any(0)[None, :, None])
             o = _attend(q_i[None], k[None], v[None], mask, scale, softcap)
         out[row:row + query_len] = o[0].transpose(0, 1)
         row += query_len
@@ -138,7 +139,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     key_pos = torch.arange(batch.max_seq_len, device=q.device)[None, :]  # [1, L]
     query_pos = batch.seq_lens[:, None].to(q.device) - 1  # [S, 1]: the new token is the last one
     mask = attend_mask(key_pos, query_pos, sliding_window)  # [S, 1, L]
-    k, v = _zero_unseen(k, mask[:, 0, :, None, None]), _zero_unseen(v, mask[:, 0, :, None, None])
+    if sliding_window is not None:  # only a window frees blocks: no copy of K and V per layer and step otherwise
+        k, v = _zero_unseen(k, mask[:, 0, :, None, None]), _zero_unseen(v, mask[:, 0, :, None, None])
     o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale, softcap)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]
