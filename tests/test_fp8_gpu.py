@@ -409,8 +409,11 @@ def test_w8a16_widens_every_e4m3_code_exactly():
     codes = torch.arange(256, dtype=torch.uint8)
     codes = codes[(codes & 0x7F) != 0x7F]  # all but the two NaNs
     qw = torch.cat([codes, codes[:2]]).view(torch.float8_e4m3fn).reshape(2, 128).to(CUDA)
-    got = triton_w8a16.weight_only_mm(torch.eye(128, dtype=torch.float16, device=CUDA), qw, torch.ones((), device=CUDA))
+    eye = torch.eye(128, dtype=torch.float16, device=CUDA)
+    got = triton_w8a16.weight_only_mm(eye, qw, torch.ones((), device=CUDA))
     assert torch.equal(got.float().t(), qw.float())
+    gemv = torch.cat([triton_w8a16.gemv(eye[i:i + 4], qw, torch.ones((), device=CUDA)) for i in range(0, 128, 4)])
+    assert torch.equal(gemv.float().t(), qw.float())
 
 
 @pytest.mark.parametrize("quant", ["fp8", "fp8_per_tensor"])
