@@ -51,35 +51,61 @@ def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, 
     return run
 
 
+GEMV_CONFIGS = [(8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 1024, 8), (4, 1024, 4), (16, 512, 8), (2, 1024, 4)]
+GEMM_CONFIGS = [(64, 256, 4), (32, 256, 4), (64, 128, 4), (128, 256, 8), (32, 512, 8)]
+
+
+def packed_layers(ggml_type: int | None, layers: int) -> list:
+    weights = []
+    for _ in range(layers):
+        for n, k in SHAPES.values():
+            if ggml_type is None:
+                weights.append((torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.01, None, k))
+            else:
+                row_bytes = gguf.BLOCK_TYPES[ggml_type].row_bytes(k)
+                weights.append((torch.randint(0, 256, (n, row_bytes), dtype=torch.uint8, device="cuda"), ggml_type, k))
+    return weights
+
+
+def cases(sweep: list[str]) -> list[tuple[str, int, tuple | None]]:
+    """(type, rows, config): every type at one row and the default configs; the swept types over configs."""
+    out = [(name, 1, None) for name in TYPES]
+    for name in sweep:
+        out += [(name, rows, cfg) for rows in (1, 4) for cfg in GEMV_CONFIGS]
+        out += [(name, rows, cfg) for rows in (16, 64) for cfg in GEMM_CONFIGS]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument("--sweep", nargs="*", default=["Q4_K", "Q6_K"], help="types whose tile configs are swept")
     args = parser.parse_args()
     results = []
-    for rows in (1, 4, 16, 64):
-        x_by_k = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        cases: dict[str, int | None] = {"bf16": None, **TYPES}
-        for label, ggml_type in cases.items():
-            if ggml_type is None and rows > 1:
-                continue  # triton_gemv is one row
-            weights = []
-            for _ in range(args.layers):
-                for n, k in SHAPES.values():
-                    if ggml_type is None:
-                        weights.append((torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.01, None, k))
-                    else:
-                        row_bytes = gguf.BLOCK_TYPES[ggml_type].row_bytes(k)
-                        weights.append((torch.randint(0, 256, (n, row_bytes), dtype=torch.uint8, device="cuda"),
-                                        ggml_type, k))
-            num_bytes = sum(w.numel() * w.element_size() for w, _, _ in weights)
-            ms = time_graph(step(weights, x_by_k))
-            result = {"rows": rows, "type": label, "ms": round(ms, 3), "weight_gb": round(num_bytes / 1e9, 3),
-                      "tb_per_s": round(num_bytes / ms / 1e9, 2), "config": list(triton_gguf.CONFIG)}
-            print(json.dumps(result), flush=True)
-            results.append(result)
-            del weights
+    x_by_k = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+    weights = packed_layers(None, args.layers)
+    ms = time_graph(step(weights, x_by_k))
+    gb = sum(w.numel() * w.element_size() for w, _, _ in weights) / 1e9
+    results.append({"rows": 1, "type": "bf16", "ms": round(ms, 3), "weight_gb": round(gb, 3), "tb_per_s": round(gb / ms, 2)})
+    print(json.dumps(results[-1]), flush=True)
+    del weights
+    current = None
+    default_gemv, default_gemm = triton_gguf.CONFIG, triton_gguf.GEMM_CONFIG
+    for name, rows, cfg in cases(args.sweep):
+        if name != current:
+            weights, current = None, name
             torch.cuda.empty_cache()
+            weights = packed_layers(TYPES[name], args.layers)
+            gb = sum(w.numel() * w.element_size() for w, _, _ in weights) / 1e9
+        triton_gguf.CONFIG = cfg if cfg and rows <= triton_gguf.GEMV_MAX_ROWS else default_gemv
+        triton_gguf.GEMM_CONFIG = cfg if cfg and rows > triton_gguf.GEMV_MAX_ROWS else default_gemm
+        x_by_k = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+        ms = time_graph(step(weights, x_by_k))
+        result = {"rows": rows, "type": name, "config": cfg, "ms": round(ms, 3), "weight_gb": round(gb, 3),
+                  "tb_per_s": round(gb / ms, 2)}
+        print(json.dumps(result), flush=True)
+        results.append(result)
     Path(args.out, "gguf_gemv.json").write_text(json.dumps(results, indent=1))
 
 

@@ -2,10 +2,10 @@
 
 At decode a linear layer is a pure read of its weight, so reading 4.5 bits per weight (Q4_K)
 instead of 16 is the whole gain. Each program owns BLOCK_N output rows of one input row and walks
-K in BLOCK_K-wide tiles: for every weight of the tile it computes the byte address of its quant
-bits and of its block's scales from the type's layout (kernels/gguf.py, a constexpr switch),
-dequantizes in registers to float32 and multiplies, summing across the tile once at the end.
-Repeated loads of a block's scale bytes hit L1. A decode batch of a few rows more takes the small
+K a few whole GGML blocks at a time. A tile is [BLOCK_N, blocks, sub-blocks, weights]: each
+sub-block's scale and offset (from the block's d, dmin and packed scales: kernels/gguf.py's
+layouts, a constexpr switch) are computed once, then every weight is its quant bits times the
+scale plus the offset, in float32 in registers, multiplied and summed across the tile at the end. A decode batch of a few rows more takes the small
 GEMM, which dequantizes each tile once and multiplies all rows with tl.dot; larger batches
 (prefill) dequantize the layer into a scratch buffer and use cuBLAS instead (layers/formats/gguf.py).
 
@@ -25,17 +25,20 @@ from fitserve.kernels.pdl import begin
 # Rows up to which a batch takes the GEMV (each program dequantizes its tile once per input row);
 # up to GEMM_MAX_ROWS the small-batch GEMM (one dequantized tile, tl.dot over all rows); above,
 # dequantizing the layer once into a scratch buffer for cuBLAS costs less than its share of the
-# step. Chosen by reasoning, not yet measured (benchmarks/gguf_gemv_bench.py times them).
-GEMV_MAX_ROWS = 4
+# step. benchmarks/gguf_gemv_bench.py times them and may replace the configs.
+GEMV_MAX_ROWS = 3
 GEMM_MAX_ROWS = 64
 # Weights dequantized at a time for a prefill (float32, then the serving dtype): with the dequantizer's
 # temporaries a few hundred MB of scratch, whatever K (8192 rows of Llama-3-8B's down_proj would be 1.2 GB)
 PREFILL_CHUNK_ELEMENTS = 1 << 24
-# (BLOCK_N, BLOCK_K, num_warps) of the GEMV and of the small-batch GEMM; a tile may end inside a
-# block (the element addresses are computed one by one)
-CONFIG = (16, 256, 4)
-GEMM_CONFIG = (64, 64, 4)
+# (BLOCK_N output rows, weights per tile along K, num_warps) of the GEMV and of the small-batch GEMM;
+# a tile holds whole GGML blocks (at least one)
+CONFIG = (2, 1024, 4)  # an H200's fastest for Q4_K at one row (results/int_quant_h200/gguf_gemv.json)
+GEMM_CONFIG = (32, 256, 4)
 TYPE_IDS = {"Q4_0": 0, "Q4_1": 1, "Q5_0": 2, "Q8_0": 3, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6}  # the kernel's switch
+# each type's block as sub-blocks of one scale: (sub-blocks, weights each)
+SUB_BLOCKS = {"Q4_0": (1, 32), "Q4_1": (1, 32), "Q5_0": (1, 32), "Q8_0": (1, 32),
+              "Q4_K": (8, 32), "Q5_K": (8, 32), "Q6_K": (16, 16)}
 
 
 @triton.jit
@@ -63,84 +66,100 @@ def _k_scale_min(scales_ptr, sub):
 
 
 @triton.jit
-def _dequant_tile(w_ptr, rows, cols, row_bytes, TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] float32 weights W[rows, cols] from the packed rows (cols < K)."""
-    j = cols % QK  # position inside the block
-    base = w_ptr + rows[:, None].to(tl.int64) * row_bytes + ((cols // QK) * BB)[None, :]
-    j = j[None, :]
-    if TYPE == 0:  # Q4_0: d, 16 bytes of nibbles (low nibbles are weights 0..15)
-        q = _nibble(base + 2 + j % 16, (j // 16) * 4)
-        w = (q - 8).to(tl.float32) * _f16_at(base)
-    elif TYPE == 1:  # Q4_1: d, m, nibbles
-        q = _nibble(base + 4 + j % 16, (j // 16) * 4)
-        w = _f16_at(base) * q.to(tl.float32) + _f16_at(base + 2)
+def _dequant_blocks(w_ptr, rows, blocks, row_bytes, TYPE: tl.constexpr, BB: tl.constexpr,
+                    S: tl.constexpr, L: tl.constexpr):
+    """[BLOCK_N, BLOCKS, S, L] float32 weights of whole blocks `blocks` [BLOCKS] of the packed rows:
+    sub-block s, element l is weight s * L + l of its block. Each sub-block's scale and offset are
+    computed once ([BLOCK_N, BLOCKS, S, 1]); per weight: its quant bits, then q * scale + offset."""
+    base = w_ptr + rows[:, None, None, None].to(tl.int64) * row_bytes + (blocks * BB)[None, :, None, None]
+    s = tl.arange(0, S)[None, None, :, None]
+    l = tl.arange(0, L)[None, None, None, :]
+    if TYPE == 0 or TYPE == 1:  # Q4_0 / Q4_1: d, (m), 16 bytes of nibbles (low nibbles are weights 0..15)
+        q = _nibble(base + 2 + 2 * TYPE + l % 16, (l // 16) * 4)
+        scale = _f16_at(base)
+        offset = _f16_at(base + 2) if TYPE == 1 else -8.0 * scale
     elif TYPE == 2:  # Q5_0: d, 32 high bits, nibbles
-        high = ((tl.load(base + 2 + j // 8) >> (j % 8).to(tl.uint8)) & 1).to(tl.int32)
-        q = _nibble(base + 6 + j % 16, (j // 16) * 4) | (high << 4)
-        w = (q - 16).to(tl.float32) * _f16_at(base)
+        high = ((tl.load(base + 2 + l // 8) >> (l % 8).to(tl.uint8)) & 1).to(tl.int32)
+        q = _nibble(base + 6 + l % 16, (l // 16) * 4) | (high << 4)
+        scale = _f16_at(base)
+        offset = -16.0 * scale
     elif TYPE == 3:  # Q8_0: d, 32 int8
-        q = tl.load(base + 2 + j).to(tl.int8, bitcast=True)
-        w = q.to(tl.float32) * _f16_at(base)
+        q = tl.load(base + 2 + l).to(tl.int8, bitcast=True).to(tl.int32)
+        scale = _f16_at(base)
+        offset = 0.0 * scale
     elif TYPE == 4 or TYPE == 5:  # Q4_K / Q5_K: d, dmin, 12 scale bytes, (Q5_K: 32 high-bit bytes), nibbles
-        sc, mn = _k_scale_min(base + 4, j // 32)
+        sc, mn = _k_scale_min(base + 4, s)
         if TYPE == 4:
-            q = _nibble(base + 16 + (j // 64) * 32 + j % 32, ((j // 32) % 2) * 4)
+            q = _nibble(base + 16 + (s // 2) * 32 + l, (s % 2) * 4)
         else:
-            high = ((tl.load(base + 16 + j % 32) >> (j // 32).to(tl.uint8)) & 1).to(tl.int32)
-            q = _nibble(base + 48 + (j // 64) * 32 + j % 32, ((j // 32) % 2) * 4) | (high << 4)
-        w = (_f16_at(base) * sc) * q.to(tl.float32) - _f16_at(base + 2) * mn
-    else:  # Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d
-        half = j // 128
-        low = _nibble(base + half * 64 + j % 64, ((j // 64) % 2) * 4)
-        high = ((tl.load(base + 128 + half * 32 + j % 32) >> (((j // 32) % 4) * 2).to(tl.uint8)) & 3).to(tl.int32)
-        scale = tl.load(base + 192 + j // 16).to(tl.int8, bitcast=True).to(tl.float32)
-        w = (_f16_at(base + 208) * scale) * ((low | (high << 4)) - 32).to(tl.float32)
-    return w
+            high = ((tl.load(base + 16 + l) >> s.to(tl.uint8)) & 1).to(tl.int32)
+            q = _nibble(base + 48 + (s // 2) * 32 + l, (s % 2) * 4) | (high << 4)
+        scale = _f16_at(base) * sc
+        offset = -_f16_at(base + 2) * mn
+    else:  # Q6_K: 128 bytes of low nibbles, 64 of 2-bit highs, 16 int8 scales, d; sub-blocks of 16
+        low = _nibble(base + (s // 8) * 64 + (s % 4) * 16 + l, ((s // 4) % 2) * 4)
+        high = ((tl.load(base + 128 + (s // 8) * 32 + (s % 2) * 16 + l) >> (((s // 2) % 4) * 2).to(tl.uint8))
+                & 3).to(tl.int32)
+        q = low | (high << 4)
+        scale = _f16_at(base + 208) * tl.load(base + 192 + s).to(tl.int8, bitcast=True).to(tl.float32)
+        offset = -32.0 * scale
+    return q.to(tl.float32) * scale + offset
 
 
 @triton.jit
-def _gguf_gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, row_bytes, stride_x, stride_y,
-                      TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gguf_gemv_kernel(x_ptr, w_ptr, y_ptr, N, num_blocks, row_bytes, stride_x, stride_y,
+                      TYPE: tl.constexpr, BB: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = tl.program_id(1)
     row_valid = rows < N
     rows = tl.where(row_valid, rows, 0)  # out-of-range rows read row 0 and are not stored
+    within = (tl.arange(0, S)[:, None] * L + tl.arange(0, L)[None, :])[None, :, :]  # [1, S, L]
     begin(PDL)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_valid = cols < K
-        cols = tl.where(col_valid, cols, 0)
-        w = _dequant_tile(w_ptr, rows, cols, row_bytes, TYPE, QK, BB)
-        x = tl.load(x_ptr + m * stride_x + cols, mask=col_valid, other=0.0).to(tl.float32)
-        acc += w * x[None, :]
-    y = tl.sum(acc, axis=1)
+    acc = tl.zeros([BLOCK_N, BLOCKS, S, L], dtype=tl.float32)
+    for b0 in range(0, num_blocks, BLOCKS):
+        blocks = b0 + tl.arange(0, BLOCKS)
+        block_valid = blocks < num_blocks
+        blocks = tl.where(block_valid, blocks, 0)
+        w = _dequant_blocks(w_ptr, rows, blocks, row_bytes, TYPE, BB, S, L)
+        cols = blocks[:, None, None] * (S * L) + within
+        x = tl.load(x_ptr + m * stride_x + cols, mask=block_valid[:, None, None], other=0.0).to(tl.float32)
+        acc += w * x[None, :, :, :]
+    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
     tl.store(y_ptr + m * stride_y + rows, y.to(y_ptr.dtype.element_ty), mask=row_valid)
 
 
 @triton.jit
-def _gguf_small_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_x, stride_y,
-                            TYPE: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+def _gguf_small_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, num_blocks, row_bytes, stride_x, stride_y,
+                            TYPE: tl.constexpr, BB: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr, PDL: tl.constexpr):
     """y [M, N] = x [M, K] @ W.T for a few rows: each tile of W is dequantized once, rounded to
     x's dtype (as the dequantized-at-load model holds it) and multiplied on the tensor cores."""
+    BLOCK_K: tl.constexpr = BLOCKS * S * L
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid, m_valid = rows < N, ms < M
     rows = tl.where(row_valid, rows, 0)
     begin(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        col_valid = cols < K
-        w = _dequant_tile(w_ptr, rows, tl.where(col_valid, cols, 0), row_bytes, TYPE, QK, BB)
-        w = tl.where(col_valid[None, :], w, 0.0)
+    for b0 in range(0, num_blocks, BLOCKS):
+        blocks = b0 + tl.arange(0, BLOCKS)
+        block_valid = blocks < num_blocks
+        w = _dequant_blocks(w_ptr, rows, tl.where(block_valid, blocks, 0), row_bytes, TYPE, BB, S, L)
+        w = tl.reshape(w, [BLOCK_N, BLOCK_K]).to(x_ptr.dtype.element_ty)
+        cols = b0 * (S * L) + tl.arange(0, BLOCK_K)
+        col_valid = cols < num_blocks * (S * L)
         x = tl.load(x_ptr + ms[:, None] * stride_x + cols[None, :], mask=m_valid[:, None] & col_valid[None, :],
                     other=0.0)
-        acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        acc += tl.dot(x, tl.trans(w))
     out = y_ptr + ms[:, None] * stride_y + rows[None, :]
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & row_valid[None, :])
+
+
+def _launch_shape(block: gguf.GgmlBlock, weights_per_tile: int) -> dict:
+    sub_blocks, per_sub = SUB_BLOCKS[block.name]
+    return {"TYPE": TYPE_IDS[block.name], "BB": block.block_bytes, "S": sub_blocks, "L": per_sub,
+            "BLOCKS": max(1, weights_per_tile // block.block_elements)}
 
 
 def supports(x: torch.Tensor, ggml_type: int) -> bool:
@@ -174,12 +193,12 @@ def small_gemm(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.T
     assert x.dtype in (torch.bfloat16, torch.float16), "the tensor-core GEMM takes 16-bit rows"
     num_rows, row_bytes = packed.shape
     block_m = max(16, triton.next_power_of_2(x.shape[0]))
-    block_n, block_k, num_warps = GEMM_CONFIG
+    block_n, weights_per_tile, num_warps = GEMM_CONFIG
     out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
     _gguf_small_gemm_kernel[(triton.cdiv(num_rows, block_n), triton.cdiv(x.shape[0], block_m))](
-        x, packed, out, x.shape[0], num_rows, x.shape[1], row_bytes, x.stride(0), out.stride(0),
-        TYPE=TYPE_IDS[block.name], QK=block.block_elements, BB=block.block_bytes,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl.options(x.device),
+        x, packed, out, x.shape[0], num_rows, x.shape[1] // block.block_elements, row_bytes, x.stride(0),
+        out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, **_launch_shape(block, weights_per_tile),
+        num_warps=num_warps, **pdl.options(x.device),
     )
     return out
 
@@ -188,12 +207,10 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """x [M, K] @ dequantize(packed [N, row_bytes]).T -> [M, N] in x's dtype (float32 accumulation)."""
     block = _check(x, packed, ggml_type)
     num_rows, row_bytes = packed.shape
-    k = x.shape[1]
-    block_n, block_k, num_warps = CONFIG
+    block_n, weights_per_tile, num_warps = CONFIG
     out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
     _gguf_gemv_kernel[(triton.cdiv(num_rows, block_n), x.shape[0])](
-        x, packed, out, num_rows, k, row_bytes, x.stride(0), out.stride(0),
-        TYPE=TYPE_IDS[block.name], QK=block.block_elements, BB=block.block_bytes,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl.options(x.device),
+        x, packed, out, num_rows, x.shape[1] // block.block_elements, row_bytes, x.stride(0), out.stride(0),
+        BLOCK_N=block_n, **_launch_shape(block, weights_per_tile), num_warps=num_warps, **pdl.options(x.device),
     )
     return out

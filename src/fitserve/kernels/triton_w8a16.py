@@ -26,7 +26,7 @@ from fitserve.kernels.pdl import begin
 
 BLOCK_K = 64
 GEMV_MAX_ROWS = 4
-GEMV_CONFIG = (8, 512, 4)  # (BLOCK_N, BLOCK_K, num_warps); benchmarks may replace it
+GEMV_CONFIG = (4, 1024, 4)  # (BLOCK_N, BLOCK_K, num_warps): an H200's fastest of four; benchmarks may replace it
 
 
 @triton.jit
