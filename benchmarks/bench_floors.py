@@ -185,3 +185,19 @@ def single_stream_context(workload: str = "single") -> float:
     """The mean context of a single-stream run's decode steps: P + O/2."""
     _, _, prompt, output = WORKLOADS[workload]
     return prompt + output / 2
+
+
+def floor_report(config_dir: Path, quant_variant: str, ceilings: dict) -> dict:
+    """A model's figures in one variant and its floors on the measured ceilings, or why there are none."""
+    from fitserve.config import ConfigError
+
+    try:
+        figures = model_figures(config_dir, quant_variant)
+    except (FiguresUnavailable, ConfigError) as error:  # e.g. a packed dummy layout this fitserve lacks
+        return {"error": f"{type(error).__name__}: {error}"}
+    report: dict = {"model": figures.to_json()}
+    if "copy_bytes_per_s" not in ceilings:  # the ceilings part failed: figures without floors
+        return report
+    report["floors_s"] = {workload: floor_s(workload, ceilings, figures) for workload in WORKLOADS}
+    report["single_token_floor_ms"] = token_floor_ms(ceilings, figures, single_stream_context())
+    return report
