@@ -6,6 +6,10 @@ decode, and transformers' continuous batching on the same card for the side-by-s
     python benchmarks/gpu_bench.py all --quant-variants bf16 fp8 --workloads W2 W6 --hf-workloads none
         # bf16 and fp8 (weights and KV cache) in one call; W6 runs on an 18 GiB budget (--w6-budget-gib)
     python benchmarks/gpu_bench.py fusion --out $OUT        # rotary + KV store fusion on vs off (fusion_bench.py)
+    python benchmarks/gpu_bench.py all --model-config configs/mixtral-8x7b-v0.1 --workloads W1 W2 --hf-workloads none
+        # another shape; floors from fitserve's plan of it (bench_floors.py, docs/performance.md)
+    python benchmarks/gpu_bench.py fitserve --quant-variant fp8_w8a16 --workloads single
+        # fp8 weights through the weight-only kernel on any card; gptq_int4 and q4_k_m: dummy packed weights
 
 The engine is driven in-process (no HTTP): a closed loop keeps `concurrency` requests in
 flight, token-id prompts drawn at random (seeded), ignore_eos so output lengths are exact.
