@@ -160,3 +160,29 @@ def test_fp8_weight_only_switch_takes_every_card_off_fp8_tensor_cores(monkeypatc
 
     gpu_bench.force_fp8_weight_only()
     assert fp8.FP8_TENSOR_CORES > (12, 0)  # above every card's compute capability (Blackwell: 10.x, 12.x)
+
+
+@pytest.mark.gpu
+def test_fp8_weight_only_switch_builds_w8a16_layers_on_this_card(monkeypatch):
+    """On the device (an H200 has fp8 tensor cores): after the switch every fp8 layer is weight-only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from fitserve.arch_config import ArchConfig
+    from fitserve.layers.formats import fp8
+    from fitserve.models.llama import LlamaForCausalLM
+
+    monkeypatch.setattr(fp8, "FP8_TENSOR_CORES", fp8.FP8_TENSOR_CORES)
+    import gpu_bench
+
+    arch = ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    cuda = torch.device("cuda")
+    before = LlamaForCausalLM(arch, torch.bfloat16, cuda, quantization="fp8")
+    gpu_bench.force_fp8_weight_only()
+    after = LlamaForCausalLM(arch, torch.bfloat16, cuda, quantization="fp8")
+    layers = [m for m in after.modules() if isinstance(m, fp8.Fp8Linear)]
+    assert layers and all(m.weight_only for m in layers)
+    if torch.cuda.get_device_capability(cuda) >= (8, 9):  # a card with fp8 tensor cores took W8A8 before
+        assert not any(m.weight_only for m in before.modules() if isinstance(m, fp8.Fp8Linear))
