@@ -133,15 +133,33 @@ def test_packed_variant_without_packed_counts_is_refused(monkeypatch):
     assert "error" in floor_report(LLAMA, "q4_k_m", CEILINGS)
 
 
-def test_gptq_int4_reads_about_the_issue_s_bytes():
-    """#22: Llama-3-8B in int4 group 128 with a bf16 lm_head reads about 4.65 GB a step (BENCHMARKS.md's
-    2-byte scales); fitserve holds float32 scales and uint8 zeros per group, a little more."""
-    report = floor_report(LLAMA, "gptq_int4", CEILINGS)
+def packed_projection_bytes(variant: str) -> int:
+    """Llama-3-8B's projections as fitserve holds them: GPTQ int4 group 128 with a float32 scale and a uint8
+    zero per row and group (weights/int_checkpoint.py); Q4_K_M as llama.cpp assigns it, Q4_K (144 bytes per
+    256 weights) and Q6_K (210) for attn_v and ffn_down on its "more bits" layers."""
+    h, i, kv, layers = 4096, 14336, 1024, 32
+    shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (i, h), "up": (i, h), "down": (h, i)}
+    if variant == "gptq_int4":
+        return layers * sum(rows * cols // 2 + rows * cols // 128 * (4 + 1) for rows, cols in shapes.values())
+
+    def more_bits(layer: int) -> bool:
+        return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+    return sum(rows * cols // 256 * (210 if name in ("v", "down") and more_bits(layer) else 144)
+               for layer in range(layers) for name, (rows, cols) in shapes.items())
+
+
+@pytest.mark.parametrize("variant", ["gptq_int4", "q4_k_m"])
+def test_packed_variants_read_their_packed_bytes_and_the_bf16_lm_head(variant):
+    """#22: Llama-3-8B in int4 group 128 with a bf16 lm_head reads about 4.65 GB a step with BENCHMARKS.md's
+    2-byte scales; fitserve's float32 scales and uint8 zeros make it 4.81 GB. Q4_K_M: 5.24 GB."""
+    report = floor_report(LLAMA, variant, CEILINGS)
     if "error" in report:
-        pytest.skip(f"dummy GPTQ weights are not in this fitserve yet: {report['error'][:120]}")
+        pytest.skip(f"dummy packed weights are not in this fitserve yet: {report['error'][:120]}")
+    lm_head_and_norms = 128256 * 4096 * 2 + (2 * 32 + 1) * 4096 * 2
     read = report["model"]["weight_bytes_read_at_1"]
-    assert 4.6e9 < read < 5.0e9
+    assert read == packed_projection_bytes(variant) + lm_head_and_norms
     assert report["single_token_floor_ms"] == pytest.approx(1000 * (read + 640 * 128 * 1024) / 4.23e12)
+    assert report["model"]["fp8_prefill_params"] == 0  # dequantized to bf16 for the prefill's matmuls
 
 
 def test_floor_report_without_ceilings_keeps_the_figures():
