@@ -40,6 +40,7 @@ from bench_floors import (  # noqa: E402  (after the path above)
     floor_report,
 )
 
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -600,7 +601,7 @@ def main() -> None:
     import triton
 
     report["triton"] = triton.__version__
-    floors = {q: floor_report(args.model_config, q, report["ceilings"]) for q in {"bf16", *args.quant_variants}}
+    floors = {q: floor_report(args.model_config, q, report["ceilings"]) for q in dict.fromkeys(["bf16", *args.quant_variants])}
     report["model"] = {q: f.get("model", f.get("error")) for q, f in floors.items()}
     report["floors_s"] = {q: f["floors_s"] for q, f in floors.items() if "floors_s" in f}
     report["single_token_floor_ms"] = {q: f["single_token_floor_ms"] for q, f in floors.items() if "floors_s" in f}
