@@ -157,7 +157,8 @@ def table_rows(report: dict) -> list[str]:
             else:
                 ratio = run["request_throughput"] / ref["request_throughput"] if ref else float("nan")
                 tail = f"{run['tpot_ms']['median']:8.3f} {'':8} {'':7}"
-            rows.append(f"{name:20} {workload:6} {floor:8.2f} {run['duration_s']:8.2f} {floor / run['duration_s']:6.1%} "
+            efficiency = floor / run["duration_s"]
+            rows.append(f"{name:20} {workload:6} {floor:8.2f} {run['duration_s']:8.2f} {efficiency:6.1%} "
                         f"{run['request_throughput']:7.2f} {ratio:6.2f} {tail}")
     rows += [f"skipped: {s}" for s in report["skipped"]]
     return rows
@@ -173,14 +174,16 @@ def main() -> None:
     if args.list:
         for part in parts_for(args.group):
             print(f"{part.name:20} {part.estimate_s:5.0f} s  {' '.join(part.flags())}")
-        print(f"estimated {estimated_total_s(parts_for(args.group)):.0f} s with the ceilings; budget {args.budget_s:.0f} s")
+        total_s = estimated_total_s(parts_for(args.group))
+        print(f"estimated {total_s:.0f} s with the ceilings; budget {args.budget_s:.0f} s")
         return
     report = run(args)
     ceilings = report["ceilings"]
     if "copy_bytes_per_s" in ceilings:
-        print(f"{ceilings['card']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
-              f"{ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp8 {ceilings['fp8_flops_per_s'] / 1e12:.0f} TFLOP/s; "
-              f"commit {report['commit'][:10]}; {report['elapsed_s']:.0f} s")
+        print(f"{ceilings['card']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+              f"fp8 {ceilings['fp8_flops_per_s'] / 1e12:.0f} TFLOP/s; commit {report['commit'][:10]}; "
+              f"{report['elapsed_s']:.0f} s")
     else:
         print(f"ceilings failed: {ceilings.get('error')} (no floors)")
     print("\n".join(table_rows(report)))

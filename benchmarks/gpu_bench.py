@@ -601,7 +601,8 @@ def main() -> None:
     import triton
 
     report["triton"] = triton.__version__
-    floors = {q: floor_report(args.model_config, q, report["ceilings"]) for q in dict.fromkeys(["bf16", *args.quant_variants])}
+    variants = dict.fromkeys(["bf16", *args.quant_variants])  # in order, once each
+    floors = {q: floor_report(args.model_config, q, report["ceilings"]) for q in variants}
     report["model"] = {q: f.get("model", f.get("error")) for q, f in floors.items()}
     report["floors_s"] = {q: f["floors_s"] for q, f in floors.items() if "floors_s" in f}
     report["single_token_floor_ms"] = {q: f["single_token_floor_ms"] for q, f in floors.items() if "floors_s" in f}
