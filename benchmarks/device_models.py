@@ -127,8 +127,14 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{part.name}: {report['results'][part.name]['wall_s']:.0f} s (estimate {part.estimate_s:.0f} s)",
               file=sys.stderr, flush=True)
         save()
+    report["targets"] = target_checks(report)
     save()
     return report
+
+
+def bf16_reference(results: dict) -> dict:
+    """Llama-3-8B bf16's runs in this call, by workload: what the other formats are compared with."""
+    return {**results.get("llama-bf16", {}).get("runs", {}), **results.get("llama-bf16-W6", {}).get("runs", {})}
 
 
 def table_rows(report: dict) -> list[str]:
@@ -136,7 +142,7 @@ def table_rows(report: dict) -> list[str]:
     for single, TPOT against the per-token floor and bf16's TPOT over this one (the speed-up)."""
     by_name = {p["name"]: p for p in report["parts_planned"]}
     results = report["results"]
-    reference = {**results.get("llama-bf16", {}).get("runs", {}), **results.get("llama-bf16-W6", {}).get("runs", {})}
+    reference = bf16_reference(results)
     rows = [f"{'part':20} {'run':6} {'floor s':>8} {'meas s':>8} {'eff':>6} {'req/s':>7} {'x bf16':>6} "
             f"{'TPOT ms':>8} {'floor ms':>8} {'TPOT/fl':>7}"]
     for name, result in results.items():
@@ -164,6 +170,46 @@ def table_rows(report: dict) -> list[str]:
     return rows
 
 
+# The issues' targets (#21 item 3, #22): (part, workload, what, bound). "eff": floor / measured at least
+# the bound; "tpot_over_floor": single-stream TPOT at most bound x its per-token floor; "speedup": Llama
+# bf16's TPOT over this part's at least the bound; "reqs_over_bf16": req/s over Llama bf16's (same workload,
+# same call) at least the bound. Mixtral has none: its figures are reported against its floor.
+TARGETS = (
+    *((name, workload, "eff", bound) for name in ("llama-bf16", "qwen3-8b", "mistral-7b", "gemma-3-12b")
+      for workload, bound in (("W1", 0.80), ("W2", 0.75))),
+    *(row for name in ("llama-gptq_int4", "llama-q4_k_m") for row in (
+        (name, "single", "tpot_over_floor", 1.5), (name, "single", "speedup", 2.5),
+        (name, "W1", "reqs_over_bf16", 1.0), (name, "W2", "reqs_over_bf16", 0.9),
+        (f"{name}-W6", "W6", "reqs_over_bf16", 1.5))),
+    ("llama-fp8_w8a16", "single", "tpot_over_floor", 1.3),
+)
+
+
+def target_checks(report: dict) -> list[dict]:
+    """Each target with its measured value and whether it is met; None where the part did not run."""
+    by_name = {p["name"]: p for p in report["parts_planned"]}
+    results = report["results"]
+    reference = bf16_reference(results)
+    checks = []
+    for name, workload, what, bound in TARGETS:
+        run = results.get(name, {}).get("runs", {}).get(workload)
+        ref = reference.get(workload)
+        value = None
+        if run is not None and name in by_name:
+            floors = report["floors"].get(by_name[name]["model"], {}).get(by_name[name]["variant"], {})
+            if what == "eff" and "floors_s" in floors:
+                value = floors["floors_s"][workload] / run["duration_s"]
+            elif what == "tpot_over_floor" and "single_token_floor_ms" in floors:
+                value = run["tpot_ms"]["median"] / floors["single_token_floor_ms"]
+            elif what == "speedup" and ref:
+                value = ref["tpot_ms"]["median"] / run["tpot_ms"]["median"]
+            elif what == "reqs_over_bf16" and ref:
+                value = run["request_throughput"] / ref["request_throughput"]
+        met = None if value is None else (value <= bound if what == "tpot_over_floor" else value >= bound)
+        checks.append({"part": name, "workload": workload, "what": what, "bound": bound, "value": value, "met": met})
+    return checks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--group", default="all", choices=["all", "quant", "models"])
@@ -187,6 +233,10 @@ def main() -> None:
     else:
         print(f"ceilings failed: {ceilings.get('error')} (no floors)")
     print("\n".join(table_rows(report)))
+    for check in report["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not run"}[check["met"]]
+        value = "-" if check["value"] is None else f"{check['value']:.2f}"
+        print(f"target {check['part']} {check['workload']} {check['what']} {check['bound']}: {value} {verdict}")
 
 
 if __name__ == "__main__":

@@ -94,3 +94,21 @@ def test_part_timeout_is_bounded_by_the_time_left():
     part = device_models.PARTS[0]
     assert device_models.part_timeout_s(part, 10_000) == device_models.PART_TIMEOUT_OVER_ESTIMATE * part.estimate_s
     assert device_models.part_timeout_s(part, 90) == 90
+
+
+def test_targets_are_checked_against_floors_and_bf16(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(device_models.gpu_bench, "run_part", fake_part_runner(calls))
+    report = device_models.run(argparse.Namespace(group="all", budget_s=10_000, out=str(tmp_path)))
+    checks = {(c["part"], c["workload"], c["what"]): c for c in report["targets"]}
+    assert checks[("llama-q4_k_m", "single", "speedup")]["value"] == pytest.approx(2.0)
+    assert checks[("llama-q4_k_m", "single", "speedup")]["met"] is False  # 2.0 < 2.5
+    assert checks[("llama-q4_k_m", "W2", "reqs_over_bf16")]["met"] is True  # 2.0 >= 0.9
+    assert checks[("llama-gptq_int4", "W1", "reqs_over_bf16")]["met"] is None  # it did not start
+    w1 = checks[("qwen3-8b", "W1", "eff")]
+    floor = report["floors"]["qwen3-8b"]["bf16"]["floors_s"]["W1"]
+    assert w1["value"] == pytest.approx(floor / 5.0) and w1["met"] == (floor / 5.0 >= 0.8)
+    tpot = checks[("llama-fp8_w8a16", "single", "tpot_over_floor")]
+    token_floor = report["floors"]["llama-3-8b-instruct"]["fp8_w8a16"]["single_token_floor_ms"]
+    assert tpot["value"] == pytest.approx(6.0 / token_floor) and tpot["met"] is False
+    assert json.loads((tmp_path / "device_models.json").read_text())["targets"] == report["targets"]
