@@ -6,6 +6,10 @@ decode, and transformers' continuous batching on the same card for the side-by-s
     python benchmarks/gpu_bench.py all --quant-variants bf16 fp8 --workloads W2 W6 --hf-workloads none
         # bf16 and fp8 (weights and KV cache) in one call; W6 runs on an 18 GiB budget (--w6-budget-gib)
     python benchmarks/gpu_bench.py fusion --out $OUT        # rotary + KV store fusion on vs off (fusion_bench.py)
+    python benchmarks/gpu_bench.py all --model-config configs/mixtral-8x7b-v0.1 --workloads W1 W2 --hf-workloads none
+        # another shape; floors from fitserve's plan of it (bench_floors.py, docs/performance.md)
+    python benchmarks/gpu_bench.py fitserve --quant-variant fp8_w8a16 --workloads single
+        # fp8 weights through the weight-only kernel on any card; gptq_int4 and q4_k_m: dummy packed weights
 
 The engine is driven in-process (no HTTP): a closed loop keeps `concurrency` requests in
 flight, token-id prompts drawn at random (seeded), ignore_eos so output lengths are exact.
@@ -27,20 +31,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-CONFIG_DIR = ROOT / "configs" / "llama-3-8b-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_floors, fusion_bench beside this file
+CONFIG_DIR = ROOT / "configs" / "llama-3-8b-instruct"  # --model-config's default
 
-# id: (requests, concurrency, prompt tokens, output tokens); BENCHMARKS.md
-WORKLOADS = {
-    "W1": (100, 20, 512, 128),
-    "W2": (1000, 256, 512, 128),
-    "W3": (200, 32, 3072, 64),
-    "W4": (200, 64, 128, 1024),
-    "W6": (100, 20, 512, 128),  # W1 on the guide's 20 GB card: an 18 GiB budget (BENCHMARKS.md)
-    "single": (1, 1, 512, 256),
-}
-# --quant-variants: (--quantization, --kv-cache-dtype)
-QUANT_VARIANTS = {"bf16": (None, "auto"), "fp8": ("fp8", "fp8"), "fp8_weights": ("fp8", "auto"),
-                  "fp8_per_tensor": ("fp8_per_tensor", "fp8")}
+from bench_floors import (  # noqa: E402  (after the path above)
+    QUANT_VARIANTS,
+    WORKLOADS,
+    floor_report,
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -81,34 +79,6 @@ def measure_ceilings() -> dict:
     }
 
 
-def model_figures(quant_variant: str = "bf16") -> dict:
-    """Parameters and bytes of the 8B shape; fp8 linear layers take one byte, embeddings stay bf16."""
-    from fitserve.arch_config import ArchConfig
-
-    arch = ArchConfig.from_hf_config(json.loads((CONFIG_DIR / "config.json").read_text()))
-    h, i, L, v = arch.hidden_size, arch.intermediate_size, arch.num_hidden_layers, arch.vocab_size
-    kv = arch.num_key_value_heads * arch.head_dim
-    linear = L * (h * (h + 2 * kv) + h * h + 3 * h * i)
-    params = linear + L * 2 * h + 2 * v * h + h
-    quantization, kv_dtype = QUANT_VARIANTS[quant_variant]
-    linear_bytes = 1 if quantization else 2
-    return {"params": params, "linear_params": linear if quantization else 0,
-            "weight_bytes": 2 * params - (2 - linear_bytes) * linear,
-            "kv_bytes_per_token": arch.kv_elements_per_token * (1 if kv_dtype != "auto" else 2)}
-
-
-def floor_s(workload: str, ceilings: dict, model: dict) -> float:
-    """BENCHMARKS.md's floor; with fp8 linear layers their prefill FLOPs run at the fp8 rate."""
-    requests, concurrency, prompt, output = WORKLOADS[workload]
-    steps = -(-requests // concurrency) * output
-    step_bytes = model["weight_bytes"] + concurrency * (prompt + output / 2) * model["kv_bytes_per_token"]
-    decode_s = steps * step_bytes / ceilings["copy_bytes_per_s"]
-    fp8_params = model.get("linear_params", 0)
-    prefill_s = requests * prompt * 2 * ((model["params"] - fp8_params) / ceilings["bf16_flops_per_s"]
-                                         + fp8_params / ceilings.get("fp8_flops_per_s", ceilings["bf16_flops_per_s"]))
-    return decode_s + prefill_s
-
-
 # -- fitserve ---------------------------------------------------------------------------------------
 
 
@@ -130,11 +100,21 @@ def load_fp8_small_table(path: str) -> None:
     print("fp8 small-batch table:", small.SMALL_M_TABLE, flush=True)
 
 
+def force_fp8_weight_only() -> None:
+    """fp8 weights through the weight-only W8A16 kernel (kernels/triton_w8a16.py) on this card, as on one
+    without fp8 tensor cores: Fp8Format.for_device compares the card's compute capability with
+    FP8_TENSOR_CORES when a model is built, so a capability no card has makes every card take that form
+    (tests/test_fp8_gpu.py forces it the same way)."""
+    from fitserve.layers.formats import fp8
+
+    fp8.FP8_TENSOR_CORES = (99, 0)
+
+
 def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
     from fitserve.startup import build_engine
 
-    quantization, kv_cache_dtype = QUANT_VARIANTS[args.quant_variant]
+    variant = QUANT_VARIANTS[args.quant_variant]
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     if args.fp8_small_table:
         load_fp8_small_table(args.fp8_small_table)
@@ -142,11 +122,13 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
         from fitserve.kernels import pdl
 
         pdl.supported = lambda device_index: False
+    if variant.fp8_weight_only or args.fp8_weight_only:
+        force_fp8_weight_only()
     config = EngineConfig(
-        model=str(CONFIG_DIR), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
+        model=str(args.model_config), load_format="dummy", dtype="bfloat16", enforce_eager=args.enforce_eager,
         disable_async_output_proc=args.disable_async_output_proc, async_scheduling=args.async_scheduling,
-        quantization=quantization,
-        cache=CacheConfig(gpu_memory_utilization=utilization, kv_cache_dtype=kv_cache_dtype),
+        quantization=variant.quantization,
+        cache=CacheConfig(gpu_memory_utilization=utilization, kv_cache_dtype=variant.kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
     start = time.perf_counter()
@@ -220,15 +202,19 @@ def part_fitserve(args: argparse.Namespace) -> dict:
     try:
         engine, startup_s, memory, utilization = build_fitserve(args, with_memory=True)
     except ConfigError as error:  # a setting that cannot start (e.g. bf16 on a tight budget): recorded
-        return {"quant_variant": args.quant_variant, "max_num_seqs": args.max_num_seqs, "budget_gib": args.budget_gib,
+        return {"model": Path(args.model_config).name, "quant_variant": args.quant_variant,
+                "max_num_seqs": args.max_num_seqs, "budget_gib": args.budget_gib,
                 "startup_error": str(error), "runs": {}}
     capacity = engine.kv_cache.pool.num_blocks * engine.block_size
     planned = memory.planned if memory is not None else None
     result = {"startup_s": startup_s, "kv_cache_tokens": capacity, "enforce_eager": args.enforce_eager,
               "async_output": engine.async_output,
               "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-              "quant_variant": args.quant_variant, "quantization": QUANT_VARIANTS[args.quant_variant][0],
-              "kv_cache_dtype": QUANT_VARIANTS[args.quant_variant][1], "budget_gib": args.budget_gib,
+              "model": Path(args.model_config).name, "quant_variant": args.quant_variant,
+              "quantization": QUANT_VARIANTS[args.quant_variant].quantization,
+              "kv_cache_dtype": QUANT_VARIANTS[args.quant_variant].kv_cache_dtype,
+              "fp8_weight_only": QUANT_VARIANTS[args.quant_variant].fp8_weight_only or args.fp8_weight_only,
+              "budget_gib": args.budget_gib,
               "gpu_memory_utilization": utilization,
               "planned_weights_bytes": planned.weights.total_bytes if planned else None,
               "measured_weights_bytes": memory.weights_bytes if memory is not None else None,
@@ -430,11 +416,11 @@ def part_fusion(args: argparse.Namespace) -> dict:
 
 
 def part_hf(args: argparse.Namespace) -> dict:
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    config = LlamaConfig.from_pretrained(str(CONFIG_DIR))
+    config = AutoConfig.from_pretrained(str(args.model_config))
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
     model.set_attn_implementation("paged|sdpa")
     result = {"attn_implementation": "paged|sdpa", "runs": {}}
     for workload in args.workloads:
@@ -498,11 +484,15 @@ def git_commit() -> str:
 
 def print_table(report: dict) -> None:
     ceilings = report["ceilings"]
-    print(f"card {ceilings['card']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"bf16 {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, fp8 {ceilings.get('fp8_flops_per_s', 0) / 1e12:.0f} "
-          f"TFLOP/s; commit {report['commit'][:10]}")
+    if "copy_bytes_per_s" in ceilings:
+        print(f"card {ceilings['card']}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+              f"bf16 {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+              f"fp8 {ceilings.get('fp8_flops_per_s', 0) / 1e12:.0f} TFLOP/s; commit {report['commit'][:10]}")
+    else:
+        print(f"ceilings failed (no floors): {ceilings.get('error')}")
     for name, part in report["fitserve"].items():
-        floors = report["floors_s"].get(part.get("quant_variant", "bf16"), report["floors_s"]["bf16"])
+        variant = part.get("quant_variant", "bf16")
+        floors = report["floors_s"].get(variant, {})
         if "error" in part:
             print(f"fitserve[{name}] failed: {part['error']}\n{part.get('stderr_tail', '')[-1500:]}")
             continue
@@ -520,6 +510,10 @@ def print_table(report: dict) -> None:
             print(f"  {workload:7} {floor:8.2f} {run['duration_s']:8.2f} {floor / run['duration_s']:6.1%} "
                   f"{run['request_throughput']:7.2f} {run['output_token_throughput']:9.0f} "
                   f"{run['ttft_ms']['median']:8.1f}m {run['tpot_ms']['median']:8.2f}m {run['preemptions']:7d}")
+            token_floor = report.get("single_token_floor_ms", {}).get(variant)
+            if workload == "single" and token_floor:
+                print(f"  single-stream decode floor {token_floor:.3f} ms/token: TPOT is "
+                      f"{run['tpot_ms']['median'] / token_floor:.2f}x the floor")
     ratios = report.get("fp8_over_bf16")
     if ratios:
         print("fp8 / bf16 request throughput: " + ", ".join(f"{w} {r:.2f}x" for w, r in ratios.items()))
@@ -544,7 +538,12 @@ def main() -> None:
                         help="graphs (the defaults), eager, nosched (graphs with --no-async-scheduling), "
                              "sync (graphs with neither async scheduling nor async output processing) and/or "
                              "nopdl (graphs with --no-pdl)")
+    parser.add_argument("--model-config", type=Path, default=CONFIG_DIR,
+                        help="a config-only model folder (configs/*): the shapes the dummy weights take")
     parser.add_argument("--quant-variant", default="bf16", choices=sorted(QUANT_VARIANTS), help="one part's setting")
+    parser.add_argument("--fp8-weight-only", action="store_true",
+                        help="fp8 weights through the weight-only W8A16 kernel even on a card with fp8 tensor cores "
+                             "(the fp8_w8a16 variant sets it)")
     parser.add_argument("--quant-variants", nargs="+", default=["bf16"], choices=sorted(QUANT_VARIANTS),
                         help="all: run each (bf16; fp8 = fp8 weights and fp8 KV cache)")
     parser.add_argument("--budget-gib", type=float, default=None,
@@ -595,16 +594,20 @@ def main() -> None:
     common = ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--max-num-seqs", str(args.max_num_seqs),
               "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     table_flags = ["--fp8-small-table", args.fp8_small_table] if args.fp8_small_table else []
+    model_flags = ["--model-config", str(args.model_config)]
     report = {"commit": git_commit(), "command": " ".join(sys.argv), "torch": torch.__version__,
-              "ceilings": run_part("ceilings", [], args.part_timeout_s),
-              "model": {q: model_figures(q) for q in args.quant_variants}}
+              "model_config": Path(args.model_config).name,
+              "ceilings": run_part("ceilings", [], args.part_timeout_s)}
     import triton
 
     report["triton"] = triton.__version__
-    report["floors_s"] = {q: {w: floor_s(w, report["ceilings"], report["model"][q]) for w in WORKLOADS}
-                          for q in args.quant_variants}
-    report["floors_s"].setdefault("bf16", {w: floor_s(w, report["ceilings"], model_figures("bf16")) for w in WORKLOADS})
+    variants = dict.fromkeys(["bf16", *args.quant_variants])  # in order, once each
+    floors = {q: floor_report(args.model_config, q, report["ceilings"]) for q in variants}
+    report["model"] = {q: f.get("model", f.get("error")) for q, f in floors.items()}
+    report["floors_s"] = {q: f["floors_s"] for q, f in floors.items() if "floors_s" in f}
+    report["single_token_floor_ms"] = {q: f["single_token_floor_ms"] for q, f in floors.items() if "floors_s" in f}
     report["fitserve"] = {}
+    part_flags = [*table_flags, *model_flags, *(["--fp8-weight-only"] if args.fp8_weight_only else [])]
     full_budget = [w for w in args.workloads if w != "W6"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
@@ -617,22 +620,22 @@ def main() -> None:
             name = variant if args.quant_variants == ["bf16"] else f"{variant}-{quant}"
             if full_budget:
                 report["fitserve"][name] = run_part(
-                    "fitserve", ["--workloads", *full_budget, *common, *flags, *table_flags, "--quant-variant", quant],
+                    "fitserve", ["--workloads", *full_budget, *common, *flags, *part_flags, "--quant-variant", quant],
                     args.part_timeout_s)
                 save()
             if "W6" in args.workloads:  # the guide's 20 GB card: its own budget and --max-num-seqs
                 w6 = ["--workloads", "W6", "--budget-gib", str(args.w6_budget_gib), "--max-num-seqs",
                       str(args.w6_max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
                 report["fitserve"][f"{name}-W6"] = run_part(
-                    "fitserve", [*w6, *flags, *table_flags, "--quant-variant", quant], args.part_timeout_s)
+                    "fitserve", [*w6, *flags, *part_flags, "--quant-variant", quant], args.part_timeout_s)
                 save()
                 # and with the guide's flags as they are (--max-num-seqs 256): does it start at all?
                 w6_default = [*w6[:5], str(args.max_num_seqs), *w6[6:]]
                 report["fitserve"][f"{name}-W6-seqs{args.max_num_seqs}"] = run_part(
-                    "fitserve", [*w6_default, *flags, *table_flags, "--quant-variant", quant], args.part_timeout_s)
+                    "fitserve", [*w6_default, *flags, *part_flags, "--quant-variant", quant], args.part_timeout_s)
     report["fp8_over_bf16"] = fp8_ratios(report["fitserve"])
     if args.hf_workloads and args.hf_workloads != ["none"]:
-        report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads], args.hf_timeout_s)
+        report["transformers"] = run_part("hf", ["--workloads", *args.hf_workloads, *model_flags], args.hf_timeout_s)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     print_table(report)
