@@ -1,5 +1,5 @@
 """Weight-only kernels of a Llama-3-8B decode step: integer group-quantized (kernels/triton_int_quant.py:
-GEMV, tile GEMM, dequantize + cuBLAS) and fp8 on the W8A16 path (kernels/triton_w8a16.py), against
+GEMV, tile GEMM) and fp8 on the W8A16 path (kernels/triton_w8a16.py), against
 bf16 (the Triton GEMV at one row, cuBLAS above) on the same shapes. The step's 128 linear layers
 have distinct weights (nothing comes from L2); each case is captured in one CUDA graph and replayed.
 Each kernel's tile configurations are swept; one JSON line per case, all in int_quant.json.
@@ -20,8 +20,6 @@ from fitserve.kernels import fp8, int_quant, triton_gemv, triton_int_quant, trit
 HIDDEN, INTER, LAYERS = 4096, 14336, 32
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
 GEMV_CONFIGS = [(8, 8, 4), (16, 8, 8), (16, 4, 4)]
-GEMM_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 4, 2)]
-SWAP_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 4, 2), (128, 64, 8, 2), (32, 128, 4, 2)]
 W8_GEMV_CONFIGS = [(4, 1024, 4), (2, 2048, 4), (4, 2048, 8)]
 
 
@@ -86,21 +84,15 @@ def bench_bf16(results: list, rows_list: list[int]) -> None:
                weight_gb=round(gb, 3))
 
 
-def bench_int(results: list, bits: int, gemv_rows: list[int], tile_rows: list[int], scratch_rows: list[int],
-              sweep: bool) -> None:
+def bench_int(results: list, bits: int, gemv_rows: list[int], tile_rows: list[int], sweep: bool) -> None:
     layers = int_layers(bits, 128)
     gb = layer_bytes(layers) / 1e9
     kind = f"int{bits}_g128"
     cases = [("gemv", rows, cfg) for rows in gemv_rows for cfg in (GEMV_CONFIGS if sweep else GEMV_CONFIGS[:1])]
-    for rows in tile_rows:
-        configs = SWAP_CONFIGS if rows <= triton_int_quant.SWAP_MAX_ROWS else GEMM_CONFIGS
-        cases += [("tile_gemm", rows, cfg) for cfg in (configs if sweep else configs[:1])]
-    cases += [("dequantized_gemm", rows, None) for rows in scratch_rows]
+    cases += [("tile_gemm", rows, None) for rows in tile_rows]
     for path, rows, cfg in cases:
         if path == "gemv":
             triton_int_quant.GEMV_CONFIG = cfg
-        elif path == "tile_gemm":
-            triton_int_quant.GEMM_CONFIG = triton_int_quant.SWAP_CONFIG = cfg
         fn = getattr(triton_int_quant, path)
         xs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
         try:
@@ -134,9 +126,9 @@ def main() -> None:
     results: list = []
     bench_bf16(results, [1, 4, 16, 64, 256])
     torch.cuda.empty_cache()
-    bench_int(results, 4, [1], [2, 8, 16, 64, 128, 256], [256, 2048], sweep=not args.no_sweep)
+    bench_int(results, 4, [1], [2, 16, 64, 256, 2048], sweep=not args.no_sweep)
     torch.cuda.empty_cache()
-    bench_int(results, 8, [1], [16, 64], [], sweep=False)
+    bench_int(results, 8, [1], [16, 64], sweep=False)
     torch.cuda.empty_cache()
     bench_w8a16(results, [1], [16, 64])
     Path(args.out, "int_quant.json").write_text(json.dumps(results, indent=1))
