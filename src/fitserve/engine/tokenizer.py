@@ -147,16 +147,18 @@ def _gguf_tokenizer_cached(path: str | None, cache_root: Path) -> PreTrainedToke
 
 
 def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template
-    (Gemma 3's SentencePiece files: engine/gguf_gemma_tokenizer.py)."""
+    """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template;
+    SentencePiece files (`llama`: Gemma, Mistral, Phi-3) and Qwen's as transformers' converter builds
+    them (engine/gguf_gemma_tokenizer.py)."""
     from fitserve.weights.gguf_file import field_value, open_gguf
     reader = open_gguf(path)
     model_type = field_value(reader, "tokenizer.ggml.model")
     architecture = field_value(reader, "general.architecture")
-    if model_type == "llama" and architecture == "gemma3":
-        from fitserve.engine.gguf_gemma_tokenizer import gemma_gguf_tokenizer  # SentencePiece: Gemma 3
+    if model_type == "llama" and architecture in ("gemma2", "gemma3"):
+        from fitserve.engine.gguf_gemma_tokenizer import gemma_gguf_tokenizer  # SentencePiece: Gemma 2/3
         return gemma_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
-    if architecture in ("qwen2", "qwen3"):  # Qwen's pre-tokenizer regex: transformers' converter knows it
+    # SentencePiece (Mistral, Mixtral, Phi-3) and Qwen's pre-tokenizer regex: transformers' converter knows them
+    if model_type == "llama" or architecture in ("qwen2", "qwen3", "qwen3moe"):
         from fitserve.engine.gguf_gemma_tokenizer import converted_gguf_tokenizer
         return converted_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
     if model_type != "gpt2":
