@@ -88,6 +88,7 @@ def write_gguf(path, gguf_arch: str, tensors: dict[str, np.ndarray], header: Cal
     else:
         writer.add_token_scores([-float(i) for i in range(len(VOCAB))])
     writer.add_eos_token_id(len(VOCAB) - 1)
+    writer.add_pad_token_id(0)  # transformers' Phi-3 config defaults to 32000, outside this vocabulary
     writer.add_chat_template("{% for m in messages %}{{ m['content'] }}<|eot|>{% endfor %}")
     for name, values in tensors.items():
         if quantized(name):
