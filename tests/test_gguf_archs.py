@@ -1,0 +1,78 @@
+"""What every GGUF reader shares: the architecture dispatch (an architecture fitserve does not read is
+refused from the header, naming it and the ones it reads) and the tokenizer of a SentencePiece file
+(`tokenizer.ggml.model == llama`: Mistral, Mixtral, Phi-3), built by transformers' GGUF converter."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+
+from fitserve.config import ConfigError, EngineConfig
+from fitserve.engine.tokenizer import gguf_tokenizer
+from fitserve.weights.gguf_file import GGUF_ARCHITECTURES
+from fitserve.weights.source import resolve_model_source
+
+# SentencePiece pieces: '▁' marks a word start; merges are recovered from the scores
+PIECES = ["<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab", "▁ab", "<|end|>"]
+TYPES = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + \
+    [gguf.TokenType.NORMAL] * 6 + [gguf.TokenType.CONTROL]
+SCORES = [0.0, 0.0, 0.0, -5.0, -4.0, -4.0, -2.0, -3.0, -1.0, 0.0]
+
+
+def write_header_only(path, arch: str) -> None:
+    """A file with metadata and no tensors: enough for the source's ArchConfig and the tokenizer."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(PIECES)
+    writer.add_token_types(TYPES)
+    writer.add_token_scores(SCORES)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "falcon", "gemma4"])
+def test_an_architecture_fitserve_does_not_read_is_refused_naming_it(tmp_path, arch):
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_header_only(path, arch)
+    with pytest.raises(ConfigError) as info:
+        resolve_model_source(EngineConfig(model=str(path)))
+    message = str(info.value)
+    assert f"GGUF architecture {arch!r} is not supported" in message
+    assert all(repr(name) in message for name in GGUF_ARCHITECTURES)
+
+
+def test_a_file_lacking_a_required_key_names_it(tmp_path):
+    path = tmp_path / "tiny-phi3-lacking.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi3")
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ConfigError, match="lacks phi3.attention.head_count"):
+        resolve_model_source(EngineConfig(model=str(path)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_a_sentencepiece_file_gets_transformers_converted_tokenizer(tmp_path, arch):
+    path = tmp_path / f"tiny-{arch}-sp.gguf"
+    write_header_only(path, arch)
+    tokenizer = gguf_tokenizer(str(path))
+    assert tokenizer.encode("ab ab") == [1, 8, 8]  # <s>, then '▁ab' twice: a word start on each word
+    assert tokenizer.decode([1, 8, 8], skip_special_tokens=True) == "ab ab"
+    assert tokenizer.encode("<|end|>", add_special_tokens=False) == [9]  # a control token stays whole
+    assert tokenizer.eos_token == "</s>"
+    # Phi-3 ends a chat turn with <|end|>: an eos besides the file's own
+    expected_eos = (2, 9) if arch == "phi3" else (2,)
+    assert resolve_model_source(EngineConfig(model=str(path))).eos_token_ids == expected_eos
