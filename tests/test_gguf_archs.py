@@ -76,3 +76,28 @@ def test_a_sentencepiece_file_gets_transformers_converted_tokenizer(tmp_path, ar
     # Phi-3 ends a chat turn with <|end|>: an eos besides the file's own
     expected_eos = (2, 9) if arch == "phi3" else (2,)
     assert resolve_model_source(EngineConfig(model=str(path))).eos_token_ids == expected_eos
+
+
+@pytest.mark.parametrize(("pre", "expected"), [
+    ("tekken", ["1", "2", "3", "4", "5"]),  # Mistral's regex: every digit alone, so no merge applies
+    ("llama-bpe", ["12", "3", "4", "5"]),  # Llama 3's: digits in runs of up to 3 ("123" "45"): no "34"
+    ("smollm", ["12", "34", "5"]),  # not a regex transformers knows: GPT-2's (one run of digits) as before
+])
+def test_a_byte_level_file_splits_as_its_pre_tokenizer_says(tmp_path, pre, expected):
+    """`tokenizer.ggml.pre` names the regex the merges were learned under; with merges "1 2" and "3 4",
+    "12345" shows which one split the text."""
+    path = tmp_path / f"tiny-{pre}.gguf"
+    vocab = [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["12", "34"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(vocab)
+    writer.add_token_types([gguf.TokenType.NORMAL] * len(vocab))
+    writer.add_token_merges(["1 2", "3 4"])
+    writer.add_eos_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tokenizer = gguf_tokenizer(str(path))
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("12345", add_special_tokens=False)) == expected
