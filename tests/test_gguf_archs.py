@@ -101,3 +101,20 @@ def test_a_byte_level_file_splits_as_its_pre_tokenizer_says(tmp_path, pre, expec
     writer.close()
     tokenizer = gguf_tokenizer(str(path))
     assert tokenizer.convert_ids_to_tokens(tokenizer.encode("12345", add_special_tokens=False)) == expected
+
+
+def test_expert_tensor_names_stacked_and_per_expert():
+    import numpy as np
+
+    from fitserve.weights.gguf_moe import mixtral_hf_tensor_name, per_expert, qwen3moe_hf_tensor_name
+    stacked = mixtral_hf_tensor_name("blk.2.ffn_down_exps.weight")
+    values = np.arange(3 * 2 * 4, dtype=np.float32).reshape(3, 2, 4)  # 3 experts
+    split = list(per_expert(stacked, values))
+    assert [name for name, _ in split] == [f"model.layers.2.block_sparse_moe.experts.{e}.w2.weight" for e in range(3)]
+    assert all(np.array_equal(part, values[e]) for e, (_, part) in enumerate(split))
+    assert mixtral_hf_tensor_name("blk.1.ffn_gate.5.weight") == "model.layers.1.block_sparse_moe.experts.5.w1.weight"
+    assert mixtral_hf_tensor_name("blk.1.ffn_gate_inp.weight") == "model.layers.1.block_sparse_moe.gate.weight"
+    assert mixtral_hf_tensor_name("blk.1.attn_q.weight") == "model.layers.1.self_attn.q_proj.weight"
+    assert qwen3moe_hf_tensor_name("blk.0.ffn_up_exps.weight") == "model.layers.0.mlp.experts.{expert}.up_proj.weight"
+    assert qwen3moe_hf_tensor_name("blk.0.attn_k_norm.weight") == "model.layers.0.self_attn.k_norm.weight"
+    assert list(per_expert("model.norm.weight", values)) == [("model.norm.weight", values)]
