@@ -64,13 +64,17 @@ def test_a_file_lacking_a_required_key_names_it(tmp_path):
         resolve_model_source(EngineConfig(model=str(path)))
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3"])
-def test_a_sentencepiece_file_gets_transformers_converted_tokenizer(tmp_path, arch):
+@pytest.mark.parametrize(("arch", "ids"), [
+    ("llama", [1, 8, 8]),  # <s>, then '▁ab' twice: a word start on each word
+    ("phi3", [1, 8, 8]),
+    ("gemma2", [1, 7, 8]),  # Gemma's tokenizer adds no word start before the first word
+])
+def test_a_sentencepiece_file_gets_transformers_converted_tokenizer(tmp_path, arch, ids):
     path = tmp_path / f"tiny-{arch}-sp.gguf"
     write_header_only(path, arch)
     tokenizer = gguf_tokenizer(str(path))
-    assert tokenizer.encode("ab ab") == [1, 8, 8]  # <s>, then '▁ab' twice: a word start on each word
-    assert tokenizer.decode([1, 8, 8], skip_special_tokens=True) == "ab ab"
+    assert tokenizer.encode("ab ab") == ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "ab ab"
     assert tokenizer.encode("<|end|>", add_special_tokens=False) == [9]  # a control token stays whole
     assert tokenizer.eos_token == "</s>"
     # Phi-3 ends a chat turn with <|end|>: an eos besides the file's own
