@@ -9,8 +9,8 @@ llama.cpp writes Mistral as `llama`), Mixtral's when it has experts (`llama.expe
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from collections.abc import Callable
+from dataclasses import replace
 import os
 import re
 from typing import Any
