@@ -75,9 +75,11 @@ def gguf_tensors(model: transformers.PreTrainedModel, gguf_arch: gguf.MODEL_ARCH
 
 
 def write_gguf(path, gguf_arch: str, tensors: dict[str, np.ndarray], header: Callable[[gguf.GGUFWriter], None],
-               quantized: Callable[[str], bool] = lambda name: False, tokenizer: str = "gpt2") -> None:
-    """A GGUF file of `tensors` (the `quantized` ones in QUANT_TYPE), its metadata written by `header`,
-    and a 96-token vocabulary (byte-level BPE, or SentencePiece pieces with scores for `llama`)."""
+               quantized: Callable[[str], bool] = lambda name: False, tokenizer: str = "gpt2",
+               half: Callable[[str], bool] = lambda name: False) -> None:
+    """A GGUF file of `tensors` (the `quantized` ones in QUANT_TYPE, the `half` ones in F16, the rest F32),
+    its metadata written by `header`, and a 96-token vocabulary (byte-level BPE, or SentencePiece pieces
+    with scores for `llama`)."""
     writer = gguf.GGUFWriter(str(path), gguf_arch)
     header(writer)
     writer.add_tokenizer_model(tokenizer)
@@ -93,6 +95,8 @@ def write_gguf(path, gguf_arch: str, tensors: dict[str, np.ndarray], header: Cal
     for name, values in tensors.items():
         if quantized(name):
             writer.add_tensor(name, gguf.quants.quantize(values, QUANT_TYPE), raw_dtype=QUANT_TYPE)
+        elif half(name):
+            writer.add_tensor(name, values.astype(np.float16))
         else:
             writer.add_tensor(name, values)
     writer.write_header_to_file()

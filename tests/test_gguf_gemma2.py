@@ -39,7 +39,7 @@ def tiny_gemma2() -> transformers.Gemma2ForCausalLM:
     return randomize(hf)
 
 
-def write_gemma2_file(path, hf, quantized: bool = False) -> None:
+def write_gemma2_file(path, hf, quantized: bool = False, half: bool = False) -> None:
     cfg = hf.config
 
     def header(writer: gguf.GGUFWriter) -> None:
@@ -53,13 +53,14 @@ def write_gemma2_file(path, hf, quantized: bool = False) -> None:
     tensors = gguf_tensors(hf, gguf.MODEL_ARCH.GEMMA2)
     assert "output.weight" not in tensors and "blk.0.post_ffw_norm.weight" in tensors
     write_gguf(path, "gemma2", tensors, header, tokenizer="llama",
-               quantized=lambda n: quantized and n.startswith("blk.") and "norm" not in n)
+               quantized=lambda n: quantized and n.startswith("blk.") and "norm" not in n,
+               half=lambda n: half and "norm" not in n)  # F16 as llama.cpp's converter stores matrices
 
 
 def test_a_gemma2_file_matches_transformers_loading_it(tmp_path):
     hf = tiny_gemma2()
     path = tmp_path / "tiny-gemma2.gguf"
-    write_gemma2_file(path, hf)
+    write_gemma2_file(path, hf, half=True)  # F16 matrices, F32 norms
     source = resolve_model_source(EngineConfig(model=str(path)))
     arch = source.arch
     assert (arch.architecture, arch.head_dim, arch.query_pre_attn_scalar) == ("Gemma2ForCausalLM", 24, 24.0)

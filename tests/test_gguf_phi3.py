@@ -33,7 +33,7 @@ def tiny_phi3() -> transformers.Phi3ForCausalLM:
     return randomize(transformers.Phi3ForCausalLM(transformers.Phi3Config(**TINY)))
 
 
-def write_phi3_file(path, hf, quantized: bool = False, rotary_dim: int | None = None,
+def write_phi3_file(path, hf, quantized: bool = False, half: bool = False, rotary_dim: int | None = None,
                     extra_tensors: dict[str, np.ndarray] | None = None, window: int | None = None) -> None:
     cfg = hf.config
 
@@ -46,13 +46,14 @@ def write_phi3_file(path, hf, quantized: bool = False, rotary_dim: int | None = 
     tensors = {**gguf_tensors(hf, gguf.MODEL_ARCH.PHI3), **(extra_tensors or {})}
     assert "blk.0.attn_qkv.weight" in tensors and tensors["blk.0.ffn_up.weight"].shape == (2 * 96, 64)
     write_gguf(path, "phi3", tensors, header, tokenizer="llama",
-               quantized=lambda n: quantized and n.startswith("blk.") and "norm" not in n)
+               quantized=lambda n: quantized and n.startswith("blk.") and "norm" not in n,
+               half=lambda n: half and "norm" not in n)  # F16 as llama.cpp's converter stores matrices
 
 
 def test_a_phi3_file_matches_transformers_loading_it(tmp_path):
     hf = tiny_phi3()
     path = tmp_path / "tiny-phi3.gguf"
-    write_phi3_file(path, hf)
+    write_phi3_file(path, hf, half=True)  # F16 matrices, F32 norms
     source = resolve_model_source(EngineConfig(model=str(path)))
     assert (source.arch.architecture, source.arch.head_dim, source.arch.sliding_window) == (
         "Phi3ForCausalLM", 16, None)
