@@ -26,7 +26,7 @@ from fitserve.weights.source import ModelSource
 
 DEFAULT_CACHE_DIR = Path("~/.cache/fitserve/tokenizers")
 GGUF_TOKEN_TYPE_CONTROL = 3  # gguf's TokenType.CONTROL: special tokens such as <|im_start|>
-GGUF_CACHE_VERSION = "1"  # bump when the conversion changes, to invalidate cached tokenizers
+GGUF_CACHE_VERSION = "2"  # bump when the conversion changes, to invalidate cached tokenizers
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -147,16 +147,19 @@ def _gguf_tokenizer_cached(path: str | None, cache_root: Path) -> PreTrainedToke
 
 
 def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template
-    (Gemma 3's SentencePiece files: engine/gguf_gemma_tokenizer.py)."""
+    """Byte-level BPE (`tokenizer.ggml.model == gpt2`) from GGUF metadata, with its chat template;
+    SentencePiece files (`llama`: Gemma, Mistral, Phi-3) and Qwen's as transformers' converter builds
+    them (engine/gguf_gemma_tokenizer.py)."""
     from fitserve.weights.gguf_file import field_value, open_gguf
     reader = open_gguf(path)
     model_type = field_value(reader, "tokenizer.ggml.model")
     architecture = field_value(reader, "general.architecture")
-    if model_type == "llama" and architecture == "gemma3":
-        from fitserve.engine.gguf_gemma_tokenizer import gemma_gguf_tokenizer  # SentencePiece: Gemma 3
+    if model_type == "llama" and architecture in ("gemma2", "gemma3"):
+        from fitserve.engine.gguf_gemma_tokenizer import gemma_gguf_tokenizer  # SentencePiece: Gemma 2/3
         return gemma_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
-    if architecture in ("qwen2", "qwen3"):  # Qwen's pre-tokenizer regex: transformers' converter knows it
+    # SentencePiece (Mistral, Mixtral, Phi-3), and byte-level BPE whose pre-tokenizer regex is not GPT-2's
+    # (Qwen's; Llama 3's `llama-bpe`, Mistral's `tekken`, ...): transformers' converter knows them
+    if model_type == "llama" or architecture in ("qwen2", "qwen3", "qwen3moe") or _known_split(reader):
         from fitserve.engine.gguf_gemma_tokenizer import converted_gguf_tokenizer
         return converted_gguf_tokenizer(path, field_value(reader, "tokenizer.chat_template"))
     if model_type != "gpt2":
@@ -180,6 +183,17 @@ def gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
         pad_token=token("padding"), chat_template=field_value(reader, "tokenizer.chat_template"),
         add_bos_token=bool(field_value(reader, "tokenizer.ggml.add_bos_token", False)),
     )
+
+
+def _known_split(reader: Any) -> bool:
+    """Whether the file's `tokenizer.ggml.pre` names a pre-tokenizer regex transformers' converter applies
+    (GPT-2's, which the direct build uses, would split digits and words otherwise)."""
+    from fitserve.weights.gguf_file import field_value
+    pre = field_value(reader, "tokenizer.ggml.pre")
+    if pre is None:
+        return False
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+    return pre in GGUF_PRE_TOKENIZER_SPLITS
 
 
 def _fallback_tokenizer(vocab_size: int, eos_token_ids: tuple[int, ...]) -> PreTrainedTokenizerFast:

@@ -22,6 +22,7 @@ import torch
 from fitserve.arch_config import ArchConfig
 from fitserve.layers.parallel import TensorShard
 from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes, layer_projection_shapes
+from fitserve.weights.gguf_packed import PackedGgufTensor
 
 # fused checkpoint projection -> (its block, the Llama projections it holds, in row order)
 _FUSED = {"qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")),
@@ -64,13 +65,15 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 
     def _split_fused(self, owner_prefix: str, owner: str, hf_name: str,
                      tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """The whole fused tensor's row blocks, each under its Llama projection's name."""
+        """The whole fused tensor's row blocks, each under its Llama projection's name (a GGUF file's packed
+        blocks, --quantization gguf, are cut into whole rows)."""
         block, projections = _FUSED[owner]
         shapes = layer_projection_shapes(self.full_arch)
         rows = [shapes[f"{block}.{p}"][0] for p in projections]
         if tensor.shape[0] != sum(rows):
             raise ValueError(f"{hf_name}: expected {sum(rows)} rows, got {tuple(tensor.shape)}")
-        for projection, part in zip(projections, tensor.split(rows, dim=0)):
+        parts = tensor.split_rows(rows) if isinstance(tensor, PackedGgufTensor) else tensor.split(rows, dim=0)
+        for projection, part in zip(projections, parts):
             yield f"{owner_prefix}.{projection}.weight", part
 
     def checkpoint_tensor_shapes(self) -> dict[str, tuple[int, ...]]:

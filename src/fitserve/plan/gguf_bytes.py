@@ -1,7 +1,7 @@
 """What a GGUF file's tensors weigh when `--quantization gguf` keeps them packed (torch-free).
 
 The header (gguf.GGUFReader, which maps the file and reads no tensor data) gives each tensor's
-GGML type and byte size. A block projection (attn_q/k/v/output, ffn_gate/up/down) in one of
+GGML type and byte size. A block projection (attn_q/k/v/output, Phi-3's fused attn_qkv, ffn_gate/up/down) in one of
 `PACKED_TYPES` is held as its bytes, exactly as stored; one in F32/F16/BF16 is dequantized to
 `--dtype` as without the flag, and so are the embedding, output and norm tensors. A projection in
 any other quantized type (Q2_K, IQ4_XS, ...) is refused here, naming the type and the tensor,
@@ -17,7 +17,7 @@ from fitserve.config import ConfigError
 # The GGML types fitserve multiplies in packed form (kernels/gguf.py BLOCK_TYPES, a test checks)
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 DENSE_TYPES = ("F32", "F16", "BF16")  # dequantized to --dtype like the other tensors
-PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_qkv")  # qkv: Phi-3
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,12 +247,29 @@ def _to_tool_call(obj: Any, plan: ToolPlan) -> ToolCall | None:
     return ToolCall(id=new_tool_call_id(), function=FunctionCall(name=obj["name"], arguments=json.dumps(arguments)))
 
 
+@dataclass(slots=True)
+class _StreamedCall:
+    """A call whose name has been sent: its id, and the arguments text sent so far."""
+
+    id: str
+    name: str
+    arguments_at: int  # where its arguments object starts in the call object's text
+    sent: str = ""
+    closed: bool = False  # its arguments object ended (or stopped parsing): nothing more streams
+
+
 class ToolCallStream:
     """Streams a reply as content deltas, and its tool calls as `tool_calls` deltas.
 
-    Text that may be (the start of) a call, as the parser says, is held until the reply ends; then
-    each call becomes one delta with its id and name, then one with its arguments, or, if the held
-    text did not parse as calls, it is sent as content. Text before it streams as content at once.
+    Text that may be (the start of) a call, as the parser says, is held; text before it streams as
+    content at once. With a parser that lists its call objects as they grow (hermes, mistral:
+    `call_texts`), a call of an offered tool is sent as soon as its name is whole, one delta with its
+    id, type and name, then its arguments in fragments as the model writes them, spelled as the whole
+    reply's `arguments` (tool_parsers/streaming.py), so the fragments add up to them. Anything else
+    held is decided when the reply ends: calls not yet sent become one delta with id and name, then
+    one with their arguments, or, if nothing was sent and the text does not parse as calls, it is
+    sent as content. Once a call has been sent the reply is a tool-call reply: if it then breaks off
+    (max_tokens) or turns malformed, what was sent stays, the rest is dropped, and `calls` is empty.
     """
 
     def __init__(self, plan: ToolPlan, parser: ToolParser | None = None) -> None:
@@ -260,7 +277,8 @@ class ToolCallStream:
         self.parser = _parser_for(plan, parser) if plan.parses_calls else None
         self._held = ""
         self._sent_any = False
-        self.calls: list[ToolCall] = []
+        self._streamed: list[_StreamedCall] = []
+        self.calls: list[ToolCall] = []  # the reply's calls, once it ended and they parsed
 
     def feed(self, new_text: str) -> list[DeltaMessage]:
         if self.parser is None:
@@ -271,10 +289,36 @@ class ToolCallStream:
             send, self._held = self._held, ""
         else:
             send, self._held = self._held[:start], self._held[start:]  # re-checked with the next text
-        if not send:
-            return []
-        self._sent_any = True
-        return [DeltaMessage(content=send)]
+        deltas = [DeltaMessage(content=send)] if send else []
+        self._sent_any = self._sent_any or bool(send)
+        return deltas + (self._stream_calls() if self._held else [])
+
+    def _stream_calls(self) -> list[DeltaMessage]:
+        """Deltas for calls whose name is now whole, and for the arguments written since the last feed."""
+        from fitserve.server.tool_parsers.streaming import call_head, canonical_json_prefix
+
+        texts = self.parser.call_texts(self._held) if self.parser is not None else None
+        deltas: list[DeltaMessage] = []
+        offered = {t.function.name for t in self.plan.offered}
+        for index, text in enumerate((texts or [])[:None if self.plan.parallel else 1]):
+            if index == len(self._streamed):
+                head = call_head(text)
+                if head is None or head.name not in offered:
+                    break  # not yet (or not streamable: sent whole at the end); later calls keep their order
+                self._streamed.append(_StreamedCall(new_tool_call_id(), head.name, head.arguments_at))
+                deltas.append(_call_delta(index, self._streamed[-1].id, head.name))
+            call = self._streamed[index]
+            if call.closed:
+                continue
+            prefix = canonical_json_prefix(text[call.arguments_at:])
+            if prefix is None:  # malformed: extract decides at the end
+                call.closed = True
+                continue
+            if len(prefix.text) > len(call.sent):
+                deltas.append(_arguments_delta(index, prefix.text[len(call.sent):]))
+                call.sent = prefix.text
+            call.closed = prefix.closed
+        return deltas
 
     def finish(self) -> list[DeltaMessage]:
         """Deltas for what is still held, at the end of the reply."""
@@ -283,13 +327,27 @@ class ToolCallStream:
             return []
         extracted = self.parser.extract(held, self.plan)
         if extracted is None:
-            return [DeltaMessage(content=held)]
-        self.calls = extracted.calls
-        deltas = [DeltaMessage(content=extracted.content)] if extracted.content else []
+            return [] if self._streamed else [DeltaMessage(content=held)]
+        deltas = [DeltaMessage(content=extracted.content)] if extracted.content and not self._streamed else []
         for index, call in enumerate(extracted.calls):
-            deltas.append(DeltaMessage(tool_calls=[DeltaToolCall(
-                index=index, id=call.id, type="function", function=DeltaFunctionCall(name=call.function.name,
-                                                                                      arguments=""))]))
-            deltas.append(DeltaMessage(tool_calls=[DeltaToolCall(
-                index=index, function=DeltaFunctionCall(arguments=call.function.arguments))]))
+            arguments = call.function.arguments
+            if index < len(self._streamed):  # its id and name went out; send what its arguments still lack
+                streamed = self._streamed[index]
+                rest = arguments[len(streamed.sent):] if arguments.startswith(streamed.sent) else ""
+                if rest:
+                    deltas.append(_arguments_delta(index, rest))
+                call = ToolCall(id=streamed.id, function=FunctionCall(name=call.function.name,
+                                                                      arguments=streamed.sent + rest))
+            else:
+                deltas += [_call_delta(index, call.id, call.function.name), _arguments_delta(index, arguments)]
+            self.calls.append(call)
         return deltas
+
+
+def _call_delta(index: int, call_id: str, name: str) -> DeltaMessage:
+    return DeltaMessage(tool_calls=[DeltaToolCall(index=index, id=call_id, type="function",
+                                                  function=DeltaFunctionCall(name=name, arguments=""))])
+
+
+def _arguments_delta(index: int, arguments: str) -> DeltaMessage:
+    return DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments))])

@@ -1,10 +1,16 @@
-"""GGUF metadata and tensor names for Llama- and Gemma 3-architecture files (Qwen2/Qwen3: weights/gguf_qwen.py),
-read with gguf.GGUFReader (torch-free)."""
+"""GGUF metadata and tensor names for Llama- and Gemma 3-architecture files, read with gguf.GGUFReader
+(torch-free), and the dispatch to the other architectures' modules: Qwen2/Qwen3 (weights/gguf_qwen.py),
+Phi-3 (gguf_phi3.py), Gemma 2 (gguf_gemma2.py), Mixtral and Qwen3-MoE (gguf_moe.py).
+
+A `llama` file is Llama's, Mistral's when it names a sliding window (`llama.attention.sliding_window`;
+llama.cpp writes Mistral as `llama`), Mixtral's when it has experts (`llama.expert_count`).
+"""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import replace
 import os
 import re
 from typing import Any
@@ -45,6 +51,31 @@ def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
     return default if field is None else field.contents()
 
 
+def metadata_key(reader: GGUFReader, prefix: str) -> Callable[..., Any]:
+    """key(name, default=None): the value of `<prefix>.<name>`, else `default`; ConfigError naming the
+    key when both are missing."""
+    def key(name: str, default: Any = None) -> Any:
+        value = field_value(reader, f"{prefix}.{name}", default)
+        if value is None:
+            raise ConfigError(f"GGUF file lacks {prefix}.{name}.")
+        return value
+    return key
+
+
+def float32_value(value: Any) -> float:
+    """A float32 metadata value as written: 1e-5 reads back as 9.99999975e-06, whose shortest float32
+    repr restores 1e-05."""
+    return float(str(np.float32(value)))
+
+
+def eos_ids_with(reader: GGUFReader, *turn_tokens: str) -> tuple[int, ...]:
+    """The file's eos id, then the ids of `turn_tokens` (a chat turn's end, as llama.cpp's EOT) in its vocabulary."""
+    tokens = field_value(reader, "tokenizer.ggml.tokens") or []
+    eos = field_value(reader, "tokenizer.ggml.eos_token_id")
+    ids = (() if eos is None else (int(eos),)) + tuple(i for i, t in enumerate(tokens) if t in turn_tokens)
+    return tuple(dict.fromkeys(ids))
+
+
 def hf_tensor_name(gguf_name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for skipped tensors."""
     if gguf_name in SKIPPED_TENSORS:
@@ -69,19 +100,41 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+GGUF_ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "qwen2", "qwen3", "qwen3moe")  # the files fitserve reads
+
+
 def arch_from_gguf(reader: GGUFReader) -> ArchConfig:
-    """ArchConfig from `llama.*` (or `gemma3.*`: gemma3_arch_from_gguf) and `tokenizer.ggml.*` metadata."""
-    from fitserve.weights import gguf_qwen
+    """ArchConfig from the file's `<general.architecture>.*` and `tokenizer.ggml.*` metadata; ConfigError
+    for an architecture fitserve does not read, before any tensor is read."""
+    from fitserve.weights import gguf_gemma2, gguf_moe, gguf_phi3, gguf_qwen
 
     arch_name = field_value(reader, "general.architecture")
     if arch_name == "gemma3":
         return gemma3_arch_from_gguf(reader)
+    if arch_name == "gemma2":
+        return gguf_gemma2.gemma2_arch_from_gguf(reader)
+    if arch_name == "phi3":
+        return gguf_phi3.phi3_arch_from_gguf(reader)
+    if arch_name == gguf_moe.QWEN3_MOE_GGUF_ARCH:
+        return gguf_moe.qwen3moe_arch_from_gguf(reader)
     if arch_name in gguf_qwen.QWEN_GGUF_ARCHITECTURES:
         return gguf_qwen.qwen_arch_from_gguf(reader, arch_name)
     if arch_name != "llama":
-        raise ConfigError(f"GGUF architecture {arch_name!r} is not supported; fitserve reads 'llama', 'gemma3', "
-                          "'qwen2' and 'qwen3' files.")
+        raise ConfigError(f"GGUF architecture {arch_name!r} is not supported; fitserve reads "
+                          f"{', '.join(repr(a) for a in GGUF_ARCHITECTURES)} files (docs/models.md).")
+    return gguf_moe.with_llama_experts(reader, with_llama_window(reader, llama_arch_from_gguf(reader)))
 
+
+def with_llama_window(reader: GGUFReader, arch: ArchConfig) -> ArchConfig:
+    """A `llama` file naming a sliding window is Mistral's (v0.1: 4096 tokens on every layer)."""
+    window = field_value(reader, "llama.attention.sliding_window")
+    if not window:
+        return arch
+    return replace(arch, architecture="MistralForCausalLM", sliding_window=int(window))
+
+
+def llama_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
+    """ArchConfig from `llama.*` and `tokenizer.ggml.*` metadata."""
     def key(name: str, default: Any = None) -> Any:
         value = field_value(reader, f"llama.{name}", default)
         if value is None:
@@ -196,26 +249,29 @@ def gemma3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
 
 
 def hf_name_function(arch: ArchConfig) -> Callable[[str], str | None]:
-    """The GGUF -> HF tensor-name mapping of a file's architecture (Gemma 3's, Qwen's, else Llama's)."""
-    from fitserve.weights import gguf_qwen
+    """The GGUF -> HF tensor-name mapping of a file's architecture (arch_from_gguf's `architecture`).
 
-    if is_gemma3_gguf(arch):
-        return gemma3_hf_tensor_name
-    if arch.architecture in gguf_qwen.QWEN_GGUF_ARCHITECTURES.values():
-        return gguf_qwen.qwen_hf_tensor_name
-    return hf_tensor_name
+    A stacked experts tensor (`blk.N.ffn_gate_exps`) maps to a name holding gguf_moe.EXPERT_PLACEHOLDER,
+    which the readers fill in for each expert (gguf_moe.per_expert)."""
+    from fitserve.weights import gguf_gemma2, gguf_moe, gguf_phi3, gguf_qwen
+
+    names = {"Gemma3ForCausalLM": gemma3_hf_tensor_name, "Gemma2ForCausalLM": gguf_gemma2.gemma2_hf_tensor_name,
+             "Phi3ForCausalLM": gguf_phi3.phi3_hf_tensor_name, "MixtralForCausalLM": gguf_moe.mixtral_hf_tensor_name,
+             "Qwen3MoeForCausalLM": gguf_moe.qwen3moe_hf_tensor_name,
+             **{a: gguf_qwen.qwen_hf_tensor_name for a in gguf_qwen.QWEN_GGUF_ARCHITECTURES.values()}}
+    return names.get(arch.architecture, hf_tensor_name)
 
 
 def rope_rows_permuted(arch: ArchConfig) -> bool:
     """Whether the file's q/k rows are in llama.cpp's interleaved rope order (unpermute_rope_rows): the
-    converter permutes them for `llama` files only; Gemma's and Qwen's are stored as transformers holds them."""
-    return arch.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
+    converter permutes them for `llama` files only (Llama, Mistral, Mixtral); the other architectures'
+    are stored as transformers holds them."""
+    return arch.architecture in ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 
 
-def is_gemma3_gguf(arch: ArchConfig) -> bool:
-    """Whether a GGUF file's ArchConfig (arch_from_gguf) is Gemma 3's: its tensors take Gemma's names
-    (gemma3_hf_tensor_name) and norms (gemma3_norm_from_gguf), and its q/k rows are not permuted."""
-    return arch.architecture == "Gemma3ForCausalLM"
+def norms_shifted(arch: ArchConfig) -> bool:
+    """Whether the file holds Gemma's norm weights as 1 + w (gemma3_norm_from_gguf undoes it): Gemma 2 and 3."""
+    return arch.architecture in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 
 
 def gemma3_norm_from_gguf(hf_name: str, values: np.ndarray) -> np.ndarray:

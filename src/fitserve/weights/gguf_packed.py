@@ -34,6 +34,12 @@ class PackedGgufTensor:
     type_name: str  # "Q4_K"
     shape: tuple[int, int]  # the weight it encodes: [N, K]
 
+    def split_rows(self, num_rows: list[int]) -> list[PackedGgufTensor]:
+        """The tensor cut into consecutive row blocks (a fused projection's parts: Phi-3's attn_qkv); a
+        row's blocks run along K, so each part is whole packed rows."""
+        return [replace(self, data=part, shape=(part.shape[0], self.shape[1]))
+                for part in self.data.split(num_rows, dim=0)]
+
 
 def gguf_packed_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
     """HF-named tensors of a GGUF file: PackedGgufTensor for block projections, float32 otherwise.
@@ -46,6 +52,7 @@ def gguf_packed_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor
 
 def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
     from fitserve.weights.gguf_file import hf_name_function, rope_rows_permuted, unpermute_rope_rows
+    from fitserve.weights.gguf_moe import per_expert
     from fitserve.weights.loader import dequantized_gguf_tensor
     arch = source.arch
     to_hf_name, permuted = hf_name_function(arch), rope_rows_permuted(arch)
@@ -54,7 +61,7 @@ def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, tor
         if name is None:
             continue
         if not (is_projection(tensor.name) and tensor.tensor_type.name in PACKED_TYPES):
-            yield name, dequantized_gguf_tensor(tensor, name, source)
+            yield from per_expert(name, dequantized_gguf_tensor(tensor, name, source))  # experts: dequantized
             continue
         num_rows, in_features = (int(d) for d in reversed(tensor.shape.tolist()))
         rows = np.asarray(tensor.data, dtype=np.uint8).reshape(num_rows, -1)

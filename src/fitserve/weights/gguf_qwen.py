@@ -19,6 +19,7 @@ from fitserve.config import ConfigError
 from fitserve.weights import gguf_file
 
 QWEN_GGUF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_QK_NORM_GGUF_ARCHITECTURES = {"qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}  # gguf_moe: experts
 _QWEN_BLOCK_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _TENSOR_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
@@ -38,7 +39,7 @@ def qwen_hf_tensor_name(gguf_name: str) -> str | None:
 
 
 def qwen_arch_from_gguf(reader: GGUFReader, gguf_arch: str) -> ArchConfig:
-    """ArchConfig from `qwen2.*` or `qwen3.*` metadata."""
+    """ArchConfig from `qwen2.*`, `qwen3.*` or (its attention: gguf_moe.py adds the experts) `qwen3moe.*` metadata."""
     def key(name: str, default: Any = None) -> Any:
         value = gguf_file.field_value(reader, f"{gguf_arch}.{name}", default)
         if value is None:
@@ -48,7 +49,7 @@ def qwen_arch_from_gguf(reader: GGUFReader, gguf_arch: str) -> ArchConfig:
     num_heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
     tokens = gguf_file.field_value(reader, "tokenizer.ggml.tokens") or []
     eos = gguf_file.field_value(reader, "tokenizer.ggml.eos_token_id")
-    architecture = QWEN_GGUF_ARCHITECTURES[gguf_arch]
+    architecture = {**QWEN_GGUF_ARCHITECTURES, **_QK_NORM_GGUF_ARCHITECTURES}[gguf_arch]
     return ArchConfig(
         vocab_size=int(gguf_file.field_value(reader, f"{gguf_arch}.vocab_size", 0)) or len(tokens),
         hidden_size=hidden,
@@ -66,5 +67,5 @@ def qwen_arch_from_gguf(reader: GGUFReader, gguf_arch: str) -> ArchConfig:
         architecture=architecture,
         torch_dtype="float32",  # GGUF is dequantized or packed; the serving dtype comes from --dtype
         qkv_bias=architecture == "Qwen2ForCausalLM",
-        qk_norm=architecture == "Qwen3ForCausalLM",
+        qk_norm=architecture in _QK_NORM_GGUF_ARCHITECTURES.values(),
     )

@@ -14,19 +14,20 @@ from fitserve.weights.source import ModelSource
 
 
 def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout."""
-    from fitserve.weights import gguf_file
+    """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout, experts
+    one by one."""
+    from fitserve.weights import gguf_file, gguf_moe
     reader = gguf_file.open_gguf(source.weights_path)
     to_hf_name = gguf_file.hf_name_function(source.arch)
     for tensor in reader.tensors:
         name = to_hf_name(tensor.name)
-        if name is not None:
-            yield name, dequantized_gguf_tensor(tensor, name, source)
+        if name is not None:  # a stacked experts tensor [E, ...] goes on as E tensors, one per expert
+            yield from gguf_moe.per_expert(name, dequantized_gguf_tensor(tensor, name, source))
 
 
 def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torch.Tensor:
     """One GGUF tensor (a gguf ReaderTensor, HF name `name`) as float32 [out, in] (a bias [out]): a llama
-    file's rope rows unpermuted, a Gemma 3 file's norms back to transformers' w (gemma3_norm_from_gguf)."""
+    file's rope rows unpermuted, a Gemma 2/3 file's norms back to transformers' w (gemma3_norm_from_gguf)."""
     from gguf.quants import dequantize
 
     from fitserve.weights import gguf_file
@@ -34,7 +35,7 @@ def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torc
     # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
     values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
-    if gguf_file.is_gemma3_gguf(arch):
+    if gguf_file.norms_shifted(arch):
         values = gguf_file.gemma3_norm_from_gguf(name, values)
     elif gguf_file.rope_rows_permuted(arch) and name.endswith("self_attn.q_proj.weight"):
         values = gguf_file.unpermute_rope_rows(values, arch.num_attention_heads)

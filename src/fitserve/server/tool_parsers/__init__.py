@@ -1,8 +1,11 @@
 """`--tool-call-parser`: how a model writes tool calls, one module per format, looked up by name.
 
-A parser answers two questions: `extract` (a whole reply's calls, and any content before them, or
-None when the reply holds no well-formed call of an offered tool: it is then plain content), and
-`hold_from` (streaming: from which position the text not yet sent may be the start of a call).
+A parser answers three questions: `extract` (a whole reply's calls, and any content before them, or
+None when the reply holds no well-formed call of an offered tool: it is then plain content),
+`hold_from` (streaming: from which position the text not yet sent may be the start of a call), and
+`call_texts` (streaming: the call objects written so far, the last perhaps cut short, whose
+arguments can then stream as they grow: tool_parsers/streaming.py; None: the calls are sent whole
+when the reply ends).
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ class ToolParser(Protocol):
 
     def hold_from(self, text: str, at_start: bool) -> int | None:
         """Where in `text` (the unsent rest; `at_start`: nothing was sent) a call may begin; None: nowhere."""
+        ...
+
+    def call_texts(self, tail: str) -> list[str] | None:
+        """The text of each call object in `tail` (held from a call's start on), the last one perhaps
+        cut short; None when this format's calls are sent whole at the end of the reply."""
         ...
 
 

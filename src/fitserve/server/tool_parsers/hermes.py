@@ -19,3 +19,6 @@ class HermesToolParser(MarkerToolParser):
 
     def call_objects(self, tail: str) -> list[Any]:
         return [json.loads(body) for body in _BLOCK.findall(tail)]
+
+    def call_texts(self, tail: str) -> list[str] | None:
+        return [body.lstrip() for body in _BLOCK.findall(tail)]

@@ -14,6 +14,9 @@ class Llama3JsonToolParser:
         calls = parse_tool_calls(text, plan)
         return None if calls is None else ExtractedCalls(None, calls)
 
+    def call_texts(self, tail: str) -> list[str] | None:
+        return None  # sent whole when the reply ends
+
     def hold_from(self, text: str, at_start: bool) -> int | None:
         start = text.lstrip()
         if at_start and (start.startswith(("{", "[", PYTHON_TAG)) or PYTHON_TAG.startswith(start)):

@@ -34,3 +34,7 @@ class MarkerToolParser:
 
     def hold_from(self, text: str, at_start: bool) -> int | None:
         return partial_suffix_start(text, self.marker)
+
+    def call_texts(self, tail: str) -> list[str] | None:
+        """Each call object's text so far (tail starts at the marker); subclasses say where they lie."""
+        raise NotImplementedError

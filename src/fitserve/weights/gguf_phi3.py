@@ -1,0 +1,84 @@
+"""GGUF files of Phi-3 (`phi3`), as llama.cpp's converter writes them (torch-free).
+
+The converter keeps Phi-3's fused projections: `blk.N.attn_qkv.weight` holds transformers'
+`self_attn.qkv_proj` ([q rows | k rows | v rows], hidden) and `blk.N.ffn_up.weight` its
+`mlp.gate_up_proj` ([gate rows | up rows], hidden); models/phi3.py splits both at load, as for a
+safetensors checkpoint. The q/k rows are not permuted (Phi-3's rope is the half-split NEOX one).
+
+What fitserve refuses, before any tensor is read, as for a safetensors checkpoint (arch_config.py):
+LongRoPE (Phi-3-mini-128k, Phi-3.5: the file holds `rope_factors_long.weight` and
+`rope_factors_short.weight`, the per-frequency factors for long and short contexts) and a rotary
+dimension below the head size (Phi-4-mini's partial rotary factor).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from gguf import GGUFReader
+
+from fitserve.arch_config import ArchConfig
+from fitserve.config import ConfigError
+from fitserve.weights import gguf_file
+
+PHI3_GGUF_ARCH = "phi3"
+LONGROPE_TENSORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+PHI3_END_OF_TURN = "<|end|>"  # ends a chat turn (Phi-3's generation_config.json lists it as an eos)
+_PHI3_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+
+
+def phi3_hf_tensor_name(gguf_name: str) -> str | None:
+    """'blk.3.attn_qkv.weight' -> 'model.layers.3.self_attn.qkv_proj.weight', 'blk.3.ffn_up.weight' ->
+    'model.layers.3.mlp.gate_up_proj.weight' (gate and up fused)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.match(gguf_name)
+    if not match or match.group(2) not in _PHI3_BLOCK_NAMES:
+        raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of a Phi-3 model.")
+    return f"model.layers.{match.group(1)}.{_PHI3_BLOCK_NAMES[match.group(2)]}.weight"
+
+
+def phi3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
+    """ArchConfig from `phi3.*` metadata; ConfigError for LongRoPE and partial rotary files."""
+    key = gguf_file.metadata_key(reader, PHI3_GGUF_ARCH)
+    tensor_names = {t.name for t in reader.tensors}
+    longrope = [name for name in LONGROPE_TENSORS if name in tensor_names]
+    if longrope:
+        raise ConfigError(
+            f"This Phi-3 GGUF file holds LongRoPE factors ({', '.join(longrope)}: Phi-3-mini-128k, Phi-3.5); "
+            "fitserve does not implement LongRoPE rope scaling, for GGUF files or checkpoints. The 4k-context "
+            "Phi-3 models have none.")
+    num_heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+    head_dim = hidden // num_heads
+    rotary_dim = int(key("rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise ConfigError(f"This Phi-3 GGUF file rotates {rotary_dim} of each head's {head_dim} dimensions (a "
+                          "partial rotary factor, as Phi-4-mini); fitserve rotates whole heads only.")
+    window = gguf_file.field_value(reader, f"{PHI3_GGUF_ARCH}.attention.sliding_window")
+    tokens: list[Any] = gguf_file.field_value(reader, "tokenizer.ggml.tokens") or []
+    return ArchConfig(
+        vocab_size=int(gguf_file.field_value(reader, f"{PHI3_GGUF_ARCH}.vocab_size", 0)) or len(tokens),
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_hidden_layers=int(key("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rms_norm_eps=gguf_file.float32_value(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(key("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=gguf_file.field_value(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=gguf_file.eos_ids_with(reader, PHI3_END_OF_TURN),
+        architecture="Phi3ForCausalLM",
+        torch_dtype="float32",  # GGUF is dequantized or packed; the serving dtype comes from --dtype
+        sliding_window=int(window) if window else None,
+    )
