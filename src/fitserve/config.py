@@ -376,8 +376,14 @@ class ServerConfig:
         "--max-connections", type=int,
         help=f"open connections; more get 503 and are closed (default {DEFAULT_MAX_CONNECTIONS}, lowered below "
              "the open-file limit)"))
+    api_server_count: int = field(default=1, metadata=flag(  # docs/engine_process.md; above 1: the engine process
+        "--api-server-count", type=int,
+        help="HTTP API processes sharing the port and one engine-core process (default 1; more spread the "
+             "SSE framing of many streams over several cores; docs/engine_process.md)"))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.api_server_count, int) or self.api_server_count < 1:
+            raise ConfigError(f"--api-server-count must be 1 or more, got {self.api_server_count!r}.")
         if any(not key for key in self.api_keys):
             raise ConfigError("--api-key must not be empty.")
         if self.metrics_api_key == "":
