@@ -265,6 +265,13 @@ def test_a_killed_core_turns_every_api_process_to_503():
         assert all(r.status_code == 503 and r.json()["phase"] == "failed" for r in answers.values())
 
 
+def test_a_killed_supervisor_leaves_no_process_behind():
+    with fake_api_servers(step_delay_s=0.01) as servers:
+        os.kill(servers.supervisor.pid, signal.SIGKILL)
+        left = [*servers.api_pids, servers.core_pid]
+        assert wait_for(lambda: not any(is_running(pid) for pid in left), 60), [p for p in left if is_running(p)]
+
+
 def test_a_core_that_cannot_start_ends_the_server_with_exit_code_2():
     with fake_api_servers(wait_ready=False, fail_with="config") as servers:
         servers.supervisor.join(START_TIMEOUT_S)

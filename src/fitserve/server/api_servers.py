@@ -17,7 +17,8 @@ process (`fitserve serve`) then becomes a supervisor:
        does; when all have exited, the core gets Shutdown;
      - an API process dies: the core aborts that process's requests (ClientGone); the others'
        go on, and the others keep serving the port;
-     - the core dies: every API process sees it (its pid) and answers 503 `failed`, as in one process.
+     - the core dies: every API process sees it (its pid) and answers 503 `failed`, as in one process;
+     - this process dies: each API process drains and exits (it watches this one), the core exits.
 
 Exit code: 2 when the core could not start for a setting (the API process 0 prints the message),
 1 when a drain cut requests or an API process died, else 0.
@@ -32,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -183,12 +185,27 @@ def _exit_code(exit_codes: dict[int, int]) -> int:
     return 0 if codes <= {0} else EXIT_FAILED
 
 
+def _drain_when_the_supervisor_dies() -> None:
+    """A killed supervisor must not leave API processes holding the port: each drains and exits."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        logger.warning("The supervisor process has gone; this API process drains and exits.")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="fitserve-supervisor-watch", daemon=True).start()
+
+
 def run_api_server(index: int, sock: socket.socket, addresses: CoreAddresses, core_pid: int, engine_config: Any,
                    server_config: ServerConfig, options: ApiServerOptions, tokenizer_for: Any) -> None:
     """API process `index`'s main: the FastAPI server of one process on the shared socket, its engine a
     CoreClient of the shared core. Exits with the launcher's code (2 for a ConfigError of the core)."""
     logging.basicConfig(level=getattr(logging, options.log_level.upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s %(name)s [api {index}]: %(message)s")
+    _drain_when_the_supervisor_dies()
     telemetry = Telemetry(interval_s=options.telemetry_interval_s,
                           stats_interval_s=options.stats_interval_s if index == 0 else None)
 
