@@ -200,6 +200,18 @@ def test_keys_request_ids_and_timeouts_in_every_api_process(servers):
     assert assert_openai_error(resp, 408)["code"] == "request_timeout"
 
 
+def test_a_client_disconnect_aborts_its_request_in_the_core(servers):
+    def aborted() -> float:
+        resp = httpx.get(f"{servers.url}/metrics", headers=AUTH, timeout=10)  # any process: the core's count
+        return _metric(resp.text, "vllm:request_success_total", 'finished_reason="abort"')
+
+    before = aborted()
+    with httpx.Client(base_url=servers.url, timeout=30, headers=AUTH) as http:
+        with http.stream("POST", "/v1/completions", json={"prompt": [1], "stream": True, **LONG}) as resp:
+            next(resp.iter_lines())
+    assert wait_for(lambda: aborted() == before + 1)
+
+
 def test_the_queue_limit_counts_the_requests_of_every_api_process():
     config = ServerConfig(max_queue_len=0)
     with fake_api_servers(config, max_num_seqs=1, step_delay_s=0.01) as servers:
