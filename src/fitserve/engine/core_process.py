@@ -228,6 +228,12 @@ class CoreLoop:
         stats = None
         if any(o.finished for o in outputs) or now_s - self._stats_sent_s >= STATS_INTERVAL_S:
             stats, self._stats_sent_s = self.engine.stats(), now_s
+        if len(self.outboxes) == 1:  # one API process: every output is its own
+            for output in outputs:
+                if output.finished:
+                    self._owners.pop(output.request_id, None)
+            self._send_to(0, StepOutputs(outputs, stats))
+            return
         by_client: list[list[RequestOutput]] = [[] for _ in self.outboxes]
         for output in outputs:
             owner = self._owners.pop(output.request_id, None) if output.finished else \
