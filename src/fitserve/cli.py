@@ -68,9 +68,7 @@ def serve(args: argparse.Namespace) -> int:
     if wants_replicas(args):
         from fitserve.scaleout.launch import serve_replicas
 
-        if server_config.api_server_count > 1:
-            raise ConfigError("--api-server-count does not work with --replicas: each replica serves in one "
-                              "process (docs/engine_process.md).")
+        _one_api_process(server_config)
 
         return serve_replicas(args, _without_engine_process(engine_config), server_config)
     if args.gpu_telemetry_interval < 0:
@@ -129,8 +127,16 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     if parsed.replicas is None and parsed.max_replicas is None:
         parsed.replicas = 1  # the config's `deployments:` section may set num_replicas or autoscaling instead
     engine_config, server_config = _serve_configs(parsed)
+    _one_api_process(server_config)
     return launch.application_from_args(parsed, _without_engine_process(engine_config), server_config,
                                         launch.engine_on_gpu(parsed.device))
+
+
+def _one_api_process(config: ServerConfig) -> None:
+    """A replica serves in its own process: --api-server-count is refused with --replicas."""
+    if config.api_server_count > 1:
+        raise ConfigError("--api-server-count does not work with --replicas: each replica serves in one "
+                          "process (docs/engine_process.md).")
 
 
 def _without_engine_process(config: EngineConfig) -> EngineConfig:
