@@ -7,7 +7,9 @@ with --api-server-count 1, 2 and 4, beside the in-process figure of the same wor
 
 Each workload is sent as gpu_bench.py runs it (fixed prompt and output lengths, token-id prompts,
 ignore_eos, a closed loop of `concurrency` requests), spread over --client-processes benchmark
-processes (at most one per stream), whose CPU use is recorded so a client-bound run shows.
+processes (at most one per stream), whose CPU use is recorded so a client-bound run shows, as is
+each server process's (main: the API process with one, the supervisor with several; core; api1...:
+a core or API process near 1.0 of a core is the limit).
 Writes to --out: http_record.jsonl (one line per mode and workload), http_record.md (the table),
 bench_results.json (every `fitserve bench` result), logs.txt (the servers' and parts' logs).
 Budget: about 20 s of ceilings, 90 s in-process, 100 s per server (start-up included) on an H200;
@@ -92,20 +94,50 @@ def wait_all_ready(base_url: str, timeout_s: float) -> bool:
     return False
 
 
+def server_cpu_ticks(session_id: int) -> dict[int, tuple[str, int]]:
+    """{pid: (role, user + system clock ticks)} of the server's processes (its own session): the
+    started process "main", then its spawned children by pid: the core first (it is started before
+    the API processes), then "api1", "api2", ... (multiprocessing's resource tracker left out)."""
+    found: dict[int, tuple[bytes, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[3]) == session_id and b"resource_tracker" not in cmdline:  # fields[3]: the session id
+            found[int(entry)] = (cmdline, int(fields[11]) + int(fields[12]))  # utime + stime
+    children = sorted(pid for pid, (cmdline, _) in found.items() if b"spawn_main" in cmdline)
+    roles = {session_id: "main", **{pid: "core" if i == 0 else f"api{i}" for i, pid in enumerate(children)}}
+    return {pid: (roles.get(pid, "other"), ticks) for pid, (_, ticks) in found.items()}
+
+
+def server_cpu(before: dict, after: dict, duration_s: float) -> dict[str, float]:
+    """Each server process's CPU use over a run, as a fraction of one core."""
+    ticks_per_s = os.sysconf("SC_CLK_TCK")
+    return {role: round((ticks - before.get(pid, (role, 0))[1]) / ticks_per_s / duration_s, 3)
+            for pid, (role, ticks) in sorted(after.items(), key=lambda item: item[1][0])}
+
+
 def bench_one(base_url: str, name: str, shape: tuple[int, int, int, int], client_processes: int,
-              bench_flags: list[str], out: Path, logs: list[str]) -> dict:
+              bench_flags: list[str], out: Path, logs: list[str], server_pid: int | None = None) -> dict:
     requests, concurrency, prompt, output = shape
     path = out / f"bench-{name}.json"
     command = [sys.executable, "-m", "fitserve", "bench", "--base-url", base_url, "--workload", "custom",
                "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--input-len", str(prompt),
                "--output-len", str(output), "--client-processes", str(max(1, min(client_processes, concurrency))),
                "--disable-tqdm", "--metric-percentiles", "50,99", "--save-result", str(path), *bench_flags]
+    cpu_before = server_cpu_ticks(server_pid) if server_pid else {}
     done = subprocess.run(command, capture_output=True, text=True, env=child_env())
+    cpu_after = server_cpu_ticks(server_pid) if server_pid else {}
     logs.append(f"== bench {name} (exit {done.returncode})\n{done.stdout[-3000:]}{done.stderr[-2000:]}")
     if done.returncode != 0:
         return {"error": f"bench exit code {done.returncode}", "stderr_tail": done.stderr[-1500:]}
     result = json.loads(path.read_text())
     path.unlink()
+    result["server_cpu"] = server_cpu(cpu_before, cpu_after, result["duration"]) if cpu_after else {}
     return result
 
 
@@ -124,7 +156,7 @@ def through_http(count: int, shapes: dict, serve_flags: list[str], client_proces
             return {name: {"error": started.error or "not every API process became ready"} for name in shapes}
         for name, shape in shapes.items():
             results[name] = bench_one(server.base_url, f"api{count}-{name}", shape, client_processes, bench_flags,
-                                      out, logs)
+                                      out, logs, server.process.pid if server.process else None)
             results[name]["server_startup_s"] = started.startup_s
     finally:
         server.stop()
@@ -144,7 +176,7 @@ def http_line(mode: str, name: str, result: dict, floor: float | None) -> dict:
             "median_ttft_ms": round(result["median_ttft_ms"], 1), "p99_itl_ms": round(result["p99_itl_ms"], 1),
             "mean_tpot_ms": round(result["mean_tpot_ms"], 2),
             "client_processes": cpu.get("num_processes"), "client_max_core_fraction": cpu.get("max_core_fraction"),
-            "client_bound": cpu.get("client_bound")}
+            "client_bound": cpu.get("client_bound"), "server_cpu_core_fraction": result.get("server_cpu")}
 
 
 def in_process_line(name: str, run: dict, floor: float | None) -> dict:
