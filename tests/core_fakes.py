@@ -85,3 +85,21 @@ def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def fake_tokenizer(config: Any, ready: CoreReady) -> FakeTokenizer:
+    return FakeTokenizer()
+
+
+def run_fake_api_servers(count: int, sock: Any, config: ServerConfig, build_kwargs: dict[str, Any]) -> None:
+    """The supervisor of `count` API processes over one fake core (a test's spawned process): as
+    `fitserve serve --api-server-count` runs, on the listening socket `sock`."""
+    import logging
+    import sys
+
+    from fitserve.server.api_servers import ApiServerOptions, serve_api_servers
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s [supervisor]: %(message)s")
+    options = ApiServerOptions("127.0.0.1", sock.getsockname()[1], log_level="warning", telemetry_interval_s=0)
+    sys.exit(serve_api_servers(count, partial(build_fake_core, **build_kwargs), None, config, options,
+                               tokenizer_for=fake_tokenizer, sock=sock))

@@ -28,3 +28,38 @@ def is_running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The inodes of the sockets process `pid` holds open."""
+    inodes = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:["):-1]))
+    return inodes
+
+
+def tcp_ports(pid: int) -> tuple[set[int], set[int]]:
+    """(local ports, remote ports) of the TCP sockets process `pid` holds: a server process's remote
+    ports are its clients' local ports, so a test can tell which process serves its connection."""
+    inodes = socket_inodes(pid)
+    local, remote = set(), set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[9]) in inodes:
+                local.add(int(fields[1].rsplit(":", 1)[1], 16))
+                remote.add(int(fields[2].rsplit(":", 1)[1], 16))
+    return local, remote

@@ -172,3 +172,57 @@ def test_cli_user_errors_exit_2(url, capsys):
     assert main(["bench", "--base-url", "http://127.0.0.1:9", "--model", "m", "--ready-check-timeout-sec",
                  "0.2", "--disable-tqdm"]) == 2
     assert "ConnectError" in capsys.readouterr().err
+
+
+def test_two_client_processes_send_every_request_once_in_order(url):
+    workload = resolve_workload("custom", num_prompts=24, max_concurrency=4, input_len=40, output_len=10,
+                                range_ratio=0.5)
+    specs = build_requests(workload, seed=0, vocab_size=VOCAB_SIZE)
+    settings = RequestSettings(url, "/v1/completions", model="")
+    options = RunOptions(vocab_size=VOCAB_SIZE, ready_timeout_s=10.0, progress=False, client_processes=2)
+    out = run_benchmark(workload, settings, options, save_detailed=True)
+    r = out.result
+    assert (r["completed"], r["failed"], r["client_processes"]) == (24, 0, 2)
+    assert [q["input_len"] for q in r["requests"]] == [s.prompt_len for s in specs]  # merged in workload order
+    assert r["total_output_tokens"] == sum(s.output_len for s in specs) and r["max_concurrent_requests"] <= 4
+    cpu = r["client_cpu"]
+    assert cpu["num_processes"] == 2 and [p["process"] for p in cpu["processes"]] == [0, 1]
+    assert all(p["cpu_s"] > 0 and p["wall_s"] > 0 for p in cpu["processes"])
+    assert "Client processes:                        2" in out.table()
+
+
+def test_one_client_process_reports_its_cpu_use(url):
+    out = bench(url, resolve_workload("custom", num_prompts=4, input_len=8, output_len=4))
+    cpu = out.result["client_cpu"]
+    assert cpu["num_processes"] == 1 and cpu["processes"][0]["cpu_s"] > 0
+    assert cpu["max_core_fraction"] == cpu["processes"][0]["core_fraction"]
+    assert "Busiest client CPU (% of a core):" in out.table()
+
+
+def test_client_processes_split_requests_and_concurrency():
+    from fitserve.bench.client_processes import concurrency_share, split_requests
+
+    workload = resolve_workload("custom", num_prompts=10, input_len=4, output_len=2)
+    specs = build_requests(workload, seed=0, vocab_size=VOCAB_SIZE)
+    shares = split_requests(specs, [0.1 * i for i in range(10)], 8, 3)
+    assert [[s.index for s in share.specs] for share in shares] == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert shares[1].offsets_s == pytest.approx((0.1, 0.4, 0.7))
+    assert [share.max_concurrency for share in shares] == [3, 3, 2]
+    assert concurrency_share(None, 3, 0) is None
+
+
+def test_a_busy_client_draws_a_warning():
+    from fitserve.bench.client_processes import ClientCpu, client_bound_warning, client_cpu_summary
+
+    busy = client_cpu_summary([ClientCpu(0, 0.3, 1.0), ClientCpu(1, 0.9, 1.0)])
+    assert busy["client_bound"] and busy["max_core_fraction"] == pytest.approx(0.9)
+    assert "90% of a CPU core" in client_bound_warning(busy)
+    assert client_bound_warning(client_cpu_summary([ClientCpu(0, 0.5, 1.0)])) is None
+
+
+def test_client_processes_user_errors_exit_2(url, capsys):
+    assert main(["bench", "--base-url", url, "--client-processes", "0", "--disable-tqdm"]) == 2
+    assert main(["bench", "--base-url", url, "--workload", "W5", "--client-processes", "2", "--disable-tqdm"]) == 2
+    assert "--client-processes" in capsys.readouterr().err
+    assert main(["bench", "--base-url", url, "--max-concurrency", "2", "--client-processes", "4",
+                 "--disable-tqdm"]) == 2

@@ -175,9 +175,7 @@ def test_shutdown_stops_the_core_process():
     assert not process.is_alive() and process.exitcode == 0
 
 
-def test_not_yet_with_tensor_parallelism_or_replicas(capsys):
-    with pytest.raises(ConfigError, match="tensor-parallel-size"):
-        EngineConfig(engine_process=True, tensor_parallel_size=2)
+def test_not_with_replicas(capsys):
     from fitserve.cli import main
 
     assert main(["serve", "--engine-process", "--replicas", "2"]) == 2

@@ -10,6 +10,7 @@ import signal
 import threading
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from core_fakes import wait_for
@@ -117,3 +118,28 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_fitserve_serve_with_two_api_processes_serves_and_drains(tmp_path):
+    folder = write_tiny_model(tmp_path / "tiny")
+    flags = ("--model", str(folder), "--load-format", "dummy", "--dtype", "float32", "--device", "cpu",
+             "--num-gpu-blocks-override", "128", "--max-model-len", "256", "--api-server-count", "2",
+             "--served-model-name", "tiny")
+    with fitserve_process(tmp_path, *flags) as (proc, url, log_path):
+        wait_for_phases(url, proc, "ready")
+        # both API processes ready: ten new connections in a row answered 200
+        assert wait_for(lambda: all(httpx.get(f"{url}/health", timeout=5).status_code == 200 for _ in range(10)),
+                        120), log_path.read_text()[-3000:]
+        with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=60) as api:
+            texts = {api.completions.create(model="tiny", prompt="hello", max_tokens=6, temperature=0).choices[0].text
+                     for _ in range(4)}
+        assert len(texts) == 1  # the same greedy text from either process
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="tiny"} 4.0' in metrics
+        proc.send_signal(signal.SIGTERM)
+        exit_code = proc.wait(60)
+        log = log_path.read_text()
+    assert exit_code == 0, log[-3000:]
+    assert "2 API processes" in log
+    core_pid = int(log.split("the engine core is process ")[1].split(".")[0])
+    assert not is_running(core_pid), log[-3000:]

@@ -68,9 +68,13 @@ def serve(args: argparse.Namespace) -> int:
     if wants_replicas(args):
         from fitserve.scaleout.launch import serve_replicas
 
+        _one_api_process(server_config)
+
         return serve_replicas(args, _without_engine_process(engine_config), server_config)
     if args.gpu_telemetry_interval < 0:
         raise ConfigError(f"--gpu-telemetry-interval must be 0 (off) or more seconds, not {args.gpu_telemetry_interval}.")
+    if server_config.api_server_count > 1:
+        return _serve_api_servers(args, engine_config, server_config)
     telemetry = Telemetry(interval_s=args.gpu_telemetry_interval,
                           stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S)
 
@@ -91,6 +95,28 @@ def serve(args: argparse.Namespace) -> int:
         telemetry.stop()
 
 
+def _serve_api_servers(args: argparse.Namespace, engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """--api-server-count N > 1: N API processes on the port, one engine core (server/api_servers.py)."""
+    from fitserve.server.api_servers import ApiServerOptions, serve_api_servers
+
+    if engine_config.engine_process is False:
+        raise ConfigError("--api-server-count above 1 shares one engine core in its own process: leave out "
+                          "--no-engine-process (docs/engine_process.md).")
+    if args.verify_quantization:
+        raise ConfigError("--verify-quantization runs with one API process: leave out --api-server-count.")
+    options = ApiServerOptions(host=args.host, port=args.port, log_level=args.log_level,
+                               telemetry_interval_s=args.gpu_telemetry_interval,
+                               stats_interval_s=None if args.disable_log_stats else STATS_INTERVAL_S)
+    return serve_api_servers(server_config.api_server_count, build_core, engine_config, server_config, options)
+
+
+def build_core(config: EngineConfig, progress: bool) -> Any:
+    """In the engine-core process: startup.build_core, imported there (this process never loads torch)."""
+    from fitserve.startup import build_core as build
+
+    return build(config, progress)
+
+
 def app_builder(args: Mapping[str, Any]) -> Any:
     """Ray Serve's application builder for `serve run` / `serve deploy` configs, whose `import_path`
     names it (`fitserve.cli:app_builder`, deploy/ray/serve-config.yaml): their `args` are `fitserve
@@ -101,8 +127,16 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     if parsed.replicas is None and parsed.max_replicas is None:
         parsed.replicas = 1  # the config's `deployments:` section may set num_replicas or autoscaling instead
     engine_config, server_config = _serve_configs(parsed)
+    _one_api_process(server_config)
     return launch.application_from_args(parsed, _without_engine_process(engine_config), server_config,
                                         launch.engine_on_gpu(parsed.device))
+
+
+def _one_api_process(config: ServerConfig) -> None:
+    """A replica serves in its own process: --api-server-count is refused with --replicas."""
+    if config.api_server_count > 1:
+        raise ConfigError("--api-server-count does not work with --replicas: each replica serves in one "
+                          "process (docs/engine_process.md).")
 
 
 def _without_engine_process(config: EngineConfig) -> EngineConfig:

@@ -193,8 +193,8 @@ class EngineConfig:
     engine_process: bool | None = field(default=None, metadata=flag(  # docs/engine_process.md
         "--engine-process", kind="on_off",
         help="run the engine core (scheduler, KV cache, model) in its own process, the HTTP API in this one, "
-             "so that streaming work never slows the step loop (default: on with one GPU, off on the CPU; "
-             "not with --tensor-parallel-size or --replicas yet)"))
+             "so that streaming work never slows the step loop (default: on with one GPU, off on the CPU and "
+             "with --tensor-parallel-size; not with --replicas)"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     hf_offline: bool = field(default_factory=lambda: _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"))
@@ -220,13 +220,11 @@ class EngineConfig:
             raise ConfigError("--generation-config must be auto, vllm or a folder with a generation_config.json.")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be 1 or more, got {self.tensor_parallel_size!r}.")
-        if self.engine_process is True and self.tensor_parallel_size > 1:
-            raise ConfigError("--engine-process does not work with --tensor-parallel-size yet: "
-                              "leave one of them out (docs/engine_process.md).")
 
     def uses_engine_process(self, on_cuda: bool) -> bool:
         """--engine-process, or by default: on with one CUDA GPU (an H200's W2 through HTTP took 19.8 s with
-        it, 25.5 s without: docs/engine_process.md), off on the CPU and with tensor parallelism."""
+        it, 25.5 s without: docs/engine_process.md), off on the CPU and with tensor parallelism (where the
+        core starts its workers itself, but the split is not measured yet)."""
         if self.engine_process is not None:
             return self.engine_process
         return on_cuda and self.tensor_parallel_size == 1
@@ -376,8 +374,14 @@ class ServerConfig:
         "--max-connections", type=int,
         help=f"open connections; more get 503 and are closed (default {DEFAULT_MAX_CONNECTIONS}, lowered below "
              "the open-file limit)"))
+    api_server_count: int = field(default=1, metadata=flag(  # docs/engine_process.md; above 1: the engine process
+        "--api-server-count", type=int,
+        help="HTTP API processes sharing the port and one engine-core process (default 1; more spread the "
+             "SSE framing of many streams over several cores; docs/engine_process.md)"))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.api_server_count, int) or self.api_server_count < 1:
+            raise ConfigError(f"--api-server-count must be 1 or more, got {self.api_server_count!r}.")
         if any(not key for key in self.api_keys):
             raise ConfigError("--api-key must not be empty.")
         if self.metrics_api_key == "":

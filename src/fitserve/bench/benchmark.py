@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fitserve.bench.client import BenchError, RequestSettings, first_model_name, make_http_client
+from fitserve.bench.client_processes import client_bound_warning, client_cpu_summary
 from fitserve.bench.driver import RunOptions, RunResult, run_workload
 from fitserve.bench.report import device_name, format_table, load_average, provenance
 from fitserve.bench.stats import (
@@ -26,7 +27,9 @@ class BenchmarkOutput:
 
     def table(self) -> str:
         latencies = {name: getattr(self.metrics, name) for name in BenchmarkMetrics.LATENCIES}
-        return format_table(self.result, latencies)
+        table = format_table(self.result, latencies)
+        warning = client_bound_warning(self.result.get("client_cpu") or {})
+        return table if warning is None else f"{table}\n{warning}"
 
 
 def normalize_base_url(url: str) -> str:
@@ -51,7 +54,7 @@ def build_result(workload: Workload, settings: RequestSettings, options: RunOpti
     result.update(
         base_url=settings.base_url, endpoint=settings.endpoint, model=settings.model,
         ignore_eos=settings.ignore_eos, temperature=settings.temperature, seed=options.seed,
-        num_warmups=options.num_warmups,
+        num_warmups=options.num_warmups, client_processes=options.client_processes,
         vocab_size=None if settings.chat else options.vocab_size,
         workload=workload.to_json(), metric_percentiles=list(percentiles), metadata=metadata,
         server_version=run.server_version, device_name=device_name(run.server_version),
@@ -62,6 +65,7 @@ def build_result(workload: Workload, settings: RequestSettings, options: RunOpti
     result["server_metrics"] = run.server_metrics.to_json()
     result["interference"] = interference_summary(run.outcomes, percentiles) if workload.interference else None
     result["errors"] = error_counts(run.outcomes)
+    result["client_cpu"] = client_cpu_summary(run.client_cpu)  # bench/client_processes.py
     if save_detailed:
         result["requests"] = [
             {"role": o.role, "success": o.success, "error": o.error, "input_len": o.prompt_len,

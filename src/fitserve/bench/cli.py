@@ -66,6 +66,9 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--num-warmups", type=int, default=0, help="untimed requests sent before the run")
     r.add_argument("--metrics-interval", type=float, default=DEFAULT_POLL_INTERVAL_S,
                    help="seconds between scrapes of the server's /metrics during the run")
+    r.add_argument("--client-processes", type=int, default=1,
+                   help="processes that send the requests, each with its own event loop, HTTP client and a share "
+                        "of --max-concurrency, so the client is not the limit (default 1; not with W5)")
     r.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     r.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
@@ -86,7 +89,8 @@ def settings_from_args(args: argparse.Namespace, base_url: str) -> RequestSettin
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     return RunOptions(seed=args.seed, vocab_size=args.vocab_size, request_timeout_s=args.request_timeout,
                       ready_timeout_s=args.ready_check_timeout_sec, metrics_interval_s=args.metrics_interval,
-                      num_warmups=args.num_warmups, progress=not args.disable_tqdm)
+                      num_warmups=args.num_warmups, progress=not args.disable_tqdm,
+                      client_processes=args.client_processes)
 
 
 def parse_percentiles(text: str) -> tuple[float, ...]:

@@ -155,13 +155,21 @@ def format_table(result: dict, latencies: dict[str, LatencyStats | None]) -> str
               "itl": ("Inter-token Latency", "ITL"), "e2el": ("End-to-end Latency", "E2EL")}
     for name, (title, short) in titles.items():
         lines += _latency_lines(title, short, latencies[name])
-    lines += _server_lines(result["server_metrics"]) + _energy_lines(result)
+    lines += _server_lines(result["server_metrics"]) + _energy_lines(result) + _client_lines(result.get("client_cpu"))
     if result.get("interference"):
         lines += _interference_lines(result["interference"])
     for error, count in result["errors"].items():
         lines.append(f"failed x{count}: {error}")
     lines.append("=" * TABLE_WIDTH)
     return "\n".join(lines)
+
+
+def _client_lines(cpu: dict | None) -> list[str]:
+    """The benchmark client's own CPU use (bench/client_processes.py): a busy client may be the limit."""
+    if not cpu:
+        return []
+    return [f"{' Benchmark client ':-^{TABLE_WIDTH}}", _line("Client processes:", cpu["num_processes"]),
+            _line("Busiest client CPU (% of a core):", round(100 * cpu["max_core_fraction"], 1))]
 
 
 def _server_lines(server: dict) -> list[str]:

@@ -1,8 +1,10 @@
 """The messages between the API process and the engine-core process (msgpack, via msgspec).
 
-Towards the core: AddRequest, AbortRequests, Shutdown. Back from it: CoreReady or CoreFailed
+Towards the core: AddRequest, AbortRequests, Shutdown, and from the process that started several
+API processes (--api-server-count), ClientGone when one of them died. Back from it, to each API
+process on its own socket: CoreReady or CoreFailed
 once at start-up, then one StepOutputs per engine step that produced outputs (every request's
-increment of that step, in one message), RequestFailed for a request the core refused, and
+increment of that step for the requests of that API process, in one message), RequestFailed for a request the core refused, and
 CoreFailed if its loop dies. Each direction is one tagged union, so a reader decodes any
 message with one typed decoder. The dataclasses inside (SamplingParams, RequestOutput,
 EngineStats) travel as they are: msgspec encodes and rebuilds them field by field.
@@ -25,6 +27,7 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
     arrival_time_s: float  # time.monotonic() in the API process (one clock for all processes on a host)
+    client_index: int = 0  # which API process sent it: its outputs go back on that process's socket
 
 
 class AbortRequests(msgspec.Struct, tag=True, array_like=True):
@@ -33,6 +36,12 @@ class AbortRequests(msgspec.Struct, tag=True, array_like=True):
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True):
     """Stop stepping, release the runner, exit."""
+
+
+class ClientGone(msgspec.Struct, tag=True, array_like=True):
+    """API process `client_index` died: abort its requests, send it nothing more."""
+
+    client_index: int
 
 
 class StepOutputs(msgspec.Struct, tag=True, array_like=True):
@@ -44,12 +53,15 @@ class StepOutputs(msgspec.Struct, tag=True, array_like=True):
 
 class RequestFailed(msgspec.Struct, tag=True, array_like=True):
     """The core refused a request before running it: the client's fault (a grammar it cannot
-    compile: HTTP 400, `message` is for the client) or, `internal`, the core's (HTTP 500, logged there)."""
+    compile: HTTP 400, `message` is for the client) or, `internal`, the core's (HTTP 500, logged there),
+    or, `overloaded`, the whole server's queue is full (HTTP 503; with several API processes only the
+    core counts every request in flight)."""
 
     request_id: str
     message: str
     param: str | None = None
     internal: bool = False
+    overloaded: bool = False
 
 
 class CoreReady(msgspec.Struct, tag=True, array_like=True):
@@ -73,7 +85,7 @@ class CoreFailed(msgspec.Struct, tag=True, array_like=True):
     config_error: bool = False
 
 
-ToCore = Union[AddRequest, AbortRequests, Shutdown]
+ToCore = Union[AddRequest, AbortRequests, Shutdown, ClientGone]
 FromCore = Union[StepOutputs, RequestFailed, CoreReady, CoreFailed]
 
 

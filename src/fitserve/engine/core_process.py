@@ -9,7 +9,14 @@ socket has no high-water mark, so a slow reader costs memory, never a step.
 
 Signals: SIGINT (Ctrl-C reaches the whole process group) is ignored, since the API process
 decides when the core stops (after its drain); SIGTERM keeps its default, so a supervisor can
-still end the core. If the API process dies, the core notices within PARENT_CHECK_S and exits.
+still end the core. If its parent dies (the API process, or the process that started several),
+the core notices within PARENT_CHECK_S and exits.
+
+Several API processes (--api-server-count): the core reads every one's requests on one PULL
+socket, remembers which process sent each request, and sends each step's outputs as one message
+per API process (only that process's requests); stats go to all of them, so every process's
+/metrics shows the whole server. ClientGone (from the starting process) aborts a dead API
+process's requests.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ from typing import Any
 import zmq
 
 from fitserve.config import ConfigError
+from fitserve.core.engine_stats import EngineStats
+from fitserve.engine.async_engine import DEFAULT_MAX_QUEUE_LEN_PER_SEQ
 from fitserve.engine.core_messages import (
     AbortRequests,
     AddRequest,
+    ClientGone,
     CoreFailed,
     CoreReady,
     Shutdown,
@@ -50,52 +60,67 @@ CoreBuilder = Callable[[Any, bool], "tuple[LLMEngine, CoreReady]"]
 
 @dataclass(frozen=True, slots=True)
 class CoreAddresses:
-    to_core: str  # ipc:// address the API process binds and sends requests on
-    from_core: str  # ipc:// address the API process binds and reads outputs on
+    # ipc:// addresses the senders bind and the core reads requests from: one per API process, and
+    # with several API processes one more for the process that started them (ClientGone, Shutdown)
+    to_core: tuple[str, ...]
+    from_core: tuple[str, ...]  # ipc:// address each API process binds and reads outputs on (by client index)
 
 
-def run_core(build: CoreBuilder, config: Any, addresses: CoreAddresses, log_level: int, parent_pid: int) -> None:
-    """The core process's main: build, report, loop until Shutdown or the API process is gone."""
+def run_core(build: CoreBuilder, config: Any, addresses: CoreAddresses, log_level: int, parent_pid: int,
+             max_queue_len: int | None = None) -> None:
+    """The core process's main: build, report, loop until Shutdown or its parent is gone.
+    `max_queue_len` (None: the default per --max-num-seqs) bounds the requests of all API processes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [core]: %(message)s")
     context = zmq.Context()
     inbox = context.socket(zmq.PULL)
-    inbox.connect(addresses.to_core)
-    outbox = context.socket(zmq.PUSH)
-    outbox.setsockopt(zmq.SNDHWM, 0)  # never block a send: the step loop waits on nobody
-    outbox.setsockopt(zmq.LINGER, int(LAST_WORD_TIMEOUT_S * 1000))  # the last message still leaves on exit
-    outbox.setsockopt(zmq.SNDTIMEO, int(LAST_WORD_TIMEOUT_S * 1000))  # a blocking send gives up (parent gone)
-    outbox.connect(addresses.from_core)
+    for address in addresses.to_core:
+        inbox.connect(address)
+    outboxes = [_outbox(context, address) for address in addresses.from_core]
     try:
         engine, ready = build(config, True)  # progress: the weights bar, as in one process
     except ConfigError as error:
-        _last_word(outbox, CoreFailed(str(error), config_error=True))
-        return _close(context, inbox, outbox)
+        _last_word(outboxes, CoreFailed(str(error), config_error=True))
+        return _close(context, inbox, *outboxes)
     except BaseException as error:  # noqa: BLE001 - reported to the API process, which raises it
         logger.exception("The engine failed to start.")
-        _last_word(outbox, CoreFailed(f"{type(error).__name__}: {error}"))
-        return _close(context, inbox, outbox)
+        _last_word(outboxes, CoreFailed(f"{type(error).__name__}: {error}"))
+        return _close(context, inbox, *outboxes)
     try:
-        if _last_word(outbox, ready):
-            CoreLoop(engine, inbox, outbox, parent_pid).run()
+        if _last_word(outboxes, ready):
+            queue_len = DEFAULT_MAX_QUEUE_LEN_PER_SEQ * ready.max_num_seqs if max_queue_len is None else max_queue_len
+            CoreLoop(engine, inbox, outboxes, parent_pid, max_num_in_flight=ready.max_num_seqs + queue_len).run()
     except ApiProcessGone:
         logger.info("The API process has gone; the engine core stops.")
     except BaseException as error:  # noqa: BLE001 - the API process must hear of every failure
         logger.exception("The engine loop failed; the API process fails the requests in flight.")
-        _last_word(outbox, CoreFailed(f"{type(error).__name__}: {error}"))
+        _last_word(outboxes, CoreFailed(f"{type(error).__name__}: {error}"))
         raise SystemExit(1) from error
     finally:
         engine.shutdown()
-        _close(context, inbox, outbox)
+        _close(context, inbox, *outboxes)
 
 
-def _last_word(outbox: zmq.Socket, message: CoreReady | CoreFailed) -> bool:
-    """A blocking send that gives up after LAST_WORD_TIMEOUT_S (the API process has gone); False then."""
-    try:
-        outbox.send(from_core_codec()[0].encode(message))
-        return True
-    except zmq.Again:
-        return False
+def _outbox(context: zmq.Context, address: str) -> zmq.Socket:
+    outbox = context.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)  # never block a send: the step loop waits on nobody
+    outbox.setsockopt(zmq.LINGER, int(LAST_WORD_TIMEOUT_S * 1000))  # the last message still leaves on exit
+    outbox.setsockopt(zmq.SNDTIMEO, int(LAST_WORD_TIMEOUT_S * 1000))  # a blocking send gives up (parent gone)
+    outbox.connect(address)
+    return outbox
+
+
+def _last_word(outboxes: list[zmq.Socket], message: CoreReady | CoreFailed) -> bool:
+    """A blocking send to every API process that gives up after LAST_WORD_TIMEOUT_S (the API process
+    has gone); False when none took it."""
+    raw, taken = from_core_codec()[0].encode(message), False
+    for outbox in outboxes:
+        try:
+            outbox.send(raw)
+            taken = True
+        except zmq.Again:
+            pass
+    return taken
 
 
 def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:
@@ -109,13 +134,18 @@ class ApiProcessGone(Exception):
 
 
 class CoreLoop:
-    def __init__(self, engine: LLMEngine, inbox: zmq.Socket, outbox: zmq.Socket, parent_pid: int) -> None:
+    """`outboxes[i]` reaches API process i; `max_num_in_flight` bounds the requests of all of them."""
+
+    def __init__(self, engine: LLMEngine, inbox: zmq.Socket, outboxes: list[zmq.Socket], parent_pid: int,
+                 max_num_in_flight: int | None = None) -> None:
         self.engine = engine
         self.inbox = inbox
-        self.outbox = outbox
+        self.outboxes: list[zmq.Socket | None] = list(outboxes)  # None: that API process has gone
         self.parent_pid = parent_pid
+        self.max_num_in_flight = max_num_in_flight
         self.encoder, _ = from_core_codec()
         _, self.decoder = to_core_codec()
+        self._owners: dict[str, int] = {}  # request id -> the API process it came from, until it ends
         self._stats_sent_s = time.monotonic()
         self._stats_stale = False  # something changed since the last stats went out
         self._parent_checked_s = time.monotonic()
@@ -123,8 +153,8 @@ class CoreLoop:
     def run(self) -> None:
         while True:
             if not self.engine.has_unfinished:
-                if self._stats_stale:  # going idle: the API process gets the final figures
-                    self._send(StepOutputs([], self.engine.stats()))
+                if self._stats_stale:  # going idle: the API processes get the final figures
+                    self._send_stats(self.engine.stats())
                     self._stats_stale = False
                 if not self._wait_for_messages():
                     return
@@ -137,7 +167,7 @@ class CoreLoop:
                     return
 
     def _wait_for_messages(self) -> bool:
-        """Block until a message waits; False when the API process has gone."""
+        """Block until a message waits; False when the parent process has gone."""
         while not self.inbox.poll(int(PARENT_CHECK_S * 1000)):
             if not self._parent_alive():
                 return False
@@ -155,39 +185,80 @@ class CoreLoop:
             if isinstance(message, AddRequest):
                 self._add(message)
             elif isinstance(message, AbortRequests):
-                for request_id in message.request_ids:
-                    self.engine.abort_request(request_id)
+                self._abort(message.request_ids)
+            elif isinstance(message, ClientGone):
+                self._client_gone(message.client_index)
             elif isinstance(message, Shutdown):
                 return False
 
     def _add(self, message: AddRequest) -> None:
+        if self.outboxes[message.client_index] is None:
+            return  # sent just before its process died
+        if self.max_num_in_flight is not None and len(self._owners) >= self.max_num_in_flight:
+            self._send_to(message.client_index, RequestFailed(
+                message.request_id, f"The server is at capacity: {len(self._owners)} requests are in flight "
+                "(--max-num-seqs plus --max-queue-len). Retry later.", overloaded=True))
+            return
         try:
             request = self.engine.make_request(message.request_id, message.prompt_token_ids, message.sampling_params)
         except InvalidRequestError as error:
-            self._send(RequestFailed(message.request_id, str(error), error.param))
+            self._send_to(message.client_index, RequestFailed(message.request_id, str(error), error.param))
             return
         except Exception:  # noqa: BLE001 - one request's failure must not stop the core
             logger.exception("Request %s could not be added.", message.request_id)
-            self._send(RequestFailed(message.request_id, "internal error", internal=True))
+            self._send_to(message.client_index, RequestFailed(message.request_id, "internal error", internal=True))
             return
         request.arrival_time_s = message.arrival_time_s
+        self._owners[message.request_id] = message.client_index
         self.engine.add_request(request)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._owners.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+    def _client_gone(self, client_index: int) -> None:
+        gone = [request_id for request_id, owner in self._owners.items() if owner == client_index]
+        logger.warning("API process %d has gone; aborting its %d request(s).", client_index, len(gone))
+        self.outboxes[client_index] = None
+        self._abort(gone)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         now_s = time.monotonic()
         stats = None
         if any(o.finished for o in outputs) or now_s - self._stats_sent_s >= STATS_INTERVAL_S:
             stats, self._stats_sent_s = self.engine.stats(), now_s
-        self._send(StepOutputs(outputs, stats))
+        if len(self.outboxes) == 1:  # one API process: every output is its own
+            for output in outputs:
+                if output.finished:
+                    self._owners.pop(output.request_id, None)
+            self._send_to(0, StepOutputs(outputs, stats))
+            return
+        by_client: list[list[RequestOutput]] = [[] for _ in self.outboxes]
+        for output in outputs:
+            owner = self._owners.pop(output.request_id, None) if output.finished else \
+                self._owners.get(output.request_id)
+            if owner is not None:  # None: aborted while its last step ran
+                by_client[owner].append(output)
+        for index, client_outputs in enumerate(by_client):
+            if client_outputs or stats is not None:  # every API process gets the stats
+                self._send_to(index, StepOutputs(client_outputs, stats))
 
-    def _send(self, message: StepOutputs | RequestFailed) -> None:
+    def _send_stats(self, stats: EngineStats) -> None:
+        for index in range(len(self.outboxes)):
+            self._send_to(index, StepOutputs([], stats))
+
+    def _send_to(self, client_index: int, message: StepOutputs | RequestFailed) -> None:
+        outbox = self.outboxes[client_index]
+        if outbox is None:
+            return
         try:  # with no high-water mark, a send can only find no peer: the API process has gone
-            self.outbox.send(self.encoder.encode(message), zmq.NOBLOCK)
+            outbox.send(self.encoder.encode(message), zmq.NOBLOCK)
         except zmq.Again:
             raise ApiProcessGone from None
 
     def _parent_alive_now_and_then(self) -> bool:
-        """While busy, the API process is checked once per PARENT_CHECK_S (one syscall)."""
+        """While busy, the parent is checked once per PARENT_CHECK_S (one syscall)."""
         now_s = time.monotonic()
         if now_s - self._parent_checked_s < PARENT_CHECK_S:
             return True

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -100,21 +101,24 @@ def build_server(app: Any, host: str, port: int, lifecycle: ServerLifecycle, con
 
 
 def serve(config: ServerConfig, host: str, port: int, load_engine: EngineLoader, log_level: str = "info",
-          telemetry: Telemetry | None = None) -> int:
+          telemetry: Telemetry | None = None, sockets: list[socket.socket] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (blocks); returns the exit code. See the module docstring.
 
-    `telemetry` (started by `load_engine` once the GPUs are known) is shown on /metrics."""
+    `telemetry` (started by `load_engine` once the GPUs are known) is shown on /metrics. `sockets`:
+    listening sockets already bound (one shared by several API processes, server/api_servers.py)
+    instead of binding `host`:`port`."""
     lifecycle = ServerLifecycle()
     app = build_app(config=config, lifecycle=lifecycle)
     app.state.telemetry = telemetry  # fitserve:gpu_* on /metrics (server/metrics.py)
     server = build_server(app, host, port, lifecycle, config, log_level)
     if not config.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("Listening on %s without --api-key: anyone who can reach this port can use it.", host)
-    return asyncio.run(_serve(server, app, lifecycle, load_engine))
+    return asyncio.run(_serve(server, app, lifecycle, load_engine, sockets))
 
 
-async def _serve(server: DrainingServer, app: Any, lifecycle: ServerLifecycle, load_engine: EngineLoader) -> int:
-    server_task = asyncio.create_task(server.serve())
+async def _serve(server: DrainingServer, app: Any, lifecycle: ServerLifecycle, load_engine: EngineLoader,
+                 sockets: list[socket.socket] | None = None) -> int:
+    server_task = asyncio.create_task(server.serve(sockets=sockets))
     loading = _run_in_daemon_thread(load_engine, lambda phase: lifecycle.set_phase(phase))
     engine: EngineClient | None = None
     try:
