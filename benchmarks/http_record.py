@@ -66,10 +66,10 @@ def run_json(command: list[str], timeout_s: float, logs: list[str], label: str) 
 
 
 def floors(ceilings: dict, workloads: list[str]) -> dict[str, float]:
-    import gpu_bench
+    import bench_floors
 
-    model = gpu_bench.model_figures("bf16")
-    return {w: gpu_bench.floor_s(w, ceilings, model) for w in workloads}
+    model = bench_floors.model_figures(CONFIG_DIR, "bf16")
+    return {w: bench_floors.floor_s(w, ceilings, model) for w in workloads}
 
 
 def in_process(workloads: list[str], logs: list[str]) -> dict:
