@@ -160,7 +160,8 @@ def _max_model_len_message(plan: MemoryPlan) -> str:
         f"The KV cache of {where} holds {plan.kv_tokens} tokens ({plan.num_kv_blocks} blocks of "
         f"{inputs.block_size}, {gib(plan.kv_cache_bytes)}), fewer than one request of --max-model-len "
         f"{inputs.max_model_len} needs, so such a request could never run. Set --max-model-len "
-        f"{plan.kv_tokens} or less (the largest that fits), or {_memory_flag(plan, request_kv_tokens(inputs))}."
+        f"{plan.max_request_tokens} or less (the largest that fits), or "
+        f"{_memory_flag(plan, request_kv_tokens(inputs))}."
     )
 
 
