@@ -82,10 +82,13 @@ def _memory_rows(plan: MemoryPlan) -> list[str]:
 def _concurrency_rows(plan: MemoryPlan) -> list[str]:
     i = plan.inputs
     contexts = concurrency_contexts(i.max_model_len)
+    size = f"{plan.num_kv_blocks:,} blocks of {i.block_size} tokens"
+    if len(i.kv_windows) > 1:  # a block holds one group's layers: the pool's tokens are no request's
+        size += f" of one KV cache group's {kv_layout(i.arch.layer_windows).num_layers_per_block} layers"
     rows = [
         "",
-        f"KV cache: {plan.kv_tokens:,} tokens = {plan.num_kv_blocks:,} blocks of {i.block_size} tokens "
-        f"({plan.kv_cache_bytes / GIB:.2f} GiB)",
+        f"KV cache: {size} ({plan.kv_cache_bytes / GIB:.2f} GiB)" if len(i.kv_windows) > 1 else
+        f"KV cache: {plan.kv_tokens:,} tokens = {size} ({plan.kv_cache_bytes / GIB:.2f} GiB)",
         *_uniform_window_rows(plan),
         f"Concurrent requests it holds, each at its full context (at most --max-num-seqs {i.max_num_seqs}):",
         "  context tokens " + "".join(f"{c:>9}" for c in contexts),
