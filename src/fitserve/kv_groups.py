@@ -88,7 +88,8 @@ def peak_request_blocks(windows: Sequence[int | None], num_tokens: int, block_si
     return sum(full if w is None else min(full, -(-(w + chunk_tokens) // block_size) + 1) for w in windows)
 
 
-def max_request_tokens(windows: Sequence[int | None], num_blocks: int, block_size: int, chunk_tokens: int) -> int | None:
+def max_request_tokens(windows: Sequence[int | None], num_blocks: int, block_size: int,
+                       chunk_tokens: int) -> int | None:
     """The longest request (in tokens) whose blocks fit a pool of `num_blocks`; None when a request
     of any length fits (every group windowed and the windows fit)."""
     if all(w is not None for w in windows):

@@ -167,6 +167,15 @@ class MemoryPlan:
         return _floor_step((total - self.outside_budget_bytes) / total)
 
     @property
+    def kv_size_text(self) -> str:
+        """The cache's size for people: tokens, or the blocks of a pool shared by KV cache groups (whose
+        tokens are no single request's)."""
+        if len(self.inputs.kv_windows) == 1:
+            return f"{self.kv_tokens} tokens"
+        return (f"{self.num_kv_blocks} blocks of {self.inputs.block_size} tokens "
+                f"(shared by {len(self.inputs.kv_windows)} KV cache groups)")
+
+    @property
     def max_request_tokens(self) -> int:
         """The longest request the cache holds (its blocks in every KV cache group; a windowed group
         holds its window and a step's chunk)."""

@@ -172,7 +172,7 @@ def _concurrency_warning(plan: MemoryPlan) -> str | None:
     if fit >= inputs.max_num_seqs:
         return None
     return (
-        f"The KV cache holds {plan.kv_tokens} tokens: {fit} requests of {average_tokens} tokens (half of "
+        f"The KV cache holds {plan.kv_size_text}: {fit} requests of {average_tokens} tokens (half of "
         f"--max-model-len {inputs.max_model_len}) at once, fewer than --max-num-seqs {inputs.max_num_seqs}. "
         f"Past that, requests wait in the queue or are preempted and recomputed. To admit only what fits, set "
         f"--max-num-seqs {max(fit, 1)}; to hold more, "

@@ -121,7 +121,8 @@ class DecodeGraphs:
             seq_lens[row] = position + 1
             staged["tables"][0, row, : len(table)] = table
             for group, group_table in enumerate(chunk.group_block_tables, start=1):
-                staged["int64"][4 + group, row] = group_table[position // block_size] * block_size + position % block_size
+                group_slot = group_table[position // block_size] * block_size + position % block_size
+                staged["int64"][4 + group, row] = group_slot
                 staged["tables"][group, row, : len(group_table)] = group_table
             width = max(width, len(table))
         ids[num_seqs:] = 0
