@@ -86,6 +86,8 @@ class KVCacheManager:
         assert len(windows) == 1 or not enable_caching, "prefix caching needs one KV cache group"
         self.block_size = block_size
         self.group_windows = windows
+        self.num_groups = len(windows)
+        self._windowed_groups = tuple(g for g, window in enumerate(windows) if window is not None)
         self.sliding_window_tokens = windows[0] if len(windows) == 1 else None  # the uniform window, if any
         self.enable_caching = enable_caching
         self.hash_fn = hash_fn  # tests force collisions through it
@@ -99,10 +101,6 @@ class KVCacheManager:
         # Per request holding blocks, per group: how many leading table entries left the window (FREED_BLOCK).
         self._num_freed: dict[str, list[int]] = {}
         self._stats = PrefixCacheStats()
-
-    @property
-    def num_groups(self) -> int:
-        return len(self.group_windows)
 
     @property
     def num_free_blocks(self) -> int:
@@ -213,8 +211,8 @@ class KVCacheManager:
         tables = self._tables.get(rid)
         assert not (cached_blocks and tables), "cached blocks start a table; they are never added to one"
         if tables is not None:  # first, so that what the window left can serve this allocation
-            for group, table in enumerate(tables):
-                self._free_out_of_window(request, group, table)
+            for group in self._windowed_groups:
+                self._free_out_of_window(request, group, tables[group])
         held = len(tables[0]) if tables else len(cached_blocks)
         num_new = max(blocks_for_tokens(num_tokens, self.block_size) - held, 0)
         # Cached blocks wholly before the window of the first token computed are not even taken.

@@ -44,48 +44,51 @@ def build_forward_batch(
     group_block_tables; a made-up chunk without them (profiling, warm-up) uses its block_table for all."""
     input_ids: list[int] = []
     positions: list[int] = []
+    slots: list[int] = []
     query_start_loc = [0]
     logits_indices: list[int] = []
     for chunk in scheduled:
         input_ids.extend(chunk.token_ids)
-        positions.extend(range(chunk.num_computed_tokens, chunk.seq_len))
+        table = chunk.block_table
+        for position in range(chunk.num_computed_tokens, chunk.seq_len):
+            positions.append(position)
+            slots.append(table[position // block_size] * block_size + position % block_size)
         query_start_loc.append(len(input_ids))
         if chunk.samples:
             logits_indices.append(len(input_ids) - 1)
-    tables = [[c.block_table for c in scheduled]]
-    for group in range(1, num_kv_groups):
-        tables.append([c.group_block_tables[group - 1] if c.group_block_tables else c.block_table for c in scheduled])
-    slots_and_tables = [_slots_and_tables(scheduled, group_tables, block_size, device) for group_tables in tables]
     query_lens = tuple(c.num_tokens for c in scheduled)
     seq_lens = tuple(c.seq_len for c in scheduled)
 
     return ForwardBatch(
         input_ids=to_device(input_ids, torch.int64, device),
         positions=to_device(positions, torch.int64, device),
-        slot_mapping=slots_and_tables[0][0],
+        slot_mapping=to_device(slots, torch.int64, device),
         query_start_loc=to_device(query_start_loc, torch.int32, device),
         seq_lens=to_device(seq_lens, torch.int32, device),
-        block_tables=slots_and_tables[0][1],
+        block_tables=_padded_tables([c.block_table for c in scheduled], device),
         logits_indices=to_device(logits_indices, torch.int64, device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
-        group_tables=tuple(slots_and_tables[1:]),
+        group_tables=tuple(_group_slots_and_tables(scheduled, group, block_size, device)
+                           for group in range(1, num_kv_groups)),
     )
 
 
-def _slots_and_tables(scheduled: tuple[ScheduledRequest, ...], tables: list[tuple[int, ...]], block_size: int,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One group's slot mapping [T] int64 (where each fed token's K/V go) and block tables [S, max_blocks]
-    int32, padded with 0."""
-    slots: list[int] = []
-    for chunk, table in zip(scheduled, tables):
-        for position in range(chunk.num_computed_tokens, chunk.seq_len):
-            slots.append(table[position // block_size] * block_size + position % block_size)
+def _padded_tables(tables: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    """[S, max_blocks] int32, padded with 0."""
     max_blocks = max(len(table) for table in tables)
-    padded = [list(table) + [0] * (max_blocks - len(table)) for table in tables]
-    return to_device(slots, torch.int64, device), to_device(padded, torch.int32, device)
+    return to_device([list(table) + [0] * (max_blocks - len(table)) for table in tables], torch.int32, device)
+
+
+def _group_slots_and_tables(scheduled: tuple[ScheduledRequest, ...], group: int, block_size: int,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV cache group `group`'s (>= 1) slot mapping [T] int64 and block tables [S, max_blocks] int32."""
+    tables = [c.group_block_tables[group - 1] if c.group_block_tables else c.block_table for c in scheduled]
+    slots = [table[position // block_size] * block_size + position % block_size
+             for chunk, table in zip(scheduled, tables) for position in range(chunk.num_computed_tokens, chunk.seq_len)]
+    return to_device(slots, torch.int64, device), _padded_tables(tables, device)
 
 
 class PlaceholderFill:
