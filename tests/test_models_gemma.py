@@ -173,10 +173,10 @@ def test_an_image_text_config_without_a_text_model_is_refused():
         ArchConfig.from_hf_config({"architectures": ["Gemma3ForConditionalGeneration"], "vision_config": {}})
 
 
-def test_plan_says_what_a_windowed_cache_would_save():
-    """Gemma 3 1B at 32,768 tokens: 22 of 26 layers (all but 5, 11, 17, 23) hold 512 tokens in a windowed
-    cache, so it would hold 1 - (22 * 512 + 4 * 32768) / (26 * 32768) = 83% fewer KV bytes; a model
-    without windows has no such line."""
+def test_plan_says_what_the_windowed_groups_save():
+    """Gemma 3 1B at 32,768 tokens: 22 of 26 layers (all but 5, 11, 17, 23) in 6 windowed groups of 4 (the
+    last of 2), each holding 512 / 16 + 1 = 33 blocks: (2048 + 6 * 33) * 4 layer-blocks against 2048 * 26,
+    83% fewer KV bytes; a model without windows has no such line."""
     from fitserve.plan.planner import PlanInputs, plan_memory
     from fitserve.plan.report import format_plan
     gemma3_1b = ArchConfig.from_hf_config({
@@ -186,8 +186,8 @@ def test_plan_says_what_a_windowed_cache_would_save():
     text = " ".join(format_plan(plan_memory(PlanInputs(
         arch=gemma3_1b, model_name="gemma-3-1b", param_counts=counts_from_arch(gemma3_1b), max_model_len=32768,
         device_total_bytes=20 * 2**30, gpu_name="test card", gpu_memory_utilization=0.9))).split())
-    assert "22 of 26 layers attend over a sliding window of 512 tokens" in text
-    assert "would hold 83% fewer KV bytes for a request at 32,768 tokens" in text
+    assert "22 of 26 layers attend over a sliding window of 512 tokens: 7 KV cache groups of up to 4 layers" in text
+    assert "holds at most 33 blocks per request, so a request at 32,768 tokens holds 83% fewer KV bytes" in text
     llama = dataclasses_replace(gemma3_1b, sliding_window=None)
     assert "sliding window" not in format_plan(plan_memory(PlanInputs(
         arch=llama, model_name="x", param_counts=counts_from_arch(llama), max_model_len=32768,

@@ -1,6 +1,8 @@
 """Gemma 2 and Gemma 3 through the CUDA path agree with their pure-torch path (GPU only): the sliding
 window and soft-caps in the Triton attention kernels, the (1 + w) norms and GELU-tanh MLP (torch ops),
-Gemma 3's q/k norms before the fused rotary + KV store, its two rotary tables. head_dim 64."""
+Gemma 3's q/k norms before the fused rotary + KV store, its two rotary tables. head_dim 64. And the whole
+engine on CUDA with KV cache groups (one block table per group, read by the Triton kernels, eager and in
+the decode CUDA graphs, with async scheduling) against transformers."""
 
 from __future__ import annotations
 
@@ -51,3 +53,14 @@ def test_gemma_on_gpu_matches_cpu_reference_path(name, fused):
     for step in STEPS:
         # float32 in, but the kernels' tl.dot rounds to tf32 (as tests/test_models_gpu.py)
         torch.testing.assert_close(gpu_driver.step(step).cpu(), cpu_driver.step(step), atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_hybrid_kv_groups_on_cuda_match_transformers(tmp_path, name):
+    """tests/test_kv_hybrid_models.py's check on CUDA: an 8-token window on blocks of 4, preemptions,
+    bounded windowed groups; tf32 dots, so logprobs within 5e-3."""
+    from test_kv_hybrid_models import check_hybrid_engine, make_engine, write_checkpoint
+    hf = write_checkpoint(tmp_path, name)
+    engine = make_engine(tmp_path, device="cuda")
+    assert engine.runner.decode_graphs is not None and engine.runner.decode_graphs.num_kv_groups > 1
+    check_hybrid_engine(engine, hf, tol=5e-3)

@@ -52,5 +52,5 @@ def test_qwen2_windowed_layers_after_max_window_layers_match_transformers(tmp_pa
     hf = save_random_checkpoint(tmp_path, transformers.Qwen2ForCausalLM(config).eval())
     source, ours = load_ours(tmp_path)
     assert [layer.self_attn.attn.sliding_window for layer in ours.layers] == [None, WINDOW]
-    assert source.arch.uniform_sliding_window is None  # mixed layers keep every block
+    assert source.arch.uniform_sliding_window is None  # mixed layers: KV cache groups (kv_groups.py)
     check_prefill_and_decode(ours, hf, prompts=LONG_PROMPTS, num_decode_steps=4)

@@ -159,9 +159,14 @@ class ArchConfig:
         return self.sliding_window
 
     @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Every layer's window (kv_groups.kv_layout groups the layers by it)."""
+        return tuple(self.layer_window(layer) for layer in range(self.num_hidden_layers))
+
+    @property
     def uniform_sliding_window(self) -> int | None:
         """The window when every layer has the same one (Mistral v0.1, Phi-3), else None (none, or
-        full and local layers mixed, as Gemma 2/3: those keep every KV block)."""
+        full and local layers mixed, as Gemma 2/3: those have KV cache groups, kv_groups.py)."""
         windows = {self.layer_window(layer) for layer in range(self.num_hidden_layers)}
         return windows.pop() if len(windows) == 1 else None
 

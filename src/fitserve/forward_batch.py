@@ -8,7 +8,7 @@ last (query_start_loc[i+1] - query_start_loc[i]) are the ones fed this step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +29,10 @@ class ForwardBatch:
     max_seq_len: int
     query_lens_cpu: tuple[int, ...]  # [S] fed tokens per request
     seq_lens_cpu: tuple[int, ...]  # [S]
+    # KV cache groups 1, 2, ... (models mixing windowed and full layers, kv_groups.py): each group's
+    # (slot_mapping [T] int64, block_tables [S, max_blocks] int32), read by the layers of that group in
+    # place of the two above (group 0's); () for one group.
+    group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -37,3 +41,10 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def for_kv_group(self, group: int) -> ForwardBatch:
+        """The batch as the layers of KV cache group `group` read it: that group's slots and tables."""
+        if group == 0:
+            return self
+        slot_mapping, block_tables = self.group_tables[group - 1]
+        return replace(self, slot_mapping=slot_mapping, block_tables=block_tables, group_tables=())

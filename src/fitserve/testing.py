@@ -49,6 +49,8 @@ class FakeRunner:
         for chunk in scheduler_output.scheduled:
             assert chunk.num_tokens >= 1 and not chunk.feeds_placeholder, "placeholders go to execute_async"
             assert len(chunk.block_table) * self.capacity.block_size >= chunk.seq_len, "block table too short"
+            assert len(chunk.group_block_tables) == len(self.capacity.windows) - 1, "one table per KV cache group"
+            assert all(len(t) == len(chunk.block_table) for t in chunk.group_block_tables), "group tables differ"
             self.live_request_ids.add(chunk.request_id)
             if chunk.samples:
                 sampled[chunk.request_id] = self._next_token(chunk.token_ids[-1], chunk.allowed_token_bitmask)

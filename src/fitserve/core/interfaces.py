@@ -14,11 +14,19 @@ from fitserve.core.outputs import RunnerOutput, SchedulerOutput
 
 @dataclass(frozen=True, slots=True)
 class KVCapacity:
-    num_blocks: int  # KV blocks allocated per layer
+    num_blocks: int  # KV blocks in the pool (each holds block_size tokens of every layer of one group)
     block_size: int  # tokens per block
     # The sliding window every layer shares (Mistral v0.1, Phi-3), in tokens; None when a layer sees the
     # whole context. With it the cache manager frees the blocks a request's window has left behind.
     sliding_window_tokens: int | None = None
+    # Models mixing windowed and full layers (Gemma 2/3): the window of each KV cache group (None: full
+    # attention), kv_groups.KVLayout.windows; () for one group (then sliding_window_tokens above).
+    group_windows: tuple[int | None, ...] = ()
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """The window of each group: one group unless the model is hybrid."""
+        return self.group_windows or (self.sliding_window_tokens,)
 
     @property
     def num_tokens(self) -> int:

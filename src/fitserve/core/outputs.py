@@ -31,6 +31,9 @@ class ScheduledRequest:
     # The whole prompt, only for requests whose sampling reads it (sampling_params.needs_prompt_tokens)
     # and only on chunks that feed prompt tokens before the first output: the runner keeps what it needs.
     prompt_token_ids: tuple[int, ...] | None = None
+    # Models with several KV cache groups (kv_groups.py: Gemma 2/3), the tables of groups 1, 2, ... (group
+    # 0's is block_table), each as long as block_table, FREED_BLOCK where a window was left; () for one group.
+    group_block_tables: tuple[tuple[int, ...], ...] = ()
 
     @property
     def num_tokens(self) -> int:

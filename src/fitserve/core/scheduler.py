@@ -151,10 +151,14 @@ class Scheduler:
             token_ids=token_ids,
             num_computed_tokens=start,
             block_table=tuple(self.kv_cache.block_table(request.request_id)),
+            group_block_tables=self._group_block_tables(request.request_id) if self.kv_cache.num_groups > 1 else (),
             samples=end == _num_known_or_pending(request),
             sampling_params=params,
             prompt_token_ids=request.prompt_token_ids if sends_prompt else None,
         )
+
+    def _group_block_tables(self, request_id: str) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(table) for table in self.kv_cache.block_tables(request_id)[1:])
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id, keep_keys=True)  # its full blocks stay cached for its return

@@ -39,6 +39,7 @@ from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.outputs import RequestOutput
 from fitserve.engine.request_limits import RequestLimits, check_request
 from fitserve.engine.structured_output import GrammarCompiler
+from fitserve.kv_groups import max_request_tokens
 from fitserve.request import Request, RequestStatus
 from fitserve.sampling_params import SamplingParams
 
@@ -68,12 +69,9 @@ def _handed_out(outputs: list[RequestOutput], deliver: Callable[[list[RequestOut
 def _kv_token_limit(capacity: KVCapacity, limits: SchedulerLimits) -> int | None:
     """The most tokens a request may hold in the cache, None for no limit: with a sliding window a
     request holds at most its window plus one step's chunk (core/kv_cache_manager.py), so when that
-    fits, a request of any length runs."""
-    window = capacity.sliding_window_tokens
-    if window is None:
-        return capacity.num_tokens
-    most_blocks = -(-(window + limits.max_num_batched_tokens) // capacity.block_size) + 1
-    return None if most_blocks <= capacity.num_blocks else capacity.num_tokens
+    fits in every group, a request of any length runs."""
+    return max_request_tokens(capacity.windows, capacity.num_blocks, capacity.block_size,
+                              limits.max_num_batched_tokens)
 
 
 class LLMEngine:
@@ -86,8 +84,14 @@ class LLMEngine:
         self.decoder = decoder
         self.limits = limits
         self.block_size = capacity.block_size
+        if enable_prefix_caching and len(capacity.windows) > 1:
+            logger.info("Prefix caching is off: this model mixes sliding-window and full-attention layers "
+                        "(%d KV cache groups), and fitserve caches prefixes of one group only "
+                        "(docs/prefix-caching.md).", len(capacity.windows))
+            enable_prefix_caching = False
         self.kv_cache = KVCacheManager(capacity.num_blocks, capacity.block_size, enable_caching=enable_prefix_caching,
-                                       sliding_window_tokens=capacity.sliding_window_tokens)
+                                       sliding_window_tokens=capacity.sliding_window_tokens,
+                                       group_windows=capacity.group_windows or None)
         self.scheduler = Scheduler(limits.scheduler, self.kv_cache)
         self.request_limits = RequestLimits(limits.scheduler.max_model_len, limits.vocab_size, limits.max_logprobs,
                                             num_kv_tokens=_kv_token_limit(capacity, limits.scheduler))

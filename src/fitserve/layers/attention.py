@@ -47,6 +47,9 @@ class PagedAttention(nn.Module):
         # [num_blocks, block_size, Hkv, D] each; set by bind_kv_cache, owned by the runner
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # The KV cache group whose slots and block table this layer reads (kv_groups.py; 0 but in
+        # models mixing windowed and full layers); set by bind
+        self.kv_group = 0
         # float32 scales of an fp8 cache (cache value * scale = K or V); unused by other dtypes
         self.k_scale = DEFAULT_KV_SCALE
         self.v_scale = DEFAULT_KV_SCALE
@@ -60,11 +63,12 @@ class PagedAttention(nn.Module):
         else:
             self.v_scale = scale
 
-    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def bind(self, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_group: int = 0) -> None:
         expected = (self.num_kv_heads, self.head_dim)
         if tuple(k_cache.shape[2:]) != expected or k_cache.shape != v_cache.shape:
             raise ValueError(f"KV cache must be [blocks, block_size, {expected[0]}, {expected[1]}], got {tuple(k_cache.shape)}")
         self.k_cache, self.v_cache = k_cache, v_cache
+        self.kv_group = kv_group
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """q [T, H*D], k/v [T, Hkv*D] (q and k not yet rotated; views of one qkv tensor allowed) -> [T, H*D].
@@ -72,6 +76,8 @@ class PagedAttention(nn.Module):
         On CUDA q and k may be overwritten (rotated in place)."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("bind_kv_cache() must be called before forward()")
+        if self.kv_group:
+            batch = batch.for_kv_group(self.kv_group)  # this group's slot mapping and block tables
         num_tokens = q.shape[0]
         kv_shape = (num_tokens, self.num_kv_heads, self.head_dim)
         if q.is_cuda and triton_attention is not None:

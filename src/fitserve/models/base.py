@@ -59,8 +59,10 @@ class CausalLM(Protocol):
         """The final hidden states [T, H] of every fed token (nn.Module calls forward)."""
         ...
 
-    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim]; owned by the runner."""
+    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      kv_groups: list[int] | None = None) -> None:
+        """Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim], and the KV cache group
+        whose block table it reads (None: all group 0); owned by the runner."""
         ...
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -180,13 +180,16 @@ class LlamaForCausalLM(nn.Module):
         """Layer `layer_index`'s MLP; None: LlamaMLP (models/mixtral.py builds experts)."""
         return None
 
-    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                      kv_groups: list[int] | None = None) -> None:
         """Per layer (K, V), each [num_blocks, block_size, num_kv_heads, head_dim] (the serving dtype or
-        float8_e4m3fn); owned by the runner."""
+        float8_e4m3fn), and per layer the KV cache group whose block table it reads (None: all group 0;
+        kv_groups.py); owned by the runner."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} (K, V) pairs, got {len(kv_caches)}")
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            layer.self_attn.attn.bind(k_cache, v_cache)
+        groups = kv_groups if kv_groups is not None else [0] * len(self.layers)
+        for layer, (k_cache, v_cache), group in zip(self.layers, kv_caches, groups):
+            layer.self_attn.attn.bind(k_cache, v_cache, group)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

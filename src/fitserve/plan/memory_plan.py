@@ -16,6 +16,7 @@ from fitserve.config import (
     DEFAULT_MAX_NUM_SEQS,
     ConfigError,
 )
+from fitserve import kv_groups
 from fitserve.plan.shapes import ParamCounts, WeightBytes
 
 UTILIZATION_STEP = 0.01  # suggested utilizations are rounded to this, up (need) or down (limit)
@@ -51,6 +52,11 @@ class PlanInputs:
         """The KV cache's size is given (--kv-cache-memory-bytes or --num-gpu-blocks-override), not
         what --gpu-memory-utilization leaves after the rest."""
         return self.kv_cache_memory_bytes is not None or self.num_gpu_blocks_override is not None
+
+    @property
+    def kv_windows(self) -> tuple[int | None, ...]:
+        """The window of each KV cache group (kv_groups.py): one entry unless the model is hybrid."""
+        return kv_groups.kv_layout(self.arch.layer_windows).windows
 
     @property
     def rank_arch(self) -> ArchConfig:
@@ -90,21 +96,23 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 def request_blocks(inputs: PlanInputs, context_tokens: int) -> int:
     """KV blocks one decoding request of `context_tokens` holds: all of its context, or with a sliding
-    window on every layer at most ceil(window / block_size) + 1 (core/kv_cache_manager.py frees
-    the rest)."""
-    blocks = blocks_for_tokens(context_tokens, inputs.block_size)
-    window = inputs.arch.uniform_sliding_window
-    return blocks if window is None else min(blocks, blocks_for_tokens(window, inputs.block_size) + 1)
+    window at most ceil(window / block_size) + 1 (core/kv_cache_manager.py frees the rest); a model
+    mixing windowed and full layers holds that in each of its KV cache groups (kv_groups.py)."""
+    return kv_groups.request_blocks(inputs.kv_windows, context_tokens, inputs.block_size)
 
 
 def request_kv_tokens(inputs: PlanInputs) -> int:
-    """The most KV tokens one --max-model-len request holds at once: its whole context, or with a
-    window the window plus a step's chunk (a prefill chunk is stored before older blocks are freed)."""
-    window = inputs.arch.uniform_sliding_window
-    if window is None:
+    """The most KV tokens (blocks x block_size, over every group) one --max-model-len request holds at
+    once: its whole context, or with a window the window plus a step's chunk (a prefill chunk is
+    stored before older blocks are freed)."""
+    windows = inputs.kv_windows
+    if windows == (None,):
         return inputs.max_model_len
-    chunk_blocks = blocks_for_tokens(window + inputs.max_num_batched_tokens, inputs.block_size) + 1
-    return min(inputs.max_model_len, chunk_blocks * inputs.block_size)
+    if len(windows) == 1:
+        chunk_blocks = blocks_for_tokens(windows[0] + inputs.max_num_batched_tokens, inputs.block_size) + 1
+        return min(inputs.max_model_len, chunk_blocks * inputs.block_size)
+    return kv_groups.peak_request_blocks(windows, inputs.max_model_len, inputs.block_size,
+                                         inputs.max_num_batched_tokens) * inputs.block_size
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,15 @@ class MemoryPlan:
         return self.num_kv_blocks * self.kv_block_bytes
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes a token costs: every layer's K and V, or for a model mixing windowed and full layers
+        what a --max-model-len request holds divided by its tokens (windowed layers hold their window)."""
+        if len(self.inputs.kv_windows) == 1:
+            return self.kv_block_bytes // self.inputs.block_size
+        context = max(self.inputs.max_model_len, 1)
+        return request_blocks(self.inputs, context) * self.kv_block_bytes // context
+
+    @property
     def fits(self) -> bool:
         return not any(p.fatal for p in self.problems)
 
@@ -148,6 +165,23 @@ class MemoryPlan:
         if total is None:
             return None
         return _floor_step((total - self.outside_budget_bytes) / total)
+
+    @property
+    def kv_size_text(self) -> str:
+        """The cache's size for people: tokens, or the blocks of a pool shared by KV cache groups (whose
+        tokens are no single request's)."""
+        if len(self.inputs.kv_windows) == 1:
+            return f"{self.kv_tokens} tokens"
+        return (f"{self.num_kv_blocks} blocks of {self.inputs.block_size} tokens "
+                f"(shared by {len(self.inputs.kv_windows)} KV cache groups)")
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The longest request the cache holds (its blocks in every KV cache group; a windowed group
+        holds its window and a step's chunk)."""
+        i = self.inputs
+        longest = kv_groups.max_request_tokens(i.kv_windows, self.num_kv_blocks, i.block_size, i.max_num_batched_tokens)
+        return self.kv_tokens if longest is None else longest
 
     def requests_at(self, context_tokens: int) -> int:
         """Requests of `context_tokens` tokens the KV cache holds at once (not capped by max_num_seqs)."""

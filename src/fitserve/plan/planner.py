@@ -33,7 +33,7 @@ from fitserve.plan.shapes import (
     DTYPE_BYTES,
     FP8_QUANTIZATIONS,
     WeightBytes,
-    kv_bytes_per_token,
+    kv_block_bytes,
     kv_dtype_name,
     weight_bytes,
 )
@@ -59,7 +59,7 @@ def plan_memory(inputs: PlanInputs, breakdown: MemoryBreakdown | None = None) ->
                            inputs.quantization)
     breakdown = breakdown or estimated_breakdown(inputs, weights)
     kv_dtype = kv_dtype_name(inputs.kv_cache_dtype, inputs.dtype)
-    block_bytes = kv_bytes_per_token(inputs.rank_arch, kv_dtype) * inputs.block_size
+    block_bytes = kv_block_bytes(inputs.rank_arch, kv_dtype, inputs.block_size)
     budget, outside = _budget(inputs, block_bytes)
     if not inputs.on_gpu:
         kv_budget = budget

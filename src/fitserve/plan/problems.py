@@ -160,7 +160,8 @@ def _max_model_len_message(plan: MemoryPlan) -> str:
         f"The KV cache of {where} holds {plan.kv_tokens} tokens ({plan.num_kv_blocks} blocks of "
         f"{inputs.block_size}, {gib(plan.kv_cache_bytes)}), fewer than one request of --max-model-len "
         f"{inputs.max_model_len} needs, so such a request could never run. Set --max-model-len "
-        f"{plan.kv_tokens} or less (the largest that fits), or {_memory_flag(plan, request_kv_tokens(inputs))}."
+        f"{plan.max_request_tokens} or less (the largest that fits), or "
+        f"{_memory_flag(plan, request_kv_tokens(inputs))}."
     )
 
 
@@ -171,7 +172,7 @@ def _concurrency_warning(plan: MemoryPlan) -> str | None:
     if fit >= inputs.max_num_seqs:
         return None
     return (
-        f"The KV cache holds {plan.kv_tokens} tokens: {fit} requests of {average_tokens} tokens (half of "
+        f"The KV cache holds {plan.kv_size_text}: {fit} requests of {average_tokens} tokens (half of "
         f"--max-model-len {inputs.max_model_len}) at once, fewer than --max-num-seqs {inputs.max_num_seqs}. "
         f"Past that, requests wait in the queue or are preempted and recomputed. To admit only what fits, set "
         f"--max-num-seqs {max(fit, 1)}; to hold more, "

@@ -5,7 +5,8 @@ from __future__ import annotations
 import textwrap
 from typing import Any
 
-from fitserve.plan.memory_plan import request_blocks
+from fitserve.kv_groups import kv_layout
+from fitserve.plan.memory_plan import blocks_for_tokens, request_blocks
 from fitserve.plan.planner import MemoryPlan, concurrency_contexts
 from fitserve.plan.units import GIB, MIB
 
@@ -32,7 +33,7 @@ def _header(plan: MemoryPlan) -> list[str]:
     budget = f"--gpu-memory-utilization {i.gpu_memory_utilization:.2f}" if i.on_gpu else \
         f"--kv-cache-memory-bytes {plan.budget_bytes}"
     settings = (f"--dtype {i.dtype}, --quantization {quant}, --kv-cache-dtype {i.kv_cache_dtype} "
-                f"(KV {plan.kv_dtype}, {plan.kv_block_bytes // i.block_size / 1024:.1f} KiB per token), "
+                f"(KV {plan.kv_dtype}, {plan.kv_bytes_per_token / 1024:.1f} KiB per token), "
                 f"{budget}, --max-model-len {i.max_model_len}, "
                 f"--max-num-seqs {i.max_num_seqs}, --max-num-batched-tokens {i.max_num_batched_tokens}, "
                 f"--block-size {i.block_size}{'' if i.cuda_graphs else ', --enforce-eager'}")
@@ -81,10 +82,13 @@ def _memory_rows(plan: MemoryPlan) -> list[str]:
 def _concurrency_rows(plan: MemoryPlan) -> list[str]:
     i = plan.inputs
     contexts = concurrency_contexts(i.max_model_len)
+    size = f"{plan.num_kv_blocks:,} blocks of {i.block_size} tokens"
+    if len(i.kv_windows) > 1:  # a block holds one group's layers: the pool's tokens are no request's
+        size += f" of one KV cache group's {kv_layout(i.arch.layer_windows).num_layers_per_block} layers"
     rows = [
         "",
-        f"KV cache: {plan.kv_tokens:,} tokens = {plan.num_kv_blocks:,} blocks of {i.block_size} tokens "
-        f"({plan.kv_cache_bytes / GIB:.2f} GiB)",
+        f"KV cache: {size} ({plan.kv_cache_bytes / GIB:.2f} GiB)" if len(i.kv_windows) > 1 else
+        f"KV cache: {plan.kv_tokens:,} tokens = {size} ({plan.kv_cache_bytes / GIB:.2f} GiB)",
         *_uniform_window_rows(plan),
         f"Concurrent requests it holds, each at its full context (at most --max-num-seqs {i.max_num_seqs}):",
         "  context tokens " + "".join(f"{c:>9}" for c in contexts),
@@ -94,19 +98,24 @@ def _concurrency_rows(plan: MemoryPlan) -> list[str]:
 
 
 def _mixed_window_rows(plan: MemoryPlan) -> list[str]:
-    """Models mixing windowed and full layers (Gemma 2/3) still cache the whole context in every layer:
-    what a windowed cache would save. (A window on every layer is freed as it moves: _uniform_window_rows.)"""
-    arch, context = plan.inputs.arch, plan.inputs.max_model_len
-    windows = [arch.layer_window(layer) for layer in range(arch.num_hidden_layers)]
-    local = [w for w in windows if w is not None]
-    if not local or context <= 0 or arch.uniform_sliding_window is not None:
+    """Models mixing windowed and full layers (Gemma 2/3): their KV cache groups (kv_groups.py), and what
+    the windowed groups save against every layer caching the whole context. (A window on every layer:
+    _uniform_window_rows.)"""
+    inputs, arch, context = plan.inputs, plan.inputs.arch, plan.inputs.max_model_len
+    windows = inputs.kv_windows
+    local = [w for w in arch.layer_windows if w is not None]
+    if len(windows) == 1 or context <= 0:
         return []
-    held = sum(min(w, context) for w in local) + (len(windows) - len(local)) * context
-    saved = 1 - held / (len(windows) * context)
+    layout = kv_layout(arch.layer_windows)
+    held_layer_blocks = request_blocks(inputs, context) * layout.num_layers_per_block
+    whole_layer_blocks = blocks_for_tokens(context, inputs.block_size) * arch.num_hidden_layers
+    widest = max(w for w in windows if w is not None)
     return textwrap.wrap(
-        f"{len(local)} of {len(windows)} layers attend over a sliding window of {local[0]:,} tokens, but every "
-        f"layer caches the whole context (blocks that left a window are not freed yet): a windowed cache would "
-        f"hold {saved:.0%} fewer KV bytes for a request at {context:,} tokens.",
+        f"{len(local)} of {arch.num_hidden_layers} layers attend over a sliding window of {local[0]:,} tokens: "
+        f"{len(windows)} KV cache groups of up to {layout.num_layers_per_block} layers, one block table each; a "
+        f"windowed group holds at most {blocks_for_tokens(widest, inputs.block_size) + 1} blocks per request, so a "
+        f"request at {context:,} tokens holds {1 - held_layer_blocks / whole_layer_blocks:.0%} fewer KV bytes "
+        f"than if every layer cached its whole context.",
         WRAP_COLUMNS, break_on_hyphens=False)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import KV_CACHE_DTYPES, QUANTIZATIONS, ConfigError
+from fitserve.kv_groups import kv_layout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 AUTO_DTYPE = "bfloat16"  # fitserve's --dtype auto
@@ -58,6 +59,13 @@ def kv_dtype_name(kv_cache_dtype: str, model_dtype: str) -> str:
 def kv_bytes_per_token(arch: ArchConfig, kv_dtype: str) -> int:
     """K and V of every layer for one token: 2 x layers x kv_heads x head_dim x dtype bytes."""
     return arch.kv_elements_per_token * DTYPE_BYTES[kv_dtype]
+
+
+def kv_block_bytes(arch: ArchConfig, kv_dtype: str, block_size: int) -> int:
+    """One block of the pool: block_size tokens of K and V of the layers of one KV cache group
+    (kv_groups.py: every layer, unless the model mixes windowed and full layers)."""
+    num_layers = kv_layout(arch.layer_windows).num_layers_per_block
+    return kv_bytes_per_token(arch, kv_dtype) * num_layers // arch.num_hidden_layers * block_size
 
 
 @dataclass(frozen=True, slots=True)

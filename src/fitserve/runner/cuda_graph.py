@@ -27,22 +27,26 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_blocks_per_seq: int,
-                 device: torch.device) -> None:
+                 device: torch.device, num_kv_groups: int = 1) -> None:
         self.model = model
         self.device = device
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_batch_size = self.sizes[-1]
         self.max_blocks_per_seq = max_blocks_per_seq
         size = self.max_batch_size
+        self.num_kv_groups = num_kv_groups  # kv_groups.py: one slot mapping and table per group
         # The inputs, packed by dtype so that a step copies them in three transfers (each small
         # host-to-device copy costs the GPU a few microseconds): int64 rows ids, positions, slots
-        # and a placeholder fill's rows and sources; int32 seq_lens then query_start_loc.
-        self._int64_inputs = torch.zeros(5, size, dtype=torch.int64, device=device)
+        # and a placeholder fill's rows and sources, then the slots of KV cache groups 1, 2, ...;
+        # int32 seq_lens then query_start_loc; the block tables of every group.
+        self._int64_inputs = torch.zeros(4 + num_kv_groups, size, dtype=torch.int64, device=device)
         self._int32_inputs = torch.zeros(2 * size + 1, dtype=torch.int32, device=device)
         self.input_ids, self.positions, self.slot_mapping = self._int64_inputs[:3]
         self.slot_mapping.fill_(PAD_SLOT)
+        self._int64_inputs[5:].fill_(PAD_SLOT)
         self.seq_lens, self.query_start_loc = self._int32_inputs[:size], self._int32_inputs[size:]
-        self.block_tables = torch.zeros(size, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self._all_block_tables = torch.zeros(num_kv_groups, size, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.block_tables = self._all_block_tables[0]
         self.logits_indices = torch.arange(size, dtype=torch.int64, device=device)
         # Per size, the graph and its output hidden states [size, hidden]. The logits are computed
         # after the replay, outside the graph: kept per size they would pin sum(sizes) x vocab
@@ -51,7 +55,7 @@ class DecodeGraphs:
         # Pinned host copies of the inputs, written in place, two sets used in turn: with async
         # scheduling a step's inputs are written while the step before it may still be copying
         # its own; the step before that one was read back, so its copies are done.
-        self._staging = [_Staging(size, max_blocks_per_seq) for _ in range(2)]
+        self._staging = [_Staging(size, max_blocks_per_seq, num_kv_groups) for _ in range(2)]
         self._num_replays = 0
 
     def _batch(self, size: int) -> ForwardBatch:
@@ -61,6 +65,8 @@ class DecodeGraphs:
             block_tables=self.block_tables[:size], logits_indices=self.logits_indices[:size],
             # Host-side figures are not read on the GPU path; the kernels read the device tensors.
             max_query_len=1, max_seq_len=1, query_lens_cpu=(1,) * size, seq_lens_cpu=(1,) * size,
+            group_tables=tuple((self._int64_inputs[4 + group, :size], self._all_block_tables[group, :size])
+                               for group in range(1, self.num_kv_groups)),
         )
 
     @torch.inference_mode()
@@ -113,11 +119,16 @@ class DecodeGraphs:
             positions[row] = position
             slots[row] = table[position // block_size] * block_size + position % block_size
             seq_lens[row] = position + 1
-            staged["tables"][row, : len(table)] = table
+            staged["tables"][0, row, : len(table)] = table
+            for group, group_table in enumerate(chunk.group_block_tables, start=1):
+                group_slot = group_table[position // block_size] * block_size + position % block_size
+                staged["int64"][4 + group, row] = group_slot
+                staged["tables"][group, row, : len(group_table)] = group_table
             width = max(width, len(table))
         ids[num_seqs:] = 0
         positions[num_seqs:] = 0
         slots[num_seqs:] = PAD_SLOT
+        staged["int64"][5:, num_seqs:size] = PAD_SLOT
         seq_lens[num_seqs:] = 0
         query_start = staged["int32"][self.max_batch_size :][: size + 1]
         query_start[: num_seqs + 1] = range(num_seqs + 1)
@@ -128,7 +139,7 @@ class DecodeGraphs:
         tensors = staging.tensors
         self._int64_inputs.copy_(tensors["int64"], non_blocking=True)  # whole buffers: a few KiB
         self._int32_inputs.copy_(tensors["int32"], non_blocking=True)
-        self.block_tables[:num_seqs, :width].copy_(tensors["tables"][:num_seqs, :width], non_blocking=True)
+        self._all_block_tables[:, :num_seqs, :width].copy_(tensors["tables"][:, :num_seqs, :width], non_blocking=True)
         if fill is not None:
             fill.apply(self.input_ids, index=self._int64_inputs[3:5])
         graph, hidden = self._graphs[size]
@@ -142,10 +153,10 @@ class DecodeGraphs:
 class _Staging:
     """Pinned host buffers for one step's graph inputs, and numpy views of them for fast writes."""
 
-    def __init__(self, size: int, max_blocks_per_seq: int) -> None:
+    def __init__(self, size: int, max_blocks_per_seq: int, num_kv_groups: int) -> None:
         self.tensors = {  # laid out as DecodeGraphs' device buffers
-            "int64": torch.zeros(5, size, dtype=torch.int64).pin_memory(),
+            "int64": torch.zeros(4 + num_kv_groups, size, dtype=torch.int64).pin_memory(),
             "int32": torch.zeros(2 * size + 1, dtype=torch.int32).pin_memory(),
-            "tables": torch.zeros(size, max_blocks_per_seq, dtype=torch.int32).pin_memory(),
+            "tables": torch.zeros(num_kv_groups, size, max_blocks_per_seq, dtype=torch.int32).pin_memory(),
         }
         self.arrays = {name: t.numpy() for name, t in self.tensors.items()}

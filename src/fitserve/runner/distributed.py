@@ -68,14 +68,16 @@ class TensorParallelError(RuntimeError):
 
 
 def encode_step(scheduler_output: SchedulerOutput) -> bytes:
-    rows = tuple((r.token_ids, r.num_computed_tokens, r.block_table, r.samples) for r in scheduler_output.scheduled)
+    rows = tuple((r.token_ids, r.num_computed_tokens, r.block_table, r.samples, r.group_block_tables)
+                 for r in scheduler_output.scheduled)
     return pickle.dumps((rows, tuple(scheduler_output.finished_request_ids)), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode_step(payload: bytes) -> SchedulerOutput:
     rows, finished = pickle.loads(payload)
-    scheduled = tuple(ScheduledRequest("", ids, num_computed, table, samples, _WORKER_PARAMS)
-                      for ids, num_computed, table, samples in rows)
+    scheduled = tuple(ScheduledRequest("", ids, num_computed, table, samples, _WORKER_PARAMS,
+                                       group_block_tables=group_tables)
+                      for ids, num_computed, table, samples, group_tables in rows)
     return SchedulerOutput(scheduled, frozenset(finished))
 
 

@@ -38,8 +38,10 @@ def chunks_on_blocks(requests: list[tuple[tuple[int, ...], int]], name: str, blo
 
 
 def build_forward_batch(
-    scheduled: tuple[ScheduledRequest, ...], block_size: int, device: torch.device
+    scheduled: tuple[ScheduledRequest, ...], block_size: int, device: torch.device, num_kv_groups: int = 1
 ) -> ForwardBatch:
+    """`num_kv_groups` > 1 (kv_groups.py): each group's slots and tables as well, from the chunks'
+    group_block_tables; a made-up chunk without them (profiling, warm-up) uses its block_table for all."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -54,8 +56,6 @@ def build_forward_batch(
         query_start_loc.append(len(input_ids))
         if chunk.samples:
             logits_indices.append(len(input_ids) - 1)
-    max_blocks = max(len(chunk.block_table) for chunk in scheduled)
-    block_tables = [list(c.block_table) + [0] * (max_blocks - len(c.block_table)) for c in scheduled]
     query_lens = tuple(c.num_tokens for c in scheduled)
     seq_lens = tuple(c.seq_len for c in scheduled)
 
@@ -65,13 +65,30 @@ def build_forward_batch(
         slot_mapping=to_device(slots, torch.int64, device),
         query_start_loc=to_device(query_start_loc, torch.int32, device),
         seq_lens=to_device(seq_lens, torch.int32, device),
-        block_tables=to_device(block_tables, torch.int32, device),
+        block_tables=_padded_tables([c.block_table for c in scheduled], device),
         logits_indices=to_device(logits_indices, torch.int64, device),
         max_query_len=max(query_lens),
         max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
+        group_tables=tuple(_group_slots_and_tables(scheduled, group, block_size, device)
+                           for group in range(1, num_kv_groups)),
     )
+
+
+def _padded_tables(tables: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    """[S, max_blocks] int32, padded with 0."""
+    max_blocks = max(len(table) for table in tables)
+    return to_device([list(table) + [0] * (max_blocks - len(table)) for table in tables], torch.int32, device)
+
+
+def _group_slots_and_tables(scheduled: tuple[ScheduledRequest, ...], group: int, block_size: int,
+                            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """KV cache group `group`'s (>= 1) slot mapping [T] int64 and block tables [S, max_blocks] int32."""
+    tables = [c.group_block_tables[group - 1] if c.group_block_tables else c.block_table for c in scheduled]
+    slots = [table[position // block_size] * block_size + position % block_size
+             for chunk, table in zip(scheduled, tables) for position in range(chunk.num_computed_tokens, chunk.seq_len)]
+    return to_device(slots, torch.int64, device), _padded_tables(tables, device)
 
 
 class PlaceholderFill:

@@ -17,17 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fitserve.arch_config import ArchConfig
 from fitserve.plan.planner import MemoryBreakdown, MemoryPlan, plan_memory
 from fitserve.plan.units import GIB
 
 logger = logging.getLogger(__name__)
 TORCH_KV_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
                    "fp8": torch.float8_e4m3fn}
-
-
-def kv_block_bytes(arch: ArchConfig, block_size: int, kv_dtype: torch.dtype) -> int:
-    return arch.kv_elements_per_token * block_size * kv_dtype.itemsize
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import torch
 from fitserve.arch_config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
+from fitserve.kv_groups import kv_layout
 from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
@@ -27,12 +28,14 @@ from fitserve.runner.warmup import warm_up
 def allocate_kv_cache(
     arch: ArchConfig, capacity: KVCapacity, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, K and V each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per layer, K and V each [num_blocks, block_size, num_kv_heads, head_dim]. A model mixing windowed
+    and full layers has num_layers_per_block pairs, the layers at one position of their KV cache groups
+    sharing one (kv_groups.py: a block belongs to one group at a time); else one pair per layer."""
+    layout = kv_layout(arch.layer_windows)
     shape = (capacity.num_blocks, capacity.block_size, arch.num_key_value_heads, arch.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(arch.num_hidden_layers)
-    ]
+    pairs = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+             for _ in range(layout.num_layers_per_block)]
+    return [pairs[layout.layer_slot(layer)] for layer in range(arch.num_hidden_layers)]
 
 
 class StepPeers(Protocol):
@@ -57,18 +60,23 @@ class TorchModelRunner:
         use_cuda_graphs: bool = False,
     ) -> None:
         self.model = model
-        # The model's layers attend within arch's window (models/llama.py): the cache may free what it leaves
-        self.capacity = replace(capacity, sliding_window_tokens=arch.uniform_sliding_window)
+        # The model's layers attend within arch's windows (models/llama.py): the cache may free what they
+        # leave; a model mixing windowed and full layers has a block table per KV cache group (kv_groups.py)
+        layout = kv_layout(arch.layer_windows)
+        self.capacity = replace(capacity, sliding_window_tokens=arch.uniform_sliding_window,
+                                group_windows=layout.windows if layout.is_hybrid else ())
+        self.num_kv_groups = len(layout.groups)
         self.device = device
         self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device)
-        model.bind_kv_cache(self.kv_caches)
+        model.bind_kv_cache(self.kv_caches, [layout.layer_group(layer) for layer in range(arch.num_hidden_layers)]
+                            if layout.is_hybrid else None)
         self.sampler = Sampler(device, seed)
         self.peers: StepPeers | None = None  # set on tensor-parallel rank 0 once the workers are ready
         self.decode_graphs: DecodeGraphs | None = None
         if use_cuda_graphs and device.type == "cuda":
             warm_up(self)  # before the graphs: their capture then finds every kernel compiled
             max_blocks_per_seq = -(-max_model_len // capacity.block_size)
-            self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device)
+            self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device, self.num_kv_groups)
             self.decode_graphs.capture()
 
     def kv_capacity(self) -> KVCapacity:
@@ -103,7 +111,7 @@ class TorchModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size, fill)
             return self._sample(logits, list(scheduled))
-        batch = build_forward_batch(scheduled, self.capacity.block_size, self.device)
+        batch = build_forward_batch(scheduled, self.capacity.block_size, self.device, self.num_kv_groups)
         if fill is not None:
             fill.apply(batch.input_ids)
         hidden = self.model(batch)  # [T, hidden]
@@ -131,7 +139,7 @@ class TorchModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             self.decode_graphs.replay(scheduled, self.capacity.block_size)
         else:
-            self.model(build_forward_batch(scheduled, self.capacity.block_size, self.device))
+            self.model(build_forward_batch(scheduled, self.capacity.block_size, self.device, self.num_kv_groups))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the graphs' pinned inputs are rewritten next step
 

@@ -54,7 +54,7 @@ def _memory_table(memory: Any) -> dict[str, Any]:
         "kv_tokens": {"planned": planned["num_kv_blocks"] * plan.inputs.block_size,
                       "actual": measured["num_kv_blocks"] * plan.inputs.block_size},
         "kv_dtype": plan.kv_dtype,
-        "kv_bytes_per_token": plan.kv_block_bytes // plan.inputs.block_size,
+        "kv_bytes_per_token": plan.kv_bytes_per_token,
         "planned_total_bytes": planned_total,
         "used_after_startup_bytes": used_after,
         "free_after_startup_bytes": None if end is None else end["free_bytes"],
