@@ -32,11 +32,10 @@ def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, ro
         tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    normed = x32 * rstd
     if WEIGHT_OFFSET == 0.0:
-        return (x32 * rstd).to(x.dtype).to(tl.float32) * weight
-    else:
-        return (x32 * rstd) * (weight + WEIGHT_OFFSET)
+        normed = normed.to(x.dtype).to(tl.float32)
+    return normed * (tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + WEIGHT_OFFSET)
 
 
 @triton.jit
@@ -66,9 +65,10 @@ def _rms_norm_kernel(
 
 
 def norm_warps(hidden: int) -> int:
-    """Warps per row of the RMSNorm kernels, one per 256 elements, 4 to 16; rms_norm and rms_norm_quant
-    take the same (the order of the sum of squares, hence the bytes, follows it)."""
-    return max(4, min(16, hidden // 256))
+    """Warps per row of the RMSNorm kernels, one per 256 elements of the row's power-of-two block, 4 to 16
+    (Triton takes only powers of two: hidden 3840 or 2560 by itself would give 15 or 10); rms_norm and
+    rms_norm_quant take the same (the order of the sum of squares, hence the bytes, follows it)."""
+    return max(4, min(16, triton.next_power_of_2(hidden) // 256))
 
 
 def silu_quant_warps(block: int) -> int:
@@ -203,8 +203,8 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 
 # torch's gelu(approximate="tanh") constants: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-GELU_TANH_BETA = 0.7978845608028654  # sqrt(2 / pi)
-GELU_TANH_KAPPA = 0.044715
+GELU_TANH_BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_KAPPA = tl.constexpr(0.044715)
 
 
 @triton.jit
