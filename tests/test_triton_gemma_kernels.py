@@ -58,20 +58,23 @@ def test_gemma_rms_norm_quant_is_the_norm_then_quantize(num_rows, with_residual)
 @pytest.mark.parametrize("num_rows", [1, 7, 300])
 @pytest.mark.parametrize("head_dim,num_heads", [(256, 16), (256, 1), (128, 8), (96, 3)])
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0])
-def test_head_rms_norm_on_qkv_slices_matches_reference(dtype, num_rows, head_dim, num_heads, weight_offset):
-    """q and k as column slices of one qkv row (Gemma 3 12B: 16 q heads, 8 kv heads of 256), normed in place
-    of the copy the torch form makes."""
+def test_qk_norms_on_qkv_slices_match_reference(dtype, num_rows, head_dim, num_heads, weight_offset):
+    """q and k as column slices of one qkv row (Gemma 3 12B: 16 q heads, 8 kv heads of 256), each with its
+    own weight, normed in one launch in place of the copies the torch form makes; and one alone."""
     num_kv_heads = max(1, num_heads // 2)
     sizes = (num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim)
     qkv = _randn(num_rows, sum(sizes), dtype=dtype)
     q, k, _ = qkv.split(sizes, dim=-1)
-    weight = _randn(head_dim, dtype=dtype, scale=0.3)
+    q_weight, k_weight = _randn(head_dim, dtype=dtype, scale=0.3), _randn(head_dim, dtype=dtype, scale=0.3)
     ref_norm = reference.gemma_rms_norm if weight_offset else reference.rms_norm
-    for part in (q, k):
-        ref, _ = ref_norm(part.reshape(-1, head_dim), weight, 1e-6)
-        got = triton_fused.head_rms_norm(part, weight, 1e-6, weight_offset)
-        assert got.is_contiguous() and got.shape == part.shape
-        torch.testing.assert_close(got, ref.view(num_rows, -1), atol=TOL[dtype], rtol=TOL[dtype])
+    refs = [ref_norm(part.reshape(-1, head_dim), weight, 1e-6)[0].view(num_rows, -1)
+            for part, weight in ((q, q_weight), (k, k_weight))]
+    got = triton_fused.qk_rms_norm(q, k, q_weight, k_weight, 1e-6, weight_offset)
+    for out, ref, part in zip(got, refs, (q, k)):
+        assert out.is_contiguous() and out.shape == part.shape
+        torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    alone = triton_fused.head_rms_norm(k, k_weight, 1e-6, weight_offset)
+    torch.testing.assert_close(alone, refs[1], atol=TOL[dtype], rtol=TOL[dtype])
 
 
 EDGE_GATES = [-30.0, -10.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0]
@@ -100,10 +103,10 @@ def test_gelu_tanh_and_mul_quant_is_gelu_then_quantize(num_rows):
 
 
 def test_gemma_layers_take_the_kernels_on_cuda():
-    """GemmaRMSNorm / GemmaHeadRMSNorm / gelu_tanh_and_mul on CUDA give the kernels' values, and the
-    CPU path the reference's."""
+    """GemmaRMSNorm / GemmaHeadRMSNorm (alone and as a q/k pair) / gelu_tanh_and_mul on CUDA give the
+    kernels' values."""
     from fitserve.layers.activation import gelu_tanh_and_mul
-    from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm
+    from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm, norm_q_and_k
 
     norm = GemmaRMSNorm(3840, 1e-6, torch.bfloat16, torch.device("cuda"))
     norm.weight.copy_(_randn(3840, dtype=torch.bfloat16, scale=0.3))
@@ -113,9 +116,15 @@ def test_gemma_layers_take_the_kernels_on_cuda():
     assert torch.equal(out, kernel_out) and torch.equal(summed, kernel_sum)
     quantized, _ = norm(x, residual, quantize=True)
     assert torch.equal(quantized.q.view(torch.uint8), triton_fp8.quantize_per_token(out)[0].view(torch.uint8))
-    head_norm = GemmaHeadRMSNorm(256, 1e-6, torch.bfloat16, torch.device("cuda"))
-    head_norm.weight.copy_(_randn(256, dtype=torch.bfloat16, scale=0.3))
-    q = _randn(7, 4096 + 2048, dtype=torch.bfloat16)[:, :4096]
-    assert torch.equal(head_norm(q), triton_fused.head_rms_norm(q, head_norm.weight, 1e-6, 1.0))
+    q_norm, k_norm = (GemmaHeadRMSNorm(256, 1e-6, torch.bfloat16, torch.device("cuda")) for _ in range(2))
+    q_norm.weight.copy_(_randn(256, dtype=torch.bfloat16, scale=0.3))
+    k_norm.weight.copy_(_randn(256, dtype=torch.bfloat16, scale=0.3))
+    q, k = _randn(7, 4096 + 2048, dtype=torch.bfloat16).split([4096, 2048], dim=-1)
+    want_q, want_k = triton_fused.qk_rms_norm(q, k, q_norm.weight, k_norm.weight, 1e-6, 1.0)
+    assert torch.equal(q_norm(q), want_q) and torch.equal(k_norm(k), want_k)
+    got_q, got_k = norm_q_and_k(q, k, q_norm, k_norm)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    cpu_q, _ = norm_q_and_k(q.cpu(), k.cpu(), q_norm.cpu(), k_norm.cpu())
+    torch.testing.assert_close(cpu_q, want_q.cpu(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
     gate_up = _randn(7, 2 * 1000, dtype=torch.bfloat16, scale=3.0)
     assert torch.equal(gelu_tanh_and_mul(gate_up), triton_fused.gelu_tanh_and_mul(gate_up))

@@ -45,16 +45,13 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Program (row, head): the head-th HIDDEN columns of the row (one head of q or k; head 0 of 1 for a
-    hidden-size norm)."""
     begin(PDL)
     row = tl.program_id(0)
-    head_offset = tl.program_id(1) * HIDDEN
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    y = _add_rms_norm_row(x_ptr + head_offset, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
                           stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, WEIGHT_OFFSET)
-    tl.store(out_ptr + head_offset + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # Warps per row program of the row kernels. At decode sizes each row is one program whose time is
@@ -97,7 +94,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     residual_out = torch.empty_like(x) if residual is not None else x
     if num_rows == 0:
         return out, residual_out
-    _rms_norm_kernel[(num_rows, 1)](
+    _rms_norm_kernel[(num_rows,)](
         x, residual if residual is not None else x, weight, out, residual_out, eps,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
         HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
@@ -106,23 +103,58 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out, residual_out
 
 
-def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
-    """x [T, heads * D] (a column slice of qkv allowed: unit column stride) -> each head normed, [T, heads * D]
-    contiguous; weight [D] shared by the heads (Qwen3's and, with weight_offset 1.0, Gemma 3's q/k norms).
-    One program per (token, head): no copy of the strided slice first."""
-    num_rows, width = x.shape
-    head_dim = weight.shape[0]
-    assert x.stride(1) == 1 and weight.dim() == 1 and weight.is_contiguous() and width % head_dim == 0
+@triton.jit
+def _head_norm(x_ptr, weight_ptr, out_ptr, eps, row, head, stride_x, cols, mask, NUM_HEADS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """Head `head` of row `row` of x (row stride stride_x) normed into out, [T, NUM_HEADS * HEAD_DIM] contiguous."""
+    y = _add_rms_norm_row(x_ptr + head * HEAD_DIM, x_ptr, weight_ptr, x_ptr, eps, row, cols, mask,
+                          stride_x, 0, 0, HEAD_DIM, False, WEIGHT_OFFSET)
+    tl.store(out_ptr + row * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_norm_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, q_out_ptr, k_out_ptr, eps, stride_q, stride_k,
+                    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK: tl.constexpr, WEIGHT_OFFSET: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, head): one head of q (head < NUM_Q_HEADS) or of k (the rest), each with its weight."""
+    begin(PDL)
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HEAD_DIM
+    if head < NUM_Q_HEADS:
+        _head_norm(q_ptr, q_weight_ptr, q_out_ptr, eps, row, head, stride_q, cols, mask, NUM_Q_HEADS, HEAD_DIM,
+                   WEIGHT_OFFSET)
+    else:
+        _head_norm(k_ptr, k_weight_ptr, k_out_ptr, eps, row, head - NUM_Q_HEADS, stride_k, cols, mask, NUM_K_HEADS,
+                   HEAD_DIM, WEIGHT_OFFSET)
+
+
+def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq * D], k [T, Hk * D] (column slices of qkv allowed: unit column stride) -> each head normed,
+    ([T, Hq * D], [T, Hk * D]) contiguous, in one launch; q_weight, k_weight [D] shared by the heads
+    (Qwen3's and, with weight_offset 1.0, Gemma 3's q/k norms). No copy of the strided slices first."""
+    head_dim = q_weight.shape[0]
+    assert q.stride(1) == 1 and k.stride(1) == 1 and q.shape[0] == k.shape[0]
+    assert q_weight.shape == k_weight.shape == (head_dim,) and q_weight.is_contiguous() and k_weight.is_contiguous()
+    assert q.shape[1] % head_dim == 0 and k.shape[1] % head_dim == 0
     _check_offset(weight_offset)
-    out = torch.empty(num_rows, width, dtype=x.dtype, device=x.device)
-    if num_rows == 0:
-        return out
-    _rms_norm_kernel[(num_rows, width // head_dim)](
-        x, x, weight, out, x, eps, x.stride(0), 0, out.stride(0), 0,
-        HIDDEN=head_dim, BLOCK=triton.next_power_of_2(head_dim), HAS_RESIDUAL=False,
-        WEIGHT_OFFSET=weight_offset, num_warps=norm_warps(head_dim), **pdl.options(x.device),
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    num_q_heads, num_k_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    if q.shape[0] == 0 or num_q_heads + num_k_heads == 0:
+        return q_out, k_out
+    _qk_norm_kernel[(q.shape[0], num_q_heads + num_k_heads)](
+        q, k, q_weight, k_weight, q_out, k_out, eps, q.stride(0), k.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, BLOCK=triton.next_power_of_2(head_dim),
+        WEIGHT_OFFSET=weight_offset, num_warps=norm_warps(head_dim), **pdl.options(q.device),
     )
-    return out
+    return q_out, k_out
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """qk_rms_norm of x alone: x [T, heads * D] -> each head normed, [T, heads * D] contiguous; weight [D]."""
+    return qk_rms_norm(x, x[:, :0], weight, weight, eps, weight_offset)[0]
 
 
 @triton.jit

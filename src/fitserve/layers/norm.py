@@ -35,19 +35,33 @@ class HeadRMSNorm(nn.Module):
     """RMSNorm over each head of q or k (Qwen3's q_norm / k_norm), weight [head_dim] shared by the heads.
 
     Applied before the rotary embedding, so on CUDA before PagedAttention's fused rotary + KV store;
-    the same kernel as RMSNorm, over [T * heads, head_dim] rows."""
+    on CUDA one program per (token, head) reads the qkv slice in place (kernels/triton_fused.py
+    qk_rms_norm; norm_q_and_k below does q and k in one launch)."""
+
+    WEIGHT_OFFSET = 0.0  # the kernel's weight is weight + WEIGHT_OFFSET, in float32
+    _reference = staticmethod(reference.rms_norm)
 
     def __init__(self, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.head_dim, self.eps = head_dim, eps
-        self.weight = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(torch.full((head_dim,), 1.0 - self.WEIGHT_OFFSET, dtype=dtype, device=device),
+                                   requires_grad=False)  # the identity norm until loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads * head_dim] (a column slice of qkv allowed) -> normed [T, heads * head_dim], a new tensor."""
         if x.is_cuda and triton_fused is not None:
-            return triton_fused.head_rms_norm(x, self.weight, self.eps)  # reads the slice in place
-        normed, _ = reference.rms_norm(x.reshape(-1, self.head_dim), self.weight, self.eps)
+            return triton_fused.head_rms_norm(x, self.weight, self.eps, self.WEIGHT_OFFSET)
+        normed, _ = self._reference(x.reshape(-1, self.head_dim), self.weight, self.eps)
         return normed.view(x.shape[0], -1)
+
+
+def norm_q_and_k(q: torch.Tensor, k: torch.Tensor, q_norm: HeadRMSNorm,
+                 k_norm: HeadRMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_norm(q), k_norm(k)); on CUDA one kernel launch for both when the two norms are of one form."""
+    if (q.is_cuda and triton_fused is not None and q_norm.WEIGHT_OFFSET == k_norm.WEIGHT_OFFSET
+            and q_norm.eps == k_norm.eps):
+        return triton_fused.qk_rms_norm(q, k, q_norm.weight, k_norm.weight, q_norm.eps, q_norm.WEIGHT_OFFSET)
+    return q_norm(q), k_norm(k)
 
 
 class GemmaRMSNorm(nn.Module):
@@ -76,18 +90,9 @@ class GemmaRMSNorm(nn.Module):
         return reference.gemma_rms_norm(x, self.weight, self.eps, residual)
 
 
-class GemmaHeadRMSNorm(nn.Module):
-    """GemmaRMSNorm over each head of q or k (Gemma 3's q_norm / k_norm), weight [head_dim]; on CUDA
-    HeadRMSNorm's kernel with weight offset 1."""
+class GemmaHeadRMSNorm(HeadRMSNorm):
+    """GemmaRMSNorm over each head of q or k (Gemma 3's q_norm / k_norm), weight [head_dim] centred on 0;
+    on CUDA HeadRMSNorm's kernel with weight offset 1."""
 
-    def __init__(self, head_dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
-        super().__init__()
-        self.head_dim, self.eps = head_dim, eps
-        self.weight = nn.Parameter(torch.zeros(head_dim, dtype=dtype, device=device), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, heads * head_dim] (a column slice of qkv allowed) -> normed [T, heads * head_dim], a new tensor."""
-        if x.is_cuda and triton_fused is not None:
-            return triton_fused.head_rms_norm(x, self.weight, self.eps, GemmaRMSNorm.WEIGHT_OFFSET)
-        normed, _ = reference.gemma_rms_norm(x.reshape(-1, self.head_dim), self.weight, self.eps)
-        return normed.view(x.shape[0], -1)
+    WEIGHT_OFFSET = 1.0
+    _reference = staticmethod(reference.gemma_rms_norm)

@@ -29,7 +29,7 @@ from fitserve.layers.activation import gelu_tanh_and_mul, gelu_tanh_and_mul_for_
 from fitserve.layers.attention import PagedAttention
 from fitserve.layers.formats.unquantized import Linear
 from fitserve.layers.linear import Embedding
-from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm
+from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm, norm_q_and_k
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.layers.rotary import RotaryEmbedding
 from fitserve.layers.weight_format import QuantizedRows
@@ -72,7 +72,7 @@ class GemmaAttention(nn.Module):
     def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # before rotary, which PagedAttention applies
+            q, k = norm_q_and_k(q, k, self.q_norm, self.k_norm)  # before rotary, which PagedAttention applies
         return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, batch)))
 
 
