@@ -45,3 +45,15 @@ def test_gemma_norm_scales_by_one_plus_weight_and_leaves_fp8_to_the_layer_on_cpu
     assert torch.equal(out, want) and torch.equal(summed, want_sum)
     # (1 + w) in float32 before one rounding: within a rounding of Llama's form with weight 1 + w
     torch.testing.assert_close(out, llama(x, residual)[0], atol=4e-3, rtol=4e-3)
+
+
+def test_gemma_post_norm_then_residual_then_pre_norm_is_the_two_norms():
+    torch.manual_seed(2)
+    post, pre = GemmaRMSNorm(96, 1e-6, torch.float16, CPU), GemmaRMSNorm(96, 1e-6, torch.float16, CPU)
+    post.weight.normal_(0, 0.3)
+    pre.weight.normal_(0, 0.3)
+    x, residual = torch.randn(4, 96).half() * 4, torch.randn(4, 96).half()
+    out, summed = pre.after(post, x, residual)
+    want_out, want_sum = pre(post(x)[0], residual)
+    assert torch.equal(out, want_out) and torch.equal(summed, want_sum)
+    assert not torch.equal(summed, x + residual), "x is normed before the add"

@@ -56,6 +56,28 @@ def test_gemma_rms_norm_quant_is_the_norm_then_quantize(num_rows, with_residual)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_rows", [1, 7, 300])
+@pytest.mark.parametrize("quantize", [False, True])
+def test_post_norm_add_pre_norm_in_one_kernel_matches_reference(dtype, num_rows, quantize):
+    """Gemma's post-attention norm, the residual add and the pre-feedforward norm (x_weight: the first)."""
+    x, residual = _randn(num_rows, 3840, dtype=dtype, scale=4.0), _randn(num_rows, 3840, dtype=dtype)
+    post_weight, pre_weight = _randn(3840, dtype=dtype, scale=0.3), _randn(3840, dtype=dtype, scale=0.3)
+    post, _ = reference.gemma_rms_norm(x, post_weight, 1e-6)
+    ref_out, ref_sum = reference.gemma_rms_norm(post, pre_weight, 1e-6, residual)
+    out, total = triton_fused.rms_norm(x, pre_weight, 1e-6, residual, 1.0, x_weight=post_weight)
+    torch.testing.assert_close(total, ref_sum, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(out, ref_out, atol=TOL[dtype], rtol=TOL[dtype])
+    two_kernels = triton_fused.rms_norm(triton_fused.rms_norm(x, post_weight, 1e-6, None, 1.0)[0], pre_weight, 1e-6,
+                                        residual, 1.0)
+    assert torch.equal(total, two_kernels[1]) and torch.equal(out, two_kernels[0]), "rounded as the two kernels"
+    if quantize and dtype != torch.float32:
+        q, scale, fused_sum = triton_fused.rms_norm_quant(x, pre_weight, 1e-6, residual, 1.0, x_weight=post_weight)
+        ref_q, ref_scale = triton_fp8.quantize_per_token(out)
+        assert torch.equal(fused_sum, total) and torch.equal(scale, ref_scale)
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows", [1, 7, 300])
 @pytest.mark.parametrize("head_dim,num_heads", [(256, 16), (256, 1), (128, 8), (96, 3)])
 @pytest.mark.parametrize("weight_offset", [0.0, 1.0])
 def test_qk_norms_on_qkv_slices_match_reference(dtype, num_rows, head_dim, num_heads, weight_offset):

@@ -18,18 +18,10 @@ from fitserve.kernels.pdl import begin
 
 
 @triton.jit
-def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                      stride_x, stride_residual, stride_residual_out, HIDDEN: tl.constexpr,
-                      HAS_RESIDUAL: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
-    """One row: store x + residual at residual_out (with a residual), return the row's RMSNorm times the
-    weight in float32, in the order of kernels/reference.py: rms_norm's (WEIGHT_OFFSET 0: normalised,
-    rounded to x's dtype, times weight) or gemma_rms_norm's (WEIGHT_OFFSET 1: normalised times
-    (weight + 1) all in float32, rounded once by the caller's store)."""
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        # Round the sum to the storage dtype first, as the torch reference does.
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
-        tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+def _scaled_norm(x, weight_ptr, eps, cols, mask, HIDDEN: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """x [BLOCK] of the model dtype (0 past the row) -> its RMSNorm times the weight, float32, in the order of
+    kernels/reference.py: rms_norm's (WEIGHT_OFFSET 0: normalised, rounded to x's dtype, times weight) or
+    gemma_rms_norm's (WEIGHT_OFFSET 1: normalised times (weight + 1) all in float32, rounded once later)."""
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
     normed = x32 * rstd
@@ -39,18 +31,35 @@ def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, ro
 
 
 @triton.jit
+def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, x_weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                      stride_x, stride_residual, stride_residual_out, HIDDEN: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """One row: x, first normed with x_weight when NORM_X (Gemma's post-attention norm, rounded as its own
+    kernel would store it), plus residual stored at residual_out (with a residual); returns the row's
+    _scaled_norm with weight."""
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if NORM_X:
+        x = _scaled_norm(x, x_weight_ptr, eps, cols, mask, HIDDEN, WEIGHT_OFFSET).to(x.dtype)
+    if HAS_RESIDUAL:
+        # Round the sum to the storage dtype first, as the torch reference does.
+        x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+    return _scaled_norm(x, weight_ptr, eps, cols, mask, HIDDEN, WEIGHT_OFFSET)
+
+
+@triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
+    x_ptr, residual_ptr, weight_ptr, x_weight_ptr, out_ptr, residual_out_ptr, eps,
     stride_x, stride_residual, stride_out, stride_residual_out,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
-    PDL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr,
+    WEIGHT_OFFSET: tl.constexpr, PDL: tl.constexpr,
 ):
     begin(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, WEIGHT_OFFSET)
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, x_weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, NORM_X, WEIGHT_OFFSET)
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -73,9 +82,12 @@ def silu_quant_warps(block: int) -> int:
     return max(4, min(32, block // 512))
 
 
-def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+                       x_weight: torch.Tensor | None) -> None:
     assert x.stride(1) == 1 and weight.shape == (x.shape[1],) and weight.is_contiguous()
     assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
+    # x normed first: the residual sum is what the kernel stores, so there must be a residual
+    assert x_weight is None or (residual is not None and x_weight.shape == weight.shape and x_weight.is_contiguous())
 
 
 def _check_offset(weight_offset: float) -> None:
@@ -83,22 +95,25 @@ def _check_offset(weight_offset: float) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-             weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+             weight_offset: float = 0.0, x_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (+ residual [T, H]) -> (normed [T, H], x + residual [T, H]); weight [H].
 
-    weight_offset 0.0: reference.rms_norm; 1.0: reference.gemma_rms_norm (scaled by 1 + weight)."""
+    weight_offset 0.0: reference.rms_norm; 1.0: reference.gemma_rms_norm (scaled by 1 + weight).
+    x_weight [H]: x is first normed with it, of the same form (Gemma's post-attention norm before the
+    residual add and the pre-feedforward norm: two norms in one kernel)."""
     num_rows, hidden = x.shape
-    _check_norm_inputs(x, weight, residual)
+    _check_norm_inputs(x, weight, residual, x_weight)
     _check_offset(weight_offset)
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else x
     if num_rows == 0:
         return out, residual_out
     _rms_norm_kernel[(num_rows,)](
-        x, residual if residual is not None else x, weight, out, residual_out, eps,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
-        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
-        WEIGHT_OFFSET=weight_offset, num_warps=norm_warps(hidden), **pdl.options(x.device),
+        x, residual if residual is not None else x, weight, x_weight if x_weight is not None else weight, out,
+        residual_out, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        residual_out.stride(0), HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden),
+        HAS_RESIDUAL=residual is not None, NORM_X=x_weight is not None, WEIGHT_OFFSET=weight_offset,
+        num_warps=norm_warps(hidden), **pdl.options(x.device),
     )
     return out, residual_out
 
@@ -107,8 +122,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 def _head_norm(x_ptr, weight_ptr, out_ptr, eps, row, head, stride_x, cols, mask, NUM_HEADS: tl.constexpr,
                HEAD_DIM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
     """Head `head` of row `row` of x (row stride stride_x) normed into out, [T, NUM_HEADS * HEAD_DIM] contiguous."""
-    y = _add_rms_norm_row(x_ptr + head * HEAD_DIM, x_ptr, weight_ptr, x_ptr, eps, row, cols, mask,
-                          stride_x, 0, 0, HEAD_DIM, False, WEIGHT_OFFSET)
+    y = _add_rms_norm_row(x_ptr + head * HEAD_DIM, x_ptr, weight_ptr, weight_ptr, x_ptr, eps, row, cols, mask,
+                          stride_x, 0, 0, HEAD_DIM, False, False, WEIGHT_OFFSET)
     tl.store(out_ptr + row * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -140,7 +155,8 @@ def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weig
     assert q_weight.shape == k_weight.shape == (head_dim,) and q_weight.is_contiguous() and k_weight.is_contiguous()
     assert q.shape[1] % head_dim == 0 and k.shape[1] % head_dim == 0
     _check_offset(weight_offset)
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     num_q_heads, num_k_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
     if q.shape[0] == 0 or num_q_heads + num_k_heads == 0:
         return q_out, k_out
@@ -315,9 +331,10 @@ def _quantize_row(y, mask, q_row_ptr, scale_ptr, row, cols, FP8_MAX: tl.constexp
 
 @triton.jit
 def _rms_norm_quant_kernel(
-    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
+    x_ptr, residual_ptr, weight_ptr, x_weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
     stride_x, stride_residual, stride_q, stride_residual_out,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WEIGHT_OFFSET: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr,
+    WEIGHT_OFFSET: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -325,19 +342,20 @@ def _rms_norm_quant_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, WEIGHT_OFFSET)
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, x_weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, NORM_X, WEIGHT_OFFSET)
     out = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the value rms_norm would store
     _quantize_row(out, mask, q_ptr + row * stride_q, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
 
 
 def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                   weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   weight_offset: float = 0.0, x_weight: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As rms_norm, with the normed output as (q [T, H] fp8, scale [T, 1] float32); then x + residual [T, H]."""
     from fitserve.kernels import fp8
 
     num_rows, hidden = x.shape
-    _check_norm_inputs(x, weight, residual)
+    _check_norm_inputs(x, weight, residual, x_weight)
     _check_offset(weight_offset)
     assert hidden <= FUSED_QUANT_MAX_COLS
     q = torch.empty(num_rows, hidden, dtype=fp8.FP8_DTYPE, device=x.device)
@@ -346,10 +364,11 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     if num_rows == 0:
         return q, scale, residual_out
     _rms_norm_quant_kernel[(num_rows,)](
-        x, residual if residual is not None else x, weight, q, scale, residual_out, eps,
-        x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0), residual_out.stride(0),
-        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
-        WEIGHT_OFFSET=weight_offset, FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
+        x, residual if residual is not None else x, weight, x_weight if x_weight is not None else weight, q, scale,
+        residual_out, eps, x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
+        residual_out.stride(0), HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden),
+        HAS_RESIDUAL=residual is not None, NORM_X=x_weight is not None, WEIGHT_OFFSET=weight_offset,
+        FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
         num_warps=norm_warps(hidden), **pdl.options(x.device),
     )
     return q, scale, residual_out

@@ -82,11 +82,21 @@ class GemmaRMSNorm(nn.Module):
                 quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """x [T, H] -> (normed [T, H], residual [T, H]); with a residual, normalises x + residual.
         quantize: as RMSNorm.forward's."""
-        if quantize and x.is_cuda and triton_fused is not None and x.shape[1] <= triton_fused.FUSED_QUANT_MAX_COLS:
-            q, scale, summed = triton_fused.rms_norm_quant(x, self.weight, self.eps, residual, self.WEIGHT_OFFSET)
-            return QuantizedRows(q, scale, x.dtype), summed
-        if x.is_cuda and triton_fused is not None:
-            return triton_fused.rms_norm(x, self.weight, self.eps, residual, self.WEIGHT_OFFSET)
+        return self.after(None, x, residual, quantize)
+
+    def after(self, x_norm: GemmaRMSNorm | None, x: torch.Tensor, residual: torch.Tensor | None,
+              quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
+        """self(x_norm(x), residual, quantize): with x_norm, x is first normed by it (Gemma's post-attention
+        norm before the residual add and the pre-feedforward norm); on CUDA both norms in one kernel."""
+        if x.is_cuda and triton_fused is not None and (x_norm is None or (x_norm.eps == self.eps and residual is not None)):
+            x_weight = None if x_norm is None else x_norm.weight
+            if quantize and x.shape[1] <= triton_fused.FUSED_QUANT_MAX_COLS:
+                q, scale, summed = triton_fused.rms_norm_quant(x, self.weight, self.eps, residual, self.WEIGHT_OFFSET,
+                                                               x_weight)
+                return QuantizedRows(q, scale, x.dtype), summed
+            return triton_fused.rms_norm(x, self.weight, self.eps, residual, self.WEIGHT_OFFSET, x_weight)
+        if x_norm is not None:
+            x, _ = x_norm(x)
         return reference.gemma_rms_norm(x, self.weight, self.eps, residual)
 
 

@@ -106,9 +106,9 @@ class GemmaDecoderLayer(nn.Module):
         """hidden [T, H]: the previous layer's normed MLP output (or the embedding for layer 0), not yet
         added to residual [T, H] (None for layer 0); returns this layer's pair."""
         normed, residual = self.input_layernorm(hidden, residual, quantize=self.fp8_input)
-        attn_out, _ = self.post_attention_layernorm(self.self_attn(normed, batch))
-        normed, residual = self.pre_feedforward_layernorm(attn_out, residual,  # residual += normed attention
-                                                          quantize=self.fp8_input)
+        # residual += post_attention_layernorm(attention), then the pre-feedforward norm: one kernel on CUDA
+        normed, residual = self.pre_feedforward_layernorm.after(
+            self.post_attention_layernorm, self.self_attn(normed, batch), residual, quantize=self.fp8_input)
         mlp_out, _ = self.post_feedforward_layernorm(self.mlp(normed))
         return mlp_out, residual
 
