@@ -87,7 +87,8 @@ class GemmaRMSNorm(nn.Module):
     def after(self, x_norm: GemmaRMSNorm | None, x: torch.Tensor, residual: torch.Tensor | None,
               quantize: bool = False) -> tuple[torch.Tensor | QuantizedRows, torch.Tensor]:
         """self(x_norm(x), residual, quantize): with x_norm, x is first normed by it (Gemma's post-attention
-        norm before the residual add and the pre-feedforward norm); on CUDA both norms in one kernel."""
+        or post-feedforward norm, before the residual add and the next norm); on CUDA both norms in one
+        kernel (x_norm needs a residual there; without one, two)."""
         if x.is_cuda and triton_fused is not None and (x_norm is None or (x_norm.eps == self.eps and residual is not None)):
             x_weight = None if x_norm is None else x_norm.weight
             if quantize and x.shape[1] <= triton_fused.FUSED_QUANT_MAX_COLS:

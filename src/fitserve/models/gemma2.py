@@ -101,16 +101,18 @@ class GemmaDecoderLayer(nn.Module):
         # qkv_proj and gate_up_proj take per-token fp8 rows: the norms before them quantize what they write
         self.fp8_input = build.weight_format.fused_input_quantization
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, H]: the previous layer's normed MLP output (or the embedding for layer 0), not yet
-        added to residual [T, H] (None for layer 0); returns this layer's pair."""
-        normed, residual = self.input_layernorm(hidden, residual, quantize=self.fp8_input)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+                hidden_norm: GemmaRMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H]: the previous layer's MLP output, to be normed by hidden_norm (that layer's
+        post_feedforward_layernorm) and added to residual [T, H]; for layer 0 the embedding, residual
+        and hidden_norm None. Returns this layer's pair: its MLP output not yet normed by its own
+        post_feedforward_layernorm (the next layer's, or the final, norm applies it: one kernel on CUDA
+        for post norm, residual add and the next norm), and the residual."""
+        normed, residual = self.input_layernorm.after(hidden_norm, hidden, residual, quantize=self.fp8_input)
         # residual += post_attention_layernorm(attention), then the pre-feedforward norm: one kernel on CUDA
         normed, residual = self.pre_feedforward_layernorm.after(
             self.post_attention_layernorm, self.self_attn(normed, batch), residual, quantize=self.fp8_input)
-        mlp_out, _ = self.post_feedforward_layernorm(self.mlp(normed))
-        return mlp_out, residual
+        return self.mlp(normed), residual
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
@@ -140,6 +142,17 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.norm = GemmaRMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = (None if arch.tie_word_embeddings
                         else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """As Llama's, with each layer's post-feedforward norm applied by the norm after it
+        (GemmaDecoderLayer.forward)."""
+        hidden, residual, hidden_norm = self.embed(batch.input_ids), None, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, batch, hidden_norm)
+            hidden_norm = layer.post_feedforward_layernorm
+        hidden, _ = self.norm.after(hidden_norm, hidden, residual)
+        return hidden
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids) * self.embed_scale
