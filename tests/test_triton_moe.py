@@ -98,5 +98,6 @@ def test_route_kernel_matches_reference(dtype, num_tokens, num_experts, top_k, r
     assert weights.dtype == torch.float32 and ids.dtype == torch.int64
     torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
     probs = torch.softmax(logits.float(), -1)
+    # the chosen experts' probabilities, best first: another expert only where two are (nearly) equal
     torch.testing.assert_close(probs.gather(1, ids), probs.gather(1, ref_ids), atol=1e-7, rtol=1e-5)
-    assert (ids == ref_ids).float().mean() > 0.95, "the same experts, but for near-equal probabilities"
+    assert all(len(set(row)) == top_k for row in ids.tolist()), "k distinct experts per token"
