@@ -1,4 +1,6 @@
-"""RMSNorm, computed in float32 like the reference implementation, with an optional fused residual add."""
+"""RMSNorm, computed in float32 like the reference implementation, with an optional fused residual add:
+Llama's form and Gemma's (1 + w) form, over hidden rows or over each head of q and k. On CUDA each is
+one Triton kernel (kernels/triton_fused.py); elsewhere the torch forms of kernels/reference.py."""
 
 from __future__ import annotations
 
