@@ -102,7 +102,7 @@ def test_split_count_fills_the_chip_only_for_small_batches():
     assert triton_decode.decode_num_splits(20, 8, 132) == 4  # W1/W6's batch (decode_attention_bench.py)
 
 
-@pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096)])
+@pytest.mark.parametrize("num_rows,hidden", [(1, 4096), (37, 576), (300, 4096), (7, 3072), (7, 3840)])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(num_rows, hidden, with_residual):
     x = torch.randn(num_rows, hidden, device="cuda").to(torch.bfloat16)

@@ -57,9 +57,11 @@ def _rms_norm_kernel(
 
 
 def norm_warps(hidden: int) -> int:
-    """Warps per row of the RMSNorm kernels, one per 256 elements, 4 to 16; rms_norm and rms_norm_quant
-    take the same (the order of the sum of squares, hence the bytes, follows it)."""
-    return max(4, min(16, hidden // 256))
+    """Warps per row of the RMSNorm kernels, one per 256 elements of the row's power-of-two block, 4 to 16
+    (Triton takes only powers of two: hidden 3072 (Llama 3.2 3B), 3584 (Qwen2.5 7B) or 3840 (Gemma 3 12B)
+    by itself would give 12, 14 or 15); rms_norm and rms_norm_quant take the same (the order of the sum of
+    squares, hence the bytes, follows it)."""
+    return max(4, min(16, triton.next_power_of_2(hidden) // 256))
 
 
 def silu_quant_warps(block: int) -> int:
