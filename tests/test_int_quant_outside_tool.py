@@ -1,14 +1,16 @@
-"""A checkpoint quantized and written by an outside tool, end to end: compressed-tensors (the library
-llm-compressor quantizes and saves through) applies its W4A16 preset to a tiny random Llama saved by
-transformers, computes min-max group scales as llm-compressor's plain QuantizationModifier does
-(`calculate_qparams`), packs and saves it with its own `ModelCompressor` (config.json's
-quantization_config is the library's, not this test's). transformers then runs that compressed
+"""Checkpoints quantized and written by outside tools, end to end. transformers runs each compressed
 checkpoint (its compressed-tensors integration) and fitserve serves it: logits through prefill and
 paged decode, and the engine's greedy tokens, must match.
 
-llm-compressor itself is not used: 0.14.0.1 pins transformers<=5.17, torch<=2.14 and
-compressed-tensors==0.19.0, and GPTQModel 7.7.0 needs torch>=2.14.1; the project runs transformers
-5.25, torch 2.13 and compressed-tensors 0.20 (docs/quantization.md).
+- tests/data/llmcompressor_w4a16: llm-compressor 0.14.0.1's GPTQModifier (W4A16, 8 calibration samples)
+  on a tiny random Llama saved by transformers, made by tests/data/make_llmcompressor_w4a16.py in a
+  throwaway environment: llm-compressor pins transformers<=5.17, torch<=2.14 and compressed-tensors
+  ==0.19.0, where the project runs 5.25, 2.13 and 0.20 (and GPTQModel 7.7.0 needs torch>=2.14.1), so it
+  is no test dependency (docs/quantization.md).
+- made here: compressed-tensors (the library llm-compressor quantizes and saves through) applies its
+  W4A16 preset, takes min-max group scales as llm-compressor's plain QuantizationModifier does
+  (`calculate_qparams`), and packs and saves with its own `ModelCompressor` (config.json's
+  quantization_config is the library's, not this test's).
 """
 
 from __future__ import annotations
@@ -16,12 +18,25 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from pathlib import Path
+
 from hf_compare_helpers import check_engine_greedy, check_prefill_and_decode, load_ours
 
 from fitserve.layers.formats.int_quant import IntQuantLinear
 from fitserve.weights.int_checkpoint import IntQuantScheme
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
+LLMCOMPRESSOR_W4A16 = Path(__file__).parent / "data" / "llmcompressor_w4a16"
+
+
+def test_llm_compressors_gptq_w4a16_checkpoint_matches_transformers_running_it():
+    hf = transformers.AutoModelForCausalLM.from_pretrained(LLMCOMPRESSOR_W4A16, dtype=torch.float32).eval()
+    assert hasattr(hf.model.layers[0].self_attn.q_proj, "weight_packed"), "transformers runs it compressed"
+    source, ours = load_ours(LLMCOMPRESSOR_W4A16)
+    # GPTQ's "static" activation ordering keeps groups in column order: no g_idx tensors
+    assert source.checkpoint_int == IntQuantScheme("compressed-tensors", 4, 128, True, False)
+    check_prefill_and_decode(ours, hf)
+    check_engine_greedy(LLMCOMPRESSOR_W4A16, hf)
 
 
 def quantize_with_compressed_tensors(folder, preset: str) -> None:
