@@ -22,8 +22,13 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget per step (c
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# fp8: linear layers in one byte per weight; gguf: a .gguf file's blocks kept packed (docs/quantization.md)
-QUANTIZATIONS = (None, "fp8", "fp8_per_tensor", "gguf")
+# fp8: linear layers in one byte per weight; gguf: a .gguf file's blocks kept packed; gptq, awq,
+# compressed-tensors: an integer checkpoint served as stored (docs/quantization.md). With
+# --load-format dummy, a packed value makes random weights in that layout (weights/dummy_layouts.py).
+QUANTIZATIONS = (None, "fp8", "fp8_per_tensor", "gguf", "gptq", "awq", "compressed-tensors")
+INT_QUANTIZATIONS = ("gptq", "awq", "compressed-tensors")  # integer checkpoints (weights/int_checkpoint.py)
+# vLLM's names for its Marlin kernels over the same checkpoints: fitserve reads them one way
+QUANTIZATION_ALIASES = {"gptq_marlin": "gptq", "awq_marlin": "awq"}
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; auto = --dtype; fp8 = fp8_e4m3
 # vLLM's other fp8 KV format; the KV store and attention kernels read and write e4m3 only.
 UNSUPPORTED_KV_CACHE_DTYPES = {
@@ -172,11 +177,13 @@ class EngineConfig:
         help="plan and launch each step before the last one's tokens are read, so host work overlaps the GPU "
              "(CUDA on one GPU; on by default, --no-async-scheduling turns it off)"))
     quantization: str | None = field(default=None, metadata=flag(
-        "--quantization", choices=tuple(q for q in QUANTIZATIONS if q),
+        "--quantization", choices=(*(q for q in QUANTIZATIONS if q), *QUANTIZATION_ALIASES),
         help="fp8: linear layers quantized at load to e4m3, per-channel weight and per-token activation scales; "
              "fp8_per_tensor: one scale per tensor; a checkpoint stored in fp8 picks its own unless given; "
-             "gguf: a .gguf model's quantized blocks kept packed in memory (the default for a .gguf on CUDA) "
-             "(docs/quantization.md)"))
+             "gguf: a .gguf model's quantized blocks kept packed in memory (the default for a .gguf on CUDA); "
+             "gptq, awq, compressed-tensors (gptq_marlin, awq_marlin: the same): must agree with the checkpoint's "
+             "quantization_config, which is served as stored even when left out; with --load-format dummy, "
+             "random weights in that layout (docs/quantization.md)"))
     generation_config: str = field(default="auto", metadata=flag(
         "--generation-config",
         help="auto: the model's generation_config.json gives defaults (temperature, top_p, top_k, min_p, "
@@ -206,9 +213,10 @@ class EngineConfig:
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "quantization", QUANTIZATION_ALIASES.get(self.quantization, self.quantization))
         if self.quantization not in QUANTIZATIONS:
-            raise ConfigError(
-                f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {self.quantization!r}.")
+            names = ", ".join((*(q for q in QUANTIZATIONS if q), *QUANTIZATION_ALIASES))
+            raise ConfigError(f"--quantization must be one of {names}, or left out; got {self.quantization!r}.")
         if self.quantization == "gguf" and self.tensor_parallel_size > 1:
             raise ConfigError(
                 "--quantization gguf runs on one GPU: leave out --tensor-parallel-size or --quantization.")

@@ -35,7 +35,7 @@ ENGINE_FLAG_GROUPS: tuple[tuple[str, type], ...] = (
 SERVER_FLAG_GROUP = ("HTTP server", ServerConfig)
 # What `fitserve plan` takes of them (field names): what sizes memory, and the model.
 PLAN_FIELDS = frozenset({
-    "model", "dtype", "quantization", "enforce_eager", "tensor_parallel_size",
+    "model", "load_format", "dtype", "quantization", "enforce_eager", "tensor_parallel_size",
     "block_size", "gpu_memory_utilization", "kv_cache_memory_bytes", "num_gpu_blocks_override", "kv_cache_dtype",
     "max_model_len", "max_num_seqs", "max_num_batched_tokens",
 })

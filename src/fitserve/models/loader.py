@@ -12,7 +12,6 @@ checkpoint is read only as that slice; a GGUF file is dequantized tensor by tens
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterator
 
 import torch
@@ -25,12 +24,11 @@ from fitserve.layers.formats.int_quant import IntQuantFormat
 from fitserve.layers.weight_format import LinearLayer, WeightFormat
 from fitserve.models.base import CausalLM
 from fitserve.models.registry import get_model_class
-from fitserve.weights.gguf_packed import gguf_packed_weights
+from fitserve.weights import dummy_quant
+from fitserve.weights.dummy_quant import DUMMY_INIT_STD, DUMMY_SEED  # noqa: F401 (benchmarks use them)
+from fitserve.weights.gguf_packed import PackedGgufTensor, gguf_packed_weights
 from fitserve.weights.loader import gguf_weights, safetensors_weights
 from fitserve.weights.source import ModelSource
-
-DUMMY_INIT_STD = 0.02  # small enough that 32 random layers keep activations finite in bf16
-DUMMY_SEED = 0
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True,
@@ -38,7 +36,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
                fuse_rotary_store: bool = True) -> CausalLM:
     model_class = get_model_class(source.arch.architecture)
     packed_weights = None
-    if quantization == "gguf":
+    if quantization == "gguf" and source.dummy_layout != "gguf":
         if source.kind != "gguf":
             raise ConfigError(
                 f"--quantization gguf keeps a .gguf file's blocks packed; {source.name!r} is {source.kind}.")
@@ -46,7 +44,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
     model = model_class(source.arch, dtype, device, quantization=linear_format(source, quantization, tp), tp=tp,
                         fuse_rotary_store=fuse_rotary_store)
     if source.kind == "dummy":
-        weights = dummy_weights(model)
+        weights = dummy_weights(model, source)
     elif packed_weights is not None:
         weights = packed_weights
     elif source.kind == "gguf":
@@ -76,9 +74,9 @@ def linear_format(source: ModelSource, quantization: str | None, tp: TensorParal
     scheme = source.checkpoint_int
     if scheme is None:
         return quantization
-    if quantization is not None:
+    if quantization not in (None, scheme.method):
         raise ConfigError(f"{source.name} is a {scheme.describe()}; it is served as stored: leave --quantization "
-                          f"out (got {quantization}).")
+                          f"out or pass --quantization {scheme.method} (got {quantization}).")
     if tp.size > 1:
         raise ConfigError(f"{source.name} is a {scheme.describe()}: tensor parallelism is not supported for "
                           "integer checkpoints yet.")
@@ -108,21 +106,20 @@ def checkpoint_input_scales(source: ModelSource, quantization: str | None) -> bo
             and checkpoint.activations == "static")
 
 
-def dummy_weights(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """Random HF-named tensors in the serving dtype on the model's device, norms at one.
+def dummy_weights(model: CausalLM, source: ModelSource | None = None,
+                  ) -> Iterator[tuple[str, torch.Tensor | PackedGgufTensor]]:
+    """Random HF-named tensors on the model's device (weights/dummy_quant.py): in the serving dtype,
+    norms at one, or, for a source with a `dummy_layout`, its block projections in that packed layout.
 
     Each tensor is drawn whole from its own generator, seeded by its name, so the values do
     not depend on the order of loading or on the tensor-parallel size: a rank's slice of a
     TP=2 model is the same slice of the TP=1 model. An fp8 layer quantizes the same values.
     """
-    for name, shape in sorted(model.checkpoint_tensor_shapes().items()):
-        tensor = torch.empty(shape, dtype=model.dtype, device=model.device)
-        if name.endswith("norm.weight"):
-            tensor.fill_(1.0)
-        else:
-            generator = torch.Generator(device=model.device).manual_seed(DUMMY_SEED + zlib.crc32(name.encode()))
-            tensor.normal_(0.0, DUMMY_INIT_STD, generator=generator)
-        yield name, tensor
+    shapes = model.checkpoint_tensor_shapes()
+    if source is None or source.dummy_layout is None:
+        return dummy_quant.dense_weights(shapes, model.dtype, model.device)
+    return dummy_quant.packed_weights(shapes, source.arch, source.dummy_layout, source.checkpoint_int, model.dtype,
+                                      model.device)
 
 
 @torch.no_grad()

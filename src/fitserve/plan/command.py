@@ -36,6 +36,7 @@ class ModelSourceLike(Protocol):
     kind: str
     weights_path: str | None
     arch: ArchConfig
+    dummy_layout: str | None  # --load-format dummy in a packed layout (its param_counts say its bytes)
 
     def quantization(self, requested: str | None) -> str | None:
         """--quantization as the checkpoint allows it (an fp8 checkpoint brings its own)."""
@@ -78,10 +79,13 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
     total_bytes, gpu_name = _device_total_bytes(args)
     folder = source.weights_path if source.kind in ("hf", "dummy") else None
     gguf_path = folder if folder is not None and folder.endswith(".gguf") else None
-    quantization = gguf_quantization(source.quantization(config.quantization), gguf_path, total_bytes is not None,
-                                     config.tensor_parallel_size)
+    if source.dummy_layout is not None:  # random weights in a packed layout: no file to read
+        quantization = source.quantization(config.quantization)
+    else:
+        quantization = gguf_quantization(source.quantization(config.quantization), gguf_path,
+                                         total_bytes is not None, config.tensor_parallel_size)
     counts = source.param_counts() or model_param_counts(source.arch, folder)
-    if quantization == "gguf" and gguf_path is not None:
+    if quantization == "gguf" and gguf_path is not None and source.dummy_layout is None:
         packed = read_packed_linear_bytes(gguf_path)
         counts = with_packed_linears(counts, packed.packed_params, packed.packed_bytes)
     return PlanInputs(
@@ -110,9 +114,11 @@ def run_plan(args: argparse.Namespace, resolve_source: Callable[[EngineConfig], 
         return 0
     if (args.users is None) != (args.context is None):
         raise ConfigError("--users and --context go together: N requests of T tokens each.")
-    engine_config_from_args(args)  # a setting serve refuses is refused before the model is looked up
+    config = engine_config_from_args(args)  # a setting serve refuses is refused before the model is looked up
     model = args.model or args.model_tag
-    source = resolve_source(EngineConfig(model=model, load_format="dummy"))
+    # resolved as a dummy (no weights are read); a packed --quantization shapes a --load-format dummy's layout
+    packed_dummy = config.quantization if config.load_format == "dummy" else None
+    source = resolve_source(EngineConfig(model=model, load_format="dummy", quantization=packed_dummy))
     inputs = plan_inputs_from_args(args, source)
     if args.users is not None:
         if inputs.device_total_bytes is None:

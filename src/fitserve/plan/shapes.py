@@ -212,7 +212,8 @@ def with_packed_linears(counts: ParamCounts, packed_params: int, packed_bytes: i
 
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
     if quantization not in QUANTIZATIONS:
-        raise ConfigError(f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {quantization!r}.")
+        names = ", ".join(q for q in QUANTIZATIONS if q)
+        raise ConfigError(f"--quantization must be one of {names}, or left out; got {quantization!r}.")
     dtype_bytes = DTYPE_BYTES[dtype]
     if quantization == "gguf" or counts.packed_always:
         # held as stored (GGUF blocks, an integer checkpoint's values), any other projection in --dtype

@@ -9,6 +9,13 @@ teacher-forced forward (every position's next-token distribution, compared with 
 reference's: top-1 agreement and KL divergence) and its own greedy continuations (shown side
 by side). Prefill and decode both go through the paged KV cache, so an fp8 cache is measured
 too.
+
+A packed checkpoint (an integer GPTQ/AWQ/compressed-tensors one, or a .gguf file under
+--quantization gguf) has no --dtype original of its own: its reference is the same checkpoint with
+every packed layer replaced by its weights dequantized to --dtype (the format's own specification),
+so the check measures the packed kernels. Given an original (--reference-model), that comparison
+becomes the report's `kernel_check` and the main one is against the original: the kernels' error
+and the quantization's, apart.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from fitserve.config import ConfigError, EngineConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.engine.tokenizer import Tokenizer
+from fitserve.layers.formats.gguf import GgufLinear
+from fitserve.layers.formats.int_quant import IntQuantLinear
 from fitserve.startup import TORCH_DTYPES, fp8_calibration_ids, resolve_device
 from fitserve.models.loader import load_model
 from fitserve.plan.shapes import resolve_dtype
@@ -44,12 +53,14 @@ _GREEDY = SamplingParams(temperature=0.0)
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    quantization: str | None  # None, "fp8" or "fp8_per_tensor"
+    quantization: str | None  # None, "fp8", "fp8_per_tensor", "gguf", or an integer checkpoint's method
     kv_cache_dtype: str  # "auto" (= dtype) or an fp8 name
+    dequantized: bool = False  # packed layers replaced by their weights dequantized to dtype (a reference)
 
     def describe(self, dtype: str) -> str:
         kv = dtype if self.kv_cache_dtype == "auto" else "fp8 (e4m3)"
-        return f"weights {self.quantization or dtype}, KV cache {kv}"
+        weights = f"{self.quantization} dequantized to {dtype}" if self.dequantized else self.quantization or dtype
+        return f"weights {weights}, KV cache {kv}"
 
 
 @dataclass(slots=True)
@@ -116,10 +127,22 @@ def _encode(tokenizer: Tokenizer, prompt: str) -> list[int]:
 def _load(source: ModelSource, dtype: torch.dtype, device: torch.device, setting: Setting,
           calibration_ids: list[list[int]] | None = None):
     model = load_model(source, dtype, device, progress=False, quantization=setting.quantization)
+    if setting.dequantized:
+        dequantize_packed_layers(model)
     if calibration_ids is not None:  # fp8_per_tensor: as the server does at start-up (startup.build_runner)
         calibrate_fp8_activation_scales(model, calibration_ids, device)
     kv_dtype = dtype if setting.kv_cache_dtype == "auto" else TORCH_KV_DTYPES["fp8"]
     return model, kv_dtype
+
+
+def dequantize_packed_layers(model: torch.nn.Module) -> int:
+    """Replace every packed layer (integer, GGUF) by an unquantized one holding its dequantized weights;
+    returns how many were replaced."""
+    packed = [(name, m) for name, m in model.named_modules() if isinstance(m, (IntQuantLinear, GgufLinear))]
+    for name, module in packed:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module.dequantized())
+    return len(packed)
 
 
 def _free(device: torch.device) -> None:
@@ -130,8 +153,8 @@ def _free(device: torch.device) -> None:
 
 @torch.inference_mode()
 def run_reference(source: ModelSource, dtype: torch.dtype, device: torch.device, prompt_ids: list[list[int]],
-                  eos_ids: set[int], max_new_tokens: int) -> Reference:
-    model, kv_dtype = _load(source, dtype, device, Setting(None, "auto"))
+                  eos_ids: set[int], max_new_tokens: int, setting: Setting = Setting(None, "auto")) -> Reference:
+    model, kv_dtype = _load(source, dtype, device, setting)
     driver = _Driver(model, kv_dtype, [len(p) + max_new_tokens for p in prompt_ids], device)
     continuations = [_cut_after_eos(c, eos_ids) for c in driver.greedy(prompt_ids, max_new_tokens)]
     sequences = [p + c for p, c in zip(prompt_ids, continuations)]
@@ -194,14 +217,17 @@ def reference_source(config: EngineConfig, source: ModelSource, reference_model:
 def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
               prompts: tuple[str, ...] = PROMPTS, reference_model: str | None = None,
               source: ModelSource | None = None, noise_floor: bool = False) -> QuantReport:
-    """The check for config's --quantization / --kv-cache-dtype (or an fp8 checkpoint's own
-    scheme) against --dtype, on --model or on `reference_model`'s unquantized weights. `source`:
-    --model's, when the caller has resolved it already. `noise_floor`: also compare the reference
-    model run in float32 (a third load, twice the reference's weight memory)."""
+    """The check for config's --quantization / --kv-cache-dtype (or an fp8 or packed checkpoint's own
+    scheme) against --dtype, on --model, on `reference_model`'s unquantized weights, or for a packed
+    checkpoint without one on its own dequantized weights. `source`: --model's, when the caller has
+    resolved it already. `noise_floor`: also compare the reference model run in float32 (a third
+    load, twice the reference's weight memory)."""
     start_s = time.monotonic()
     source = source or resolve_model_source(config)
     ref_source = reference_source(config, source, reference_model)
     quantization = source.quantization(config.quantization)
+    packed = quantization if quantization == "gguf" else (
+        source.checkpoint_int.method if source.checkpoint_int is not None else None)
     device = resolve_device(config)
     dtype_name = resolve_dtype(config.dtype)
     dtype = TORCH_DTYPES[dtype_name]
@@ -211,8 +237,10 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     tokenizer = Tokenizer.from_source(source)
     eos_ids = set(source.eos_token_ids or tokenizer.eos_token_ids)
     prompt_ids = [_encode(tokenizer, p) for p in prompts]
-    setting = Setting(quantization, config.cache.kv_cache_dtype)
-    reference = run_reference(ref_source, dtype, device, prompt_ids, eos_ids, max_new_tokens)
+    setting = Setting(packed or quantization, config.cache.kv_cache_dtype)
+    # a packed checkpoint's own dequantized weights, when no original is given
+    ref_setting = Setting(packed, "auto", dequantized=True) if packed and ref_source is source else Setting(None, "auto")
+    reference = run_reference(ref_source, dtype, device, prompt_ids, eos_ids, max_new_tokens, ref_setting)
     compared = compare(reference, source, dtype, device, setting, max_new_tokens,
                        fp8_calibration_ids(quantization, tokenizer, source))
     comparisons = []
@@ -224,24 +252,35 @@ def run_check(config: EngineConfig, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
             num_positions=positions, num_agree=agree, num_generated_positions=gen_positions,
             num_generated_agree=gen_agree, kl_sum=kl_sum, first_divergence=_first_divergence(ref_tokens, quant_tokens),
         ))
-    floor = _noise_floor(reference, ref_source, device, max_new_tokens) if noise_floor else None
-    described_ref = Setting(None, "auto").describe(dtype_name)
+    floor = _noise_floor(reference, ref_source, ref_setting, device, max_new_tokens) if noise_floor else None
+    kernel_check = None
+    if packed and ref_source is not source:  # the kernels against the same weights dequantized, too
+        own = Setting(packed, config.cache.kv_cache_dtype, dequantized=True)
+        own_reference = run_reference(source, dtype, device, prompt_ids, eos_ids, max_new_tokens, own)
+        kernel_check = _totals(own.describe(dtype_name), compare(own_reference, source, dtype, device, setting,
+                                                                 max_new_tokens))
+    described_ref = ref_setting.describe(dtype_name)
     described = setting.describe(dtype_name)
     if ref_source is not source:
         described_ref, described = f"{described_ref} ({ref_source.name})", f"{described} ({source.name})"
     return QuantReport(
         model=source.name, device=str(device), reference=described_ref,
         quantized=described, max_new_tokens=max_new_tokens, prompts=tuple(comparisons),
-        seconds=time.monotonic() - start_s, noise_floor=floor,
+        seconds=time.monotonic() - start_s, noise_floor=floor, kernel_check=kernel_check,
     )
 
 
-def _noise_floor(reference: Reference, source: ModelSource, device: torch.device, max_new_tokens: int) -> NoiseFloor:
+def _totals(setting: str, rows: list[tuple[list[int], int, int, int, int, float]]) -> NoiseFloor:
+    """compare()'s rows summed over the prompts: positions, agree, generated ones, KL sum."""
+    return NoiseFloor(setting, *[sum(column) for column in list(zip(*rows))[1:]])
+
+
+def _noise_floor(reference: Reference, source: ModelSource, ref_setting: Setting, device: torch.device,
+                 max_new_tokens: int) -> NoiseFloor:
     """The reference model in float32 (weights and KV cache) through compare(), summed over the prompts."""
-    setting = Setting(None, "auto")
-    rows = compare(reference, source, torch.float32, device, setting, max_new_tokens)
-    totals = [sum(column) for column in list(zip(*rows))[1:]]  # positions, agree, generated ones, KL sum
-    return NoiseFloor(setting.describe("float32"), *totals)
+    setting = replace(ref_setting, kv_cache_dtype="auto")
+    return _totals(setting.describe("float32"), compare(reference, source, torch.float32, device, setting,
+                                                        max_new_tokens))
 
 
 def verify_at_startup(config: EngineConfig) -> QuantReport | None:
@@ -252,7 +291,7 @@ def verify_at_startup(config: EngineConfig) -> QuantReport | None:
         logger.warning("--verify-quantization: the model is an %s, with no unquantized weights to compare with; "
                        "run `fitserve check-quant --model M --reference-model ORIGINAL`.", checkpoint.describe())
         return None
-    if config.quantization is None and config.cache.kv_cache_dtype == "auto":
+    if config.quantization is None and config.cache.kv_cache_dtype == "auto" and source.checkpoint_int is None:
         logger.info("--verify-quantization: nothing is quantized (no --quantization, --kv-cache-dtype auto)")
         return None
     logger.info("--verify-quantization: comparing with --dtype on %d built-in prompts", len(PROMPTS))

@@ -3,6 +3,8 @@
     fitserve check-quant --quantization fp8                         # the embedded SmolLM2, CPU or GPU
     fitserve check-quant --model M --quantization fp8 --kv-cache-dtype fp8 --json
     fitserve check-quant --model FP8_CHECKPOINT --reference-model ITS_BF16_ORIGINAL
+    fitserve check-quant --model GPTQ_CHECKPOINT [--reference-model ITS_BF16_ORIGINAL]  # kernel vs dequantized
+    fitserve check-quant --model M.gguf --quantization gguf                            # packed vs dequantized
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ def add_check_quant_parser(subparsers: Any) -> None:
 def run_check_quant(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
     if config.quantization is None and config.cache.kv_cache_dtype == "auto" and args.reference_model is None:
-        raise ConfigError("check-quant compares a quantized setting with --dtype: give --quantization fp8 "
-                          "and/or --kv-cache-dtype fp8 (or, for an fp8 checkpoint, --reference-model).")
+        from fitserve.weights.source import resolve_model_source  # torch-free: reads config.json
+        if resolve_model_source(config).checkpoint_int is None:  # an integer checkpoint checks its kernels
+            raise ConfigError("check-quant compares a quantized setting with --dtype: give --quantization fp8 "
+                              "and/or --kv-cache-dtype fp8 (or, for an fp8 checkpoint, --reference-model).")
     if args.max_new_tokens < 1 or (args.num_prompts is not None and args.num_prompts < 1):
         raise ConfigError("--max-new-tokens and --num-prompts must be at least 1.")
     from fitserve.quantcheck.check import run_check  # torch from here on

@@ -76,6 +76,8 @@ class QuantReport(AgreementRatios):
     prompts: tuple[PromptComparison, ...]
     seconds: float
     noise_floor: NoiseFloor | None = None
+    # a packed checkpoint compared with an original: its kernels against its own dequantized weights
+    kernel_check: NoiseFloor | None = None
 
     # The totals over the prompts (AgreementRatios turns them into the figures).
     @property
@@ -106,6 +108,9 @@ class QuantReport(AgreementRatios):
         text = (f"{self.quantized} vs {self.reference}: top-1 agreement {self.top1_agreement:.2%} over "
                 f"{self.num_positions} positions ({self.generated_agreement:.2%} on generated tokens), mean KL "
                 f"{self.mean_kl:.4f} nats, {self.num_identical}/{len(self.prompts)} greedy continuations identical")
+        if self.kernel_check is not None:
+            text += (f"; against its own dequantized weights ({self.kernel_check.setting}): top-1 agreement "
+                     f"{self.kernel_check.top1_agreement:.2%}, mean KL {self.kernel_check.mean_kl:.4f} nats")
         if self.noise_floor is not None:
             text += (f"; noise floor ({self.noise_floor.setting}): top-1 agreement "
                      f"{self.noise_floor.top1_agreement:.2%}, mean KL {self.noise_floor.mean_kl:.4f} nats")
@@ -119,6 +124,7 @@ class QuantReport(AgreementRatios):
             "generated_agreement": self.generated_agreement, "mean_kl": self.mean_kl,
             "identical_continuations": self.num_identical, "seconds": self.seconds,
             "noise_floor": self.noise_floor.to_json() if self.noise_floor is not None else None,
+            "kernel_check": self.kernel_check.to_json() if self.kernel_check is not None else None,
             "prompts": [
                 {"prompt": p.prompt, "reference": p.reference_text, "quantized": p.quantized_text,
                  "positions": p.num_positions, "agree": p.num_agree, "mean_kl": p.kl_sum / max(1, p.num_positions),
@@ -133,11 +139,12 @@ def _clip(text: str) -> str:
     return flat if len(flat) <= SHOWN_TEXT_CHARS else flat[:SHOWN_TEXT_CHARS - 3] + "..."
 
 
-def _noise_floor_lines(floor: NoiseFloor | None) -> list[str]:
+def _noise_floor_lines(floor: NoiseFloor | None, heading: str = "noise floor: the reference model as {}, "
+                                                                  "against the reference") -> list[str]:
     if floor is None:
         return []
     return [
-        f"  noise floor: the reference model as {floor.setting}, against the reference",
+        "  " + heading.format(floor.setting),
         f"    top-1 next-token agreement {floor.top1_agreement:8.2%}",
         f"    on the generated tokens    {floor.generated_agreement:8.2%}",
         f"    mean KL                    {floor.mean_kl:8.4f} nats",
@@ -156,6 +163,7 @@ def format_report(report: QuantReport) -> str:
         f"  mean KL(reference || quant)  {report.mean_kl:8.4f} nats",
         f"  identical greedy outputs     {report.num_identical:5d} / {len(report.prompts)}",
         *_noise_floor_lines(report.noise_floor),
+        *_noise_floor_lines(report.kernel_check, "kernel check: the quantized setting against its own {}"),
         "",
         "Greedy continuations, reference | quantized (the first differing token marked by its index):",
     ]

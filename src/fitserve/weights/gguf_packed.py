@@ -75,7 +75,10 @@ def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, tor
 
 def with_gguf_quantization(config: EngineConfig, source: ModelSource, on_gpu: bool) -> EngineConfig:
     """The config to serve `source` with: a .gguf model's --quantization gguf by default on a GPU
-    (plan/gguf_bytes.py gguf_quantization); logs how the GGUF weights are held."""
+    (plan/gguf_bytes.py gguf_quantization); logs how the GGUF weights are held. A dummy in the
+    Q4_K_M layout (weights/dummy_layouts.py) keeps its --quantization gguf."""
+    if source.dummy_layout == "gguf":
+        return config
     gguf_path = source.weights_path if source.kind == "gguf" else None
     quantization = gguf_quantization(config.quantization, gguf_path, on_gpu, config.tensor_parallel_size)
     if gguf_path is not None:

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from fitserve.arch_config import ArchConfig
-from fitserve.config import DEFAULT_MODEL_NAME, ConfigError, EngineConfig, hf_home_hint
+from fitserve.config import DEFAULT_MODEL_NAME, INT_QUANTIZATIONS, ConfigError, EngineConfig, hf_home_hint
 from fitserve.plan.shapes import ParamCounts
+from fitserve.weights.dummy_layouts import DUMMY_INT_SCHEMES, check_dummy_packed, dummy_gguf_param_counts
 from fitserve.weights.int_checkpoint import IntQuantScheme, int_param_counts, parse_int_quantization
 from fitserve.weights.fp8_checkpoint import CheckpointFp8, parse_quantization_config, resolve_quantization
 
@@ -40,16 +41,55 @@ class ModelSource:
     generation_config: dict[str, Any] | None = None  # the folder's generation_config.json, if any
     checkpoint_fp8: CheckpointFp8 | None = None  # the scheme of a checkpoint stored in fp8 (config.json)
     checkpoint_int: IntQuantScheme | None = None  # GPTQ, AWQ, compressed-tensors integer weights (config.json)
+    # --load-format dummy in a packed layout (weights/dummy_layouts.py): "gptq", "awq", "compressed-tensors"
+    # (checkpoint_int then holds the scheme) or "gguf" (Q4_K_M); None: dummy weights in --dtype, or real ones
+    dummy_layout: str | None = None
 
     def param_counts(self) -> ParamCounts | None:
-        """An integer checkpoint's counts at its held bytes (weights/int_checkpoint.py); None: count the
-        tensors as the planner does (plan/shapes.py model_param_counts)."""
+        """An integer checkpoint's counts at its held bytes (weights/int_checkpoint.py), or a dummy Q4_K_M
+        layout's; None: count the tensors as the planner does (plan/shapes.py model_param_counts)."""
+        if self.dummy_layout == "gguf":
+            return dummy_gguf_param_counts(self.arch)
         return None if self.checkpoint_int is None else int_param_counts(self.arch, self.checkpoint_int)
 
     def quantization(self, requested: str | None) -> str | None:
         """The --quantization to run: `requested`, or for an fp8 checkpoint its own scheme unless
-        `requested` picks another its scales allow (weights/fp8_checkpoint.py)."""
+        `requested` picks another its scales allow (weights/fp8_checkpoint.py). ConfigError when an
+        integer method disagrees with the checkpoint (check_int_quantization)."""
+        check_int_quantization(self, requested)
         return resolve_quantization(requested, self.checkpoint_fp8)
+
+
+def check_int_quantization(source: ModelSource, requested: str | None) -> None:
+    """vLLM's `--quantization gptq|awq|compressed-tensors` must name the checkpoint's own method
+    (config.json's quantization_config); ConfigError naming both, before any weight is read. Any
+    other value with an integer checkpoint is refused at load (models/loader.py linear_format)."""
+    scheme = source.checkpoint_int
+    if requested not in INT_QUANTIZATIONS or (scheme is not None and scheme.method == requested):
+        return
+    if scheme is not None:
+        raise ConfigError(f"--quantization {requested} does not match {source.name}: its quantization_config is "
+                          f"{scheme.method} ({scheme.describe()}). Pass --quantization {scheme.method} or leave "
+                          "it out.")
+    if source.checkpoint_fp8 is not None:
+        has = f"an {source.checkpoint_fp8.describe()}"
+    elif source.kind == "gguf" or (source.weights_path or "").endswith(".gguf"):
+        has = "a GGUF file (its blocks are kept packed with --quantization gguf)"
+    else:
+        has = "not quantized (config.json has no quantization_config)"
+    raise ConfigError(f"--quantization {requested} serves a {requested} checkpoint as stored, but {source.name} is "
+                      f"{has}. Leave --quantization out, or use --load-format dummy for random {requested} weights.")
+
+
+def with_dummy_layout(source: ModelSource, cfg: EngineConfig) -> ModelSource:
+    """--load-format dummy: random weights in the packed layout --quantization names (an integer
+    checkpoint's own scheme, else weights/dummy_layouts.py's), or in --dtype."""
+    layout = source.checkpoint_int.method if source.checkpoint_int is not None else cfg.quantization
+    if layout not in DUMMY_INT_SCHEMES and layout != "gguf":
+        return replace(source, kind="dummy")
+    check_dummy_packed(source.arch, layout)
+    scheme = source.checkpoint_int or DUMMY_INT_SCHEMES.get(layout)
+    return replace(source, kind="dummy", dummy_layout=layout, checkpoint_int=scheme, checkpoint_fp8=None)
 
 
 def resolve_model_source(cfg: EngineConfig) -> ModelSource:
@@ -70,7 +110,8 @@ def resolve_model_source(cfg: EngineConfig) -> ModelSource:
         folder = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else _hub_snapshot(cfg.tokenizer, cfg.hf_offline)
         source = replace(source, tokenizer_kind="hf", tokenizer_path=folder)
     if cfg.load_format == "dummy":
-        source = replace(source, kind="dummy")
+        source = with_dummy_layout(source, cfg)
+    check_int_quantization(source, cfg.quantization)
     return source
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fitserve.kernels import gguf
+from fitserve.layers.formats.unquantized import UNQUANTIZED
 from fitserve.layers.linear import linear
 from fitserve.layers.weight_format import WEIGHT, LinearLayer, WeightFormat, WeightSpec
 from fitserve.weights.gguf_packed import PackedGgufTensor
@@ -108,6 +109,19 @@ class GgufLinear(LinearLayer):
             chunk_rows = max(1, triton_gguf.PREFILL_CHUNK_ELEMENTS // self.in_features)
             return gguf.matmul_reference(x, data, part.ggml_type, chunk_rows=chunk_rows)
         return gguf.matmul_reference(x, data, part.ggml_type)
+
+    @torch.no_grad()
+    def dequantized(self) -> LinearLayer:
+        """An unquantized layer holding these weights dequantized to the serving dtype (through float32, as
+        loading the file without --quantization gguf does; check-quant's reference for a packed file)."""
+        layer = UNQUANTIZED.create(self.in_features, self.shard_sizes, self.dtype, self.device)
+        start = 0
+        for part in self.parts:
+            data = getattr(self, part.param_name)
+            rows = data if part.ggml_type is None else gguf.dequantize(data, part.ggml_type).to(self.dtype)
+            layer.weight[start:start + part.num_rows].copy_(rows)
+            start += part.num_rows
+        return layer
 
     def packed_bytes(self) -> int:
         """Bytes this layer holds (its parameters), after finish_loading."""

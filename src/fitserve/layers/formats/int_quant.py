@@ -17,6 +17,7 @@ import torch
 
 from fitserve.kernels import int_quant
 from fitserve.kernels.dispatch import triton_int_quant
+from fitserve.layers.formats.unquantized import UNQUANTIZED
 from fitserve.layers.weight_format import LinearLayer, QuantizedRows, WeightFormat, WeightSpec
 from fitserve.weights.int_checkpoint import IntQuantScheme
 
@@ -100,6 +101,16 @@ class IntQuantLinear(LinearLayer):
         if self._pending:
             raise ValueError(f"shards {sorted(self._pending)} incomplete: a {self.scheme.method} layer needs "
                              f"{', '.join(PIECES[self.scheme.method])}")
+
+    @torch.no_grad()
+    def dequantized(self) -> LinearLayer:
+        """An unquantized layer holding these weights dequantized to the serving dtype (kernels/int_quant.py
+        dequantize: the specification the kernel must match; check-quant's reference for a packed checkpoint)."""
+        layer = UNQUANTIZED.create(self.in_features, self.shard_sizes, self.dtype, self.qweight.device)
+        g_idx = self.g_idx if self.scheme.act_order else None
+        layer.weight.copy_(int_quant.dequantize(self.qweight, self.scales, self.zeros, g_idx, self.scheme.bits,
+                                                self.dtype))
+        return layer
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         assert isinstance(x, torch.Tensor), "integer weights take 16-bit activations"
