@@ -30,7 +30,9 @@ from fitserve.kernels.pdl import begin
 # as fast (an H200, benchmarks/int_quant_bench.py, which may replace these to compare).
 GEMV_MAX_ROWS = 1
 GEMV_CONFIG = (8, 8, 4)  # (BLOCK_N output columns, GROUPS_PER_TILE, num_warps): an H200's fastest of eight
-BLOCK_K = 64  # the tile GEMM's
+# The tile GEMM's (BLOCK_N, BLOCK_K, num_warps): the fastest of five on an H200 at 1 to 256 rows
+# (results/int_quant_h200/int_quant_first.json: 5.3 ms at 16 rows against 9.8 ms with (64, 64, 4))
+TILE_CONFIG = (32, 128, 4)
 
 
 @triton.jit
@@ -140,10 +142,12 @@ def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     num_cols = qweight.shape[0]
     block_m = 16 if num_rows <= 16 else 64
     y = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
-    _int_quant_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, 64))](
+    block_n, block_k, num_warps = TILE_CONFIG
+    _int_quant_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n))](
         *_common_args(x, qweight, scales, zeros, g_idx, bits), y, num_rows, num_cols, num_inner,
         num_inner // scales.shape[1], x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=BLOCK_K)
+        BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps)
     return y
 
 
