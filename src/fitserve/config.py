@@ -157,7 +157,8 @@ class EngineConfig:
     load_format: str = field(default="auto", metadata=flag(
         "--load-format", choices=LOAD_FORMATS,
         help="'dummy' builds random weights from the model's config.json, for benchmarks"))
-    dtype: str = field(default="auto", metadata=flag("--dtype", help="auto (bfloat16), bfloat16, float16 or float32"))
+    dtype: str = field(default="auto", metadata=flag(
+        "--dtype", help="auto (bfloat16; float32 on a CPU without bf16 units), bfloat16, float16 or float32"))
     device: str = field(default="auto", metadata=flag("--device", help="auto (cuda if available), cpu or cuda"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
