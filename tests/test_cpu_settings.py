@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
-from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve import startup
 from fitserve.runner.cpu_settings import CpuFeatures, cpu_auto_dtype, resolve_cpu_dtype, set_cpu_threads
 from plan_helpers import write_model_folder
@@ -51,6 +52,24 @@ def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
         set_cpu_threads(1)
         assert torch.get_num_threads() == 1
         set_cpu_threads(0)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_threads_below_zero_is_refused():
+    with pytest.raises(ConfigError, match="--cpu-threads"):
+        EngineConfig(cpu_threads=-1)
+
+
+def test_the_engine_sets_the_cpu_threads_it_is_given(tmp_path):
+    folder = write_model_folder(tmp_path / "tiny")
+    config = EngineConfig(model=str(folder), load_format="dummy", device="cpu", cpu_threads=1,
+                          cache=CacheConfig(kv_cache_memory_bytes=1 << 20), scheduler=SchedulerConfig(max_model_len=64))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        startup.build_engine(config, progress=False)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -160,6 +160,9 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata=flag(
         "--dtype", help="auto (bfloat16; float32 on a CPU without bf16 units), bfloat16, float16 or float32"))
     device: str = field(default="auto", metadata=flag("--device", help="auto (cuda if available), cpu or cuda"))
+    cpu_threads: int = field(default=0, metadata=flag(  # runner/cpu_settings.py
+        "--cpu-threads", type=int,
+        help="torch's intra-op threads on the CPU path (0: torch's default, one per core; docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(
@@ -207,6 +210,8 @@ class EngineConfig:
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         object.__setattr__(self, "dtype", dtype)
+        if self.cpu_threads < 0:
+            raise ConfigError(f"--cpu-threads must be 0 (torch's default) or more, got {self.cpu_threads}.")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {self.quantization!r}.")
