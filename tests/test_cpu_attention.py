@@ -42,3 +42,21 @@ def test_head_h_reads_kv_head_h_over_group_size():
     out = reference.paged_attention(q, k_cache, v_cache, batch, 0.5)
     expected = (torch.arange(9) // 3).float()[None, :, None].expand(2, 9, 4)
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_without_padding_writes_what_the_masked_store_writes(cache_dtype):
+    """The CPU's direct copy (no PAD_SLOT row) and the masked path (one PAD_SLOT row added) store the
+    same rows, in the cache's dtype, and nothing else."""
+    gen = torch.Generator().manual_seed(7)
+    k, v = torch.randn(5, 3, 8, generator=gen), torch.randn(5, 3, 8, generator=gen)
+    slots = torch.tensor([9, 0, 31, 17, 4])
+    direct = [torch.zeros(4, 8, 3, 8, dtype=cache_dtype) for _ in range(2)]
+    masked = [torch.zeros(4, 8, 3, 8, dtype=cache_dtype) for _ in range(2)]
+    reference.store_kv(k, v, *direct, slots)
+    pad = torch.zeros(1, 3, 8)
+    reference.store_kv(torch.cat([k, pad]), torch.cat([v, pad + 1]), *masked, torch.cat([slots, torch.tensor([-1])]))
+    for got, want, rows in zip(direct, masked, (k, v)):
+        assert torch.equal(got, want)
+        assert torch.equal(got.view(-1, 3, 8)[slots], rows.to(cache_dtype))
+        assert int((got != 0).any(-1).any(-1).sum()) == 5
