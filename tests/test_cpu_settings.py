@@ -9,7 +9,13 @@ import torch
 
 from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve import startup
-from fitserve.runner.cpu_settings import CpuFeatures, cpu_auto_dtype, resolve_cpu_dtype, set_cpu_threads
+from fitserve.runner.cpu_settings import (
+    CpuFeatures,
+    auto_cpu_threads,
+    cpu_auto_dtype,
+    resolve_cpu_dtype,
+    set_cpu_threads,
+)
 from plan_helpers import write_model_folder
 
 
@@ -46,13 +52,16 @@ def test_the_engine_keeps_bfloat16_on_a_cpu_with_bf16_units(tmp_path, monkeypatc
     assert runner.kv_caches[0][0].dtype == torch.bfloat16
 
 
-def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
+def test_auto_threads_leave_one_core_to_the_server_and_keep_at_least_one():
+    assert [auto_cpu_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+
+
+def test_set_cpu_threads_sets_torch_and_zero_means_auto():
     before = torch.get_num_threads()
     try:
-        set_cpu_threads(1)
-        assert torch.get_num_threads() == 1
-        set_cpu_threads(0)
-        assert torch.get_num_threads() == 1
+        assert set_cpu_threads(2) == 2 and torch.get_num_threads() == 2
+        assert set_cpu_threads(0, num_cores=2) == 1 and torch.get_num_threads() == 1
+        assert set_cpu_threads(0, num_cores=3) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
