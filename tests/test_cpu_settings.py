@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,6 @@ from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerCon
 from fitserve import startup
 from fitserve.runner.cpu_settings import (
     CpuFeatures,
-    auto_cpu_threads,
     cpu_auto_dtype,
     resolve_cpu_dtype,
     set_cpu_threads,
@@ -52,18 +54,27 @@ def test_the_engine_keeps_bfloat16_on_a_cpu_with_bf16_units(tmp_path, monkeypatc
     assert runner.kv_caches[0][0].dtype == torch.bfloat16
 
 
-def test_auto_threads_leave_one_core_to_the_server_and_keep_at_least_one():
-    assert [auto_cpu_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
-
-
-def test_set_cpu_threads_sets_torch_and_zero_means_auto():
+def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
     before = torch.get_num_threads()
     try:
+        assert set_cpu_threads(1) == 1 and torch.get_num_threads() == 1
+        assert set_cpu_threads(0) == 1 and torch.get_num_threads() == 1
         assert set_cpu_threads(2) == 2 and torch.get_num_threads() == 2
-        assert set_cpu_threads(0, num_cores=2) == 1 and torch.get_num_threads() == 1
-        assert set_cpu_threads(0, num_cores=3) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
+    """fitserve sets OMP_WAIT_POLICY=PASSIVE on import, before torch loads OpenMP, without
+    overriding a value already in the environment (a fresh interpreter each time)."""
+    code = "import fitserve, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
 
 
 def test_cpu_threads_below_zero_is_refused():

@@ -162,8 +162,7 @@ class EngineConfig:
     device: str = field(default="auto", metadata=flag("--device", help="auto (cuda if available), cpu or cuda"))
     cpu_threads: int = field(default=0, metadata=flag(  # runner/cpu_settings.py
         "--cpu-threads", type=int,
-        help="torch's intra-op threads on the CPU path (0: one per core but one, left to the HTTP server and "
-             "engine loop; at least 1; docs/benchmarks.md)"))
+        help="torch's intra-op threads on the CPU path (0: torch's default, one per core; docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(
@@ -212,7 +211,7 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         object.__setattr__(self, "dtype", dtype)
         if self.cpu_threads < 0:
-            raise ConfigError(f"--cpu-threads must be 0 (auto) or more, got {self.cpu_threads}.")
+            raise ConfigError(f"--cpu-threads must be 0 (torch's default) or more, got {self.cpu_threads}.")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(
                 f"--quantization must be fp8, fp8_per_tensor, gguf or left out, got {self.quantization!r}.")

@@ -11,7 +11,6 @@ give the float32 reference's exact tokens.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,23 +43,12 @@ def resolve_cpu_dtype(dtype: str, features: CpuFeatures) -> str:
     return chosen
 
 
-def auto_cpu_threads(num_cores: int) -> int:
-    """torch's intra-op threads for --cpu-threads 0: one per core but one, left to the engine loop
-    and the HTTP server (vLLM's CPU backend also keeps a core for its front end), at least one.
-    torch's own default, one per core, made a decode step 5-6x slower on a 2-core machine whose
-    cores other work also wanted: its OpenMP threads wait for each other at every op
-    (docs/benchmarks.md, "Where a CPU step goes")."""
-    return max(1, num_cores - 1)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def set_cpu_threads(num_threads: int, num_cores: int | None = None) -> int:
-    """Set torch's intra-op threads for the CPU path (0: auto_cpu_threads); returns the count set."""
-    chosen = num_threads or auto_cpu_threads(usable_cores() if num_cores is None else num_cores)
-    if torch.get_num_threads() != chosen:
-        torch.set_num_threads(chosen)
-    logger.info("torch intra-op threads on the CPU: %d%s", chosen, "" if num_threads else " (--cpu-threads 0: auto)")
-    return chosen
+def set_cpu_threads(num_threads: int) -> int:
+    """Set torch's intra-op threads for the CPU path (0: leave torch's default, one per core); returns
+    the count in use. With OMP_WAIT_POLICY=PASSIVE (fitserve/__init__.py) one per core measured as
+    fast as or faster than fewer, busy machine or idle; without it, on a busy 2-core machine, one
+    thread was 5x faster than two (docs/benchmarks.md)."""
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+        logger.info("torch intra-op threads on the CPU: %d", num_threads)
+    return torch.get_num_threads()
