@@ -8,7 +8,8 @@
 #   BEFORE_SRC=/path/to/old/src benchmarks/cpu_http_ab.sh        # JSON under $OUT
 #
 # BEFORE_SRC defaults to the main checkout's src, AFTER_SRC to this tree's; EXTRA_BEFORE and
-# EXTRA_AFTER add serve flags to one side (e.g. EXTRA_AFTER="--cpu-threads 1").
+# EXTRA_AFTER add serve flags to one side (e.g. EXTRA_AFTER="--cpu-threads 1"); CONCS="1" runs the
+# single stream only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -32,7 +33,7 @@ for port in 8121 8122; do
     until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do sleep 1; done
 done
 for round in $(seq 1 "$rounds"); do
-    for conc in 1 16; do
+    for conc in ${CONCS:-1 16}; do
         num=$([ "$conc" = 1 ] && echo "$n1" || echo "$n16")
         for side in before after; do
             port=$([ "$side" = before ] && echo 8121 || echo 8122)
