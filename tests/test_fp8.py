@@ -251,8 +251,9 @@ def test_llm_serves_fp8_weights_and_cache_with_twice_the_tokens():
     from fitserve.sampling_params import SamplingParams
 
     cache, limits = 16 * 2**20, SchedulerConfig(max_model_len=256)
-    base = LLM(config=EngineConfig(device="cpu", cache=CacheConfig(kv_cache_memory_bytes=cache), scheduler=limits))
-    quant = LLM(config=EngineConfig(device="cpu", quantization="fp8", scheduler=limits,
+    base = LLM(config=EngineConfig(device="cpu", dtype="bfloat16", cache=CacheConfig(kv_cache_memory_bytes=cache),
+                                   scheduler=limits))
+    quant = LLM(config=EngineConfig(device="cpu", dtype="bfloat16", quantization="fp8", scheduler=limits,
                                     cache=CacheConfig(kv_cache_memory_bytes=cache, kv_cache_dtype="fp8")))
     base_tokens, block_size = base.engine.runner.kv_capacity().num_tokens, 16
     assert 2 * base_tokens <= quant.engine.runner.kv_capacity().num_tokens <= 2 * base_tokens + block_size

@@ -162,8 +162,12 @@ class EngineConfig:
     load_format: str = field(default="auto", metadata=flag(
         "--load-format", choices=LOAD_FORMATS,
         help="'dummy' builds random weights from the model's config.json, for benchmarks"))
-    dtype: str = field(default="auto", metadata=flag("--dtype", help="auto (bfloat16), bfloat16, float16 or float32"))
+    dtype: str = field(default="auto", metadata=flag(
+        "--dtype", help="auto (bfloat16; float32 on a CPU without bf16 units), bfloat16, float16 or float32"))
     device: str = field(default="auto", metadata=flag("--device", help="auto (cuda if available), cpu or cuda"))
+    cpu_threads: int = field(default=0, metadata=flag(  # runner/cpu_settings.py
+        "--cpu-threads", type=int,
+        help="torch's intra-op threads on the CPU path (0: torch's default, one per core; docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(
@@ -214,6 +218,8 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "quantization", QUANTIZATION_ALIASES.get(self.quantization, self.quantization))
+        if self.cpu_threads < 0:
+            raise ConfigError(f"--cpu-threads must be 0 (torch's default) or more, got {self.cpu_threads}.")
         if self.quantization not in QUANTIZATIONS:
             names = ", ".join((*(q for q in QUANTIZATIONS if q), *QUANTIZATION_ALIASES))
             raise ConfigError(f"--quantization must be one of {names}, or left out; got {self.quantization!r}.")

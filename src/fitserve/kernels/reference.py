@@ -19,6 +19,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     An fp8 cache stores k / k_scale and v / v_scale, saturated at +-448 (kernels/fp8.py).
     """
+    if _store_kv_rows_cpu(k, v, k_cache, v_cache, slot_mapping):
+        return
     keep = slot_mapping != PAD_SLOT  # [T] bool
     slots = slot_mapping[keep].long()
     for new, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
@@ -27,6 +29,20 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if fp8.is_fp8(cache.dtype):  # index_copy_ has no float8 kernel on the CPU: copy the bytes
             flat, rows = flat.view(torch.uint8), rows.view(torch.uint8)
         flat.index_copy_(0, slots, rows)
+
+
+def _store_kv_rows_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> bool:
+    """store_kv's CPU path when no row is PAD_SLOT (a CPU batch has no graph padding) and the cache is
+    not fp8: the rows copied straight in, two ops instead of store_kv's ten or so (its masks and
+    boolean indexing cost a layer's decode step more than the copy itself; docs/benchmarks.md).
+    Returns False, having written nothing, when it does not apply."""
+    if slot_mapping.device.type != "cpu" or fp8.is_fp8(k_cache.dtype) or not bool((slot_mapping >= 0).all()):
+        return False
+    slots = slot_mapping.long()
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, cache.shape[2], cache.shape[3]).index_copy_(0, slots, new.to(cache.dtype))
+    return True
 
 
 def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -141,9 +157,25 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     mask = attend_mask(key_pos, query_pos, sliding_window)  # [S, 1, L]
     if sliding_window is not None:  # only a window frees blocks: no copy of K and V per layer and step otherwise
         k, v = _zero_unseen(k, mask[:, 0, :, None, None]), _zero_unseen(v, mask[:, 0, :, None, None])
+    if softcap is None:
+        return _decode_sdpa_grouped(q, k.transpose(1, 2), v.transpose(1, 2), mask, scale)
     o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale, softcap)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]
+
+
+def _decode_sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """One decode token per request: q [S, H, D], k/v [S, Hkv, L, D], mask [S, 1, L] -> [S, H, D].
+
+    The H / Hkv query heads that share a KV head become that head's query rows ([S, Hkv, G, D]; head
+    h reads KV head h // G, as repeat_interleave would give it), so K and V are never copied per
+    group: on the CPU this was 5-10x faster at 16 streams than repeating them (docs/benchmarks.md)."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    grouped = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask[:, None], scale=scale)  # [S, Hkv, G, D]
+    return o.reshape(num_seqs, num_heads, head_dim)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
