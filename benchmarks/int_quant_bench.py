@@ -15,30 +15,13 @@ from pathlib import Path
 
 import torch
 
-from fitserve.kernels import fp8, int_quant, triton_gemv, triton_int_quant, triton_w8a16
+from fitserve.kernels import triton_gemv, triton_int_quant, triton_w8a16
+from gguf_gemv_bench import time_graph  # beside this file: one CUDA graph, replayed
 
 HIDDEN, INTER, LAYERS = 4096, 14336, 32
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
 GEMV_CONFIGS = [(8, 8, 4), (16, 8, 8), (16, 4, 4)]
 W8_GEMV_CONFIGS = [(4, 1024, 4), (2, 2048, 4), (4, 2048, 8)]
-
-
-def time_graph(fn, repeats: int = 20) -> float:
-    """Milliseconds per call of fn, captured in a CUDA graph and replayed."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def int_layers(bits: int, group_size: int) -> list[tuple]:
@@ -122,7 +105,6 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--no-sweep", action="store_true", help="each kernel's current configuration only")
     args = parser.parse_args()
-    assert fp8 is not None and int_quant is not None
     results: list = []
     bench_bf16(results, [1, 4, 16, 64, 256])
     torch.cuda.empty_cache()

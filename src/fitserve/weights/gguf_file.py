@@ -80,12 +80,18 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for skipped tensors."""
     if gguf_name in SKIPPED_TENSORS:
         return None
+    return block_tensor_name(gguf_name, BLOCK_NAMES, "a Llama model")
+
+
+def block_tensor_name(gguf_name: str, block_names: dict[str, str], model: str) -> str:
+    """A global tensor's HF name, or 'blk.N.<part>.weight' -> 'model.layers.N.<block_names[part]>.weight';
+    a name outside both is a ConfigError saying it is not part of `model`."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     match = _BLOCK_RE.match(gguf_name)
-    if not match or match.group(2) not in BLOCK_NAMES:
-        raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of a Llama model.")
-    return f"model.layers.{match.group(1)}.{BLOCK_NAMES[match.group(2)]}.weight"
+    if not match or match.group(2) not in block_names:
+        raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of {model}.")
+    return f"model.layers.{match.group(1)}.{block_names[match.group(2)]}.weight"
 
 
 def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -186,12 +192,7 @@ GEMMA_END_OF_TURN = "<end_of_turn>"  # ends a chat turn: an eos besides the file
 
 def gemma3_hf_tensor_name(gguf_name: str) -> str | None:
     """'blk.3.ffn_norm.weight' -> 'model.layers.3.pre_feedforward_layernorm.weight' (Gemma's names)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _BLOCK_RE.match(gguf_name)
-    if not match or match.group(2) not in _GEMMA3_BLOCK_NAMES:
-        raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of a Gemma 3 text model.")
-    return f"model.layers.{match.group(1)}.{_GEMMA3_BLOCK_NAMES[match.group(2)]}.weight"
+    return block_tensor_name(gguf_name, _GEMMA3_BLOCK_NAMES, "a Gemma 3 text model")
 
 
 def gemma3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:

@@ -10,12 +10,9 @@ soft-caps' and the window's defaults, and the query scale.
 
 from __future__ import annotations
 
-import re
-
 from gguf import GGUFReader
 
 from fitserve.arch_config import ArchConfig
-from fitserve.config import ConfigError
 from fitserve.weights import gguf_file
 
 GEMMA2_GGUF_ARCH = "gemma2"
@@ -29,19 +26,11 @@ _GEMMA2_BLOCK_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-                 "output.weight": "lm_head.weight"}
-_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
 def gemma2_hf_tensor_name(gguf_name: str) -> str | None:
     """'blk.3.post_ffw_norm.weight' -> 'model.layers.3.post_feedforward_layernorm.weight' (Gemma's names)."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _BLOCK_RE.match(gguf_name)
-    if not match or match.group(2) not in _GEMMA2_BLOCK_NAMES:
-        raise ConfigError(f"GGUF tensor {gguf_name!r} is not part of a Gemma 2 model.")
-    return f"model.layers.{match.group(1)}.{_GEMMA2_BLOCK_NAMES[match.group(2)]}.weight"
+    return gguf_file.block_tensor_name(gguf_name, _GEMMA2_BLOCK_NAMES, "a Gemma 2 model")
 
 
 def gemma2_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
