@@ -82,3 +82,22 @@ def test_a_tiny_mixtral_on_cuda_matches_its_cpu_path(tmp_path):
     cpu = PagedDriver(cpu_model, num_blocks=32, block_size=16).step(list(prompts.items()))
     gpu = PagedDriver(gpu_model, num_blocks=32, block_size=16, device="cuda").step(list(prompts.items()))
     torch.testing.assert_close(gpu.cpu(), cpu, atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(1, 8, 2), (7, 8, 2), (300, 128, 8), (5, 60, 4), (3, 3, 3)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_kernel_matches_reference(dtype, num_tokens, num_experts, top_k, renormalize):
+    """softmax, top-k and renormalization in one kernel: the same experts (in the same order, save equal
+    or one-rounding-apart probabilities, which the two softmaxes may order differently) and weights as
+    moe_reference.route."""
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens * num_experts)
+    logits = (torch.randn(num_tokens, num_experts, generator=gen, device="cuda") * 2).to(dtype)
+    weights, ids = triton_moe.route(logits, top_k, renormalize)
+    ref_weights, ref_ids = moe_reference.route(logits, top_k, renormalize)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int64
+    torch.testing.assert_close(weights, ref_weights, atol=1e-6, rtol=1e-5)
+    probs = torch.softmax(logits.float(), -1)
+    # the chosen experts' probabilities, best first: another expert only where two are (nearly) equal
+    torch.testing.assert_close(probs.gather(1, ids), probs.gather(1, ref_ids), atol=1e-7, rtol=1e-5)
+    assert all(len(set(row)) == top_k for row in ids.tolist()), "k distinct experts per token"

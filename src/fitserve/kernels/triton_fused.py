@@ -1,4 +1,5 @@
-"""Fused element-wise Triton kernels: residual add + RMSNorm, rotary embedding, SiLU-and-multiply.
+"""Fused element-wise Triton kernels: residual add + RMSNorm (Llama's and Gemma's (1 + w) form, over
+rows or over each head of q/k), rotary embedding, SiLU- or GELU-tanh-and-multiply.
 
 Each replaces a chain of 5 to 12 small torch kernels with one. At decode batch sizes these
 chains cost more in launches than in bytes: measured on an H200 (Llama-3-8B shape, batch 1),
@@ -17,35 +18,48 @@ from fitserve.kernels.pdl import begin
 
 
 @triton.jit
-def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
+def _scaled_norm(x, weight_ptr, eps, cols, mask, HIDDEN: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """x [BLOCK] of the model dtype (0 past the row) -> its RMSNorm times the weight, float32, in the order of
+    kernels/reference.py: rms_norm's (WEIGHT_OFFSET 0: normalised, rounded to x's dtype, times weight) or
+    gemma_rms_norm's (WEIGHT_OFFSET 1: normalised times (weight + 1) all in float32, rounded once later)."""
+    x32 = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
+    normed = x32 * rstd
+    if WEIGHT_OFFSET == 0.0:
+        normed = normed.to(x.dtype).to(tl.float32)
+    return normed * (tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) + WEIGHT_OFFSET)
+
+
+@triton.jit
+def _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, x_weight_ptr, residual_out_ptr, eps, row, cols, mask,
                       stride_x, stride_residual, stride_residual_out, HIDDEN: tl.constexpr,
-                      HAS_RESIDUAL: tl.constexpr):
-    """One row: store x (+ residual) at residual_out, return its RMSNorm times weight in float32."""
+                      HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """One row: x, first normed with x_weight when NORM_X (Gemma's post-attention norm, rounded as its own
+    kernel would store it), plus residual stored at residual_out (with a residual); returns the row's
+    _scaled_norm with weight."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if NORM_X:
+        x = _scaled_norm(x, x_weight_ptr, eps, cols, mask, HIDDEN, WEIGHT_OFFSET).to(x.dtype)
     if HAS_RESIDUAL:
         # Round the sum to the storage dtype first, as the torch reference does.
         x = (x.to(tl.float32) + tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
-    tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
-    x32 = x.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / HIDDEN + eps)
-    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    return normed * weight
+        tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+    return _scaled_norm(x, weight_ptr, eps, cols, mask, HIDDEN, WEIGHT_OFFSET)
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps,
+    x_ptr, residual_ptr, weight_ptr, x_weight_ptr, out_ptr, residual_out_ptr, eps,
     stride_x, stride_residual, stride_out, stride_residual_out,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    PDL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr,
+    WEIGHT_OFFSET: tl.constexpr, PDL: tl.constexpr,
 ):
     begin(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL)
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, x_weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, NORM_X, WEIGHT_OFFSET)
     tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -69,27 +83,95 @@ def silu_quant_warps(block: int) -> int:
     return max(4, min(32, block // 512))
 
 
-def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+def _check_norm_inputs(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+                       x_weight: torch.Tensor | None) -> None:
     assert x.stride(1) == 1 and weight.shape == (x.shape[1],) and weight.is_contiguous()
     assert residual is None or (residual.shape == x.shape and residual.stride(1) == 1)
+    # x normed first: the residual sum is what the kernel stores, so there must be a residual
+    assert x_weight is None or (residual is not None and x_weight.shape == weight.shape and x_weight.is_contiguous())
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] (+ residual [T, H]) -> (normed [T, H], x + residual [T, H]); weight [H]."""
+def _check_offset(weight_offset: float) -> None:
+    assert weight_offset in (0.0, 1.0), "0: Llama's rms_norm, 1: Gemma's (1 + weight) form"
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             weight_offset: float = 0.0, x_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (+ residual [T, H]) -> (normed [T, H], x + residual [T, H]); weight [H].
+
+    weight_offset 0.0: reference.rms_norm; 1.0: reference.gemma_rms_norm (scaled by 1 + weight).
+    x_weight [H]: x is first normed with it, of the same form (Gemma's post-attention norm before the
+    residual add and the pre-feedforward norm: two norms in one kernel)."""
     num_rows, hidden = x.shape
-    _check_norm_inputs(x, weight, residual)
+    _check_norm_inputs(x, weight, residual, x_weight)
+    _check_offset(weight_offset)
     out = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else x
     if num_rows == 0:
         return out, residual_out
     _rms_norm_kernel[(num_rows,)](
-        x, residual if residual is not None else x, weight, out, residual_out, eps,
-        x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), residual_out.stride(0),
-        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
+        x, residual if residual is not None else x, weight, x_weight if x_weight is not None else weight, out,
+        residual_out, eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        residual_out.stride(0), HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden),
+        HAS_RESIDUAL=residual is not None, NORM_X=x_weight is not None, WEIGHT_OFFSET=weight_offset,
         num_warps=norm_warps(hidden), **pdl.options(x.device),
     )
     return out, residual_out
+
+
+@triton.jit
+def _head_norm(x_ptr, weight_ptr, out_ptr, eps, row, head, stride_x, cols, mask, NUM_HEADS: tl.constexpr,
+               HEAD_DIM: tl.constexpr, WEIGHT_OFFSET: tl.constexpr):
+    """Head `head` of row `row` of x (row stride stride_x) normed into out, [T, NUM_HEADS * HEAD_DIM] contiguous."""
+    y = _add_rms_norm_row(x_ptr + head * HEAD_DIM, x_ptr, weight_ptr, weight_ptr, x_ptr, eps, row, cols, mask,
+                          stride_x, 0, 0, HEAD_DIM, False, False, WEIGHT_OFFSET)
+    tl.store(out_ptr + row * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qk_norm_kernel(q_ptr, k_ptr, q_weight_ptr, k_weight_ptr, q_out_ptr, k_out_ptr, eps, stride_q, stride_k,
+                    NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK: tl.constexpr, WEIGHT_OFFSET: tl.constexpr, PDL: tl.constexpr):
+    """Program (row, head): one head of q (head < NUM_Q_HEADS) or of k (the rest), each with its weight."""
+    begin(PDL)
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < HEAD_DIM
+    if head < NUM_Q_HEADS:
+        _head_norm(q_ptr, q_weight_ptr, q_out_ptr, eps, row, head, stride_q, cols, mask, NUM_Q_HEADS, HEAD_DIM,
+                   WEIGHT_OFFSET)
+    else:
+        _head_norm(k_ptr, k_weight_ptr, k_out_ptr, eps, row, head - NUM_Q_HEADS, stride_k, cols, mask, NUM_K_HEADS,
+                   HEAD_DIM, WEIGHT_OFFSET)
+
+
+def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [T, Hq * D], k [T, Hk * D] (column slices of qkv allowed: unit column stride) -> each head normed,
+    ([T, Hq * D], [T, Hk * D]) contiguous, in one launch; q_weight, k_weight [D] shared by the heads
+    (Qwen3's and, with weight_offset 1.0, Gemma 3's q/k norms). No copy of the strided slices first."""
+    head_dim = q_weight.shape[0]
+    assert q.stride(1) == 1 and k.stride(1) == 1 and q.shape[0] == k.shape[0]
+    assert q_weight.shape == k_weight.shape == (head_dim,) and q_weight.is_contiguous() and k_weight.is_contiguous()
+    assert q.shape[1] % head_dim == 0 and k.shape[1] % head_dim == 0
+    _check_offset(weight_offset)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    num_q_heads, num_k_heads = q.shape[1] // head_dim, k.shape[1] // head_dim
+    if q.shape[0] == 0 or num_q_heads + num_k_heads == 0:
+        return q_out, k_out
+    _qk_norm_kernel[(q.shape[0], num_q_heads + num_k_heads)](
+        q, k, q_weight, k_weight, q_out, k_out, eps, q.stride(0), k.stride(0),
+        NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HEAD_DIM=head_dim, BLOCK=triton.next_power_of_2(head_dim),
+        WEIGHT_OFFSET=weight_offset, num_warps=norm_warps(head_dim), **pdl.options(q.device),
+    )
+    return q_out, k_out
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """qk_rms_norm of x alone: x [T, heads * D] -> each head normed, [T, heads * D] contiguous; weight [D]."""
+    return qk_rms_norm(x, x[:, :0], weight, weight, eps, weight_offset)[0]
 
 
 @triton.jit
@@ -169,35 +251,66 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     )
 
 
+# torch's gelu(approximate="tanh") constants: 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+GELU_TANH_BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_KAPPA = tl.constexpr(0.044715)
+
+
 @triton.jit
-def _silu_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr,
-                         PDL: tl.constexpr):
+def _gate_times_up(gate, up, GELU_TANH: tl.constexpr):
+    """act(gate) * up in float32 from gate, up of the model dtype. SiLU: one float32 expression (as
+    before). GELU-tanh: torch's expression and order (reference.gelu_tanh_and_mul on CUDA): the GELU
+    rounded to the model dtype, then times up; tanh(u) written as 2 sigmoid(2u) - 1 (no tanh in Triton's
+    interpreter; exact at +-inf), so the float32 value may differ from torch's in the last bits."""
+    gate32 = gate.to(tl.float32)
+    up32 = up.to(tl.float32)
+    if GELU_TANH:
+        inner = GELU_TANH_BETA * (gate32 + GELU_TANH_KAPPA * (gate32 * gate32 * gate32))
+        tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+        act = (0.5 * gate32 * (1.0 + tanh)).to(gate.dtype).to(tl.float32)
+    else:
+        act = gate32 / (1.0 + tl.exp(-gate32))
+    return act * up32
+
+
+@triton.jit
+def _act_and_mul_kernel(gate_up_ptr, out_ptr, stride_in, stride_out, INTER: tl.constexpr, BLOCK: tl.constexpr,
+                        GELU_TANH: tl.constexpr, PDL: tl.constexpr):
     begin(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < INTER
-    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + row * stride_in + INTER + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = gate / (1.0 + tl.exp(-gate))
-    tl.store(out_ptr + row * stride_out + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+    gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0)
+    up = tl.load(gate_up_ptr + row * stride_in + INTER + cols, mask=mask, other=0.0)
+    out = _gate_times_up(gate, up, GELU_TANH)
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 SILU_BLOCK = 1024
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
+def _act_and_mul(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     num_rows, double = gate_up.shape
     assert double % 2 == 0 and gate_up.stride(1) == 1
     inter = double // 2
     out = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
     if num_rows == 0:
         return out
-    _silu_and_mul_kernel[(num_rows, triton.cdiv(inter, SILU_BLOCK))](
-        gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=SILU_BLOCK, num_warps=4,
-        **pdl.options(gate_up.device),
+    _act_and_mul_kernel[(num_rows, triton.cdiv(inter, SILU_BLOCK))](
+        gate_up, out, gate_up.stride(0), out.stride(0), INTER=inter, BLOCK=SILU_BLOCK, GELU_TANH=gelu_tanh,
+        num_warps=4, **pdl.options(gate_up.device),
     )
     return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
+    return _act_and_mul(gate_up, gelu_tanh=False)
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2*I] (gate first) -> gelu_tanh(gate) * up [T, I] (Gemma 2/3's MLP)."""
+    return _act_and_mul(gate_up, gelu_tanh=True)
 
 
 # -- the same, with the output quantized to fp8 per row for an fp8 linear layer (kernels/fp8.py) -----------
@@ -219,9 +332,10 @@ def _quantize_row(y, mask, q_row_ptr, scale_ptr, row, cols, FP8_MAX: tl.constexp
 
 @triton.jit
 def _rms_norm_quant_kernel(
-    x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
+    x_ptr, residual_ptr, weight_ptr, x_weight_ptr, q_ptr, scale_ptr, residual_out_ptr, eps,
     stride_x, stride_residual, stride_q, stride_residual_out,
-    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr,
+    WEIGHT_OFFSET: tl.constexpr,
     FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -229,19 +343,21 @@ def _rms_norm_quant_kernel(
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
-    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, eps, row, cols, mask,
-                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL)
-    out = y.to(residual_out_ptr.dtype.element_ty).to(tl.float32)  # the value rms_norm would store
+    y = _add_rms_norm_row(x_ptr, residual_ptr, weight_ptr, x_weight_ptr, residual_out_ptr, eps, row, cols, mask,
+                          stride_x, stride_residual, stride_residual_out, HIDDEN, HAS_RESIDUAL, NORM_X, WEIGHT_OFFSET)
+    out = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # the value rms_norm would store
     _quantize_row(out, mask, q_ptr + row * stride_q, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
 
 
-def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                   weight_offset: float = 0.0, x_weight: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """As rms_norm, with the normed output as (q [T, H] fp8, scale [T, 1] float32); then x + residual [T, H]."""
     from fitserve.kernels import fp8
 
     num_rows, hidden = x.shape
-    _check_norm_inputs(x, weight, residual)
+    _check_norm_inputs(x, weight, residual, x_weight)
+    _check_offset(weight_offset)
     assert hidden <= FUSED_QUANT_MAX_COLS
     q = torch.empty(num_rows, hidden, dtype=fp8.FP8_DTYPE, device=x.device)
     scale = torch.empty(num_rows, 1, dtype=torch.float32, device=x.device)
@@ -249,9 +365,10 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     if num_rows == 0:
         return q, scale, residual_out
     _rms_norm_quant_kernel[(num_rows,)](
-        x, residual if residual is not None else x, weight, q, scale, residual_out, eps,
-        x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0), residual_out.stride(0),
-        HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
+        x, residual if residual is not None else x, weight, x_weight if x_weight is not None else weight, q, scale,
+        residual_out, eps, x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
+        residual_out.stride(0), HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden),
+        HAS_RESIDUAL=residual is not None, NORM_X=x_weight is not None, WEIGHT_OFFSET=weight_offset,
         FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
         num_warps=norm_warps(hidden), **pdl.options(x.device),
     )
@@ -259,9 +376,9 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
 
 
 @triton.jit
-def _silu_and_mul_quant_kernel(
+def _act_and_mul_quant_kernel(
     gate_up_ptr, q_ptr, scale_ptr, stride_in, stride_q, INTER: tl.constexpr, BLOCK: tl.constexpr,
-    FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
+    GELU_TANH: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MAX_INV: tl.constexpr, MIN_SCALE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     begin(PDL)
@@ -269,10 +386,8 @@ def _silu_and_mul_quant_kernel(
     cols = tl.arange(0, BLOCK)  # the whole row: its maximum sets the scale
     mask = cols < INTER
     gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + row * stride_in + INTER + cols, mask=mask, other=0.0).to(tl.float32)
-    gate32 = gate.to(tl.float32)
-    silu = gate32 / (1.0 + tl.exp(-gate32))
-    out = (silu * up).to(gate.dtype).to(tl.float32)  # the value silu_and_mul would store
+    up = tl.load(gate_up_ptr + row * stride_in + INTER + cols, mask=mask, other=0.0)
+    out = _gate_times_up(gate, up, GELU_TANH).to(gate.dtype).to(tl.float32)  # the value _act_and_mul would store
     _quantize_row(out, mask, q_ptr + row * stride_q, scale_ptr, row, cols, FP8_MAX, FP8_MAX_INV, MIN_SCALE)
 
 
@@ -281,6 +396,15 @@ FUSED_QUANT_MAX_COLS = 16384  # a row of the fused quantizing kernels stays in r
 
 def silu_and_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [T, 2*I] -> silu(gate) * up as (q [T, I] fp8, scale [T, 1] float32)."""
+    return _act_and_mul_quant(gate_up, gelu_tanh=False)
+
+
+def gelu_tanh_and_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [T, 2*I] -> gelu_tanh(gate) * up as (q [T, I] fp8, scale [T, 1] float32)."""
+    return _act_and_mul_quant(gate_up, gelu_tanh=True)
+
+
+def _act_and_mul_quant(gate_up: torch.Tensor, gelu_tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fitserve.kernels import fp8
 
     num_rows, double = gate_up.shape
@@ -292,8 +416,8 @@ def silu_and_mul_quant(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if num_rows == 0:
         return q, scale
     block = triton.next_power_of_2(inter)
-    _silu_and_mul_quant_kernel[(num_rows,)](
-        gate_up, q, scale, gate_up.stride(0), q.stride(0), INTER=inter, BLOCK=block,
+    _act_and_mul_quant_kernel[(num_rows,)](
+        gate_up, q, scale, gate_up.stride(0), q.stride(0), INTER=inter, BLOCK=block, GELU_TANH=gelu_tanh,
         FP8_MAX=fp8.FP8_MAX, FP8_MAX_INV=fp8.FP8_MAX_INV, MIN_SCALE=fp8.MIN_SCALE,
         num_warps=silu_quant_warps(block), **pdl.options(gate_up.device),
     )

@@ -64,6 +64,46 @@ def _moe_gemm_kernel(a_ptr, b_ptr, c_ptr, weights_ptr, sorted_ids_ptr, block_exp
              mask=valid[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, stride_logits, NUM_EXPERTS: tl.constexpr,
+                  BLOCK_E: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr):
+    """One token: softmax over its expert logits in float32, the TOP_K largest (best first, the lowest
+    expert index among equals), renormalized to sum 1 when asked."""
+    token = tl.program_id(0)
+    experts = tl.arange(0, BLOCK_E)
+    valid = experts < NUM_EXPERTS
+    logits = tl.load(logits_ptr + token * stride_logits + experts, mask=valid, other=-float("inf")).to(tl.float32)
+    exps = tl.exp(logits - tl.max(logits, axis=0))
+    left = tl.where(valid, exps / tl.sum(exps, axis=0), -1.0)  # probabilities are >= 0: -1 marks taken or absent
+    ks = tl.arange(0, BLOCK_K)
+    top_weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(left, axis=0)
+        best_id = tl.min(tl.where(left == best, experts, BLOCK_E), axis=0)
+        top_weights = tl.where(ks == j, best, top_weights)
+        top_ids = tl.where(ks == j, best_id, top_ids)
+        left = tl.where(experts == best_id, -1.0, left)
+    if RENORMALIZE:
+        top_weights = top_weights / tl.sum(top_weights, axis=0)  # the padding past TOP_K holds 0
+    tl.store(weights_ptr + token * TOP_K + ks, top_weights, mask=ks < TOP_K)
+    tl.store(ids_ptr + token * TOP_K + ks, top_ids.to(tl.int64), mask=ks < TOP_K)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_reference.route in one kernel: router_logits [T, E] -> (weights [T, k] float32, expert ids [T, k]
+    int64), best expert first (in place of its 5 torch kernels: cast, softmax, top-k, sum, divide)."""
+    num_tokens, num_experts = router_logits.shape
+    assert router_logits.stride(1) == 1 and 0 < top_k <= num_experts
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if num_tokens > 0:
+        _route_kernel[(num_tokens,)](router_logits, weights, ids, router_logits.stride(0), NUM_EXPERTS=num_experts,
+                                     BLOCK_E=triton.next_power_of_2(num_experts), TOP_K=top_k,
+                                     BLOCK_K=triton.next_power_of_2(top_k), RENORMALIZE=renormalize, num_warps=1)
+    return weights, ids
+
+
 def align_to_experts(topk_ids: torch.Tensor, num_experts: int, block_m: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] -> (sorted_ids [max_blocks * block_m] int32: the flat choices t*k + j grouped by

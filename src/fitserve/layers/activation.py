@@ -26,6 +26,16 @@ def silu_and_mul_for_fp8(gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
 
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [T, 2*I] -> gelu_tanh(gate) * up [T, I] (Gemma 2/3); torch ops on every device (no
-    fused kernel yet), so a layer with fp8 inputs quantizes the result itself."""
+    """gate_up [T, 2*I] -> gelu_tanh(gate) * up [T, I] (Gemma 2/3): one Triton kernel on CUDA, the
+    reference's torch ops elsewhere."""
+    if gate_up.is_cuda and triton_fused is not None:
+        return triton_fused.gelu_tanh_and_mul(gate_up)
     return reference.gelu_tanh_and_mul(gate_up)
+
+
+def gelu_tanh_and_mul_for_fp8(gate_up: torch.Tensor) -> torch.Tensor | QuantizedRows:
+    """gelu_tanh_and_mul for a layer whose weight format takes QuantizedRows (`fp8`), as silu_and_mul_for_fp8."""
+    if gate_up.is_cuda and triton_fused is not None and gate_up.shape[1] // 2 <= triton_fused.FUSED_QUANT_MAX_COLS:
+        q, scale = triton_fused.gelu_tanh_and_mul_quant(gate_up)
+        return QuantizedRows(q, scale, gate_up.dtype)
+    return gelu_tanh_and_mul(gate_up)

@@ -49,10 +49,12 @@ class MoE(nn.Module):
         return self.router.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids = moe_reference.route(linear(x, self.router), self.top_k, self.renormalize)
+        router_logits = linear(x, self.router)  # [T, E]
         if x.is_cuda and triton_moe is not None:
+            topk_weights, topk_ids = triton_moe.route(router_logits, self.top_k, self.renormalize)
             out = triton_moe.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         else:
+            topk_weights, topk_ids = moe_reference.route(router_logits, self.top_k, self.renormalize)
             out = moe_reference.experts(x, self.w13, self.w2, topk_weights, topk_ids)
         return self.tp.all_reduce(out)
 

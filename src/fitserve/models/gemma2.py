@@ -25,13 +25,14 @@ from torch import nn
 
 from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
-from fitserve.layers.activation import gelu_tanh_and_mul
+from fitserve.layers.activation import gelu_tanh_and_mul, gelu_tanh_and_mul_for_fp8
 from fitserve.layers.attention import PagedAttention
 from fitserve.layers.formats.unquantized import Linear
 from fitserve.layers.linear import Embedding
-from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm
+from fitserve.layers.norm import GemmaHeadRMSNorm, GemmaRMSNorm, norm_q_and_k
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.layers.rotary import RotaryEmbedding
+from fitserve.layers.weight_format import QuantizedRows
 from fitserve.models.base import LayerBuild
 from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes
 
@@ -68,10 +69,10 @@ class GemmaAttention(nn.Module):
                                    rotary=rotary, fuse_rotary_store=build.fuse_rotary_store,
                                    sliding_window=window, softcap=arch.attn_logit_softcap)
 
-    def forward(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # before rotary, which PagedAttention applies
+            q, k = norm_q_and_k(q, k, self.q_norm, self.k_norm)  # before rotary, which PagedAttention applies
         return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, batch)))
 
 
@@ -81,9 +82,12 @@ class GemmaMLP(nn.Module):
         self.tp = build.tp
         self.gate_up_proj = build.linear(arch.hidden_size, (arch.intermediate_size,) * 2)
         self.down_proj = build.linear(arch.intermediate_size, arch.hidden_size)
+        self.fp8_input = build.weight_format.fused_input_quantization  # down_proj takes per-token fp8 rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(self.down_proj(gelu_tanh_and_mul(self.gate_up_proj(x))))
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)
+        return self.tp.all_reduce(
+            self.down_proj(gelu_tanh_and_mul_for_fp8(gate_up) if self.fp8_input else gelu_tanh_and_mul(gate_up)))
 
 
 class GemmaDecoderLayer(nn.Module):
@@ -94,16 +98,21 @@ class GemmaDecoderLayer(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
         self.self_attn = GemmaAttention(arch, rotary, build, window)
         self.mlp = GemmaMLP(arch, build)
+        # qkv_proj and gate_up_proj take per-token fp8 rows: the norms before them quantize what they write
+        self.fp8_input = build.weight_format.fused_input_quantization
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, H]: the previous layer's normed MLP output (or the embedding for layer 0), not yet
-        added to residual [T, H] (None for layer 0); returns this layer's pair."""
-        normed, residual = self.input_layernorm(hidden, residual)
-        attn_out, _ = self.post_attention_layernorm(self.self_attn(normed, batch))
-        normed, residual = self.pre_feedforward_layernorm(attn_out, residual)  # residual += normed attention
-        mlp_out, _ = self.post_feedforward_layernorm(self.mlp(normed))
-        return mlp_out, residual
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+                hidden_norm: GemmaRMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H]: the previous layer's MLP output, to be normed by hidden_norm (that layer's
+        post_feedforward_layernorm) and added to residual [T, H]; for layer 0 the embedding, residual
+        and hidden_norm None. Returns this layer's pair: its MLP output not yet normed by its own
+        post_feedforward_layernorm (the next layer's, or the final, norm applies it: one kernel on CUDA
+        for post norm, residual add and the next norm), and the residual."""
+        normed, residual = self.input_layernorm.after(hidden_norm, hidden, residual, quantize=self.fp8_input)
+        # residual += post_attention_layernorm(attention), then the pre-feedforward norm: one kernel on CUDA
+        normed, residual = self.pre_feedforward_layernorm.after(
+            self.post_attention_layernorm, self.self_attn(normed, batch), residual, quantize=self.fp8_input)
+        return self.mlp(normed), residual
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
@@ -133,6 +142,17 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         self.norm = GemmaRMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype, self.device)
         self.lm_head = (None if arch.tie_word_embeddings
                         else Linear(arch.hidden_size, arch.vocab_size, dtype, self.device))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """As Llama's, with each layer's post-feedforward norm applied by the norm after it
+        (GemmaDecoderLayer.forward)."""
+        hidden, residual, hidden_norm = self.embed(batch.input_ids), None, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, batch, hidden_norm)
+            hidden_norm = layer.post_feedforward_layernorm
+        hidden, _ = self.norm.after(hidden_norm, hidden, residual)
+        return hidden
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids) * self.embed_scale

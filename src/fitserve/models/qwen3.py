@@ -16,7 +16,7 @@ import torch
 
 from fitserve.arch_config import ArchConfig
 from fitserve.forward_batch import ForwardBatch
-from fitserve.layers.norm import HeadRMSNorm
+from fitserve.layers.norm import HeadRMSNorm, norm_q_and_k
 from fitserve.layers.rotary import RotaryEmbedding
 from fitserve.layers.weight_format import QuantizedRows
 from fitserve.models.base import LayerBuild
@@ -42,7 +42,8 @@ class Qwen3Attention(LlamaAttention):
     def forward(self, hidden: torch.Tensor | QuantizedRows, batch: ForwardBatch) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden).split(self.qkv_sizes, dim=-1)
         # normed before rotary: PagedAttention rotates (on CUDA in its KV-store kernel) what it is given
-        return self.tp.all_reduce(self.o_proj(self.attn(self.q_norm(q), self.k_norm(k), v, batch)))
+        q, k = norm_q_and_k(q, k, self.q_norm, self.k_norm)
+        return self.tp.all_reduce(self.o_proj(self.attn(q, k, v, batch)))
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
