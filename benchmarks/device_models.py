@@ -47,10 +47,11 @@ class Part:
     estimate_s: float
     w6: bool = False  # W6: an 18 GiB budget and --max-num-seqs 32
     gpu_memory_utilization: float = 0.9
+    extra_flags: tuple[str, ...] = ()  # more gpu_bench flags (the step token budget of group "sched")
 
     def flags(self) -> list[str]:
         flags = ["--model-config", str(CONFIGS / self.model), "--quant-variant", self.variant,
-                 "--workloads", *self.workloads]
+                 "--workloads", *self.workloads, *self.extra_flags]
         if self.w6:
             return [*flags, "--budget-gib", str(W6_BUDGET_GIB), "--max-num-seqs", str(W6_MAX_NUM_SEQS)]
         return [*flags, "--gpu-memory-utilization", str(self.gpu_memory_utilization)]
@@ -72,13 +73,22 @@ PARTS = (
     Part("gemma-3-12b", "models", "gemma-3-12b-it", "bf16", ("W1", "W2"), 80),
     # 93.4 GB of bf16 weights: 0.92 of the card leaves ~40 GiB of KV, twice W2's 256 x 640 tokens
     Part("mixtral-8x7b", "models", "mixtral-8x7b-v0.1", "bf16", ("W1", "W2"), 130, gpu_memory_utilization=0.92),
+    # the step token budget (--max-num-batched-tokens) against W2's ITL p99: llama-bf16 is the default, 2048
+    Part("llama-bf16-b1024", "sched", LLAMA, "bf16", ("W1", "W2"), 60, extra_flags=("--max-num-batched-tokens", "1024")),
+    Part("llama-bf16-b1536", "sched", LLAMA, "bf16", ("W1", "W2"), 60, extra_flags=("--max-num-batched-tokens", "1536")),
 )
 CEILINGS_ESTIMATE_S = 20
 PART_TIMEOUT_OVER_ESTIMATE = 2.5  # a part may take this many times its estimate before it is stopped
 MIN_PART_TIMEOUT_S = 60
 
 
-def parts_for(group: str) -> tuple[Part, ...]:
+def parts_for(group: str, names: list[str] | None = None) -> tuple[Part, ...]:
+    """The parts of a group, or those named (in PARTS order), whatever their group."""
+    if names:
+        unknown = set(names) - {p.name for p in PARTS}
+        if unknown:
+            raise SystemExit(f"unknown parts: {sorted(unknown)}; --list shows them")
+        return tuple(p for p in PARTS if p.name in names)
     return tuple(p for p in PARTS if group == "all" or p.group == group)
 
 
@@ -102,7 +112,7 @@ def floors_for(parts: tuple[Part, ...], ceilings: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.monotonic()
-    parts = parts_for(args.group)
+    parts = parts_for(args.group, args.parts)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"commit": gpu_bench.git_commit(), "command": " ".join(sys.argv), "group": args.group,
@@ -212,15 +222,16 @@ def target_checks(report: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--group", default="all", choices=["all", "quant", "models"])
+    parser.add_argument("--group", default="all", choices=["all", "quant", "models", "sched"])
+    parser.add_argument("--parts", nargs="+", help="run only these parts (names as --list prints them)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting parts past this (9 minutes)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--list", action="store_true", help="print the parts and their estimates, run nothing")
     args = parser.parse_args()
     if args.list:
-        for part in parts_for(args.group):
+        for part in parts_for(args.group, args.parts):
             print(f"{part.name:20} {part.estimate_s:5.0f} s  {' '.join(part.flags())}")
-        total_s = estimated_total_s(parts_for(args.group))
+        total_s = estimated_total_s(parts_for(args.group, args.parts))
         print(f"estimated {total_s:.0f} s with the ceilings; budget {args.budget_s:.0f} s")
         return
     report = run(args)
