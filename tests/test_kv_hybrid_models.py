@@ -81,7 +81,10 @@ def check_hybrid_engine(engine, hf, tol: float = LOGPROB_TOL) -> None:
     bound = -(-WINDOW // BLOCK_SIZE) + 1
     assert max(decode_most[1:]) <= bound, f"a windowed group held {decode_most[1:]} blocks, bound {bound}"
     longest = max(len(p) for p in PROMPTS.values()) + MAX_TOKENS - 2  # in the cache after its last step but one
-    assert most[0] == -(-longest // BLOCK_SIZE) > bound, "the full-attention group keeps every block"
+    # async scheduling (CUDA) plans a request that may end on EOS once more: one slot past that
+    most_blocks = (-(-longest // BLOCK_SIZE), -(-(longest + 1) // BLOCK_SIZE))
+    assert most_blocks[0] <= most[0] <= most_blocks[1] and most[0] > bound, (
+        f"the full-attention group keeps every block: held {most[0]}, expected {most_blocks}")
     for rid, prompt in PROMPTS.items():
         sequence = prompt + tokens[rid]
         with torch.no_grad():

@@ -68,7 +68,11 @@ def test_post_norm_add_pre_norm_in_one_kernel_matches_reference(dtype, num_rows,
     torch.testing.assert_close(out, ref_out, atol=TOL[dtype], rtol=TOL[dtype])
     two_kernels = triton_fused.rms_norm(triton_fused.rms_norm(x, post_weight, 1e-6, None, 1.0)[0], pre_weight, 1e-6,
                                         residual, 1.0)
-    assert torch.equal(total, two_kernels[1]) and torch.equal(out, two_kernels[0]), "rounded as the two kernels"
+    if dtype == torch.float32:  # no rounding between the norms to match: the compilers' FMA choices differ
+        torch.testing.assert_close(total, two_kernels[1], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out, two_kernels[0], atol=1e-6, rtol=1e-6)
+    else:  # the post-norm value rounded to the model dtype before the add, as two kernels round it
+        assert torch.equal(total, two_kernels[1]) and torch.equal(out, two_kernels[0]), "rounded as the two kernels"
     if quantize and dtype != torch.float32:
         q, scale, fused_sum = triton_fused.rms_norm_quant(x, pre_weight, 1e-6, residual, 1.0, x_weight=post_weight)
         ref_q, ref_scale = triton_fp8.quantize_per_token(out)
