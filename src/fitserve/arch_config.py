@@ -1,7 +1,7 @@
 """A model's architecture, read from config.json or GGUF metadata: `ArchConfig` and what it refuses.
 
 Torch-free, so `fitserve plan` reads shapes without loading a model. An architecture fitserve
-does not serve, or a feature of one it cannot serve yet (a sliding window, longrope scaling), is a
+does not serve, or a feature of one it cannot serve yet (a partial rotary factor, yarn scaling), is a
 `ConfigError` here, before any weight is read (docs/models.md).
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fitserve.config import ConfigError
+from fitserve.longrope import LONGROPE_TYPES, LongRopeScaling, longrope_from_hf
 
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
@@ -43,7 +44,7 @@ class ArchConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | LinearRopeScaling | None = None
+    rope_scaling: RopeScaling | LinearRopeScaling | LongRopeScaling | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -84,6 +85,8 @@ class ArchConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
                               f"num_experts ({self.num_experts}).")
+        if isinstance(self.rope_scaling, LongRopeScaling):
+            self.rope_scaling.check_rotary_dim(self.head_dim)
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether a layer's MLP is the experts (else the dense MLP of intermediate_size)."""
@@ -114,7 +117,7 @@ class ArchConfig:
             head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling"), cfg, arch),
             max_position_embeddings=_max_positions(arch, cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
@@ -151,6 +154,13 @@ class ArchConfig:
                        num_key_value_heads=self.num_key_value_heads // n,
                        intermediate_size=self.intermediate_size // n,
                        moe_intermediate_size=self.moe_intermediate_size // n)
+
+    def served_at(self, max_model_len: int) -> ArchConfig:
+        """This model as served with a context of `max_model_len` tokens (--max-model-len): the same,
+        but for LongRoPE, whose factor list follows the served context (longrope.py)."""
+        if not isinstance(self.rope_scaling, LongRopeScaling):
+            return self
+        return replace(self, rope_scaling=self.rope_scaling.served_at(max_model_len))
 
     def layer_window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window, or None when it attends over the whole context."""
@@ -254,7 +264,8 @@ def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
+def _parse_rope_scaling(raw: dict[str, Any] | None, cfg: dict[str, Any],
+                        arch: str) -> RopeScaling | LinearRopeScaling | LongRopeScaling | None:
     if not raw:
         return None
     rope_type = raw.get("rope_type", raw.get("type"))
@@ -262,8 +273,11 @@ def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
         return None
     if rope_type == "linear":
         return LinearRopeScaling(factor=float(raw["factor"]))
+    if rope_type in LONGROPE_TYPES:
+        return longrope_from_hf(raw, cfg, arch)
     if rope_type != "llama3":
-        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3' and 'linear').")
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3', 'linear' and "
+                          "'longrope').")
     return RopeScaling(
         factor=float(raw["factor"]),
         low_freq_factor=float(raw["low_freq_factor"]),

@@ -1,4 +1,11 @@
-"""Rotary position embedding (the half-split "rotate_half" layout of HF Llama), with Llama 3 or linear scaling."""
+"""Rotary position embedding (the half-split "rotate_half" layout of HF Llama), with Llama 3, linear or
+LongRoPE scaling.
+
+The cos/sin table built here is the only place the frequencies are computed: the CPU path
+(kernels/reference.rotary) and the CUDA kernels (triton_fused.rotary_, triton_attention.rotary_store_kv)
+all read `RotaryEmbedding.cos` / `.sin`. LongRoPE (longrope.py) divides each inverse frequency by the
+factor list the served context picks and multiplies both tables by its attention factor.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,18 @@ from torch import nn
 from fitserve.arch_config import LinearRopeScaling, RopeScaling
 from fitserve.kernels import reference
 from fitserve.kernels.dispatch import triton_fused
+from fitserve.longrope import LongRopeScaling
 
 
-def rope_inv_freq(head_dim: int, rope_theta: float, scaling: RopeScaling | LinearRopeScaling | None) -> torch.Tensor:
+Scaling = RopeScaling | LinearRopeScaling | LongRopeScaling | None
+
+
+def rope_inv_freq(head_dim: int, rope_theta: float, scaling: Scaling) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies, radians per position."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if isinstance(scaling, LongRopeScaling):  # transformers' order: 1 / (ext * base^e)
+        ext_factors = torch.tensor(scaling.ext_factors, dtype=torch.float32)
+        return 1.0 / (ext_factors * rope_theta ** exponents)
     inv_freq = 1.0 / (rope_theta ** exponents)
     if scaling is None:
         return inv_freq
@@ -40,15 +54,18 @@ class RotaryEmbedding(nn.Module):
     """Applies rope to q [T, H*D] and k [T, Hkv*D] at positions [T]; cos/sin cached per position."""
 
     def __init__(self, head_dim: int, rope_theta: float, max_positions: int,
-                 scaling: RopeScaling | LinearRopeScaling | None, device: torch.device) -> None:
+                 scaling: Scaling, device: torch.device) -> None:
         super().__init__()
         self.head_dim = head_dim
         inv_freq = rope_inv_freq(head_dim, rope_theta, scaling).to(device)  # [D/2] float32
         positions = torch.arange(max_positions, device=device, dtype=torch.float32)
         angles = torch.outer(positions, inv_freq)  # [P, D/2] float32, radians
-        # [P, D] float32 each; duplicated halves match rotate_half's layout
-        self.register_buffer("cos", torch.cat([angles, angles], dim=-1).cos(), persistent=False)
-        self.register_buffer("sin", torch.cat([angles, angles], dim=-1).sin(), persistent=False)
+        angles = torch.cat([angles, angles], dim=-1)  # [P, D]; duplicated halves match rotate_half's layout
+        # LongRoPE's attention factor scales cos and sin (so q.k by its square), as transformers does
+        magnitude = scaling.attention_factor if isinstance(scaling, LongRopeScaling) else 1.0
+        # [P, D] float32 each
+        self.register_buffer("cos", angles.cos() * magnitude, persistent=False)
+        self.register_buffer("sin", angles.sin() * magnitude, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H*D], k [T, Hkv*D] -> rotated; on CUDA in place (q and k may be views of one qkv tensor)."""

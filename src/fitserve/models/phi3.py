@@ -7,10 +7,14 @@ layers here. At load each fused tensor is split into its parts and handed on und
 see what they see for Llama; under tensor parallelism a fused tensor is read whole (a rank's rows
 of q, k and v are not one contiguous slice) and each part is narrowed to the rank's rows.
 
-What arch_config.ArchConfig refuses or limits, since serving it would give wrong numbers: "longrope" /
-"su" rope scaling (Phi-3-mini-128k, Phi-3.5) and a partial rotary factor (Phi-4-mini) are refused;
-a sliding window (Phi-3-mini-4k: 2047 tokens) caps the context at the window, inside which full
-attention is exact. An fp8 checkpoint's scales of a fused tensor are refused.
+LongRoPE ("longrope" / "su" rope scaling: Phi-3-mini-128k, Phi-3.5-mini, Phi-3-medium-128k) is served
+with one factor list per server, chosen by --max-model-len (longrope.py): the long factors when it is
+above original_max_position_embeddings, else the short ones, so a server at --max-model-len 4096 or
+less equals transformers on every sequence, and one with a longer context equals it on sequences
+longer than 4096 tokens (shorter ones rotate with the long factors, as in llama.cpp). The start-up
+log names the list. What arch_config.ArchConfig refuses, since serving it would give wrong numbers: a
+partial rotary factor (Phi-4-mini). A sliding window (Phi-3-mini-4k: 2047 tokens) is attended as
+transformers does. An fp8 checkpoint's scales of a fused tensor are refused.
 """
 
 from __future__ import annotations
