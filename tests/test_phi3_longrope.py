@@ -198,6 +198,12 @@ def test_config_json_layouts(rope_scaling, top_level, original, attention):
     assert arch.served_at(4097).rope_scaling.ext_factors == tuple(LONG)
 
 
+def test_longrope_is_refused_for_other_architectures():
+    rope_scaling = {"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG}
+    with pytest.raises(ConfigError, match="'longrope' is served for Phi3ForCausalLM only, not LlamaForCausalLM"):
+        ArchConfig.from_hf_config({**HF4_CONFIG, "architectures": ["LlamaForCausalLM"], "rope_scaling": rope_scaling})
+
+
 # -- GGUF --------------------------------------------------------------------------------------------------------
 
 

@@ -273,8 +273,10 @@ def _parse_rope_scaling(raw: dict[str, Any] | None, cfg: dict[str, Any],
         return None
     if rope_type == "linear":
         return LinearRopeScaling(factor=float(raw["factor"]))
+    if rope_type in LONGROPE_TYPES and arch == "Phi3ForCausalLM":
+        return longrope_from_hf(raw, cfg)
     if rope_type in LONGROPE_TYPES:
-        return longrope_from_hf(raw, cfg, arch)
+        raise ConfigError(f"rope_scaling type {rope_type!r} is served for Phi3ForCausalLM only, not {arch}.")
     if rope_type != "llama3":
         raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3', 'linear' and "
                           "'longrope').")

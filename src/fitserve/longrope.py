@@ -95,17 +95,12 @@ def default_attention_factor(max_position_embeddings: int, original_max_position
     return math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
 
 
-def longrope_from_hf(raw: dict[str, Any], cfg: dict[str, Any], arch: str) -> LongRopeScaling:
-    """From config.json's rope_scaling (or transformers 5's lifted rope_parameters) `raw`, the whole
-    config `cfg` and its architecture. original_max_position_embeddings as transformers 5 resolves it:
-    for Phi-3 the config's top-level key (Phi3Config's default, 4096, when absent), else rope_scaling's,
-    else max_position_embeddings."""
+def longrope_from_hf(raw: dict[str, Any], cfg: dict[str, Any]) -> LongRopeScaling:
+    """From a Phi-3 config.json's rope_scaling (or transformers 5's lifted rope_parameters) `raw` and the
+    whole config `cfg`. original_max_position_embeddings as transformers reads it for Phi-3: the
+    config's top-level key, over rope_scaling's (Phi3Config's default, 4096, when the top level has none)."""
     max_positions = int(cfg.get("max_position_embeddings", 8192))
-    if arch == "Phi3ForCausalLM":
-        original = cfg.get("original_max_position_embeddings", PHI3_ORIGINAL_MAX_POSITIONS)
-    else:
-        original = cfg.get("original_max_position_embeddings", raw.get("original_max_position_embeddings",
-                                                                         max_positions))
+    original = cfg.get("original_max_position_embeddings", PHI3_ORIGINAL_MAX_POSITIONS)
     factors = {}
     for name in ("short_factor", "long_factor"):
         values = raw.get(name)
