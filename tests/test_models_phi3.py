@@ -1,7 +1,7 @@
 """Phi-3 matches transformers on a tiny random checkpoint (float32, CPU): its fused qkv_proj and
 gate_up_proj tensors are split at load into the shared layers; what fitserve cannot compute
-exactly (yarn scaling, a partial rotary factor) is refused; a sliding window is attended as transformers does.
-LongRoPE: tests/test_phi3_longrope.py."""
+exactly (yarn scaling) is refused; a sliding window is attended as transformers does.
+LongRoPE and a partial rotary factor: tests/test_phi3_longrope*.py."""
 
 from __future__ import annotations
 
@@ -103,10 +103,12 @@ def test_yarn_scaling_is_refused(tmp_path):
         resolve_model_source(EngineConfig(model=str(tmp_path)))
 
 
-def test_a_partial_rotary_factor_is_refused(tmp_path):
+def test_a_partial_rotary_factor_is_refused_for_other_architectures(tmp_path):
+    """Phi-3 serves it (tests/test_phi3_longrope_partial.py); Llama's q/k rows are not reordered for it."""
     write_phi3(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.75}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.75,
+                                                      "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConfigError, match="partial_rotary_factor 0.75"):
         resolve_model_source(EngineConfig(model=str(tmp_path)))
 

@@ -1,7 +1,8 @@
 """A tiny LongRoPE Phi-3 through the CUDA path (triton_fused.rotary_, or the fused rotary + KV store of
 triton_attention.rotary_store_kv) agrees with its CPU reference path (GPU only): both read the one
 cos/sin table of layers/rotary.py, built from the chosen factor list and scaled by the attention factor.
-With both lists (served context 32 or 128, original 32) and at Phi-3-mini's head_dim 96."""
+With both lists (served context 32 or 128, original 32), at Phi-3-mini's head_dim 96, and with
+Phi-4-mini's partial rotary (96 of 128 dims; the table's other columns cos 1, sin 0)."""
 
 from __future__ import annotations
 
@@ -27,16 +28,17 @@ LONG_STEPS = ([("a", list(range(1, 49))), ("b", list(range(50, 57)))], [("a", [5
               [("a", [6]), ("b", [7])])  # crosses 32 and reaches 50
 
 
-def _pair(head_dim: int, max_model_len: int, fused: bool):
+def _pair(head_dim: int, rotary_dim: int | None, max_model_len: int, fused: bool):
     rng = random.Random(head_dim)
-    scaling = LongRopeScaling(short_factor=tuple(rng.uniform(1, 4) for _ in range(head_dim // 2)),
-                              long_factor=tuple(rng.uniform(1, 4) for _ in range(head_dim // 2)),
+    num_factors = (rotary_dim or head_dim) // 2
+    scaling = LongRopeScaling(short_factor=tuple(rng.uniform(1, 4) for _ in range(num_factors)),
+                              long_factor=tuple(rng.uniform(1, 4) for _ in range(num_factors)),
                               original_max_position_embeddings=ORIGINAL_TOKENS,
                               attention_factor=math.sqrt(1 + math.log(4) / math.log(ORIGINAL_TOKENS)),
                               served_context_tokens=128)
     arch = ArchConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim, tie_word_embeddings=True,
-                      max_position_embeddings=128, rope_scaling=scaling,
+                      max_position_embeddings=128, rope_scaling=scaling, rotary_dim=rotary_dim,
                       architecture="Phi3ForCausalLM").served_at(max_model_len)
     torch.manual_seed(0)
     cpu_model = Phi3ForCausalLM(arch, torch.float32, torch.device("cpu"))
@@ -49,10 +51,10 @@ def _pair(head_dim: int, max_model_len: int, fused: bool):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("head_dim", [64, 96])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(64, None), (96, None), (128, 96)])  # Phi-3-mini; Phi-4-mini
 @pytest.mark.parametrize("max_model_len", [ORIGINAL_TOKENS, 128])
-def test_longrope_phi3_on_gpu_matches_cpu_reference_path(head_dim, max_model_len, fused):
-    cpu_model, gpu_model = _pair(head_dim, max_model_len, fused)
+def test_longrope_phi3_on_gpu_matches_cpu_reference_path(head_dim, rotary_dim, max_model_len, fused):
+    cpu_model, gpu_model = _pair(head_dim, rotary_dim, max_model_len, fused)
     torch.testing.assert_close(gpu_model.layers[0].self_attn.attn.rotary.cos.cpu(),
                                cpu_model.layers[0].self_attn.attn.rotary.cos, rtol=1e-6, atol=1e-6)
     cpu_driver = PagedDriver(cpu_model, num_blocks=16, block_size=16)

@@ -73,6 +73,10 @@ class ArchConfig:
     final_logit_softcap: float | None = None
     sandwich_norms: bool = False
     rope_local_theta: float | None = None
+    # Rotary on the first `rotary_dim` dims of each head only, the rest passed through (transformers'
+    # partial_rotary_factor: Phi-4-mini rotates 96 of 128); None: the whole head. Phi-3 only:
+    # models/phi3.py moves the rotated pairs into the kernels' layout (layers/rotary.py).
+    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
@@ -85,8 +89,16 @@ class ArchConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
                               f"num_experts ({self.num_experts}).")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"The rotary dimensions ({self.rotary_dim}) must be an even number from 2 to head_dim "
+                              f"({self.head_dim}).")
         if isinstance(self.rope_scaling, LongRopeScaling):
-            self.rope_scaling.check_rotary_dim(self.head_dim)
+            self.rope_scaling.check_rotary_dim(self.rotated_dims)
+
+    @property
+    def rotated_dims(self) -> int:
+        """How many leading dims of each q and k head rotate (rotary_dim, else head_dim)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether a layer's MLP is the experts (else the dense MLP of intermediate_size)."""
@@ -105,6 +117,7 @@ class ArchConfig:
             )
         _refuse_unsupported_attention(arch, cfg)
         num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -114,7 +127,8 @@ class ArchConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=num_heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads,
+            head_dim=head_dim,
+            rotary_dim=_rotary_dim(cfg, head_dim),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
             rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling"), cfg, arch),
@@ -243,11 +257,21 @@ def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
     Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
     if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and cfg.get("attention_bias"):
         raise ConfigError(f"{arch} with attention_bias is not supported (q, k, v and o biases).")
+    partial = _partial_rotary_factor(cfg)
+    if partial != 1.0 and arch != "Phi3ForCausalLM":
+        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head) is not "
+                          "supported; fitserve serves it for Phi3ForCausalLM (Phi-4-mini) only.")
+
+
+def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
     rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
-    partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head, as "
-                          "Phi-4-mini) is not supported.")
+    return float(cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+
+
+def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> int | None:
+    """transformers' int(head_dim * partial_rotary_factor) when below head_dim, else None (the whole head)."""
+    rotary_dim = int(head_dim * _partial_rotary_factor(cfg))
+    return None if rotary_dim == head_dim else rotary_dim
 
 
 def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:

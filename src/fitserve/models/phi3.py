@@ -12,19 +12,26 @@ with one factor list per server, chosen by --max-model-len (longrope.py): the lo
 above original_max_position_embeddings, else the short ones, so a server at --max-model-len 4096 or
 less equals transformers on every sequence, and one with a longer context equals it on sequences
 longer than 4096 tokens (shorter ones rotate with the long factors, as in llama.cpp). The start-up
-log names the list. What arch_config.ArchConfig refuses, since serving it would give wrong numbers: a
-partial rotary factor (Phi-4-mini). A sliding window (Phi-3-mini-4k: 2047 tokens) is attended as
-transformers does. An fp8 checkpoint's scales of a fused tensor are refused.
+log names the list.
+
+A partial rotary factor (Phi-4-mini: the first 96 of each head's 128 dims rotate, as pairs (i, i + 48),
+the rest pass through) is served without a kernel of its own: at load each q and k head's rows are
+reordered (layers/rotary.partial_rotary_order) so that the rotated pairs sit where the rotary table
+and kernels pair dims, (i, i + 64), and the pass-through dims where the table holds cos 1, sin 0.
+q and k reordered alike give the same q.k, so the same attention. A sliding window (Phi-3-mini-4k:
+2047 tokens) is attended as transformers does. An fp8 checkpoint's scales of a fused tensor are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import torch
 
 from fitserve.arch_config import ArchConfig
 from fitserve.layers.parallel import TensorShard
+from fitserve.layers.rotary import partial_rotary_order
 from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes, layer_projection_shapes
 from fitserve.weights.gguf_packed import PackedGgufTensor
 
@@ -78,7 +85,18 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{hf_name}: expected {sum(rows)} rows, got {tuple(tensor.shape)}")
         parts = tensor.split_rows(rows) if isinstance(tensor, PackedGgufTensor) else tensor.split(rows, dim=0)
         for projection, part in zip(projections, parts):
+            if projection in ("q_proj", "k_proj") and self.full_arch.rotary_dim is not None:
+                part = self._partial_rotary_rows(part)
             yield f"{owner_prefix}.{projection}.weight", part
+
+    def _partial_rotary_rows(self, part: torch.Tensor | PackedGgufTensor) -> torch.Tensor | PackedGgufTensor:
+        """q or k rows [heads * D, ...] with each head's dims in layers/rotary.partial_rotary_order (whole
+        packed rows move as dense ones)."""
+        arch = self.full_arch
+        order = torch.tensor(partial_rotary_order(arch.head_dim, arch.rotated_dims))
+        rows = part.data if isinstance(part, PackedGgufTensor) else part
+        moved = rows.reshape(-1, arch.head_dim, *rows.shape[1:])[:, order].reshape(rows.shape)
+        return replace(part, data=moved) if isinstance(part, PackedGgufTensor) else moved
 
     def checkpoint_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return phi3_tensor_shapes(self.full_arch)

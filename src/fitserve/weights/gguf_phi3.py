@@ -13,9 +13,9 @@ context_length, as llama.cpp reads it), `phi3.rope.scaling.attn_factor` (absent:
 default) and `phi3.context_length` (max_position_embeddings). They are read here, from the header and
 those two small tensors, into the ArchConfig; the weight readers skip them (phi3_hf_tensor_name: None).
 
-What fitserve refuses, before any tensor is read, as for a safetensors checkpoint (arch_config.py): a
-rotary dimension below the head size (Phi-4-mini's partial rotary factor), and a file with only one of
-the two factor tensors.
+A `rope.dimension_count` below the head size is a partial rotary (Phi-4-mini: 96 of 128), served as a
+checkpoint's partial_rotary_factor (ArchConfig.rotary_dim). Refused before any tensor is read: a file
+with only one of the two factor tensors, or factor lists that are not rope.dimension_count / 2 long.
 """
 
 from __future__ import annotations
@@ -59,16 +59,12 @@ def phi3_hf_tensor_name(gguf_name: str) -> str | None:
 
 
 def phi3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
-    """ArchConfig from `phi3.*` metadata and, for LongRoPE, its two factor tensors; ConfigError for
-    partial rotary files."""
+    """ArchConfig from `phi3.*` metadata and, for LongRoPE, its two factor tensors."""
     key = gguf_file.metadata_key(reader, PHI3_GGUF_ARCH)
     tensor_names = {t.name for t in reader.tensors}
     num_heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
     head_dim = hidden // num_heads
-    rotary_dim = int(key("rope.dimension_count", head_dim))
-    if rotary_dim != head_dim:
-        raise ConfigError(f"This Phi-3 GGUF file rotates {rotary_dim} of each head's {head_dim} dimensions (a "
-                          "partial rotary factor, as Phi-4-mini); fitserve rotates whole heads only.")
+    rotary_dim = int(key("rope.dimension_count", head_dim))  # below head_dim: a partial rotary (Phi-4-mini)
     window = gguf_file.field_value(reader, f"{PHI3_GGUF_ARCH}.attention.sliding_window")
     tokens: list[Any] = gguf_file.field_value(reader, "tokenizer.ggml.tokens") or []
     return ArchConfig(
@@ -82,6 +78,7 @@ def phi3_arch_from_gguf(reader: GGUFReader) -> ArchConfig:
         rms_norm_eps=gguf_file.float32_value(key("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rope_scaling=phi3_longrope(reader),
+        rotary_dim=None if rotary_dim == head_dim else rotary_dim,
         max_position_embeddings=int(key("context_length", 4096)),
         tie_word_embeddings="output.weight" not in tensor_names,
         bos_token_id=gguf_file.field_value(reader, "tokenizer.ggml.bos_token_id"),
