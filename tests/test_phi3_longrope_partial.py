@@ -161,3 +161,20 @@ def test_packed_q8_rows_are_reordered_as_dequantized_ones(tmp_path):
     logits = [PagedDriver(load_model(source, torch.float32, CPU, progress=False, quantization=q)).step(
         [("a", PROMPT_48)]) for q in (None, "gguf")]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_phi4_mini_and_phi35_mini_config_json_shapes():
+    """Phi-4-mini (head 128, 96 rotated, 48 factors) and Phi-3.5-mini (head 96, 48 factors): both
+    131072 positions over 4096 of pre-training, so an attention factor of sqrt(1 + ln 32 / ln 4096)."""
+    common = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192,
+              "num_hidden_layers": 32, "vocab_size": 32064, "max_position_embeddings": 131072,
+              "original_max_position_embeddings": 4096}
+    factors = {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48}
+    phi4 = ArchConfig.from_hf_config({**common, "num_attention_heads": 24, "num_key_value_heads": 8,
+                                      "partial_rotary_factor": 0.75, "rope_scaling": factors})
+    phi35 = ArchConfig.from_hf_config({**common, "num_attention_heads": 32, "rope_scaling": factors})
+    assert (phi4.head_dim, phi4.rotary_dim, phi35.head_dim, phi35.rotary_dim) == (128, 96, 96, None)
+    for arch in (phi4, phi35):
+        assert arch.rope_scaling.attention_factor == pytest.approx(1.1902380714238083)
+        assert arch.rope_scaling.ext_factors == (1.5,) * 48
+        assert arch.served_at(4096).rope_scaling.ext_factors == (1.0,) * 48
