@@ -1,8 +1,8 @@
 """A model's architecture, read from config.json or GGUF metadata: `ArchConfig` and what it refuses.
 
 Torch-free, so `fitserve plan` reads shapes without loading a model. An architecture fitserve
-does not serve, or a feature of one it cannot serve yet (a partial rotary factor, yarn scaling), is a
-`ConfigError` here, before any weight is read (docs/models.md).
+does not serve, or a feature of one it cannot serve yet (yarn rope scaling, a partial rotary factor
+outside Phi-3), is a `ConfigError` here, before any weight is read (docs/models.md).
 """
 
 from __future__ import annotations
@@ -265,7 +265,8 @@ def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
 
 def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
     rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
-    return float(cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)))
+    value = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    return 1.0 if value is None else float(value)
 
 
 def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> int | None:

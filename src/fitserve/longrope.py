@@ -1,10 +1,11 @@
 """LongRoPE rope scaling (`rope_type: longrope`, older alias "su"): Phi-3-mini-128k, Phi-3.5-mini,
-Phi-3-medium-128k. Torch-free: read from config.json (longrope_from_hf) or a GGUF file (weights/gguf_phi3.py);
-layers/rotary.py builds the cos/sin table from it.
+Phi-3-medium-128k, Phi-4-mini. Torch-free: read from config.json (longrope_from_hf) or a GGUF file
+(weights/gguf_phi3.py); layers/rotary.py builds the cos/sin table from it.
 
 What it computes, as transformers' `_compute_longrope_parameters`: each inverse frequency divided by
-its own extension factor, inv_freq[i] = 1 / (ext[i] * base^(2i/d)), with `ext` one of two lists of d/2
-factors, `short_factor` or `long_factor`; cos and sin multiplied by `attention_factor` (config.json's,
+its own extension factor, inv_freq[i] = 1 / (ext[i] * base^(2i/d)) over the d rotated dims of a head
+(head_dim, or Phi-4-mini's partial rotary 96 of 128), with `ext` one of two lists of d/2 factors,
+`short_factor` or `long_factor`; cos and sin multiplied by `attention_factor` (config.json's,
 else sqrt(1 + ln(s) / ln(original)) with s = max_position_embeddings / original_max_position_embeddings,
 or 1 when s <= 1).
 
@@ -47,9 +48,10 @@ class LongRopeScaling:
             values = getattr(self, name)
             if not values or not all(math.isfinite(v) and v > 0 for v in values):
                 raise ConfigError(f"LongRoPE rope scaling: {name} must be a non-empty list of positive numbers.")
-        if self.original_max_position_embeddings < 1 or self.served_context_tokens < 1:
+        if self.original_max_position_embeddings < 1:
             raise ConfigError("LongRoPE rope scaling: original_max_position_embeddings must be at least 1, got "
                               f"{self.original_max_position_embeddings}.")
+        assert self.served_context_tokens >= 1, "--max-model-len is at least 2 (config.py)"
         if not (math.isfinite(self.attention_factor) and self.attention_factor > 0):
             raise ConfigError(f"LongRoPE rope scaling: attention_factor must be positive, got {self.attention_factor}.")
 

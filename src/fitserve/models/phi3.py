@@ -7,8 +7,8 @@ layers here. At load each fused tensor is split into its parts and handed on und
 see what they see for Llama; under tensor parallelism a fused tensor is read whole (a rank's rows
 of q, k and v are not one contiguous slice) and each part is narrowed to the rank's rows.
 
-LongRoPE ("longrope" / "su" rope scaling: Phi-3-mini-128k, Phi-3.5-mini, Phi-3-medium-128k) is served
-with one factor list per server, chosen by --max-model-len (longrope.py): the long factors when it is
+LongRoPE ("longrope" / "su" rope scaling: Phi-3-mini-128k, Phi-3.5-mini, Phi-3-medium-128k, Phi-4-mini) is
+served with one factor list per server, chosen by --max-model-len (longrope.py): the long factors when it is
 above original_max_position_embeddings, else the short ones, so a server at --max-model-len 4096 or
 less equals transformers on every sequence, and one with a longer context equals it on sequences
 longer than 4096 tokens (shorter ones rotate with the long factors, as in llama.cpp). The start-up
