@@ -2,7 +2,8 @@
 llama.cpp's converter lays it out (fused attn_qkv, and ffn_up holding gate and up; tests/gguf_writer.py),
 loaded through fitserve and compared with transformers' Phi3ForCausalLM loading the same file, through
 the paged cache (float32 logits within hf_compare_helpers.LOGITS_TOL, greedy tokens fed back equal).
-What fitserve cannot compute (LongRoPE factors, partial rotary) is refused before any tensor is read."""
+Malformed LongRoPE metadata is refused before any tensor is read; LongRoPE and partial rotary files:
+tests/test_phi3_longrope*.py."""
 
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ def test_the_sliding_window_key_is_read(tmp_path):
 
 
 @pytest.mark.parametrize("extra, rotary_dim, match", [
+    ({"rope_factors_long.weight": np.ones(8, np.float32)}, None, "LongRoPE needs both factor lists"),
     ({"rope_factors_long.weight": np.ones(8, np.float32), "rope_factors_short.weight": np.ones(8, np.float32)},
-     None, "LongRoPE factors"),
-    ({}, 12, "rotates 12 of each head's 16 dimensions"),
+     12, "short_factor has 8 entries, but the model rotates 12 dimensions"),
 ])
 def test_what_fitserve_cannot_compute_is_refused_from_the_metadata(tmp_path, extra, rotary_dim, match):
     """Refused while the source is resolved (the header only), before a model is built or a tensor read."""

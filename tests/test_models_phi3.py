@@ -1,6 +1,7 @@
 """Phi-3 matches transformers on a tiny random checkpoint (float32, CPU): its fused qkv_proj and
 gate_up_proj tensors are split at load into the shared layers; what fitserve cannot compute
-exactly (longrope scaling, a partial rotary factor) is refused; a sliding window is attended as transformers does."""
+exactly (yarn scaling) is refused; a sliding window is attended as transformers does.
+LongRoPE and a partial rotary factor: tests/test_phi3_longrope*.py."""
 
 from __future__ import annotations
 
@@ -90,24 +91,24 @@ def test_dummy_weights_are_the_fused_checkpoint_shapes():
     assert model.load_weights(dummy_weights(model)) == model.expected_weight_names()
 
 
-@pytest.mark.parametrize("rope,match", [
-    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-      "original_max_position_embeddings": 64}, "'longrope' is not supported"),
-    ({"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}, "'su' is not supported"),
-])
-def test_longrope_scaling_is_refused(tmp_path, rope, match):
+def test_yarn_scaling_is_refused(tmp_path):
+    """transformers reads a Phi-3 "yarn" rope_scaling as LongRoPE; fitserve serves "longrope" / "su" only
+    (tests/test_phi3_longrope.py)."""
     write_phi3(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config.pop("rope_parameters", None)
+    rope = {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "factor": 2.0}
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match="'yarn' is not supported"):
         resolve_model_source(EngineConfig(model=str(tmp_path)))
 
 
-def test_a_partial_rotary_factor_is_refused(tmp_path):
+def test_a_partial_rotary_factor_is_refused_for_other_architectures(tmp_path):
+    """Phi-3 serves it (tests/test_phi3_longrope_partial.py); Llama's q/k rows are not reordered for it."""
     write_phi3(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.75}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "partial_rotary_factor": 0.75,
+                                                      "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ConfigError, match="partial_rotary_factor 0.75"):
         resolve_model_source(EngineConfig(model=str(tmp_path)))
 

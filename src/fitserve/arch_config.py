@@ -1,8 +1,8 @@
 """A model's architecture, read from config.json or GGUF metadata: `ArchConfig` and what it refuses.
 
 Torch-free, so `fitserve plan` reads shapes without loading a model. An architecture fitserve
-does not serve, or a feature of one it cannot serve yet (a sliding window, longrope scaling), is a
-`ConfigError` here, before any weight is read (docs/models.md).
+does not serve, or a feature of one it cannot serve yet (yarn rope scaling, a partial rotary factor
+outside Phi-3), is a `ConfigError` here, before any weight is read (docs/models.md).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from fitserve.config import ConfigError
+from fitserve.longrope import LONGROPE_TYPES, LongRopeScaling, longrope_from_hf
 
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
@@ -43,7 +44,7 @@ class ArchConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | LinearRopeScaling | None = None
+    rope_scaling: RopeScaling | LinearRopeScaling | LongRopeScaling | None = None
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
@@ -72,6 +73,10 @@ class ArchConfig:
     final_logit_softcap: float | None = None
     sandwich_norms: bool = False
     rope_local_theta: float | None = None
+    # Rotary on the first `rotary_dim` dims of each head only, the rest passed through (transformers'
+    # partial_rotary_factor: Phi-4-mini rotates 96 of 128); None: the whole head. Phi-3 only:
+    # models/phi3.py moves the rotated pairs into the kernels' layout (layers/rotary.py).
+    rotary_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.layer_types and len(self.layer_types) != self.num_hidden_layers:
@@ -84,6 +89,16 @@ class ArchConfig:
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be between 1 and "
                               f"num_experts ({self.num_experts}).")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ConfigError(f"The rotary dimensions ({self.rotary_dim}) must be an even number from 2 to head_dim "
+                              f"({self.head_dim}).")
+        if isinstance(self.rope_scaling, LongRopeScaling):
+            self.rope_scaling.check_rotary_dim(self.rotated_dims)
+
+    @property
+    def rotated_dims(self) -> int:
+        """How many leading dims of each q and k head rotate (rotary_dim, else head_dim)."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     def is_moe_layer(self, layer_index: int) -> bool:
         """Whether a layer's MLP is the experts (else the dense MLP of intermediate_size)."""
@@ -102,6 +117,7 @@ class ArchConfig:
             )
         _refuse_unsupported_attention(arch, cfg)
         num_heads = cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         return cls(
@@ -111,10 +127,11 @@ class ArchConfig:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=num_heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=cfg.get("head_dim") or _DEFAULT_HEAD_DIMS.get(arch) or cfg["hidden_size"] // num_heads,
+            head_dim=head_dim,
+            rotary_dim=_rotary_dim(cfg, head_dim),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling")),
+            rope_scaling=_parse_rope_scaling(cfg.get("rope_scaling"), cfg, arch),
             max_position_embeddings=_max_positions(arch, cfg),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_token_id=cfg.get("bos_token_id"),
@@ -151,6 +168,13 @@ class ArchConfig:
                        num_key_value_heads=self.num_key_value_heads // n,
                        intermediate_size=self.intermediate_size // n,
                        moe_intermediate_size=self.moe_intermediate_size // n)
+
+    def served_at(self, max_model_len: int) -> ArchConfig:
+        """This model as served with a context of `max_model_len` tokens (--max-model-len): the same,
+        but for LongRoPE, whose factor list follows the served context (longrope.py)."""
+        if not isinstance(self.rope_scaling, LongRopeScaling):
+            return self
+        return replace(self, rope_scaling=self.rope_scaling.served_at(max_model_len))
 
     def layer_window(self, layer: int) -> int | None:
         """Layer `layer`'s sliding window, or None when it attends over the whole context."""
@@ -233,11 +257,22 @@ def _refuse_unsupported_attention(arch: str, cfg: dict[str, Any]) -> None:
     Qwen2/2.5/3 checkpoints leave them off): serving them would give wrong numbers."""
     if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and cfg.get("attention_bias"):
         raise ConfigError(f"{arch} with attention_bias is not supported (q, k, v and o biases).")
+    partial = _partial_rotary_factor(cfg)
+    if partial != 1.0 and arch != "Phi3ForCausalLM":
+        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head) is not "
+                          "supported; fitserve serves it for Phi3ForCausalLM (Phi-4-mini) only.")
+
+
+def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
     rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
-    partial = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ConfigError(f"{arch} with partial_rotary_factor {partial} (rotary on part of each head, as "
-                          "Phi-4-mini) is not supported.")
+    value = cfg.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    return 1.0 if value is None else float(value)
+
+
+def _rotary_dim(cfg: dict[str, Any], head_dim: int) -> int | None:
+    """transformers' int(head_dim * partial_rotary_factor) when below head_dim, else None (the whole head)."""
+    rotary_dim = int(head_dim * _partial_rotary_factor(cfg))
+    return None if rotary_dim == head_dim else rotary_dim
 
 
 def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +289,8 @@ def _lift_rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
+def _parse_rope_scaling(raw: dict[str, Any] | None, cfg: dict[str, Any],
+                        arch: str) -> RopeScaling | LinearRopeScaling | LongRopeScaling | None:
     if not raw:
         return None
     rope_type = raw.get("rope_type", raw.get("type"))
@@ -262,8 +298,13 @@ def _parse_rope_scaling(raw: dict[str, Any] | None) -> RopeScaling | None:
         return None
     if rope_type == "linear":
         return LinearRopeScaling(factor=float(raw["factor"]))
+    if rope_type in LONGROPE_TYPES and arch == "Phi3ForCausalLM":
+        return longrope_from_hf(raw, cfg)
+    if rope_type in LONGROPE_TYPES:
+        raise ConfigError(f"rope_scaling type {rope_type!r} is served for Phi3ForCausalLM only, not {arch}.")
     if rope_type != "llama3":
-        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3' and 'linear').")
+        raise ConfigError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3', 'linear' and "
+                          "'longrope').")
     return RopeScaling(
         factor=float(raw["factor"]),
         low_freq_factor=float(raw["low_freq_factor"]),

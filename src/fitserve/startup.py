@@ -34,6 +34,7 @@ from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
 from fitserve.layers.formats.registry import get_weight_format
 from fitserve.layers.parallel import SINGLE, TensorParallel
+from fitserve.longrope import LongRopeScaling
 from fitserve.models.loader import checkpoint_input_scales, linear_format, load_model
 from fitserve.plan.planner import (
     MemoryPlan,
@@ -287,6 +288,15 @@ def build_parallel_runner(memory: StartupMemory, config: EngineConfig, source: M
     return runner
 
 
+def served_source(source: ModelSource, max_model_len: int) -> ModelSource:
+    """`source` with its ArchConfig served at `max_model_len` tokens: LongRoPE's factor list follows the
+    served context (longrope.py), which is logged; any other model is unchanged."""
+    arch = source.arch.served_at(max_model_len)
+    if isinstance(arch.rope_scaling, LongRopeScaling):
+        logger.info("%s", arch.rope_scaling.describe())
+    return source if arch == source.arch else replace(source, arch=arch)
+
+
 def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     """Plan, load, measure, size the KV cache and build the engine (on every rank with tensor parallelism)."""
     start_s = time.monotonic()
@@ -298,6 +308,7 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
         set_cpu_threads(config.cpu_threads)
     config = with_gguf_quantization(config, source, on_gpu=device.type == "cuda")
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
+    source = served_source(source, max_model_len)
     check_tensor_parallel(config, source, device)
     check_gpu_kernels(source.arch, device)
     memory = plan_startup(config, source, max_model_len, device)  # fails here, before any weight is read

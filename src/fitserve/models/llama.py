@@ -168,7 +168,8 @@ class LlamaForCausalLM(nn.Module):
         self.quantization = quantization
         build = LayerBuild.for_model(dtype, self.device, quantization, tp, fuse_rotary_store)
         max_positions = max(arch.max_position_embeddings, 1)
-        rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device)
+        rotary = RotaryEmbedding(arch.head_dim, arch.rope_theta, max_positions, arch.rope_scaling, self.device,
+                                 rotary_dim=arch.rotary_dim)  # a partial rotary: Phi-3 only (models/phi3.py)
         self.embed_tokens = Embedding(arch.vocab_size, arch.hidden_size, dtype, self.device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, rotary, build, self.attention_class,
                                                       self.build_mlp(layer, arch, build), layer)

@@ -7,20 +7,31 @@ layers here. At load each fused tensor is split into its parts and handed on und
 see what they see for Llama; under tensor parallelism a fused tensor is read whole (a rank's rows
 of q, k and v are not one contiguous slice) and each part is narrowed to the rank's rows.
 
-What arch_config.ArchConfig refuses or limits, since serving it would give wrong numbers: "longrope" /
-"su" rope scaling (Phi-3-mini-128k, Phi-3.5) and a partial rotary factor (Phi-4-mini) are refused;
-a sliding window (Phi-3-mini-4k: 2047 tokens) caps the context at the window, inside which full
-attention is exact. An fp8 checkpoint's scales of a fused tensor are refused.
+LongRoPE ("longrope" / "su" rope scaling: Phi-3-mini-128k, Phi-3.5-mini, Phi-3-medium-128k, Phi-4-mini) is
+served with one factor list per server, chosen by --max-model-len (longrope.py): the long factors when it is
+above original_max_position_embeddings, else the short ones, so a server at --max-model-len 4096 or
+less equals transformers on every sequence, and one with a longer context equals it on sequences
+longer than 4096 tokens (shorter ones rotate with the long factors, as in llama.cpp). The start-up
+log names the list.
+
+A partial rotary factor (Phi-4-mini: the first 96 of each head's 128 dims rotate, as pairs (i, i + 48),
+the rest pass through) is served without a kernel of its own: at load each q and k head's rows are
+reordered (layers/rotary.partial_rotary_order) so that the rotated pairs sit where the rotary table
+and kernels pair dims, (i, i + 64), and the pass-through dims where the table holds cos 1, sin 0.
+q and k reordered alike give the same q.k, so the same attention. A sliding window (Phi-3-mini-4k:
+2047 tokens) is attended as transformers does. An fp8 checkpoint's scales of a fused tensor are refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import torch
 
 from fitserve.arch_config import ArchConfig
 from fitserve.layers.parallel import TensorShard
+from fitserve.layers.rotary import partial_rotary_order
 from fitserve.models.llama import LlamaForCausalLM, hf_tensor_shapes, layer_projection_shapes
 from fitserve.weights.gguf_packed import PackedGgufTensor
 
@@ -74,7 +85,18 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{hf_name}: expected {sum(rows)} rows, got {tuple(tensor.shape)}")
         parts = tensor.split_rows(rows) if isinstance(tensor, PackedGgufTensor) else tensor.split(rows, dim=0)
         for projection, part in zip(projections, parts):
+            if projection in ("q_proj", "k_proj") and self.full_arch.rotary_dim is not None:
+                part = self._partial_rotary_rows(part)
             yield f"{owner_prefix}.{projection}.weight", part
+
+    def _partial_rotary_rows(self, part: torch.Tensor | PackedGgufTensor) -> torch.Tensor | PackedGgufTensor:
+        """q or k rows [heads * D, ...] with each head's dims in layers/rotary.partial_rotary_order (whole
+        packed rows move as dense ones)."""
+        arch = self.full_arch
+        order = torch.tensor(partial_rotary_order(arch.head_dim, arch.rotated_dims))
+        rows = part.data if isinstance(part, PackedGgufTensor) else part
+        moved = rows.reshape(-1, arch.head_dim, *rows.shape[1:])[:, order].reshape(rows.shape)
+        return replace(part, data=moved) if isinstance(part, PackedGgufTensor) else moved
 
     def checkpoint_tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return phi3_tensor_shapes(self.full_arch)
