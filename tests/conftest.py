@@ -11,3 +11,16 @@ if _SRC not in sys.path:
     sys.path.insert(0, _SRC)
 
 from server_fixtures import api_server, async_client_factory, client  # noqa: E402,F401
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's `--dist loadgroup` (the README's test command runs two workers), each
+    test file runs whole on one worker, so its module fixtures (servers, loaded models) start once;
+    files that mark a group of their own (the two that start Ray) share a worker. Without xdist the
+    marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))

@@ -17,7 +17,7 @@ from proc_helpers import is_running
 from fitserve.bench.server_process import free_port
 from fitserve.scaleout.options import REPLICA_HEADER
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance at a time
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 START_TIMEOUT_S = 180.0

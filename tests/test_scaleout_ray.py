@@ -23,7 +23,7 @@ from fitserve.scaleout.launch import build_application
 from fitserve.scaleout.options import APP_NAME, DEPLOYMENT_NAME, PREFIX_KEY_HEADER, REPLICA_HEADER, ReplicaOptions
 from fitserve.scaleout.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV, REPLICA_FAILED_CODE
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]  # one Ray instance at a time
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 MAX_NUM_SEQS = 8  # = max_ongoing_requests: what a replica accepts at once; the rest waits in Ray's queue
