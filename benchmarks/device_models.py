@@ -3,6 +3,8 @@
     python benchmarks/device_models.py --out $OUT                  # one call: both groups, what fits 9 minutes
     python benchmarks/device_models.py --group quant --out $OUT    # Llama-3-8B: bf16, gptq_int4, q4_k_m, fp8...
     python benchmarks/device_models.py --group models --out $OUT   # Qwen3-8B, Mistral-7B, Gemma-3-12B, Mixtral
+    python benchmarks/device_models.py --group sched --out $OUT    # W1/W2 at step token budgets 1024, 1536 (not in all)
+    python benchmarks/device_models.py --parts llama-bf16 gemma-3-12b --out $OUT   # parts by name
 
 Every part is benchmarks/gpu_bench.py's `fitserve` part in its own process (a failure or a timeout
 loses that part only), dummy weights at the config's shape, CUDA graphs, BENCHMARKS.md's workloads.
@@ -89,7 +91,7 @@ def parts_for(group: str, names: list[str] | None = None) -> tuple[Part, ...]:
         if unknown:
             raise SystemExit(f"unknown parts: {sorted(unknown)}; --list shows them")
         return tuple(p for p in PARTS if p.name in names)
-    return tuple(p for p in PARTS if group == "all" or p.group == group)
+    return tuple(p for p in PARTS if p.group == group or (group == "all" and p.group != "sched"))
 
 
 def estimated_total_s(parts: tuple[Part, ...]) -> float:
@@ -112,7 +114,7 @@ def floors_for(parts: tuple[Part, ...], ceilings: dict) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.monotonic()
-    parts = parts_for(args.group, args.parts)
+    parts = parts_for(args.group, getattr(args, "parts", None))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"commit": gpu_bench.git_commit(), "command": " ".join(sys.argv), "group": args.group,
