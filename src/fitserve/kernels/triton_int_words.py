@@ -158,19 +158,20 @@ def _weight(words, high, zero, scale, magic_bits, V: tl.constexpr, BITS: tl.cons
 
 
 @triton.jit
-def _tile_weights(words, zero, scale, magic_bits, BITS: tl.constexpr):
+def _tile_weights(words, zero, scale, magic, BITS: tl.constexpr):
     """Words [BN, S, W] -> float32 weights [BN, S, W, 32 / BITS], value v of word w at [..., w, v]
     (tl.join adds a minor dimension: the last join is over v's lowest bit)."""
-    high = words >> 16
+    hi = words >> 16
     if BITS == 4:
-        w_0 = tl.join(_weight(words, high, zero, scale, magic_bits, 0, BITS), _weight(words, high, zero, scale, magic_bits, 4, BITS))
-        w_1 = tl.join(_weight(words, high, zero, scale, magic_bits, 1, BITS), _weight(words, high, zero, scale, magic_bits, 5, BITS))
-        w_2 = tl.join(_weight(words, high, zero, scale, magic_bits, 2, BITS), _weight(words, high, zero, scale, magic_bits, 6, BITS))
-        w_3 = tl.join(_weight(words, high, zero, scale, magic_bits, 3, BITS), _weight(words, high, zero, scale, magic_bits, 7, BITS))
+        w_0 = tl.join(_weight(words, hi, zero, scale, magic, 0, 4), _weight(words, hi, zero, scale, magic, 4, 4))
+        w_1 = tl.join(_weight(words, hi, zero, scale, magic, 1, 4), _weight(words, hi, zero, scale, magic, 5, 4))
+        w_2 = tl.join(_weight(words, hi, zero, scale, magic, 2, 4), _weight(words, hi, zero, scale, magic, 6, 4))
+        w_3 = tl.join(_weight(words, hi, zero, scale, magic, 3, 4), _weight(words, hi, zero, scale, magic, 7, 4))
         w = tl.join(tl.join(w_0, w_2), tl.join(w_1, w_3))  # [..., h, a, c]: value 4h + 2a + c
     else:
-        w = tl.join(tl.join(_weight(words, high, zero, scale, magic_bits, 0, BITS), _weight(words, high, zero, scale, magic_bits, 2, BITS)),
-                    tl.join(_weight(words, high, zero, scale, magic_bits, 1, BITS), _weight(words, high, zero, scale, magic_bits, 3, BITS)))
+        w_0 = tl.join(_weight(words, hi, zero, scale, magic, 0, 8), _weight(words, hi, zero, scale, magic, 2, 8))
+        w_1 = tl.join(_weight(words, hi, zero, scale, magic, 1, 8), _weight(words, hi, zero, scale, magic, 3, 8))
+        w = tl.join(w_0, w_1)  # [..., h, c]: value 2h + c
     return w
 
 
