@@ -79,7 +79,7 @@ def _place_bits(v, bits):
 
 
 @triton.jit
-def _value(words, high, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
+def mantissa_value(words, high, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
     """float32 in words' layout: 2^23 + q * 2^(BITS * j) for value V of each word (q unsigned; j = V's place
     in its 16-bit half; exact, below 2^24). high = words >> 16 (its upper bits are masked off here).
     magic_bits is MAGIC_BITS passed at run time: as a constant the compiler splits and-or into two
@@ -146,7 +146,7 @@ def _value_times_x(words, high, zero, x_at_word, magic_bits, V: tl.constexpr, BI
     first input. (q - zero) * 2^p is exact and x * 2^-p too (p: V's place in its half)."""
     UP: tl.constexpr = 1 << _place_bits(V, BITS)
     x = tl.load(x_at_word + V).to(tl.float32) * (1.0 / UP)
-    return (_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * x[:, None, :]
+    return (mantissa_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * x[:, None, :]
 
 
 @triton.jit
@@ -154,7 +154,7 @@ def _weight(words, high, zero, scale, magic_bits, V: tl.constexpr, BITS: tl.cons
     """Value V of each word dequantized: (q - zero) * scale in float32, the reference's one rounding
     (the powers of two are exact)."""
     UP: tl.constexpr = 1 << _place_bits(V, BITS)
-    return (_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * (scale * (1.0 / UP))
+    return (mantissa_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * (scale * (1.0 / UP))
 
 
 @triton.jit
