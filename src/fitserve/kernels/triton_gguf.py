@@ -10,7 +10,9 @@ GEMM, which dequantizes each tile once and multiplies all rows with tl.dot; larg
 (prefill) dequantize the layer into a scratch buffer and use cuBLAS instead (layers/formats/gguf.py).
 
 The specification is kernels/gguf.py `matmul_reference` (tests compare, also under the Triton
-interpreter on the CPU).
+interpreter on the CPU). q4_k_words_gemv is a second Q4_K GEMV, over int32 words with
+kernels/triton_int_words.py's mantissa trick and the sub-block scales applied after the products;
+matmul takes it when asked (q4_k_words), until benchmarks/gguf_gemv_bench.py has measured it.
 """
 
 from __future__ import annotations
@@ -158,8 +160,11 @@ def _gguf_small_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, num_blocks, row_bytes, st
 
 
 Q4_K_ID = 12  # gguf.BLOCK_TYPES' key of Q4_K
-Q4_K_WORDS = 36  # a Q4_K block in int32 words: d and dmin (one word), 12 scale bytes (3), 128 nibble bytes (32)
-Q4_K_QS_WORD = 4  # the first nibble word of a block
+# (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV for benchmarks/gguf_gemv_bench.py --q4k-words:
+# no spills on sm_90 (offline compile); (8, 16, 4) spills
+Q4_K_WORDS_CONFIGS = ((8, 8, 4), (4, 16, 4), (8, 4, 4), (16, 4, 8))
+Q4_K_WORDS = tl.constexpr(36)  # a Q4_K block in int32 words: d and dmin (one word), 12 scale bytes (3), 128 nibble bytes (32)
+Q4_K_QS_WORD = tl.constexpr(4)  # the first nibble word of a block
 
 
 @triton.jit
@@ -240,9 +245,14 @@ def supports(x: torch.Tensor, ggml_type: int) -> bool:
             and ggml_type in gguf.BLOCK_TYPES)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
-    """x [M, K] @ dequantize(packed).T for a decode batch: the GEMV up to GEMV_MAX_ROWS, else the small GEMM."""
+def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int,
+           q4_k_words: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] @ dequantize(packed).T for a decode batch: the GEMV up to GEMV_MAX_ROWS, else the small GEMM.
+    q4_k_words: (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV, which then serves Q4_K's GEMV
+    rows (None, the default until it is measured: the bytes GEMV)."""
     if x.shape[0] <= GEMV_MAX_ROWS:
+        if q4_k_words is not None and ggml_type == Q4_K_ID:
+            return q4_k_words_gemv(x, packed, *q4_k_words)
         return gemv(x, packed, ggml_type)
     return small_gemm(x, packed, ggml_type)
 
