@@ -36,6 +36,7 @@ MAGIC_BITS = 0x4B000000
 MAGIC = tl.constexpr(8388608.0)
 HALF_BITS = 16  # values come from 16-bit halves, so bit j * bits + bits stays below bit 23 (kernels: 16 // BITS)
 WORD_BITS = 32
+MIN_INNER = 16  # tl.dot's smallest K: a tile holds at least min(block_k, K) inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +55,11 @@ class WordsGeometry:
 
 def words_take(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, bits: int) -> bool:
     """Whether these kernels take the layer: groups in order, each a whole number of words, int32-viewable."""
-    num_cols, row_bytes = qweight.shape
+    row_bytes = qweight.shape[1]
     num_groups = scales.shape[1]
     group_bytes = row_bytes // num_groups if row_bytes % num_groups == 0 else 0
     return (g_idx is None and bits in (4, 8) and group_bytes > 0 and group_bytes % 4 == 0
-            and qweight.is_contiguous() and qweight.storage_offset() % 4 == 0)
+            and row_bytes * 8 // bits >= MIN_INNER and qweight.is_contiguous() and qweight.storage_offset() % 4 == 0)
 
 
 def words_geometry(row_bytes: int, num_groups: int, tile_words: int) -> WordsGeometry:
