@@ -97,12 +97,14 @@ def mantissa_value(words, high, magic_bits, V: tl.constexpr, BITS: tl.constexpr)
 def _segment_words(q_ptr, cols, stride_q, s0, num_segments, SEG_WORDS: tl.constexpr, SEGS_PER_TILE: tl.constexpr,
                    SEGS_PER_GROUP: tl.constexpr):
     """The tile of segments s0 .. s0 + SEGS_PER_TILE: (words [BLOCK_N, S, SEG_WORDS] int32, its word index
-    [S, SEG_WORDS], its groups [S], segment in range [S]); out-of-range segments read segment 0."""
+    [S, SEG_WORDS], its groups [S], segment in range [S]); out-of-range segments load zeros and index
+    segment 0 (their scale is made 0)."""
     segs = s0 + tl.arange(0, SEGS_PER_TILE)
     seg_ok = segs < num_segments
     segs = tl.where(seg_ok, segs, 0)
     word = segs[:, None] * SEG_WORDS + tl.arange(0, SEG_WORDS)[None, :]
-    words = tl.load(q_ptr + cols[:, None, None].to(tl.int64) * stride_q + word[None, :, :])
+    words = tl.load(q_ptr + cols[:, None, None].to(tl.int64) * stride_q + word[None, :, :],
+                    mask=seg_ok[None, :, None], other=0)  # a partial last step reads no memory for its tail
     return words, word, segs // SEGS_PER_GROUP, seg_ok
 
 
@@ -128,7 +130,8 @@ def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N, num_segments, magic
         seg_ok = segs < num_segments
         segs = tl.where(seg_ok, segs, 0)  # out-of-range segments read segment 0, scaled by 0
         word = segs[:, None] * SEG_WORDS + tl.arange(0, SEG_WORDS)[None, :]  # [S, W]
-        words = tl.load(q_ptr + cols[None, :, None].to(tl.int64) * stride_q + word[:, None, :])  # [S, N, W]
+        words = tl.load(q_ptr + cols[None, :, None].to(tl.int64) * stride_q + word[:, None, :],
+                        mask=seg_ok[:, None, None], other=0)  # [S, N, W]; a partial last step reads no memory
         at_group = cols[None, :] * stride_s + (segs // SEGS_PER_GROUP)[:, None]  # [S, BLOCK_N]
         scale = tl.where(seg_ok[:, None], tl.load(s_ptr + at_group), 0.0)
         zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]  # [S, BLOCK_N, 1]
