@@ -87,6 +87,8 @@ VARIANTS = {
     "words_gemv_n4": KernelTable(1, GemvChoice(WORDS, 4, 512, 4), WORDS_TILES),
     "words_gemv_n16": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES),
     "words_gemv_w256": KernelTable(1, GemvChoice(WORDS, 8, 256, 4), WORDS_TILES),
+    # 64-thread programs: every program of a 4096-column layer resident at once (6 a SM at 168 registers)
+    "words_gemv_2warps": KernelTable(1, GemvChoice(WORDS, 8, 256, 2), WORDS_TILES),
     "words_narrow_tiles": KernelTable(1, GemvChoice(WORDS, 8, 512, 4), WORDS_TILES_NARROW),
 }
 DEFAULT_TABLE = BASELINE
