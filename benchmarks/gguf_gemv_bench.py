@@ -5,6 +5,7 @@ each backend captured in one CUDA graph and replayed. Prints one JSON line per c
 gguf_gemv.json to --out.
 
     python benchmarks/gguf_gemv_bench.py --out $OUT
+    python benchmarks/gguf_gemv_bench.py --q4k-words --out $OUT   # Q4_K bytes against words GEMV
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ def time_graph(fn, repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, torch.Tensor]):
+def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, torch.Tensor],
+         q4_k_words: tuple[int, int, int] | None = None):
     def run() -> None:
         for w, ggml_type, k in weights:
             x = x_by_k[k]
             if ggml_type is None:
                 triton_gemv.gemv(x, w)
             else:
-                triton_gguf.matmul(x, w, ggml_type)
+                triton_gguf.matmul(x, w, ggml_type, q4_k_words)
     return run
 
 
@@ -81,7 +83,11 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--sweep", nargs="*", default=["Q4_K", "Q6_K"], help="types whose tile configs are swept")
+    parser.add_argument("--q4k-words", action="store_true",
+                        help="only bf16 and Q4_K at one row: the bytes GEMV against each words GEMV config")
     args = parser.parse_args()
+    if args.q4k_words:
+        return q4_k_words_cases(args)
     results = []
     x_by_k = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
     weights = packed_layers(None, args.layers)
@@ -107,6 +113,38 @@ def main() -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     Path(args.out, "gguf_gemv.json").write_text(json.dumps(results, indent=1))
+
+
+def q4_k_words_cases(args: argparse.Namespace) -> None:
+    """bf16, the Q4_K bytes GEMV and the words GEMV (triton_gguf.Q4_K_WORDS_CONFIGS) at one row, each
+    checked against matmul_reference on the first layer of each shape (rel_err); gguf_q4k_words.json."""
+    results = []
+    x_by_k = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+    for name, ggml_type, configs in (("bf16", None, (None,)), ("Q4_K", TYPES["Q4_K"],
+                                                               (None, *triton_gguf.Q4_K_WORDS_CONFIGS))):
+        weights = packed_layers(ggml_type, args.layers)
+        if ggml_type is not None:  # small finite float16 d and dmin, as a real file's
+            for w, _, _ in weights:
+                blocks = w.view(-1, 144)
+                scales = torch.rand(blocks.shape[0], 2, device="cuda") * 0.01
+                blocks[:, :4] = scales.to(torch.float16).view(torch.uint8)
+        gb = sum(w.numel() * w.element_size() for w, _, _ in weights) / 1e9
+        for cfg in configs:
+            err = None
+            if ggml_type is not None:
+                err = 0.0
+                for w, _, k in weights[:len(SHAPES)]:
+                    got = triton_gguf.matmul(x_by_k[k], w, ggml_type, cfg).float()
+                    expected = gguf.matmul_reference(x_by_k[k], w, ggml_type).float()
+                    err = max(err, ((got - expected).norm() / expected.norm()).item())
+            ms = time_graph(step(weights, x_by_k, cfg))
+            result = {"rows": 1, "type": name, "q4_k_words": cfg, "rel_err": err, "ms": round(ms, 3),
+                      "weight_gb": round(gb, 3), "tb_per_s": round(gb / ms, 2)}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        del weights
+        torch.cuda.empty_cache()
+    Path(args.out, "gguf_q4k_words.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Weight-only kernels of a Llama-3-8B decode step: integer group-quantized (kernels/triton_int_quant.py:
-GEMV, tile GEMM) and fp8 on the W8A16 path (kernels/triton_w8a16.py), against
-bf16 (the Triton GEMV at one row, cuBLAS above) on the same shapes. The step's 128 linear layers
-have distinct weights (nothing comes from L2); each case is captured in one CUDA graph and replayed.
-Each kernel's tile configurations are swept; one JSON line per case, all in int_quant.json.
+"""Weight-only kernels of a Llama-3-8B decode step: integer group-quantized (kernels/triton_int_quant.py's
+kernel tables, VARIANTS: the bytes baseline and the words kernels of triton_int_words.py) and, with
+--w8a16, fp8 on the W8A16 path (kernels/triton_w8a16.py), against bf16 (the Triton GEMV at one row,
+cuBLAS above) on the same shapes in the same call. The step's 128 linear layers have distinct weights
+(nothing comes from L2); each case is captured in one CUDA graph and replayed. Before timing a variant
+at a row count, its output on the first layer of each shape is compared with the reference
+(int_quant.int_quant_mm_reference): `rel_err`, the largest relative norm error. One JSON line per
+case; all of them in int_quant.json.
 
-    python benchmarks/int_quant_bench.py --out $OUT
+    python benchmarks/int_quant_bench.py --out $OUT                       # every variant, rows 1 16 64 256
+    python benchmarks/int_quant_bench.py --variant baseline words --rows 1 2 16 --bits 4 8
+    python benchmarks/int_quant_bench.py --dry-run                        # the cases, no GPU needed
 """
 
 from __future__ import annotations
@@ -15,23 +20,23 @@ from pathlib import Path
 
 import torch
 
-from fitserve.kernels import triton_gemv, triton_int_quant, triton_w8a16
-from gguf_gemv_bench import time_graph  # beside this file: one CUDA graph, replayed
-
 HIDDEN, INTER, LAYERS = 4096, 14336, 32
 SHAPES = {"qkv": (6144, HIDDEN), "o": (HIDDEN, HIDDEN), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}
-GEMV_CONFIGS = [(8, 8, 4), (16, 8, 8), (16, 4, 4)]
+GROUP_SIZE = 128
+DEVICE = "cuda"  # a CPU smoke run of the case loop (interpreter, small SHAPES) may replace it
+DEFAULT_ROWS = (1, 16, 64, 256)
 W8_GEMV_CONFIGS = [(4, 1024, 4), (2, 2048, 4), (4, 2048, 8)]
 
 
 def int_layers(bits: int, group_size: int) -> list[tuple]:
+    """(qweight, scales, zeros, K) a layer, in int_quant's layout, zeros random as an asymmetric checkpoint's."""
     layers = []
     for _ in range(LAYERS):
         for n, k in SHAPES.values():
             groups = k // group_size
-            qweight = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8, device="cuda")
-            scales = torch.rand(n, groups, device="cuda") * 0.01 + 1e-3
-            zeros = torch.full((n, groups), 1 << (bits - 1), dtype=torch.uint8, device="cuda")
+            qweight = torch.randint(0, 256, (n, k * bits // 8), dtype=torch.uint8, device=DEVICE)
+            scales = torch.rand(n, groups, device=DEVICE) * 0.01 + 1e-3
+            zeros = torch.randint(0, 1 << bits, (n, groups), dtype=torch.uint8, device=DEVICE)
             layers.append((qweight, scales, zeros, k))
     return layers
 
@@ -40,8 +45,8 @@ def fp8_layers() -> list[tuple]:
     layers = []
     for _ in range(LAYERS):
         for n, k in SHAPES.values():
-            qw = torch.randint(0, 120, (n, k), dtype=torch.uint8, device="cuda").view(torch.float8_e4m3fn)
-            layers.append((qw, torch.rand(1, n, device="cuda") * 0.01, k))
+            qw = torch.randint(0, 120, (n, k), dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn)
+            layers.append((qw, torch.rand(1, n, device=DEVICE) * 0.01, k))
     return layers
 
 
@@ -55,38 +60,55 @@ def report(results: list, **case) -> None:
     results.append(case)
 
 
-def bench_bf16(results: list, rows_list: list[int]) -> None:
-    weights = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.01, k)
+def bench_bf16(results: list, rows_list: list[int], time_graph) -> None:
+    from fitserve.kernels import triton_gemv
+    weights = [(torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.01, k)
                for _ in range(LAYERS) for n, k in SHAPES.values()]
     gb = layer_bytes(weights) / 1e9
     for rows in rows_list:
-        xs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+        xs = {k: torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
         mm = triton_gemv.gemv if rows == 1 else (lambda x, w: x @ w.t())
         ms = time_graph(lambda: [mm(xs[k], w) for w, k in weights])
         report(results, kind="bf16", path="gemv" if rows == 1 else "cublas", rows=rows, ms=round(ms, 3),
                weight_gb=round(gb, 3))
 
 
-def bench_int(results: list, bits: int, gemv_rows: list[int], tile_rows: list[int], sweep: bool) -> None:
-    layers = int_layers(bits, 128)
+def variant_error(table, layers: list[tuple], bits: int, xs: dict) -> float:
+    """The largest relative norm error against the reference over the first layer of each shape."""
+    from fitserve.kernels import int_quant, triton_int_quant
+    worst = 0.0
+    for q, s, z, k in layers[:len(SHAPES)]:
+        got = triton_int_quant.int_quant_mm(xs[k], q, s, z, None, bits, table).float()
+        expected = int_quant.int_quant_mm_reference(xs[k], q, s, z, None, bits).float()
+        worst = max(worst, ((got - expected).norm() / expected.norm()).item())
+    return worst
+
+
+def bench_int(results: list, bits: int, rows_list: list[int], variants: list[str], time_graph) -> None:
+    from fitserve.kernels import triton_int_quant
+    layers = int_layers(bits, GROUP_SIZE)
     gb = layer_bytes(layers) / 1e9
-    kind = f"int{bits}_g128"
-    cases = [("gemv", rows, cfg) for rows in gemv_rows for cfg in (GEMV_CONFIGS if sweep else GEMV_CONFIGS[:1])]
-    cases += [("tile_gemm", rows, None) for rows in tile_rows]
-    for path, rows, cfg in cases:
-        if path == "gemv":
-            triton_int_quant.GEMV_CONFIG = cfg
-        fn = getattr(triton_int_quant, path)
-        xs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-        try:
-            ms = time_graph(lambda: [fn(xs[k], q, s, z, None, bits) for q, s, z, k in layers])
-        except Exception as error:  # a tile too large for shared memory: recorded, the sweep goes on
-            print(json.dumps({"kind": kind, "path": path, "rows": rows, "config": cfg, "error": str(error)[:200]}))
-            continue
-        report(results, kind=kind, path=path, rows=rows, config=cfg, ms=round(ms, 3), weight_gb=round(gb, 3))
+    kind = f"int{bits}_g{GROUP_SIZE}"
+    for name in variants:
+        table = triton_int_quant.VARIANTS[name]
+        for rows in rows_list:
+            path = "gemv" if rows <= table.gemv_max_rows else "tile_gemm"
+            choice = table.gemv if path == "gemv" else table.tile_for(rows)
+            case = dict(kind=kind, variant=name, path=path, rows=rows, kernel=choice.kernel)
+            xs = {k: torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+            try:
+                err = variant_error(table, layers, bits, xs)
+                ms = time_graph(lambda: [triton_int_quant.int_quant_mm(xs[k], q, s, z, None, bits, table)
+                                         for q, s, z, k in layers])
+            except Exception as error:  # e.g. a tile too large for shared memory: recorded, the rest goes on
+                print(json.dumps(dict(case, error=str(error)[:300])), flush=True)
+                continue
+            report(results, **case, choice=repr(choice), rel_err=float(f"{err:.2e}"), ms=round(ms, 3),
+                   weight_gb=round(gb, 3))
 
 
-def bench_w8a16(results: list, gemv_rows: list[int], tile_rows: list[int]) -> None:
+def bench_w8a16(results: list, gemv_rows: list[int], tile_rows: list[int], time_graph) -> None:
+    from fitserve.kernels import triton_w8a16
     layers = fp8_layers()
     gb = layer_bytes(layers) / 1e9
     cases = [("gemv", rows, cfg) for rows in gemv_rows for cfg in W8_GEMV_CONFIGS]
@@ -95,24 +117,51 @@ def bench_w8a16(results: list, gemv_rows: list[int], tile_rows: list[int]) -> No
         if cfg:
             triton_w8a16.GEMV_CONFIG = cfg
         fn = getattr(triton_w8a16, path)
-        xs = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+        xs = {k: torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
         ms = time_graph(lambda: [fn(xs[k], q, s) for q, s, k in layers])
         report(results, kind="fp8_w8a16", path=path, rows=rows, config=cfg, ms=round(ms, 3), weight_gb=round(gb, 3))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=".")
-    parser.add_argument("--no-sweep", action="store_true", help="each kernel's current configuration only")
-    args = parser.parse_args()
+    parser.add_argument("--variant", nargs="+", default=None,
+                        help="kernel tables of triton_int_quant.VARIANTS to time (default: all)")
+    parser.add_argument("--rows", nargs="+", type=int, default=list(DEFAULT_ROWS))
+    parser.add_argument("--bits", nargs="+", type=int, default=[4], choices=[4, 8])
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 reference rows")
+    parser.add_argument("--w8a16", action="store_true", help="also the fp8 weight-only kernels at 1, 16, 64 rows")
+    parser.add_argument("--dry-run", action="store_true", help="print the cases and exit (no GPU needed)")
+    args = parser.parse_args(argv)
+    from fitserve.kernels import triton_int_quant  # needs triton; not CUDA
+    unknown = sorted(set(args.variant or ()) - set(triton_int_quant.VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variant {unknown}; choose from {sorted(triton_int_quant.VARIANTS)}")
+    args.variant = args.variant or list(triton_int_quant.VARIANTS)
+    if any(rows < 1 for rows in args.rows):
+        parser.error("--rows must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.dry_run:
+        for bits in args.bits:
+            for name in args.variant:
+                print(json.dumps({"bits": bits, "variant": name, "rows": args.rows}))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("int_quant_bench times CUDA kernels: no CUDA device here (--dry-run lists the cases)")
+    from gguf_gemv_bench import time_graph  # beside this file: one CUDA graph, replayed
     results: list = []
-    bench_bf16(results, [1, 4, 16, 64, 256])
-    torch.cuda.empty_cache()
-    bench_int(results, 4, [1], [2, 16, 64, 256, 2048], sweep=not args.no_sweep)
-    torch.cuda.empty_cache()
-    bench_int(results, 8, [1], [16, 64], sweep=False)
-    torch.cuda.empty_cache()
-    bench_w8a16(results, [1], [16, 64])
+    if not args.no_bf16:
+        bench_bf16(results, args.rows, time_graph)
+        torch.cuda.empty_cache()
+    for bits in args.bits:
+        bench_int(results, bits, args.rows, args.variant, time_graph)
+        torch.cuda.empty_cache()
+    if args.w8a16:
+        bench_w8a16(results, [1], [16, 64], time_graph)
     Path(args.out, "int_quant.json").write_text(json.dumps(results, indent=1))
 
 

@@ -59,6 +59,63 @@ def test_each_path_matches_the_reference(bits, path, num_rows, group_size, act_o
     assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 4e-3
 
 
+def random_layer(bits, num_cols, inner, group_size, act_order, seed):
+    """A layer in int_quant's layout on CUDA: (qweight, scales, zeros, g_idx)."""
+    gen = torch.Generator(device=CUDA).manual_seed(seed)
+    groups = 1 if group_size == -1 else inner // group_size
+    qweight = int_quant.store_values(
+        torch.randint(0, 1 << bits, (num_cols, inner), device=CUDA, dtype=torch.uint8, generator=gen), bits)
+    scales = torch.rand(num_cols, groups, device=CUDA, generator=gen) * 0.01 + 1e-3
+    zeros = torch.randint(0, 1 << bits, (num_cols, groups), device=CUDA, dtype=torch.uint8, generator=gen)
+    g_idx = (torch.randperm(inner, device=CUDA, generator=gen) * groups // inner).to(torch.int32) if act_order else None
+    return qweight, scales, zeros, g_idx
+
+
+# Row counts in every bucket of every table (GEMV at 1, tiles of 16, 32, 64 and 128 rows, partial tiles)
+VARIANT_ROWS = (1, 2, 16, 17, 33, 64, 100)
+
+
+@pytest.mark.parametrize("variant", list(triton_int_quant.VARIANTS))
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (32, False), (-1, False), (128, True)])
+def test_every_variant_matches_the_reference(variant, bits, group_size, act_order):
+    """Each kernel table (benchmarks/int_quant_bench.py --variant) at rows in each of its buckets, through
+    int_quant_mm and both paths; 1152 inputs: 9 groups of 128, 36 of 32, or one of 144 or 288 words."""
+    table = triton_int_quant.VARIANTS[variant]
+    qweight, scales, zeros, g_idx = random_layer(bits, 328, 1152, group_size, act_order, seed=2)
+    gen = torch.Generator(device=CUDA).manual_seed(3)
+    for num_rows in VARIANT_ROWS:
+        x = torch.randn(num_rows, 1152, device=CUDA, generator=gen).to(torch.bfloat16)
+        expected = int_quant.int_quant_mm_reference(x, qweight, scales, zeros, g_idx, bits).float()
+        for fn in (triton_int_quant.int_quant_mm, triton_int_quant.gemv, triton_int_quant.tile_gemm):
+            got = fn(x, qweight, scales, zeros, g_idx, bits, table)
+            err = ((got.float() - expected).norm() / expected.norm()).item()
+            assert got.dtype == torch.bfloat16 and err < 4e-3, (fn.__name__, num_rows, err)
+
+
+@pytest.mark.parametrize("num_rows", [1, 5, 40])
+def test_words_kernels_in_fp16_on_odd_columns(num_rows):
+    """fp16 activations, 8-bit per-channel rows of 72 words (segments of 8) and 4-bit groups of 64."""
+    from fitserve.kernels import triton_int_words
+    for bits, inner, group_size in ((8, 288, -1), (4, 576, 64)):
+        qweight, scales, zeros, _ = random_layer(bits, 77, inner, group_size, False, seed=4)
+        x = torch.randn(num_rows, inner, device=CUDA).to(torch.float16)
+        got = triton_int_words.gemv_words(x, qweight, scales, zeros, bits, 8, 256, 4) if num_rows == 1 else (
+            triton_int_words.tile_words(x, qweight, scales, zeros, bits, 16, 32, 64, 4, 3))
+        expected = int_quant.int_quant_mm_reference(x, qweight, scales, zeros, None, bits).float()
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 4e-3
+
+
+def test_words_kernels_take_whole_word_groups_in_order():
+    from fitserve.kernels import triton_int_words
+    qweight, scales, _, g_idx = random_layer(4, 64, 256, 128, True, seed=5)
+    assert triton_int_words.words_take(qweight, scales, None, 4)
+    assert not triton_int_words.words_take(qweight, scales, g_idx, 4)  # act-order: the bytes kernels
+    assert not triton_int_words.words_take(qweight[:, 1:], scales, None, 4)  # rows not whole words
+    odd = int_quant.store_values(torch.zeros(64, 12, device=CUDA, dtype=torch.uint8), 4)  # 6 bytes a row
+    assert not triton_int_words.words_take(odd, scales[:, :1], None, 4)
+
+
 def test_gptq_checkpoint_on_cuda_matches_the_cpu_path(tmp_path):
     from fitserve.models.loader import load_model
     from fitserve.weights.source import resolve_model_source

@@ -10,29 +10,88 @@ float32 [N, G], zeros uint8 [N, G], g_idx for an act-order checkpoint). Two path
   GEMV: the GEMV is bound by its instructions per weight, not by the bytes it reads.
 - more rows: a tensor-core GEMM that loads each tile of packed values, takes each value's group,
   dequantizes (q - zero) * scale in float32, rounds it to x's dtype and multiplies with tl.dot
-  in float32 sums. One tile shape; a decode batch pads to 16 rows. It reads a quarter (4 bits)
+  in float32 sums, BLOCK_M 16 up to 16 rows and 64 above. It reads a quarter (4 bits)
   or half (8 bits) of bf16's bytes but is bound by the dequantization: slower than bf16's cuBLAS
   at every batch size measured (benchmarks/results/int_quant_h200/).
-int_quant.int_quant_mm_reference is the specification (tests compare; the GEMV multiplies the
-float32 weight, the GEMM the weight rounded to x's dtype).
+These are the "bytes" kernels. kernels/triton_int_words.py has the "words" kernels (int32 loads,
+values without int-to-float conversions, BLOCK_M by rows); a KernelTable says which kernel and tile
+serve which rows, and VARIANTS names the tables benchmarks/int_quant_bench.py times side by side.
+DEFAULT_TABLE (the layers' choice) stays the bytes kernels until the words kernels are measured.
+int_quant.int_quant_mm_reference is the specification (tests compare; the GEMVs multiply the
+float32 weight, the GEMMs the weight rounded to x's dtype).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fitserve.kernels import pdl
+from fitserve.kernels import pdl, triton_int_words
 from fitserve.kernels.pdl import begin
 
-# Rows up to which the GEMV runs: it dequantizes once per row, and at 2 rows the tile GEMM is
-# as fast (an H200, benchmarks/int_quant_bench.py, which may replace these to compare).
-GEMV_MAX_ROWS = 1
-GEMV_CONFIG = (8, 8, 4)  # (BLOCK_N output columns, GROUPS_PER_TILE, num_warps): an H200's fastest of eight
-# The tile GEMM's (BLOCK_N, BLOCK_K, num_warps): the fastest of five on an H200 at 1 to 256 rows
-# (results/int_quant_h200/int_quant_first.json: 5.3 ms at 16 rows against 9.8 ms with (64, 64, 4))
-TILE_CONFIG = (32, 128, 4)
+BYTES, WORDS = "bytes", "words"  # the kernel families: this module's, kernels/triton_int_words.py's
+ALL_ROWS = 1 << 62  # a TileChoice's max_rows that takes every larger row count
+
+
+@dataclass(frozen=True, slots=True)
+class GemvChoice:
+    kernel: str  # BYTES or WORDS
+    block_n: int  # output columns a program
+    tile: int  # per column and loop step: whole groups (BYTES) or int32 words, a power of two (WORDS)
+    num_warps: int
+
+
+@dataclass(frozen=True, slots=True)
+class TileChoice:
+    max_rows: int  # serves row counts up to this one (after the previous entry's)
+    kernel: str  # BYTES or WORDS
+    block_m: int
+    block_n: int
+    block_k: int  # inputs a loop step
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True, slots=True)
+class KernelTable:
+    """Which kernel serves a product of M rows: the GEMV up to gemv_max_rows, then the tiles by rows.
+    Layers the words kernels do not take (act-order, rows not whole words) take the bytes kernels."""
+
+    gemv_max_rows: int
+    gemv: GemvChoice
+    tiles: tuple[TileChoice, ...]  # ascending max_rows, the last ALL_ROWS
+
+    def tile_for(self, num_rows: int) -> TileChoice:
+        return next(choice for choice in self.tiles if num_rows <= choice.max_rows)
+
+
+# The bytes kernels as measured on an H200 (benchmarks/results/int_quant_h200/): the GEMV's (8, 8, 4)
+# the fastest of eight tiles; the GEMM's (32, 128, 4) the fastest of five at 1 to 256 rows (5.3 ms at
+# 16 rows against 9.8 ms with (64, 64, 4)); at 2 rows the GEMV is no faster than the GEMM.
+BASELINE = KernelTable(gemv_max_rows=1, gemv=GemvChoice(BYTES, 8, 8, 4), tiles=(
+    TileChoice(16, BYTES, 16, 32, 128, 4, 3), TileChoice(ALL_ROWS, BYTES, 64, 32, 128, 4, 3)))
+# Not yet measured. Words GEMV tiles of 512 words (4096 4-bit inputs) a column: one word vector a thread
+# per column with 4 warps, all BLOCK_N columns in each thread (offline SASS of triton 3.6, sm_90: about
+# 4.7 instructions a weight in the loop against the bytes GEMV's 7.8 and its int-to-float conversions;
+# the words tile GEMM about 7-8 against 75).
+WORDS_TILES = (TileChoice(16, WORDS, 16, 64, 128, 4, 3), TileChoice(32, WORDS, 32, 64, 128, 4, 3),
+               TileChoice(64, WORDS, 64, 64, 128, 4, 3), TileChoice(ALL_ROWS, WORDS, 128, 128, 64, 8, 3))
+WORDS_TILES_NARROW = (TileChoice(16, WORDS, 16, 32, 128, 4, 3), TileChoice(32, WORDS, 32, 32, 128, 4, 3),
+                      TileChoice(64, WORDS, 64, 32, 128, 4, 3), TileChoice(ALL_ROWS, WORDS, 128, 64, 128, 8, 3))
+VARIANTS = {
+    "baseline": BASELINE,
+    "words": KernelTable(1, GemvChoice(WORDS, 8, 512, 4), WORDS_TILES),
+    "words_gemv_n4": KernelTable(1, GemvChoice(WORDS, 4, 512, 4), WORDS_TILES),
+    "words_gemv_n16": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES),
+    "words_gemv_w256": KernelTable(1, GemvChoice(WORDS, 8, 256, 4), WORDS_TILES),
+    # 64-thread programs: every program of a 4096-column layer resident at once (6 a SM at 168 registers)
+    "words_gemv_2warps": KernelTable(1, GemvChoice(WORDS, 8, 256, 2), WORDS_TILES),
+    "words_narrow_tiles": KernelTable(1, GemvChoice(WORDS, 8, 512, 4), WORDS_TILES_NARROW),
+}
+DEFAULT_TABLE = BASELINE
 
 
 @triton.jit
@@ -118,43 +177,52 @@ def gemv_takes(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor 
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-         g_idx: torch.Tensor | None, bits: int) -> torch.Tensor:
+         g_idx: torch.Tensor | None, bits: int, table: KernelTable = DEFAULT_TABLE) -> torch.Tensor:
     """x [M, K] (a few rows) @ W.T -> [M, N] in x's dtype; W multiplied as float32 (not rounded to x's
-    dtype: within the rounding of the reference). Layers gemv_takes refuses go to tile_gemm."""
+    dtype: within the rounding of the reference). Layers neither GEMV takes go to tile_gemm."""
+    choice = table.gemv
+    if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
+        return triton_int_words.gemv_words(x, qweight, scales, zeros, bits, choice.block_n, choice.tile,
+                                           choice.num_warps)
     if not gemv_takes(qweight, scales, g_idx):
-        return tile_gemm(x, qweight, scales, zeros, g_idx, bits)
+        return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table)
     _common_args(x, qweight, scales, zeros, g_idx, bits)
     num_cols, num_groups = scales.shape
-    block_n, groups_per_tile, num_warps = GEMV_CONFIG
+    if choice.kernel != BYTES:
+        choice = BASELINE.gemv
     y = torch.empty(x.shape[0], num_cols, dtype=x.dtype, device=x.device)
-    _int_quant_gemv_kernel[(triton.cdiv(num_cols, block_n), x.shape[0])](
+    _int_quant_gemv_kernel[(triton.cdiv(num_cols, choice.block_n), x.shape[0])](
         x, qweight, scales, zeros, y, num_cols, num_groups, x.stride(0), qweight.stride(0), scales.stride(0),
         y.stride(0), BITS=bits, GROUP_BYTES=qweight.shape[1] // num_groups,
-        GROUPS_PER_TILE=min(groups_per_tile, triton.next_power_of_2(num_groups)), BLOCK_N=block_n,
-        num_warps=num_warps, **pdl.options(x.device))
+        GROUPS_PER_TILE=min(choice.tile, triton.next_power_of_2(num_groups)), BLOCK_N=choice.block_n,
+        num_warps=choice.num_warps, **pdl.options(x.device))
     return y
 
 
 def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              g_idx: torch.Tensor | None, bits: int) -> torch.Tensor:
+              g_idx: torch.Tensor | None, bits: int, table: KernelTable = DEFAULT_TABLE) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N]: each weight tile dequantized once for BLOCK_M rows, tl.dot."""
     num_rows, num_inner = x.shape
+    choice = table.tile_for(num_rows)
+    if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
+        return triton_int_words.tile_words(x, qweight, scales, zeros, bits, choice.block_m, choice.block_n,
+                                           choice.block_k, choice.num_warps, choice.num_stages)
+    if choice.kernel != BYTES:
+        choice = BASELINE.tile_for(num_rows)
     num_cols = qweight.shape[0]
-    block_m = 16 if num_rows <= 16 else 64
     y = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
-    block_n, block_k, num_warps = TILE_CONFIG
-    _int_quant_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n))](
+    _int_quant_kernel[(triton.cdiv(num_rows, choice.block_m), triton.cdiv(num_cols, choice.block_n))](
         *_common_args(x, qweight, scales, zeros, g_idx, bits), y, num_rows, num_cols, num_inner,
         num_inner // scales.shape[1], x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps)
+        BITS=bits, HAS_G_IDX=g_idx is not None, BLOCK_M=choice.block_m, BLOCK_N=choice.block_n,
+        BLOCK_K=choice.block_k, num_warps=choice.num_warps, num_stages=choice.num_stages)
     return y
 
 
 def int_quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 g_idx: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """x [M, K] bf16/fp16 -> [M, N] in x's dtype, W in int_quant's layout, by the path for M rows."""
+                 g_idx: torch.Tensor | None, bits: int, table: KernelTable = DEFAULT_TABLE) -> torch.Tensor:
+    """x [M, K] bf16/fp16 -> [M, N] in x's dtype, W in int_quant's layout, by the table's path for M rows."""
     x = x.contiguous()
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        return gemv(x, qweight, scales, zeros, g_idx, bits)
-    return tile_gemm(x, qweight, scales, zeros, g_idx, bits)
+    if x.shape[0] <= table.gemv_max_rows:
+        return gemv(x, qweight, scales, zeros, g_idx, bits, table)
+    return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table)

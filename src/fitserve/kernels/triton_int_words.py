@@ -1,0 +1,239 @@
+"""Integer group-quantized GEMV and tile GEMM that read the packed weight as 32-bit words.
+
+The same product and layout as kernels/triton_int_quant.py (y = x @ W.T, W in kernels/int_quant.py's
+layout), with fewer instructions per weight than its byte kernels:
+- qweight is read as int32 words (`qweight.view(torch.int32)`): value i of the little-endian word w
+  of a row is column w * (32 / bits) + i, its bits i * bits .. i * bits + bits - 1;
+- a value becomes a float32 without an int-to-float conversion (a quarter-rate instruction): a word
+  is split into its two 16-bit halves (one shift a word), and value j of a half, masked in place and
+  OR-ed into the mantissa of 2^23 (0x4B000000), is the float 2^23 + q * 2^(bits * j), exactly (below
+  2^24); subtracting 2^23 + zero * 2^(bits * j) leaves (q - zero) * 2^(bits * j), exactly;
+- the GEMV multiplies that by x * 2^-(bits * j) (x's powers of two taken once per program, shared
+  by its BLOCK_N columns) and applies the group's scale once per word after the products: about
+  three full-rate instructions a weight (and-or, subtract, fused multiply-add) against six and a
+  conversion; float32 sums;
+- the tile GEMM multiplies by scale * 2^-(bits * j): (q - zero) * scale in float32, rounded to x's
+  dtype, the reference's weight bit for bit, then tl.dot with float32 sums; BLOCK_M grows with the
+  rows (int_quant_mm's table), so a weight tile is dequantized once per BLOCK_M rows.
+A tile of either kernel is SEGS_PER_TILE segments of SEG_WORDS words of each column, a segment
+inside one group (words_geometry), so groups of 32 values to whole rows take the same code.
+Act-order (g_idx) layers and rows whose packed bytes are not whole words take the byte kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fitserve.kernels import pdl
+from fitserve.kernels.pdl import begin
+
+# float32 2^23: a value OR-ed into its mantissa (below 2^23) reads 2^23 + value; MAGIC is that float
+MAGIC_BITS = 0x4B000000
+MAGIC = tl.constexpr(8388608.0)
+HALF_BITS = 16  # values come from 16-bit halves, so bit j * bits + bits stays below bit 23 (kernels: 16 // BITS)
+WORD_BITS = 32
+MIN_INNER = 16  # tl.dot's smallest K: a tile holds at least min(block_k, K) inputs
+
+
+@dataclass(frozen=True, slots=True)
+class WordsGeometry:
+    """How a layer's packed rows split into word tiles (all counts per output column)."""
+
+    words_per_row: int  # K * bits / 32
+    seg_words: int  # words per segment: a power of two dividing the group's words, <= the tile
+    segs_per_group: int  # segments of one group
+    segs_per_tile: int  # segments a tile (one loop step) holds
+
+    @property
+    def num_segments(self) -> int:
+        return self.words_per_row // self.seg_words
+
+
+def words_take(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, bits: int) -> bool:
+    """Whether these kernels take the layer: groups in order, each a whole number of words, int32-viewable."""
+    row_bytes = qweight.shape[1]
+    num_groups = scales.shape[1]
+    group_bytes = row_bytes // num_groups if row_bytes % num_groups == 0 else 0
+    return (g_idx is None and bits in (4, 8) and group_bytes > 0 and group_bytes % 4 == 0
+            and row_bytes * 8 // bits >= MIN_INNER and qweight.is_contiguous() and qweight.storage_offset() % 4 == 0)
+
+
+def words_geometry(row_bytes: int, num_groups: int, tile_words: int) -> WordsGeometry:
+    """Segments for a tile of about tile_words words (a power of two) a column."""
+    group_words = row_bytes // num_groups // 4
+    seg_words = group_words & -group_words  # the largest power of two dividing the group's words
+    seg_words = min(seg_words, tile_words)
+    return WordsGeometry(words_per_row=row_bytes // 4, seg_words=seg_words,
+                         segs_per_group=group_words // seg_words,
+                         segs_per_tile=min(tile_words // seg_words,
+                                           triton.next_power_of_2(row_bytes // 4 // seg_words)))
+
+
+@triton.constexpr_function
+def _place_bits(v, bits):
+    """The shift of value v of a word inside its 16-bit half."""
+    return bits * (v % (HALF_BITS // bits))
+
+
+@triton.jit
+def mantissa_value(words, high, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
+    """float32 in words' layout: 2^23 + q * 2^(BITS * j) for value V of each word (q unsigned; j = V's place
+    in its 16-bit half; exact, below 2^24). high = words >> 16 (its upper bits are masked off here).
+    magic_bits is MAGIC_BITS passed at run time: as a constant the compiler splits and-or into two
+    instructions (a LOP3 takes one immediate); from a register it is one."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << _place_bits(V, BITS)
+    if V < 16 // BITS:
+        bits = (words & MASK) | magic_bits
+    else:
+        bits = (high & MASK) | magic_bits
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _segment_words(q_ptr, cols, stride_q, s0, num_segments, SEG_WORDS: tl.constexpr, SEGS_PER_TILE: tl.constexpr,
+                   SEGS_PER_GROUP: tl.constexpr):
+    """The tile of segments s0 .. s0 + SEGS_PER_TILE: (words [BLOCK_N, S, SEG_WORDS] int32, its word index
+    [S, SEG_WORDS], its groups [S], segment in range [S]); out-of-range segments load zeros and index
+    segment 0 (their scale is made 0)."""
+    segs = s0 + tl.arange(0, SEGS_PER_TILE)
+    seg_ok = segs < num_segments
+    segs = tl.where(seg_ok, segs, 0)
+    word = segs[:, None] * SEG_WORDS + tl.arange(0, SEG_WORDS)[None, :]
+    words = tl.load(q_ptr + cols[:, None, None].to(tl.int64) * stride_q + word[None, :, :],
+                    mask=seg_ok[None, :, None], other=0)  # a partial last step reads no memory for its tail
+    return words, word, segs // SEGS_PER_GROUP, seg_ok
+
+
+@triton.jit
+def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N, num_segments, magic_bits, stride_x, stride_q, stride_s,
+                       stride_y,
+                       BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
+                       SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    """Input row m against BLOCK_N output columns, SEGS_PER_TILE segments a step. The loop's tensors are
+    [S, BLOCK_N, W] (value v of each word its own tensor): Triton then spreads threads over words and
+    segments and gives each thread all BLOCK_N columns of its words, so each x is loaded, converted and
+    scaled once for BLOCK_N weights, and the sums stay in a thread's registers until the end."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.program_id(1)
+    col_ok = cols < N
+    cols = tl.where(col_ok, cols, 0)  # out-of-range columns read column 0 and are not stored
+    PER_WORD: tl.constexpr = 32 // BITS
+    x_row = x_ptr + m * stride_x
+    begin(PDL)
+    acc = tl.zeros([SEGS_PER_TILE, BLOCK_N, SEG_WORDS], dtype=tl.float32)
+    for s0 in range(0, num_segments, SEGS_PER_TILE):
+        segs = s0 + tl.arange(0, SEGS_PER_TILE)
+        seg_ok = segs < num_segments
+        segs = tl.where(seg_ok, segs, 0)  # out-of-range segments read segment 0, scaled by 0
+        word = segs[:, None] * SEG_WORDS + tl.arange(0, SEG_WORDS)[None, :]  # [S, W]
+        words = tl.load(q_ptr + cols[None, :, None].to(tl.int64) * stride_q + word[:, None, :],
+                        mask=seg_ok[:, None, None], other=0)  # [S, N, W]; a partial last step reads no memory
+        at_group = cols[None, :] * stride_s + (segs // SEGS_PER_GROUP)[:, None]  # [S, BLOCK_N]
+        scale = tl.where(seg_ok[:, None], tl.load(s_ptr + at_group), 0.0)
+        zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]  # [S, BLOCK_N, 1]
+        high = words >> 16
+        dot = tl.zeros([SEGS_PER_TILE, BLOCK_N, SEG_WORDS], dtype=tl.float32)
+        for v in tl.static_range(PER_WORD):
+            dot += _value_times_x(words, high, zero, x_row + word * PER_WORD, magic_bits, v, BITS)
+        acc += dot * scale[:, :, None]
+    y = tl.sum(tl.sum(acc, axis=2), axis=0)
+    tl.store(y_ptr + m * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _value_times_x(words, high, zero, x_at_word, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
+    """[S, BN, W] float32: (q - zero) * x for value V of each word; x_at_word [S, W] points at each word's
+    first input. (q - zero) * 2^p is exact and x * 2^-p too (p: V's place in its half)."""
+    UP: tl.constexpr = 1 << _place_bits(V, BITS)
+    x = tl.load(x_at_word + V).to(tl.float32) * (1.0 / UP)
+    return (mantissa_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * x[:, None, :]
+
+
+@triton.jit
+def _weight(words, high, zero, scale, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
+    """Value V of each word dequantized: (q - zero) * scale in float32, the reference's one rounding
+    (the powers of two are exact)."""
+    UP: tl.constexpr = 1 << _place_bits(V, BITS)
+    return (mantissa_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * (scale * (1.0 / UP))
+
+
+@triton.jit
+def _tile_weights(words, zero, scale, magic, BITS: tl.constexpr):
+    """Words [BN, S, W] -> float32 weights [BN, S, W, 32 / BITS], value v of word w at [..., w, v]
+    (tl.join adds a minor dimension: the last join is over v's lowest bit)."""
+    hi = words >> 16
+    if BITS == 4:
+        w_0 = tl.join(_weight(words, hi, zero, scale, magic, 0, 4), _weight(words, hi, zero, scale, magic, 4, 4))
+        w_1 = tl.join(_weight(words, hi, zero, scale, magic, 1, 4), _weight(words, hi, zero, scale, magic, 5, 4))
+        w_2 = tl.join(_weight(words, hi, zero, scale, magic, 2, 4), _weight(words, hi, zero, scale, magic, 6, 4))
+        w_3 = tl.join(_weight(words, hi, zero, scale, magic, 3, 4), _weight(words, hi, zero, scale, magic, 7, 4))
+        w = tl.join(tl.join(w_0, w_2), tl.join(w_1, w_3))  # [..., h, a, c]: value 4h + 2a + c
+    else:
+        w_0 = tl.join(_weight(words, hi, zero, scale, magic, 0, 8), _weight(words, hi, zero, scale, magic, 2, 8))
+        w_1 = tl.join(_weight(words, hi, zero, scale, magic, 1, 8), _weight(words, hi, zero, scale, magic, 3, 8))
+        w = tl.join(w_0, w_1)  # [..., h, c]: value 2h + c
+    return w
+
+
+@triton.jit
+def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, num_segments, magic_bits, stride_x, stride_q, stride_s,
+                       stride_y,
+                       BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
+                       SEGS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """BLOCK_M rows against BLOCK_N columns; each weight tile dequantized once, then tl.dot."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    cols_in = tl.where(col_ok, cols, 0)
+    PER_WORD: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * PER_WORD
+    x_row = x_ptr + rows[:, None].to(tl.int64) * stride_x
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s0 in range(0, num_segments, SEGS_PER_TILE):
+        words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
+                                                      SEGS_PER_TILE, SEGS_PER_GROUP)
+        at_group = cols_in[:, None] * stride_s + groups[None, :]  # [BLOCK_N, S]
+        scale = tl.where(seg_ok[None, :], tl.load(s_ptr + at_group), 0.0)[:, :, None]
+        zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
+        k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
+        k_ok = k < num_segments * (SEG_WORDS * PER_WORD)
+        x = tl.load(x_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K)).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+               block_n: int, tile_words: int, num_warps: int) -> torch.Tensor:
+    """x [M, K] (a few rows; one program row each) @ W.T -> [M, N] in x's dtype; the caller checked words_take."""
+    num_cols, num_groups = scales.shape
+    assert x.shape[1] == qweight.shape[1] * 8 // bits and x.is_contiguous(), (x.shape, qweight.shape)
+    geo = words_geometry(qweight.shape[1], num_groups, tile_words)
+    y = torch.empty(x.shape[0], num_cols, dtype=x.dtype, device=x.device)
+    _gemv_words_kernel[(triton.cdiv(num_cols, block_n), x.shape[0])](
+        x, qweight.view(torch.int32), scales, zeros, y, num_cols, geo.num_segments, MAGIC_BITS, x.stride(0),
+        geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits, SEG_WORDS=geo.seg_words,
+        SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile, BLOCK_N=block_n,
+        num_warps=num_warps, **pdl.options(x.device))
+    return y
+
+
+def tile_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+               block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in x's dtype, BLOCK_M rows a program; the caller checked words_take."""
+    num_rows = x.shape[0]
+    num_cols, num_groups = scales.shape
+    assert x.shape[1] == qweight.shape[1] * 8 // bits and x.is_contiguous(), (x.shape, qweight.shape)
+    geo = words_geometry(qweight.shape[1], num_groups, block_k * bits // WORD_BITS)
+    y = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
+    _tile_words_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n))](
+        x, qweight.view(torch.int32), scales, zeros, y, num_rows, num_cols, geo.num_segments, MAGIC_BITS, x.stride(0),
+        geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits, SEG_WORDS=geo.seg_words,
+        SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps, num_stages=num_stages)
+    return y
