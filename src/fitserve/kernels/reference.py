@@ -37,7 +37,11 @@ def _store_kv_rows_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     not fp8: the rows copied straight in, two ops instead of store_kv's ten or so (its masks and
     boolean indexing cost a layer's decode step more than the copy itself; docs/benchmarks.md).
     Returns False, having written nothing, when it does not apply."""
-    if slot_mapping.device.type != "cpu" or fp8.is_fp8(k_cache.dtype) or not bool((slot_mapping >= 0).all()):
+    if slot_mapping.device.type != "cpu" or fp8.is_fp8(k_cache.dtype):
+        return False
+    # Compiled (runner/cpu_compile.py) the batch has no padding row, and a data-dependent branch would
+    # break the graph; eager, the check costs one op
+    if not torch.compiler.is_compiling() and not bool((slot_mapping >= 0).all()):
         return False
     slots = slot_mapping.long()
     for new, cache in ((k, k_cache), (v, v_cache)):
@@ -116,7 +120,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if batch.num_seqs == 0:
         return out
     if batch.max_query_len == 1:
-        num_rows = sum(batch.query_lens_cpu)
+        # a compiled decode step (runner/cpu_compile.py) has no host-side lengths and no padding row
+        num_rows = sum(batch.query_lens_cpu) if batch.query_lens_cpu else q.shape[0]
         out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale, k_scale, v_scale,
                                            sliding_window, softcap)
         return out
