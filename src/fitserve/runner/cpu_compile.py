@@ -15,7 +15,8 @@ bucket however the contexts grow. The paged-attention inputs (slot mapping, bloc
 lengths) are tensors of the graph; no host-side figure of the step enters it.
 
 Prefill and mixed steps stay eager. Inductor's compiled code is cached on disk (TORCHINDUCTOR_CACHE_DIR,
-by default under the user's cache dir: config.inductor_cache_dir), so a second start-up reuses it.
+by default under the user's cache dir: config.inductor_cache_dir), so a second start-up reuses it; the
+tracing is not cached (docs/benchmarks.md has both start-up times).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ from fitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-CPU_COMPILE_MODES = ("off", "decode")  # config.EngineConfig.cpu_compile
 MIN_TABLE_WIDTH_BLOCKS = 2  # dynamo specializes a dimension of size 1: narrower tables are padded to 2
 DYNAMO_RECOMPILE_LIMIT = 16  # the two buckets, times the runners one process may hold (tests, benchmarks)
 
@@ -66,8 +66,9 @@ class CpuDecodeCompile:
     """The compiled decode step of one model; `run` replaces the eager forward and logits of a decode batch."""
 
     def __init__(self, model: torch.nn.Module, block_size: int, cache_dir: str) -> None:
-        # inductor reads its cache dir from the environment when it first compiles; the user's own wins
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir)
+        # inductor reads its cache dir from the environment at each use (config.inductor_cache_dir has
+        # already let the user's own $TORCHINDUCTOR_CACHE_DIR win)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, DYNAMO_RECOMPILE_LIMIT)
         self.model = model
         self.block_size = block_size
