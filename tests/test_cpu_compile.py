@@ -10,9 +10,11 @@ import torch
 
 from fitserve.core.outputs import SchedulerOutput
 from fitserve.config import ConfigError, EngineConfig, inductor_cache_dir
+from fitserve.kernels import reference
 from fitserve.llm import LLM
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
+from paged_helpers import make_batch
 from tiny_model import tiny_engine_config, write_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 37)), [(7 * i) % 250 + 3 for i in range(33)]]  # 1, 2 and 3 blocks of 16
@@ -101,3 +103,22 @@ def test_inductor_cache_dir_is_under_the_user_cache_unless_the_environment_says(
     assert inductor_cache_dir() == os.path.join(str(tmp_path), "fitserve", "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert inductor_cache_dir() == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (4, 4), (6, 1)])
+def test_in_place_decode_attention_matches_the_gathered_sdpa(num_heads, num_kv_heads):
+    """kernels/reference._decode_attention_in_place (what a compiled step traces), run eagerly, against the
+    eager decode attention: contexts of 1, a partial block and several blocks, tables padded with block 0."""
+    generator = torch.Generator().manual_seed(3)
+    block_size, head_dim, num_blocks = 4, 8, 16
+    k_cache, v_cache = (torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=generator)
+                        for _ in range(2))
+    seq_lens = [1, 6, 13]
+    tables = [[5, 0, 0, 0], [2, 9, 0, 0], [3, 7, 11, 1]]
+    q = torch.randn(len(seq_lens), num_heads, head_dim, generator=generator)
+    batch = make_batch(input_ids=[0] * 3, positions=[n - 1 for n in seq_lens], slots=[0] * 3, query_lens=[1] * 3,
+                       seq_lens=seq_lens, block_tables=tables)
+    expected = reference.paged_attention(q, k_cache, v_cache, batch, scale=head_dim ** -0.5)
+    got = reference._decode_attention_in_place(q, k_cache, v_cache, torch.tensor(tables), torch.tensor(seq_lens),
+                                               head_dim ** -0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
