@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from fitserve.core.outputs import SchedulerOutput
 from fitserve.config import ConfigError, EngineConfig, inductor_cache_dir
+from fitserve.core.outputs import SchedulerOutput
 from fitserve.kernels import reference
 from fitserve.llm import LLM
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
