@@ -9,6 +9,10 @@ take turns decoding the same streams. A variant is dtype / decode attention / to
 - dtype: bfloat16 or float32 (`--dtype auto` picks float32 on a CPU without bf16 units);
 - attention: "grouped" (kernels/reference.py's _decode_sdpa_grouped, the default) or "repeat"
   (K and V copied per query head of a group, as before it);
+  or "compiled" (`--cpu-compile decode`, runner/cpu_compile.py: the decode step compiled by inductor, whose
+  attention reads K and V in place, kernels/reference._decode_attention_in_place) or "compiled-sdpa" (the
+  same, with the attention as eager's: gathered blocks and SDPA); the compiled variants are built, and
+  compiled or loaded from inductor's cache, before the timed runs;
 - threads: torch's intra-op threads (set before each variant's run). OpenMP's wait policy is the
   environment's (this script loads torch before fitserve, whose import would set PASSIVE): run it
   with OMP_WAIT_POLICY=PASSIVE to measure what `fitserve serve` does.
@@ -28,8 +32,10 @@ from collections.abc import Iterator
 
 import torch
 
+from fitserve.config import inductor_cache_dir
 from fitserve.kernels import reference
 from fitserve.llm import LLM
+from fitserve.runner.cpu_compile import CpuDecodeCompile
 from fitserve.sampling_params import SamplingParams
 
 PROMPT_TOKENS = 128
@@ -41,15 +47,33 @@ def _repeat_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return o[:, :, 0, :]
 
 
+def _gathered_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                   seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """_decode_attention_in_place's signature, eager's gather and SDPA (the "compiled-sdpa" variant)."""
+    k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [S, Hkv, L, D]
+    v = v_cache[table].flatten(1, 2).transpose(1, 2)
+    mask = torch.arange(k.shape[2])[None, None, :] < seq_lens[:, None, None]  # [S, 1, L]
+    return reference._decode_sdpa_grouped(q, k, v, mask, scale)
+
+
 @contextlib.contextmanager
-def attention(kind: str) -> Iterator[None]:
-    grouped = reference._decode_sdpa_grouped
+def attention(kind: str, llm: LLM, compiled: dict[str, CpuDecodeCompile]) -> Iterator[None]:
+    """The variant's attention, and its compiled step (the runner's cpu_compile) for the compiled kinds.
+    Dynamo guards on the attention function it traced, so the two compiled kinds are two cache entries."""
+    grouped, in_place = reference._decode_sdpa_grouped, reference._decode_attention_in_place
+    runner = llm.engine.runner
     if kind == "repeat":
         reference._decode_sdpa_grouped = _repeat_heads
+    if kind == "compiled-sdpa":
+        reference._decode_attention_in_place = _gathered_sdpa
+    if kind.startswith("compiled"):
+        runner.cpu_compile = compiled.setdefault(kind, CpuDecodeCompile(runner.model, runner.capacity.block_size,
+                                                                        inductor_cache_dir()))
     try:
         yield
     finally:
-        reference._decode_sdpa_grouped = grouped
+        reference._decode_sdpa_grouped, reference._decode_attention_in_place = grouped, in_place
+        runner.cpu_compile = None
 
 
 def start_streams(llm: LLM, num_streams: int, max_tokens: int) -> list[str]:
@@ -85,6 +109,12 @@ def main() -> None:
     variants = [tuple(v.split("/")) for v in args.variant]
     llms = {dtype: LLM(device="cpu", dtype=dtype, max_model_len=512, max_num_seqs=16,
                        kv_cache_memory_bytes=256 << 20) for dtype in sorted({v[0] for v in variants})}
+    compiled: dict[str, dict[str, CpuDecodeCompile]] = {dtype: {} for dtype in llms}
+    for dtype, kind, _ in variants:  # compile (or load) before any timed run
+        if kind.startswith("compiled"):
+            with attention(kind, llms[dtype], compiled[dtype]):
+                print(f"# {dtype}/{kind}: compiled in {llms[dtype].engine.runner.cpu_compile.warm_up():.1f} s",
+                      flush=True)
     for num_streams in args.streams or [1, 16]:
         # one set of streams per dtype, prefilled once; the variants of a dtype take turns on it, so
         # every variant decodes at the same context lengths (they grow by `steps` per turn)
@@ -94,7 +124,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for dtype, kind, threads in variants:
                 torch.set_num_threads(int(threads))
-                with attention(kind):
+                with attention(kind, llms[dtype], compiled[dtype]):
                     rate = decode_tok_s(llms[dtype], num_streams, args.steps)
                 rates[f"{dtype}/{kind}/{threads}"].append(rate)
                 print(f"# {num_streams} streams {dtype}/{kind}/{threads}: {rate:.2f} tok/s", flush=True)

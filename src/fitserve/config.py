@@ -22,6 +22,7 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget per step (c
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+CPU_COMPILE_MODES = ("off", "decode")  # runner/cpu_compile.py
 # fp8: linear layers in one byte per weight; gguf: a .gguf file's blocks kept packed; gptq, awq,
 # compressed-tensors: an integer checkpoint served as stored (docs/quantization.md). With
 # --load-format dummy, a packed value makes random weights in that layout (weights/dummy_layouts.py).
@@ -168,6 +169,11 @@ class EngineConfig:
     cpu_threads: int = field(default=0, metadata=flag(  # runner/cpu_settings.py
         "--cpu-threads", type=int,
         help="torch's intra-op threads on the CPU path (0: torch's default, one per core; docs/benchmarks.md)"))
+    cpu_compile: str = field(default="off", metadata=flag(  # runner/cpu_compile.py
+        "--cpu-compile", choices=CPU_COMPILE_MODES,
+        help="decode: on the CPU, decode-only steps run a torch.compile'd (inductor) forward, compiled at "
+             "start-up and cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/fitserve/inductor); off: eager "
+             "(docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(
@@ -220,6 +226,8 @@ class EngineConfig:
         object.__setattr__(self, "quantization", QUANTIZATION_ALIASES.get(self.quantization, self.quantization))
         if self.cpu_threads < 0:
             raise ConfigError(f"--cpu-threads must be 0 (torch's default) or more, got {self.cpu_threads}.")
+        if self.cpu_compile not in CPU_COMPILE_MODES:
+            raise ConfigError(f"--cpu-compile must be one of {', '.join(CPU_COMPILE_MODES)}, got {self.cpu_compile!r}.")
         if self.quantization not in QUANTIZATIONS:
             names = ", ".join((*(q for q in QUANTIZATIONS if q), *QUANTIZATION_ALIASES))
             raise ConfigError(f"--quantization must be one of {names}, or left out; got {self.quantization!r}.")
@@ -253,6 +261,13 @@ class EngineConfig:
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def inductor_cache_dir() -> str:
+    """Where inductor keeps the compiled CPU decode step (--cpu-compile): $TORCHINDUCTOR_CACHE_DIR, else
+    fitserve/inductor under the user's cache dir ($XDG_CACHE_HOME or ~/.cache), so a restart reuses it."""
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fitserve", "inductor")
 
 
 def hf_home_hint() -> str:

@@ -37,7 +37,11 @@ def _store_kv_rows_cpu(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, 
     not fp8: the rows copied straight in, two ops instead of store_kv's ten or so (its masks and
     boolean indexing cost a layer's decode step more than the copy itself; docs/benchmarks.md).
     Returns False, having written nothing, when it does not apply."""
-    if slot_mapping.device.type != "cpu" or fp8.is_fp8(k_cache.dtype) or not bool((slot_mapping >= 0).all()):
+    if slot_mapping.device.type != "cpu" or fp8.is_fp8(k_cache.dtype):
+        return False
+    # Compiled (runner/cpu_compile.py) the batch has no padding row, and a data-dependent branch would
+    # break the graph; eager, the check costs one op
+    if not torch.compiler.is_compiling() and not bool((slot_mapping >= 0).all()):
         return False
     slots = slot_mapping.long()
     for new, cache in ((k, k_cache), (v, v_cache)):
@@ -116,7 +120,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if batch.num_seqs == 0:
         return out
     if batch.max_query_len == 1:
-        num_rows = sum(batch.query_lens_cpu)
+        # a compiled decode step (runner/cpu_compile.py) has no host-side lengths and no padding row
+        num_rows = sum(batch.query_lens_cpu) if batch.query_lens_cpu else q.shape[0]
         out[:num_rows] = _decode_attention(q[:num_rows], k_cache, v_cache, batch, scale, k_scale, v_scale,
                                            sliding_window, softcap)
         return out
@@ -150,6 +155,8 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     num_seqs, block_size = batch.num_seqs, k_cache.shape[1]
     num_blocks = -(-batch.max_seq_len // block_size)
     table = batch.block_tables[:, :num_blocks].long()  # [S, nb]
+    if torch.compiler.is_compiling() and sliding_window is None and softcap is None and not fp8.is_fp8(k_cache.dtype):
+        return _decode_attention_in_place(q, k_cache, v_cache, table, batch.seq_lens, scale)
     k = fp8.load_from_cache(k_cache[table].flatten(1, 2)[:, :batch.max_seq_len], q.dtype, k_scale)  # [S, L, Hkv, D]
     v = fp8.load_from_cache(v_cache[table].flatten(1, 2)[:, :batch.max_seq_len], q.dtype, v_scale)
     key_pos = torch.arange(batch.max_seq_len, device=q.device)[None, :]  # [1, L]
@@ -162,6 +169,25 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     o = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale, softcap)  # [S, H, 1, D]
     assert o.shape[0] == num_seqs
     return o[:, :, 0, :]
+
+
+def _decode_attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """_decode_attention as a compiled step writes it (runner/cpu_compile.py): q [S, H, D], table [S, nb]
+    -> [S, H, D]. The dot products and the weighted sum are written as broadcast products and sums, which
+    inductor turns into loops that read each K and V row from its cache block in place: no gathered copy
+    of the context per layer (eager, these broadcasts would be materialized: use _decode_sdpa_grouped)."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    k = k_cache[table].flatten(1, 2).transpose(1, 2)[:, :, None]  # [S, Hkv, 1, L, D], a view inductor fuses
+    v = v_cache[table].flatten(1, 2).transpose(1, 2)[:, :, None]
+    grouped = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, 1, head_dim)  # [S, Hkv, G, 1, D]
+    scores = (grouped.float() * k.float()).sum(-1) * scale  # [S, Hkv, G, L] float32
+    key_pos = torch.arange(scores.shape[-1], device=q.device)
+    scores = scores.masked_fill(key_pos >= seq_lens.to(q.device)[:, None, None, None], float("-inf"))
+    weights = scores.softmax(-1)[..., None]  # [S, Hkv, G, L, 1]
+    o = (weights * v.float()).sum(-2)  # [S, Hkv, G, D]
+    return o.to(q.dtype).reshape(num_seqs, num_heads, head_dim)
 
 
 def _decode_sdpa_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -18,6 +18,7 @@ from fitserve.arch_config import ArchConfig
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.kv_groups import kv_layout
+from fitserve.runner.cpu_compile import CpuDecodeCompile
 from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
@@ -58,6 +59,7 @@ class TorchModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 8192,
         use_cuda_graphs: bool = False,
+        cpu_compile_cache_dir: str | None = None,
     ) -> None:
         self.model = model
         # The model's layers attend within arch's windows (models/llama.py): the cache may free what they
@@ -78,6 +80,11 @@ class TorchModelRunner:
             max_blocks_per_seq = -(-max_model_len // capacity.block_size)
             self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device, self.num_kv_groups)
             self.decode_graphs.capture()
+        # the CPU's compiled decode step (--cpu-compile decode; inductor's cache in cpu_compile_cache_dir)
+        self.cpu_compile: CpuDecodeCompile | None = None
+        if cpu_compile_cache_dir is not None and device.type == "cpu":
+            self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cpu_compile_cache_dir)
+            self.cpu_compile.warm_up()
 
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
@@ -111,6 +118,8 @@ class TorchModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.can_run(scheduled):
             logits = self.decode_graphs.run(scheduled, self.capacity.block_size, fill)
             return self._sample(logits, list(scheduled))
+        if self.cpu_compile is not None and self.cpu_compile.can_run(scheduled, self.num_kv_groups):
+            return self._sample(self.cpu_compile.run(scheduled, fill), list(scheduled))
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device, self.num_kv_groups)
         if fill is not None:
             fill.apply(batch.input_ids)
