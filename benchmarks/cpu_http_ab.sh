@@ -8,8 +8,11 @@
 #   BEFORE_SRC=/path/to/old/src benchmarks/cpu_http_ab.sh        # JSON under $OUT
 #
 # BEFORE_SRC defaults to the main checkout's src, AFTER_SRC to this tree's; EXTRA_BEFORE and
-# EXTRA_AFTER add serve flags to one side (e.g. EXTRA_AFTER="--cpu-threads 1"); CONCS="1" runs the
-# single stream only.
+# EXTRA_AFTER add serve flags to one side (e.g. EXTRA_AFTER="--cpu-threads 1"); ENV_BEFORE and ENV_AFTER
+# set environment variables for one side's server (e.g. ENV_BEFORE="OMP_WAIT_POLICY=ACTIVE"); CONCS="1"
+# runs the single stream only. Compare OpenMP wait policies one server at a time, not with this script:
+# a server started with OMP_WAIT_POLICY=ACTIVE spins its threads while idle and takes the cores from
+# the other side (a first try measured the PASSIVE side at 16 streams at 50 tok/s instead of 82).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
@@ -23,12 +26,12 @@ mkdir -p "$out"
 pids=()
 trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 
-serve() {  # name src port extra-flags
-    PYTHONPATH=$2 "$py" -m fitserve serve --port "$3" $4 >"$out/$1-serve.log" 2>&1 &
+serve() {  # name src port extra-flags env-assignments
+    env $5 PYTHONPATH="$2" "$py" -m fitserve serve --port "$3" $4 >"$out/$1-serve.log" 2>&1 &
     pids+=($!)
 }
-serve before "$before_src" 8121 "${EXTRA_BEFORE:-}"
-serve after "$after_src" 8122 "${EXTRA_AFTER:-}"
+serve before "$before_src" 8121 "${EXTRA_BEFORE:-}" "${ENV_BEFORE:-}"
+serve after "$after_src" 8122 "${EXTRA_AFTER:-}" "${ENV_AFTER:-}"
 for port in 8121 8122; do
     until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do sleep 1; done
 done
