@@ -91,6 +91,24 @@ def test_dequantize_equals_the_gguf_package_on_the_embedded_files_tensors():
     assert seen == {"Q4_1", "Q8_0"}
 
 
+def test_the_loader_dequantizes_every_tensor_of_the_embedded_file_as_the_gguf_package_does():
+    """models/loader.py's torch dequantization at load (dequantize_gguf_blocks) against gguf's numpy one,
+    bit for bit, on every tensor it takes; the others (F32 norms) are left to gguf's code."""
+    from fitserve.models.loader import dequantize_gguf_blocks
+    reader = open_gguf(resolve_model_source(EngineConfig()).weights_path)
+    taken = set()
+    for tensor in reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        got = dequantize_gguf_blocks(tensor.data, int(tensor.tensor_type), shape)
+        if got is None:
+            assert tensor.tensor_type.name not in PACKED_TYPES, tensor.name
+            continue
+        taken.add(tensor.tensor_type.name)
+        want = np.asarray(gguf_dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+        assert got.shape == want.shape and np.array_equal(got, want), tensor.name
+    assert taken == {"Q4_1", "Q8_0"}
+
+
 def packed(name: str, rows: int, in_features: int, seed: int) -> PackedGgufTensor:
     return PackedGgufTensor(random_packed(name, rows, in_features, seed), TYPE_IDS[name], name, (rows, in_features))
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from fitserve.config import ConfigError
+from fitserve.kernels import gguf as gguf_blocks
 from fitserve.layers.formats.fp8 import Fp8Linear
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.layers.formats.int_quant import IntQuantFormat
@@ -29,6 +31,17 @@ from fitserve.weights.dummy_quant import DUMMY_INIT_STD, DUMMY_SEED  # noqa: F40
 from fitserve.weights.gguf_packed import PackedGgufTensor, gguf_packed_weights
 from fitserve.weights.loader import gguf_weights, safetensors_weights
 from fitserve.weights.source import ModelSource
+
+
+def dequantize_gguf_blocks(data: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A block-quantized GGUF tensor's values in float32 [out, in] by kernels/gguf.py (torch, all blocks
+    at once; gguf's numpy dequantization bit for bit, 1.6 s -> 0.4 s for the embedded model's tensors);
+    None for the types it does not hold (F32, F16, BF16, ...), which gguf's own code reads."""
+    block = gguf_blocks.BLOCK_TYPES.get(ggml_type)
+    if block is None or len(shape) != 2:
+        return None
+    packed = torch.from_numpy(np.array(data, copy=True)).view(torch.uint8)  # a writable copy of the memmap
+    return gguf_blocks.dequantize(packed.reshape(shape[0], block.row_bytes(shape[1])), ggml_type).numpy()
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, progress: bool = True,
@@ -48,7 +61,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, pr
     elif packed_weights is not None:
         weights = packed_weights
     elif source.kind == "gguf":
-        weights = gguf_weights(source)
+        weights = gguf_weights(source, dequantize_gguf_blocks)
     else:
         weights = safetensors_weights(source.weights_path, model.checkpoint_slice)
     prequantized = source.kind == "hf" and source.checkpoint_fp8 is not None

@@ -13,7 +13,14 @@ from fitserve.config import ConfigError
 from fitserve.weights.source import ModelSource
 
 
-def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+# A GGUF tensor's raw data, its GGML type and its [out, in] shape -> float32 values, or None for a type it
+# does not take. models/loader.py passes kernels/gguf.py's torch dequantization (bit-identical to gguf's
+# numpy one, about 4x faster: weights/ does not import kernels/); without one, gguf's numpy code runs.
+BlockDequantizer = Callable[[np.ndarray, int, tuple[int, ...]], "np.ndarray | None"]
+
+
+def gguf_weights(source: ModelSource, dequantize_blocks: BlockDequantizer | None = None,
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors [out, in] dequantized from a GGUF file, q/k rows in HF's rope layout, experts
     one by one."""
     from fitserve.weights import gguf_file, gguf_moe
@@ -22,10 +29,11 @@ def gguf_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     for tensor in reader.tensors:
         name = to_hf_name(tensor.name)
         if name is not None:  # a stacked experts tensor [E, ...] goes on as E tensors, one per expert
-            yield from gguf_moe.per_expert(name, dequantized_gguf_tensor(tensor, name, source))
+            yield from gguf_moe.per_expert(name, dequantized_gguf_tensor(tensor, name, source, dequantize_blocks))
 
 
-def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torch.Tensor:
+def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource,
+                            dequantize_blocks: BlockDequantizer | None = None) -> torch.Tensor:
     """One GGUF tensor (a gguf ReaderTensor, HF name `name`) as float32 [out, in] (a bias [out]): a llama
     file's rope rows unpermuted, a Gemma 2/3 file's norms back to transformers' w (gemma3_norm_from_gguf)."""
     from gguf.quants import dequantize
@@ -34,7 +42,9 @@ def dequantized_gguf_tensor(tensor: Any, name: str, source: ModelSource) -> torc
     arch = source.arch
     # ggml lists dims fastest first (ne0 = in_features); numpy's shape is the reverse: [out, in]
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
+    values = None if dequantize_blocks is None else dequantize_blocks(tensor.data, int(tensor.tensor_type), shape)
+    if values is None:
+        values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
     if gguf_file.norms_shifted(arch):
         values = gguf_file.gemma3_norm_from_gguf(name, values)
     elif gguf_file.rope_rows_permuted(arch) and name.endswith("self_attn.q_proj.weight"):
