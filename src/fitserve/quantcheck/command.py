@@ -43,9 +43,11 @@ def add_check_quant_parser(subparsers: Any) -> None:
 
 def run_check_quant(args: argparse.Namespace) -> int:
     config = engine_config_from_args(args)
+    source = None  # resolved here only when needed, then handed to run_check
     if config.quantization is None and config.cache.kv_cache_dtype == "auto" and args.reference_model is None:
         from fitserve.weights.source import resolve_model_source  # torch-free: reads config.json
-        if resolve_model_source(config).checkpoint_int is None:  # an integer checkpoint checks its kernels
+        source = resolve_model_source(config)
+        if source.checkpoint_int is None:  # an integer checkpoint checks its kernels
             raise ConfigError("check-quant compares a quantized setting with --dtype: give --quantization fp8 "
                               "and/or --kv-cache-dtype fp8 (or, for an fp8 checkpoint, --reference-model).")
     if args.max_new_tokens < 1 or (args.num_prompts is not None and args.num_prompts < 1):
@@ -56,7 +58,7 @@ def run_check_quant(args: argparse.Namespace) -> int:
 
     prompts = PROMPTS[:args.num_prompts] if args.num_prompts else PROMPTS
     report = run_check(config, max_new_tokens=args.max_new_tokens, prompts=prompts,
-                       reference_model=args.reference_model, noise_floor=args.noise_floor)
+                       reference_model=args.reference_model, source=source, noise_floor=args.noise_floor)
     sys.stdout.write((json.dumps(report.to_json(), indent=2) if args.json else format_report(report)) + "\n")
     if args.min_agreement is not None and report.top1_agreement < args.min_agreement:
         return EXIT_BELOW_MIN_AGREEMENT

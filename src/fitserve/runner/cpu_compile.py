@@ -30,7 +30,7 @@ import torch
 
 from fitserve.core.outputs import ScheduledRequest
 from fitserve.forward_batch import ForwardBatch
-from fitserve.runner.input_batch import PlaceholderFill, chunks_on_blocks
+from fitserve.runner.input_batch import PlaceholderFill, build_forward_batch, chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -87,19 +87,13 @@ class CpuDecodeCompile:
         return self._compiled(self.model, self.block_size, *inputs)
 
     def _inputs(self, scheduled: tuple[ScheduledRequest, ...]) -> tuple[torch.Tensor, ...]:
-        block_size = self.block_size
-        ids, positions, slots, seq_lens, tables = [], [], [], [], []
-        width = max(MIN_TABLE_WIDTH_BLOCKS, max(len(c.block_table) for c in scheduled))
-        for chunk in scheduled:
-            position, table = chunk.num_computed_tokens, chunk.block_table
-            ids.append(chunk.token_ids[0])
-            positions.append(position)
-            slots.append(table[position // block_size] * block_size + position % block_size)
-            seq_lens.append(position + 1)
-            tables.append(list(table) + [0] * (width - len(table)))
-        inputs = (torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                  torch.tensor(slots, dtype=torch.int64), torch.tensor(seq_lens, dtype=torch.int32),
-                  torch.tensor(tables, dtype=torch.int32))
+        """The compiled function's tensors, from the eager step's batch (runner/input_batch.py), the block
+        tables padded with block 0 to at least MIN_TABLE_WIDTH_BLOCKS."""
+        batch = build_forward_batch(scheduled, self.block_size, torch.device("cpu"))
+        tables = batch.block_tables
+        if tables.shape[1] < MIN_TABLE_WIDTH_BLOCKS:
+            tables = torch.nn.functional.pad(tables, (0, MIN_TABLE_WIDTH_BLOCKS - tables.shape[1]))
+        inputs = (batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, tables)
         if len(scheduled) > 1:  # the {2, ..., max} bucket: the rows symbolic
             for tensor in inputs:
                 torch._dynamo.mark_dynamic(tensor, 0)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError
 from fitserve.plan.shapes import ParamCounts, counts_from_arch, with_packed_linears
@@ -40,9 +42,8 @@ LAYERS_OF_LLAMA_70B = 80  # llama.cpp's LLM_TYPE_70B for a Llama with grouped KV
 DENSE = "F16"  # llama.cpp's last fallback: the tensor unquantized (fitserve: in --dtype)
 # llama.cpp's fallback for a row that is not whole 256-element blocks (tensor_type_fallback)
 K_QUANT_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-# (block elements, block bytes) of the types the dummy uses (gguf.constants.GGML_QUANT_SIZES;
-# kernels/gguf.py BLOCK_TYPES holds the same, a test checks)
-BLOCK_SIZES = {"Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210), "Q5_0": (32, 22), "Q8_0": (32, 34)}
+# (block elements, block bytes) of the types the dummy uses, as the gguf package defines them
+BLOCK_SIZES = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]] for name in ("Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q8_0")}
 # HF projection -> its llama.cpp tensor name (weights/gguf_file.py maps the other way)
 GGUF_PROJECTIONS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}

@@ -13,11 +13,13 @@ import zlib
 from collections.abc import Iterator
 
 import torch
+from gguf import GGMLQuantizationType
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError
 from fitserve.weights.dummy_gguf import random_blocks
 from fitserve.weights.dummy_layouts import (
+    BLOCK_SIZES,
     DENSE,
     DUMMY_INIT_STD,
     SCALE_SPREAD,
@@ -29,8 +31,8 @@ from fitserve.weights.gguf_packed import PackedGgufTensor
 from fitserve.weights.int_checkpoint import IntQuantScheme
 
 DUMMY_SEED = 0
-# GGML type values (gguf.GGMLQuantizationType) of the types the dummy Q4_K_M layout uses
-GGML_TYPE_IDS = {"Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# GGML type values (as a GGUF header stores them) of the types the dummy Q4_K_M layout uses
+GGML_TYPE_IDS = {name: GGMLQuantizationType[name].value for name in BLOCK_SIZES}
 FUSED_PROJECTIONS = ("qkv_proj", "gate_up_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # under self_attn; the others under mlp
 
