@@ -28,6 +28,14 @@ port=${PORT:-8011}
 url=http://127.0.0.1:$port
 export PYTHONPATH=$PWD/src
 gguf=$("$py" -c 'from fitserve.weights.source import embedded_gguf_path; print(embedded_gguf_path())')
+# llama-cpp-python's server reads `max_tokens` (not the chat API's `max_completion_tokens`) and has no
+# `ignore_eos`: its requests carry max_tokens and a -100 logit bias on the model's end tokens instead
+llamacpp_body=$("$py" -c '
+import json
+from fitserve.config import EngineConfig
+from fitserve.weights.source import resolve_model_source
+eos = resolve_model_source(EngineConfig()).eos_token_ids
+print(json.dumps({"max_tokens": 128, "logit_bias": {str(t): -100 for t in eos}}))')
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 
 setup() {
@@ -89,13 +97,15 @@ stop() {  # the server started by serve, and whatever it started
 }
 
 bench() {  # bench NAME ROUND: both shapes against the server on $port
-    local name=$1 round=$2 load others num concurrency tag
+    local name=$1 round=$2 load others num concurrency tag extra=
+    [ "$name" = llamacpp ] && extra=$llamacpp_body
     load=$(cut -d' ' -f1-3 /proc/loadavg)
     others=$(ps -eo pcpu,comm --sort=-pcpu | awk 'NR > 1 && NR <= 4 {printf "%s%% %s; ", $1, $2}')
     for shape in "64 16 c16" "6 1 c1"; do
         read -r num concurrency tag <<< "$shape"
         "$py" -m fitserve bench --base-url "$url" --num-prompts "$num" --max-concurrency "$concurrency" \
             --backend openai-chat --input-len 128 --output-len 128 --ignore-eos --num-warmups 1 --disable-tqdm \
+            ${extra:+--extra-body "$extra"} \
             --save-result "$out/$name-$tag-round$round.json" \
             --metadata "server=$name" "round=$round" "load_at_start=$load" "busiest_processes_at_start=$others"
     done

@@ -12,46 +12,63 @@ import torch
 
 from fitserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from fitserve import startup
-from fitserve.runner.cpu_settings import (
-    CpuFeatures,
-    cpu_auto_dtype,
-    resolve_cpu_dtype,
-    set_cpu_threads,
-)
+from fitserve.kernels import cpu_matmul
+from fitserve.runner import cpu_settings
+from fitserve.runner.cpu_settings import set_cpu_threads
 from plan_helpers import write_model_folder
 
 
-def test_auto_is_float32_without_bf16_units_and_bfloat16_with_them():
-    assert cpu_auto_dtype(CpuFeatures(fast_bf16=False)) == "float32"
-    assert cpu_auto_dtype(CpuFeatures(fast_bf16=True)) == "bfloat16"
-
-
-def test_an_explicit_dtype_is_kept_on_any_cpu():
-    for dtype in ("bfloat16", "float16", "float32"):
-        assert resolve_cpu_dtype(dtype, CpuFeatures(fast_bf16=False)) == dtype
-        assert resolve_cpu_dtype(dtype, CpuFeatures(fast_bf16=True)) == dtype
-
-
-def test_the_engine_serves_float32_on_a_cpu_without_bf16_units(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(startup, "cpu_features", lambda: CpuFeatures(fast_bf16=False))
+def _tiny_config(tmp_path, **kwargs) -> EngineConfig:
     folder = write_model_folder(tmp_path / "tiny")
-    config = EngineConfig(model=str(folder), load_format="dummy", device="cpu",
-                          cache=CacheConfig(kv_cache_memory_bytes=1 << 20), scheduler=SchedulerConfig(max_model_len=64))
+    return EngineConfig(model=str(folder), load_format="dummy", device="cpu", **kwargs,
+                        cache=CacheConfig(kv_cache_memory_bytes=1 << 20), scheduler=SchedulerConfig(max_model_len=64))
+
+
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_auto_serves_bfloat16_on_any_cpu_and_says_how_it_multiplies(tmp_path, monkeypatch, caplog, bf16_units):
+    monkeypatch.setattr(cpu_settings, "cpu_has_bf16_units", lambda: bf16_units)
     with caplog.at_level(logging.INFO):
-        built = startup.build_engine(config, progress=False)
-    runner = built.engine.runner
+        runner = startup.build_engine(_tiny_config(tmp_path), progress=False).engine.runner
+    assert runner.kv_caches[0][0].dtype == torch.bfloat16
+    assert next(runner.model.parameters()).dtype == torch.bfloat16
+    assert ("several rows in float32 from the bf16 weights" in caplog.text) is not bf16_units
+
+
+def test_an_explicit_float32_is_served_in_float32(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cpu_settings, "cpu_has_bf16_units", lambda: False)
+    with caplog.at_level(logging.INFO):
+        runner = startup.build_engine(_tiny_config(tmp_path, dtype="float32"), progress=False).engine.runner
     assert runner.kv_caches[0][0].dtype == torch.float32
     assert next(runner.model.parameters()).dtype == torch.float32
-    assert "has no bf16 units" in caplog.text
+    assert "bf16 units" not in caplog.text
 
 
-def test_the_engine_keeps_bfloat16_on_a_cpu_with_bf16_units(tmp_path, monkeypatch):
-    monkeypatch.setattr(startup, "cpu_features", lambda: CpuFeatures(fast_bf16=True))
-    folder = write_model_folder(tmp_path / "tiny")
-    config = EngineConfig(model=str(folder), load_format="dummy", device="cpu",
-                          cache=CacheConfig(kv_cache_memory_bytes=1 << 20), scheduler=SchedulerConfig(max_model_len=64))
-    runner = startup.build_engine(config, progress=False).engine.runner
-    assert runner.kv_caches[0][0].dtype == torch.bfloat16
+def test_a_bf16_engine_on_a_cpu_without_bf16_units_batches_through_the_widened_matmul(tmp_path, monkeypatch):
+    """A decode step of several requests reaches kernels/cpu_matmul.py's float32 path, one request
+    torch's bf16 GEMV; both give the same greedy tokens here."""
+    from fitserve.sampling_params import SamplingParams
+    monkeypatch.setattr(cpu_matmul, "cpu_has_bf16_units", lambda: False)
+    rows = []
+    widened = cpu_matmul.linear_bf16_widened
+    monkeypatch.setattr(cpu_matmul, "linear_bf16_widened", lambda x, w: rows.append(x.shape[0]) or widened(x, w))
+    engine = startup.build_engine(_tiny_config(tmp_path), progress=False).engine
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 9, 14, 3], [7, 7, 2], [11, 4, 8, 1, 6]]
+
+    def run(batch: list[list[int]], tag: str) -> dict[str, list[int]]:
+        for i, prompt in enumerate(batch):
+            engine.add_request(engine.make_request(f"{tag}{i}", prompt, params))
+        tokens: dict[str, list[int]] = {}
+        while engine.has_unfinished:
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return tokens
+
+    alone = [run([p], f"alone{i}-")[f"alone{i}-0"] for i, p in enumerate(prompts)]
+    rows.clear()
+    batched = run(prompts, "batch")
+    assert len(prompts) in rows  # the decode steps of the three requests took the widened path
+    assert [batched[f"batch{i}"] for i in range(len(prompts))] == alone
 
 
 def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
@@ -64,17 +81,20 @@ def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
         torch.set_num_threads(before)
 
 
-def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
-    """fitserve sets OMP_WAIT_POLICY=PASSIVE on import, before torch loads OpenMP, without
-    overriding a value already in the environment (a fresh interpreter each time)."""
-    code = "import fitserve, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
+    """fitserve sets OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=30000 on import, before torch loads
+    OpenMP, and leaves both alone when the environment has either (a fresh interpreter each time)."""
+    code = "import fitserve, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "ACTIVE"
+
+    def seen(**extra: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert seen() == "PASSIVE 30000"
+    assert seen(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE None"
+    assert seen(GOMP_SPINCOUNT="300000") == "None 300000"
 
 
 def test_cpu_threads_below_zero_is_refused():

@@ -8,10 +8,14 @@ import os
 
 __version__ = "0.1.0"
 
-# torch's OpenMP threads sleep between parallel ops instead of spinning: spinning, two threads on a
-# 2-core machine whose cores anything else wants (the HTTP server's own thread included) made a CPU
-# decode step 5x slower; sleeping, two threads are as fast as one there and 1.1x faster at 16 streams
-# (docs/benchmarks.md, "Where a CPU step goes"). OpenMP reads this once, when torch loads it: it
-# takes effect when fitserve is imported before torch (`fitserve serve` always is). The user's own
-# setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch's OpenMP threads spin for about 0.3 ms (GOMP_SPINCOUNT=30000) after a parallel op, then sleep.
+# Within a decode step the next op comes sooner than that, so they stay awake for it; between steps,
+# and when a step waits, they sleep and leave the cores to the HTTP thread and to anything else on the
+# machine. Sleeping at once (OMP_WAIT_POLICY=PASSIVE, the previous setting) cost a 2-core machine 1.5x
+# at one stream in bfloat16, and spinning without end made a step up to 5x slower when anything else
+# wanted the cores (docs/benchmarks.md, "Where a CPU step goes"). OpenMP reads these once, when torch
+# loads it: they take effect when fitserve is imported before torch (`fitserve serve` always is). A
+# user who sets either variable keeps both as they are.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "30000"

@@ -164,7 +164,7 @@ class EngineConfig:
         "--load-format", choices=LOAD_FORMATS,
         help="'dummy' builds random weights from the model's config.json, for benchmarks"))
     dtype: str = field(default="auto", metadata=flag(
-        "--dtype", help="auto (bfloat16; float32 on a CPU without bf16 units), bfloat16, float16 or float32"))
+        "--dtype", help="auto (bfloat16), bfloat16, float16 or float32"))
     device: str = field(default="auto", metadata=flag("--device", help="auto (cuda if available), cpu or cuda"))
     cpu_threads: int = field(default=0, metadata=flag(  # runner/cpu_settings.py
         "--cpu-threads", type=int,

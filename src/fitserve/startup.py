@@ -47,7 +47,7 @@ from fitserve.runner.calibration import (
     calibrate_fp8_activation_scales,
     calibration_token_ids,
 )
-from fitserve.runner.cpu_settings import cpu_features, resolve_cpu_dtype, set_cpu_threads
+from fitserve.runner.cpu_settings import log_cpu_matmul, set_cpu_threads
 from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.memory import (
     TORCH_KV_DTYPES,
@@ -304,8 +304,8 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     source = resolve_model_source(config)
     config = with_checkpoint_quantization(config, source.checkpoint_fp8)
     device = resolve_device(config)
-    if device.type == "cpu":  # --dtype auto: float32 on a CPU without bf16 units (runner/cpu_settings.py)
-        config = replace(config, dtype=resolve_cpu_dtype(config.dtype, cpu_features()))
+    if device.type == "cpu":
+        log_cpu_matmul(resolve_dtype(config.dtype))
         set_cpu_threads(config.cpu_threads)
     config = with_gguf_quantization(config, source, on_gpu=device.type == "cuda")
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)

@@ -1,53 +1,35 @@
-"""The CPU path's start-up choices: the serving dtype that `--dtype auto` means on this CPU, and
-torch's intra-op thread count (--cpu-threads).
+"""The CPU path's start-up choices: torch's intra-op thread count (--cpu-threads), and the log line
+that says how this CPU multiplies the serving dtype.
 
-bfloat16 is fast on a CPU only with bf16 units (AVX512_BF16 or AMX): elsewhere torch widens every
-bf16 matrix to float32 before multiplying, and on a 2-core AMD EPYC (AVX2) a bf16 decode step was
-measured 2.2x slower than the same step in float32 at 16 streams (docs/benchmarks.md, "Where a CPU
-step goes"). float32 weights take twice the memory (0.54 GB for the embedded SmolLM2-135M), and
-give the float32 reference's exact tokens.
+`--dtype auto` is bfloat16 on every CPU, as on the GPU. A CPU without bf16 units (AVX512_BF16 or
+AMX: an AVX2 CPU) multiplies one row in bf16 (a GEMV that reads half float32's bytes) and several
+rows in float32 from the bf16 weights (kernels/cpu_matmul.py). On the project's 2-core AMD EPYC that
+served one stream 1.5x as fast as float32 weights through HTTP, and 16 streams as fast
+(docs/benchmarks.md, "bf16 on an AVX2 CPU"); `--dtype float32` gives the float32 reference's tokens.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
+
+from fitserve.kernels.cpu_matmul import cpu_has_bf16_units
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class CpuFeatures:
-    fast_bf16: bool  # AVX512_BF16 or AMX tiles: torch multiplies bf16 natively
-
-
-def cpu_features() -> CpuFeatures:
-    return CpuFeatures(fast_bf16=bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-
-
-def cpu_auto_dtype(features: CpuFeatures) -> str:
-    """What `--dtype auto` means on this CPU: bfloat16 with bf16 units, else float32."""
-    return "bfloat16" if features.fast_bf16 else "float32"
-
-
-def resolve_cpu_dtype(dtype: str, features: CpuFeatures) -> str:
-    """The config's dtype on the CPU: `auto` becomes cpu_auto_dtype (logged); any other is kept."""
-    if dtype != "auto":
-        return dtype
-    chosen = cpu_auto_dtype(features)
-    if chosen == "float32":
-        logger.info("--dtype auto on this CPU is float32: it has no bf16 units (AVX512_BF16 or AMX), so "
-                    "bfloat16 would be widened to float32 at every matrix multiply")
-    return chosen
+def log_cpu_matmul(dtype: str) -> None:
+    """Say how this CPU multiplies bfloat16 weights when it has no bf16 units."""
+    if dtype == "bfloat16" and not cpu_has_bf16_units():
+        logger.info("bfloat16 on a CPU without bf16 units (AVX512_BF16 or AMX): one row is multiplied in bf16, "
+                    "several rows in float32 from the bf16 weights (kernels/cpu_matmul.py)")
 
 
 def set_cpu_threads(num_threads: int) -> int:
     """Set torch's intra-op threads for the CPU path (0: leave torch's default, one per core); returns
-    the count in use. With OMP_WAIT_POLICY=PASSIVE (fitserve/__init__.py) one per core measured as
-    fast as or faster than fewer, busy machine or idle; without it, on a busy 2-core machine, one
-    thread was 5x faster than two (docs/benchmarks.md)."""
+    the count in use. With OpenMP's threads spinning briefly and then sleeping (fitserve/__init__.py),
+    one per core measured faster than one thread at 16 streams on a quiet 2-core machine."""
     if num_threads > 0 and torch.get_num_threads() != num_threads:
         torch.set_num_threads(num_threads)
         logger.info("torch intra-op threads on the CPU: %d", num_threads)
