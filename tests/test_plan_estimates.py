@@ -2,7 +2,9 @@
 
 The CPU runs the pure-torch reference path; the live-bytes tracker measures its peak the way
 torch's CUDA allocator would, so the formulas are checked without a GPU. (On the GPU the
-fused kernels hold less; benchmarks/startup_memory.py compares the plan with an H100.)
+fused kernels hold less; benchmarks/startup_memory.py compares the plan with an H100.) The bf16
+matmuls take torch's own path here, as on the GPU: on a CPU without bf16 units fitserve widens
+several rows' bf16 matmuls to float32 (kernels/cpu_matmul.py), whose scratch no plan counts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from memory_tracker import LiveBytesTracker
 
 from fitserve.arch_config import ArchConfig
+from fitserve.kernels import cpu_matmul
 from fitserve.models.llama import LlamaForCausalLM
 from fitserve.plan import estimates
 from fitserve.runner import profiling
@@ -20,6 +23,11 @@ from fitserve.runner.cuda_graph import graph_batch_sizes
 # Llama-like proportions (intermediate = 3.5 x hidden, 4 query heads per KV head), small enough for a test.
 ARCH = ArchConfig(vocab_size=8192, hidden_size=512, intermediate_size=1792, num_hidden_layers=2,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096)
+
+
+@pytest.fixture(autouse=True)
+def torch_bf16_matmul(monkeypatch):
+    monkeypatch.setattr(cpu_matmul, "cpu_has_bf16_units", lambda: True)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,9 @@ row bf16 was the faster (14.5 ms against 32 ms: it reads half the bytes). So at 
 slice stays in the cache), lets MKL multiply in float32, and rounds the result to bf16: the same
 arithmetic as torch's bf16 path (bf16 inputs, float32 products and sums, one rounding at the end),
 in another summation order. docs/benchmarks.md, "bf16 on an AVX2 CPU", has the measurements.
+A call holds float32 scratch beside its output: the input rows, one weight slice (at most
+WIDEN_SLICE_BYTES) and that slice's products; the planner's activation estimates (plan/estimates.py)
+model the GPU and leave it out.
 """
 
 from __future__ import annotations
