@@ -81,20 +81,17 @@ def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
         torch.set_num_threads(before)
 
 
-def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
-    """fitserve sets OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=30000 on import, before torch loads
-    OpenMP, and leaves both alone when the environment has either (a fresh interpreter each time)."""
-    code = "import fitserve, os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
+    """fitserve sets OMP_WAIT_POLICY=PASSIVE on import, before torch loads OpenMP, without
+    overriding a value already in the environment (a fresh interpreter each time)."""
+    code = "import fitserve, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-
-    def seen(**extra: str) -> str:
-        return subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True,
-                              check=True).stdout.strip()
-
-    assert seen() == "PASSIVE 30000"
-    assert seen(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE None"
-    assert seen(GOMP_SPINCOUNT="300000") == "None 300000"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
 
 
 def test_cpu_threads_below_zero_is_refused():
@@ -113,3 +110,44 @@ def test_the_engine_sets_the_cpu_threads_it_is_given(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_token_steps_run_on_one_thread_and_the_others_on_all(tmp_path, monkeypatch):
+    """The runner sets torch's threads per eager CPU step, in the thread that runs the step: one for a
+    single stream's decode, --cpu-threads (here 2) for a prefill or a batch of decodes."""
+    import threading
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    from fitserve.sampling_params import SamplingParams
+    engine = startup.build_engine(_tiny_config(tmp_path, cpu_threads=2), progress=False).engine
+    seen: list[tuple[int, int]] = []  # (tokens in the step, torch threads during its forward)
+    model = engine.runner.model
+    forward = model.forward
+    model.forward = lambda batch: seen.append((batch.input_ids.numel(), torch.get_num_threads())) or forward(batch)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+
+    def run(prompts: list[list[int]]) -> None:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(engine.make_request(f"r{len(seen)}-{i}", prompt, params))
+        while engine.has_unfinished:
+            engine.step()
+
+    before = torch.get_num_threads()
+    try:
+        worker = threading.Thread(target=run, args=([[5, 9, 14, 3]],))  # as the server's engine thread
+        worker.start()
+        worker.join()
+        run([[5, 9, 14], [7, 7, 2, 8]])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(4, 2), (1, 1), (1, 1), (7, 2), (2, 2), (2, 2)]
+
+
+def test_every_step_uses_every_thread_where_the_threads_spin(tmp_path, monkeypatch):
+    monkeypatch.setenv("GOMP_SPINCOUNT", "30000")
+    assert startup.build_engine(_tiny_config(tmp_path), progress=False).engine.runner.step_threads is None
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert startup.build_engine(_tiny_config(tmp_path), progress=False).engine.runner.step_threads is None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert startup.build_engine(_tiny_config(tmp_path), progress=False).engine.runner.step_threads is not None

@@ -8,14 +8,11 @@ import os
 
 __version__ = "0.1.0"
 
-# torch's OpenMP threads spin for about 0.3 ms (GOMP_SPINCOUNT=30000) after a parallel op, then sleep.
-# Within a decode step the next op comes sooner than that, so they stay awake for it; between steps,
-# and when a step waits, they sleep and leave the cores to the HTTP thread and to anything else on the
-# machine. Sleeping at once (OMP_WAIT_POLICY=PASSIVE, the previous setting) cost a 2-core machine 1.5x
-# at one stream in bfloat16, and spinning without end made a step up to 5x slower when anything else
-# wanted the cores (docs/benchmarks.md, "Where a CPU step goes"). OpenMP reads these once, when torch
-# loads it: they take effect when fitserve is imported before torch (`fitserve serve` always is). A
-# user who sets either variable keeps both as they are.
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ["GOMP_SPINCOUNT"] = "30000"
+# torch's OpenMP threads sleep between parallel ops instead of spinning. Spinning is faster on a machine
+# that runs nothing else (one bf16 stream through HTTP on 2 cores: 25.4 tok/s with GOMP_SPINCOUNT=30000
+# against 17.4 asleep), and collapses when anything else wants a core: with one busy process beside the
+# server, 3.6 tok/s spinning against 16.9 asleep (docs/benchmarks.md, "bf16 on an AVX2 CPU"). A server
+# with the machine to itself can set GOMP_SPINCOUNT=30000. OpenMP reads this once, when torch loads it:
+# it takes effect when fitserve is imported before torch (`fitserve serve` always is). The user's own
+# setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -19,6 +19,7 @@ from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.kv_groups import kv_layout
 from fitserve.runner.cpu_compile import CpuDecodeCompile
+from fitserve.runner.cpu_settings import StepThreads, threads_sleep
 from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
@@ -85,6 +86,10 @@ class TorchModelRunner:
         if cpu_compile_cache_dir is not None and device.type == "cpu":
             self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cpu_compile_cache_dir)
             self.cpu_compile.warm_up()
+        # eager CPU steps of one token run on one thread while OpenMP's threads sleep between ops
+        # (runner/cpu_settings.py); a compiled step keeps the thread count its kernels were compiled for
+        self.step_threads = (StepThreads(torch.get_num_threads())
+                             if device.type == "cpu" and self.cpu_compile is None and threads_sleep() else None)
 
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
@@ -120,6 +125,8 @@ class TorchModelRunner:
             return self._sample(logits, list(scheduled))
         if self.cpu_compile is not None and self.cpu_compile.can_run(scheduled, self.num_kv_groups):
             return self._sample(self.cpu_compile.run(scheduled, fill), list(scheduled))
+        if self.step_threads is not None:
+            self.step_threads.set_for(sum(chunk.num_tokens for chunk in scheduled))
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device, self.num_kv_groups)
         if fill is not None:
             fill.apply(batch.input_ids)
