@@ -3,7 +3,8 @@
 # model) per variant, benched by `fitserve bench` with N1 requests one at a time, then N16 at 16
 # concurrent (128 prompt and 128 output token ids, ignore_eos, streamed); ROUNDS rounds, the
 # variants in turn within each round. One server at a time, because a server whose OpenMP threads
-# spin takes the cores of another left idle beside it (cpu_http_ab.sh runs two side by side).
+# spin takes the cores of another left idle beside it. (It replaces cpu_http_ab.sh, which ran a
+# before and an after server side by side: `"before=OLD/src,," "after=.,,"` does the same here.)
 #
 # A variant is NAME=SRC,ENV,FLAGS: SRC a tree's src folder ("." for this one), ENV space-separated
 # assignments for the server, FLAGS extra `fitserve serve` flags; ENV and FLAGS may be empty.

@@ -125,9 +125,9 @@ class TorchModelRunner:
             return self._sample(logits, list(scheduled))
         if self.cpu_compile is not None and self.cpu_compile.can_run(scheduled, self.num_kv_groups):
             return self._sample(self.cpu_compile.run(scheduled, fill), list(scheduled))
-        if self.step_threads is not None:
-            self.step_threads.set_for(sum(chunk.num_tokens for chunk in scheduled))
         batch = build_forward_batch(scheduled, self.capacity.block_size, self.device, self.num_kv_groups)
+        if self.step_threads is not None:
+            self.step_threads.set_for(batch.input_ids.shape[0])
         if fill is not None:
             fill.apply(batch.input_ids)
         hidden = self.model(batch)  # [T, hidden]
