@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--sweep", nargs="*", default=["Q4_K", "Q6_K"], help="types whose tile configs are swept")
     parser.add_argument("--q4k-words", action="store_true",
-                        help="only bf16 and Q4_K at one row: the bytes GEMV against each words GEMV config")
+                        help="only bf16 (one row) and Q4_K at 1 to GEMV_MAX_ROWS rows: the bytes GEMV against each words config")
     args = parser.parse_args()
     if args.q4k_words:
         return q4_k_words_cases(args)
@@ -116,10 +116,11 @@ def main() -> None:
 
 
 def q4_k_words_cases(args: argparse.Namespace) -> None:
-    """bf16, the Q4_K bytes GEMV and the words GEMV (triton_gguf.Q4_K_WORDS_CONFIGS) at one row, each
-    checked against matmul_reference on the first layer of each shape (rel_err); gguf_q4k_words.json."""
+    """bf16, the Q4_K bytes GEMV and the words GEMV (triton_gguf.Q4_K_WORDS_CONFIGS) at 1 to GEMV_MAX_ROWS
+    rows, each checked against matmul_reference on the first layer of each shape (rel_err); gguf_q4k_words.json."""
+    triton_gguf.Q4_K_WORDS_GEMV = None  # config None below is the bytes GEMV, whatever the default
     results = []
-    x_by_k = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+    all_rows = range(1, triton_gguf.GEMV_MAX_ROWS + 1)
     for name, ggml_type, configs in (("bf16", None, (None,)), ("Q4_K", TYPES["Q4_K"],
                                                                (None, *triton_gguf.Q4_K_WORDS_CONFIGS))):
         weights = packed_layers(ggml_type, args.layers)
@@ -129,19 +130,21 @@ def q4_k_words_cases(args: argparse.Namespace) -> None:
                 scales = torch.rand(blocks.shape[0], 2, device="cuda") * 0.01
                 blocks[:, :4] = scales.to(torch.float16).view(torch.uint8)
         gb = sum(w.numel() * w.element_size() for w, _, _ in weights) / 1e9
-        for cfg in configs:
-            err = None
-            if ggml_type is not None:
-                err = 0.0
-                for w, _, k in weights[:len(SHAPES)]:
-                    got = triton_gguf.matmul(x_by_k[k], w, ggml_type, cfg).float()
-                    expected = gguf.matmul_reference(x_by_k[k], w, ggml_type).float()
-                    err = max(err, ((got - expected).norm() / expected.norm()).item())
-            ms = time_graph(step(weights, x_by_k, cfg))
-            result = {"rows": 1, "type": name, "q4_k_words": cfg, "rel_err": err, "ms": round(ms, 3),
-                      "weight_gb": round(gb, 3), "tb_per_s": round(gb / ms, 2)}
-            print(json.dumps(result), flush=True)
-            results.append(result)
+        for rows in all_rows if ggml_type is not None else (1,):
+            x_by_k = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
+            for cfg in configs:
+                err = None
+                if ggml_type is not None:
+                    err = 0.0
+                    for w, _, k in weights[:len(SHAPES)]:
+                        got = triton_gguf.matmul(x_by_k[k], w, ggml_type, cfg).float()
+                        expected = gguf.matmul_reference(x_by_k[k], w, ggml_type).float()
+                        err = max(err, ((got - expected).norm() / expected.norm()).item())
+                ms = time_graph(step(weights, x_by_k, cfg))
+                result = {"rows": rows, "type": name, "q4_k_words": cfg, "rel_err": err, "ms": round(ms, 3),
+                          "weight_gb": round(gb, 3), "tb_per_s": round(gb / ms, 2)}
+                print(json.dumps(result), flush=True)
+                results.append(result)
         del weights
         torch.cuda.empty_cache()
     Path(args.out, "gguf_q4k_words.json").write_text(json.dumps(results, indent=1))

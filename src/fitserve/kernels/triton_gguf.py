@@ -163,6 +163,9 @@ Q4_K_ID = 12  # gguf.BLOCK_TYPES' key of Q4_K
 # (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV for benchmarks/gguf_gemv_bench.py --q4k-words:
 # no spills on sm_90 (offline compile); (8, 16, 4) spills
 Q4_K_WORDS_CONFIGS = ((8, 8, 4), (4, 16, 4), (8, 4, 4), (16, 4, 8))
+# the words GEMV's config that matmul uses for Q4_K's GEMV rows; None: the bytes GEMV (until measured).
+# benchmarks/gpu_bench.py --q4k-words replaces it for a run.
+Q4_K_WORDS_GEMV: tuple[int, int, int] | None = None
 # a Q4_K block in int32 words: d and dmin (one word), 12 scale bytes (3 words), 128 nibble bytes (32 words)
 Q4_K_WORDS = tl.constexpr(36)
 Q4_K_QS_WORD = tl.constexpr(4)  # the first nibble word of a block
@@ -250,7 +253,8 @@ def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int,
            q4_k_words: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] @ dequantize(packed).T for a decode batch: the GEMV up to GEMV_MAX_ROWS, else the small GEMM.
     q4_k_words: (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV, which then serves Q4_K's GEMV
-    rows (None, the default until it is measured: the bytes GEMV)."""
+    rows (None: Q4_K_WORDS_GEMV as it is at the call; that None too, the bytes GEMV)."""
+    q4_k_words = q4_k_words or Q4_K_WORDS_GEMV
     if x.shape[0] <= GEMV_MAX_ROWS:
         if q4_k_words is not None and ggml_type == Q4_K_ID:
             return q4_k_words_gemv(x, packed, *q4_k_words)

@@ -177,9 +177,10 @@ def gemv_takes(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor 
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-         g_idx: torch.Tensor | None, bits: int, table: KernelTable = DEFAULT_TABLE) -> torch.Tensor:
+         g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None) -> torch.Tensor:
     """x [M, K] (a few rows) @ W.T -> [M, N] in x's dtype; W multiplied as float32 (not rounded to x's
     dtype: within the rounding of the reference). Layers neither GEMV takes go to tile_gemm."""
+    table = table or DEFAULT_TABLE
     choice = table.gemv
     if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
         return triton_int_words.gemv_words(x, qweight, scales, zeros, bits, choice.block_n, choice.tile,
@@ -200,8 +201,9 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
 
 
 def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              g_idx: torch.Tensor | None, bits: int, table: KernelTable = DEFAULT_TABLE) -> torch.Tensor:
+              g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N]: each weight tile dequantized once for BLOCK_M rows, tl.dot."""
+    table = table or DEFAULT_TABLE
     num_rows, num_inner = x.shape
     choice = table.tile_for(num_rows)
     if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
@@ -220,8 +222,10 @@ def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 
 def int_quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 g_idx: torch.Tensor | None, bits: int, table: KernelTable = DEFAULT_TABLE) -> torch.Tensor:
-    """x [M, K] bf16/fp16 -> [M, N] in x's dtype, W in int_quant's layout, by the table's path for M rows."""
+                 g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None) -> torch.Tensor:
+    """x [M, K] bf16/fp16 -> [M, N] in x's dtype, W in int_quant's layout, by the table's path for M rows
+    (table None: DEFAULT_TABLE as it is at the call, which benchmarks/gpu_bench.py --int-kernels replaces)."""
+    table = table or DEFAULT_TABLE
     x = x.contiguous()
     if x.shape[0] <= table.gemv_max_rows:
         return gemv(x, qweight, scales, zeros, g_idx, bits, table)
