@@ -16,7 +16,8 @@ float32 [N, G], zeros uint8 [N, G], g_idx for an act-order checkpoint). Two path
 These are the "bytes" kernels. kernels/triton_int_words.py has the "words" kernels (int32 loads,
 values without int-to-float conversions, BLOCK_M by rows); a KernelTable says which kernel and tile
 serve which rows, and VARIANTS names the tables benchmarks/int_quant_bench.py times side by side.
-DEFAULT_TABLE (the layers' choice) stays the bytes kernels until the words kernels are measured.
+DEFAULT_TABLE (the layers' choice) is the fastest table measured; act-order layers and rows that are
+not whole words still take the bytes kernels.
 int_quant.int_quant_mm_reference is the specification (tests compare; the GEMVs multiply the
 float32 weight, the GEMMs the weight rounded to x's dtype).
 """
@@ -73,7 +74,7 @@ class KernelTable:
 # 16 rows against 9.8 ms with (64, 64, 4)); at 2 rows the GEMV is no faster than the GEMM.
 BASELINE = KernelTable(gemv_max_rows=1, gemv=GemvChoice(BYTES, 8, 8, 4), tiles=(
     TileChoice(16, BYTES, 16, 32, 128, 4, 3), TileChoice(ALL_ROWS, BYTES, 64, 32, 128, 4, 3)))
-# Not yet measured. Words GEMV tiles of 512 words (4096 4-bit inputs) a column: one word vector a thread
+# Words GEMV tiles of 512 words (4096 4-bit inputs) a column: one word vector a thread
 # per column with 4 warps, all BLOCK_N columns in each thread (offline SASS of triton 3.6, sm_90: about
 # 4.7 instructions a weight in the loop against the bytes GEMV's 7.8 and its int-to-float conversions;
 # the words tile GEMM about 7-8 against 75).
@@ -90,8 +91,13 @@ VARIANTS = {
     # 64-thread programs: every program of a 4096-column layer resident at once (6 a SM at 168 registers)
     "words_gemv_2warps": KernelTable(1, GemvChoice(WORDS, 8, 256, 2), WORDS_TILES),
     "words_narrow_tiles": KernelTable(1, GemvChoice(WORDS, 8, 512, 4), WORDS_TILES_NARROW),
+    "words_n16_narrow": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW),
 }
-DEFAULT_TABLE = BASELINE
+# The fastest of VARIANTS on an H200 (benchmarks/results/int_quant_h200/words_first.jsonl, ms a Llama-3-8B
+# step's 128 layers, int4 g128): the words GEMV (16, 256, 8) 2.59 ms at one row (bf16 3.31, bytes 3.31);
+# the narrow words tiles 6.5-6.7 ms at 2-64 rows and 15.8 at 256 (bf16's cuBLAS 3.7-3.9 and 6.1; the bytes
+# tiles 117-127 and 462 in that call). int8 g128: 2.90 / 5.85-7.37 / 16.4 ms.
+DEFAULT_TABLE = VARIANTS["words_n16_narrow"]
 
 
 @triton.jit

@@ -75,12 +75,8 @@ class TorchModelRunner:
                             if layout.is_hybrid else None)
         self.sampler = Sampler(device, seed)
         self.peers: StepPeers | None = None  # set on tensor-parallel rank 0 once the workers are ready
+        # every attribute execute() reads is set before the CUDA warm-up below runs steps
         self.decode_graphs: DecodeGraphs | None = None
-        if use_cuda_graphs and device.type == "cuda":
-            warm_up(self)  # before the graphs: their capture then finds every kernel compiled
-            max_blocks_per_seq = -(-max_model_len // capacity.block_size)
-            self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device, self.num_kv_groups)
-            self.decode_graphs.capture()
         # the CPU's compiled decode step (--cpu-compile decode; inductor's cache in cpu_compile_cache_dir)
         self.cpu_compile: CpuDecodeCompile | None = None
         if cpu_compile_cache_dir is not None and device.type == "cpu":
@@ -90,6 +86,11 @@ class TorchModelRunner:
         # (runner/cpu_settings.py); a compiled step keeps the thread count its kernels were compiled for
         self.step_threads = (StepThreads(torch.get_num_threads())
                              if device.type == "cpu" and self.cpu_compile is None and threads_sleep() else None)
+        if use_cuda_graphs and device.type == "cuda":
+            warm_up(self)  # before the graphs: their capture then finds every kernel compiled
+            max_blocks_per_seq = -(-max_model_len // capacity.block_size)
+            self.decode_graphs = DecodeGraphs(model, max_num_seqs, max_blocks_per_seq, device, self.num_kv_groups)
+            self.decode_graphs.capture()
 
     def kv_capacity(self) -> KVCapacity:
         return self.capacity
