@@ -267,3 +267,23 @@ def test_plan_of_a_4_bit_llama_3_8b_on_a_12_gb_card(tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] and plan["weights"]["linear_dtype"] == "gptq"
     assert plan["weights"]["linear_bytes"] < 4.0 * 2**30  # bf16: 13 GiB of projections
+
+
+def test_group_order_turns_act_order_into_whole_groups():
+    """Columns sorted by g_idx, multiplied by x's columns in that order, give the act-order product; a g_idx
+    whose groups are not all K / G columns has no such order."""
+    torch.manual_seed(3)
+    g_idx = (torch.arange(96, dtype=torch.int32) // 32)[torch.randperm(96)]
+    order = int_quant.group_order(g_idx, 3)
+    assert order is not None and torch.equal(g_idx[order].long(), torch.arange(96) // 32)
+    values = torch.randint(0, 16, (8, 96), dtype=torch.uint8)
+    scales, zeros = torch.rand(8, 3) + 0.1, torch.randint(0, 16, (8, 3), dtype=torch.uint8)
+    x = torch.randn(5, 96)
+    expected = int_quant.int_quant_mm_reference(x, int_quant.store_values(values, 4), scales, zeros, g_idx, 4)
+    sorted_weights = int_quant.store_values(values[:, order], 4)
+    got = int_quant.int_quant_mm_reference(x[:, order], sorted_weights, scales, zeros, None, 4)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    uneven = g_idx.clone()
+    uneven[uneven == 1] = 0  # group 0 now has 64 columns, group 1 none
+    assert int_quant.group_order(uneven, 3) is None
+    assert int_quant.group_order(g_idx[:95], 3) is None  # 95 columns are not whole groups of 3

@@ -77,6 +77,19 @@ def awq_columns(packed: torch.Tensor) -> torch.Tensor:
     return nibbles.view(nibbles.shape[0], -1, 8)[:, :, inverse].flatten(1).t().contiguous()
 
 
+def group_order(g_idx: torch.Tensor, num_groups: int) -> torch.Tensor | None:
+    """The input columns in group order (a stable sort of g_idx, int64 [K]), or None where that order does
+    not give each group the same number of columns one after another (then no reordering serves it).
+    Weights with their columns taken in this order, multiplied by x's columns in this order, are an
+    in-order layer of groups of K / num_groups: what an act-order (GPTQ desc_act) checkpoint becomes."""
+    num_cols = g_idx.shape[0]
+    if num_cols % num_groups:
+        return None
+    order = torch.argsort(g_idx.long(), stable=True)
+    in_order = torch.arange(num_cols, device=g_idx.device) // (num_cols // num_groups)
+    return order if torch.equal(g_idx.long()[order], in_order) else None
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
                bits: int, dtype: torch.dtype) -> torch.Tensor:
     """The layout -> W [N, K] in `dtype` ((q - zero) * scale in float32, one rounding)."""

@@ -16,7 +16,7 @@ from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError
 from fitserve.plan.shapes import ParamCounts, counts_from_arch, with_packed_linears
 
-SCALE_BYTES, ZERO_BYTES, G_IDX_BYTES = 4, 1, 4  # float32 scales, uint8 zeros, int32 g_idx (layers/formats/int_quant.py)
+SCALE_BYTES, ZERO_BYTES, G_IDX_BYTES = 4, 1, 4  # float32 scales, uint8 zeros, int32 input_order of an act-order layer (layers/formats/int_quant.py)
 
 METHODS = ("gptq", "awq", "compressed-tensors")
 BITS = (4, 8)
