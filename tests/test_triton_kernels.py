@@ -79,21 +79,27 @@ def test_store_and_attention_match_reference(dtype, num_heads, num_kv_heads, hea
     assert out[num_real:].isnan().all(), "padding rows are left alone"
 
 
-@pytest.mark.parametrize("num_seqs,num_splits", [(1, 16), (3, 5), (7, 2)])
-def test_split_decode_matches_reference(num_seqs, num_splits):
+@pytest.mark.parametrize("num_seqs,num_splits,head_dim,tile", [(1, 16, 128, None), (3, 5, 128, None),
+                                                                (7, 2, 128, None), (7, 3, 256, None),
+                                                                (3, 2, 256, 64), (5, 4, 256, 16)])
+def test_split_decode_matches_reference(num_seqs, num_splits, head_dim, tile):
     seq_lens = [1, 64, 65, 1000, 17, 300, 2][:num_seqs]
     k_cache, v_cache, new_k, new_v, batch = random_case(
-        [1] * num_seqs, seq_lens, 8, 128, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=num_splits)
+        [1] * num_seqs, seq_lens, 8, head_dim, 16, num_pad_rows=2, dtype=torch.bfloat16, seed=num_splits)
     triton_attention.store_kv(new_k, new_v, k_cache, v_cache, batch.slot_mapping)
-    q = torch.randn(batch.num_tokens, 32, 128, device="cuda").to(torch.bfloat16)
-    expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), batch, 128 ** -0.5)
+    q = torch.randn(batch.num_tokens, 32, head_dim, device="cuda").to(torch.bfloat16)
+    expected = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), batch, head_dim ** -0.5)
     out = torch.full_like(q, float("nan"))
     triton_decode.paged_decode_attention(q, k_cache, v_cache, out, batch.query_start_loc, batch.seq_lens,
-                                         batch.block_tables, 128 ** -0.5, num_splits)
+                                         batch.block_tables, head_dim ** -0.5, num_splits, tile=tile)
     got = out[:num_seqs].float()
     assert not got.isnan().any()
     assert (got - expected[:num_seqs]).norm() / expected[:num_seqs].norm() < 1e-2
     assert out[num_seqs:].isnan().all()
+
+
+def test_decode_tile_keeps_the_shared_memory_of_head_dim_128():
+    assert [triton_decode.decode_tile(d) for d in (64, 128, 256, 512)] == [64, 64, 32, 16]
 
 
 def test_split_count_fills_the_chip_only_for_small_batches():

@@ -49,20 +49,22 @@ def _f16(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.float16).to(torch.float32)
 
 
-def _shifts(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device)
+def _shifts(step: int, count: int, device: torch.device) -> torch.Tensor:
+    """0, step, ..., (count - 1) * step as uint8, made on the device (no host copy: a CUDA graph may be
+    capturing the decode step that dequantizes)."""
+    return torch.arange(0, step * count, step, dtype=torch.uint8, device=device)
 
 
 def _dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     d, qs = _f16(blocks[:, :2]), blocks[:, 2:]
-    q = (qs.reshape(-1, 1, 16) >> _shifts([0, 4], blocks.device).reshape(1, 2, 1)) & 0x0F
+    q = (qs.reshape(-1, 1, 16) >> _shifts(4, 2, blocks.device).reshape(1, 2, 1)) & 0x0F
     q = q.reshape(-1, 32).to(torch.int8) - 8
     return d * q.to(torch.float32)
 
 
 def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     d, m, qs = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), blocks[:, 4:]
-    q = (qs.reshape(-1, 1, 16) >> _shifts([0, 4], blocks.device).reshape(1, 2, 1)) & 0x0F
+    q = (qs.reshape(-1, 1, 16) >> _shifts(4, 2, blocks.device).reshape(1, 2, 1)) & 0x0F
     return d * q.reshape(-1, 32).to(torch.float32) + m
 
 
@@ -70,7 +72,7 @@ def _dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
     d, qh_bytes, qs = _f16(blocks[:, :2]), blocks[:, 2:6].to(torch.int64), blocks[:, 6:]
     qh = qh_bytes[:, 0] | (qh_bytes[:, 1] << 8) | (qh_bytes[:, 2] << 16) | (qh_bytes[:, 3] << 24)  # [B] uint32 value
     high = (qh[:, None] >> torch.arange(32, device=blocks.device)) & 1  # [B, 32]
-    low = (qs.reshape(-1, 1, 16) >> _shifts([0, 4], blocks.device).reshape(1, 2, 1)) & 0x0F
+    low = (qs.reshape(-1, 1, 16) >> _shifts(4, 2, blocks.device).reshape(1, 2, 1)) & 0x0F
     q = (low.reshape(-1, 32).to(torch.int64) | (high << 4)).to(torch.int8) - 16
     return d * q.to(torch.float32)
 
@@ -95,7 +97,7 @@ def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
     qs = blocks[:, 4 + K_SCALE_BYTES:]
     d = (d * sc.to(torch.float32)).reshape(-1, 8, 1)
     dm = (dmin * mn.to(torch.float32)).reshape(-1, 8, 1)
-    q = (qs.reshape(-1, 4, 1, 32) >> _shifts([0, 4], blocks.device).reshape(1, 1, 2, 1)) & 0x0F
+    q = (qs.reshape(-1, 4, 1, 32) >> _shifts(4, 2, blocks.device).reshape(1, 1, 2, 1)) & 0x0F
     return (d * q.reshape(-1, 8, 32).to(torch.float32) - dm).reshape(-1, 256)
 
 
@@ -105,8 +107,8 @@ def _dequant_q5_k(blocks: torch.Tensor) -> torch.Tensor:
     qh, qs = blocks[:, 16:48], blocks[:, 48:]
     d = (d * sc.to(torch.float32)).reshape(-1, 8, 1)
     dm = (dmin * mn.to(torch.float32)).reshape(-1, 8, 1)
-    low = (qs.reshape(-1, 4, 1, 32) >> _shifts([0, 4], blocks.device).reshape(1, 1, 2, 1)) & 0x0F
-    high = (qh.reshape(-1, 1, 32) >> _shifts(list(range(8)), blocks.device).reshape(1, 8, 1)) & 0x01
+    low = (qs.reshape(-1, 4, 1, 32) >> _shifts(4, 2, blocks.device).reshape(1, 1, 2, 1)) & 0x0F
+    high = (qh.reshape(-1, 1, 32) >> _shifts(1, 8, blocks.device).reshape(1, 8, 1)) & 0x01
     q = low.reshape(-1, 8, 32) | (high << 4)
     return (d * q.to(torch.float32) - dm).reshape(-1, 256)
 
@@ -115,8 +117,8 @@ def _dequant_q6_k(blocks: torch.Tensor) -> torch.Tensor:
     ql, qh = blocks[:, :128], blocks[:, 128:192]
     scales = blocks[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
     d = (_f16(blocks[:, 208:210]) * scales).reshape(-1, 16, 1)
-    low = (ql.reshape(-1, 2, 1, 64) >> _shifts([0, 4], blocks.device).reshape(1, 1, 2, 1)) & 0x0F
-    high = (qh.reshape(-1, 2, 1, 32) >> _shifts([0, 2, 4, 6], blocks.device).reshape(1, 1, 4, 1)) & 0x03
+    low = (ql.reshape(-1, 2, 1, 64) >> _shifts(4, 2, blocks.device).reshape(1, 1, 2, 1)) & 0x0F
+    high = (qh.reshape(-1, 2, 1, 32) >> _shifts(2, 4, blocks.device).reshape(1, 1, 4, 1)) & 0x03
     q = (low.reshape(-1, 8, 32) | (high.reshape(-1, 8, 32) << 4)).to(torch.int8) - 32
     return (d * q.reshape(-1, 16, 16).to(torch.float32)).reshape(-1, 256)
 

@@ -40,6 +40,15 @@ from fitserve.kernels.triton_attention import (
 # ms; at 64 requests 2 splits cost 1-3% against 1, and at one request 16 splits stay best.
 MIN_PROGRAMS_PER_SM = 4
 MAX_SPLITS = 16
+# Keys a loop step: TILE_N up to head_dim 128; above, fewer, so that a K and a V tile take the shared
+# memory they take at 128 and several programs still fit an SM (head_dim 256, Gemma: 64 keys took
+# 128 KiB with two stages, one program of 4 warps an SM). benchmarks/decode_attention_bench.py --model
+# gemma-3-12b times the choices.
+TILE_ELEMENTS = TILE_N * 128
+
+
+def decode_tile(head_pow2: int) -> int:
+    return max(16, min(TILE_N, TILE_ELEMENTS // head_pow2))
 
 
 @triton.jit
@@ -125,12 +134,13 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
     num_splits: int, k_scale: float = 1.0, v_scale: float = 1.0,
-    sliding_window: int | None = None, softcap: float | None = None,
+    sliding_window: int | None = None, softcap: float | None = None, tile: int | None = None,
 ) -> torch.Tensor:
     """Like triton_attention.paged_attention for a batch where every request feeds one token (at most),
     split over the context: q [T, H, D], out [T, H, D], query_start_loc [S+1], seq_lens [S], block_tables
     [S, max_blocks]: the split kernel, then the merge kernel. sliding_window and softcap as there:
     with a window the splits share only the window's keys, so a long context costs no more.
+    tile: keys a loop step (None: decode_tile's choice for the head size).
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs = seq_lens.shape[0]
@@ -154,8 +164,8 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), NUM_HEADS=num_heads, NUM_SPLITS=num_splits, GROUP=group,
         BLOCK_M=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim, HEAD_POW2=head_pow2,
-        BLOCK_SIZE=k_cache.shape[1], TILE=TILE_N, SLIDING=sliding_window is not None, SOFTCAP=softcap is not None,
-        num_warps=4, num_stages=2, **pdl.options(q.device),
+        BLOCK_SIZE=k_cache.shape[1], TILE=tile or decode_tile(head_pow2), SLIDING=sliding_window is not None,
+        SOFTCAP=softcap is not None, num_warps=4, num_stages=2, **pdl.options(q.device),
     )
     _decode_merge_kernel[(num_seqs, num_heads)](
         part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1),
