@@ -151,30 +151,3 @@ def test_every_step_uses_every_thread_where_the_threads_spin(tmp_path, monkeypat
     assert startup.build_engine(_tiny_config(tmp_path), progress=False).engine.runner.step_threads is None
     monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
     assert startup.build_engine(_tiny_config(tmp_path), progress=False).engine.runner.step_threads is not None
-
-
-def test_one_row_of_a_large_weight_takes_every_thread_inside_a_one_thread_step(monkeypatch):
-    """In a one-token step (one thread) a bf16 product of one row and at least WIDE_GEMV_ELEMENTS weights
-    runs on the step's whole thread count and gives torch's result; smaller weights stay on one thread;
-    a step of several tokens changes nothing (it already has every thread)."""
-    from fitserve.layers.linear import linear
-    threads_seen: list[int] = []
-    real = torch.nn.functional.linear
-    monkeypatch.setattr(torch.nn.functional, "linear",
-                        lambda x, w, *a: threads_seen.append(torch.get_num_threads()) or real(x, w, *a))
-    x = torch.randn(1, 512).to(torch.bfloat16)
-    big = torch.randn(cpu_matmul.WIDE_GEMV_ELEMENTS // 512, 512).to(torch.bfloat16)
-    small = torch.randn(64, 512).to(torch.bfloat16)
-    before = torch.get_num_threads()
-    steps = cpu_settings.StepThreads(2)
-    try:
-        steps.set_for(1)
-        assert torch.get_num_threads() == 1 and cpu_matmul.one_row_threads == 2
-        assert torch.equal(linear(x, big), real(x, big)) and torch.equal(linear(x, small), real(x, small))
-        assert threads_seen == [2, 1] and torch.get_num_threads() == 1
-        steps.set_for(3)
-        assert torch.get_num_threads() == 2 and cpu_matmul.one_row_threads == 0
-        assert not cpu_matmul.takes_wide_gemv(x, big)
-    finally:
-        torch.set_num_threads(before)
-        cpu_matmul.one_row_threads = 0

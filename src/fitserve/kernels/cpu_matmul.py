@@ -11,15 +11,6 @@ in another summation order. docs/benchmarks.md, "bf16 on an AVX2 CPU", has the m
 A call holds float32 scratch beside its output: the input rows, one weight slice (at most
 WIDEN_SLICE_BYTES) and that slice's products; the planner's activation estimates (plan/estimates.py)
 model the GPU and leave it out.
-
-One row in bf16 on a step of one thread: a step that feeds one token runs on one torch thread
-(runner/cpu_settings.py StepThreads), since waking OpenMP's sleeping threads for each of its few
-hundred small ops costs more than they give. A one-row product of a large weight is the exception: it
-reads megabytes, and a second core reads them faster than the wake-up costs. `one_row_threads`
-(StepThreads sets it) is the thread count such a product takes, from WIDE_GEMV_ELEMENTS elements up.
-In-process on the 2-core EPYC (96-token single streams, medians of 7 interleaved runs): 19.25 tok/s
-with every product on one thread, 19.98 with the lm_head (49152 x 576) on two, 21.06 with the lm_head
-and the MLP's gate_up (3072 x 576) on two; docs/benchmarks.md has the HTTP figures.
 """
 
 from __future__ import annotations
@@ -32,10 +23,6 @@ import torch.nn.functional as F
 # float32 bytes of weight widened at a time: a slice (plus its bf16 source) fits the 32 MiB L3 of
 # the machines measured, and the lm_head (49152 x 576) splits into a few slices
 WIDEN_SLICE_BYTES = 8 << 20
-# a one-row bf16 product of at least this many weights runs on one_row_threads threads (2 MiB of bf16:
-# the embedded model's gate_up and lm_head, not its qkv, o or down projections)
-WIDE_GEMV_ELEMENTS = 1 << 20
-one_row_threads = 0  # set by runner/cpu_settings.StepThreads for its one-token steps; 0: off
 
 
 @functools.cache
@@ -48,22 +35,6 @@ def takes_widened_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A bf16 matmul of more than one row on a CPU without bf16 units."""
     return (weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and x.dim() == 2 and x.shape[0] > 1
             and not cpu_has_bf16_units())
-
-
-def takes_wide_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A one-row bf16 product of a large weight inside a one-thread CPU step."""
-    return (one_row_threads > 1 and x.dim() == 2 and x.shape[0] == 1 and weight.dtype == torch.bfloat16
-            and weight.device.type == "cpu" and weight.numel() >= WIDE_GEMV_ELEMENTS)
-
-
-def linear_wide_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [1, K] @ weight.T on one_row_threads threads, then back to the step's count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(one_row_threads)
-    try:
-        return F.linear(x, weight)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def linear_bf16_widened(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,11 @@ from fitserve.kernels.dispatch import triton_gemv
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T. One CUDA row (single-stream decode) takes the Triton GEMV, which reads the
     weight faster than cuBLAS does at one row (kernels/triton_gemv.py); the rest is cuBLAS. On a CPU
-    without bf16 units a bf16 matmul of several rows is done in float32, and in a one-thread CPU step one
-row of a large bf16 weight takes more threads (kernels/cpu_matmul.py)."""
+    without bf16 units a bf16 matmul of several rows is done in float32 (kernels/cpu_matmul.py)."""
     if triton_gemv is not None and triton_gemv.supports(x, weight):
         return triton_gemv.gemv(x, weight)
     if cpu_matmul.takes_widened_path(x, weight):
         return cpu_matmul.linear_bf16_widened(x, weight)
-    if cpu_matmul.takes_wide_gemv(x, weight):
-        return cpu_matmul.linear_wide_gemv(x, weight)
     return F.linear(x, weight)
 
 

@@ -12,9 +12,7 @@ A step that feeds one token (a single stream's decode) runs on one thread. Its m
 one row, and with OpenMP's threads asleep between ops (OMP_WAIT_POLICY=PASSIVE, fitserve/__init__.py)
 waking the second thread for each of them cost more than it gave: one stream through HTTP made 19.2
 tok/s on one thread against 17.4 on two (2-core EPYC, bf16), and on a machine where another process
-took a core, 20.8 against 18.6 in-process. The exception is a one-row product of a large weight (the
-lm_head, the MLP's gate_up), which takes every thread (kernels/cpu_matmul.py one_row_threads). Steps of
-several tokens use every thread. Where the user
+took a core, 20.8 against 18.6 in-process. Steps of several tokens use every thread. Where the user
 lets the threads spin (GOMP_SPINCOUNT, or OMP_WAIT_POLICY other than PASSIVE) there is no wake-up to
 save, and every step uses every thread: with GOMP_SPINCOUNT=30000 one stream made 25.4 tok/s.
 """
@@ -26,7 +24,6 @@ import os
 
 import torch
 
-from fitserve.kernels import cpu_matmul
 from fitserve.kernels.cpu_matmul import cpu_has_bf16_units
 
 logger = logging.getLogger(__name__)
@@ -57,8 +54,6 @@ class StepThreads:
         if wanted != self.current:
             torch.set_num_threads(wanted)
             self.current = wanted
-            # inside a one-thread step, one row of a large weight still takes every thread
-            cpu_matmul.one_row_threads = self.threads if wanted == 1 else 0
 
 
 def set_cpu_threads(num_threads: int) -> int:
