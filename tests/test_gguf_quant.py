@@ -270,3 +270,20 @@ def test_fitserve_plan_packs_the_embedded_gguf_on_a_card_and_reads_its_header(ca
     assert on_card["weights"]["linear_bytes"] == header.packed_bytes == 66_355_200  # 20 bytes per 32 weights
     assert main(["plan", "--json"]) == 0  # the CPU: dequantized at load by default
     assert json.loads(capsys.readouterr().out)["weights"]["linear_dtype"] == "bfloat16"
+
+
+def test_dequantize_makes_no_tensor_from_host_data(monkeypatch):
+    """Every packed type dequantizes from device-made tensors alone: on CUDA a decode step above the GEMM's
+    rows dequantizes inside a CUDA graph capture, which forbids copies from the host (torch.tensor of a
+    list was one, and failed the Q4_K_M engine's capture on an H200)."""
+    rows = {t: torch.randint(0, 256, (3, gguf.BLOCK_TYPES[t].row_bytes(256)), dtype=torch.uint8)
+            for t in gguf.BLOCK_TYPES}
+    real = torch.tensor
+
+    def from_host(*args, **kwargs):
+        raise AssertionError("a tensor made from host data")
+
+    monkeypatch.setattr(torch, "tensor", from_host)
+    for ggml_type, packed in rows.items():
+        assert gguf.dequantize(packed, ggml_type).shape == (3, 256)
+    monkeypatch.setattr(torch, "tensor", real)
