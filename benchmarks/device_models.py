@@ -4,7 +4,6 @@
     python benchmarks/device_models.py --group quant --out $OUT    # Llama-3-8B: bf16, gptq_int4, q4_k_m, fp8...
     python benchmarks/device_models.py --group models --out $OUT   # Qwen3-8B, Mistral-7B, Gemma-3-12B, Mixtral
     python benchmarks/device_models.py --group sched --out $OUT    # W1/W2 at step token budgets 1024, 1536 (not in all)
-    python benchmarks/device_models.py --group words --out $OUT    # the integer words kernels' tables (not in all)
     python benchmarks/device_models.py --parts llama-bf16 gemma-3-12b --out $OUT   # parts by name
 
 Every part is benchmarks/gpu_bench.py's `fitserve` part in its own process (a failure or a timeout
@@ -79,12 +78,6 @@ PARTS = (
     # the step token budget (--max-num-batched-tokens) against W2's ITL p99: llama-bf16 is the default, 2048
     Part("llama-bf16-b1024", "sched", LLAMA, "bf16", ("W1", "W2"), 60, extra_flags=("--max-num-batched-tokens", "1024")),
     Part("llama-bf16-b1536", "sched", LLAMA, "bf16", ("W1", "W2"), 60, extra_flags=("--max-num-batched-tokens", "1536")),
-    # the words kernels (kernels/triton_int_words.py, triton_gguf.q4_k_words_gemv) against the defaults above
-    Part("llama-gptq_int4-words", "words", LLAMA, "gptq_int4", ("single", "W1", "W2"), 90,
-         extra_flags=("--int-kernels", "words")),
-    Part("llama-gptq_int4-words-W6", "words", LLAMA, "gptq_int4", ("W6",), 25, w6=True,
-         extra_flags=("--int-kernels", "words")),
-    Part("llama-q4_k_m-words", "words", LLAMA, "q4_k_m", ("single", "W1"), 60, extra_flags=("--q4k-words", "8,8,4")),
 )
 CEILINGS_ESTIMATE_S = 20
 PART_TIMEOUT_OVER_ESTIMATE = 2.5  # a part may take this many times its estimate before it is stopped
@@ -98,7 +91,7 @@ def parts_for(group: str, names: list[str] | None = None) -> tuple[Part, ...]:
         if unknown:
             raise SystemExit(f"unknown parts: {sorted(unknown)}; --list shows them")
         return tuple(p for p in PARTS if p.name in names)
-    return tuple(p for p in PARTS if p.group == group or (group == "all" and p.group in ("quant", "models")))
+    return tuple(p for p in PARTS if p.group == group or (group == "all" and p.group != "sched"))
 
 
 def estimated_total_s(parts: tuple[Part, ...]) -> float:
@@ -231,7 +224,7 @@ def target_checks(report: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--group", default="all", choices=["all", "quant", "models", "sched", "words"])
+    parser.add_argument("--group", default="all", choices=["all", "quant", "models", "sched"])
     parser.add_argument("--parts", nargs="+", help="run only these parts (names as --list prints them)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting parts past this (9 minutes)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))

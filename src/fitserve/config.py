@@ -270,6 +270,12 @@ def inductor_cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fitserve", "inductor")
 
 
+def openmp_threads_sleep() -> bool:
+    """OpenMP's threads sleep between ops: OMP_WAIT_POLICY=PASSIVE (fitserve's default) and no spin count
+    (runner/cpu_settings.py StepThreads saves their wake-ups)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+
+
 def hf_home_hint() -> str:
     """Where the Hugging Face cache lives, for error messages."""
     return os.environ.get("HF_HUB_CACHE") or os.path.join(

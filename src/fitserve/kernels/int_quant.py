@@ -82,12 +82,12 @@ def group_order(g_idx: torch.Tensor, num_groups: int) -> torch.Tensor | None:
     not give each group the same number of columns one after another (then no reordering serves it).
     Weights with their columns taken in this order, multiplied by x's columns in this order, are an
     in-order layer of groups of K / num_groups: what an act-order (GPTQ desc_act) checkpoint becomes."""
-    num_cols = g_idx.shape[0]
+    num_cols, groups = g_idx.shape[0], g_idx.long()
     if num_cols % num_groups:
         return None
-    order = torch.argsort(g_idx.long(), stable=True)
+    order = torch.argsort(groups, stable=True)
     in_order = torch.arange(num_cols, device=g_idx.device) // (num_cols // num_groups)
-    return order if torch.equal(g_idx.long()[order], in_order) else None
+    return order if torch.equal(groups[order], in_order) else None
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,

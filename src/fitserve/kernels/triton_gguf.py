@@ -164,7 +164,7 @@ Q4_K_ID = 12  # gguf.BLOCK_TYPES' key of Q4_K
 # (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV for benchmarks/gguf_gemv_bench.py --q4k-words:
 # no spills on sm_90 (offline compile); (8, 16, 4) spills
 Q4_K_WORDS_CONFIGS = ((8, 8, 4), (4, 16, 4), (8, 4, 4), (16, 4, 8))
-# the words GEMV's config that matmul uses for Q4_K's GEMV rows; None: the bytes GEMV (until measured).
+# the words GEMV's config that matmul uses for Q4_K's GEMV rows; None: the bytes GEMV, which measured faster.
 # benchmarks/gpu_bench.py --q4k-words replaces it for a run.
 Q4_K_WORDS_GEMV: tuple[int, int, int] | None = None
 # a Q4_K block in int32 words: d and dmin (one word), 12 scale bytes (3 words), 128 nibble bytes (32 words)

@@ -16,8 +16,8 @@ float32 [N, G], zeros uint8 [N, G], g_idx for an act-order checkpoint). Two path
 These are the "bytes" kernels. kernels/triton_int_words.py has the "words" kernels (int32 loads,
 values without int-to-float conversions, BLOCK_M by rows); a KernelTable says which kernel and tile
 serve which rows, and VARIANTS names the tables benchmarks/int_quant_bench.py times side by side.
-DEFAULT_TABLE (the layers' choice) is the fastest table measured; act-order layers and rows that are
-not whole words still take the bytes kernels.
+DEFAULT_TABLE (the layers' choice) is the fastest table measured; rows that are not whole words still
+take the bytes kernels (act-order layers arrive sorted by group: layers/formats/int_quant.py).
 int_quant.int_quant_mm_reference is the specification (tests compare; the GEMVs multiply the
 float32 weight, the GEMMs the weight rounded to x's dtype).
 """

@@ -9,18 +9,18 @@ served one stream 1.3x as fast as float32 weights through HTTP, and 16 streams a
 (docs/benchmarks.md, "bf16 on an AVX2 CPU"); `--dtype float32` gives the float32 reference's tokens.
 
 A step that feeds one token (a single stream's decode) runs on one thread. Its matmuls are GEMVs of
-one row, and with OpenMP's threads asleep between ops (OMP_WAIT_POLICY=PASSIVE, fitserve/__init__.py)
-waking the second thread for each of them cost more than it gave: one stream through HTTP made 19.2
-tok/s on one thread against 17.4 on two (2-core EPYC, bf16), and on a machine where another process
-took a core, 20.8 against 18.6 in-process. Steps of several tokens use every thread. Where the user
-lets the threads spin (GOMP_SPINCOUNT, or OMP_WAIT_POLICY other than PASSIVE) there is no wake-up to
-save, and every step uses every thread: with GOMP_SPINCOUNT=30000 one stream made 25.4 tok/s.
+one row, and with OpenMP's threads asleep between ops (OMP_WAIT_POLICY=PASSIVE, fitserve/__init__.py;
+config.openmp_threads_sleep) waking the second thread for each of them cost more than it gave: one
+stream through HTTP made 19.2 tok/s on one thread against 17.4 on two (2-core EPYC, bf16), and on a
+machine where another process took a core, 20.8 against 18.6 in-process. Steps of several tokens use
+every thread. Where the user lets the threads spin (GOMP_SPINCOUNT, or OMP_WAIT_POLICY other than
+PASSIVE) there is no wake-up to save, and every step uses every thread: with GOMP_SPINCOUNT=30000 one
+stream made 25.4 tok/s.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
@@ -34,11 +34,6 @@ def log_cpu_matmul(dtype: str) -> None:
     if dtype == "bfloat16" and not cpu_has_bf16_units():
         logger.info("bfloat16 on a CPU without bf16 units (AVX512_BF16 or AMX): one row is multiplied in bf16, "
                     "several rows in float32 from the bf16 weights (kernels/cpu_matmul.py)")
-
-
-def threads_sleep() -> bool:
-    """OpenMP's threads sleep between ops: OMP_WAIT_POLICY=PASSIVE (fitserve's default) and no spin count."""
-    return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
 
 
 class StepThreads:

@@ -15,11 +15,12 @@ from typing import Protocol
 import torch
 
 from fitserve.arch_config import ArchConfig
+from fitserve.config import openmp_threads_sleep
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.kv_groups import kv_layout
 from fitserve.runner.cpu_compile import CpuDecodeCompile
-from fitserve.runner.cpu_settings import StepThreads, threads_sleep
+from fitserve.runner.cpu_settings import StepThreads
 from fitserve.runner.cuda_graph import DecodeGraphs
 from fitserve.runner.input_batch import build_forward_batch, placeholder_fill
 from fitserve.runner.prompt_logprobs import compute_prompt_logprobs, wants_prompt_logprobs
@@ -85,7 +86,7 @@ class TorchModelRunner:
         # eager CPU steps of one token run on one thread while OpenMP's threads sleep between ops
         # (runner/cpu_settings.py); a compiled step keeps the thread count its kernels were compiled for
         self.step_threads = (StepThreads(torch.get_num_threads())
-                             if device.type == "cpu" and self.cpu_compile is None and threads_sleep() else None)
+                             if device.type == "cpu" and self.cpu_compile is None and openmp_threads_sleep() else None)
         if use_cuda_graphs and device.type == "cuda":
             warm_up(self)  # before the graphs: their capture then finds every kernel compiled
             max_blocks_per_seq = -(-max_model_len // capacity.block_size)
