@@ -4,6 +4,7 @@ with --api-server-count 1, 2 and 4, beside the in-process figure of the same wor
 (benchmarks/gpu_bench.py) and each workload's floor from the card's measured ceilings.
 
     PYTHONPATH=<carried wheels> python benchmarks/http_record.py --out $OUT
+    ... http_record.py --model-config configs/gemma-3-12b-it --workloads W1 W2 --api-server-counts 1 --out $OUT
 
 Each workload is sent as gpu_bench.py runs it (fixed prompt and output lengths, token-id prompts,
 ignore_eos, a closed loop of `concurrency` requests), spread over --client-processes benchmark
@@ -65,16 +66,17 @@ def run_json(command: list[str], timeout_s: float, logs: list[str], label: str) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def floors(ceilings: dict, workloads: list[str]) -> dict[str, float]:
+def floors(ceilings: dict, workloads: list[str], model_config: Path) -> dict[str, float]:
     import bench_floors
 
-    model = bench_floors.model_figures(CONFIG_DIR, "bf16")
+    model = bench_floors.model_figures(model_config, "bf16")
     return {w: bench_floors.floor_s(w, ceilings, model) for w in workloads}
 
 
-def in_process(workloads: list[str], logs: list[str]) -> dict:
+def in_process(workloads: list[str], model_config: Path, logs: list[str]) -> dict:
     """gpu_bench.py's fitserve part: the engine driven without HTTP, default flags."""
-    part = run_json([sys.executable, str(GPU_BENCH), "fitserve", "--workloads", *workloads], 280, logs, "in-process")
+    part = run_json([sys.executable, str(GPU_BENCH), "fitserve", "--model-config", str(model_config),
+                     "--workloads", *workloads], 280, logs, "in-process")
     return part.get("runs", part)
 
 
@@ -216,22 +218,27 @@ def main() -> int:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--api-server-counts", nargs="+", type=int, default=[1, 2, 4])
     parser.add_argument("--client-processes", type=int, default=4, help="fitserve bench's, at most one per stream")
-    parser.add_argument("--serve-flags", default=f"--model {CONFIG_DIR} --load-format dummy",
-                        help="fitserve serve's flags besides --port and --api-server-count")
+    parser.add_argument("--model-config", type=Path, default=CONFIG_DIR,
+                        help="a config folder (configs/): its shape is served, run in-process and floored")
+    parser.add_argument("--serve-flags", default=None,
+                        help="fitserve serve's flags besides --port and --api-server-count "
+                             "(default: --model MODEL_CONFIG --load-format dummy)")
     parser.add_argument("--bench-flags", default="", help="more `fitserve bench` flags (e.g. --vocab-size 300)")
     parser.add_argument("--budget-s", type=float, default=510.0,
                         help="a server is skipped when its estimated end would come later than this")
     parser.add_argument("--smoke", action="store_true", help="tiny workloads; GPU parts skipped without CUDA")
     args = parser.parse_args()
+    if args.serve_flags is None:
+        args.serve_flags = f"--model {args.model_config} --load-format dummy"
     start_s = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     logs: list[str] = []
     shapes = {name: SMOKE_WORKLOAD if args.smoke else WORKLOADS[name] for name in args.workloads}
     cuda = _has_cuda()
     ceilings = run_json([sys.executable, str(GPU_BENCH), "ceilings"], 120, logs, "ceilings") if cuda else {}
-    floor = floors(ceilings, args.workloads) if "copy_bytes_per_s" in ceilings and not args.smoke else {}
+    floor = floors(ceilings, args.workloads, args.model_config) if "copy_bytes_per_s" in ceilings and not args.smoke else {}
     lines = []
-    runs = in_process(args.workloads, logs) if cuda and not args.smoke else {}
+    runs = in_process(args.workloads, args.model_config, logs) if cuda and not args.smoke else {}
     for name in args.workloads:
         lines.append(in_process_line(name, runs.get(name, runs), floor.get(name)))
     results: dict[str, dict] = {}
