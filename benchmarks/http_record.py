@@ -144,8 +144,9 @@ def bench_one(base_url: str, name: str, shape: tuple[int, int, int, int], client
 
 
 def through_http(count: int, shapes: dict, serve_flags: list[str], client_processes: int, bench_flags: list[str],
-                 out: Path, logs: list[str]) -> dict[str, dict]:
-    """One `fitserve serve --api-server-count count`, every workload through it."""
+                 out: Path, logs: list[str], repeats: int = 1) -> dict[str, dict]:
+    """One `fitserve serve --api-server-count count`, every workload through it `repeats` times in a row;
+    a workload's result is its run of median duration, with every run's duration in "durations_s"."""
     port = free_port()
     log_path = out / f"serve-api{count}.log"
     server = ServerProcess([sys.executable, "-m", "fitserve", "serve", "--port", str(port), "--log-level", "warning",
@@ -157,8 +158,14 @@ def through_http(count: int, shapes: dict, serve_flags: list[str], client_proces
         if not started.ready or not wait_all_ready(server.base_url, START_TIMEOUT_S):
             return {name: {"error": started.error or "not every API process became ready"} for name in shapes}
         for name, shape in shapes.items():
-            results[name] = bench_one(server.base_url, f"api{count}-{name}", shape, client_processes, bench_flags,
-                                      out, logs, server.process.pid if server.process else None)
+            runs = [bench_one(server.base_url, f"api{count}-{name}", shape, client_processes, bench_flags,
+                              out, logs, server.process.pid if server.process else None) for _ in range(repeats)]
+            failed = [run for run in runs if "error" in run]
+            if failed:
+                results[name] = failed[0]
+                continue
+            runs.sort(key=lambda run: run["duration"])
+            results[name] = {**runs[len(runs) // 2], "durations_s": [round(run["duration"], 3) for run in runs]}
             results[name]["server_startup_s"] = started.startup_s
     finally:
         server.stop()
@@ -175,6 +182,7 @@ def http_line(mode: str, name: str, result: dict, floor: float | None) -> dict:
     return {"mode": mode, "workload": name, "duration_s": round(duration, 3), "floor_s": floor,
             "of_floor_pct": round(100 * floor / duration, 1) if floor else None,
             "completed": result["completed"], "failed": result["failed"],
+            "durations_s": result.get("durations_s"),
             "median_ttft_ms": round(result["median_ttft_ms"], 1), "p99_itl_ms": round(result["p99_itl_ms"], 1),
             "mean_tpot_ms": round(result["mean_tpot_ms"], 2),
             "client_processes": cpu.get("num_processes"), "client_max_core_fraction": cpu.get("max_core_fraction"),
@@ -205,7 +213,9 @@ def table(lines: list[dict], workloads: list[str], modes: list[str]) -> str:
                 continue
             pct = f"{line['of_floor_pct']}%" if line.get("of_floor_pct") is not None else "-"
             bound = " (client-bound)" if line.get("client_bound") else ""
-            cells.append(f"{line['duration_s']:.2f} s, {pct}, {line['median_ttft_ms']:.0f} ms, "
+            runs = line.get("durations_s") or []
+            spread = f" (runs {', '.join(f'{d:.2f}' for d in runs)} s)" if len(runs) > 1 else ""
+            cells.append(f"{line['duration_s']:.2f} s{spread}, {pct}, {line['median_ttft_ms']:.0f} ms, "
                          f"{line['p99_itl_ms']:.0f} ms{bound}")
         rows.append(f"| {name} | {floor:.2f} | " if floor else f"| {name} | - | ")
         rows[-1] += " | ".join(cells) + " |"
@@ -226,6 +236,8 @@ def main() -> int:
     parser.add_argument("--bench-flags", default="", help="more `fitserve bench` flags (e.g. --vocab-size 300)")
     parser.add_argument("--budget-s", type=float, default=510.0,
                         help="a server is skipped when its estimated end would come later than this")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each workload through one server, one after another; the median is reported")
     parser.add_argument("--smoke", action="store_true", help="tiny workloads; GPU parts skipped without CUDA")
     args = parser.parse_args()
     if args.serve_flags is None:
@@ -248,7 +260,7 @@ def main() -> int:
             lines += [{"mode": mode, "workload": name, "skipped": "time budget"} for name in args.workloads]
             continue
         results[mode] = through_http(count, shapes, shlex.split(args.serve_flags), args.client_processes,
-                                     shlex.split(args.bench_flags), args.out, logs)
+                                     shlex.split(args.bench_flags), args.out, logs, args.repeats)
         lines += [http_line(mode, name, results[mode][name], floor.get(name)) for name in args.workloads]
     document = {"ceilings": ceilings, "floors_s": floor, "elapsed_s": round(time.monotonic() - start_s, 1)}
     with open(args.out / "http_record.jsonl", "w") as handle:
