@@ -30,6 +30,9 @@ WORKLOADS = {
     "W6": (100, 20, 512, 128),  # W1 on the guide's 20 GB card: an 18 GiB budget (BENCHMARKS.md)
     "single": (1, 1, 512, 256),
 }
+# Each workload's prompt seed: distinct, so no workload finds another's prompts in the prefix cache
+# (with one seed, W2's first 100 prompts were W1's, and W2 after W1 skipped a tenth of its prefill).
+WORKLOAD_SEEDS = {name: index + 1 for index, name in enumerate(WORKLOADS)}
 FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
 PACKED_QUANTIZATIONS = ("gptq", "awq", "gguf")  # dummy packed layouts: weights/dummy_quant.py
 

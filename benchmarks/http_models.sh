@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # W1 and W2 through HTTP for several model shapes in one device call: http_record.py once per
-# "config-folder:api-server-counts" argument, each into its own folder, then one archive and one
+# "config-folder:api-server-counts[:repeats]" argument, each into its own folder, then one archive and one
 # combined table under $OUT (the device returns at most 8 files).
 #
-#   bash benchmarks/http_models.sh configs/gemma-3-12b-it:1 configs/qwen3-8b:1 configs/mistral-7b-v0.1:1
+#   bash benchmarks/http_models.sh configs/gemma-3-12b-it:1 configs/qwen3-8b:1 configs/mistral-7b-v0.1:1,2:3
 #
-# REPEATS (default 1): runs of each workload through one server, the median reported.
+# repeats (default REPEATS, else 1): runs of each workload through one server, the median reported.
 # BUDGET_S (default 560) is the whole call's: a model whose http_record.py would start with less
 # than 100 s left is skipped and said so in the table.
 set -u
@@ -15,8 +15,7 @@ WORK=$(mktemp -d)
 mkdir -p "$OUT"
 start=$(date +%s)
 for spec in "$@"; do
-    config=${spec%%:*}
-    counts=${spec#*:}
+    IFS=: read -r config counts repeats <<<"$spec"
     name=$(basename "$config")
     left=$((BUDGET_S - ($(date +%s) - start)))
     if [ "$left" -lt 100 ]; then
@@ -24,7 +23,7 @@ for spec in "$@"; do
         continue
     fi
     python benchmarks/http_record.py --model-config "$config" --workloads W1 W2 \
-        --api-server-counts ${counts//,/ } --repeats "${REPEATS:-1}" --budget-s "$left" --out "$WORK/$name" >"$WORK/$name.stdout" 2>&1
+        --api-server-counts ${counts//,/ } --repeats "${repeats:-${REPEATS:-1}}" --budget-s "$left" --out "$WORK/$name" >"$WORK/$name.stdout" 2>&1
     echo "exit $? for $name"
     { echo "## $name ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
       cat "$WORK/$name/http_record.md" 2>/dev/null || tail -20 "$WORK/$name.stdout"

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_floors import WORKLOAD_SEEDS  # noqa: E402
 from fitserve.bench.server_process import ServerProcess, free_port  # noqa: E402
 
 GPU_BENCH = ROOT / "benchmarks" / "gpu_bench.py"
@@ -124,13 +125,15 @@ def server_cpu(before: dict, after: dict, duration_s: float) -> dict[str, float]
 
 
 def bench_one(base_url: str, name: str, shape: tuple[int, int, int, int], client_processes: int,
-              bench_flags: list[str], out: Path, logs: list[str], server_pid: int | None = None) -> dict:
+              bench_flags: list[str], out: Path, logs: list[str], server_pid: int | None = None,
+              seed: int = 0) -> dict:
     requests, concurrency, prompt, output = shape
     path = out / f"bench-{name}.json"
     command = [sys.executable, "-m", "fitserve", "bench", "--base-url", base_url, "--workload", "custom",
                "--num-prompts", str(requests), "--max-concurrency", str(concurrency), "--input-len", str(prompt),
                "--output-len", str(output), "--client-processes", str(max(1, min(client_processes, concurrency))),
-               "--disable-tqdm", "--metric-percentiles", "50,99", "--save-result", str(path), *bench_flags]
+               "--disable-tqdm", "--metric-percentiles", "50,99", "--seed", str(seed), "--save-result", str(path),
+               *bench_flags]
     cpu_before = server_cpu_ticks(server_pid) if server_pid else {}
     done = subprocess.run(command, capture_output=True, text=True, env=child_env())
     cpu_after = server_cpu_ticks(server_pid) if server_pid else {}
@@ -158,8 +161,10 @@ def through_http(count: int, shapes: dict, serve_flags: list[str], client_proces
         if not started.ready or not wait_all_ready(server.base_url, START_TIMEOUT_S):
             return {name: {"error": started.error or "not every API process became ready"} for name in shapes}
         for name, shape in shapes.items():
+            # A seed per workload and run: no run finds an earlier one's prompts in the prefix cache.
             runs = [bench_one(server.base_url, f"api{count}-{name}", shape, client_processes, bench_flags,
-                              out, logs, server.process.pid if server.process else None) for _ in range(repeats)]
+                              out, logs, server.process.pid if server.process else None,
+                              seed=1000 * repeat + WORKLOAD_SEEDS.get(name, 0)) for repeat in range(repeats)]
             failed = [run for run in runs if "error" in run]
             if failed:
                 results[name] = failed[0]
