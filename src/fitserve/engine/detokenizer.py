@@ -2,7 +2,10 @@
 
 Text is decoded over a small sliding window of token ids, so a multi-byte character split
 across tokens is emitted only once complete, and the cost per token does not grow with the
-output. While a request runs, the last `stop_holdback_chars` characters are held back,
+output. The window is bounded: tokens that add no printable text (skipped special tokens, bytes
+that never complete a UTF-8 character) are let go after MAX_PENDING_TOKENS, their bytes as U+FFFD;
+otherwise a model emitting them would make every token decode the whole output again, and one long
+request would stall the step loop of every other. While a request runs, the last `stop_holdback_chars` characters are held back,
 because they may be the start of a stop string that the next token completes.
 """
 
@@ -14,6 +17,9 @@ from fitserve.sampling_params import SamplingParams
 
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded with the first outputs, for correct leading spaces
 INCOMPLETE_CHAR = "\ufffd"  # what decoding yields for a cut-off UTF-8 sequence
+# A UTF-8 character is at most 4 bytes, so at most 4 tokens: this many without printable text can
+# only be tokens that print nothing or bytes that are not UTF-8.
+MAX_PENDING_TOKENS = 8
 
 
 class Decoder(Protocol):
@@ -38,7 +44,8 @@ class IncrementalDetokenizer:
         skip = self._params.skip_special_tokens
         prefix_text = self._decoder.decode(self._token_ids[self._prefix_offset : self._read_offset], skip)
         window_text = self._decoder.decode(self._token_ids[self._prefix_offset :], skip)
-        if len(window_text) <= len(prefix_text) or window_text.endswith(INCOMPLETE_CHAR):
+        nothing_yet = len(window_text) <= len(prefix_text) or window_text.endswith(INCOMPLETE_CHAR)
+        if nothing_yet and len(self._token_ids) - self._read_offset < MAX_PENDING_TOKENS:
             return None  # nothing printable yet (special token skipped, or a partial character)
         num_old_chars = len(self.text)
         self.text += window_text[len(prefix_text) :]
