@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/http_models.sh configs/gemma-3-12b-it:1 configs/qwen3-8b:1 configs/mistral-7b-v0.1:1,2:3
 #
+# WORKLOADS (default "W1 W2"): which of them.
 # repeats (default REPEATS, else 1): runs of each workload through one server, the median reported.
 # BUDGET_S (default 560) is the whole call's: a model whose http_record.py would start with less
 # than 100 s left is skipped and said so in the table.
@@ -22,7 +23,7 @@ for spec in "$@"; do
         echo "## $name: skipped, ${left} s left" >>"$OUT/http_models.md"
         continue
     fi
-    python benchmarks/http_record.py --model-config "$config" --workloads W1 W2 \
+    python benchmarks/http_record.py --model-config "$config" --workloads ${WORKLOADS:-W1 W2} \
         --api-server-counts ${counts//,/ } --repeats "${repeats:-${REPEATS:-1}}" --budget-s "$left" --out "$WORK/$name" >"$WORK/$name.stdout" 2>&1
     echo "exit $? for $name"
     { echo "## $name ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
