@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fitserve.engine.chat_template import template_variables
@@ -25,6 +25,7 @@ from fitserve.server.errors import BadRequestError
 from fitserve.server.protocol import AssistantMessage, ChatCompletionRequest, ChatMessage, DeltaMessage
 from fitserve.server.protocol_tools import ChatTool, DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from fitserve.server.tool_parsers import ToolParser
+from fitserve.server.tool_parsers.streaming import CanonicalJsonStream, call_head
 from fitserve.structured_params import ANY_JSON_OBJECT_SCHEMA, StructuredOutputParams
 
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's marker before a tool call (dropped when special tokens are skipped)
@@ -249,12 +250,12 @@ def _to_tool_call(obj: Any, plan: ToolPlan) -> ToolCall | None:
 
 @dataclass(slots=True)
 class _StreamedCall:
-    """A call whose name has been sent: its id, and the arguments text sent so far."""
+    """A call whose name has been sent: its id, its arguments' reader, and the arguments text sent so far."""
 
     id: str
     name: str
-    arguments_at: int  # where its arguments object starts in the call object's text
-    sent: str = ""
+    arguments: CanonicalJsonStream  # reads the call object's text from its arguments' `{` on
+    sent: list[str] = field(default_factory=list)  # the fragments sent
     closed: bool = False  # its arguments object ended (or stopped parsing): nothing more streams
 
 
@@ -295,8 +296,6 @@ class ToolCallStream:
 
     def _stream_calls(self) -> list[DeltaMessage]:
         """Deltas for calls whose name is now whole, and for the arguments written since the last feed."""
-        from fitserve.server.tool_parsers.streaming import call_head, canonical_json_prefix
-
         texts = self.parser.call_texts(self._held) if self.parser is not None else None
         deltas: list[DeltaMessage] = []
         offered = {t.function.name for t in self.plan.offered}
@@ -305,19 +304,20 @@ class ToolCallStream:
                 head = call_head(text)
                 if head is None or head.name not in offered:
                     break  # not yet (or not streamable: sent whole at the end); later calls keep their order
-                self._streamed.append(_StreamedCall(new_tool_call_id(), head.name, head.arguments_at))
+                self._streamed.append(_StreamedCall(new_tool_call_id(), head.name,
+                                                    CanonicalJsonStream(head.arguments_at)))
                 deltas.append(_call_delta(index, self._streamed[-1].id, head.name))
             call = self._streamed[index]
             if call.closed:
                 continue
-            prefix = canonical_json_prefix(text[call.arguments_at:])
-            if prefix is None:  # malformed: extract decides at the end
+            settled = call.arguments.feed(text)
+            if settled is None:  # malformed: extract decides at the end
                 call.closed = True
                 continue
-            if len(prefix.text) > len(call.sent):
-                deltas.append(_arguments_delta(index, prefix.text[len(call.sent):]))
-                call.sent = prefix.text
-            call.closed = prefix.closed
+            if settled:
+                deltas.append(_arguments_delta(index, settled))
+                call.sent.append(settled)
+            call.closed = call.arguments.closed
         return deltas
 
     def finish(self) -> list[DeltaMessage]:
@@ -333,11 +333,12 @@ class ToolCallStream:
             arguments = call.function.arguments
             if index < len(self._streamed):  # its id and name went out; send what its arguments still lack
                 streamed = self._streamed[index]
-                rest = arguments[len(streamed.sent):] if arguments.startswith(streamed.sent) else ""
+                sent = "".join(streamed.sent)
+                rest = arguments[len(sent):] if arguments.startswith(sent) else ""
                 if rest:
                     deltas.append(_arguments_delta(index, rest))
                 call = ToolCall(id=streamed.id, function=FunctionCall(name=call.function.name,
-                                                                      arguments=streamed.sent + rest))
+                                                                      arguments=sent + rest))
             else:
                 deltas += [_call_delta(index, call.id, call.function.name), _arguments_delta(index, arguments)]
             self.calls.append(call)

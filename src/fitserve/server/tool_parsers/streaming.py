@@ -52,53 +52,86 @@ class CanonicalPrefix:
 def canonical_json_prefix(raw: str) -> CanonicalPrefix | None:
     """The settled part of the JSON value that `raw` begins with, spelled as json.dumps spells the parsed
     value (', ' and ': ' separators, ASCII escapes, numbers re-read); None when `raw` is not JSON."""
-    out: list[str] = []
-    depth, i = 0, 0
-    while i < len(raw):
-        char = raw[i]
-        if char == '"':
-            end = _string(raw, i, out)
-            if end is None:
-                return None
-            if end < 0:  # the string goes on past the text read so far
-                return CanonicalPrefix("".join(out), False)
-            i = end
-            continue
-        if char in _SCALAR_CHARS:
-            end = i
-            while end < len(raw) and raw[end] in _SCALAR_CHARS:
-                end += 1
-            if end == len(raw):  # `1` may become `12`, `tr` `true`: wait for what follows
-                return CanonicalPrefix("".join(out), False)
-            try:
-                out.append(json.dumps(json.loads(raw[i:end])))
-            except json.JSONDecodeError:
-                return None
-            i = end
-            continue
-        if char in "{[":
-            depth += 1
-            out.append(char)
-        elif char in "}]":
-            depth -= 1
-            out.append(char)
-            if depth == 0:
-                return CanonicalPrefix("".join(out), True)
-        elif char == ",":
-            out.append(", ")
-        elif char == ":":
-            out.append(": ")
-        elif not char.isspace():
+    stream = CanonicalJsonStream()
+    delta = stream.feed(raw)
+    return None if delta is None else CanonicalPrefix(delta, stream.closed)
+
+
+class CanonicalJsonStream:
+    """canonical_json_prefix for a text that grows at its end, read once: each `feed` resumes where
+    the last stopped (inside a string too) and returns only the newly settled text, so a call whose
+    arguments run to thousands of tokens costs each token its own characters, not the whole text again.
+    """
+
+    def __init__(self, start: int = 0) -> None:
+        self.position = start  # where reading resumes in the text
+        self.depth = 0
+        self.in_string = False  # the position lies inside a string, after its opening quote
+        self.closed = False  # the value ended
+        self.invalid = False
+        self.scalar_end = 0  # how far the number or literal at `position` was read (it waits for its end)
+
+    def feed(self, raw: str) -> str | None:
+        """The settled text added since the last feed ('' when none); None once `raw` is not JSON.
+        `raw` is the whole text so far: the last feed's text with more at its end."""
+        if self.invalid:
             return None
-        i += 1
-    return CanonicalPrefix("".join(out), False)
+        out: list[str] = []
+        i = self.position
+        while i < len(raw) and not self.closed:
+            if self.in_string:
+                end = _string_rest(raw, i, out)
+                if end is None:
+                    self.invalid = True
+                    return None
+                if end < 0:  # the string goes on past the text read so far
+                    i = -end - 1
+                    break
+                i, self.in_string = end, False
+                continue
+            char = raw[i]
+            if char == '"':
+                out.append('"')
+                i, self.in_string = i + 1, True
+                continue
+            if char in _SCALAR_CHARS:
+                end = max(i, self.scalar_end)
+                while end < len(raw) and raw[end] in _SCALAR_CHARS:
+                    end += 1
+                if end == len(raw):  # `1` may become `12`, `tr` `true`: wait for what follows
+                    self.scalar_end = end
+                    break
+                try:
+                    out.append(json.dumps(json.loads(raw[i:end])))
+                except json.JSONDecodeError:
+                    self.invalid = True
+                    return None
+                i = end
+                continue
+            if char in "{[":
+                self.depth += 1
+                out.append(char)
+            elif char in "}]":
+                self.depth -= 1
+                out.append(char)
+                self.closed = self.depth == 0
+            elif char == ",":
+                out.append(", ")
+            elif char == ":":
+                out.append(": ")
+            elif not char.isspace():
+                self.invalid = True
+                return None
+            i += 1
+        self.position = i
+        return "".join(out)
 
 
-def _string(raw: str, start: int, out: list[str]) -> int | None:
-    """Append the string at raw[start] (its opening quote) to `out` in json.dumps' escapes; the index after
-    its closing quote, -1 when the text ends inside it (what was whole is appended), None when invalid."""
-    out.append('"')
-    i = start + 1
+def _string_rest(raw: str, start: int, out: list[str]) -> int | None:
+    """Append the string's characters from raw[start] (inside it) to `out` in json.dumps' escapes; the
+    index after its closing quote; -(i + 1) when the text ends inside it at i (what was whole is
+    appended; i is where to resume: an escape cut short is read again whole); None when invalid."""
+    i = start
     while i < len(raw):
         char = raw[i]
         if char == '"':
@@ -109,12 +142,12 @@ def _string(raw: str, start: int, out: list[str]) -> int | None:
             i += 1
             continue
         if i + 1 >= len(raw):
-            return -1
+            return -(i + 1)
         kind = raw[i + 1]
         if kind == "u":
             digits = raw[i + 2:i + UNICODE_ESCAPE_CHARS]
             if len(digits) < 4:
-                return -1 if all(d in _HEX_DIGITS for d in digits) else None
+                return -(i + 1) if all(d in _HEX_DIGITS for d in digits) else None
             if not all(d in _HEX_DIGITS for d in digits):
                 return None
             code = int(digits, 16)
@@ -126,4 +159,4 @@ def _string(raw: str, start: int, out: list[str]) -> int | None:
             return None
         out.append(json.dumps(_ESCAPES[kind])[1:-1])
         i += 2
-    return -1
+    return -(i + 1)
