@@ -55,3 +55,13 @@ def test_the_linear_layer_result_does_not_depend_on_the_path(monkeypatch):
     batched = linear(x, w)
     alone = torch.cat([linear(x[i:i + 1], w) for i in range(6)])
     assert torch.allclose(batched.float(), alone.float(), rtol=2 ** -7, atol=1e-6)
+
+
+def test_a_compiled_step_traces_the_bf16_linear_without_a_graph_break():
+    """`--cpu-compile decode` traces linear() whole (fullgraph): the bf16-units check must be a value
+    dynamo can read. It once called torch.cpu's feature queries, which dynamo refuses, and every bf16
+    compiled start-up failed."""
+    x, w = _operands(4, 24, 16)
+    compiled = torch.compile(linear, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x, w), linear(x, w))
+    assert torch.equal(compiled(x[:1], w), linear(x[:1], w))

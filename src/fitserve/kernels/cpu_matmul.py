@@ -15,8 +15,6 @@ model the GPU and leave it out.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -25,10 +23,14 @@ import torch.nn.functional as F
 WIDEN_SLICE_BYTES = 8 << 20
 
 
-@functools.cache
+# Read once at import: a compiled decode step (runner/cpu_compile.py) traces cpu_has_bf16_units, and
+# dynamo refuses to trace torch.cpu's feature queries
+_BF16_UNITS = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def cpu_has_bf16_units() -> bool:
     """AVX512_BF16 or AMX tiles: torch multiplies bf16 natively on this CPU."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return _BF16_UNITS
 
 
 def takes_widened_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
