@@ -55,7 +55,7 @@ def build_fake_core(config: Any, progress: bool, *, step_delay_s: float = 0.0, m
 
 
 def start_fake_core(max_queue_len: int | None = None, **build_kwargs: Any) -> CoreClient:
-    return start_core_client(partial(build_fake_core, **build_kwargs), None, lambda ready: FakeTokenizer(),
+    return start_core_client(partial(build_fake_core, **build_kwargs), None, FakeTokenizer,
                              max_queue_len=max_queue_len)
 
 
@@ -87,7 +87,7 @@ def wait_for(predicate: Any, timeout_s: float = 10.0) -> bool:
     return True
 
 
-def fake_tokenizer(config: Any, ready: CoreReady) -> FakeTokenizer:
+def fake_tokenizer(config: Any) -> FakeTokenizer:
     return FakeTokenizer()
 
 

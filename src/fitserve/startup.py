@@ -420,6 +420,6 @@ def build_core(config: EngineConfig, progress: bool) -> tuple[LLMEngine, CoreRea
         gpu_ids=gpu_ids_in_use(built.device, config.tensor_parallel_size), stats=engine.stats())
 
 
-def serving_tokenizer(config: EngineConfig, ready: CoreReady) -> Tokenizer:
-    """In the API process, once the core is ready: the model's tokenizer (already downloaded by the core)."""
+def serving_tokenizer(config: EngineConfig) -> Tokenizer:
+    """In the API process, while the core builds the engine: the model's tokenizer."""
     return Tokenizer.from_source(resolve_model_source(config))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -270,12 +271,13 @@ def _close(context: zmq.Context, *sockets: zmq.Socket) -> None:
     context.term()
 
 
-def start_core_client(build: CoreBuilder, config: Any, tokenizer_for: Callable[[CoreReady], ServingTokenizer],
+def start_core_client(build: CoreBuilder, config: Any, tokenizer_for: Callable[[], ServingTokenizer],
                       *, max_queue_len: int | None) -> CoreClient:
     """Start the core process (spawn), wait until it has built the engine, and return its client.
 
-    `build(config, progress)` runs in the core; `tokenizer_for(ready)` here. A ConfigError in the
-    core is raised here as a ConfigError (exit code 2); any other start-up failure as RuntimeError."""
+    `build(config, progress)` runs in the core; `tokenizer_for()` here, while the core builds
+    (_ready_and_tokenizer). A ConfigError in the core is raised here as a ConfigError (exit code 2);
+    any other start-up failure as RuntimeError."""
     socket_dir = tempfile.mkdtemp(prefix="fitserve-core-")
     atexit.register(shutil.rmtree, socket_dir, ignore_errors=True)  # also when we exit while the core loads
     addresses = CoreAddresses((f"ipc://{socket_dir}/to_core",), (f"ipc://{socket_dir}/from_core",))
@@ -284,8 +286,7 @@ def start_core_client(build: CoreBuilder, config: Any, tokenizer_for: Callable[[
     try:
         process.start()
         atexit.register(end_if_alive, process)
-        ready = _wait_for_ready(process, from_core)
-        tokenizer = tokenizer_for(ready)
+        ready, tokenizer = _ready_and_tokenizer(process, from_core, tokenizer_for)
     except BaseException:
         if process.is_alive():
             process.kill()
@@ -318,7 +319,7 @@ def bind_client_sockets(to_core_address: str, from_core_address: str) -> tuple[z
 
 
 def connect_core_client(addresses: CoreAddresses, client_index: int, core_pid: int,
-                        tokenizer_for: Callable[[CoreReady], ServingTokenizer], *,
+                        tokenizer_for: Callable[[], ServingTokenizer], *,
                         max_queue_len: int | None) -> CoreClient:
     """In API process `client_index` of several: bind this process's sockets (`addresses` of
     engine/core_group.py), wait for the core's CoreReady, and return its client. The core belongs
@@ -327,12 +328,23 @@ def connect_core_client(addresses: CoreAddresses, client_index: int, core_pid: i
                                                       addresses.from_core[client_index])
     watch = PidWatch(core_pid)
     try:
-        ready = _wait_for_ready(watch, from_core)
-        tokenizer = tokenizer_for(ready)
+        ready, tokenizer = _ready_and_tokenizer(watch, from_core, tokenizer_for)
     except BaseException:
         _close(context, to_core, from_core)
         raise
     return CoreClient(watch, context, to_core, from_core, ready, tokenizer, max_queue_len, None, client_index).start()
+
+
+def _ready_and_tokenizer(process: CoreProcess, from_core: zmq.Socket,
+                         tokenizer_for: Callable[[], ServingTokenizer]) -> tuple[CoreReady, ServingTokenizer]:
+    """The core's CoreReady, and the tokenizer loaded in a thread meanwhile: on the CPU the embedded
+    model's tokenizer takes about 3 s (its GGUF's metadata), which /health waited for after the core
+    was ready. A hub model's files may then be fetched by both processes at once; huggingface_hub's
+    file locks let one download and the other wait. The core's failure is raised first."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fitserve-tokenizer") as pool:
+        tokenizer = pool.submit(tokenizer_for)
+        ready = _wait_for_ready(process, from_core)
+        return ready, tokenizer.result()
 
 
 def _wait_for_ready(process: CoreProcess, from_core: zmq.Socket) -> CoreReady:

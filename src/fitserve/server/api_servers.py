@@ -35,6 +35,7 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 from typing import Any
 
@@ -42,7 +43,6 @@ from fitserve.config import ConfigError, EngineConfig, ServerConfig
 from fitserve.engine.client import EngineClient
 from fitserve.engine.core_client import connect_core_client
 from fitserve.engine.core_group import CoreGroup, start_core_group
-from fitserve.engine.core_messages import CoreReady
 from fitserve.engine.core_process import CoreAddresses, CoreBuilder
 from fitserve.engine.tokenizer import Tokenizer
 from fitserve.server import launcher
@@ -68,8 +68,8 @@ class ApiServerOptions:
     stats_interval_s: float | None = None  # the stats line every so often (API process 0 only); None: off
 
 
-def model_tokenizer(config: EngineConfig, ready: CoreReady) -> Tokenizer:
-    """In each API process, once the core is ready: the model's tokenizer (the core has the files local)."""
+def model_tokenizer(config: EngineConfig) -> Tokenizer:
+    """In each API process, while it waits for the core: the model's tokenizer."""
     return Tokenizer.from_source(resolve_model_source(config))
 
 
@@ -92,7 +92,7 @@ def serve_api_servers(count: int, build: CoreBuilder, engine_config: Any, server
                       options: ApiServerOptions, tokenizer_for: Any = model_tokenizer,
                       sock: socket.socket | None = None) -> int:
     """Start the core and `count` API processes on one socket, supervise them until they exit (blocks).
-    `build(config, progress)` runs in the core, `tokenizer_for(config, ready)` in each API process
+    `build(config, progress)` runs in the core, `tokenizer_for(config)` in each API process
     (both pickled by name); `sock` a socket already listening (tests), else --host:--port is bound."""
     sock = sock or listening_socket(options.host, options.port)
     host, port = sock.getsockname()[:2]
@@ -211,7 +211,7 @@ def run_api_server(index: int, sock: socket.socket, addresses: CoreAddresses, co
 
     def load_engine(report_phase: Any) -> EngineClient:
         report_phase(Phase.LOADING)
-        client = connect_core_client(addresses, index, core_pid, lambda ready: tokenizer_for(engine_config, ready),
+        client = connect_core_client(addresses, index, core_pid, partial(tokenizer_for, engine_config),
                                      max_queue_len=server_config.max_queue_len)
         telemetry.start(client.stats, client.gpu_ids)
         return client
