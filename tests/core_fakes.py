@@ -38,9 +38,19 @@ class PickyCompiler:
 
 
 def build_fake_core(config: Any, progress: bool, *, step_delay_s: float = 0.0, max_num_seqs: int = 8,
-                    num_blocks: int = 128, fail_with: str | None = None) -> tuple[LLMEngine, CoreReady]:
+                    num_blocks: int = 128, fail_with: str | None = None,
+                    wait_for_path: str | None = None) -> tuple[LLMEngine, CoreReady]:
     """In the core process: LLMEngine over the fake runner (`step_delay_s` per step); `fail_with`
-    'config' or 'crash' makes the start-up fail as a wrong setting or a bug would."""
+    'config' or 'crash' makes the start-up fail as a wrong setting or a bug would; `wait_for_path`:
+    the build waits (up to 10 s, then fails) until that file exists."""
+    if wait_for_path is not None:
+        import os
+        import time
+        deadline = time.monotonic() + 10
+        while not os.path.exists(wait_for_path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{wait_for_path} never appeared")
+            time.sleep(0.01)
     if fail_with == "config":
         raise ConfigError("--max-model-len 99999 is longer than the model's context")
     if fail_with == "crash":

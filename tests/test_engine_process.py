@@ -10,16 +10,19 @@ import asyncio
 import json
 import os
 import signal
+from functools import partial
 
 import httpx
 import openai
 import pytest
-from core_fakes import MODEL, core_is_idle_and_free, fake_core_server, start_fake_core, wait_for
+from core_fakes import MODEL, build_fake_core, core_is_idle_and_free, fake_core_server, start_fake_core, wait_for
+from fake_engine import FakeTokenizer
 from reliability_helpers import assert_openai_error, expected_text
 from server_fixtures import FAKE_API_KEY
 
 from fitserve.config import ConfigError, EngineConfig, ServerConfig
 from fitserve.engine.client import EngineClient
+from fitserve.engine.core_client import start_core_client
 
 LONG = {"max_tokens": 200, "ignore_eos": True}  # at 10 ms a step: ~2 s, longer than any test waits
 USER = [{"role": "user", "content": "hi"}]
@@ -164,6 +167,23 @@ def test_a_killed_core_fails_requests_and_health_instead_of_hanging():
 def test_a_core_that_cannot_start_raises_here(fail_with, error, words):
     with pytest.raises(error, match=words):
         start_fake_core(fail_with=fail_with)
+
+
+def test_the_api_process_loads_its_tokenizer_while_the_core_builds(tmp_path):
+    """The core's build waits for a file that only the tokenizer's loading writes: it comes up only if
+    the tokenizer loads while the core builds, not after (on the CPU that was 2-3 s of /health)."""
+    marker = tmp_path / "tokenizer-loading"
+
+    def tokenizer_for():
+        marker.touch()
+        return FakeTokenizer()
+
+    client = start_core_client(partial(build_fake_core, wait_for_path=str(marker)), None, tokenizer_for,
+                               max_queue_len=None)
+    try:
+        assert isinstance(client.tokenizer, FakeTokenizer)
+    finally:
+        client.shutdown()
 
 
 def test_shutdown_stops_the_core_process():
