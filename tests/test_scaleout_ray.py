@@ -127,7 +127,8 @@ async def _outcome(work) -> tuple[str, str]:
 def test_killing_a_replica_fails_only_its_requests_in_flight(ray_app):
     async def run():
         async with _client(ray_app) as client:
-            tasks = [asyncio.create_task(_outcome(_stream(client, i, 16) if i % 2 else _chat(client, i, 16)))
+            # 64 tokens each: on a fast CPU 16 let every request finish before the kill took effect
+            tasks = [asyncio.create_task(_outcome(_stream(client, i, 64) if i % 2 else _chat(client, i, 64)))
                      for i in range(48)]
             for next_done in asyncio.as_completed(tasks):  # the first answer that names its replica
                 status, victim = await next_done
