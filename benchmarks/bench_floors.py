@@ -33,6 +33,12 @@ WORKLOADS = {
 # Each workload's prompt seed: distinct, so no workload finds another's prompts in the prefix cache
 # (with one seed, W2's first 100 prompts were W1's, and W2 after W1 skipped a tenth of its prefill).
 WORKLOAD_SEEDS = {name: index + 1 for index, name in enumerate(WORKLOADS)}
+
+
+def prompt_seed(workload: str, repeat: int = 0) -> int:
+    """The seed of `workload`'s prompts in run `repeat` of it: no two (workload, repeat) share one, so
+    no run finds an earlier one's prompts in the prefix cache (in-process and through HTTP alike)."""
+    return 1000 * repeat + WORKLOAD_SEEDS.get(workload, 0)
 FP8_QUANTIZATIONS = ("fp8", "fp8_per_tensor")
 PACKED_QUANTIZATIONS = ("gptq", "awq", "gguf")  # dummy packed layouts: weights/dummy_quant.py
 

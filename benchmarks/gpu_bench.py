@@ -36,9 +36,9 @@ CONFIG_DIR = ROOT / "configs" / "llama-3-8b-instruct"  # --model-config's defaul
 
 from bench_floors import (  # noqa: E402  (after the path above)
     QUANT_VARIANTS,
-    WORKLOAD_SEEDS,
     WORKLOADS,
     floor_report,
+    prompt_seed,
 )
 
 
@@ -157,11 +157,11 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
 
 
 def run_workload(engine, workload: str, seed: int | None = None) -> dict:
-    """One closed-loop run; `seed` (default: the workload's own, WORKLOAD_SEEDS) draws the prompts."""
+    """One closed-loop run; `seed` (default: the workload's own, bench_floors.prompt_seed) draws the prompts."""
     from fitserve.sampling_params import SamplingParams
 
     requests, concurrency, prompt_len, output_len = WORKLOADS[workload]
-    gen = torch.Generator().manual_seed(WORKLOAD_SEEDS[workload] if seed is None else seed)
+    gen = torch.Generator().manual_seed(prompt_seed(workload) if seed is None else seed)
     vocab = engine.limits.vocab_size
     prompts = torch.randint(0, vocab, (requests, prompt_len), generator=gen).tolist()
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_floors import WORKLOAD_SEEDS  # noqa: E402
+from bench_floors import prompt_seed  # noqa: E402
 from fitserve.bench.server_process import ServerProcess, free_port  # noqa: E402
 
 GPU_BENCH = ROOT / "benchmarks" / "gpu_bench.py"
@@ -164,7 +164,7 @@ def through_http(count: int, shapes: dict, serve_flags: list[str], client_proces
             # A seed per workload and run: no run finds an earlier one's prompts in the prefix cache.
             runs = [bench_one(server.base_url, f"api{count}-{name}", shape, client_processes, bench_flags,
                               out, logs, server.process.pid if server.process else None,
-                              seed=1000 * repeat + WORKLOAD_SEEDS.get(name, 0)) for repeat in range(repeats)]
+                              seed=prompt_seed(name, repeat)) for repeat in range(repeats)]
             failed = [run for run in runs if "error" in run]
             if failed:
                 results[name] = failed[0]

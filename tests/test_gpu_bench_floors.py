@@ -205,3 +205,20 @@ def test_fp8_weight_only_switch_builds_w8a16_layers_on_this_card(monkeypatch):
     assert layers and all(m.weight_only for m in layers)
     if torch.cuda.get_device_capability(cuda) >= (8, 9):  # a card with fp8 tensor cores took W8A8 before
         assert not any(m.weight_only for m in before.modules() if isinstance(m, fp8.Fp8Linear))
+
+
+def test_no_run_draws_the_prompts_of_another():
+    """With one seed for every workload, W2 after W1 found W1's 100 prompts in the prefix cache and skipped
+    a tenth of its prefill, and a repeat was served from the cache: each workload and each repeat of it
+    now draws its own prompts, in-process (gpu_bench) and through HTTP (http_record's `fitserve bench`)."""
+    from fitserve.bench.workloads import Workload, build_requests
+
+    runs = [(name, repeat) for name in bench_floors.WORKLOADS for repeat in range(3)]
+    seeds = [bench_floors.prompt_seed(name, repeat) for name, repeat in runs]
+    assert len(set(seeds)) == len(runs)
+    first_blocks = set()
+    for seed in seeds:
+        workload = Workload("custom", "", num_prompts=4, max_concurrency=None, input_len=32, output_len=1)
+        requests = build_requests(workload, seed=seed, vocab_size=32000)
+        first_blocks.update(tuple(r.prompt[:16]) for r in requests)
+    assert len(first_blocks) == 4 * len(seeds)  # no 16-token first block (one KV block) in common
