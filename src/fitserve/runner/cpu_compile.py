@@ -104,7 +104,8 @@ class CpuDecodeCompile:
         """Compile both buckets now (or load them from inductor's cache) on made-up decode steps that write
         the first slot of blocks 0 and 1 (nothing is cached yet); returns the seconds it took."""
         logger.info("Compiling the CPU decode step (--cpu-compile decode): a minute or more the first time, "
-                    "less from inductor's cache in %s (its tracing is not cached)", os.environ["TORCHINDUCTOR_CACHE_DIR"])
+                    "less from inductor's cache in %s (its tracing is not cached)",
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"])
         start_s = time.monotonic()
         for num_seqs in (1, 2):
             self.run(chunks_on_blocks([((0,), 0)] * num_seqs, "compile", self.block_size, SamplingParams()))
