@@ -5,6 +5,7 @@ Spawned processes import this module by name (multiprocessing passes the test's 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,8 +45,6 @@ def build_fake_core(config: Any, progress: bool, *, step_delay_s: float = 0.0, m
     'config' or 'crash' makes the start-up fail as a wrong setting or a bug would; `wait_for_path`:
     the build waits (up to 10 s, then fails) until that file exists."""
     if wait_for_path is not None:
-        import os
-        import time
         deadline = time.monotonic() + 10
         while not os.path.exists(wait_for_path):
             if time.monotonic() > deadline:

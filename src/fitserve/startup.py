@@ -60,6 +60,7 @@ from fitserve.runner.memory import (
 from fitserve.runner.model_runner import TorchModelRunner
 from fitserve.runner.profiling import profile_activation_peak
 from fitserve.sampling_params import generation_config_defaults
+from fitserve.server.api_servers import model_tokenizer
 from fitserve.server.ui.info import startup_info
 from fitserve.telemetry import Telemetry
 from fitserve.weights.fp8_checkpoint import with_checkpoint_quantization
@@ -397,7 +398,7 @@ def start_serving_engine(config: EngineConfig, telemetry: Telemetry, *, max_queu
     `max_queue_len` None: no queue limit in the engine; each caller says why its choice is right.
     With --engine-process the engine is built and stepped in its own process (docs/engine_process.md)."""
     if config.uses_engine_process(resolve_device(config).type == "cuda"):
-        client = start_core_client(build_core, config, partial(serving_tokenizer, config), max_queue_len=max_queue_len)
+        client = start_core_client(build_core, config, partial(model_tokenizer, config), max_queue_len=max_queue_len)
         telemetry.start(client.stats, client.gpu_ids)
         return client
     built = build_engine(config, progress=progress)
@@ -418,8 +419,3 @@ def build_core(config: EngineConfig, progress: bool) -> tuple[LLMEngine, CoreRea
         default_sampling_params=dict(built.default_sampling_params or {}),
         startup_info=startup_info(built.memory, config),
         gpu_ids=gpu_ids_in_use(built.device, config.tensor_parallel_size), stats=engine.stats())
-
-
-def serving_tokenizer(config: EngineConfig) -> Tokenizer:
-    """In the API process, while the core builds the engine: the model's tokenizer."""
-    return Tokenizer.from_source(resolve_model_source(config))
