@@ -45,6 +45,7 @@ WORKLOADS = {"W1": (100, 20, 512, 128), "W2": (1000, 256, 512, 128), "W4": (200,
              "single": (1, 1, 512, 256)}
 SMOKE_WORKLOAD = (4, 2, 16, 4)
 START_TIMEOUT_S = 300.0
+SERVER_TTFT_KEYS = ("mean_server_ttft_ms", "mean_queue_time_ms", "mean_prefill_time_ms")  # bench's server_metrics
 ALL_READY_CONNECTIONS = 20  # /health answered 200 on this many new connections in a row: every API process is up
 SERVER_ESTIMATE_S = 100.0  # one server's start-up and the four workloads on an H200
 
@@ -184,12 +185,14 @@ def http_line(mode: str, name: str, result: dict, floor: float | None) -> dict:
         return {"mode": mode, "workload": name, **result}
     duration = result["duration"]
     cpu = result.get("client_cpu") or {}
+    server = result.get("server_metrics") or {}
     return {"mode": mode, "workload": name, "duration_s": round(duration, 3), "floor_s": floor,
             "of_floor_pct": round(100 * floor / duration, 1) if floor else None,
             "completed": result["completed"], "failed": result["failed"],
             "durations_s": result.get("durations_s"),
             "median_ttft_ms": round(result["median_ttft_ms"], 1), "p99_itl_ms": round(result["p99_itl_ms"], 1),
-            "mean_tpot_ms": round(result["mean_tpot_ms"], 2),
+            "mean_tpot_ms": round(result["mean_tpot_ms"], 2), "mean_ttft_ms": round(result["mean_ttft_ms"], 1),
+            **{key: _round(server.get(key)) for key in SERVER_TTFT_KEYS},
             "client_processes": cpu.get("num_processes"), "client_max_core_fraction": cpu.get("max_core_fraction"),
             "client_bound": cpu.get("client_bound"), "server_cpu_core_fraction": result.get("server_cpu")}
 
@@ -201,7 +204,29 @@ def in_process_line(name: str, run: dict, floor: float | None) -> dict:
     return {"mode": "in_process", "workload": name, "duration_s": round(duration, 3), "floor_s": floor,
             "of_floor_pct": round(100 * floor / duration, 1) if floor else None,
             "median_ttft_ms": round(run["ttft_ms"]["median"], 1), "p99_itl_ms": round(run["itl_p99_ms"], 1),
-            "mean_tpot_ms": round(run["tpot_ms"]["mean"], 2)}
+            "mean_tpot_ms": round(run["tpot_ms"]["mean"], 2), "mean_ttft_ms": round(run["ttft_ms"]["mean"], 1)}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def ttft_table(lines: list[dict], workloads: list[str], modes: list[str]) -> str:
+    """Where the first token's time goes: the client's mean TTFT against the server's (arrival at its
+    API to the token sampled), split into queue (to the step that first schedules it) and prefill."""
+    rows = ["| workload | mode | mean TTFT, client | server | queue | prefill | client - server |",
+            "|---|---|---:|---:|---:|---:|---:|"]
+    by_key = {(line["mode"], line["workload"]): line for line in lines}
+    for name in workloads:
+        for mode in modes:
+            line = by_key.get((mode, name), {})
+            if line.get("mean_ttft_ms") is None:
+                continue
+            server = line.get("mean_server_ttft_ms")
+            cells = [line["mean_ttft_ms"], server, line.get("mean_queue_time_ms"), line.get("mean_prefill_time_ms"),
+                     None if server is None else round(line["mean_ttft_ms"] - server, 1)]
+            rows.append(f"| {name} | {mode} | " + " | ".join("-" if c is None else f"{c:.1f} ms" for c in cells) + " |")
+    return "\n".join(rows)
 
 
 def table(lines: list[dict], workloads: list[str], modes: list[str]) -> str:
@@ -275,7 +300,7 @@ def main() -> int:
     (args.out / "bench_results.json").write_text(json.dumps(results, indent=1))
     (args.out / "logs.txt").write_text("\n".join(logs))
     modes = ["in_process", *(f"http_api{c}" for c in args.api_server_counts)]
-    rendered = table(lines, args.workloads, modes)
+    rendered = table(lines, args.workloads, modes) + "\n\n" + ttft_table(lines, args.workloads, modes)
     (args.out / "http_record.md").write_text(rendered + "\n")
     print(rendered)
     return 0 if all("error" not in line for line in lines) else 1

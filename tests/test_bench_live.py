@@ -142,6 +142,21 @@ def test_shared_prefix_workload_reports_the_servers_prefix_cache_hits(engine):
     assert "Prefix cache hit rate (%):" in out.table()
 
 
+def test_the_report_sets_the_servers_ttft_beside_the_clients(engine):
+    """The server's histograms (vllm:time_to_first_token_seconds and its parts, queue and prefill) give
+    their means over the run: what HTTP and the client add is the client's mean TTFT less the server's."""
+    workload = resolve_workload("custom", num_prompts=12, max_concurrency=12, input_len=16, output_len=4)
+    with live_server(build_app(engine)) as url:  # the real /metrics
+        out = bench(url, workload)
+    r, server = out.result, out.result["server_metrics"]
+    assert r["completed"] == 12
+    ttft, queue, prefill = (server[k] for k in ("mean_server_ttft_ms", "mean_queue_time_ms", "mean_prefill_time_ms"))
+    assert queue + prefill == pytest.approx(ttft, rel=1e-6), "each request's TTFT is its queue plus its prefill"
+    assert prefill >= 1000 * STEP_S, "a first token takes at least one step"
+    assert 0 < ttft <= r["mean_ttft_ms"], "the server's first token comes before the client has it"
+    assert "Server mean TTFT (ms):" in out.table()
+
+
 def test_cli_saves_the_result_with_its_provenance(url, tmp_path, capsys):
     path = tmp_path / "w1.json"
     rc = main(["bench", "--base-url", f"{url}/v1/", "--workload", "W1", "--num-prompts", "6", "--max-concurrency",

@@ -180,7 +180,17 @@ def _server_lines(server: dict) -> list[str]:
                     _line("Peak KV-cache usage (%):", server["peak_kv_cache_usage_pct"]),
                     _line("Peak requests waiting:", server["peak_num_requests_waiting"]),
                     _line("Peak requests running:", server["peak_num_requests_running"]),
-                    *_prefix_cache_lines(server)]
+                    *_prefix_cache_lines(server), *_server_latency_lines(server)]
+
+
+def _server_latency_lines(server: dict) -> list[str]:
+    """The server's TTFT, queue and prefill means (arrival at its API onwards): the client's mean TTFT
+    less the server's is what HTTP and the client add."""
+    if server.get("mean_server_ttft_ms") is None:
+        return []
+    return [_line("Server mean TTFT (ms):", server["mean_server_ttft_ms"]),
+            _line("Server mean queue time (ms):", server.get("mean_queue_time_ms")),
+            _line("Server mean prefill time (ms):", server.get("mean_prefill_time_ms"))]
 
 
 def _prefix_cache_lines(server: dict) -> list[str]:

@@ -26,6 +26,11 @@ ENERGY = ("fitserve:gpu_energy_joules_total",)  # summed over the server's GPUs 
 POWER = ("fitserve:gpu_power_watts",)
 PREFIX_CACHE_QUERIES = ("vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total")  # tokens
 PREFIX_CACHE_HITS = ("vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total")
+# Histograms whose mean over the run the report gives (their _sum and _count grow by the run's requests):
+# the server's own view of the first token, to set beside the client's (what HTTP and the client add).
+SERVER_TTFT = "vllm:time_to_first_token_seconds"   # arrival at the API -> first token sampled
+QUEUE_TIME = "vllm:request_queue_time_seconds"     # arrival -> the step that first schedules it
+PREFILL_TIME = "vllm:request_prefill_time_seconds"  # that step -> first token
 DEFAULT_POLL_INTERVAL_S = 0.5
 
 
@@ -68,6 +73,9 @@ class ServerMetricsSummary:
     peak_power_w: float | None = None      # highest power seen while polling
     prefix_cache_queries: float | None = None  # prompt tokens looked up in the prefix cache during the run
     prefix_cache_hits: float | None = None     # of those, tokens found cached
+    mean_server_ttft_ms: float | None = None   # the means of the server's histograms over the run
+    mean_queue_time_ms: float | None = None
+    mean_prefill_time_ms: float | None = None
 
     @property
     def prefix_cache_hit_rate_pct(self) -> float | None:
@@ -157,6 +165,11 @@ class MetricsPoller:
         before, after = pick(self.first or {}, names), pick(self.last or {}, names)
         return None if before is None or after is None else after - before
 
+    def _mean_ms(self, histogram: str) -> float | None:
+        """A histogram's mean over the run, in ms (None without it or without observations in the run)."""
+        total, count = self._delta((histogram + "_sum",)), self._delta((histogram + "_count",))
+        return None if total is None or not count else 1000.0 * total / count
+
     def summary(self) -> ServerMetricsSummary:
         kv = self.peaks.get(KV_USAGE)
         energy_before, energy_after = pick(self.first or {}, ENERGY), pick(self.last or {}, ENERGY)
@@ -180,4 +193,7 @@ class MetricsPoller:
             peak_power_w=self.peaks.get(POWER),
             prefix_cache_queries=self._delta(PREFIX_CACHE_QUERIES),
             prefix_cache_hits=self._delta(PREFIX_CACHE_HITS),
+            mean_server_ttft_ms=self._mean_ms(SERVER_TTFT),
+            mean_queue_time_ms=self._mean_ms(QUEUE_TIME),
+            mean_prefill_time_ms=self._mean_ms(PREFILL_TIME),
         )
