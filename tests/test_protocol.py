@@ -180,6 +180,9 @@ def test_a_number_field_takes_an_integer():
     ({"prompt": ["ok", "\udc00"]}, "prompt.1"),
     ({"messages": USER, "chat_template_kwargs": {"\ud800": 1}}, "chat_template_kwargs.'\\ud800'"),
     ({"prompt": "\N{GRINNING FACE} and text"}, None),
+    ({"prompt": list(range(512))}, None),  # token ids: skipped whole
+    ({"prompt": [1, 2, "\udfff"]}, "prompt.2"),  # a list with one string in it is walked
+    ({"prompt": [[1, 2], ["\ud800"]]}, "prompt.1.0"),
 ])
 def test_unpaired_surrogate_path(data, path):
     assert unpaired_surrogate_path(data) == path
@@ -190,3 +193,15 @@ def test_an_unpaired_surrogate_is_a_validation_error_naming_the_field():
         CompletionRequest.model_validate({"prompt": ["ok", "x\ud800"]})
     error = info.value.errors()[0]
     assert error["type"] == INVALID_TEXT_ERROR and error["ctx"]["param"] == "prompt.1"
+
+
+@pytest.mark.parametrize("prompt", [[], [[1, 2], []], [[]]])
+def test_an_empty_prompt_is_refused(prompt):
+    with pytest.raises(ValidationError, match="prompt must not be empty"):
+        CompletionRequest.model_validate({"prompt": prompt})
+
+
+@pytest.mark.parametrize("prompt, prompts", [
+    ([5, 6, 7], [[5, 6, 7]]), ([[5], [6, 7]], [[5], [6, 7]]), (["a", "b"], ["a", "b"]), ("a", ["a"])])
+def test_a_prompt_gives_one_entry_per_choice(prompt, prompts):
+    assert CompletionRequest.model_validate({"prompt": prompt}).prompts() == prompts

@@ -30,9 +30,13 @@ Bool = Annotated[bool, Strict()]
 INVALID_TEXT_ERROR = "invalid_text"  # the pydantic error type of a string that is not valid Unicode
 
 
+NUMBER_TYPES = {int, float, bool}
+
+
 def unpaired_surrogate_path(data: Any) -> str | None:
     """The dotted path of the first string in `data` (parsed JSON) that holds an unpaired UTF-16
-    surrogate such as "\\ud800": JSON can spell one, but it is no text a tokenizer can read."""
+    surrogate such as "\\ud800": JSON can spell one, but it is no text a tokenizer can read.
+    A list of numbers alone (a prompt of token ids) is passed over at C speed."""
     stack: list[tuple[str, Any]] = [("", data)]
     while stack:
         path, value = stack.pop()
@@ -45,7 +49,7 @@ def unpaired_surrogate_path(data: Any) -> str | None:
                 if isinstance(key, str) and not _encodes(key):  # named escaped: the answer must encode
                     return f"{path}.{key!a}" if path else ascii(key)
                 stack.append((item_path, item))
-        elif isinstance(value, list):
+        elif isinstance(value, list) and not set(map(type, value)) <= NUMBER_TYPES:  # not just token ids
             stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value))
     return None
 
@@ -287,7 +291,8 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_empty(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
+        # validated, the list holds one kind: only a list of lists can hold an empty prompt
+        if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], list) and not all(prompt)):
             raise ValueError("prompt must not be empty.")
         return prompt
 
@@ -329,7 +334,7 @@ class CompletionRequest(SamplingFields):
         """One entry per choice: a text prompt or a list of token ids."""
         if isinstance(self.prompt, str):
             return [self.prompt]
-        if all(isinstance(p, int) for p in self.prompt):
+        if isinstance(self.prompt[0], int):  # validated: a list of one kind, never empty
             return [list(self.prompt)]  # type: ignore[arg-type]
         return list(self.prompt)  # type: ignore[arg-type]
 
