@@ -47,6 +47,8 @@ class FakeTokenizer:
         if any(m["role"] not in ("system", "user", "assistant", "tool") for m in messages):
             raise InvalidRequestError("The chat template does not support this role.", "messages")
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        if kwargs.get("continue_final_message"):
+            text = text[:-1]  # the final message stays open
         if add_generation_prompt:
             text += "<assistant>"
         return self.encode(text)

@@ -121,3 +121,27 @@ def test_request_id_header_is_echoed(api_server):
         generated = http.get(f"{api_server.base_url}/models")
     assert resp.headers["x-request-id"] == "abc-123"
     assert len(generated.headers["x-request-id"]) >= 16
+
+
+PREFILLED = [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "Red,"}]
+
+
+def test_continue_final_message_leaves_the_final_message_open(client, api_server):
+    """vLLM's `continue_final_message`: the prompt ends inside the assistant's prefill, and the reply goes
+    on from its last character (the fake model continues ',' with '-./...'), without the prefill itself."""
+    resp = client.chat.completions.with_raw_response.create(
+        model="fake-model", messages=PREFILLED, max_tokens=3,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    prompt_ids, _ = api_server.engine.requests[f"chatcmpl-{resp.headers['x-request-id']}"]
+    assert FakeTokenizer().decode(prompt_ids).endswith("<assistant>Red,")
+    assert resp.parse().choices[0].message.content == "-./"
+    tokenized = httpx.post(f"{api_server.url}/tokenize", json={
+        "messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": False}).json()
+    assert tokenized["tokens"] == prompt_ids
+
+
+def test_continue_final_message_with_a_generation_prompt_is_a_400(client, api_server):
+    for url in (f"{api_server.base_url}/chat/completions", f"{api_server.url}/tokenize"):
+        response = httpx.post(url, json={"model": "fake-model", "messages": PREFILLED, "continue_final_message": True})
+        assert response.status_code == 400, url
+        assert "add_generation_prompt" in response.json()["error"]["message"]

@@ -67,6 +67,18 @@ def test_chat_template_is_chatml(smol_tokenizer):
 
 
 @pytest.mark.slow
+def test_continue_final_message_ends_inside_the_final_message(smol_tokenizer):
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Red, and"}]
+    ids = smol_tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    text = smol_tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nRed, and")
+    with pytest.raises(InvalidRequestError) as info:  # a request's own template: refused, not ignored
+        smol_tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                           request_template="{{ messages[0].content }}")
+    assert info.value.param == "continue_final_message"
+
+
+@pytest.mark.slow
 def test_chat_template_failure_is_invalid_request(smol_tokenizer):
     with pytest.raises(InvalidRequestError) as info:
         smol_tokenizer.apply_chat_template([{"role": "user"}])  # no content

@@ -90,13 +90,18 @@ class Tokenizer:
         return list(self.decode([token_id], skip_special_tokens=False).encode("utf-8"))
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, *,
-                    request_template: str | None = None, **kwargs: Any) -> str:
+                    request_template: str | None = None, continue_final_message: bool = False, **kwargs: Any) -> str:
         """The prompt text of a conversation; InvalidRequestError when the template rejects it.
 
         `kwargs` are template variables (and `tools`); `request_template`, a request's own template,
-        is rendered in the sandbox child (engine/chat_template.py), never in this process."""
+        is rendered in the sandbox child (engine/chat_template.py), never in this process.
+        `continue_final_message`: the text ends where the final message's content does (transformers
+        finds it in the rendering), so the model continues that message instead of starting a new one."""
         tools = kwargs.pop("tools", None)
         variables, _ = template_variables(kwargs, allow_template=False)  # 400 for `messages`, `tokenize`...
+        if continue_final_message and request_template is not None:
+            raise InvalidRequestError("`continue_final_message` is not supported with a request's own chat template.",
+                                      param="continue_final_message")
         if request_template is not None:
             return render_request_template(request_template, {
                 **self._special_tokens(), **variables, "messages": messages, "tools": tools,
@@ -106,7 +111,8 @@ class Tokenizer:
                                       param="messages")
         try:
             return self.hf.apply_chat_template(messages, tools=tools, tokenize=False,
-                                               add_generation_prompt=add_generation_prompt, **variables)
+                                               add_generation_prompt=add_generation_prompt,
+                                               continue_final_message=continue_final_message, **variables)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates, bad message shapes
             raise InvalidRequestError(f"The chat template cannot render these messages: {exc}",
                                       param="messages") from None

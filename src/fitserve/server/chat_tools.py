@@ -113,12 +113,15 @@ def _call_schema(tool: ChatTool) -> dict[str, Any]:
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage], plan: ToolPlan, add_generation_prompt: bool,
-                    chat_template_kwargs: dict[str, Any] | None) -> list[int]:
-    """The conversation through the chat template, tools offered as `plan` says."""
+                    chat_template_kwargs: dict[str, Any] | None, continue_final_message: bool = False) -> list[int]:
+    """The conversation through the chat template, tools offered as `plan` says; with
+    `continue_final_message` the prompt ends inside the final message's text (the reply continues it)."""
     variables, request_template = template_variables(chat_template_kwargs, allow_template=True)  # 400: reserved
     handles_tools = "tools" in request_template if request_template is not None else template_handles_tools(tokenizer)
     rendered, tool_kwargs = template_messages(messages, plan, handles_tools)
     kwargs = {**variables, **tool_kwargs, "add_generation_prompt": add_generation_prompt}
+    if continue_final_message:
+        kwargs["continue_final_message"] = True
     if request_template is not None:  # allowed by --trust-request-chat-template (checked in app.py)
         kwargs["request_template"] = request_template
     return list(tokenizer.apply_chat_template(rendered, **kwargs))

@@ -77,6 +77,8 @@ CHAT_FIELDS = SHARED_FIELDS + (
     _s("parallel_tool_calls", "false keeps the first call of a reply"),
     _s("response_format", "text, json_object, json_schema (the output follows the schema)"),
     _s("add_generation_prompt", "vLLM extra"),
+    _s("continue_final_message", "vLLM extra: the prompt ends inside the final message, which the reply continues "
+       "(a prefill); needs add_generation_prompt false"),
     _s("chat_template_kwargs", "vLLM extra: extra variables for the chat template"),
     _i("functions", "deprecated by OpenAI: use `tools`"),
     _i("function_call", "deprecated by OpenAI: use `tool_choice`"),

@@ -71,6 +71,13 @@ def check_text(data: Any) -> Any:
     return data
 
 
+def check_prompt_end(add_generation_prompt: bool, continue_final_message: bool) -> None:
+    """A chat prompt ends with the assistant's opening or inside the final message, not both (as vLLM)."""
+    if add_generation_prompt and continue_final_message:
+        raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to true: "
+                         "set `add_generation_prompt` to false to continue the final message.")
+
+
 def _not_supported(name: str) -> ValueError:
     return ValueError(f"`{name}` is not supported yet.")
 
@@ -255,7 +262,13 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     # vLLM extras
     add_generation_prompt: Bool = True
+    continue_final_message: Bool = False  # the final message left open: the reply continues it (a prefill)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_way_to_end_the_prompt(self) -> ChatCompletionRequest:
+        check_prompt_end(self.add_generation_prompt, self.continue_final_message)
+        return self
 
     @field_validator("top_logprobs")
     @classmethod

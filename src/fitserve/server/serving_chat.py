@@ -55,7 +55,8 @@ class OpenAIServingChat(ServingBase):
         check_fan_out(self.options.caps, self.engine, 1, body.n, "messages")  # before the template runs
         plan = plan_tools(body)
         token_ids = await self.off_loop(chat_prompt_ids, self.engine.tokenizer, body.messages, plan,
-                                        body.add_generation_prompt, body.chat_template_kwargs)
+                                        body.add_generation_prompt, body.chat_template_kwargs,
+                                        body.continue_final_message)
         check_prompt_tokens(self.options.caps, len(token_ids), "messages")
         params = self.sampling_params(body, len(token_ids))
         params = replace(params, structured_output=structured_output(body, plan))

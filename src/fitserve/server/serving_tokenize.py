@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fitserve.server.chat_tools import ToolPlan, chat_prompt_ids
 from fitserve.server.errors import BadRequestError
-from fitserve.server.protocol import Bool, ChatMessage, check_text
+from fitserve.server.protocol import Bool, ChatMessage, check_prompt_end, check_text
 from fitserve.server.protocol_tools import ChatTool
 from fitserve.server.serving_common import ServingBase
 
@@ -31,6 +31,7 @@ class TokenizeRequest(_Model):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: Bool | None = None  # default: True for `prompt`; with `messages` the template writes them
     add_generation_prompt: Bool = True  # messages only
+    continue_final_message: Bool = False  # messages only
     tools: list[ChatTool] | None = None  # messages only: offered as with tool_choice "auto"
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: Bool = False
@@ -47,6 +48,7 @@ class TokenizeRequest(_Model):
         if self.messages is not None and self.add_special_tokens:
             raise ValueError("`add_special_tokens` cannot be true with `messages`: the chat template writes the "
                              "model's special tokens.")
+        check_prompt_end(self.add_generation_prompt, self.continue_final_message)
         return self
 
 
@@ -76,7 +78,7 @@ class OpenAIServingTokenization(ServingBase):
         if body.messages is not None:
             plan = ToolPlan(tuple(body.tools or ()), "auto")
             token_ids = chat_prompt_ids(tokenizer, body.messages, plan, body.add_generation_prompt,
-                                        body.chat_template_kwargs)
+                                        body.chat_template_kwargs, body.continue_final_message)
         else:
             add_special = True if body.add_special_tokens is None else body.add_special_tokens
             token_ids = list(tokenizer.encode(body.prompt or "", add_special_tokens=add_special))
