@@ -8,8 +8,10 @@ streamed too). /tokenize and /detokenize round-trip the real tokenizer.
 from __future__ import annotations
 
 import json
+import re
 from typing import Literal
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -131,3 +133,42 @@ def test_tokenize_detokenize_round_trip_on_the_real_tokenizer(real):
         chat = root.post("/tokenize", body={"messages": ASK_PERSON}, cast_to=object)
     resp = client.chat.completions.create(model=client.models.list().data[0].id, messages=ASK_PERSON, max_tokens=1)
     assert resp.usage.prompt_tokens == chat["count"]
+
+
+# vLLM's `structured_outputs` extra, on both endpoints (docs/api.md)
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+@pytest.mark.parametrize("spec, check", [
+    ({"regex": r"[0-9]{3}-[0-9]{4}"}, lambda text: re.fullmatch(r"[0-9]{3}-[0-9]{4}", text)),
+    ({"choice": ["Paris", "Rome", "New York"]}, lambda text: text in ("Paris", "Rome", "New York")),
+    ({"grammar": 'start: "The answer is " ANSWER "."\nANSWER: "yes" | "no"'},
+     lambda text: text in ("The answer is yes.", "The answer is no.")),
+    ({"json": PERSON}, lambda text: jsonschema.validate(json.loads(text), PERSON) is None),
+    ({"json_object": True}, lambda text: isinstance(json.loads(text), dict)),
+])
+def test_structured_outputs_constrain_both_endpoints(real, endpoint, spec, check):
+    _, client = real
+    model = client.models.list().data[0].id
+    extra = {"structured_outputs": spec}
+    if endpoint == "chat":
+        choice = client.chat.completions.create(model=model, messages=ASK_PERSON, max_tokens=MAX_TOKENS,
+                                                temperature=0, extra_body=extra).choices[0]
+        text = choice.message.content
+    else:
+        choice = client.completions.create(model=model, prompt="The capital of France is", max_tokens=MAX_TOKENS,
+                                           temperature=0, extra_body=extra).choices[0]
+        text = choice.text
+    assert choice.finish_reason == "stop" and check(text), text
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"structured_outputs": {"regex": "(", }}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
+    ({"structured_outputs": {"choice": []}}, "choice"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "cannot be combined"),
+])
+def test_bad_structured_outputs_are_400s(real, body, message):
+    url, _ = real
+    response = httpx.post(f"{url}/v1/chat/completions", json={"messages": ASK_PERSON, "max_tokens": 4, **body})
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]

@@ -16,9 +16,29 @@ ANY_JSON_OBJECT_SCHEMA = '{"type": "object"}'  # response_format json_object: an
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutputParams:
-    json_schema: str  # a JSON Schema, serialized (a string keeps the params hashable and immutable)
+    """One of: a JSON Schema, a regular expression (Rust `regex` syntax, as llguidance reads it) or a
+    Lark grammar (llguidance's dialect), each serialized as text (hashable and immutable)."""
+
+    json_schema: str | None = None
     param: str = "response_format"  # the request field it came from, named in errors
+    regex: str | None = None
+    lark: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum(spec is not None for spec in (self.json_schema, self.regex, self.lark)) != 1:
+            raise ValueError("StructuredOutputParams takes exactly one of json_schema, regex and lark")
 
     @classmethod
-    def from_schema(cls, schema: dict[str, Any], param: str = "response_format") -> StructuredOutputParams:
-        return cls(json.dumps(schema), param)  # key order kept: properties are generated in it
+    def from_schema(cls, schema: dict[str, Any] | str, param: str = "response_format") -> StructuredOutputParams:
+        # key order kept: properties are generated in it
+        return cls(schema if isinstance(schema, str) else json.dumps(schema), param)
+
+    @classmethod
+    def from_choice(cls, choices: list[str], param: str) -> StructuredOutputParams:
+        """Exactly one of these strings (a grammar of quoted literals: no regex escaping to get wrong)."""
+        return cls(param=param, lark="start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices))
+
+    @property
+    def kind(self) -> str:
+        """What the spec is, as errors name it."""
+        return "JSON schema" if self.json_schema is not None else "regex" if self.regex is not None else "grammar"

@@ -1,6 +1,7 @@
-"""Structured output: JSON Schema -> an llguidance grammar matcher per request (torch-free).
+"""Structured output: a JSON Schema, regex or Lark grammar -> an llguidance grammar matcher per
+request (torch-free).
 
-llguidance compiles a schema into a grammar over the model's own tokens. The engine keeps one
+llguidance compiles a schema, regex or grammar into a grammar over the model's own tokens. The engine keeps one
 `RequestGrammar` per constrained request: before each step that samples for it, the matcher
 gives the bitmask of tokens that can continue a valid output (carried to the runner in
 `ScheduledRequest.allowed_token_bitmask`, applied in runner/grammar_mask.py); after the step
@@ -30,6 +31,25 @@ JSON_COMPILE_DEFAULTS: dict[str, Any] = {"whitespace_flexible": False, "item_sep
 def json_schema_grammar(schema: str | dict[str, Any]) -> str:
     """The llguidance grammar of a JSON Schema; ValueError when the schema is not JSON."""
     return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_COMPILE_DEFAULTS)
+
+
+def grammar_of(params: StructuredOutputParams) -> str:
+    """The llguidance grammar of a request's spec; ValueError when a schema is not JSON."""
+    if params.json_schema is not None:
+        return json_schema_grammar(params.json_schema)
+    if params.regex is not None:
+        return llguidance.LLMatcher.grammar_from_regex(params.regex)
+    assert params.lark is not None
+    return llguidance.LLMatcher.grammar_from_lark(params.lark)
+
+
+def grammar_error(params: StructuredOutputParams) -> str | None:
+    """Why this spec cannot constrain output (None when it can). Needs no tokenizer."""
+    try:
+        message = llguidance.LLMatcher.validate_grammar(grammar_of(params))
+    except ValueError as exc:
+        return str(exc)
+    return None if not message or message.startswith("WARNING") else message.strip()
 
 
 def json_schema_error(schema: str | dict[str, Any]) -> str | None:
@@ -91,13 +111,13 @@ class GrammarCompiler:
             return self._tokenizer
 
     def compile(self, params: StructuredOutputParams) -> RequestGrammar:
-        """A fresh matcher for one request; InvalidRequestError (-> 400) for a bad schema."""
+        """A fresh matcher for one request; InvalidRequestError (-> 400) for a bad schema, regex or grammar."""
         try:
-            grammar = json_schema_grammar(params.json_schema)
+            grammar = grammar_of(params)
         except ValueError as exc:
-            raise InvalidRequestError(f"Invalid JSON schema in `{params.param}`: {exc}", param=params.param) from None
+            raise InvalidRequestError(f"Invalid {params.kind} in `{params.param}`: {exc}", param=params.param) from None
         matcher = llguidance.LLMatcher(self._ll_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
-            raise InvalidRequestError(f"Invalid JSON schema in `{params.param}`: {matcher.get_error()}",
+            raise InvalidRequestError(f"Invalid {params.kind} in `{params.param}`: {matcher.get_error()}",
                                       param=params.param)
         return RequestGrammar(matcher)

@@ -85,8 +85,16 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
 
 
 def structured_output(body: ChatCompletionRequest, plan: ToolPlan) -> StructuredOutputParams | None:
-    """The grammar this request's output must follow: a forced tool call, or response_format."""
+    """The grammar this request's output must follow: a forced tool call, response_format, or
+    vLLM's structured_outputs (one of them: two are a 400)."""
     forced = plan.forced_tools()
+    response_type = body.response_format.type if body.response_format is not None else "text"
+    if body.structured_outputs is not None:
+        if forced or response_type != "text":
+            raise BadRequestError("`structured_outputs` cannot be combined with `response_format` json_object or "
+                                  "json_schema, nor with a forced tool call (`tool_choice` required or named).",
+                                  param="structured_outputs")
+        return body.structured_outputs.params()
     if forced:
         calls = [_call_schema(tool) for tool in forced]
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}

@@ -64,6 +64,8 @@ SHARED_FIELDS = (
     _s("ignore_eos", "vLLM extra"),
     _s("include_stop_str_in_output", "vLLM extra"),
     _s("skip_special_tokens", "vLLM extra"),
+    _s("structured_outputs", "vLLM extra: one of json (a schema), json_object, regex, choice, grammar (Lark); "
+       "docs/api.md#structured-output-response_format"),
 )
 
 CHAT_FIELDS = SHARED_FIELDS + (

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, mode
 from pydantic_core import PydanticCustomError
 
 from fitserve.sampling_params import SamplingParams
-from fitserve.server.protocol_tools import ChatTool, DeltaToolCall, ResponseFormat, ToolCall, ToolChoice
+from fitserve.server.protocol_tools import (ChatTool, DeltaToolCall, ResponseFormat, StructuredOutputs, ToolCall,
+                                            ToolChoice)
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's default, as OpenAI and vLLM have it
 # Integers reach torch as int64 (seeds, top-k): a larger one would fail inside the engine loop
@@ -171,6 +172,7 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: Bool = True
     repetition_penalty: Float | None = None
     min_tokens: Int64 = 0
+    structured_outputs: StructuredOutputs | None = None  # the output follows a schema, regex, choice or grammar
 
     @model_validator(mode="before")
     @classmethod
@@ -246,6 +248,7 @@ class SamplingFields(OpenAIModel):
             min_tokens=self.min_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured_output=None if self.structured_outputs is None else self.structured_outputs.params(),
         )
 
 

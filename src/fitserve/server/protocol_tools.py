@@ -1,4 +1,4 @@
-"""Pydantic models of tool calling and `response_format` (OpenAI's shapes).
+"""Pydantic models of tool calling and `response_format` (OpenAI's shapes), and vLLM's `structured_outputs`.
 
 Kept apart from protocol.py so the request models there only name these types. A tool's
 `parameters` and a json_schema's `schema` are checked here to be JSON Schemas that can
@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from fitserve.engine.structured_output import json_schema_error
+from fitserve.engine.structured_output import grammar_error, json_schema_error
+from fitserve.structured_params import ANY_JSON_OBJECT_SCHEMA, StructuredOutputParams
 
 FUNCTION_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}  # a function without arguments
@@ -114,3 +115,44 @@ class ResponseFormat(_Model):
         if self.type == "json_schema" and self.json_schema is None:
             raise ValueError("`response_format.json_schema` is required when its type is json_schema.")
         return self
+
+
+STRUCTURED_OUTPUTS = "structured_outputs"
+
+
+class StructuredOutputs(_Model):
+    """vLLM's `structured_outputs` extra, on both endpoints: exactly one of a JSON Schema (`json`, an
+    object or its text), any JSON object (`json_object`), a regex (Rust syntax), a list of strings the
+    output is one of (`choice`), or a grammar (`grammar`, in llguidance's Lark dialect). vLLM's
+    backend tuning fields (disable_any_whitespace, whitespace_pattern, ...) are ignored."""
+
+    json_spec: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_usable_spec(self) -> StructuredOutputs:
+        given = [name for name, value in (("json", self.json_spec), ("regex", self.regex), ("choice", self.choice),
+                                          ("grammar", self.grammar), ("json_object", self.json_object or None))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError("`structured_outputs` takes exactly one of json, regex, choice, grammar and json_object"
+                             + (f"; got {', '.join(given)}." if given else "."))
+        error = grammar_error(self.params())
+        if error is not None:
+            raise ValueError(f"`structured_outputs.{given[0]}` cannot constrain output: {error}")
+        return self
+
+    def params(self) -> StructuredOutputParams:
+        param = STRUCTURED_OUTPUTS
+        if self.json_spec is not None:
+            return StructuredOutputParams.from_schema(self.json_spec, param)
+        if self.regex is not None:
+            return StructuredOutputParams(param=param, regex=self.regex)
+        if self.choice is not None:
+            return StructuredOutputParams.from_choice(self.choice, param)
+        if self.grammar is not None:
+            return StructuredOutputParams(param=param, lark=self.grammar)
+        return StructuredOutputParams(ANY_JSON_OBJECT_SCHEMA, param)
