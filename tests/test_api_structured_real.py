@@ -160,6 +160,23 @@ def test_structured_outputs_constrain_both_endpoints(real, endpoint, spec, check
     assert choice.finish_reason == "stop" and check(text), text
 
 
+def test_completions_take_response_format_as_vllm_does(real):
+    _, client = real
+    choice = client.completions.create(
+        model=client.models.list().data[0].id, prompt="A person as JSON:", max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}}
+    ).choices[0]
+    assert choice.finish_reason == "stop", choice.text
+    jsonschema.validate(json.loads(choice.text), PERSON)
+
+
+def test_completions_refuse_two_grammars(real):
+    url, _ = real
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"},
+                                                          "structured_outputs": {"regex": "a"}})
+    assert response.status_code == 400 and "cannot be combined" in response.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("body, message", [
     ({"structured_outputs": {"regex": "(", }}, "structured_outputs.regex"),
     ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar"),

@@ -26,7 +26,7 @@ from fitserve.server.protocol import AssistantMessage, ChatCompletionRequest, Ch
 from fitserve.server.protocol_tools import ChatTool, DeltaFunctionCall, DeltaToolCall, FunctionCall, ToolCall
 from fitserve.server.tool_parsers import ToolParser
 from fitserve.server.tool_parsers.streaming import CanonicalJsonStream, call_head
-from fitserve.structured_params import ANY_JSON_OBJECT_SCHEMA, StructuredOutputParams
+from fitserve.structured_params import StructuredOutputParams
 
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1's marker before a tool call (dropped when special tokens are skipped)
 CALL_SEPARATOR = ";"  # Llama 3's separator between several JSON calls in one reply
@@ -99,13 +99,7 @@ def structured_output(body: ChatCompletionRequest, plan: ToolPlan) -> Structured
         calls = [_call_schema(tool) for tool in forced]
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
         return StructuredOutputParams.from_schema(schema, param="tools")
-    response_format = body.response_format
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return StructuredOutputParams(ANY_JSON_OBJECT_SCHEMA)
-    assert response_format.json_schema is not None
-    return StructuredOutputParams.from_schema(response_format.json_schema.json_schema)
+    return None if body.response_format is None else body.response_format.params()
 
 
 def _call_schema(tool: ChatTool) -> dict[str, Any]:

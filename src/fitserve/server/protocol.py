@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from fitserve.sampling_params import SamplingParams
 from fitserve.server.protocol_tools import (ChatTool, DeltaToolCall, ResponseFormat, StructuredOutputs, ToolCall,
                                             ToolChoice)
+from fitserve.structured_params import StructuredOutputParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the legacy completions API's default, as OpenAI and vLLM have it
 # Integers reach torch as int64 (seeds, top-k): a larger one would fail inside the engine loop
@@ -217,6 +218,10 @@ class SamplingFields(OpenAIModel):
         (engine/request_limits.py errors name the engine's)."""
         return {"logprobs": self.logprobs_param, "prompt_logprobs": self.logprobs_param}
 
+    def requested_structured_output(self) -> StructuredOutputParams | None:
+        """vLLM's structured_outputs (chat adds response_format and forced tool calls: server/chat_tools.py)."""
+        return None if self.structured_outputs is None else self.structured_outputs.params()
+
     def to_sampling_params(self, max_tokens: int | None, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """Fields the request leaves unset take `defaults` (the model's generation config), then
         SamplingParams' own. Raises InvalidSamplingParam (-> 400) for out-of-range values."""
@@ -248,7 +253,7 @@ class SamplingFields(OpenAIModel):
             min_tokens=self.min_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
-            structured_output=None if self.structured_outputs is None else self.structured_outputs.params(),
+            structured_output=self.requested_structured_output(),
         )
 
 
@@ -303,6 +308,20 @@ class CompletionRequest(SamplingFields):
     logprobs: Int64 | None = None
     suffix: str | None = None
     best_of: Int64 | None = None
+    response_format: ResponseFormat | None = None  # vLLM takes it here too; OpenAI's completions do not
+
+    @model_validator(mode="after")
+    def _one_grammar(self) -> CompletionRequest:
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("`structured_outputs` cannot be combined with `response_format` json_object or "
+                             "json_schema.")
+        return self
+
+    def requested_structured_output(self) -> StructuredOutputParams | None:
+        if self.response_format is not None and self.response_format.type != "text":
+            return self.response_format.params()
+        return super().requested_structured_output()
 
     @field_validator("prompt")
     @classmethod

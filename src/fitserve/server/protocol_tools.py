@@ -116,6 +116,15 @@ class ResponseFormat(_Model):
             raise ValueError("`response_format.json_schema` is required when its type is json_schema.")
         return self
 
+    def params(self) -> StructuredOutputParams | None:
+        """The grammar it asks for; None for text."""
+        if self.type == "json_object":
+            return StructuredOutputParams(ANY_JSON_OBJECT_SCHEMA)
+        if self.type == "json_schema":
+            assert self.json_schema is not None
+            return StructuredOutputParams.from_schema(self.json_schema.json_schema)
+        return None
+
 
 STRUCTURED_OUTPUTS = "structured_outputs"
 
