@@ -205,3 +205,10 @@ def test_an_empty_prompt_is_refused(prompt):
     ([5, 6, 7], [[5, 6, 7]]), ([[5], [6, 7]], [[5], [6, 7]]), (["a", "b"], ["a", "b"]), ("a", ["a"])])
 def test_a_prompt_gives_one_entry_per_choice(prompt, prompts):
     assert CompletionRequest.model_validate({"prompt": prompt}).prompts() == prompts
+
+
+@pytest.mark.parametrize("kind", ["image_url", "input_audio", "file"])
+def test_a_content_part_that_is_not_text_says_so(kind):
+    with pytest.raises(ValidationError, match=f"content parts of type `{kind}` are not supported"):
+        ChatCompletionRequest.model_validate(
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": kind, kind: {}}]}]})

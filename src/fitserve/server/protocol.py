@@ -123,6 +123,18 @@ class ChatMessage(OpenAIModel):
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """A part of another type (image_url, input_audio, file, ...) gets a message that says why."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type `{kind[:40]}` are not supported: the served models "
+                                     "take text only; send `text` parts.")
+        return content
+
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
