@@ -195,3 +195,37 @@ def test_engine_is_clean_after_the_tests(tiny):
     engine.engine.check_invariants()
     assert engine.engine.kv_cache.num_free_blocks == engine.engine.kv_cache.pool.num_blocks
     assert engine.engine.runner.sampler.token_counts.num_tracked == 0
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_allowed_token_ids_are_the_only_tokens_sampled(client, temperature):
+    """vLLM's allowed_token_ids; with logprobs, the reported logprobs stay the model's raw ones."""
+    allowed = [ord("x"), ord("y"), ord("z")]
+    completion = client.completions.create(model="tiny", prompt="hello", max_tokens=12, temperature=temperature,
+                                           seed=3, extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    assert len(completion.choices[0].text) == 12 and set(completion.choices[0].text) <= set("xyz")
+    reply = chat(client, max_tokens=6, extra_body={"allowed_token_ids": [A]}).choices[0].message.content
+    assert reply == "A" * 6
+
+
+@pytest.mark.parametrize("ids", [[300], [-1]])
+def test_allowed_token_ids_outside_the_vocabulary_are_a_400(client, ids):
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, extra_body={"allowed_token_ids": ids})
+    assert info.value.param == "allowed_token_ids"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client):
+    """vLLM's left truncation: usage counts the kept tokens, echo shows them, and the output is that of
+    the kept tokens sent alone."""
+    kept = client.completions.create(model="tiny", prompt="abcdefgh", max_tokens=4, temperature=0, echo=True,
+                                     extra_body={"truncate_prompt_tokens": 3})
+    assert kept.usage.prompt_tokens == 3 and kept.choices[0].text.startswith("fgh")
+    alone = client.completions.create(model="tiny", prompt="fgh", max_tokens=4, temperature=0,
+                                      extra_body={"add_special_tokens": False})
+    assert kept.choices[0].text == "fgh" + alone.choices[0].text
+    whole = chat(client, max_tokens=2)
+    cut = chat(client, max_tokens=2, extra_body={"truncate_prompt_tokens": 2})
+    assert cut.usage.prompt_tokens == 2 < whole.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError):
+        chat(client, extra_body={"truncate_prompt_tokens": 0})

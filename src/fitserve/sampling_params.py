@@ -49,6 +49,7 @@ class SamplingParams:
     # (token id, bias in [-100, 100]) added to the logits; a mapping is accepted and stored sorted.
     logit_bias: tuple[tuple[int, float], ...] = ()
     min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the output before this many tokens
+    allowed_token_ids: tuple[int, ...] = ()  # vLLM's: only these may be sampled (empty: any token)
     logprobs: int | None = None  # per output token, the sampled token's logprob and this many top ones
     prompt_logprobs: int | None = None  # per prompt token likewise (the first has none)
     # EOS ids of the model; filled by the engine from the generation config, not by clients.
@@ -87,6 +88,8 @@ class SamplingParams:
             if not -MAX_ABS_LOGIT_BIAS <= bias <= MAX_ABS_LOGIT_BIAS:
                 raise InvalidSamplingParam(
                     "logit_bias", f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}.")
+        if any(t < 0 for t in self.allowed_token_ids):
+            raise InvalidSamplingParam("allowed_token_ids", "allowed_token_ids must be non-negative.")
         if self.min_tokens < 0:
             raise InvalidSamplingParam("min_tokens", f"min_tokens must be 0 or more, got {self.min_tokens}.")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -114,7 +117,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Anything beyond temperature and the top-k/top-p/min-p filters touches this row's logits."""
-        return self.needs_token_counts or bool(self.logit_bias) or self.min_tokens > 0
+        return self.needs_token_counts or bool(self.logit_bias) or self.min_tokens > 0 or bool(self.allowed_token_ids)
 
     @property
     def min_tokens_stop_ids(self) -> tuple[int, ...]:

@@ -61,6 +61,7 @@ def check_request(prompt_token_ids: Sequence[int], params: SamplingParams, limit
     _check_token_ids(prompt_token_ids, "prompt", limits.vocab_size)
     _check_token_ids(params.stop_token_ids, "stop_token_ids", limits.vocab_size)
     _check_token_ids([token_id for token_id, _ in params.logit_bias], "logit_bias", limits.vocab_size)
+    _check_token_ids(params.allowed_token_ids, "allowed_token_ids", limits.vocab_size)
     max_tokens = _check_length(num_prompt_tokens, params.max_tokens, limits)
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(params, name)

@@ -1,5 +1,5 @@
 """What changes a row's logits before sampling, beyond temperature and the top-k/top-p/min-p
-filters: repetition, frequency and presence penalties, logit_bias and min_tokens.
+filters: repetition, frequency and presence penalties, logit_bias, min_tokens and allowed_token_ids.
 
 Only rows whose requests ask for one of these pay for it. The penalties need, per request,
 how often each token occurred in its output (and, for the repetition penalty, which tokens its
@@ -134,3 +134,13 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[int], chunks: list[Schedul
     if row_ids:
         device = logits.device
         logits[to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device)] = float("-inf")
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: list[int], chunks: list[ScheduledRequest]) -> None:
+    """Every token but a row's allowed_token_ids to -inf (ids were checked against the vocabulary)."""
+    device = logits.device
+    for row in rows:
+        allowed = to_device(chunks[row].sampling_params.allowed_token_ids, torch.int64, device)
+        kept = logits[row, allowed]
+        logits[row] = float("-inf")
+        logits[row, allowed] = kept

@@ -20,7 +20,8 @@ import torch
 from fitserve.core.outputs import ScheduledRequest, TokenLogprobs
 from fitserve.runner.grammar_mask import apply_allowed_token_masks
 from fitserve.runner.input_batch import to_device
-from fitserve.runner.logits_processors import TokenCounts, apply_logit_bias, apply_min_tokens, apply_penalties
+from fitserve.runner.logits_processors import (TokenCounts, apply_allowed_token_ids, apply_logit_bias,
+                                               apply_min_tokens, apply_penalties)
 from fitserve.sampling_params import SamplingParams
 
 
@@ -149,8 +150,8 @@ class Sampler:
 
     def _process_logits(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Penalties, logit_bias, min_tokens, in place (counting min_tokens rows' outputs); returns
-        (rows, slots) of penalty rows."""
+        """Penalties, logit_bias, min_tokens, allowed_token_ids, in place (counting min_tokens rows'
+        outputs); returns (rows, slots) of penalty rows."""
         if not any(p.processes_logits for p in params):
             return None
         penalty_rows = [row for row, p in enumerate(params) if p.needs_token_counts]
@@ -170,6 +171,9 @@ class Sampler:
                 self._num_outputs[chunk.request_id] = num_outputs + 1
         if short_rows:
             apply_min_tokens(logits, short_rows, chunks)
+        allowed_rows = [row for row, p in enumerate(params) if p.allowed_token_ids]
+        if allowed_rows:
+            apply_allowed_token_ids(logits, allowed_rows, chunks)
         return result
 
     def _draw(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]

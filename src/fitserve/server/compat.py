@@ -64,6 +64,9 @@ SHARED_FIELDS = (
     _s("ignore_eos", "vLLM extra"),
     _s("include_stop_str_in_output", "vLLM extra"),
     _s("skip_special_tokens", "vLLM extra"),
+    _s("allowed_token_ids", "vLLM extra: only these token ids may be sampled (logprobs stay the model's)"),
+    _s("truncate_prompt_tokens", "vLLM extra: the prompt's last k tokens (after the chat template); -1: the last "
+       "max_model_len"),
     _s("structured_outputs", "vLLM extra: one of json (a schema), json_object, regex, choice, grammar (Lark); "
        "docs/api.md#structured-output-response_format"),
 )

@@ -186,6 +186,21 @@ class SamplingFields(OpenAIModel):
     repetition_penalty: Float | None = None
     min_tokens: Int64 = 0
     structured_outputs: StructuredOutputs | None = None  # the output follows a schema, regex, choice or grammar
+    allowed_token_ids: list[Int64] | None = Field(default=None, min_length=1)  # only these may be sampled
+    truncate_prompt_tokens: Int64 | None = None  # keep the prompt's last k tokens (-1: the last max_model_len)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _keeps_a_token(cls, value: int | None) -> int | None:
+        if value is not None and value < 1 and value != -1:
+            raise ValueError(f"truncate_prompt_tokens must be at least 1, or -1 for the model's context length; "
+                             f"got {value}.")
+        return value
+
+    def truncated(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's last truncate_prompt_tokens tokens (vLLM's left truncation), or all of it."""
+        keep = max_model_len if self.truncate_prompt_tokens == -1 else self.truncate_prompt_tokens
+        return token_ids if keep is None or len(token_ids) <= keep else token_ids[-keep:]
 
     @model_validator(mode="before")
     @classmethod
@@ -266,6 +281,7 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             structured_output=self.requested_structured_output(),
+            allowed_token_ids=tuple(self.allowed_token_ids or ()),
         )
 
 

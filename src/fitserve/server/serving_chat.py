@@ -57,6 +57,7 @@ class OpenAIServingChat(ServingBase):
         token_ids = await self.off_loop(chat_prompt_ids, self.engine.tokenizer, body.messages, plan,
                                         body.add_generation_prompt, body.chat_template_kwargs,
                                         body.continue_final_message)
+        token_ids = body.truncated(token_ids, self.engine.max_model_len)
         check_prompt_tokens(self.options.caps, len(token_ids), "messages")
         params = self.sampling_params(body, len(token_ids))
         params = replace(params, structured_output=structured_output(body, plan))

@@ -58,6 +58,9 @@ class OpenAIServingCompletion(ServingBase):
         for prompt in prompts:
             token_ids = list(tokenizer.encode(prompt, add_special_tokens=True)) if isinstance(prompt, str) \
                 else list(prompt)
+            truncated = body.truncated(token_ids, self.engine.max_model_len)
+            if len(truncated) < len(token_ids):  # echo shows the prompt the model saw
+                token_ids, prompt = truncated, truncated
             num_prompt_tokens += len(token_ids)
             check_prompt_tokens(self.options.caps, num_prompt_tokens, "prompt")
             text = "" if not body.echo else prompt if isinstance(prompt, str) else \
