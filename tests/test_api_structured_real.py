@@ -182,6 +182,8 @@ def test_completions_refuse_two_grammars(real):
     ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
     ({"structured_outputs": {"choice": []}}, "choice"),
+    ({"structured_outputs": {"choice": [str(i) for i in range(4097)]}}, "at most 4096"),
+    ({"structured_outputs": {"regex": "a" * 65537}}, "at most 65536"),
     ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "cannot be combined"),
 ])
 def test_bad_structured_outputs_are_400s(real, body, message):

@@ -136,3 +136,25 @@ def test_a_batch_past_one_pass_samples_each_row_as_it_would_alone():
             else:
                 assert together.logprobs[row] == single.logprobs[0]
     assert batch_sampler.token_counts.num_tracked == sum(1 for c in chunks if c.sampling_params.needs_token_counts)
+
+
+def test_allowed_token_ids_mask_the_rest_with_one_mask_per_request(monkeypatch):
+    """Only the allowed ids are sampled, greedy or not, beside a row without the field; the mask is made
+    once per request (a list of every token id must not cost each of its steps) and forgotten with it."""
+    from fitserve.runner import logits_processors, sampler as sampler_module
+
+    made = []
+    real_mask = logits_processors.allowed_token_mask
+    monkeypatch.setattr(sampler_module, "allowed_token_mask", lambda *args: made.append(args[0]) or real_mask(*args))
+    torch.manual_seed(0)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    for step in range(5):
+        logits = torch.randn(3, VOCAB) * 3
+        logits[:, 0] = 100.0  # the favourite, allowed to the free row only
+        chunks = [chunk("greedy", allowed_token_ids=(3, 7)), chunk("sampled", allowed_token_ids=(5,), temperature=1.0),
+                  chunk("free")]
+        got = sampler.sample(logits.clone(), chunks).token_ids
+        assert got[0] == (3 if logits[0, 3] > logits[0, 7] else 7) and got[1] == 5 and got[2] == 0
+    assert made == [(3, 7), (5,)]
+    sampler.forget(frozenset({"greedy", "sampled", "free"}))
+    assert not sampler._allowed_masks

@@ -136,11 +136,14 @@ def apply_min_tokens(logits: torch.Tensor, rows: list[int], chunks: list[Schedul
         logits[to_device(row_ids, torch.int64, device), to_device(token_ids, torch.int64, device)] = float("-inf")
 
 
-def apply_allowed_token_ids(logits: torch.Tensor, rows: list[int], chunks: list[ScheduledRequest]) -> None:
-    """Every token but a row's allowed_token_ids to -inf (ids were checked against the vocabulary)."""
-    device = logits.device
-    for row in rows:
-        allowed = to_device(chunks[row].sampling_params.allowed_token_ids, torch.int64, device)
-        kept = logits[row, allowed]
-        logits[row] = float("-inf")
-        logits[row, allowed] = kept
+def allowed_token_mask(token_ids: tuple[int, ...], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[V] bool, True at a request's allowed_token_ids (checked against the vocabulary by the engine)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+    mask[to_device(token_ids, torch.int64, device)] = True
+    return mask
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, rows: list[int], masks: list[torch.Tensor]) -> None:
+    """Every token outside a row's mask (allowed_token_mask) to -inf."""
+    index = to_device(rows, torch.int64, logits.device)
+    logits[index] = logits[index].masked_fill(~torch.stack(masks), float("-inf"))

@@ -20,8 +20,8 @@ import torch
 from fitserve.core.outputs import ScheduledRequest, TokenLogprobs
 from fitserve.runner.grammar_mask import apply_allowed_token_masks
 from fitserve.runner.input_batch import to_device
-from fitserve.runner.logits_processors import (TokenCounts, apply_allowed_token_ids, apply_logit_bias,
-                                               apply_min_tokens, apply_penalties)
+from fitserve.runner.logits_processors import (TokenCounts, allowed_token_mask, apply_allowed_token_ids,
+                                               apply_logit_bias, apply_min_tokens, apply_penalties)
 from fitserve.sampling_params import SamplingParams
 
 
@@ -111,6 +111,9 @@ class Sampler:
         self._request_generators: dict[str, torch.Generator] = {}
         self.token_counts = TokenCounts(device)  # penalty rows only
         self._num_outputs: dict[str, int] = {}  # tokens sampled so far, for rows with min_tokens
+        # allowed_token_ids as a [V] bool mask on the device, made once per request: a list of every
+        # token id must not be converted again at each of its steps
+        self._allowed_masks: dict[str, torch.Tensor] = {}
 
     def forget(self, request_ids: frozenset[str]) -> None:
         if not request_ids:
@@ -118,6 +121,7 @@ class Sampler:
         for request_id in request_ids:
             self._request_generators.pop(request_id, None)
             self._num_outputs.pop(request_id, None)
+            self._allowed_masks.pop(request_id, None)
         self.token_counts.forget(request_ids)
 
     def sample(self, logits: torch.Tensor, chunks: list[ScheduledRequest]) -> SamplerOutput:
@@ -173,8 +177,16 @@ class Sampler:
             apply_min_tokens(logits, short_rows, chunks)
         allowed_rows = [row for row, p in enumerate(params) if p.allowed_token_ids]
         if allowed_rows:
-            apply_allowed_token_ids(logits, allowed_rows, chunks)
+            apply_allowed_token_ids(logits, allowed_rows, [self._allowed_mask(chunks[row], logits.shape[-1])
+                                                           for row in allowed_rows])
         return result
+
+    def _allowed_mask(self, chunk: ScheduledRequest, vocab_size: int) -> torch.Tensor:
+        mask = self._allowed_masks.get(chunk.request_id)
+        if mask is None:
+            mask = self._allowed_masks[chunk.request_id] = allowed_token_mask(
+                chunk.sampling_params.allowed_token_ids, vocab_size, self.device)
+        return mask
 
     def _draw(self, logits: torch.Tensor, chunks: list[ScheduledRequest], params: list[SamplingParams]
               ) -> torch.Tensor:
