@@ -191,3 +191,25 @@ def test_bad_structured_outputs_are_400s(real, body, message):
     response = httpx.post(f"{url}/v1/chat/completions", json={"messages": ASK_PERSON, "max_tokens": 4, **body})
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
+
+
+def test_the_responses_api_forces_a_function_call_and_follows_a_schema(real):
+    """/v1/responses on the real model: a forced call comes as a function_call item (streamed as
+    argument deltas too), and text.format json_schema gives text that validates."""
+    _, client = real
+    model = client.models.list().data[0].id
+    tool = {"type": "function", **WEATHER["function"]}
+    resp = client.responses.create(model=model, input="What is the weather in Paris?", tools=[tool],
+                                   tool_choice="required", max_output_tokens=MAX_TOKENS, temperature=0)
+    [call] = resp.output
+    assert call.type == "function_call" and call.name == "get_weather" and resp.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["function"]["parameters"])
+    events = list(client.responses.create(model=model, input="What is the weather in Paris?", tools=[tool],
+                                          tool_choice="required", max_output_tokens=MAX_TOKENS, temperature=0,
+                                          stream=True))
+    streamed = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert streamed == call.arguments and events[-1].type == "response.completed"
+    person = client.responses.create(model=model, input=ASK_PERSON[0]["content"], max_output_tokens=MAX_TOKENS,
+                                     temperature=0, text={"format": {"type": "json_schema", "name": "person",
+                                                                     "schema": PERSON}})
+    jsonschema.validate(json.loads(person.output_text), PERSON)

@@ -43,6 +43,7 @@ from fitserve.server.middleware import (
 )
 from fitserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from fitserve.server.serving_chat import OpenAIServingChat
+from fitserve.server.serving_responses import OpenAIServingResponses, ResponsesRequest
 from fitserve.server.serving_common import ClientDisconnected, ServingOptions
 from fitserve.server.serving_completion import OpenAIServingCompletion
 from fitserve.server.serving_tokenize import DetokenizeRequest, OpenAIServingTokenization, TokenizeRequest
@@ -104,6 +105,11 @@ def _add_routes(app: FastAPI) -> None:
         raw_request.app.state.compat.check(COMPLETIONS, body)
         return await _respond(serving.create(body, raw_request, raw_request.state.request_id), raw_request)
 
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw_request: Request) -> Response:
+        serving: OpenAIServingResponses = raw_request.app.state.serving_responses
+        return await _respond(serving.create(body, raw_request, raw_request.state.request_id), raw_request)
+
     @app.get("/v1/models")
     async def models(raw_request: Request) -> Response:
         return JSONResponse(ModelList(data=[_model_card(raw_request.app.state.engine)]).model_dump())
@@ -144,6 +150,7 @@ def attach_engine(app: FastAPI, engine: EngineClient) -> None:
     options: ServingOptions = app.state.serving_options
     app.state.engine = engine
     app.state.serving_chat = OpenAIServingChat(engine, options)
+    app.state.serving_responses = OpenAIServingResponses(app.state.serving_chat)
     app.state.serving_completion = OpenAIServingCompletion(engine, options)
     app.state.serving_tokenization = OpenAIServingTokenization(engine, options)
     app.state.lifecycle.attach(engine)
