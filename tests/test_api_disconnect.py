@@ -44,12 +44,13 @@ def wait_for_abort(engine: FakeEngine, num_aborted: int) -> None:
     ("/v1/completions", {"prompt": ["a", "b"]}),  # both prompts' requests are aborted
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}),  # every choice
     ("/v1/completions", {"prompt": ["a", "b"], "n": 2}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 1000}),  # through the chat path
 ])
 def test_disconnect_mid_stream_aborts(slow_server, path, body):
     engine = slow_server.engine
     num_before = len(engine.aborted)
     with httpx.Client(base_url=slow_server.url) as http:
-        with http.stream("POST", path, json={**body, "max_tokens": 1000, "stream": True}) as resp:
+        with http.stream("POST", path, json={"max_tokens": 1000, **body, "stream": True}) as resp:
             lines = resp.iter_lines()
             received = [next(lines) for _ in range(4)]
             assert any(line.startswith("data: ") for line in received)
