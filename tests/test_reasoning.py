@@ -98,3 +98,23 @@ def test_without_the_flag_think_stays_in_content():
         with openai.OpenAI(base_url=f"{url}/v1", api_key=FAKE_API_KEY, max_retries=0, timeout=10) as client:
             message = client.chat.completions.create(model="fake-model", messages=USER).choices[0].message
     assert message.content == "<think>x</think>y" and getattr(message, "reasoning_content", None) is None
+
+
+def test_responses_api_gives_the_reasoning_its_own_item(thinking):
+    """/v1/responses with --reasoning-parser: a `reasoning` item before the message, whole and streamed
+    (the reasoning item is done before the reply's text starts)."""
+    engine, client = thinking
+    engine.reply = "<think>The user greets.</think>\n\nHello!"
+    resp = client.responses.create(model="fake-model", input="hi")
+    assert [item.type for item in resp.output] == ["reasoning", "message"]
+    assert resp.output[0].content[0].text == "The user greets." and resp.output_text == "\n\nHello!"
+    events = list(client.responses.create(model="fake-model", input="hi", stream=True))
+    kinds = [event.type for event in events]
+    reasoning = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert reasoning == "The user greets." and text == "\n\nHello!"
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    final = events[-1].response
+    assert final.status == "completed" and [item.type for item in final.output] == ["reasoning", "message"]
+    assert [(e.output_index, e.item.type) for e in events if e.type == "response.output_item.added"] == [
+        (0, "reasoning"), (1, "message")]

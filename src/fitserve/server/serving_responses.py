@@ -17,6 +17,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import Request
@@ -188,6 +189,7 @@ class ResponseShape:
     def __init__(self, response_id: str, request_id: str, body: ResponsesRequest) -> None:
         self.response_id = response_id
         self.message_id = f"msg_{request_id}"
+        self.reasoning_id = f"rs_{request_id}"
         self.body = body
         self.created_at = int(time.time())
         self.sequence_number = 0
@@ -217,10 +219,14 @@ class ResponseShape:
     def text_part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": []}
 
+    def reasoning_item(self, text: str, status: str) -> dict[str, Any]:
+        return {"type": "reasoning", "id": self.reasoning_id, "summary": [], "status": status,
+                "content": [{"type": "reasoning_text", "text": text}]}
+
     @staticmethod
-    def call_item(call: dict[str, Any], status: str) -> dict[str, Any]:
-        return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"],
-                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
+    def call_item(call: OpenItem, arguments: str, status: str) -> dict[str, Any]:
+        return {"type": "function_call", "id": call.id, "call_id": call.call_id, "name": call.name,
+                "arguments": arguments, "status": status}
 
     @staticmethod
     def usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -235,8 +241,11 @@ class ResponseShape:
         choice = chat["choices"][0]
         message, incomplete = choice["message"], choice["finish_reason"] == "length"
         status = "incomplete" if incomplete else "completed"
-        output = [self.message_item(message["content"], status)] if message.get("content") else []
-        output += [self.call_item(call, "completed") for call in message.get("tool_calls") or ()]
+        output = [self.reasoning_item(message["reasoning_content"], "completed")] \
+            if message.get("reasoning_content") else []
+        output += [self.message_item(message["content"], status)] if message.get("content") else []
+        output += [self.call_item(OpenItem(f"fc_{call['id']}", 0, call["id"], call["function"]["name"]),
+                                  call["function"]["arguments"], "completed") for call in message.get("tool_calls") or ()]
         return self.response(status, output, self.usage(chat.get("usage")), incomplete)
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -245,11 +254,14 @@ class ResponseShape:
         return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
     async def events(self, chat_chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        """The chat endpoint's SSE chunks as Responses events; an in-band error passes through."""
-        text: list[str] = []
-        calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its call, as it grows
-        message_open, finish_reason, usage = False, None, None
-        started = False
+        """The chat endpoint's SSE chunks as Responses events; an in-band error passes through. Items
+        open in the order their first delta comes (reasoning, then the message and the tool calls), a
+        reasoning item closing when the reply proper begins."""
+        reasoning: OpenItem | None = None
+        message: OpenItem | None = None
+        calls: dict[int, OpenItem] = {}  # chat tool-call index -> its item
+        output: list[tuple[int, dict[str, Any]]] = []  # (output index, finished item)
+        finish_reason, usage, started, opened = None, None, False, 0  # opened: items so far (the next index)
         async for raw in _closing(chat_chunks):
             payload = raw.removeprefix("data: ").strip()
             if payload == "[DONE]":
@@ -265,59 +277,88 @@ class ResponseShape:
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta") or {}
+                finish_reason = choice.get("finish_reason") or finish_reason
+                if delta.get("reasoning_content"):
+                    if reasoning is None:
+                        reasoning, opened = OpenItem(self.reasoning_id, opened), opened + 1
+                        yield self.event("response.output_item.added", output_index=reasoning.index,
+                                         item={**self.reasoning_item("", "in_progress"), "content": []})
+                    reasoning.text.append(delta["reasoning_content"])
+                    yield self.event("response.reasoning_text.delta", item_id=reasoning.id,
+                                     output_index=reasoning.index, content_index=0, delta=delta["reasoning_content"])
+                if (delta.get("content") or delta.get("tool_calls")) and reasoning is not None and not reasoning.done:
+                    for event in self._close_reasoning(reasoning, output):
+                        yield event
                 if delta.get("content"):
-                    if not message_open:
-                        message_open = True
-                        yield self.event("response.output_item.added", output_index=0,
+                    if message is None:
+                        message, opened = OpenItem(self.message_id, opened), opened + 1
+                        yield self.event("response.output_item.added", output_index=message.index,
                                          item={**self.message_item("", "in_progress"), "content": []})
-                        yield self.event("response.content_part.added", item_id=self.message_id, output_index=0,
-                                         content_index=0, part=self.text_part(""))
-                    text.append(delta["content"])
-                    yield self.event("response.output_text.delta", item_id=self.message_id, output_index=0,
+                        yield self.event("response.content_part.added", item_id=message.id,
+                                         output_index=message.index, content_index=0, part=self.text_part(""))
+                    message.text.append(delta["content"])
+                    yield self.event("response.output_text.delta", item_id=message.id, output_index=message.index,
                                      content_index=0, delta=delta["content"], logprobs=[])
                 for piece in delta.get("tool_calls") or ():
-                    async for event in self._call_piece(calls, piece, message_open):
-                        yield event
-                finish_reason = choice.get("finish_reason") or finish_reason
+                    index = piece.get("index", 0)
+                    function = piece.get("function") or {}
+                    call = calls.get(index)
+                    if call is None:
+                        call_id = piece.get("id") or f"call_{index}"
+                        call = calls[index] = OpenItem(f"fc_{call_id}", opened, call_id, function.get("name") or "")
+                        opened += 1
+                        yield self.event("response.output_item.added", output_index=call.index,
+                                         item=self.call_item(call, "", "in_progress"))
+                    if function.get("arguments"):
+                        call.text.append(function["arguments"])
+                        yield self.event("response.function_call_arguments.delta", item_id=call.id,
+                                         output_index=call.index, delta=function["arguments"])
         if not started:
             return
         incomplete = finish_reason == "length"
         status = "incomplete" if incomplete else "completed"
-        output = []
-        if message_open:
-            full = "".join(text)
-            yield self.event("response.output_text.done", item_id=self.message_id, output_index=0, content_index=0,
-                             text=full, logprobs=[])
-            yield self.event("response.content_part.done", item_id=self.message_id, output_index=0,
+        if reasoning is not None and not reasoning.done:
+            for event in self._close_reasoning(reasoning, output):
+                yield event
+        if message is not None:
+            full = "".join(message.text)
+            yield self.event("response.output_text.done", item_id=message.id, output_index=message.index,
+                             content_index=0, text=full, logprobs=[])
+            yield self.event("response.content_part.done", item_id=message.id, output_index=message.index,
                              content_index=0, part=self.text_part(full))
             item = self.message_item(full, status)
-            yield self.event("response.output_item.done", output_index=0, item=item)
-            output.append(item)
+            yield self.event("response.output_item.done", output_index=message.index, item=item)
+            output.append((message.index, item))
         for call in calls.values():
-            item = self.call_item(call, "completed")
-            yield self.event("response.function_call_arguments.done", item_id=item["id"],
-                             output_index=call["output_index"], arguments=item["arguments"])
-            yield self.event("response.output_item.done", output_index=call["output_index"], item=item)
-            output.append(item)
-        final = self.response(status, output, self.usage(usage), incomplete)
+            item = self.call_item(call, "".join(call.text), "completed")
+            yield self.event("response.function_call_arguments.done", item_id=call.id, output_index=call.index,
+                             arguments=item["arguments"])
+            yield self.event("response.output_item.done", output_index=call.index, item=item)
+            output.append((call.index, item))
+        final = self.response(status, [item for _, item in sorted(output, key=lambda pair: pair[0])],
+                              self.usage(usage), incomplete)
         yield self.event("response.incomplete" if incomplete else "response.completed", response=final)
 
-    async def _call_piece(self, calls: dict[int, dict[str, Any]], piece: dict[str, Any],
-                          message_open: bool) -> AsyncIterator[str]:
-        index = piece.get("index", 0)
-        function = piece.get("function") or {}
-        call = calls.get(index)
-        if call is None:
-            call = calls[index] = {"id": piece.get("id") or f"call_{index}", "output_index": len(calls) - 1 +
-                                   int(message_open), "function": {"name": function.get("name") or "",
-                                                                   "arguments": ""}}
-            yield self.event("response.output_item.added", output_index=call["output_index"],
-                             item={**self.call_item(call, "in_progress"), "arguments": ""})
-        arguments = function.get("arguments") or ""
-        if arguments:
-            call["function"]["arguments"] += arguments
-            yield self.event("response.function_call_arguments.delta", item_id=f"fc_{call['id']}",
-                             output_index=call["output_index"], delta=arguments)
+    def _close_reasoning(self, reasoning: OpenItem, output: list[tuple[int, dict[str, Any]]]) -> list[str]:
+        reasoning.done = True
+        full = "".join(reasoning.text)
+        item = self.reasoning_item(full, "completed")
+        output.append((reasoning.index, item))
+        return [self.event("response.reasoning_text.done", item_id=reasoning.id, output_index=reasoning.index,
+                           content_index=0, text=full),
+                self.event("response.output_item.done", output_index=reasoning.index, item=item)]
+
+
+@dataclass(slots=True)
+class OpenItem:
+    """An output item being streamed: its id, output index and text so far (a call's arguments)."""
+
+    id: str
+    index: int
+    call_id: str = ""
+    name: str = ""
+    text: list[str] = field(default_factory=list)
+    done: bool = False
 
 
 async def _closing(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
