@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from fitserve import cli
-from fitserve.config import EngineConfig, Flag, ServerConfig
+from fitserve.config import ConfigError, EngineConfig, Flag, ServerConfig
 from fitserve.flags import (
     ENGINE_FLAG_GROUPS,
     PLAN_FIELDS,
@@ -26,6 +26,7 @@ SPECIAL = {
     "kv_cache_memory_bytes": (["2GiB"], 2 * 2**30),
     "max_request_body_bytes": (["1MiB"], 2**20),
     "allowed_origins": (['["https://a.example", "https://b.example"]'], ("https://a.example", "https://b.example")),
+    "chat_template": (["{{ messages[0].content }}"], "{{ messages[0].content }}"),  # a template, not a file
 }
 SERVE_CLASSES = [*ENGINE_FLAG_GROUPS, SERVER_FLAG_GROUP]
 SERVE_FLAGS = [(cls, f, spec) for _, cls in SERVE_CLASSES for f, spec in declared_flags(cls)]
@@ -158,3 +159,13 @@ def test_an_invalid_choice_is_refused_alike(capsys):
             cli.main([command, "--quantization", "int4"])
         assert exit_info.value.code == 2
         assert "argument --quantization: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_chat_template_reads_a_file_or_takes_a_template_and_refuses_the_rest(tmp_path):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    assert EngineConfig(chat_template=str(path)).chat_template == path.read_text()
+    with pytest.raises(ConfigError, match="no file"):
+        EngineConfig(chat_template=str(tmp_path / "missing.jinja"))
+    with pytest.raises(ConfigError, match="does not parse"):
+        EngineConfig(chat_template="{% for m in messages %}")

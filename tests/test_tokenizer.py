@@ -124,3 +124,18 @@ def test_token_bytes_rebuild_characters_split_across_tokens(smol_tokenizer):
     pieces = [tok.decode([i], skip_special_tokens=False) for i in ids]
     assert any("\ufffd" in p for p in pieces), "the text must split a character across tokens"
     assert bytes(b for i in ids for b in tok.token_bytes(i)).decode() == text
+
+
+def test_chat_template_flag_replaces_the_models_template(tmp_path):
+    """--chat-template reaches the tokenizer through the model source, in place of the tiny dummy
+    model's fallback template."""
+    from tiny_model import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "tiny")
+    messages = [{"role": "user", "content": "hi"}]
+    plain = Tokenizer.from_source(resolve_model_source(EngineConfig(model=str(folder), load_format="dummy")))
+    assert plain.render_chat(messages) != "<user>hi>"
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    config = EngineConfig(model=str(folder), load_format="dummy", chat_template=template)
+    templated = Tokenizer.from_source(resolve_model_source(config))
+    assert templated.render_chat(messages) == "<user>hi>"

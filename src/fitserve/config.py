@@ -152,6 +152,25 @@ class SchedulerConfig:
             raise ConfigError(f"--max-model-len must be at least 2, got {self.max_model_len}.")
 
 
+def read_chat_template(value: str) -> str:
+    """--chat-template's template: a file's text, or the value itself when it holds Jinja (as vLLM reads
+    it). ConfigError for a path that does not exist or a template Jinja cannot parse."""
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as handle:
+            template = handle.read()
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ConfigError(f"--chat-template: {value!r} is no file, nor a template (no {{{{ or {{% in it).")
+    import jinja2  # a dependency of transformers' chat templates
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"--chat-template does not parse: {exc.message} (line {exc.lineno}).") from None
+    return template
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = field(default=None, metadata=flag(
@@ -160,6 +179,9 @@ class EngineConfig:
         "--served-model-name", help="the name clients send as `model`"))
     tokenizer: str | None = field(default=None, metadata=flag(
         "--tokenizer", help="a tokenizer folder or hub id, if not the model's own"))
+    chat_template: str | None = field(default=None, metadata=flag(
+        "--chat-template", help="a Jinja chat template file, or the template itself, used instead of the "
+                                "model's (vLLM's flag); read and checked at start-up"))
     load_format: str = field(default="auto", metadata=flag(
         "--load-format", choices=LOAD_FORMATS,
         help="'dummy' builds random weights from the model's config.json, for benchmarks"))
@@ -242,6 +264,8 @@ class EngineConfig:
             raise ConfigError("--generation-config must be auto, vllm or a folder with a generation_config.json.")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be 1 or more, got {self.tensor_parallel_size!r}.")
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", read_chat_template(self.chat_template))
 
     def uses_engine_process(self, on_cuda: bool) -> bool:
         """--engine-process, or by default: on with one CUDA GPU (an H200's W2 through HTTP took 19.8 s with

@@ -47,6 +47,8 @@ class Tokenizer:
             hf = PreTrainedTokenizerFast.from_pretrained(source.tokenizer_path)
         else:
             hf = _fallback_tokenizer(source.arch.vocab_size, source.eos_token_ids)
+        if source.chat_template is not None:  # --chat-template
+            hf.chat_template = source.chat_template
         return cls(hf, source.eos_token_ids)
 
     @property

@@ -44,6 +44,7 @@ class ModelSource:
     # --load-format dummy in a packed layout (weights/dummy_layouts.py): "gptq", "awq", "compressed-tensors"
     # (checkpoint_int then holds the scheme) or "gguf" (Q4_K_M); None: dummy weights in --dtype, or real ones
     dummy_layout: str | None = None
+    chat_template: str | None = None  # --chat-template: replaces the tokenizer's own
 
     def param_counts(self) -> ParamCounts | None:
         """An integer checkpoint's counts at its held bytes (weights/int_checkpoint.py), or a dummy Q4_K_M
@@ -111,6 +112,8 @@ def resolve_model_source(cfg: EngineConfig) -> ModelSource:
         source = replace(source, tokenizer_kind="hf", tokenizer_path=folder)
     if cfg.load_format == "dummy":
         source = with_dummy_layout(source, cfg)
+    if cfg.chat_template is not None:
+        source = replace(source, chat_template=cfg.chat_template)
     check_int_quantization(source, cfg.quantization)
     return source
 
