@@ -169,3 +169,42 @@ def test_chat_template_reads_a_file_or_takes_a_template_and_refuses_the_rest(tmp
         EngineConfig(chat_template=str(tmp_path / "missing.jinja"))
     with pytest.raises(ConfigError, match="does not parse"):
         EngineConfig(chat_template="{% for m in messages %}")
+
+
+def test_vllm_flags_that_change_nothing_are_taken_and_logged(caplog):
+    """A deployment's vLLM command line starts fitserve: each such flag is logged with its reason."""
+    from fitserve.vllm_flags import VLLM_FLAGS, check_vllm_flags
+
+    words = []
+    for flag in VLLM_FLAGS:
+        words += [flag.name, flag.only[0] if flag.only else "4"] if flag.takes_value else [flag.name]
+    args = cli.build_parser().parse_args(["serve", *words])
+    with caplog.at_level("INFO", logger="fitserve.vllm_flags"):
+        assert check_vllm_flags(args) == [flag.name for flag in VLLM_FLAGS]
+    assert all(any(flag.name in r.getMessage() and flag.note in r.getMessage() for r in caplog.records)
+               for flag in VLLM_FLAGS)
+    assert engine_config_from_args(args) == EngineConfig()  # none of them touches the engine
+
+
+@pytest.mark.parametrize("words", [["--pipeline-parallel-size", "2"], ["--tokenizer-mode", "mistral"],
+                                   ["--response-role", "user"]])
+def test_a_vllm_flag_at_a_value_fitserve_cannot_honour_is_refused(words, capsys):
+    assert cli.main(["serve", *words]) == 2
+    assert words[0] in capsys.readouterr().err
+
+
+def test_download_dir_and_revision_reach_the_hub_download(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from fitserve.weights.source import resolve_model_source
+
+    seen = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs, repo_id=repo_id)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not here")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(ConfigError, match=str(tmp_path)):  # the message names the cache it looked in
+        resolve_model_source(EngineConfig(model="org/model", download_dir=str(tmp_path), revision="v2"))
+    assert (seen["repo_id"], seen["cache_dir"], seen["revision"]) == ("org/model", str(tmp_path), "v2")

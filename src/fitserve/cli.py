@@ -21,6 +21,7 @@ from fitserve.flags import (  # noqa: F401  (engine_config_from_args, server_con
     server_config_from_args,
 )
 from fitserve.telemetry.monitor import STATS_INTERVAL_S
+from fitserve.vllm_flags import add_vllm_flags, check_vllm_flags
 from fitserve.weights.source import resolve_model_source
 
 logger = logging.getLogger("fitserve")
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     add_replica_args(serve)  # --replicas N: engine replicas on Ray Serve (docs/scale-out.md)
+    add_vllm_flags(serve)  # vLLM's flags that change nothing here: accepted, logged (vllm_flags.py)
     add_bench_parsers(commands)
     serve.add_argument("--verify-quantization", action="store_true",
                        help="before serving, compare --quantization/--kv-cache-dtype with --dtype on built-in "
@@ -151,6 +153,7 @@ def _serve_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig
     """`fitserve serve`'s two configs; `fitserve serve MODEL` is `--model MODEL`."""
     if args.model_tag and not args.model:
         args.model = args.model_tag
+    check_vllm_flags(args)
     return engine_config_from_args(args), server_config_from_args(args)
 
 

@@ -179,6 +179,11 @@ class EngineConfig:
         "--served-model-name", help="the name clients send as `model`"))
     tokenizer: str | None = field(default=None, metadata=flag(
         "--tokenizer", help="a tokenizer folder or hub id, if not the model's own"))
+    download_dir: str | None = field(default=None, metadata=flag(
+        "--download-dir", help="where a hub model is downloaded and looked for (vLLM's flag; default: the "
+                               "Hugging Face cache, $HF_HUB_CACHE or $HF_HOME/hub)"))
+    revision: str | None = field(default=None, metadata=flag(
+        "--revision", help="the hub model's branch, tag or commit (default: main)"))
     chat_template: str | None = field(default=None, metadata=flag(
         "--chat-template", help="a Jinja chat template file, or the template itself, used instead of the "
                                 "model's (vLLM's flag); read and checked at start-up"))

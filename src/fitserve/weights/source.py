@@ -101,14 +101,16 @@ def resolve_model_source(cfg: EngineConfig) -> ModelSource:
             raise ConfigError(f"GGUF file {cfg.model!r} does not exist.")
         source = _gguf_source(cfg.model, name=Path(cfg.model).stem)
     else:
-        folder = cfg.model if os.path.isdir(cfg.model) else _hub_snapshot(cfg.model, cfg.hf_offline)
+        folder = cfg.model if os.path.isdir(cfg.model) else \
+            _hub_snapshot(cfg.model, cfg.hf_offline, cfg.download_dir, cfg.revision)
         source = _hf_source(folder, name=cfg.model)
     if cfg.load_format == "safetensors" and source.kind != "hf":
         raise ConfigError(f"--load-format safetensors needs a checkpoint folder, but {source.name!r} is {source.kind}.")
     if cfg.load_format == "gguf" and source.kind != "gguf":
         raise ConfigError(f"--load-format gguf needs a .gguf file, but {source.name!r} is a checkpoint folder.")
     if cfg.tokenizer is not None:
-        folder = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else _hub_snapshot(cfg.tokenizer, cfg.hf_offline)
+        folder = cfg.tokenizer if os.path.isdir(cfg.tokenizer) else \
+            _hub_snapshot(cfg.tokenizer, cfg.hf_offline, cfg.download_dir)
         source = replace(source, tokenizer_kind="hf", tokenizer_path=folder)
     if cfg.load_format == "dummy":
         source = with_dummy_layout(source, cfg)
@@ -230,15 +232,17 @@ def _tokenizer_eos_ids(root: Path) -> list[int]:
     return [int(vocab[eos])] if isinstance(vocab, dict) and eos in vocab else []
 
 
-def _hub_snapshot(repo_id: str, offline: bool) -> str:
-    """A local snapshot folder of a hub model; ConfigError with the cache location when unavailable."""
+def _hub_snapshot(repo_id: str, offline: bool, download_dir: str | None = None, revision: str | None = None) -> str:
+    """A local snapshot folder of a hub model (--download-dir: its cache; --revision: which one);
+    ConfigError with the cache location when unavailable."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    cache = hf_home_hint()
-    help_text = (f"The Hugging Face cache is {cache} (set HF_HOME or HF_HUB_CACHE to use another); "
+    cache = download_dir or hf_home_hint()
+    help_text = (f"The Hugging Face cache is {cache} (--download-dir, or HF_HOME or HF_HUB_CACHE, names another); "
                  "gated models need HF_TOKEN; HF_HUB_OFFLINE=1 uses only the cache.")
     try:
-        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, cache_dir=cache, local_files_only=offline)
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, cache_dir=cache, local_files_only=offline,
+                                 revision=revision)
     except LocalEntryNotFoundError:
         where = "offline mode is on and it is not in the cache" if offline else \
             "the hub could not be reached and it is not in the cache"
