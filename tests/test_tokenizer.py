@@ -135,7 +135,8 @@ def test_chat_template_flag_replaces_the_models_template(tmp_path):
     messages = [{"role": "user", "content": "hi"}]
     plain = Tokenizer.from_source(resolve_model_source(EngineConfig(model=str(folder), load_format="dummy")))
     assert plain.render_chat(messages) != "<user>hi>"
-    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}>{% endif %}")
     config = EngineConfig(model=str(folder), load_format="dummy", chat_template=template)
     templated = Tokenizer.from_source(resolve_model_source(config))
     assert templated.render_chat(messages) == "<user>hi>"

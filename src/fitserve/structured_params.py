@@ -36,7 +36,8 @@ class StructuredOutputParams:
     @classmethod
     def from_choice(cls, choices: list[str], param: str) -> StructuredOutputParams:
         """Exactly one of these strings (a grammar of quoted literals: no regex escaping to get wrong)."""
-        return cls(param=param, lark="start: " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices))
+        literals = " | ".join(json.dumps(choice, ensure_ascii=False) for choice in choices)
+        return cls(param=param, lark=f"start: {literals}")
 
     @property
     def kind(self) -> str:

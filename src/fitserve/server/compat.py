@@ -104,7 +104,8 @@ COMPLETION_FIELDS = SHARED_FIELDS + (
     _s("logprobs", "top logprobs per token, up to --max-logprobs (default 20); with echo, the prompt's too"),
     FieldSupport("suffix", "rejected", "no fill-in-the-middle"),
     _s("best_of", "only equal to n (no extra candidates ranked away); else a 400"),
-    _s("response_format", "vLLM extra here (OpenAI's completions have none): text, json_object, json_schema, as on chat"),
+    _s("response_format", "vLLM extra here (OpenAI's completions have none): text, json_object, json_schema, "
+       "as on chat"),
 )
 
 TABLE: dict[str, tuple[FieldSupport, ...]] = {CHAT: CHAT_FIELDS, COMPLETIONS: COMPLETION_FIELDS}

@@ -244,8 +244,9 @@ class ResponseShape:
         output = [self.reasoning_item(message["reasoning_content"], "completed")] \
             if message.get("reasoning_content") else []
         output += [self.message_item(message["content"], status)] if message.get("content") else []
-        output += [self.call_item(OpenItem(f"fc_{call['id']}", 0, call["id"], call["function"]["name"]),
-                                  call["function"]["arguments"], "completed") for call in message.get("tool_calls") or ()]
+        for call in message.get("tool_calls") or ():
+            item = OpenItem(f"fc_{call['id']}", len(output), call["id"], call["function"]["name"])
+            output.append(self.call_item(item, call["function"]["arguments"], "completed"))
         return self.response(status, output, self.usage(chat.get("usage")), incomplete)
 
     def event(self, kind: str, **fields: Any) -> str:
