@@ -49,18 +49,12 @@ def grammar_error(params: StructuredOutputParams) -> str | None:
         message = llguidance.LLMatcher.validate_grammar(grammar_of(params))
     except ValueError as exc:
         return str(exc)
-    return None if not message or message.startswith("WARNING") else message.strip()
+    return None if not message or message.startswith("WARNING") else message
 
 
 def json_schema_error(schema: str | dict[str, Any]) -> str | None:
     """Why this JSON Schema cannot constrain output (None when it can). Needs no tokenizer."""
-    try:
-        message = llguidance.LLMatcher.validate_grammar(json_schema_grammar(schema))
-    except ValueError as exc:
-        return str(exc)
-    if not message or message.startswith("WARNING"):
-        return None
-    return message
+    return grammar_error(StructuredOutputParams.from_schema(schema))
 
 
 class RequestGrammar:

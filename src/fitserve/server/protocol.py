@@ -73,6 +73,15 @@ def check_text(data: Any) -> Any:
     return data
 
 
+def check_text_parts(parts: Any, text_types: tuple[str, ...], hint: str) -> None:
+    """A content part of another type (image_url, input_audio, file, ...) gets a message that says why."""
+    for part in parts if isinstance(parts, list) else ():
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in text_types:
+            raise ValueError(f"content parts of type `{kind[:40]}` are not supported: the served models take "
+                             f"text only; send `{hint}` parts.")
+
+
 def check_prompt_end(add_generation_prompt: bool, continue_final_message: bool) -> None:
     """A chat prompt ends with the assistant's opening or inside the final message, not both (as vLLM)."""
     if add_generation_prompt and continue_final_message:
@@ -126,13 +135,7 @@ class ChatMessage(OpenAIModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, content: Any) -> Any:
-        """A part of another type (image_url, input_audio, file, ...) gets a message that says why."""
-        if isinstance(content, list):
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind != "text":
-                    raise ValueError(f"content parts of type `{kind[:40]}` are not supported: the served models "
-                                     "take text only; send `text` parts.")
+        check_text_parts(content, ("text",), "text")
         return content
 
     @model_validator(mode="after")

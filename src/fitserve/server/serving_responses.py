@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fitserve.server.errors import BadRequestError
-from fitserve.server.protocol import Bool, ChatCompletionRequest, Float, Int64, check_text
+from fitserve.server.protocol import Bool, ChatCompletionRequest, Float, Int64, check_text, check_text_parts
 from fitserve.server.serving_chat import OpenAIServingChat
 from fitserve.server.serving_common import SSEResponse
 
@@ -97,12 +97,7 @@ class ResponsesRequest(_Model):
     def _valid_text(cls, value: Any) -> Any:
         """Unicode text only, in text parts only (an image part gets a message that says so)."""
         for item in value if isinstance(value, list) else ():
-            parts = item.get("content") if isinstance(item, dict) else None
-            for part in parts if isinstance(parts, list) else ():
-                kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind not in TEXT_PARTS:
-                    raise ValueError(f"content parts of type `{kind[:40]}` are not supported: the served models "
-                                     "take text only; send `input_text` parts.")
+            check_text_parts(item.get("content") if isinstance(item, dict) else None, TEXT_PARTS, "input_text")
         return check_text(value)
 
     def chat_body(self) -> dict[str, Any]:
