@@ -19,16 +19,35 @@ written smaller, without its tuned configs or quantized variants.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from fitserve.kernels import reference, triton_fused
 
-SMALL_BATCH_CHOICES = 256  # up to this many token choices: 16-row blocks waste less padding per expert
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for small and large batches
-SMALL_CONFIG = (16, 64, 64, 4)
-LARGE_CONFIG = (64, 64, 32, 4)
+# One grouped GEMM's tile: (BLOCK_N, BLOCK_K, num_warps, num_stages).
+GemmConfig = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """The tiles of one fused_moe call: BLOCK_M rows of one expert per program (the align step pads
+    each expert's run to it, so both GEMMs share it) and each GEMM's own tile."""
+    block_m: int
+    gate_up: GemmConfig
+    down: GemmConfig
+
+
+# By the mean rows an expert gets (token choices / experts): the first entry whose bound is at least
+# that. Placeholder until measured: the tiles used so far (16-row blocks up to 256 choices).
+CONFIGS: list[tuple[float, MoeConfig]] = [
+    (32.0, MoeConfig(16, (64, 64, 4, 3), (64, 64, 4, 3))),
+    (float("inf"), MoeConfig(64, (64, 32, 4, 3), (64, 32, 4, 3))),
+]
+# float32 (the tests' exact checks) doubles every tile's bytes: small tiles always.
+FLOAT32_CONFIG = MoeConfig(16, (64, 32, 4, 2), (64, 32, 4, 2))
 DOT_PRECISION = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}  # 16-bit: ignored
 
 
@@ -140,35 +159,45 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
     assert topk_weights.dtype == torch.float32, "routing weights in float32"
 
 
+def config_for(num_choices: int, num_experts: int, dtype: torch.dtype) -> MoeConfig:
+    """The table's tiles for this many token choices over this many experts."""
+    if dtype == torch.float32:
+        return FLOAT32_CONFIG
+    rows_per_expert = num_choices / num_experts
+    return next(config for bound, config in CONFIGS if rows_per_expert <= bound)
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
           aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a_row_divisor: int, mul_weight: bool,
-          config: tuple[int, int, int, int]) -> None:
+          block_m: int, tile: GemmConfig) -> None:
     """One grouped GEMM: c[choice] = a[choice // a_row_divisor] @ b[expert].T (* weights[choice])."""
     sorted_ids, block_experts, num_padded = aligned
-    block_m, block_n, block_k, num_warps = config
+    block_n, block_k, num_warps, num_stages = tile
     n, k = b.shape[1], b.shape[2]
     grid = (block_experts.shape[0], triton.cdiv(n, block_n))
     _moe_gemm_kernel[grid](a, b, c, weights, sorted_ids, block_experts, num_padded,
                            n, k, c.shape[0], a.stride(0), b.stride(0), b.stride(1), b.stride(2), c.stride(0),
                            A_ROW_DIVISOR=a_row_divisor, MUL_WEIGHT=mul_weight, PRECISION=DOT_PRECISION[a.dtype],
-                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+                           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+                           num_stages=num_stages)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: MoeConfig | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2*I, H] (gate rows, then up), w2 [E, H, I], topk_weights [T, k] float32,
-    topk_ids [T, k] -> [T, H] in x's dtype: moe_reference.experts, in two grouped GEMMs."""
+    topk_ids [T, k] -> [T, H] in x's dtype: moe_reference.experts, in two grouped GEMMs, with the
+    table's tiles (config_for) unless `config` names others (benchmarks/moe_tune.py)."""
     _check(x, w13, w2, topk_weights, topk_ids)
     num_tokens, top_k = topk_ids.shape
     num_choices = num_tokens * top_k
-    config = SMALL_CONFIG if num_choices <= SMALL_BATCH_CHOICES else LARGE_CONFIG
-    aligned = align_to_experts(topk_ids, w13.shape[0], config[0])
+    config = config or config_for(num_choices, w13.shape[0], x.dtype)
+    aligned = align_to_experts(topk_ids, w13.shape[0], config.block_m)
     weights = topk_weights.reshape(-1).contiguous()
     gate_up = torch.empty(num_choices, w13.shape[1], dtype=x.dtype, device=x.device)  # every row written once
-    _gemm(x, w13, gate_up, weights, aligned, top_k, False, config)
+    _gemm(x, w13, gate_up, weights, aligned, top_k, False, config.block_m, config.gate_up)
     hidden = silu_and_mul(gate_up)  # [T*k, I]
     down = torch.empty(num_choices, w2.shape[1], dtype=x.dtype, device=x.device)
-    _gemm(hidden, w2, down, weights, aligned, 1, True, config)
+    _gemm(hidden, w2, down, weights, aligned, 1, True, config.block_m, config.down)
     return down.view(num_tokens, top_k, -1).sum(dim=1)
 
 
