@@ -19,35 +19,13 @@ written smaller, without its tuned configs or quantized variants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from fitserve.kernels import reference, triton_fused
+from fitserve.kernels.moe_tiles import GemmTile, MoeConfig, config_for
 
-# One grouped GEMM's tile: (BLOCK_N, BLOCK_K, num_warps, num_stages).
-GemmConfig = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class MoeConfig:
-    """The tiles of one fused_moe call: BLOCK_M rows of one expert per program (the align step pads
-    each expert's run to it, so both GEMMs share it) and each GEMM's own tile."""
-    block_m: int
-    gate_up: GemmConfig
-    down: GemmConfig
-
-
-# By the mean rows an expert gets (token choices / experts): the first entry whose bound is at least
-# that. Placeholder until measured: the tiles used so far (16-row blocks up to 256 choices).
-CONFIGS: list[tuple[float, MoeConfig]] = [
-    (32.0, MoeConfig(16, (64, 64, 4, 3), (64, 64, 4, 3))),
-    (float("inf"), MoeConfig(64, (64, 32, 4, 3), (64, 32, 4, 3))),
-]
-# float32 (the tests' exact checks) doubles every tile's bytes: small tiles always.
-FLOAT32_CONFIG = MoeConfig(16, (64, 32, 4, 2), (64, 32, 4, 2))
 DOT_PRECISION = {torch.float32: "ieee", torch.bfloat16: "tf32", torch.float16: "tf32"}  # 16-bit: ignored
 
 
@@ -159,17 +137,9 @@ def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: t
     assert topk_weights.dtype == torch.float32, "routing weights in float32"
 
 
-def config_for(num_choices: int, num_experts: int, dtype: torch.dtype) -> MoeConfig:
-    """The table's tiles for this many token choices over this many experts."""
-    if dtype == torch.float32:
-        return FLOAT32_CONFIG
-    rows_per_expert = num_choices / num_experts
-    return next(config for bound, config in CONFIGS if rows_per_expert <= bound)
-
-
 def _gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, weights: torch.Tensor,
           aligned: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a_row_divisor: int, mul_weight: bool,
-          block_m: int, tile: GemmConfig) -> None:
+          block_m: int, tile: GemmTile) -> None:
     """One grouped GEMM: c[choice] = a[choice // a_row_divisor] @ b[expert].T (* weights[choice])."""
     sorted_ids, block_experts, num_padded = aligned
     block_n, block_k, num_warps, num_stages = tile
