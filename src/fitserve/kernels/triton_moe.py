@@ -13,8 +13,10 @@ the result to the choices' rows, times the routing weight in the second GEMM. Th
 
 The pure-torch reference (kernels/moe_reference.py `experts`) is the specification and the CPU
 path; float32 runs with IEEE products (not TF32) so it matches it to rounding.
+The tiles (BLOCK_M, and each GEMM's BLOCK_N, BLOCK_K, warps and stages) come from kernels/moe_tiles.py
+by the mean rows per expert: a table measured by benchmarks/moe_tune.py.
 Studied: vLLM's fused_moe (moe_align_block_size, a program per sorted block knowing its expert);
-written smaller, without its tuned configs or quantized variants.
+written smaller, without its quantized variants.
 """
 
 from __future__ import annotations
