@@ -92,9 +92,10 @@ def bench_int(results: list, bits: int, rows_list: list[int], variants: list[str
     for name in variants:
         table = triton_int_quant.VARIANTS[name]
         for rows in rows_list:
-            path = "gemv" if rows <= table.gemv_max_rows else "tile_gemm"
-            choice = table.gemv if path == "gemv" else table.tile_for(rows)
-            case = dict(kind=kind, variant=name, path=path, rows=rows, kernel=choice.kernel)
+            path = "gemv" if rows <= table.gemv_max_rows else "dequant_mm" if rows >= table.dequant_min_rows \
+                else "tile_gemm"
+            choice = {"gemv": table.gemv, "tile_gemm": table.tile_for(rows)}.get(path, triton_int_quant.DEQUANT_TILE)
+            case = dict(kind=kind, variant=name, path=path, rows=rows, kernel=getattr(choice, "kernel", "dequant"))
             xs = {k: torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
             try:
                 err = variant_error(table, layers, bits, xs)

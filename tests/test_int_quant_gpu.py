@@ -59,6 +59,25 @@ def test_each_path_matches_the_reference(bits, path, num_rows, group_size, act_o
     assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 4e-3
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("num_cols,inner,group_size", [(328, 1280, 128), (70, 576, 32), (1000, 4096, -1)])
+@pytest.mark.parametrize("num_rows", [1, 40, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_mm_matches_the_reference(bits, num_cols, inner, group_size, num_rows, dtype):
+    """The many-rows path (dequantize into the scratch, then cuBLAS) at shapes that leave partial tiles,
+    after a larger layer has grown the shared scratch (the smaller one uses its front)."""
+    big = random_layer(bits, 2048, 4096, 128, False, seed=7)
+    triton_int_quant.dequant_mm(torch.randn(8, 4096, device=CUDA).to(dtype), *big[:3], bits)
+    qweight, scales, zeros, _ = random_layer(bits, num_cols, inner, group_size, False, seed=num_rows)
+    x = torch.randn(num_rows, inner, device=CUDA).to(dtype)
+    got = triton_int_quant.dequant_mm(x, qweight, scales, zeros, bits)
+    expected = int_quant.int_quant_mm_reference(x, qweight, scales, zeros, None, bits)
+    assert got.dtype == dtype and got.shape == (num_rows, num_cols)
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 4e-3
+    weight = triton_int_quant.dequant_scratch(num_cols * inner, dtype, x.device).view(num_cols, inner)
+    assert torch.equal(weight, int_quant.dequantize(qweight, scales, zeros, None, bits, dtype))  # one rounding
+
+
 def random_layer(bits, num_cols, inner, group_size, act_order, seed):
     """A layer in int_quant's layout on CUDA: (qweight, scales, zeros, g_idx)."""
     gen = torch.Generator(device=CUDA).manual_seed(seed)

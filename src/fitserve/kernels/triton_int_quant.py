@@ -24,7 +24,7 @@ float32 weight, the GEMMs the weight rounded to x's dtype).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from fitserve.kernels import pdl, triton_int_words
 from fitserve.kernels.pdl import begin
+from fitserve.plan.estimates import DEQUANT_MATMUL_MIN_ROWS
 
 BYTES, WORDS = "bytes", "words"  # the kernel families: this module's, kernels/triton_int_words.py's
 ALL_ROWS = 1 << 62  # a TileChoice's max_rows that takes every larger row count
@@ -64,6 +65,8 @@ class KernelTable:
     gemv_max_rows: int
     gemv: GemvChoice
     tiles: tuple[TileChoice, ...]  # ascending max_rows, the last ALL_ROWS
+    # From this many rows: dequantize the whole weight into a bf16/fp16 scratch, then cuBLAS (`dequant_mm`)
+    dequant_min_rows: int = ALL_ROWS
 
     def tile_for(self, num_rows: int) -> TileChoice:
         return next(choice for choice in self.tiles if num_rows <= choice.max_rows)
@@ -92,12 +95,14 @@ VARIANTS = {
     "words_gemv_2warps": KernelTable(1, GemvChoice(WORDS, 8, 256, 2), WORDS_TILES),
     "words_narrow_tiles": KernelTable(1, GemvChoice(WORDS, 8, 512, 4), WORDS_TILES_NARROW),
     "words_n16_narrow": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW),
+    "words_n16_narrow_dequant64": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW, 64),
+    "words_n16_narrow_dequant256": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW, 256),
 }
 # The fastest of VARIANTS on an H200 (benchmarks/results/int_quant_h200/words_first.jsonl, ms a Llama-3-8B
 # step's 128 layers, int4 g128): the words GEMV (16, 256, 8) 2.59 ms at one row (bf16 3.31, bytes 3.31);
 # the narrow words tiles 6.5-6.7 ms at 2-64 rows and 15.8 at 256 (bf16's cuBLAS 3.7-3.9 and 6.1; the bytes
 # tiles 117-127 and 462 in that call). int8 g128: 2.90 / 5.85-7.37 / 16.4 ms.
-DEFAULT_TABLE = VARIANTS["words_n16_narrow"]
+DEFAULT_TABLE = replace(VARIANTS["words_n16_narrow"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS)
 
 
 @triton.jit
@@ -168,6 +173,58 @@ def _int_quant_kernel(x_ptr, q_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, group_s
              mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, K, group_size, stride_q, stride_s, stride_w,
+                    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[n, k] = (q - zero) * scale of group k // group_size, in float32, stored in w's dtype, for a
+    [BLOCK_N, BLOCK_K] tile (in-order groups only)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < N, cols < K
+    row_off = rows[:, None].to(tl.int64)
+    ok = row_ok[:, None] & col_ok[None, :]
+    if BITS == 4:  # byte j holds columns 2j (low nibble) and 2j + 1: load each byte once, interleave
+        byte = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(q_ptr + row_off * stride_q + byte[None, :],
+                         mask=row_ok[:, None] & (byte < K // 2)[None, :], other=0)
+        q = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        q = tl.load(q_ptr + row_off * stride_q + cols[None, :], mask=ok, other=0)
+    group = (cols // group_size)[None, :]
+    scale = tl.load(s_ptr + row_off * stride_s + group, mask=ok, other=0.0)
+    zero = tl.load(z_ptr + row_off * stride_s + group, mask=ok, other=0)
+    w = (q.to(tl.float32) - zero.to(tl.float32)) * scale
+    tl.store(w_ptr + row_off * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+DEQUANT_TILE = (32, 256, 4)  # (BLOCK_N, BLOCK_K, num_warps)
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequant_scratch(num_elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One buffer per device and dtype that every layer dequantizes into in turn (a step runs its layers
+    one after another on one stream), grown to the largest layer; the first forward of a budget's worth
+    of tokens (start-up's profiling run) allocates it, so it is part of the measured activation peak."""
+    buffer = _scratch.get((device, dtype))
+    if buffer is None or buffer.numel() < num_elements:
+        buffer = _scratch[device, dtype] = torch.empty(num_elements, dtype=dtype, device=device)
+    return buffer[:num_elements]
+
+
+def dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               bits: int) -> torch.Tensor:
+    """x [M, K] @ W.T for many rows: W dequantized once into the scratch in x's dtype, then torch's matmul
+    (cuBLAS, float32 sums): the specification's numerics, at cuBLAS's speed plus one pass over W."""
+    _common_args(x, qweight, scales, zeros, None, bits)
+    num_cols, num_inner = qweight.shape[0], x.shape[1]
+    weight = dequant_scratch(num_cols * num_inner, x.dtype, x.device).view(num_cols, num_inner)
+    block_n, block_k, num_warps = DEQUANT_TILE
+    _dequant_kernel[(triton.cdiv(num_cols, block_n), triton.cdiv(num_inner, block_k))](
+        qweight, scales, zeros, weight, num_cols, num_inner, num_inner // scales.shape[1], qweight.stride(0),
+        scales.stride(0), weight.stride(0), BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+    return x @ weight.t()
+
+
 def _common_args(x, qweight, scales, zeros, g_idx, bits):
     num_inner = x.shape[1]
     assert qweight.shape[1] * 8 // bits == num_inner, (qweight.shape, x.shape)
@@ -235,4 +292,6 @@ def int_quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     x = x.contiguous()
     if x.shape[0] <= table.gemv_max_rows:
         return gemv(x, qweight, scales, zeros, g_idx, bits, table)
+    if x.shape[0] >= table.dequant_min_rows and g_idx is None:
+        return dequant_mm(x, qweight, scales, zeros, bits)
     return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table)
