@@ -149,13 +149,15 @@ def test_plan_reads_no_weights_and_imports_no_torch():
     assert "Verdict: fits." in result.stdout
 
 
-def test_an_integer_checkpoint_plans_the_dequantized_scratch_of_its_largest_projection():
+@pytest.mark.parametrize("min_rows", [None, 256])
+def test_an_integer_checkpoint_plans_the_dequantized_scratch_of_its_largest_projection(monkeypatch, min_rows):
     """kernels/triton_int_quant.py dequant_mm: from DEQUANT_MATMUL_MIN_ROWS rows a projection is dequantized
     into one bf16 scratch, the largest projection's size (Llama-3-8B: gate_up, 28672 x 4096), and only when
-    a step can hold that many tokens."""
+    a step can hold that many tokens; none while the path is off (None)."""
     from fitserve.plan import estimates
     from fitserve.weights.int_checkpoint import IntQuantScheme, int_param_counts
 
+    monkeypatch.setattr(estimates, "DEQUANT_MATMUL_MIN_ROWS", min_rows)
     arch = llama_8b_arch()
     gptq = int_param_counts(arch, IntQuantScheme("gptq", 4, 128, True, False))
 
@@ -163,7 +165,6 @@ def test_an_integer_checkpoint_plans_the_dequantized_scratch_of_its_largest_proj
         return plan_memory(llama_8b_inputs(param_counts=counts, max_num_batched_tokens=budget,
                                            max_num_seqs=min(budget, 256))).breakdown.activation_peak_bytes
 
-    gate_up_bf16 = 2 * 14336 * 4096 * 2
+    gate_up_bf16 = 2 * 14336 * 4096 * 2 if min_rows is not None else 0
     assert activation(gptq, 2048) - activation(counts_from_arch(arch), 2048) == gate_up_bf16
-    below = estimates.DEQUANT_MATMUL_MIN_ROWS - 1
-    assert activation(gptq, below) == activation(counts_from_arch(arch), below)
+    assert activation(gptq, 255) == activation(counts_from_arch(arch), 255)

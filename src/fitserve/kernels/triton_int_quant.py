@@ -13,6 +13,9 @@ float32 [N, G], zeros uint8 [N, G], g_idx for an act-order checkpoint). Two path
   in float32 sums, BLOCK_M 16 up to 16 rows and 64 above. It reads a quarter (4 bits)
   or half (8 bits) of bf16's bytes but is bound by the dequantization: slower than bf16's cuBLAS
   at every batch size measured (benchmarks/results/int_quant_h200/).
+- many rows (a KernelTable's dequant_min_rows; off in DEFAULT_TABLE until timed on a GPU): `dequant_mm`
+  writes the whole weight, dequantized once, into one scratch of x's dtype and multiplies with cuBLAS,
+  one pass over W for a product that is compute-bound at prefill sizes.
 These are the "bytes" kernels. kernels/triton_int_words.py has the "words" kernels (int32 loads,
 values without int-to-float conversions, BLOCK_M by rows); a KernelTable says which kernel and tile
 serve which rows, and VARIANTS names the tables benchmarks/int_quant_bench.py times side by side.
@@ -102,7 +105,7 @@ VARIANTS = {
 # step's 128 layers, int4 g128): the words GEMV (16, 256, 8) 2.59 ms at one row (bf16 3.31, bytes 3.31);
 # the narrow words tiles 6.5-6.7 ms at 2-64 rows and 15.8 at 256 (bf16's cuBLAS 3.7-3.9 and 6.1; the bytes
 # tiles 117-127 and 462 in that call). int8 g128: 2.90 / 5.85-7.37 / 16.4 ms.
-DEFAULT_TABLE = replace(VARIANTS["words_n16_narrow"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS)
+DEFAULT_TABLE = replace(VARIANTS["words_n16_narrow"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS or ALL_ROWS)
 
 
 @triton.jit

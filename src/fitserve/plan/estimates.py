@@ -20,11 +20,12 @@ CUDA_CONTEXT_BYTES = 640 * MIB
 # Memory outside torch's allocator that loading and the first forward add inside the budget:
 # kernel images of cuBLAS/Triton loaded on first use, library handles. H200: 68 MiB.
 RUNTIME_NON_TORCH_BYTES = 80 * MIB
-# Integer group-quantized weights (GPTQ, AWQ, compressed-tensors) multiply this many rows and more by
-# dequantizing each weight into one scratch of the serving dtype and calling cuBLAS
-# (kernels/triton_int_quant.py DEFAULT_TABLE, dequant_mm): the scratch, the largest projection's elements
-# in the serving dtype, is part of the activation peak of a token budget this large.
-DEQUANT_MATMUL_MIN_ROWS = 256
+# From this many rows, integer group-quantized weights (GPTQ, AWQ, compressed-tensors) would be multiplied
+# by dequantizing each weight into one scratch of the serving dtype and calling cuBLAS
+# (kernels/triton_int_quant.py dequant_mm; DEFAULT_TABLE takes this value): the scratch, the largest
+# projection's elements in the serving dtype, is then part of the activation peak of a token budget this
+# large. None (off) until benchmarks/int_quant_bench.py has timed it on a GPU (docs/quantization.md).
+DEQUANT_MATMUL_MIN_ROWS: int | None = None
 # cuBLAS / cuBLASLt workspaces, which torch allocates through its caching allocator. H200: 16 MiB
 # above the forward's tensors.
 GEMM_WORKSPACE_BYTES = 16 * MIB
@@ -128,7 +129,7 @@ def activation_peak_bytes(
 def dequant_scratch_bytes(arch: ArchConfig, max_num_batched_tokens: int, act_bytes: int) -> int:
     """Integer group-quantized projections' scratch (kernels/triton_int_quant.py dequant_mm): the largest
     block projection in the serving dtype, once a step's token budget reaches DEQUANT_MATMUL_MIN_ROWS."""
-    if max_num_batched_tokens < DEQUANT_MATMUL_MIN_ROWS:
+    if DEQUANT_MATMUL_MIN_ROWS is None or max_num_batched_tokens < DEQUANT_MATMUL_MIN_ROWS:
         return 0
     hidden, head_dim = arch.hidden_size, arch.head_dim
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
