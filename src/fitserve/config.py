@@ -22,7 +22,7 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget per step (c
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-CPU_COMPILE_MODES = ("off", "decode")  # runner/cpu_compile.py
+CPU_COMPILE_MODES = ("off", "decode", "aot")  # runner/cpu_compile.py, runner/cpu_aot.py
 # fp8: linear layers in one byte per weight; gguf: a .gguf file's blocks kept packed; gptq, awq,
 # compressed-tensors: an integer checkpoint served as stored (docs/quantization.md). With
 # --load-format dummy, a packed value makes random weights in that layout (weights/dummy_layouts.py).
@@ -199,8 +199,9 @@ class EngineConfig:
     cpu_compile: str = field(default="off", metadata=flag(  # runner/cpu_compile.py
         "--cpu-compile", choices=CPU_COMPILE_MODES,
         help="decode: on the CPU, decode-only steps run a torch.compile'd (inductor) forward, compiled at "
-             "start-up and cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/fitserve/inductor); off: eager "
-             "(docs/benchmarks.md)"))
+             "start-up and cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/fitserve/inductor); aot: the same "
+             "step as an AOTInductor package, built once into that folder and loaded in seconds at later "
+             "start-ups; off: eager (docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(

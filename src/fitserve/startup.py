@@ -217,7 +217,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=uses_cuda_graphs(config),
-        cpu_compile_cache_dir=inductor_cache_dir() if config.cpu_compile == "decode" else None,
+        cpu_compile=config.cpu_compile, cpu_compile_cache_dir=inductor_cache_dir(),
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)

@@ -62,6 +62,16 @@ def decode_forward(model: torch.nn.Module, block_size: int, input_ids: torch.Ten
     return compute_logits(model, forward(model, batch))
 
 
+def decode_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: int) -> tuple[torch.Tensor, ...]:
+    """decode_forward's tensors, from the eager step's batch (runner/input_batch.py), the block tables
+    padded with block 0 to at least MIN_TABLE_WIDTH_BLOCKS."""
+    batch = build_forward_batch(scheduled, block_size, torch.device("cpu"))
+    tables = batch.block_tables
+    if tables.shape[1] < MIN_TABLE_WIDTH_BLOCKS:
+        tables = torch.nn.functional.pad(tables, (0, MIN_TABLE_WIDTH_BLOCKS - tables.shape[1]))
+    return batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, tables
+
+
 class CpuDecodeCompile:
     """The compiled decode step of one model; `run` replaces the eager forward and logits of a decode batch."""
 
@@ -87,13 +97,8 @@ class CpuDecodeCompile:
         return self._compiled(self.model, self.block_size, *inputs)
 
     def _inputs(self, scheduled: tuple[ScheduledRequest, ...]) -> tuple[torch.Tensor, ...]:
-        """The compiled function's tensors, from the eager step's batch (runner/input_batch.py), the block
-        tables padded with block 0 to at least MIN_TABLE_WIDTH_BLOCKS."""
-        batch = build_forward_batch(scheduled, self.block_size, torch.device("cpu"))
-        tables = batch.block_tables
-        if tables.shape[1] < MIN_TABLE_WIDTH_BLOCKS:
-            tables = torch.nn.functional.pad(tables, (0, MIN_TABLE_WIDTH_BLOCKS - tables.shape[1]))
-        inputs = (batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens, tables)
+        """decode_inputs, marked dynamic for dynamo."""
+        inputs = decode_inputs(scheduled, self.block_size)
         if len(scheduled) > 1:  # the {2, ..., max} bucket: the rows symbolic
             for tensor in inputs:
                 torch._dynamo.mark_dynamic(tensor, 0)

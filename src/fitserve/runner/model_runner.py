@@ -15,10 +15,11 @@ from typing import Protocol
 import torch
 
 from fitserve.arch_config import ArchConfig
-from fitserve.config import openmp_threads_sleep
+from fitserve.config import inductor_cache_dir, openmp_threads_sleep
 from fitserve.core.interfaces import KVCapacity
 from fitserve.core.outputs import PromptLogprobs, RunnerOutput, ScheduledRequest, SchedulerOutput
 from fitserve.kv_groups import kv_layout
+from fitserve.runner.cpu_aot import CpuDecodePackage
 from fitserve.runner.cpu_compile import CpuDecodeCompile
 from fitserve.runner.cpu_settings import StepThreads
 from fitserve.runner.cuda_graph import DecodeGraphs
@@ -61,6 +62,7 @@ class TorchModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int = 8192,
         use_cuda_graphs: bool = False,
+        cpu_compile: str = "off",
         cpu_compile_cache_dir: str | None = None,
     ) -> None:
         self.model = model
@@ -78,10 +80,14 @@ class TorchModelRunner:
         self.peers: StepPeers | None = None  # set on tensor-parallel rank 0 once the workers are ready
         # every attribute execute() reads is set before the CUDA warm-up below runs steps
         self.decode_graphs: DecodeGraphs | None = None
-        # the CPU's compiled decode step (--cpu-compile decode; inductor's cache in cpu_compile_cache_dir)
-        self.cpu_compile: CpuDecodeCompile | None = None
-        if cpu_compile_cache_dir is not None and device.type == "cpu":
-            self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cpu_compile_cache_dir)
+        # the CPU's compiled decode step (--cpu-compile decode | aot; inductor's cache in cpu_compile_cache_dir)
+        self.cpu_compile: CpuDecodeCompile | CpuDecodePackage | None = None
+        if cpu_compile == "decode" and device.type == "cpu":
+            self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cpu_compile_cache_dir or inductor_cache_dir())
+        elif cpu_compile == "aot" and device.type == "cpu" and self.num_kv_groups == 1:
+            self.cpu_compile = CpuDecodePackage(model, self.kv_caches, capacity.block_size, max_num_seqs, max_model_len,
+                                                cpu_compile_cache_dir or inductor_cache_dir())
+        if self.cpu_compile is not None:
             self.cpu_compile.warm_up()
         # eager CPU steps of one token run on one thread while OpenMP's threads sleep between ops
         # (runner/cpu_settings.py); a compiled step keeps the thread count its kernels were compiled for

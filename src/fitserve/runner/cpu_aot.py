@@ -1,0 +1,149 @@
+"""The CPU decode step as an AOTInductor package (`--cpu-compile aot`): compiled once, loaded in seconds.
+
+`--cpu-compile decode` (runner/cpu_compile.py) compiles the decode step with torch.compile at every
+start-up: inductor's cache keeps the generated code, but dynamo's tracing runs again each time (12.5 s
+for the embedded model on 2 cores, 71 s from an empty cache). Here the same function (`decode_forward`)
+is exported once with torch.export, the KV cache a list of inputs that it writes in place, and compiled
+ahead of time by AOTInductor into a package (a shared library) under the inductor cache dir. A later
+start-up loads the package and points it at the model's own weights (`load_constants`, user-managed:
+the package holds no copy), with no tracing: about 2 s for the embedded model.
+
+One export serves every decode batch: the rows (1 to max_num_seqs) and the block-table width (2 to the
+longest context's blocks) are symbolic. The package is keyed by what its code depends on: fitserve's
+source, torch's version, the CPU's capability, the model's class, parameter names, shapes and dtypes,
+the KV cache's shapes and dtype, the block size and the two bounds. A package that is not there is
+built at start-up (the embedded model: about 7 s to export and 70 s to compile, once). Prefill and
+mixed steps stay eager, as do models with several KV cache groups.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import fitserve
+from fitserve.core.outputs import ScheduledRequest
+from fitserve.runner.cpu_compile import decode_forward, decode_inputs
+from fitserve.runner.input_batch import PlaceholderFill, chunks_on_blocks
+from fitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PACKAGE_FORMAT = 1  # bump when what a package takes or returns changes
+MIN_MAX_TABLE_WIDTH = 3  # export needs the width's range to hold more than its minimum (2)
+
+
+class DecodeStep(nn.Module):
+    """What is exported: decode_forward with the KV cache as an input, bound to the layers at each call."""
+
+    def __init__(self, model: nn.Module, block_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.block_size = block_size
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        self.model.bind_kv_cache(list(kv_caches))
+        return decode_forward(self.model, self.block_size, input_ids, positions, slot_mapping, seq_lens, block_tables)
+
+
+def source_digest() -> str:
+    """A digest of every Python file of the installed fitserve: a changed layer or kernel is a new package."""
+    digest = hashlib.sha256()
+    root = Path(fitserve.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class CpuDecodePackage:
+    """The packaged decode step of one model; `run` replaces the eager forward and logits of a decode batch."""
+
+    def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 max_num_seqs: int, max_model_len: int, cache_dir: str) -> None:
+        self.step = DecodeStep(model, block_size).eval()
+        self.kv_caches = kv_caches
+        self.max_num_seqs = max_num_seqs
+        self.max_table_width = max(MIN_MAX_TABLE_WIDTH, -(-max_model_len // block_size))
+        self.path = Path(cache_dir) / "fitserve-aot" / f"decode-{self.key()}.pt2"
+        self.built = False  # whether warm_up built the package (else it loaded one)
+        self._package = None
+
+    def key(self) -> str:
+        model = self.step.model
+        described = {
+            "format": PACKAGE_FORMAT, "fitserve": fitserve.__version__, "source": source_digest(),
+            "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "model": type(model).__qualname__,
+            "parameters": [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()],
+            "kv": [(tuple(k.shape), str(k.dtype)) for k, _ in self.kv_caches],
+            "block_size": self.step.block_size, "max_num_seqs": self.max_num_seqs,
+            "max_table_width": self.max_table_width,
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
+
+    def can_run(self, scheduled: tuple[ScheduledRequest, ...], num_kv_groups: int) -> bool:
+        """A decode-only batch of a model with one KV cache group (a hybrid model's group tables are eager)."""
+        return self._package is not None and num_kv_groups == 1 and all(
+            c.num_tokens == 1 and c.samples for c in scheduled)
+
+    @torch.inference_mode()
+    def run(self, scheduled: tuple[ScheduledRequest, ...], fill: PlaceholderFill | None = None) -> torch.Tensor:
+        """Logits [len(scheduled), vocab] float32 of these decode requests, by the packaged step."""
+        inputs = decode_inputs(scheduled, self.step.block_size)
+        if fill is not None:
+            fill.apply(inputs[0])
+        return self._package(*inputs, self.kv_caches)
+
+    def warm_up(self) -> float:
+        """Load the package, building it first if there is none; returns the seconds it took."""
+        start_s = time.monotonic()
+        if not self.path.exists():
+            logger.info("Building the CPU decode step's AOTInductor package (--cpu-compile aot) in %s: a minute or "
+                        "more, once for this model, shapes and fitserve", self.path)
+            self._build()
+            self.built = True
+        self._package = torch._inductor.aoti_load_package(str(self.path))
+        fqns = self._package.get_constant_fqns()
+        weights = {fqn: functools.reduce(getattr, fqn.split("."), self.step) for fqn in fqns}
+        self._package.load_constants(weights, check_full_update=True, user_managed=True)
+        elapsed_s = time.monotonic() - start_s
+        logger.info("CPU decode step %s (--cpu-compile aot) in %.1f s", "built and loaded" if self.built else "loaded",
+                    elapsed_s)
+        return elapsed_s
+
+    def _build(self) -> None:
+        example = decode_inputs(self._example_batch(), self.step.block_size)
+        rows = torch.export.Dim("rows", min=1, max=self.max_num_seqs)
+        width = torch.export.Dim("table_width", min=2, max=self.max_table_width)
+        dynamic = ({0: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows, 1: width},
+                   [(None, None)] * len(self.kv_caches))
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                # the layers' cache attributes are set from the inputs on purpose (DecodeStep.forward)
+                warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+                exported = torch.export.export(self.step, (*example, self.kv_caches), dynamic_shapes=dynamic,
+                                               strict=False)
+        finally:  # tracing bound its fake tensors to the layers: give them the real cache back
+            self.step.model.bind_kv_cache(self.kv_caches)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(f"{self.path.stem}.{os.getpid()}.partial.pt2")
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
+        os.replace(partial, self.path)  # whole or absent: another process never loads half a package
+
+    def _example_batch(self) -> tuple[ScheduledRequest, ...]:
+        """Three made-up decode requests of two blocks each (export traces them on fake tensors)."""
+        return chunks_on_blocks([((0,), self.step.block_size + 1)] * 3, "export", self.step.block_size,
+                                SamplingParams())

@@ -1,0 +1,89 @@
+"""The CPU decode step as an AOTInductor package (--cpu-compile aot, runner/cpu_aot.py) against the eager
+step, on a tiny random Llama in float32: logits within rounding, the KV cache written in place as eager
+writes it, the same greedy tokens alone and batched; a second engine loads the package it built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fitserve.llm import LLM
+from fitserve.runner.cpu_aot import CpuDecodePackage
+from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
+from fitserve.sampling_params import SamplingParams
+from test_cpu_compile import PROMPTS, _scheduler_output
+from tiny_model import tiny_engine_config, write_tiny_model
+
+LOGITS_TOLERANCE = 1e-4  # float32: inductor's fused reductions round in another order than aten's
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """(eager LLM, AOT LLM) on the same tiny random weights, the package built into a fresh folder."""
+    folder = write_tiny_model(tmp_path_factory.mktemp("tiny"))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    try:
+        yield LLM(config=tiny_engine_config(folder)), LLM(config=tiny_engine_config(folder, cpu_compile="aot")), folder
+    finally:
+        monkeypatch.undo()
+
+
+def _prefill(llm: LLM, prompts: list[list[int]]) -> tuple:
+    """Prefills the prompts (eager) on their own blocks; returns the decode step that follows them."""
+    runner = llm.engine.runner
+    params = SamplingParams(temperature=0.0)
+    block_size = runner.capacity.block_size
+    runner.execute_async(_scheduler_output(chunks_on_blocks([(tuple(p), 0) for p in prompts], "t", block_size,
+                                                            params))).result()
+    return chunks_on_blocks([((p[-1],), len(p)) for p in prompts], "t", block_size, params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prompts", [PROMPTS[2:], PROMPTS], ids=["one", "batched"])
+def test_packaged_decode_matches_eager_logits_and_kv_writes(engines, prompts):
+    _, llm, _ = engines
+    runner = llm.engine.runner
+    assert isinstance(runner.cpu_compile, CpuDecodePackage) and runner.cpu_compile.built
+    decode = _prefill(llm, prompts)
+    k_before = runner.kv_caches[0][0].clone()
+    with torch.inference_mode():
+        packaged = runner.cpu_compile.run(decode)
+        k_packaged = runner.kv_caches[0][0].clone()
+        runner.kv_caches[0][0].copy_(k_before)
+        batch = build_forward_batch(decode, runner.capacity.block_size, runner.device)
+        eager = runner.model.compute_logits(runner.model(batch))
+    assert not torch.equal(k_packaged, k_before)  # the package wrote the runner's own cache
+    torch.testing.assert_close(k_packaged, runner.kv_caches[0][0], atol=1e-6, rtol=1e-6)
+    assert packaged.shape == eager.shape == (len(prompts), 300)
+    torch.testing.assert_close(packaged, eager, atol=LOGITS_TOLERANCE, rtol=LOGITS_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_packaged_greedy_tokens_equal_eager_alone_and_batched(engines):
+    eager, packaged, _ = engines
+    package = packaged.engine.runner.cpu_compile
+    sizes: list[int] = []
+    run = package.run
+    package.run = lambda scheduled, fill=None: sizes.append(len(scheduled)) or run(scheduled, fill)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = [out.token_ids for out in eager.generate(PROMPTS, params)]
+    assert [out.token_ids for out in packaged.generate(PROMPTS, params)] == expected
+    for prompt, tokens in zip(PROMPTS, expected):
+        assert packaged.generate([prompt], params)[0].token_ids == tokens
+    assert 1 in sizes and len(PROMPTS) in sizes  # one export served one row and three
+
+
+@pytest.mark.slow
+def test_a_second_engine_loads_the_package_and_other_shapes_key_another(engines):
+    eager, packaged, folder = engines
+    first = packaged.engine.runner.cpu_compile
+    again = LLM(config=tiny_engine_config(folder, cpu_compile="aot"))
+    package = again.engine.runner.cpu_compile
+    assert package.path == first.path and not package.built  # loaded, not built
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    assert again.generate(PROMPTS, params)[0].token_ids == eager.generate(PROMPTS, params)[0].token_ids
+    runner = again.engine.runner
+    other = CpuDecodePackage(runner.model, runner.kv_caches, runner.capacity.block_size, 8, 256,
+                             str(first.path.parent.parent))
+    assert other.path != first.path  # max_num_seqs 8, not 16: another package
