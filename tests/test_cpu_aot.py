@@ -1,6 +1,7 @@
 """The CPU decode step as an AOTInductor package (--cpu-compile aot, runner/cpu_aot.py) against the eager
 step, on a tiny random Llama in float32: logits within rounding, the KV cache written in place as eager
-writes it, the same greedy tokens alone and batched; a second engine loads the package it built."""
+writes it, the same greedy tokens alone and batched; a second engine loads the package it built; an
+engine without a package serves eager steps while a child process builds it, then takes it up."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from fitserve.llm import LLM
-from fitserve.runner.cpu_aot import CpuDecodePackage
+from fitserve.runner.cpu_aot import BUILD_HERE_ENV, CpuDecodePackage
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
 from test_cpu_compile import PROMPTS, _scheduler_output
@@ -23,6 +24,7 @@ def engines(tmp_path_factory):
     folder = write_tiny_model(tmp_path_factory.mktemp("tiny"))
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    monkeypatch.setenv(BUILD_HERE_ENV, "1")  # built in place, before the first step (the background: below)
     try:
         yield LLM(config=tiny_engine_config(folder)), LLM(config=tiny_engine_config(folder, cpu_compile="aot")), folder
     finally:
@@ -87,3 +89,29 @@ def test_a_second_engine_loads_the_package_and_other_shapes_key_another(engines)
     other = CpuDecodePackage(runner.model, runner.kv_caches, runner.capacity.block_size, 8, 256,
                              str(first.path.parent.parent))
     assert other.path != first.path  # max_num_seqs 8, not 16: another package
+
+
+def _counted_runs(package) -> list[int]:
+    sizes: list[int] = []
+    run = package.run
+    package.run = lambda scheduled, fill=None: sizes.append(len(scheduled)) or run(scheduled, fill)
+    return sizes
+
+
+@pytest.mark.slow
+def test_without_a_package_eager_steps_serve_while_a_child_builds_it(tmp_path, monkeypatch):
+    folder = write_tiny_model(tmp_path / "tiny")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.delenv(BUILD_HERE_ENV, raising=False)
+    eager = LLM(config=tiny_engine_config(folder))
+    llm = LLM(config=tiny_engine_config(folder, cpu_compile="aot"))
+    package = llm.engine.runner.cpu_compile
+    assert package.builder is not None and package.builder.is_alive() and not package.path.exists()
+    sizes = _counted_runs(package)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [out.token_ids for out in eager.generate(PROMPTS, params)]
+    assert [out.token_ids for out in llm.generate(PROMPTS, params)] == expected
+    package.builder.join(timeout=300)
+    assert package.builder.exitcode == 0 and package.path.exists()
+    assert [out.token_ids for out in llm.generate(PROMPTS, params)] == expected
+    assert package.builder is None and package.built and len(PROMPTS) in sizes  # adopted, then served

@@ -200,8 +200,8 @@ class EngineConfig:
         "--cpu-compile", choices=CPU_COMPILE_MODES,
         help="decode: on the CPU, decode-only steps run a torch.compile'd (inductor) forward, compiled at "
              "start-up and cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/fitserve/inductor); aot: the same "
-             "step as an AOTInductor package, built once into that folder and loaded in seconds at later "
-             "start-ups; off: eager (docs/benchmarks.md)"))
+             "step as an AOTInductor package, built once into that folder by a child process while eager steps "
+             "serve, and loaded in seconds at later start-ups; off: eager (docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(

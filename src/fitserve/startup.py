@@ -47,6 +47,7 @@ from fitserve.runner.calibration import (
     calibrate_fp8_activation_scales,
     calibration_token_ids,
 )
+from fitserve.runner.cpu_aot import build_in_child
 from fitserve.runner.cpu_settings import log_cpu_matmul, set_cpu_threads
 from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.memory import (
@@ -218,6 +219,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=uses_cuda_graphs(config),
         cpu_compile=config.cpu_compile, cpu_compile_cache_dir=inductor_cache_dir(),
+        cpu_package_builder=partial(build_in_child, config) if config.cpu_compile == "aot" else None,
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)

@@ -8,24 +8,34 @@ ahead of time by AOTInductor into a package (a shared library) under the inducto
 start-up loads the package and points it at the model's own weights (`load_constants`, user-managed:
 the package holds no copy), with no tracing: about 2 s for the embedded model.
 
+Where there is no package yet, a server does not wait for it: it serves eager steps at once while a
+child process (spawned, at a lower priority) builds the engine again and, in it, the package; the
+first decode step after the child has finished loads the package (a 2 s pause, once) and the packaged
+steps take over. The child holds a second copy of the model and the KV cache while it builds. Where
+nothing serves in the meantime (the child itself, or a runner given no builder) the build runs in place.
+
 One export serves every decode batch: the rows (1 to max_num_seqs) and the block-table width (2 to the
 longest context's blocks) are symbolic. The package is keyed by what its code depends on: fitserve's
 source, torch's version, the CPU's capability, the model's class, parameter names, shapes and dtypes,
-the KV cache's shapes and dtype, the block size and the two bounds. A package that is not there is
-built at start-up (the embedded model: about 7 s to export and 70 s to compile, once). Prefill and
-mixed steps stay eager, as do models with several KV cache groups.
+the KV cache's shapes and dtype, the block size and the two bounds. A package is built once (the
+embedded model: about 55 s to export and compile on 2 cores). Prefill and mixed steps stay eager, as do
+models with several KV cache groups.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +50,34 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_FORMAT = 1  # bump when what a package takes or returns changes
 MIN_MAX_TABLE_WIDTH = 3  # export needs the width's range to hold more than its minimum (2)
+BUILD_HERE_ENV = "FITSERVE_AOT_BUILD_HERE"  # set in the builder child: build in place, do not spawn again
+BUILDER_NICENESS = 10  # the builder child yields the cores to the serving process
+
+
+def build_in_child(config: Any) -> multiprocessing.process.BaseProcess:
+    """Start a child process that builds the engine of `config` (an EngineConfig), and so its package."""
+    process = multiprocessing.get_context("spawn").Process(target=_builder_main, args=(config,),
+                                                            name="fitserve-aot-build")
+    process.start()
+    atexit.register(_stop, process)
+    return process
+
+
+def _builder_main(config: Any) -> None:
+    os.environ[BUILD_HERE_ENV] = "1"
+    try:
+        os.nice(BUILDER_NICENESS)
+    except OSError:  # not permitted here: build at the same priority
+        pass
+    from fitserve.startup import build_engine  # the runner's package builds in place (BUILD_HERE_ENV)
+
+    build_engine(config, progress=False)
+
+
+def _stop(process: multiprocessing.process.BaseProcess) -> None:
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
 
 
 class DecodeStep(nn.Module):
@@ -71,8 +109,14 @@ class CpuDecodePackage:
     """The packaged decode step of one model; `run` replaces the eager forward and logits of a decode batch."""
 
     def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 max_num_seqs: int, max_model_len: int, cache_dir: str) -> None:
+                 max_num_seqs: int, max_model_len: int, cache_dir: str,
+                 build_elsewhere: Callable[[], multiprocessing.process.BaseProcess] | None = None) -> None:
+        """`build_elsewhere` starts a process that builds the package while this one serves eager steps
+        (build_in_child); None: warm_up builds in place."""
         self.step = DecodeStep(model, block_size).eval()
+        self.build_elsewhere = build_elsewhere if not os.environ.get(BUILD_HERE_ENV) else None
+        self.builder: multiprocessing.process.BaseProcess | None = None  # the child building, until adopted
+        self._builder_started_s = 0.0
         self.kv_caches = kv_caches
         self.max_num_seqs = max_num_seqs
         self.max_table_width = max(MIN_MAX_TABLE_WIDTH, -(-max_model_len // block_size))
@@ -94,7 +138,10 @@ class CpuDecodePackage:
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
     def can_run(self, scheduled: tuple[ScheduledRequest, ...], num_kv_groups: int) -> bool:
-        """A decode-only batch of a model with one KV cache group (a hybrid model's group tables are eager)."""
+        """A decode-only batch of a model with one KV cache group (a hybrid model's group tables are eager),
+        once the package is loaded; adopts a builder child's package when the child has finished."""
+        if self._package is None and self.builder is not None and not self.builder.is_alive():
+            self._adopt_built()
         return self._package is not None and num_kv_groups == 1 and all(
             c.num_tokens == 1 and c.samples for c in scheduled)
 
@@ -107,21 +154,44 @@ class CpuDecodePackage:
         return self._package(*inputs, self.kv_caches)
 
     def warm_up(self) -> float:
-        """Load the package, building it first if there is none; returns the seconds it took."""
+        """Load the package; where there is none, start its builder child, or build it here first (without a
+        builder); returns the seconds it took."""
         start_s = time.monotonic()
+        if not self.path.exists() and self.build_elsewhere is not None:
+            logger.info("Serving eager decode steps while a child process builds the CPU decode step's AOTInductor "
+                        "package (--cpu-compile aot) in %s: a minute or more, once for this model, shapes and "
+                        "fitserve", self.path)
+            self.builder, self._builder_started_s = self.build_elsewhere(), start_s
+            return time.monotonic() - start_s
         if not self.path.exists():
             logger.info("Building the CPU decode step's AOTInductor package (--cpu-compile aot) in %s: a minute or "
                         "more, once for this model, shapes and fitserve", self.path)
             self._build()
             self.built = True
-        self._package = torch._inductor.aoti_load_package(str(self.path))
-        fqns = self._package.get_constant_fqns()
-        weights = {fqn: functools.reduce(getattr, fqn.split("."), self.step) for fqn in fqns}
-        self._package.load_constants(weights, check_full_update=True, user_managed=True)
+        self._load()
         elapsed_s = time.monotonic() - start_s
         logger.info("CPU decode step %s (--cpu-compile aot) in %.1f s", "built and loaded" if self.built else "loaded",
                     elapsed_s)
         return elapsed_s
+
+    def _adopt_built(self) -> None:
+        """The builder child has exited: load its package, or stay eager if it left none."""
+        builder, self.builder = self.builder, None
+        if builder.exitcode != 0 or not self.path.exists():
+            logger.warning("The CPU decode step's package was not built (its builder process exited with %s); decode "
+                           "steps stay eager", builder.exitcode)
+            return
+        start_s = time.monotonic()
+        self._load()
+        self.built = True
+        logger.info("Switched to the packaged CPU decode step (--cpu-compile aot) %.0f s after start-up; loaded in "
+                    "%.1f s", start_s - self._builder_started_s, time.monotonic() - start_s)
+
+    def _load(self) -> None:
+        self._package = torch._inductor.aoti_load_package(str(self.path))
+        fqns = self._package.get_constant_fqns()
+        weights = {fqn: functools.reduce(getattr, fqn.split("."), self.step) for fqn in fqns}
+        self._package.load_constants(weights, check_full_update=True, user_managed=True)
 
     def _build(self) -> None:
         example = decode_inputs(self._example_batch(), self.step.block_size)

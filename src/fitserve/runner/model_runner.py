@@ -9,7 +9,9 @@ worker's runner runs `forward_only`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 import torch
@@ -64,6 +66,7 @@ class TorchModelRunner:
         use_cuda_graphs: bool = False,
         cpu_compile: str = "off",
         cpu_compile_cache_dir: str | None = None,
+        cpu_package_builder: Callable[[], BaseProcess] | None = None,
     ) -> None:
         self.model = model
         # The model's layers attend within arch's windows (models/llama.py): the cache may free what they
@@ -86,7 +89,7 @@ class TorchModelRunner:
             self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cpu_compile_cache_dir or inductor_cache_dir())
         elif cpu_compile == "aot" and device.type == "cpu" and self.num_kv_groups == 1:
             self.cpu_compile = CpuDecodePackage(model, self.kv_caches, capacity.block_size, max_num_seqs, max_model_len,
-                                                cpu_compile_cache_dir or inductor_cache_dir())
+                                                cpu_compile_cache_dir or inductor_cache_dir(), cpu_package_builder)
         if self.cpu_compile is not None:
             self.cpu_compile.warm_up()
         # eager CPU steps of one token run on one thread while OpenMP's threads sleep between ops
