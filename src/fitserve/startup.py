@@ -12,7 +12,10 @@ which builds the engine with `build_core` (docs/engine_process.md). `fitserve se
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,7 +50,7 @@ from fitserve.runner.calibration import (
     calibrate_fp8_activation_scales,
     calibration_token_ids,
 )
-from fitserve.runner.cpu_aot import build_in_child
+from fitserve.runner.cpu_aot import BUILD_HERE_ENV
 from fitserve.runner.cpu_settings import log_cpu_matmul, set_cpu_threads
 from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.memory import (
@@ -219,7 +222,7 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=uses_cuda_graphs(config),
         cpu_compile=config.cpu_compile, cpu_compile_cache_dir=inductor_cache_dir(),
-        cpu_package_builder=partial(build_in_child, config) if config.cpu_compile == "aot" else None,
+        cpu_package_builder=partial(build_cpu_package_in_child, config) if config.cpu_compile == "aot" else None,
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)
@@ -299,6 +302,34 @@ def served_source(source: ModelSource, max_model_len: int) -> ModelSource:
     if isinstance(arch.rope_scaling, LongRopeScaling):
         logger.info("%s", arch.rope_scaling.describe())
     return source if arch == source.arch else replace(source, arch=arch)
+
+
+CPU_PACKAGE_BUILDER_NICENESS = 10  # the builder child yields the cores to the serving process
+
+
+def build_cpu_package_in_child(config: EngineConfig) -> multiprocessing.process.BaseProcess:
+    """Start a child process that builds this engine again, and in it the CPU decode step's package
+    (--cpu-compile aot, runner/cpu_aot.py), while this process serves eager steps."""
+    process = multiprocessing.get_context("spawn").Process(target=_cpu_package_builder_main, args=(config,),
+                                                            name="fitserve-aot-build")
+    process.start()
+    atexit.register(_stop_child, process)
+    return process
+
+
+def _cpu_package_builder_main(config: EngineConfig) -> None:
+    os.environ[BUILD_HERE_ENV] = "1"  # the child's runner builds in place
+    try:
+        os.nice(CPU_PACKAGE_BUILDER_NICENESS)
+    except OSError:  # not permitted here: build at the same priority
+        pass
+    build_engine(config, progress=False)
+
+
+def _stop_child(process: multiprocessing.process.BaseProcess) -> None:
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
 
 
 def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:

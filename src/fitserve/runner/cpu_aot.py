@@ -24,7 +24,6 @@ models with several KV cache groups.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import json
@@ -35,7 +34,6 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -51,33 +49,6 @@ logger = logging.getLogger(__name__)
 PACKAGE_FORMAT = 1  # bump when what a package takes or returns changes
 MIN_MAX_TABLE_WIDTH = 3  # export needs the width's range to hold more than its minimum (2)
 BUILD_HERE_ENV = "FITSERVE_AOT_BUILD_HERE"  # set in the builder child: build in place, do not spawn again
-BUILDER_NICENESS = 10  # the builder child yields the cores to the serving process
-
-
-def build_in_child(config: Any) -> multiprocessing.process.BaseProcess:
-    """Start a child process that builds the engine of `config` (an EngineConfig), and so its package."""
-    process = multiprocessing.get_context("spawn").Process(target=_builder_main, args=(config,),
-                                                            name="fitserve-aot-build")
-    process.start()
-    atexit.register(_stop, process)
-    return process
-
-
-def _builder_main(config: Any) -> None:
-    os.environ[BUILD_HERE_ENV] = "1"
-    try:
-        os.nice(BUILDER_NICENESS)
-    except OSError:  # not permitted here: build at the same priority
-        pass
-    from fitserve.startup import build_engine  # the runner's package builds in place (BUILD_HERE_ENV)
-
-    build_engine(config, progress=False)
-
-
-def _stop(process: multiprocessing.process.BaseProcess) -> None:
-    if process.is_alive():
-        process.terminate()
-        process.join(5)
 
 
 class DecodeStep(nn.Module):
@@ -112,7 +83,7 @@ class CpuDecodePackage:
                  max_num_seqs: int, max_model_len: int, cache_dir: str,
                  build_elsewhere: Callable[[], multiprocessing.process.BaseProcess] | None = None) -> None:
         """`build_elsewhere` starts a process that builds the package while this one serves eager steps
-        (build_in_child); None: warm_up builds in place."""
+        (startup.build_cpu_package_in_child); None: warm_up builds in place."""
         self.step = DecodeStep(model, block_size).eval()
         self.build_elsewhere = build_elsewhere if not os.environ.get(BUILD_HERE_ENV) else None
         self.builder: multiprocessing.process.BaseProcess | None = None  # the child building, until adopted
