@@ -5,6 +5,9 @@ engine without a package serves eager steps while a child process builds it, the
 
 from __future__ import annotations
 
+import multiprocessing
+import sys
+
 import pytest
 import torch
 
@@ -115,3 +118,26 @@ def test_without_a_package_eager_steps_serve_while_a_child_builds_it(tmp_path, m
     assert package.builder.exitcode == 0 and package.path.exists()
     assert [out.token_ids for out in llm.generate(PROMPTS, params)] == expected
     assert package.builder is None and package.built and len(PROMPTS) in sizes  # adopted, then served
+
+
+def test_a_failed_build_leaves_a_marker_and_later_starts_stay_eager(engines, tmp_path, monkeypatch):
+    monkeypatch.delenv(BUILD_HERE_ENV)  # the fixture's: here a builder child is wanted
+    eager, _, _ = engines
+    runner = eager.engine.runner
+
+    def failing_builder():
+        process = multiprocessing.get_context("spawn").Process(target=sys.exit, args=(3,))
+        process.start()
+        return process
+
+    package = CpuDecodePackage(runner.model, runner.kv_caches, runner.capacity.block_size, 16, 256, str(tmp_path),
+                               failing_builder)
+    package.warm_up()
+    package.builder.join(timeout=60)
+    decode = chunks_on_blocks([((5,), 3)], "t", runner.capacity.block_size, SamplingParams())
+    assert not package.can_run(decode, 1)  # the child exited 3: no package, stay eager
+    assert package.failed_marker.exists() and "exit code 3" in package.failed_marker.read_text()
+    again = CpuDecodePackage(runner.model, runner.kv_caches, runner.capacity.block_size, 16, 256, str(tmp_path),
+                             lambda: pytest.fail("a failed build is not tried again"))
+    again.warm_up()
+    assert again.builder is None and not again.can_run(decode, 1)

@@ -13,6 +13,9 @@ child process (spawned, at a lower priority) builds the engine again and, in it,
 first decode step after the child has finished loads the package (a 2 s pause, once) and the packaged
 steps take over. The child holds a second copy of the model and the KV cache while it builds. Where
 nothing serves in the meantime (the child itself, or a runner given no builder) the build runs in place.
+A child that fails leaves a marker beside the package's path, and later start-ups stay eager without
+building again until it is deleted. The child's KV cache is allocated but never touched (no step runs
+there), so it costs no memory.
 
 One export serves every decode batch: the rows (1 to max_num_seqs) and the block-table width (2 to the
 longest context's blocks) are symbolic. The package is keyed by what its code depends on: fitserve's
@@ -92,6 +95,7 @@ class CpuDecodePackage:
         self.max_num_seqs = max_num_seqs
         self.max_table_width = max(MIN_MAX_TABLE_WIDTH, -(-max_model_len // block_size))
         self.path = Path(cache_dir) / "fitserve-aot" / f"decode-{self.key()}.pt2"
+        self.failed_marker = self.path.with_suffix(".failed")  # a builder child failed: not tried again
         self.built = False  # whether warm_up built the package (else it loaded one)
         self._package = None
 
@@ -128,6 +132,10 @@ class CpuDecodePackage:
         """Load the package; where there is none, start its builder child, or build it here first (without a
         builder); returns the seconds it took."""
         start_s = time.monotonic()
+        if not self.path.exists() and self.build_elsewhere is not None and self.failed_marker.exists():
+            logger.warning("An earlier build of the CPU decode step's package failed (%s); decode steps stay eager. "
+                           "Delete that file to build it again.", self.failed_marker)
+            return 0.0
         if not self.path.exists() and self.build_elsewhere is not None:
             logger.info("Serving eager decode steps while a child process builds the CPU decode step's AOTInductor "
                         "package (--cpu-compile aot) in %s: a minute or more, once for this model, shapes and "
@@ -150,7 +158,10 @@ class CpuDecodePackage:
         builder, self.builder = self.builder, None
         if builder.exitcode != 0 or not self.path.exists():
             logger.warning("The CPU decode step's package was not built (its builder process exited with %s); decode "
-                           "steps stay eager", builder.exitcode)
+                           "steps stay eager, and later start-ups do not build it again until %s is deleted",
+                           builder.exitcode, self.failed_marker)
+            self.failed_marker.parent.mkdir(parents=True, exist_ok=True)
+            self.failed_marker.write_text(f"builder exit code {builder.exitcode} at {time.ctime()}\n")
             return
         start_s = time.monotonic()
         self._load()
