@@ -88,11 +88,12 @@ class TorchModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         # the CPU's compiled decode step (--cpu-compile decode | aot; inductor's cache in cpu_compile_cache_dir)
         self.cpu_compile: CpuDecodeCompile | CpuDecodePackage | None = None
+        cache_dir = cpu_compile_cache_dir or inductor_cache_dir()
         if cpu_compile == "decode" and device.type == "cpu":
-            self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cpu_compile_cache_dir or inductor_cache_dir())
+            self.cpu_compile = CpuDecodeCompile(model, capacity.block_size, cache_dir)
         elif cpu_compile == "aot" and device.type == "cpu" and self.num_kv_groups == 1:
             self.cpu_compile = CpuDecodePackage(model, self.kv_caches, capacity.block_size, max_num_seqs, max_model_len,
-                                                cpu_compile_cache_dir or inductor_cache_dir(), cpu_package_builder)
+                                                cache_dir, cpu_package_builder)
         if self.cpu_compile is not None:
             self.cpu_compile.warm_up()
         # eager CPU steps of one token run on one thread while OpenMP's threads sleep between ops
