@@ -223,7 +223,6 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         use_cuda_graphs=uses_cuda_graphs(config),
         cpu_compile=config.cpu_compile, cpu_compile_cache_dir=inductor_cache_dir(),
         cpu_package_builder=partial(build_cpu_package_in_child, config) if config.cpu_compile == "aot" else None,
-        kv_cache_zeroed=not os.environ.get(BUILD_HERE_ENV),  # the package's builder never runs a step
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)

@@ -14,8 +14,7 @@ first decode step after the child has finished loads the package (a 2 s pause, o
 steps take over. The child holds a second copy of the model and the KV cache while it builds. Where
 nothing serves in the meantime (the child itself, or a runner given no builder) the build runs in place.
 A child that fails leaves a marker beside the package's path, and later start-ups stay eager without
-building again until it is deleted. The child's KV cache is allocated but never touched (no step runs
-there), so it costs no memory.
+building again until it is deleted.
 
 One export serves every decode batch: the rows (1 to max_num_seqs) and the block-table width (2 to the
 longest context's blocks) are symbolic. The package is keyed by what its code depends on: fitserve's

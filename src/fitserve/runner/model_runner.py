@@ -32,16 +32,14 @@ from fitserve.runner.warmup import warm_up
 
 
 def allocate_kv_cache(
-    arch: ArchConfig, capacity: KVCapacity, dtype: torch.dtype, device: torch.device, zeroed: bool = True
+    arch: ArchConfig, capacity: KVCapacity, dtype: torch.dtype, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, K and V each [num_blocks, block_size, num_kv_heads, head_dim]. A model mixing windowed
     and full layers has num_layers_per_block pairs, the layers at one position of their KV cache groups
-    sharing one (kv_groups.py: a block belongs to one group at a time); else one pair per layer.
-    `zeroed=False` for a cache no step will use (the CPU package's builder): its pages are never touched."""
+    sharing one (kv_groups.py: a block belongs to one group at a time); else one pair per layer."""
     layout = kv_layout(arch.layer_windows)
     shape = (capacity.num_blocks, capacity.block_size, arch.num_key_value_heads, arch.head_dim)
-    allocate = torch.zeros if zeroed else torch.empty
-    pairs = [(allocate(shape, dtype=dtype, device=device), allocate(shape, dtype=dtype, device=device))
+    pairs = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
              for _ in range(layout.num_layers_per_block)]
     return [pairs[layout.layer_slot(layer)] for layer in range(arch.num_hidden_layers)]
 
@@ -69,7 +67,6 @@ class TorchModelRunner:
         cpu_compile: str = "off",
         cpu_compile_cache_dir: str | None = None,
         cpu_package_builder: Callable[[], BaseProcess] | None = None,
-        kv_cache_zeroed: bool = True,
     ) -> None:
         self.model = model
         # The model's layers attend within arch's windows (models/llama.py): the cache may free what they
@@ -79,7 +76,7 @@ class TorchModelRunner:
                                 group_windows=layout.windows if layout.is_hybrid else ())
         self.num_kv_groups = len(layout.groups)
         self.device = device
-        self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device, kv_cache_zeroed)
+        self.kv_caches = allocate_kv_cache(arch, capacity, kv_dtype, device)
         model.bind_kv_cache(self.kv_caches, [layout.layer_group(layer) for layer in range(arch.num_hidden_layers)]
                             if layout.is_hybrid else None)
         self.sampler = Sampler(device, seed)
