@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from fitserve.config import ConfigError, EngineConfig
 from fitserve.llm import LLM
 from fitserve.runner.cpu_aot import BUILD_HERE_ENV, CpuDecodePackage
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
@@ -141,3 +142,8 @@ def test_a_failed_build_leaves_a_marker_and_later_starts_stay_eager(engines, tmp
                              lambda: pytest.fail("a failed build is not tried again"))
     again.warm_up()
     assert again.builder is None and not again.can_run(decode, 1)
+
+
+def test_aot_with_tensor_parallelism_is_refused():
+    with pytest.raises(ConfigError, match="--cpu-compile aot"):
+        EngineConfig(cpu_compile="aot", tensor_parallel_size=2)

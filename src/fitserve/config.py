@@ -259,6 +259,9 @@ class EngineConfig:
         if self.quantization not in QUANTIZATIONS:
             names = ", ".join((*(q for q in QUANTIZATIONS if q), *QUANTIZATION_ALIASES))
             raise ConfigError(f"--quantization must be one of {names}, or left out; got {self.quantization!r}.")
+        if self.cpu_compile == "aot" and self.tensor_parallel_size > 1:  # one process's step, one builder child
+            raise ConfigError("--cpu-compile aot packages one process's decode step: leave out --tensor-parallel-size "
+                              "or --cpu-compile.")
         if self.quantization == "gguf" and self.tensor_parallel_size > 1:
             raise ConfigError(
                 "--quantization gguf runs on one GPU: leave out --tensor-parallel-size or --quantization.")
