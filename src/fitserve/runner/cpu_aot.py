@@ -159,8 +159,11 @@ class CpuDecodePackage:
             logger.warning("The CPU decode step's package was not built (its builder process exited with %s); decode "
                            "steps stay eager, and later start-ups do not build it again until %s is deleted",
                            builder.exitcode, self.failed_marker)
-            self.failed_marker.parent.mkdir(parents=True, exist_ok=True)
-            self.failed_marker.write_text(f"builder exit code {builder.exitcode} at {time.ctime()}\n")
+            try:
+                self.failed_marker.parent.mkdir(parents=True, exist_ok=True)
+                self.failed_marker.write_text(f"builder exit code {builder.exitcode} at {time.ctime()}\n")
+            except OSError as error:  # an unwritable cache dir (the likely failure itself): the next start tries again
+                logger.warning("Could not leave the failed-build marker %s: %s", self.failed_marker, error)
             return
         start_s = time.monotonic()
         self._load()
