@@ -43,6 +43,8 @@ from fitserve.kernels.moe_tiles import MoeConfig
 try:  # CUDA machines; without triton only --table-from works
     import triton
     import triton.testing
+    from decode_gemm_bench import time_graph  # a function's ms, captured in a CUDA graph and replayed
+    from gpu_bench import measure_ceilings
 
     from fitserve.kernels import triton_moe
 except ImportError:
@@ -62,33 +64,6 @@ TILES = {
 
 def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
-
-
-def graph_ms(fn, replays: int = 50) -> float:
-    """Milliseconds per call of fn, captured once in a CUDA graph and replayed."""
-    fn()  # compile and warm outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / replays
-
-
-def ceilings() -> dict:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    mm_ms = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=200, return_mode="median")
-    return {"card": torch.cuda.get_device_name(), "copy_bytes_per_s": 2 * src.numel() / (copy_ms / 1e3),
-            "bf16_flops_per_s": 2 * 8192 ** 3 / (mm_ms / 1e3)}
 
 
 def floors_ms(ids: torch.Tensor, ceil: dict) -> dict:
@@ -113,7 +88,7 @@ def tune_one(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, ceil: dict) -
     row = {"tokens": num_tokens, "choices": num_choices, **floors_ms(ids, ceil)}
     shipped = moe_tiles.config_for(num_choices, EXPERTS, x.dtype)
     row["shipped"] = {"config": config_dict(shipped),
-                      "ms": graph_ms(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids))}
+                      "ms": time_graph(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids))}
     row["torch_ms"] = bench_ms(lambda: moe_reference.experts(x, w13, w2, weights, ids))
     row["tiles"], best = [], None
     for block_m, tiles in TILES.items():
@@ -136,7 +111,7 @@ def tune_one(num_tokens: int, w13: torch.Tensor, w2: torch.Tensor, ceil: dict) -
                 best = (MoeConfig(block_m, gemm_best["gate_up"][0], gemm_best["down"][0]), total)
     config = best[0]
     row["best"] = {"config": config_dict(config),
-                   "ms": graph_ms(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids, config))}
+                   "ms": time_graph(lambda: triton_moe.fused_moe(x, w13, w2, weights, ids, config))}
     got = triton_moe.fused_moe(x, w13, w2, weights, ids, config).float()
     want = moe_reference.experts(x, w13, w2, weights, ids).float()
     row["best"]["max_rel_error"] = ((got - want).abs().max() / want.abs().max()).item()
@@ -176,7 +151,7 @@ def main() -> None:
     if args.table_from:
         write_table(args.write_table, json.loads(args.table_from.read_text()), args.commit)
         return
-    ceil = ceilings()
+    ceil = measure_ceilings()
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen, device="cuda") * HIDDEN ** -0.5).to(torch.bfloat16)
     w2 = (torch.randn(EXPERTS, HIDDEN, INTER, generator=gen, device="cuda") * INTER ** -0.5).to(torch.bfloat16)

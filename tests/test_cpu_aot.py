@@ -16,7 +16,7 @@ from fitserve.llm import LLM
 from fitserve.runner.cpu_aot import BUILD_HERE_ENV, CpuDecodePackage
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
-from test_cpu_compile import PROMPTS, _scheduler_output
+from test_cpu_compile import PROMPTS, _counting_compiled_steps, _prefill_then_decode
 from tiny_model import tiny_engine_config, write_tiny_model
 
 LOGITS_TOLERANCE = 1e-4  # float32: inductor's fused reductions round in another order than aten's
@@ -35,23 +35,13 @@ def engines(tmp_path_factory):
         monkeypatch.undo()
 
 
-def _prefill(llm: LLM, prompts: list[list[int]]) -> tuple:
-    """Prefills the prompts (eager) on their own blocks; returns the decode step that follows them."""
-    runner = llm.engine.runner
-    params = SamplingParams(temperature=0.0)
-    block_size = runner.capacity.block_size
-    runner.execute_async(_scheduler_output(chunks_on_blocks([(tuple(p), 0) for p in prompts], "t", block_size,
-                                                            params))).result()
-    return chunks_on_blocks([((p[-1],), len(p)) for p in prompts], "t", block_size, params)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("prompts", [PROMPTS[2:], PROMPTS], ids=["one", "batched"])
 def test_packaged_decode_matches_eager_logits_and_kv_writes(engines, prompts):
     _, llm, _ = engines
     runner = llm.engine.runner
     assert isinstance(runner.cpu_compile, CpuDecodePackage) and runner.cpu_compile.built
-    decode = _prefill(llm, prompts)
+    decode = _prefill_then_decode(llm, prompts)
     k_before = runner.kv_caches[0][0].clone()
     with torch.inference_mode():
         packaged = runner.cpu_compile.run(decode)
@@ -68,10 +58,7 @@ def test_packaged_decode_matches_eager_logits_and_kv_writes(engines, prompts):
 @pytest.mark.slow
 def test_packaged_greedy_tokens_equal_eager_alone_and_batched(engines):
     eager, packaged, _ = engines
-    package = packaged.engine.runner.cpu_compile
-    sizes: list[int] = []
-    run = package.run
-    package.run = lambda scheduled, fill=None: sizes.append(len(scheduled)) or run(scheduled, fill)
+    sizes = _counting_compiled_steps(packaged)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     expected = [out.token_ids for out in eager.generate(PROMPTS, params)]
     assert [out.token_ids for out in packaged.generate(PROMPTS, params)] == expected
@@ -95,13 +82,6 @@ def test_a_second_engine_loads_the_package_and_other_shapes_key_another(engines)
     assert other.path != first.path  # max_num_seqs 8, not 16: another package
 
 
-def _counted_runs(package) -> list[int]:
-    sizes: list[int] = []
-    run = package.run
-    package.run = lambda scheduled, fill=None: sizes.append(len(scheduled)) or run(scheduled, fill)
-    return sizes
-
-
 @pytest.mark.slow
 def test_without_a_package_eager_steps_serve_while_a_child_builds_it(tmp_path, monkeypatch):
     folder = write_tiny_model(tmp_path / "tiny")
@@ -111,7 +91,7 @@ def test_without_a_package_eager_steps_serve_while_a_child_builds_it(tmp_path, m
     llm = LLM(config=tiny_engine_config(folder, cpu_compile="aot"))
     package = llm.engine.runner.cpu_compile
     assert package.builder is not None and package.builder.is_alive() and not package.path.exists()
-    sizes = _counted_runs(package)
+    sizes = _counting_compiled_steps(llm)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     expected = [out.token_ids for out in eager.generate(PROMPTS, params)]
     assert [out.token_ids for out in llm.generate(PROMPTS, params)] == expected

@@ -11,6 +11,7 @@ tests/test_plan_estimates.py, the others were read on an H200 (torch 2.11, CUDA 
 from __future__ import annotations
 
 from fitserve.arch_config import ArchConfig
+from fitserve.plan.shapes import block_projections
 
 MIB = 1 << 20
 
@@ -131,10 +132,7 @@ def dequant_scratch_bytes(arch: ArchConfig, max_num_batched_tokens: int, act_byt
     block projection in the serving dtype, once a step's token budget reaches DEQUANT_MATMUL_MIN_ROWS."""
     if DEQUANT_MATMUL_MIN_ROWS is None or max_num_batched_tokens < DEQUANT_MATMUL_MIN_ROWS:
         return 0
-    hidden, head_dim = arch.hidden_size, arch.head_dim
-    qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
-    largest = max(qkv_rows * hidden, hidden * arch.num_attention_heads * head_dim, 2 * arch.intermediate_size * hidden)
-    return largest * act_bytes
+    return max(rows * in_features for rows, in_features in block_projections(arch)) * act_bytes
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

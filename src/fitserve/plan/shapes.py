@@ -103,6 +103,14 @@ class ParamCounts:
                        expert_params=self.expert_params // tensor_parallel_size)
 
 
+def block_projections(arch: ArchConfig) -> tuple[tuple[int, int], ...]:
+    """(rows, in_features) of a dense block's four projections: fused qkv, o, fused gate_up, down."""
+    hidden, head_dim = arch.hidden_size, arch.head_dim
+    qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
+    return ((qkv_rows, hidden), (hidden, arch.num_attention_heads * head_dim),
+            (2 * arch.intermediate_size, hidden), (hidden, arch.intermediate_size))
+
+
 def counts_from_arch(arch: ArchConfig) -> ParamCounts:
     hidden, head_dim = arch.hidden_size, arch.head_dim
     qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim

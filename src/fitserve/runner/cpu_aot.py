@@ -42,7 +42,7 @@ from torch import nn
 
 import fitserve
 from fitserve.core.outputs import ScheduledRequest
-from fitserve.runner.cpu_compile import decode_forward, decode_inputs
+from fitserve.runner.cpu_compile import decode_forward, decode_inputs, is_decode_batch
 from fitserve.runner.input_batch import PlaceholderFill, chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
 
@@ -112,12 +112,11 @@ class CpuDecodePackage:
         return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:24]
 
     def can_run(self, scheduled: tuple[ScheduledRequest, ...], num_kv_groups: int) -> bool:
-        """A decode-only batch of a model with one KV cache group (a hybrid model's group tables are eager),
-        once the package is loaded; adopts a builder child's package when the child has finished."""
+        """A decode batch, once the package is loaded; adopts a builder child's package when the child has
+        finished."""
         if self._package is None and self.builder is not None and not self.builder.is_alive():
             self._adopt_built()
-        return self._package is not None and num_kv_groups == 1 and all(
-            c.num_tokens == 1 and c.samples for c in scheduled)
+        return self._package is not None and is_decode_batch(scheduled, num_kv_groups)
 
     @torch.inference_mode()
     def run(self, scheduled: tuple[ScheduledRequest, ...], fill: PlaceholderFill | None = None) -> torch.Tensor:
@@ -131,15 +130,15 @@ class CpuDecodePackage:
         """Load the package; where there is none, start its builder child, or build it here first (without a
         builder); returns the seconds it took."""
         start_s = time.monotonic()
-        if not self.path.exists() and self.build_elsewhere is not None and self.failed_marker.exists():
-            logger.warning("An earlier build of the CPU decode step's package failed (%s); decode steps stay eager. "
-                           "Delete that file to build it again.", self.failed_marker)
-            return 0.0
         if not self.path.exists() and self.build_elsewhere is not None:
-            logger.info("Serving eager decode steps while a child process builds the CPU decode step's AOTInductor "
-                        "package (--cpu-compile aot) in %s: a minute or more, once for this model, shapes and "
-                        "fitserve", self.path)
-            self.builder, self._builder_started_s = self.build_elsewhere(), start_s
+            if self.failed_marker.exists():
+                logger.warning("An earlier build of the CPU decode step's package failed (%s); decode steps stay "
+                               "eager. Delete that file to build it again.", self.failed_marker)
+            else:
+                logger.info("Serving eager decode steps while a child process builds the CPU decode step's "
+                            "AOTInductor package (--cpu-compile aot) in %s: a minute or more, once for this model, "
+                            "shapes and fitserve", self.path)
+                self.builder, self._builder_started_s = self.build_elsewhere(), start_s
             return time.monotonic() - start_s
         if not self.path.exists():
             logger.info("Building the CPU decode step's AOTInductor package (--cpu-compile aot) in %s: a minute or "

@@ -62,6 +62,12 @@ def decode_forward(model: torch.nn.Module, block_size: int, input_ids: torch.Ten
     return compute_logits(model, forward(model, batch))
 
 
+def is_decode_batch(scheduled: tuple[ScheduledRequest, ...], num_kv_groups: int) -> bool:
+    """What a compiled decode step takes: one sampled token per request, of a model with one KV cache group
+    (a hybrid model's group tables stay eager)."""
+    return num_kv_groups == 1 and all(c.num_tokens == 1 and c.samples for c in scheduled)
+
+
 def decode_inputs(scheduled: tuple[ScheduledRequest, ...], block_size: int) -> tuple[torch.Tensor, ...]:
     """decode_forward's tensors, from the eager step's batch (runner/input_batch.py), the block tables
     padded with block 0 to at least MIN_TABLE_WIDTH_BLOCKS."""
@@ -85,8 +91,7 @@ class CpuDecodeCompile:
         self._compiled = torch.compile(decode_forward, fullgraph=True, dynamic=False)
 
     def can_run(self, scheduled: tuple[ScheduledRequest, ...], num_kv_groups: int) -> bool:
-        """A decode-only batch of a model with one KV cache group (a hybrid model's group tables are eager)."""
-        return num_kv_groups == 1 and all(c.num_tokens == 1 and c.samples for c in scheduled)
+        return is_decode_batch(scheduled, num_kv_groups)
 
     @torch.inference_mode()  # as the runner's execute_async: the inputs' dispatch keys are guarded
     def run(self, scheduled: tuple[ScheduledRequest, ...], fill: PlaceholderFill | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError
-from fitserve.plan.shapes import ParamCounts, counts_from_arch, with_packed_linears
+from fitserve.plan.shapes import ParamCounts, block_projections, counts_from_arch, with_packed_linears
 
 SCALE_BYTES, ZERO_BYTES, G_IDX_BYTES = 4, 1, 4  # float32 scales, uint8 zeros, int32 input_order of an act-order layer (layers/formats/int_quant.py)
 
@@ -112,12 +112,8 @@ def _compressed_tensors(qc: dict[str, Any]) -> IntQuantScheme | None:
 def packed_linear_bytes(arch: ArchConfig, scheme: IntQuantScheme) -> tuple[int, int]:
     """(elements, bytes) of every block projection as fitserve holds an integer checkpoint's: the values,
     a scale and a zero per row and group, and an act-order layer's g_idx (formats/int_quant.py weight_specs)."""
-    hidden, head_dim = arch.hidden_size, arch.head_dim
-    qkv_rows = (arch.num_attention_heads + 2 * arch.num_key_value_heads) * head_dim
-    layers = ((qkv_rows, hidden), (hidden, arch.num_attention_heads * head_dim),
-              (2 * arch.intermediate_size, hidden), (hidden, arch.intermediate_size))  # (rows, in_features)
     elements = num_bytes = 0
-    for rows, in_features in layers:
+    for rows, in_features in block_projections(arch):
         elements += rows * in_features
         num_bytes += rows * in_features * scheme.bits // 8 + rows * scheme.groups(in_features) * (
             SCALE_BYTES + ZERO_BYTES) + (in_features * G_IDX_BYTES if scheme.act_order else 0)
