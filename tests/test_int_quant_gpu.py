@@ -125,6 +125,33 @@ def test_words_kernels_in_fp16_on_odd_columns(num_rows):
         assert ((got.float() - expected).norm() / expected.norm()).item() < 4e-3
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_split_k_products_are_exact_and_repeat_in_a_graph(swap):
+    """K cut into 4 ranges: within the reference's rounding, the same bits every time (the last program of
+    a tile adds the partial sums in order), and the tile counters reset, eagerly and replayed in a graph
+    beside a layer of another shape (the shared partial-sum buffer and counters)."""
+    from fitserve.kernels import triton_int_words
+    layers = [random_layer(4, 4096, 4096, 128, False, seed=8)[:3], random_layer(4, 1000, 1152, 32, False, seed=9)[:3]]
+    xs = [torch.randn(20, 4096, device=CUDA).to(torch.bfloat16), torch.randn(20, 1152, device=CUDA).to(torch.bfloat16)]
+
+    def step():
+        return [triton_int_words.tile_words(x, *layer, 4, 32, 64, 128, 4, 3, swap=swap, split_k=4)
+                for x, layer in zip(xs, layers)]
+
+    first = step()
+    for got, x, layer in zip(first, xs, layers):
+        expected = int_quant.int_quant_mm_reference(x, *layer, None, 4).float()
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 4e-3
+    assert all(torch.equal(a, b) for a, b in zip(first, step()))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(3):
+        graph.replay()
+        assert all(torch.equal(a, b) for a, b in zip(first, captured))
+    assert all(torch.equal(a, b) for a, b in zip(first, step()))
+
+
 def test_words_kernels_take_whole_word_groups_in_order():
     from fitserve.kernels import triton_int_words
     qweight, scales, _, g_idx = random_layer(4, 64, 256, 128, True, seed=5)

@@ -58,6 +58,8 @@ class TileChoice:
     block_k: int  # inputs a loop step
     num_warps: int
     num_stages: int
+    swap: bool = False  # WORDS: the product computed transposed (W x^T), for few rows
+    split_k: int = 1  # WORDS: K cut into this many ranges, for layers with few column tiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,18 @@ WORDS_TILES = (TileChoice(16, WORDS, 16, 64, 128, 4, 3), TileChoice(32, WORDS, 3
                TileChoice(64, WORDS, 64, 64, 128, 4, 3), TileChoice(ALL_ROWS, WORDS, 128, 128, 64, 8, 3))
 WORDS_TILES_NARROW = (TileChoice(16, WORDS, 16, 32, 128, 4, 3), TileChoice(32, WORDS, 32, 32, 128, 4, 3),
                       TileChoice(64, WORDS, 64, 32, 128, 4, 3), TileChoice(ALL_ROWS, WORDS, 128, 64, 128, 8, 3))
+
+
+def few_row_tiles(block_n: int, split_k: int, swap: bool = True, block_k: int = 128, num_warps: int = 4,
+                  num_stages: int = 3) -> tuple[TileChoice, ...]:
+    """Tiles of BLOCK_M 16, 32 and 64 by rows with one (BLOCK_N, BLOCK_K) and K split, then the narrow
+    words tile above 64 rows: for decode steps of a few to 64 rows, where the narrow tiles' 32-column
+    programs are too few for the SMs on 4096-column layers (128 programs, each walking all of K)."""
+    return tuple(TileChoice(rows, WORDS, rows, block_n, block_k, num_warps, num_stages, swap, split_k)
+                 for rows in (16, 32, 64)) + WORDS_TILES_NARROW[-1:]
+
+
+WORDS_GEMV_N16 = GemvChoice(WORDS, 16, 256, 8)
 VARIANTS = {
     "baseline": BASELINE,
     "words": KernelTable(1, GemvChoice(WORDS, 8, 512, 4), WORDS_TILES),
@@ -100,6 +114,15 @@ VARIANTS = {
     "words_n16_narrow": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW),
     "words_n16_narrow_dequant64": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW, 64),
     "words_n16_narrow_dequant256": KernelTable(1, GemvChoice(WORDS, 16, 256, 8), WORDS_TILES_NARROW, 256),
+    # few rows: the transposed product (weights the MMA's register operand) and K split across programs
+    "swap_n64": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 1)),
+    "swap_n64_k2": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 2)),
+    "swap_n64_k4": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4)),
+    "swap_n128_k4": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(128, 4, num_warps=8)),
+    "swap_n64_k4_bk256": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4, block_k=256)),
+    "narrow_k4": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(32, 4, swap=False)),
+    "narrow_k8": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(32, 8, swap=False)),
+    "swap_n64_k4_dequant128": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4), 128),
 }
 # The fastest of VARIANTS on an H200 (benchmarks/results/int_quant_h200/words_first.jsonl, ms a Llama-3-8B
 # step's 128 layers, int4 g128): the words GEMV (16, 256, 8) 2.59 ms at one row (bf16 3.31, bytes 3.31);
@@ -274,7 +297,8 @@ def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     choice = table.tile_for(num_rows)
     if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
         return triton_int_words.tile_words(x, qweight, scales, zeros, bits, choice.block_m, choice.block_n,
-                                           choice.block_k, choice.num_warps, choice.num_stages)
+                                           choice.block_k, choice.num_warps, choice.num_stages, choice.swap,
+                                           choice.split_k)
     if choice.kernel != BYTES:
         choice = BASELINE.tile_for(num_rows)
     num_cols = qweight.shape[0]

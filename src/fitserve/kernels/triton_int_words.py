@@ -180,20 +180,34 @@ def _tile_weights(words, zero, scale, magic, BITS: tl.constexpr):
 
 
 @triton.jit
-def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, num_segments, magic_bits, stride_x, stride_q, stride_s,
-                       stride_y,
+def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments, steps_per_split,
+                       magic_bits, stride_x, stride_q, stride_s, stride_y,
                        BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
-                       SEGS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """BLOCK_M rows against BLOCK_N columns; each weight tile dequantized once, then tl.dot."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                       SEGS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+    """BLOCK_M rows against BLOCK_N columns; each weight tile dequantized once, then tl.dot.
+
+    SWAP computes the transposed product (W x^T, the dequantized weights as the dot's first operand, which
+    a Hopper tensor-core MMA can take from registers; x^T from shared memory), for few rows. SPLIT_K > 1
+    cuts K into SPLIT_K ranges of steps_per_split loop steps (program axis 2; the last range's steps past K
+    load nothing): each program stores its float32 sums
+    in part_ptr, and the last of a tile's programs to finish (a counter per tile, count_ptr, reset by that
+    program) adds the SPLIT_K sums in order and stores y: deterministic, one launch."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     cols_in = tl.where(col_ok, cols, 0)
     PER_WORD: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * PER_WORD
-    x_row = x_ptr + rows[:, None].to(tl.int64) * stride_x
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s0 in range(0, num_segments, SEGS_PER_TILE):
+    s_begin = pid_k * (steps_per_split * SEGS_PER_TILE)  # a step never crosses into the next range
+    x_row = x_ptr + rows.to(tl.int64) * stride_x
+    if SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, steps_per_split):
+        s0 = s_begin + step * SEGS_PER_TILE
         words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
                                                       SEGS_PER_TILE, SEGS_PER_GROUP)
         at_group = cols_in[:, None] * stride_s + groups[None, :]  # [BLOCK_N, S]
@@ -201,11 +215,31 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, num_segments, ma
         zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
         k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
         k_ok = k < num_segments * (SEG_WORDS * PER_WORD)
-        x = tl.load(x_row + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K)).to(x.dtype)
-        acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+        if SWAP:
+            x_t = tl.load(x_row[None, :] + k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+            w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K)).to(x_t.dtype)
+            acc = tl.dot(w, x_t, acc)
+        else:
+            x = tl.load(x_row[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K)).to(x.dtype)
+            acc = tl.dot(x, tl.trans(w), acc)
+    if SWAP:
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    at_y = rows[:, None].to(tl.int64) * stride_y + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptr + at_y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        at_part = rows[:, None].to(tl.int64) * N + cols[None, :]
+        tl.store(part_ptr + pid_k * M * N + at_part, acc, mask=ok)
+        tl.debug_barrier()  # every thread's sums stored before the counter says so (release is cumulative)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for part in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + part * M * N + at_part, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + at_y, total.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(count_ptr + tile, 0)  # ready for the next product
 
 
 def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -223,17 +257,44 @@ def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return y
 
 
+_split_buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_outgrown: list[torch.Tensor] = []  # buffers a captured CUDA graph may still point at: never freed
+
+
+def split_buffers(num_partials: int, num_tiles: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split-K product's float32 partial sums and its per-tile counters (zero between products: the
+    last program of a tile resets its counter), one pair per device, grown to the largest product; the
+    layers of a step run one after another on one stream, so they share it."""
+    parts, counts = _split_buffers.get(device, (None, None))
+    if parts is None or parts.numel() < num_partials:
+        _outgrown.append(parts)
+        parts = torch.empty(num_partials, dtype=torch.float32, device=device)
+    if counts is None or counts.numel() < num_tiles:
+        _outgrown.append(counts)
+        counts = torch.zeros(num_tiles, dtype=torch.int32, device=device)
+    _split_buffers[device] = parts, counts
+    return parts, counts
+
+
 def tile_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-               block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> torch.Tensor:
-    """x [M, K] @ W.T -> [M, N] in x's dtype, BLOCK_M rows a program; the caller checked words_take."""
+               block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, swap: bool = False,
+               split_k: int = 1) -> torch.Tensor:
+    """x [M, K] @ W.T -> [M, N] in x's dtype, BLOCK_M rows a program; the caller checked words_take.
+    swap: the product computed transposed; split_k: K cut into that many ranges (see the kernel)."""
     num_rows = x.shape[0]
     num_cols, num_groups = scales.shape
     assert x.shape[1] == qweight.shape[1] * 8 // bits and x.is_contiguous(), (x.shape, qweight.shape)
     geo = words_geometry(qweight.shape[1], num_groups, block_k * bits // WORD_BITS)
+    steps = triton.cdiv(geo.num_segments, geo.segs_per_tile)
+    steps_per_split = triton.cdiv(steps, max(1, split_k))
+    split_k = triton.cdiv(steps, steps_per_split)  # no empty range
     y = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
-    _tile_words_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n))](
-        x, qweight.view(torch.int32), scales, zeros, y, num_rows, num_cols, geo.num_segments, MAGIC_BITS, x.stride(0),
-        geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits, SEG_WORDS=geo.seg_words,
-        SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages)
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n), split_k)
+    parts, counts = split_buffers(split_k * num_rows * num_cols, grid[0] * grid[1], x.device) if split_k > 1 \
+        else (y, y)
+    _tile_words_kernel[grid](
+        x, qweight.view(torch.int32), scales, zeros, y, parts, counts, num_rows, num_cols, geo.num_segments,
+        steps_per_split, MAGIC_BITS, x.stride(0), geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits,
+        SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile,
+        BLOCK_M=block_m, BLOCK_N=block_n, SWAP=swap, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
     return y
