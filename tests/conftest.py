@@ -12,6 +12,15 @@ if _SRC not in sys.path:
 
 from server_fixtures import api_server, async_client_factory, client  # noqa: E402,F401
 
+# The tests' engines (and the servers they start, which inherit the environment) decode eagerly: with
+# --cpu-compile's default, auto, each would spawn a child building its AOTInductor package.
+# tests/test_cpu_aot.py asks for the package where it tests it, and checks what auto resolves to.
+import os  # noqa: E402
+
+from fitserve.config import CPU_COMPILE_ENV  # noqa: E402
+
+os.environ.setdefault(CPU_COMPILE_ENV, "off")
+
 import pytest  # noqa: E402
 
 

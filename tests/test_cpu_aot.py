@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 
-from fitserve.config import ConfigError, EngineConfig
+from fitserve.config import CPU_COMPILE_ENV, ConfigError, EngineConfig
+from fitserve.cli import build_parser
+from fitserve.flags import engine_config_from_args
 from fitserve.llm import LLM
 from fitserve.runner.cpu_aot import BUILD_HERE_ENV, CpuDecodePackage
 from fitserve.runner.input_batch import build_forward_batch, chunks_on_blocks
@@ -91,6 +93,8 @@ def test_without_a_package_eager_steps_serve_while_a_child_builds_it(tmp_path, m
     llm = LLM(config=tiny_engine_config(folder, cpu_compile="aot"))
     package = llm.engine.runner.cpu_compile
     assert package.builder is not None and package.builder.is_alive() and not package.path.exists()
+    # the child builds with one longest request's KV blocks; the package serves this larger cache
+    assert llm.engine.runner.kv_caches[0][0].shape[0] > package.builder_kv_blocks
     sizes = _counting_compiled_steps(llm)
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     expected = [out.token_ids for out in eager.generate(PROMPTS, params)]
@@ -106,7 +110,7 @@ def test_a_failed_build_leaves_a_marker_and_later_starts_stay_eager(engines, tmp
     eager, _, _ = engines
     runner = eager.engine.runner
 
-    def failing_builder():
+    def failing_builder(kv_blocks):
         process = multiprocessing.get_context("spawn").Process(target=sys.exit, args=(3,))
         process.start()
         return process
@@ -119,7 +123,7 @@ def test_a_failed_build_leaves_a_marker_and_later_starts_stay_eager(engines, tmp
     assert not package.can_run(decode, 1)  # the child exited 3: no package, stay eager
     assert package.failed_marker.exists() and "exit code 3" in package.failed_marker.read_text()
     again = CpuDecodePackage(runner.model, runner.kv_caches, runner.capacity.block_size, 16, 256, str(tmp_path),
-                             lambda: pytest.fail("a failed build is not tried again"))
+                             lambda kv_blocks: pytest.fail("a failed build is not tried again"))
     again.warm_up()
     assert again.builder is None and not again.can_run(decode, 1)
 
@@ -127,3 +131,14 @@ def test_a_failed_build_leaves_a_marker_and_later_starts_stay_eager(engines, tmp
 def test_aot_with_tensor_parallelism_is_refused():
     with pytest.raises(ConfigError, match="--cpu-compile aot"):
         EngineConfig(cpu_compile="aot", tensor_parallel_size=2)
+
+
+def test_the_default_is_the_package_for_one_process(monkeypatch):
+    """auto (the default without $FITSERVE_CPU_COMPILE, which the tests' conftest sets to off): aot, off
+    with tensor parallelism; the variable sets the default, the flag wins over it."""
+    monkeypatch.delenv(CPU_COMPILE_ENV, raising=False)
+    assert EngineConfig().cpu_compile == "auto" and EngineConfig().cpu_compile_mode == "aot"
+    assert EngineConfig(tensor_parallel_size=2).cpu_compile_mode == "off"
+    monkeypatch.setenv(CPU_COMPILE_ENV, "decode")
+    assert EngineConfig().cpu_compile_mode == "decode" and EngineConfig(cpu_compile="off").cpu_compile_mode == "off"
+    assert engine_config_from_args(build_parser().parse_args(["serve"])).cpu_compile == "decode"

@@ -22,7 +22,8 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048  # vLLM's default token budget per step (c
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's --max-logprobs default (and OpenAI's top_logprobs maximum)
 LOAD_FORMATS = ("auto", "gguf", "safetensors", "dummy")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-CPU_COMPILE_MODES = ("off", "decode", "aot")  # runner/cpu_compile.py, runner/cpu_aot.py
+CPU_COMPILE_MODES = ("auto", "off", "decode", "aot")  # runner/cpu_compile.py, runner/cpu_aot.py
+CPU_COMPILE_ENV = "FITSERVE_CPU_COMPILE"  # the default of --cpu-compile where the flag is left out
 # fp8: linear layers in one byte per weight; gguf: a .gguf file's blocks kept packed; gptq, awq,
 # compressed-tensors: an integer checkpoint served as stored (docs/quantization.md). With
 # --load-format dummy, a packed value makes random weights in that layout (weights/dummy_layouts.py).
@@ -196,12 +197,13 @@ class EngineConfig:
     cpu_threads: int = field(default=0, metadata=flag(  # runner/cpu_settings.py
         "--cpu-threads", type=int,
         help="torch's intra-op threads on the CPU path (0: torch's default, one per core; docs/benchmarks.md)"))
-    cpu_compile: str = field(default="off", metadata=flag(  # runner/cpu_compile.py
+    cpu_compile: str = field(default_factory=lambda: os.environ.get(CPU_COMPILE_ENV) or "auto", metadata=flag(
         "--cpu-compile", choices=CPU_COMPILE_MODES,
-        help="decode: on the CPU, decode-only steps run a torch.compile'd (inductor) forward, compiled at "
-             "start-up and cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/fitserve/inductor); aot: the same "
-             "step as an AOTInductor package, built once into that folder by a child process while eager steps "
-             "serve, and loaded in seconds at later start-ups; off: eager (docs/benchmarks.md)"))
+        help="the CPU's decode-only steps. aot: an AOTInductor package of the step, built once into "
+             "$TORCHINDUCTOR_CACHE_DIR (default ~/.cache/fitserve/inductor) by a child process while eager steps "
+             "serve, and loaded in seconds at later start-ups; decode: torch.compile'd at every start-up, cached "
+             "in that folder; off: eager; auto (the default, or $FITSERVE_CPU_COMPILE): aot, off with "
+             "--tensor-parallel-size (docs/benchmarks.md)"))
     seed: int = field(default=0, metadata=flag(
         "--seed", type=int, help="seed of the sampler for requests without a seed"))
     enforce_eager: bool = field(default=False, metadata=flag(
@@ -283,6 +285,13 @@ class EngineConfig:
         if self.engine_process is not None:
             return self.engine_process
         return on_cuda and self.tensor_parallel_size == 1
+
+    @property
+    def cpu_compile_mode(self) -> str:
+        """--cpu-compile with auto resolved: aot for one process, off with tensor parallelism."""
+        if self.cpu_compile == "auto":
+            return "aot" if self.tensor_parallel_size == 1 else "off"
+        return self.cpu_compile
 
     @property
     def model_name(self) -> str:

@@ -221,8 +221,8 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=uses_cuda_graphs(config),
-        cpu_compile=config.cpu_compile, cpu_compile_cache_dir=inductor_cache_dir(),
-        cpu_package_builder=partial(build_cpu_package_in_child, config) if config.cpu_compile == "aot" else None,
+        cpu_compile=config.cpu_compile_mode, cpu_compile_cache_dir=inductor_cache_dir(),
+        cpu_package_builder=partial(build_cpu_package_in_child, config) if config.cpu_compile_mode == "aot" else None,
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)
@@ -307,9 +307,11 @@ def served_source(source: ModelSource, max_model_len: int) -> ModelSource:
 CPU_PACKAGE_BUILDER_NICENESS = 10  # the builder child yields the cores to the serving process
 
 
-def build_cpu_package_in_child(config: EngineConfig) -> multiprocessing.process.BaseProcess:
-    """Start a child process that builds this engine again, and in it the CPU decode step's package
-    (--cpu-compile aot, runner/cpu_aot.py), while this process serves eager steps."""
+def build_cpu_package_in_child(config: EngineConfig, kv_blocks: int) -> multiprocessing.process.BaseProcess:
+    """Start a child process that builds this engine again, with a KV cache of kv_blocks blocks, and in it
+    the CPU decode step's package (--cpu-compile aot, runner/cpu_aot.py), while this process serves eager
+    steps."""
+    config = replace(config, cache=replace(config.cache, num_gpu_blocks_override=kv_blocks))
     process = multiprocessing.get_context("spawn").Process(target=_cpu_package_builder_main, args=(config,),
                                                             name="fitserve-aot-build")
     process.start()

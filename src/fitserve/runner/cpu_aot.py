@@ -11,7 +11,8 @@ the package holds no copy), with no tracing: about 2 s for the embedded model.
 Where there is no package yet, a server does not wait for it: it serves eager steps at once while a
 child process (spawned, at a lower priority) builds the engine again and, in it, the package; the
 first decode step after the child has finished loads the package (a 2 s pause, once) and the packaged
-steps take over. The child holds a second copy of the model and the KV cache while it builds. Where
+steps take over. The child holds a second copy of the model while it builds, and a KV cache of one
+longest request (the package's KV blocks are symbolic: it serves any cache size). Where
 nothing serves in the meantime (the child itself, or a runner given no builder) the build runs in place.
 A child that fails leaves a marker beside the package's path, and later start-ups stay eager without
 building again until it is deleted.
@@ -19,7 +20,7 @@ building again until it is deleted.
 One export serves every decode batch: the rows (1 to max_num_seqs) and the block-table width (2 to the
 longest context's blocks) are symbolic. The package is keyed by what its code depends on: fitserve's
 source, torch's version, the CPU's capability, the model's class, parameter names, shapes and dtypes,
-the KV cache's shapes and dtype, the block size and the two bounds. A package is built once (the
+the KV cache's block shape and dtype, the block size and the two bounds. A package is built once (the
 embedded model: about 55 s to export and compile on 2 cores). Prefill and mixed steps stay eager, as do
 models with several KV cache groups.
 """
@@ -48,8 +49,11 @@ from fitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_FORMAT = 1  # bump when what a package takes or returns changes
+PACKAGE_FORMAT = 2  # bump when what a package takes or returns changes
 MIN_MAX_TABLE_WIDTH = 3  # export needs the width's range to hold more than its minimum (2)
+# The KV cache's blocks are symbolic too: a package serves any cache size, so the builder child needs only
+# a small cache (startup.build_cpu_package_in_child)
+MIN_KV_BLOCKS, MAX_KV_BLOCKS = 8, 1 << 24
 BUILD_HERE_ENV = "FITSERVE_AOT_BUILD_HERE"  # set in the builder child: build in place, do not spawn again
 
 
@@ -83,9 +87,10 @@ class CpuDecodePackage:
 
     def __init__(self, model: nn.Module, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_num_seqs: int, max_model_len: int, cache_dir: str,
-                 build_elsewhere: Callable[[], multiprocessing.process.BaseProcess] | None = None) -> None:
-        """`build_elsewhere` starts a process that builds the package while this one serves eager steps
-        (startup.build_cpu_package_in_child); None: warm_up builds in place."""
+                 build_elsewhere: Callable[[int], multiprocessing.process.BaseProcess] | None = None) -> None:
+        """`build_elsewhere(kv_blocks)` starts a process that builds the package, with a KV cache of that many
+        blocks, while this one serves eager steps (startup.build_cpu_package_in_child); None: warm_up builds
+        in place."""
         self.step = DecodeStep(model, block_size).eval()
         self.build_elsewhere = build_elsewhere if not os.environ.get(BUILD_HERE_ENV) else None
         self.builder: multiprocessing.process.BaseProcess | None = None  # the child building, until adopted
@@ -98,6 +103,11 @@ class CpuDecodePackage:
         self.built = False  # whether warm_up built the package (else it loaded one)
         self._package = None
 
+    @property
+    def builder_kv_blocks(self) -> int:
+        """The builder child's KV cache: one longest request's blocks (the package takes any number)."""
+        return max(MIN_KV_BLOCKS, self.max_table_width + 1)
+
     def key(self) -> str:
         model = self.step.model
         described = {
@@ -105,7 +115,7 @@ class CpuDecodePackage:
             "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
             "model": type(model).__qualname__,
             "parameters": [(name, tuple(t.shape), str(t.dtype)) for name, t in model.state_dict().items()],
-            "kv": [(tuple(k.shape), str(k.dtype)) for k, _ in self.kv_caches],
+            "kv": [(tuple(k.shape[1:]), str(k.dtype)) for k, _ in self.kv_caches],  # any number of blocks
             "block_size": self.step.block_size, "max_num_seqs": self.max_num_seqs,
             "max_table_width": self.max_table_width,
         }
@@ -138,7 +148,7 @@ class CpuDecodePackage:
                 logger.info("Serving eager decode steps while a child process builds the CPU decode step's "
                             "AOTInductor package (--cpu-compile aot) in %s: a minute or more, once for this model, "
                             "shapes and fitserve", self.path)
-                self.builder, self._builder_started_s = self.build_elsewhere(), start_s
+                self.builder, self._builder_started_s = self.build_elsewhere(self.builder_kv_blocks), start_s
             return time.monotonic() - start_s
         if not self.path.exists():
             logger.info("Building the CPU decode step's AOTInductor package (--cpu-compile aot) in %s: a minute or "
@@ -180,8 +190,9 @@ class CpuDecodePackage:
         example = decode_inputs(self._example_batch(), self.step.block_size)
         rows = torch.export.Dim("rows", min=1, max=self.max_num_seqs)
         width = torch.export.Dim("table_width", min=2, max=self.max_table_width)
+        blocks = torch.export.Dim("kv_blocks", min=MIN_KV_BLOCKS, max=MAX_KV_BLOCKS)
         dynamic = ({0: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows, 1: width},
-                   [(None, None)] * len(self.kv_caches))
+                   [({0: blocks}, {0: blocks})] * len(self.kv_caches))
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 # the layers' cache attributes are set from the inputs on purpose (DecodeStep.forward)

@@ -66,7 +66,7 @@ class TorchModelRunner:
         use_cuda_graphs: bool = False,
         cpu_compile: str = "off",
         cpu_compile_cache_dir: str | None = None,
-        cpu_package_builder: Callable[[], BaseProcess] | None = None,
+        cpu_package_builder: Callable[[int], BaseProcess] | None = None,
     ) -> None:
         self.model = model
         # The model's layers attend within arch's windows (models/llama.py): the cache may free what they
