@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"commit": gpu_bench.git_commit(), "command": " ".join(sys.argv), "group": args.group,
-                    "budget_s": args.budget_s, "estimated_s": estimated_total_s(parts),
+                    "budget_s": args.budget_s, "estimated_s": estimated_total_s(parts), "int_kernels": args.int_kernels,
                     "parts_planned": [asdict(p) for p in parts], "results": {}, "skipped": []}
 
     def save() -> None:
@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> dict:
             report["skipped"].append(f"{part.name} (estimate {part.estimate_s:.0f} s, {remaining:.0f} s left)")
             continue
         began = time.monotonic()
-        result = gpu_bench.run_part("fitserve", part.flags(), part_timeout_s(part, remaining))
+        int_kernels = ["--int-kernels", args.int_kernels] if args.int_kernels else []
+        result = gpu_bench.run_part("fitserve", part.flags() + int_kernels, part_timeout_s(part, remaining))
         report["results"][part.name] = result | {"wall_s": time.monotonic() - began}
         print(f"{part.name}: {report['results'][part.name]['wall_s']:.0f} s (estimate {part.estimate_s:.0f} s)",
               file=sys.stderr, flush=True)
@@ -229,6 +230,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting parts past this (9 minutes)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--list", action="store_true", help="print the parts and their estimates, run nothing")
+    parser.add_argument("--int-kernels", default=None,
+                        help="gpu_bench's --int-kernels for every part: a triton_int_quant.VARIANTS table for the "
+                             "integer formats (default: DEFAULT_TABLE)")
     args = parser.parse_args()
     if args.list:
         for part in parts_for(args.group, args.parts):

@@ -123,6 +123,12 @@ VARIANTS = {
     "narrow_k4": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(32, 4, swap=False)),
     "narrow_k8": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(32, 8, swap=False)),
     "swap_n64_k4_dequant128": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4), 128),
+    "swap_n64_k4_dequant256": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4), 256),
+    # 65 to 128 rows: 128-row tiles with K split in two, transposed or not
+    "swap_n64_k4_m128s_k2": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4)[:-1] + (
+        TileChoice(128, WORDS, 128, 64, 128, 4, 3, True, 2), WORDS_TILES_NARROW[-1]), 256),
+    "swap_n64_k4_m128_k2": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4)[:-1] + (
+        TileChoice(128, WORDS, 128, 64, 128, 8, 3, False, 2), WORDS_TILES_NARROW[-1]), 256),
 }
 # The fastest of VARIANTS on an H200 (benchmarks/results/int_quant_h200/words_first.jsonl, ms a Llama-3-8B
 # step's 128 layers, int4 g128): the words GEMV (16, 256, 8) 2.59 ms at one row (bf16 3.31, bytes 3.31);
@@ -244,6 +250,8 @@ def dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     _common_args(x, qweight, scales, zeros, None, bits)
     num_cols, num_inner = qweight.shape[0], x.shape[1]
     weight = dequant_scratch(num_cols * num_inner, x.dtype, x.device).view(num_cols, num_inner)
+    if triton_int_words.words_take(qweight, scales, None, bits):
+        return x @ triton_int_words.dequantize_words(qweight, scales, zeros, bits, weight).t()
     block_n, block_k, num_warps = DEQUANT_TILE
     _dequant_kernel[(triton.cdiv(num_cols, block_n), triton.cdiv(num_inner, block_k))](
         qweight, scales, zeros, weight, num_cols, num_inner, num_inner // scales.shape[1], qweight.stride(0),

@@ -242,6 +242,46 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
             tl.store(count_ptr + tile, 0)  # ready for the next product
 
 
+@triton.jit
+def _dequant_words_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, num_segments, magic_bits, stride_q, stride_s, stride_w,
+                          BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
+                          SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[n, k] = (q - zero) * scale in float32, stored in w's dtype, for BLOCK_N columns and one tile of
+    segments: the tile GEMM's dequantization (_tile_weights), written out instead of multiplied."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    s0 = tl.program_id(1) * SEGS_PER_TILE
+    col_ok = cols < N
+    cols_in = tl.where(col_ok, cols, 0)
+    PER_WORD: tl.constexpr = 32 // BITS
+    BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * PER_WORD
+    words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
+                                                  SEGS_PER_TILE, SEGS_PER_GROUP)
+    at_group = cols_in[:, None] * stride_s + groups[None, :]
+    scale = tl.where(seg_ok[None, :], tl.load(s_ptr + at_group), 0.0)[:, :, None]
+    zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
+    w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K))
+    k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
+    ok = col_ok[:, None] & (k < num_segments * (SEG_WORDS * PER_WORD))[None, :]
+    tl.store(w_ptr + cols[:, None].to(tl.int64) * stride_w + k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+DEQUANT_WORDS_TILE = (32, 32, 4)  # (BLOCK_N, words a column, num_warps): 256 4-bit values a column
+
+
+def dequantize_words(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                     out: torch.Tensor) -> torch.Tensor:
+    """The whole weight [N, K] dequantized into out (bf16/fp16, contiguous rows); the caller checked words_take."""
+    num_cols, num_groups = scales.shape
+    block_n, tile_words, num_warps = DEQUANT_WORDS_TILE
+    geo = words_geometry(qweight.shape[1], num_groups, tile_words)
+    assert out.shape == (num_cols, qweight.shape[1] * 8 // bits) and out.stride(1) == 1, out.shape
+    _dequant_words_kernel[(triton.cdiv(num_cols, block_n), triton.cdiv(geo.num_segments, geo.segs_per_tile))](
+        qweight.view(torch.int32), scales, zeros, out, num_cols, geo.num_segments, MAGIC_BITS, geo.words_per_row,
+        scales.stride(0), out.stride(0), BITS=bits, SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group,
+        SEGS_PER_TILE=geo.segs_per_tile, BLOCK_N=block_n, num_warps=num_warps)
+    return out
+
+
 def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                block_n: int, tile_words: int, num_warps: int) -> torch.Tensor:
     """x [M, K] (a few rows; one program row each) @ W.T -> [M, N] in x's dtype; the caller checked words_take."""
