@@ -50,7 +50,7 @@ def test_each_group_fits_the_nine_minute_call():
 def test_a_failing_part_loses_only_itself(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setattr(device_models.gpu_bench, "run_part", fake_part_runner(calls))
-    report = device_models.run(argparse.Namespace(group="quant", budget_s=10_000, out=str(tmp_path)))
+    report = device_models.run(argparse.Namespace(group="quant", budget_s=10_000, out=str(tmp_path), int_kernels=None))
     assert [c[0] for c in calls].count("ceilings") == 1
     assert "error" in report["results"]["llama-gptq_int4"]
     assert "runs" in report["results"]["llama-q4_k_m"]  # ran after the failure
@@ -58,6 +58,15 @@ def test_a_failing_part_loses_only_itself(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "device_models.json").read_text())
     assert set(saved["results"]) == {p.name for p in device_models.parts_for("quant")}
     assert saved["floors"]["llama-3-8b-instruct"]["bf16"]["model"]["params"] == 8_030_261_248
+
+
+def test_int_kernels_reach_every_part(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setattr(device_models.gpu_bench, "run_part", fake_part_runner(calls))
+    args = argparse.Namespace(group="quant", budget_s=10_000, out=str(tmp_path), int_kernels="swap_n64_k4")
+    assert device_models.run(args)["int_kernels"] == "swap_n64_k4"
+    parts = [extra for name, extra, *_ in calls if name == "fitserve"]
+    assert parts and all(extra[-2:] == ["--int-kernels", "swap_n64_k4"] for extra in parts)
 
 
 def test_parts_that_no_longer_fit_are_skipped_not_started(tmp_path, monkeypatch):
@@ -69,7 +78,7 @@ def test_parts_that_no_longer_fit_are_skipped_not_started(tmp_path, monkeypatch)
             yield 400.0
     ticks = clock()
     monkeypatch.setattr(device_models.time, "monotonic", lambda: next(ticks))
-    report = device_models.run(argparse.Namespace(group="quant", budget_s=450, out=str(tmp_path)))
+    report = device_models.run(argparse.Namespace(group="quant", budget_s=450, out=str(tmp_path), int_kernels=None))
     started = [extra for part, extra, _ in calls if part == "fitserve"]
     assert len(started) == 1 + sum(p.estimate_s <= 50 for p in device_models.parts_for("quant")[1:])
     assert report["skipped"] and all("left" in s for s in report["skipped"])
@@ -78,7 +87,7 @@ def test_parts_that_no_longer_fit_are_skipped_not_started(tmp_path, monkeypatch)
 def test_table_compares_with_llama_bf16_from_the_same_call(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setattr(device_models.gpu_bench, "run_part", fake_part_runner(calls))
-    report = device_models.run(argparse.Namespace(group="quant", budget_s=10_000, out=str(tmp_path)))
+    report = device_models.run(argparse.Namespace(group="quant", budget_s=10_000, out=str(tmp_path), int_kernels=None))
     rows = device_models.table_rows(report)
     q4_single = next(r for r in rows if r.startswith("llama-q4_k_m ") and " single " in r)
     assert q4_single.split()[6] == "2.00"  # bf16's TPOT over q4_k_m's: twice as fast
@@ -99,7 +108,7 @@ def test_part_timeout_is_bounded_by_the_time_left():
 def test_targets_are_checked_against_floors_and_bf16(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setattr(device_models.gpu_bench, "run_part", fake_part_runner(calls))
-    report = device_models.run(argparse.Namespace(group="all", budget_s=10_000, out=str(tmp_path)))
+    report = device_models.run(argparse.Namespace(group="all", budget_s=10_000, out=str(tmp_path), int_kernels=None))
     checks = {(c["part"], c["workload"], c["what"]): c for c in report["targets"]}
     assert checks[("llama-q4_k_m", "single", "speedup")]["value"] == pytest.approx(2.0)
     assert checks[("llama-q4_k_m", "single", "speedup")]["met"] is False  # 2.0 < 2.5
