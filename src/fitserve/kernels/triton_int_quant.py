@@ -13,9 +13,9 @@ float32 [N, G], zeros uint8 [N, G], g_idx for an act-order checkpoint). Two path
   in float32 sums, BLOCK_M 16 up to 16 rows and 64 above. It reads a quarter (4 bits)
   or half (8 bits) of bf16's bytes but is bound by the dequantization: slower than bf16's cuBLAS
   at every batch size measured (benchmarks/results/int_quant_h200/).
-- many rows (a KernelTable's dequant_min_rows; off in DEFAULT_TABLE until timed on a GPU): `dequant_mm`
-  writes the whole weight, dequantized once, into one scratch of x's dtype and multiplies with cuBLAS,
-  one pass over W for a product that is compute-bound at prefill sizes.
+- many rows (a KernelTable's dequant_min_rows; 256 in DEFAULT_TABLE, plan/estimates.DEQUANT_MATMUL_MIN_ROWS):
+  `dequant_mm` writes the whole weight, dequantized once, into one scratch of x's dtype and multiplies
+  with cuBLAS, one pass over W for a product that is compute-bound at prefill sizes.
 These are the "bytes" kernels. kernels/triton_int_words.py has the "words" kernels (int32 loads,
 values without int-to-float conversions, BLOCK_M by rows); a KernelTable says which kernel and tile
 serve which rows, and VARIANTS names the tables benchmarks/int_quant_bench.py times side by side.
@@ -130,11 +130,14 @@ VARIANTS = {
     "swap_n64_k4_m128_k2": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4)[:-1] + (
         TileChoice(128, WORDS, 128, 64, 128, 8, 3, False, 2), WORDS_TILES_NARROW[-1]), 256),
 }
-# The fastest of VARIANTS on an H200 (benchmarks/results/int_quant_h200/words_first.jsonl, ms a Llama-3-8B
-# step's 128 layers, int4 g128): the words GEMV (16, 256, 8) 2.59 ms at one row (bf16 3.31, bytes 3.31);
-# the narrow words tiles 6.5-6.7 ms at 2-64 rows and 15.8 at 256 (bf16's cuBLAS 3.7-3.9 and 6.1; the bytes
-# tiles 117-127 and 462 in that call). int8 g128: 2.90 / 5.85-7.37 / 16.4 ms.
-DEFAULT_TABLE = replace(VARIANTS["words_n16_narrow"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS or ALL_ROWS)
+# The fastest of VARIANTS measured: the words GEMV (16, 256, 8) at one row, 2.59 ms a Llama-3-8B step's 128
+# layers on an H200 (bf16 3.31; results/int_quant_h200/words_first.jsonl). On an H100
+# (results/int_quant_h100_153f0e7, int_quant_h100_f9cb148; int4 g128): the transposed tiles with K split in
+# four 3.8-4.1 ms at 2-32 rows and 6.0 at 64 (the narrow words tiles 6.5-7.2 and 6.8; bf16's cuBLAS
+# 5.2-5.4); the transposed 128-row tile with K split in two 8.2 ms at 128 rows (narrow 11.1, bf16 5.7); from
+# 256 rows dequant_mm, 14.0 ms at 256 and 49.1 at 2048 (narrow 15.3 and 110; bf16 6.7 and 42.6). int8 takes
+# the same table, timed only with the narrow tiles (H200: 2.90 / 5.85-7.37 / 16.4 ms at 1 / 2-64 / 256 rows).
+DEFAULT_TABLE = replace(VARIANTS["swap_n64_k4_m128s_k2"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS or ALL_ROWS)
 
 
 @triton.jit
