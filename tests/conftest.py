@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# OpenMP's threads sleep between ops in the tests (and the servers they start): two xdist workers and
+# their servers share the cores, where fitserve's default short spin (fitserve/__init__.py) only takes
+# cores from each other. Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Tests run against the source tree without an install.
 _SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -15,8 +21,6 @@ from server_fixtures import api_server, async_client_factory, client  # noqa: E4
 # The tests' engines (and the servers they start, which inherit the environment) decode eagerly: with
 # --cpu-compile's default, auto, each would spawn a child building its AOTInductor package.
 # tests/test_cpu_aot.py asks for the package where it tests it, and checks what auto resolves to.
-import os  # noqa: E402
-
 from fitserve.config import CPU_COMPILE_ENV  # noqa: E402
 
 os.environ.setdefault(CPU_COMPILE_ENV, "off")

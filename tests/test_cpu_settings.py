@@ -81,17 +81,22 @@ def test_set_cpu_threads_sets_torch_and_zero_leaves_it():
         torch.set_num_threads(before)
 
 
-def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise():
-    """fitserve sets OMP_WAIT_POLICY=PASSIVE on import, before torch loads OpenMP, without
-    overriding a value already in the environment (a fresh interpreter each time)."""
-    code = "import fitserve, os; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
+    """fitserve sets GOMP_SPINCOUNT=1000 and OMP_WAIT_POLICY=PASSIVE on import, before torch loads OpenMP;
+    a wait policy or spin count already in the environment is kept, and then no spin count is added
+    (a fresh interpreter each time)."""
+    code = "import fitserve, os; print(os.environ['OMP_WAIT_POLICY'], os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "ACTIVE"
+
+    def settings(**user):
+        return subprocess.run([sys.executable, "-c", code], env=env | user, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    assert settings() == ["PASSIVE", "1000"]
+    assert settings(OMP_WAIT_POLICY="PASSIVE") == ["PASSIVE", "None"]  # threads asleep, as asked
+    assert settings(OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "None"]
+    assert settings(GOMP_SPINCOUNT="30000") == ["PASSIVE", "30000"]
 
 
 def test_cpu_threads_below_zero_is_refused():

@@ -8,11 +8,17 @@ import os
 
 __version__ = "0.1.0"
 
-# torch's OpenMP threads sleep between parallel ops instead of spinning. Spinning is faster on a machine
-# that runs nothing else (one bf16 stream through HTTP on 2 cores: 25.4 tok/s with GOMP_SPINCOUNT=30000
-# against 17.4 asleep), and collapses when anything else wants a core: with one busy process beside the
-# server, 3.6 tok/s spinning against 16.9 asleep (docs/benchmarks.md, "bf16 on an AVX2 CPU"). A server
-# with the machine to itself can set GOMP_SPINCOUNT=30000. OpenMP reads this once, when torch loads it:
-# it takes effect when fitserve is imported before torch (`fitserve serve` always is). The user's own
-# setting wins.
+# torch's OpenMP threads spin briefly after a parallel op, then sleep: GOMP_SPINCOUNT=1000 (with
+# OMP_WAIT_POLICY=PASSIVE, which the spin count overrides). A CPU decode step is hundreds of short
+# parallel ops back to back; waking a sleeping thread for each (PASSIVE alone, the earlier default) cost
+# a third of a packaged step, while spinning long (libgomp's own default, or GOMP_SPINCOUNT=30000) takes
+# a core from anything else that wants it. Through HTTP on a 2-core AVX512 EPYC, the embedded model with
+# its decode package (docs/benchmarks.md, "OpenMP's spin with the package"): quiet, one stream 34.7 tok/s
+# against 25.5-27.0 asleep, 16 streams 257 against 213-216; beside a busy process 16.4 against 21.7 and
+# 127 against 149. On a shared machine set OMP_WAIT_POLICY=PASSIVE (threads asleep; fitserve then runs
+# one-token steps on one thread, runner/cpu_settings.py). OpenMP reads these once, when torch loads it:
+# they take effect when fitserve is imported before torch (`fitserve serve` always is). The user's own
+# settings win.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
