@@ -313,8 +313,9 @@ def inductor_cache_dir() -> str:
 
 
 def openmp_threads_sleep() -> bool:
-    """OpenMP's threads sleep between ops: OMP_WAIT_POLICY=PASSIVE (fitserve's default) and no spin count
-    (runner/cpu_settings.py StepThreads saves their wake-ups)."""
+    """OpenMP's threads sleep between ops: OMP_WAIT_POLICY=PASSIVE and no spin count (the user's choice for
+    a shared machine; fitserve's default adds GOMP_SPINCOUNT=1000, fitserve/__init__.py), where
+    runner/cpu_settings.py StepThreads saves their wake-ups."""
     return os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
 
 

@@ -8,9 +8,10 @@ rows in float32 from the bf16 weights (kernels/cpu_matmul.py). On the project's 
 served one stream 1.3x as fast as float32 weights through HTTP, and 16 streams as fast
 (docs/benchmarks.md, "bf16 on an AVX2 CPU"); `--dtype float32` gives the float32 reference's tokens.
 
-A step that feeds one token (a single stream's decode) runs on one thread. Its matmuls are GEMVs of
-one row, and with OpenMP's threads asleep between ops (OMP_WAIT_POLICY=PASSIVE, fitserve/__init__.py;
-config.openmp_threads_sleep) waking the second thread for each of them cost more than it gave: one
+Where OpenMP's threads sleep between ops (OMP_WAIT_POLICY=PASSIVE without a spin count, the setting for
+a shared machine; fitserve's default lets them spin briefly, fitserve/__init__.py;
+config.openmp_threads_sleep), a step that feeds one token (a single stream's decode) runs on one
+thread. Its matmuls are GEMVs of one row, and waking the second thread for each of them cost more than it gave: one
 stream through HTTP made 19.2 tok/s on one thread against 17.4 on two (2-core EPYC, bf16), and on a
 machine where another process took a core, 20.8 against 18.6 in-process. Steps of several tokens use
 every thread. Where the user lets the threads spin (GOMP_SPINCOUNT, or OMP_WAIT_POLICY other than
