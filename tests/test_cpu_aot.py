@@ -142,3 +142,16 @@ def test_the_default_is_the_package_for_one_process(monkeypatch):
     monkeypatch.setenv(CPU_COMPILE_ENV, "decode")
     assert EngineConfig().cpu_compile_mode == "decode" and EngineConfig(cpu_compile="off").cpu_compile_mode == "off"
     assert engine_config_from_args(build_parser().parse_args(["serve"])).cpu_compile == "decode"
+
+
+def test_auto_stays_eager_without_a_cpp_compiler(monkeypatch):
+    """A slim image has no g++: auto then serves eager steps instead of starting a build that must fail;
+    an explicit aot still tries (and a failed build leaves its marker, above)."""
+    from fitserve import startup
+    cpu = torch.device("cpu")
+    assert startup.cpp_compiler() is not None  # this machine's g++ (inductor reads $CXX once, at import)
+    assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), cpu) == "aot"
+    monkeypatch.setattr(startup, "cpp_compiler", lambda: None)
+    assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), cpu) == "off"
+    assert startup.cpu_compile_mode(EngineConfig(cpu_compile="aot"), cpu) == "aot"
+    assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), torch.device("cuda")) == "aot"  # unused there

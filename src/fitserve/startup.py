@@ -50,7 +50,7 @@ from fitserve.runner.calibration import (
     calibrate_fp8_activation_scales,
     calibration_token_ids,
 )
-from fitserve.runner.cpu_aot import BUILD_HERE_ENV
+from fitserve.runner.cpu_aot import BUILD_HERE_ENV, cpp_compiler
 from fitserve.runner.cpu_settings import log_cpu_matmul, set_cpu_threads
 from fitserve.runner.distributed import WorkerGroup, start_workers, worker_device
 from fitserve.runner.memory import (
@@ -221,8 +221,8 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=uses_cuda_graphs(config),
-        cpu_compile=config.cpu_compile_mode, cpu_compile_cache_dir=inductor_cache_dir(),
-        cpu_package_builder=partial(build_cpu_package_in_child, config) if config.cpu_compile_mode == "aot" else None,
+        cpu_compile=(cpu_compile := cpu_compile_mode(config, device)), cpu_compile_cache_dir=inductor_cache_dir(),
+        cpu_package_builder=partial(build_cpu_package_in_child, config) if cpu_compile == "aot" else None,
     )
     if before_runner is not None:
         memory.end = read_device_memory(device)
@@ -302,6 +302,17 @@ def served_source(source: ModelSource, max_model_len: int) -> ModelSource:
     if isinstance(arch.rope_scaling, LongRopeScaling):
         logger.info("%s", arch.rope_scaling.describe())
     return source if arch == source.arch else replace(source, arch=arch)
+
+
+def cpu_compile_mode(config: EngineConfig, device: torch.device) -> str:
+    """--cpu-compile as the runner takes it: auto is aot (config.cpu_compile_mode) where a C++ compiler can
+    build the package, else off, said once in the log."""
+    mode = config.cpu_compile_mode
+    if config.cpu_compile == "auto" and mode == "aot" and device.type == "cpu" and cpp_compiler() is None:
+        logger.info("No C++ compiler found (g++, or $CXX): decode steps stay eager. Install one to get the CPU "
+                    "decode step's AOTInductor package (--cpu-compile auto; docs/benchmarks.md)")
+        return "off"
+    return mode
 
 
 CPU_PACKAGE_BUILDER_NICENESS = 10  # the builder child yields the cores to the serving process

@@ -57,6 +57,17 @@ MIN_KV_BLOCKS, MAX_KV_BLOCKS = 8, 1 << 24
 BUILD_HERE_ENV = "FITSERVE_AOT_BUILD_HERE"  # set in the builder child: build in place, do not spawn again
 
 
+def cpp_compiler() -> str | None:
+    """The C++ compiler AOTInductor would build a package with, or None where there is none (a slim
+    container image): `--cpu-compile auto` then stays eager instead of starting a build that must fail."""
+    from torch._inductor import cpp_builder
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except Exception:  # inductor's own "no valid C++ compiler" error, whatever its class in this torch
+        return None
+
+
 class DecodeStep(nn.Module):
     """What is exported: decode_forward with the KV cache as an input, bound to the layers at each call."""
 
