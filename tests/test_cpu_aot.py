@@ -6,6 +6,7 @@ engine without a package serves eager steps while a child process builds it, the
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 
 import pytest
@@ -149,7 +150,9 @@ def test_auto_stays_eager_without_a_cpp_compiler(monkeypatch):
     an explicit aot still tries (and a failed build leaves its marker, above)."""
     from fitserve import startup
     cpu = torch.device("cpu")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     assert startup.cpp_compiler() is not None  # this machine's g++ (inductor reads $CXX once, at import)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # the package stays under fitserve's own cache dir
     assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), cpu) == "aot"
     monkeypatch.setattr(startup, "cpp_compiler", lambda: None)
     assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), cpu) == "off"

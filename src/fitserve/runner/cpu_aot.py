@@ -60,12 +60,19 @@ BUILD_HERE_ENV = "FITSERVE_AOT_BUILD_HERE"  # set in the builder child: build in
 def cpp_compiler() -> str | None:
     """The C++ compiler AOTInductor would build a package with, or None where there is none (a slim
     container image): `--cpu-compile auto` then stays eager instead of starting a build that must fail."""
-    from torch._inductor import cpp_builder
-
+    # inductor (its import or the search) writes its default cache dir (/tmp/torchinductor_USER) into
+    # $TORCHINDUCTOR_CACHE_DIR where it is unset; config.inductor_cache_dir, read after this, and the builder
+    # child, which inherits the environment, would then put the package there, not in ~/.cache/fitserve
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:
+        from torch._inductor import cpp_builder
+
         return cpp_builder.get_cpp_compiler()
     except Exception:  # inductor's own "no valid C++ compiler" error, whatever its class in this torch
         return None
+    finally:
+        if cache_dir is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
 
 
 class DecodeStep(nn.Module):
