@@ -158,3 +158,11 @@ def test_auto_stays_eager_without_a_cpp_compiler(monkeypatch):
     assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), cpu) == "off"
     assert startup.cpu_compile_mode(EngineConfig(cpu_compile="aot"), cpu) == "aot"
     assert startup.cpu_compile_mode(EngineConfig(cpu_compile="auto"), torch.device("cuda")) == "aot"  # unused there
+
+
+def test_offline_llm_leaves_auto_eager(tmp_path):
+    """The offline LLM does not spawn auto's builder (a spawned child imports the caller's script again);
+    it builds the package only when asked for by name (the tests above)."""
+    folder = write_tiny_model(tmp_path / "tiny")
+    llm = LLM(config=tiny_engine_config(folder, cpu_compile="auto"))
+    assert llm.engine.runner.cpu_compile is None

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fitserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from fitserve.sampling_params import SamplingParams
@@ -46,6 +46,11 @@ class LLM:
             config = engine_config(model, config_fields)
         elif model is not None or config_fields:
             raise TypeError("pass either config= or model and EngineConfig fields, not both")
+        if config.cpu_compile == "auto":
+            # auto's package builder is a spawned process, which imports the caller's script again: a script
+            # without an `if __name__ == "__main__":` guard would run twice. Offline, the package is asked for
+            # by name (cpu_compile="aot"), from a guarded script.
+            config = replace(config, cpu_compile="off")
         built = build_engine(config, progress=False)
         self.engine = built.engine
         self.tokenizer = built.tokenizer
