@@ -217,11 +217,12 @@ def build_runner(memory: StartupMemory, config: EngineConfig, source: ModelSourc
             logger.info("fp8_per_tensor: static input scales of %d layers calibrated on %d tokens of built-in text",
                         num_layers, sum(len(i) for i in calibration_ids))
     before_runner = read_device_memory(device) if device.type == "cuda" else None
+    cpu_compile = cpu_compile_mode(config, device)
     runner = TorchModelRunner(
         model, model.arch, KVCapacity(num_blocks, config.cache.block_size), TORCH_KV_DTYPES[sized.kv_dtype], device,
         config.seed, max_num_seqs=config.scheduler.max_num_seqs, max_model_len=max_model_len,
         use_cuda_graphs=uses_cuda_graphs(config),
-        cpu_compile=(cpu_compile := cpu_compile_mode(config, device)), cpu_compile_cache_dir=inductor_cache_dir(),
+        cpu_compile=cpu_compile, cpu_compile_cache_dir=inductor_cache_dir(),
         cpu_package_builder=partial(build_cpu_package_in_child, config) if cpu_compile == "aot" else None,
     )
     if before_runner is not None:

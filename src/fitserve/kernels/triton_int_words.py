@@ -180,6 +180,21 @@ def _tile_weights(words, zero, scale, magic, BITS: tl.constexpr):
 
 
 @triton.jit
+def _dequantized_tile(q_ptr, s_ptr, z_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s,
+                      BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
+                      SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """float32 weights [BLOCK_N, BLOCK_K] of columns cols_in and segments s0 .. s0 + SEGS_PER_TILE, as
+    the reference dequantizes them; segments past num_segments read nothing and come out 0."""
+    BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * (32 // BITS)
+    words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
+                                                  SEGS_PER_TILE, SEGS_PER_GROUP)
+    at_group = cols_in[:, None] * stride_s + groups[None, :]  # [BLOCK_N, S]
+    scale = tl.where(seg_ok[None, :], tl.load(s_ptr + at_group), 0.0)[:, :, None]
+    zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
+    return tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
 def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments, steps_per_split,
                        magic_bits, stride_x, stride_q, stride_s, stride_y,
                        BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
@@ -208,21 +223,16 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, steps_per_split):
         s0 = s_begin + step * SEGS_PER_TILE
-        words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
-                                                      SEGS_PER_TILE, SEGS_PER_GROUP)
-        at_group = cols_in[:, None] * stride_s + groups[None, :]  # [BLOCK_N, S]
-        scale = tl.where(seg_ok[None, :], tl.load(s_ptr + at_group), 0.0)[:, :, None]
-        zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
+        w = _dequantized_tile(q_ptr, s_ptr, z_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s, BITS,
+                              SEG_WORDS, SEGS_PER_GROUP, SEGS_PER_TILE, BLOCK_N)
         k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
         k_ok = k < num_segments * (SEG_WORDS * PER_WORD)
         if SWAP:
             x_t = tl.load(x_row[None, :] + k[:, None], mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-            w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K)).to(x_t.dtype)
-            acc = tl.dot(w, x_t, acc)
+            acc = tl.dot(w.to(x_t.dtype), x_t, acc)
         else:
             x = tl.load(x_row[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K)).to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if SWAP:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     at_y = rows[:, None].to(tl.int64) * stride_y + cols[None, :]
@@ -247,19 +257,15 @@ def _dequant_words_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, num_segments, magic_bit
                           BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
                           SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[n, k] = (q - zero) * scale in float32, stored in w's dtype, for BLOCK_N columns and one tile of
-    segments: the tile GEMM's dequantization (_tile_weights), written out instead of multiplied."""
+    segments: the tile GEMM's dequantization (_dequantized_tile), written out instead of multiplied."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     s0 = tl.program_id(1) * SEGS_PER_TILE
     col_ok = cols < N
     cols_in = tl.where(col_ok, cols, 0)
     PER_WORD: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * PER_WORD
-    words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
-                                                  SEGS_PER_TILE, SEGS_PER_GROUP)
-    at_group = cols_in[:, None] * stride_s + groups[None, :]
-    scale = tl.where(seg_ok[None, :], tl.load(s_ptr + at_group), 0.0)[:, :, None]
-    zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
-    w = tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K))
+    w = _dequantized_tile(q_ptr, s_ptr, z_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s, BITS,
+                          SEG_WORDS, SEGS_PER_GROUP, SEGS_PER_TILE, BLOCK_N)
     k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
     ok = col_ok[:, None] & (k < num_segments * (SEG_WORDS * PER_WORD))[None, :]
     tl.store(w_ptr + cols[:, None].to(tl.int64) * stride_w + k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
@@ -307,10 +313,10 @@ def split_buffers(num_partials: int, num_tiles: int, device: torch.device) -> tu
     layers of a step run one after another on one stream, so they share it."""
     parts, counts = _split_buffers.get(device, (None, None))
     if parts is None or parts.numel() < num_partials:
-        _outgrown.append(parts)
+        _outgrown.extend([parts] if parts is not None else [])
         parts = torch.empty(num_partials, dtype=torch.float32, device=device)
     if counts is None or counts.numel() < num_tiles:
-        _outgrown.append(counts)
+        _outgrown.extend([counts] if counts is not None else [])
         counts = torch.zeros(num_tiles, dtype=torch.int32, device=device)
     _split_buffers[device] = parts, counts
     return parts, counts
