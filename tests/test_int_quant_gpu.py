@@ -125,18 +125,27 @@ def test_words_kernels_in_fp16_on_odd_columns(num_rows):
         assert ((got.float() - expected).norm() / expected.norm()).item() < 4e-3
 
 
-@pytest.mark.parametrize("swap", [False, True])
-def test_split_k_products_are_exact_and_repeat_in_a_graph(swap):
-    """K cut into 4 ranges: within the reference's rounding, the same bits every time (the last program of
-    a tile adds the partial sums in order), and the tile counters reset, eagerly and replayed in a graph
-    beside a layer of another shape (the shared partial-sum buffer and counters)."""
+@pytest.mark.parametrize("kernel", ["tile", "swapped tile", "gemv"])
+def test_split_k_products_are_exact_and_repeat_in_a_graph(kernel):
+    """K cut into ranges (4 for the tiles; the GEMV's min_programs cuts the 1152-input layer into 2 and the
+    4096 one into 4): within the reference's rounding, the same bits every time (the last program of a tile
+    adds the partial sums in order), and the tile counters reset, eagerly and replayed in a graph beside a
+    layer of another shape (the shared partial-sum buffer and counters)."""
     from fitserve.kernels import triton_int_words
     layers = [random_layer(4, 4096, 4096, 128, False, seed=8)[:3], random_layer(4, 1000, 1152, 32, False, seed=9)[:3]]
-    xs = [torch.randn(20, 4096, device=CUDA).to(torch.bfloat16), torch.randn(20, 1152, device=CUDA).to(torch.bfloat16)]
+    rows = 1 if kernel == "gemv" else 20
+    xs = [torch.randn(rows, 4096, device=CUDA).to(torch.bfloat16),
+          torch.randn(rows, 1152, device=CUDA).to(torch.bfloat16)]
+    assert triton_int_words.gemv_split(4, 256, 1024) == (4, 1)
+    assert triton_int_words.gemv_split(5, 63, 1024) == (5, 1) and triton_int_words.gemv_split(5, 500, 1024) == (3, 2)
+
+    def product(x, layer):
+        if kernel == "gemv":  # 16 columns, 128 words a step: 4 steps of K 4096, 2 of 1152 (groups of 32)
+            return triton_int_words.gemv_words(x, *layer, 4, 16, 128, 4, min_programs=4096)
+        return triton_int_words.tile_words(x, *layer, 4, 32, 64, 128, 4, 3, swap=kernel == "swapped tile", split_k=4)
 
     def step():
-        return [triton_int_words.tile_words(x, *layer, 4, 32, 64, 128, 4, 3, swap=swap, split_k=4)
-                for x, layer in zip(xs, layers)]
+        return [product(x, layer) for x, layer in zip(xs, layers)]
 
     first = step()
     for got, x, layer in zip(first, xs, layers):

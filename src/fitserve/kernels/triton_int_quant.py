@@ -47,6 +47,7 @@ class GemvChoice:
     block_n: int  # output columns a program
     tile: int  # per column and loop step: whole groups (BYTES) or int32 words, a power of two (WORDS)
     num_warps: int
+    min_programs: int = 0  # WORDS: K split until a launch has this many programs (0: never split)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,13 @@ VARIANTS = {
     "swap_n64_k4_m128_k2": KernelTable(1, WORDS_GEMV_N16, few_row_tiles(64, 4)[:-1] + (
         TileChoice(128, WORDS, 128, 64, 128, 8, 3, False, 2), WORDS_TILES_NARROW[-1]), 256),
 }
+# The one-row GEMV with K split (gemv_words' min_programs): short programs, many resident a SM, so that
+# more of the weight's bytes are in flight at once (the unsplit GEMV reads at about a third of the copy
+# bandwidth). Named gemv_n{BLOCK_N}_t{words}_w{warps}_p{min programs}; the tiles are the default table's.
+for _n, _t, _w, _p in ((16, 256, 8, 512), (16, 128, 4, 1024), (16, 128, 4, 2048), (8, 128, 4, 2048),
+                       (8, 64, 2, 4096), (32, 128, 8, 1024), (16, 64, 2, 4096), (4, 128, 2, 4096)):
+    VARIANTS[f"gemv_n{_n}_t{_t}_w{_w}_p{_p}"] = replace(VARIANTS["swap_n64_k4_m128s_k2"],
+                                                       gemv=GemvChoice(WORDS, _n, _t, _w, _p))
 # The fastest of VARIANTS measured: the words GEMV (16, 256, 8) at one row, 2.59 ms a Llama-3-8B step's 128
 # layers on an H200 (bf16 3.31; results/int_quant_h200/words_first.jsonl). On an H100
 # (results/int_quant_h100_153f0e7, int_quant_h100_f9cb148; int4 g128): the transposed tiles with K split in
@@ -137,7 +145,10 @@ VARIANTS = {
 # 5.2-5.4); the transposed 128-row tile with K split in two 8.2 ms at 128 rows (narrow 11.1, bf16 5.7); from
 # 256 rows dequant_mm, 14.0 ms at 256 and 49.1 at 2048 (narrow 15.3 and 110; bf16 6.7 and 42.6). int8 takes
 # the same table, timed only with the narrow tiles (H200: 2.90 / 5.85-7.37 / 16.4 ms at 1 / 2-64 / 256 rows).
-DEFAULT_TABLE = replace(VARIANTS["swap_n64_k4_m128s_k2"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS or ALL_ROWS)
+# At one row (H100, results/int_quant_h100_gemv_split): the GEMV (16, 128, 4) with K split to 1024 programs
+# 2.42 ms against the unsplit (16, 256, 8)'s 2.70 (bf16's GEMV 4.62); the other splits 2.52-5.27; int8 3.09
+# against 3.22.
+DEFAULT_TABLE = replace(VARIANTS["gemv_n16_t128_w4_p1024"], dequant_min_rows=DEQUANT_MATMUL_MIN_ROWS or ALL_ROWS)
 
 
 @triton.jit
@@ -284,7 +295,7 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
     choice = table.gemv
     if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
         return triton_int_words.gemv_words(x, qweight, scales, zeros, bits, choice.block_n, choice.tile,
-                                           choice.num_warps)
+                                           choice.num_warps, choice.min_programs)
     if not gemv_takes(qweight, scales, g_idx):
         return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table)
     _common_args(x, qweight, scales, zeros, g_idx, bits)

@@ -109,23 +109,28 @@ def _segment_words(q_ptr, cols, stride_q, s0, num_segments, SEG_WORDS: tl.conste
 
 
 @triton.jit
-def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N, num_segments, magic_bits, stride_x, stride_q, stride_s,
-                       stride_y,
+def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments, steps_per_split,
+                       magic_bits, stride_x, stride_q, stride_s, stride_y,
                        BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
-                       SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                       SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """Input row m against BLOCK_N output columns, SEGS_PER_TILE segments a step. The loop's tensors are
     [S, BLOCK_N, W] (value v of each word its own tensor): Triton then spreads threads over words and
     segments and gives each thread all BLOCK_N columns of its words, so each x is loaded, converted and
-    scaled once for BLOCK_N weights, and the sums stay in a thread's registers until the end."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1)
+    scaled once for BLOCK_N weights, and the sums stay in a thread's registers until the end.
+    SPLIT_K > 1 cuts K into ranges of steps_per_split steps (program axis 2), so a layer of few column
+    tiles still has programs enough to keep every SM's loads in flight; the sums meet as in
+    _tile_words_kernel (the last program of a column tile adds them in order: deterministic)."""
+    pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     cols = tl.where(col_ok, cols, 0)  # out-of-range columns read column 0 and are not stored
     PER_WORD: tl.constexpr = 32 // BITS
     x_row = x_ptr + m * stride_x
+    s_begin = pid_k * (steps_per_split * SEGS_PER_TILE)
     begin(PDL)
     acc = tl.zeros([SEGS_PER_TILE, BLOCK_N, SEG_WORDS], dtype=tl.float32)
-    for s0 in range(0, num_segments, SEGS_PER_TILE):
+    for step in range(0, steps_per_split):
+        s0 = s_begin + step * SEGS_PER_TILE
         segs = s0 + tl.arange(0, SEGS_PER_TILE)
         seg_ok = segs < num_segments
         segs = tl.where(seg_ok, segs, 0)  # out-of-range segments read segment 0, scaled by 0
@@ -141,7 +146,19 @@ def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N, num_segments, magic
             dot += _value_times_x(words, high, zero, x_row + word * PER_WORD, magic_bits, v, BITS)
         acc += dot * scale[:, :, None]
     y = tl.sum(tl.sum(acc, axis=2), axis=0)
-    tl.store(y_ptr + m * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + m * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        at_part = m * N + cols
+        tl.store(part_ptr + pid_k * M * N + at_part, y, mask=col_ok)
+        tl.debug_barrier()  # every thread's sums stored before the counter says so (release is cumulative)
+        tile = m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for part in tl.static_range(SPLIT_K):
+                total += tl.load(part_ptr + part * M * N + at_part, mask=col_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + m * stride_y + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(count_ptr + tile, 0)  # ready for the next product
 
 
 @triton.jit
@@ -288,18 +305,33 @@ def dequantize_words(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     return out
 
 
+def gemv_split(num_steps: int, programs_unsplit: int, min_programs: int) -> tuple[int, int]:
+    """(split_k, steps_per_split): K cut into as few ranges as give at least min_programs programs (0: none),
+    never more ranges than loop steps, and none empty."""
+    split_k = max(1, min(num_steps, -(-min_programs // programs_unsplit))) if min_programs else 1
+    steps_per_split = -(-num_steps // split_k)
+    return -(-num_steps // steps_per_split), steps_per_split
+
+
 def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-               block_n: int, tile_words: int, num_warps: int) -> torch.Tensor:
-    """x [M, K] (a few rows; one program row each) @ W.T -> [M, N] in x's dtype; the caller checked words_take."""
+               block_n: int, tile_words: int, num_warps: int, min_programs: int = 0) -> torch.Tensor:
+    """x [M, K] (a few rows; one program row each) @ W.T -> [M, N] in x's dtype; the caller checked words_take.
+    min_programs: split K (gemv_split) until the launch has that many programs."""
+    num_rows = x.shape[0]
     num_cols, num_groups = scales.shape
     assert x.shape[1] == qweight.shape[1] * 8 // bits and x.is_contiguous(), (x.shape, qweight.shape)
     geo = words_geometry(qweight.shape[1], num_groups, tile_words)
-    y = torch.empty(x.shape[0], num_cols, dtype=x.dtype, device=x.device)
-    _gemv_words_kernel[(triton.cdiv(num_cols, block_n), x.shape[0])](
-        x, qweight.view(torch.int32), scales, zeros, y, num_cols, geo.num_segments, MAGIC_BITS, x.stride(0),
-        geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits, SEG_WORDS=geo.seg_words,
-        SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile, BLOCK_N=block_n,
-        num_warps=num_warps, **pdl.options(x.device))
+    col_tiles = triton.cdiv(num_cols, block_n)
+    split_k, steps_per_split = gemv_split(triton.cdiv(geo.num_segments, geo.segs_per_tile), col_tiles * num_rows,
+                                          min_programs)
+    y = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
+    parts, counts = split_buffers(split_k * num_rows * num_cols, col_tiles * num_rows, x.device) if split_k > 1 \
+        else (y, y)
+    _gemv_words_kernel[(col_tiles, num_rows, split_k)](
+        x, qweight.view(torch.int32), scales, zeros, y, parts, counts, num_rows, num_cols, geo.num_segments,
+        steps_per_split, MAGIC_BITS, x.stride(0), geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits,
+        SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile,
+        BLOCK_N=block_n, SPLIT_K=split_k, num_warps=num_warps, **pdl.options(x.device))
     return y
 
 
