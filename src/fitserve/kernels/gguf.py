@@ -55,17 +55,20 @@ def _shifts(step: int, count: int, device: torch.device) -> torch.Tensor:
     return torch.arange(0, step * count, step, dtype=torch.uint8, device=device)
 
 
+def _nibbles_32(qs: torch.Tensor) -> torch.Tensor:
+    """Q4_0 / Q4_1: [B, 16] uint8 -> [B, 32] uint8, the low nibbles (values 0-15) then the high (16-31)."""
+    return ((qs.reshape(-1, 1, 16) >> _shifts(4, 2, qs.device).reshape(1, 2, 1)) & 0x0F).reshape(-1, 32)
+
+
 def _dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     d, qs = _f16(blocks[:, :2]), blocks[:, 2:]
-    q = (qs.reshape(-1, 1, 16) >> _shifts(4, 2, blocks.device).reshape(1, 2, 1)) & 0x0F
-    q = q.reshape(-1, 32).to(torch.int8) - 8
+    q = _nibbles_32(qs).to(torch.int8) - 8
     return d * q.to(torch.float32)
 
 
 def _dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
     d, m, qs = _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), blocks[:, 4:]
-    q = (qs.reshape(-1, 1, 16) >> _shifts(4, 2, blocks.device).reshape(1, 2, 1)) & 0x0F
-    return d * q.reshape(-1, 32).to(torch.float32) + m
+    return d * _nibbles_32(qs).to(torch.float32) + m
 
 
 def _dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:
@@ -91,14 +94,18 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q4_k_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K: (q [B, 8, 32] uint8, d * sc [B, 8], dmin * mn [B, 8] float32): w = (d * sc) q - dmin * mn."""
     d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
     sc, mn = _k_scale_min(blocks[:, 4:4 + K_SCALE_BYTES])
     qs = blocks[:, 4 + K_SCALE_BYTES:]
-    d = (d * sc.to(torch.float32)).reshape(-1, 8, 1)
-    dm = (dmin * mn.to(torch.float32)).reshape(-1, 8, 1)
     q = (qs.reshape(-1, 4, 1, 32) >> _shifts(4, 2, blocks.device).reshape(1, 1, 2, 1)) & 0x0F
-    return (d * q.reshape(-1, 8, 32).to(torch.float32) - dm).reshape(-1, 256)
+    return q.reshape(-1, 8, 32), d * sc.to(torch.float32), dmin * mn.to(torch.float32)
+
+
+def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    q, d, dm = _q4_k_parts(blocks)
+    return (d.reshape(-1, 8, 1) * q.to(torch.float32) - dm.reshape(-1, 8, 1)).reshape(-1, 256)
 
 
 def _dequant_q5_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -127,6 +134,21 @@ _DEQUANTIZERS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q5_0": _dequant_q5_0, "Q8_0": _dequant_q8_0,
     "Q4_K": _dequant_q4_k, "Q5_K": _dequant_q5_k, "Q6_K": _dequant_q6_k,
 }
+
+
+def nibbles_and_affine(blocks: torch.Tensor, ggml_type: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 / Q4_1 / Q4_K blocks [B, block_bytes] -> (q [B, E] uint8 in 0..15, scale and offset
+    [B, E / 32] float32) with each weight q * scale + offset of its group of 32 (kernels/cpu_int4.py)."""
+    name = BLOCK_TYPES[ggml_type].name
+    if name == "Q4_K":
+        q, scale, min_ = _q4_k_parts(blocks)
+        return q.reshape(blocks.shape[0], -1), scale, -min_
+    d = _f16(blocks[:, :2])
+    if name == "Q4_0":
+        return _nibbles_32(blocks[:, 2:]), d, -8 * d
+    if name == "Q4_1":
+        return _nibbles_32(blocks[:, 4:]), d, _f16(blocks[:, 2:4])
+    raise ValueError(f"{name} is not a 4-bit type with groups of 32")
 
 
 def block_type(ggml_type: int) -> GgmlBlock:

@@ -23,10 +23,16 @@ source, torch's version, the CPU's capability, the model's class, parameter name
 the KV cache's block shape and dtype, the block size and the two bounds. A package is built once (the
 embedded model: about 55 s to export and compile on 2 cores). Prefill and mixed steps stay eager, as do
 models with several KV cache groups.
+
+A `--quantization gguf` model's 4-bit layers call torch's int4 CPU matmul (kernels/cpu_int4.py). Inductor's
+lowering of that op makes its group size a tensor constant of the package's own, which a package whose
+constants are the model's weights is never given; the build lowers it as a plain fallback op instead
+(`_int4_mm_as_fallback`: AOTInductor calls it through its proxy executor, a few microseconds a call).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -221,11 +227,27 @@ class CpuDecodePackage:
             self.step.model.bind_kv_cache(self.kv_caches)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f"{self.path.stem}.{os.getpid()}.partial.pt2")
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
+        with _int4_mm_as_fallback():
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(partial, self.path)  # whole or absent: another process never loads half a package
 
     def _example_batch(self) -> tuple[ScheduledRequest, ...]:
         """Three made-up decode requests of two blocks each (export traces them on fake tensors)."""
         return chunks_on_blocks([((0,), self.step.block_size + 1)] * 3, "export", self.step.block_size,
                                 SamplingParams())
+
+
+@contextlib.contextmanager
+def _int4_mm_as_fallback():
+    """While compiling: torch's int4 CPU matmul lowered as a fallback op, not by inductor's own lowering (which
+    adds a group-size constant that the model's weights do not hold)."""
+    from torch._inductor import lowering
+    packet = torch.ops.aten._weight_int4pack_mm_for_cpu
+    saved = {op: lowering.lowerings.pop(op) for op in (packet, packet.default) if op in lowering.lowerings}
+    lowering.make_fallback(packet.default, warn=False)
+    try:
+        yield
+    finally:
+        lowering.lowerings.pop(packet.default, None)
+        lowering.lowerings.update(saved)

@@ -13,7 +13,9 @@ that reads the packed blocks and dequantizes them in registers (a GEMV for the f
 small tensor-core GEMM above); larger batches (prefill) dequantize the part into a scratch buffer
 in the serving dtype (16M weights at a time) and call cuBLAS. On the CPU the layer is dequantized
 in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32 exactly what
-dequantizing at load computes. Byte counts for the planner come from the file's
+dequantizing at load computes; a bf16 layer's Q4_0 / Q4_1 / Q4_K parts are also held in torch's int4
+CPU layout and multiplied by its packed int4 matmul (kernels/cpu_int4.py), which reads the nibbles and
+dequantizes nothing. Byte counts for the planner come from the file's
 header (plan/gguf_bytes.py), since `weight_specs` cannot know the types before the file is read.
 """
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fitserve.kernels import gguf
+from fitserve.kernels import cpu_int4, gguf
 from fitserve.layers.formats.unquantized import UNQUANTIZED
 from fitserve.layers.linear import linear
 from fitserve.layers.weight_format import WEIGHT, LinearLayer, WeightFormat, WeightSpec
@@ -43,6 +45,7 @@ class PackedPart:
     param_name: str  # "packed_0" (uint8 blocks) or "weight_0" (the serving dtype)
     ggml_type: int | None  # None: a dense part
     num_rows: int
+    int4: bool = False  # also held in torch's int4 CPU layout: buffers int4_<i> and int4_scales_<i>
 
 
 class GgufLinear(LinearLayer):
@@ -91,7 +94,12 @@ class GgufLinear(LinearLayer):
             name = f"{'weight' if ggml_type is None else 'packed'}_{number}"
             data = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
-            parts.append(PackedPart(name, ggml_type, data.shape[0]))
+            int4 = ggml_type is not None and cpu_int4.takes(ggml_type, data.shape[0], self.dtype, self.device)
+            if int4:  # not in the state dict: made from packed_<i> at load
+                weight, scales_and_zeros = cpu_int4.int4_form(data, ggml_type)
+                self.register_buffer(f"int4_{number}", weight, persistent=False)
+                self.register_buffer(f"int4_scales_{number}", scales_and_zeros, persistent=False)
+            parts.append(PackedPart(name, ggml_type, data.shape[0], int4))
         self.parts = tuple(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +111,9 @@ class GgufLinear(LinearLayer):
         data = getattr(self, part.param_name)
         if part.ggml_type is None:
             return linear(x, data)
+        if part.int4 and x.dtype == torch.bfloat16:
+            number = part.param_name.rsplit("_", 1)[1]
+            return cpu_int4.matmul(x, getattr(self, f"int4_{number}"), getattr(self, f"int4_scales_{number}"))
         if x.is_cuda and triton_gguf is not None:
             if triton_gguf.supports(x, part.ggml_type):
                 return triton_gguf.matmul(x, data, part.ggml_type)

@@ -1,0 +1,126 @@
+"""GGUF 4-bit blocks (Q4_0, Q4_1, Q4_K) in torch's int4 CPU layout (kernels/cpu_int4.py): the groups of 32
+give the file's weights, the packed matmul multiplies them, a bf16 CPU layer of `--quantization gguf`
+holds them so (float32 layers keep the exact reference), the AOTInductor package takes the op, and the
+embedded model served so stays as close to its float32 logits as the dense bf16 model."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from fitserve.config import EngineConfig
+from fitserve.kernels import cpu_int4, gguf
+from fitserve.layers.formats.gguf import GgufLinear
+from fitserve.layers.formats.registry import make_linear
+from fitserve.models.loader import load_model
+from fitserve.runner import cpu_aot
+from fitserve.weights.source import resolve_model_source
+from paged_helpers import PagedDriver
+from test_gguf_quant import PROMPTS, TYPE_IDS, packed, random_packed, reference
+
+CPU = torch.device("cpu")
+INT4_NAMES = ["Q4_0", "Q4_1", "Q4_K"]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+@pytest.mark.parametrize("name", INT4_NAMES)
+def test_the_groups_of_32_give_the_files_weights(name):
+    blocks = random_packed(name, 6, 512, seed=1)
+    block = gguf.BLOCK_TYPES[TYPE_IDS[name]]
+    q, scale, offset = gguf.nibbles_and_affine(blocks.view(-1, block.block_bytes), TYPE_IDS[name])
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == offset.shape == (q.shape[0], q.shape[1] // 32)
+    weights = (q.float().view(q.shape[0], -1, 32) * scale[..., None] + offset[..., None]).reshape(6, 512)
+    torch.testing.assert_close(weights, reference(blocks, name), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", INT4_NAMES)
+@pytest.mark.parametrize("num_rows", [1, 3, 16])
+def test_the_packed_int4_matmul_multiplies_the_files_weights(name, num_rows):
+    assert cpu_int4.takes(TYPE_IDS[name], 48, torch.bfloat16, CPU)
+    blocks = random_packed(name, 48, 768, seed=2)
+    weight, scales_and_zeros = cpu_int4.int4_form(blocks, TYPE_IDS[name])
+    assert weight.shape == (48, 384) and scales_and_zeros.shape == (24, 48, 2)
+    x = torch.randn(num_rows, 768, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    got = cpu_int4.matmul(x, weight, scales_and_zeros)
+    assert got.dtype == torch.bfloat16 and got.shape == (num_rows, 48)
+    # bf16 inputs, bf16 scales and zeros (2^-9 relative), bf16 output
+    assert relative_error(got, x.float() @ reference(blocks, name).T) < 1e-2
+
+
+def test_only_bf16_layers_on_the_cpu_hold_the_int4_form():
+    assert cpu_int4.takes(TYPE_IDS["Q4_1"], 64, torch.bfloat16, CPU)
+    assert not cpu_int4.takes(TYPE_IDS["Q4_1"], 64, torch.float32, CPU)
+    assert not cpu_int4.takes(TYPE_IDS["Q4_1"], 64, torch.bfloat16, torch.device("cuda"))
+    assert not cpu_int4.takes(TYPE_IDS["Q8_0"], 64, torch.bfloat16, CPU)
+    assert not cpu_int4.takes(TYPE_IDS["Q4_1"], 40, torch.bfloat16, CPU)  # rows in sixteens only
+    shards = [packed("Q4_1", 64, 256, 5), packed("Q6_K", 32, 256, 6), packed("Q4_0", 8, 256, 7)]
+    for dtype, int4 in ((torch.bfloat16, [True, False, False]), (torch.float32, [False, False, False])):
+        layer = make_linear(256, (64, 32, 8), dtype, CPU, "gguf")
+        assert isinstance(layer, GgufLinear)
+        for index, shard in enumerate(shards):
+            layer.load(index, "weight", shard)
+        layer.finish_loading()
+        assert [part.int4 for part in layer.parts] == int4
+        assert sorted(layer.state_dict()) == ["packed_0", "packed_1", "packed_2"]  # the int4 form is made at load
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
+        dense = torch.cat([reference(s.data, s.type_name) for s in shards])
+        assert relative_error(layer(x), x.float() @ dense.T) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.mark.skipif(cpu_aot.cpp_compiler() is None, reason="AOTInductor needs a C++ compiler")
+def test_the_package_takes_the_int4_matmul_with_the_models_own_tensors(tmp_path, monkeypatch):
+    """Inductor's own lowering would add a group-size constant that the model's weights do not hold
+    (load_constants then has nothing to give it); compiled as a fallback op it needs only the model's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    class Int4Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            weight, scales_and_zeros = cpu_int4.int4_form(random_packed("Q4_1", 48, 96, seed=8), TYPE_IDS["Q4_1"])
+            self.register_buffer("weight", weight)
+            self.register_buffer("scales_and_zeros", scales_and_zeros)
+
+        def forward(self, x):
+            return cpu_int4.matmul(x, self.weight, self.scales_and_zeros).relu()
+
+    layer = Int4Layer()
+    x = torch.randn(3, 96).to(torch.bfloat16)
+    exported = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=8)},))
+    with cpu_aot._int4_mm_as_fallback():
+        path = torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(tmp_path / "int4.pt2"),
+            inductor_configs={"aot_inductor.package_constants_in_so": False})
+    package = torch._inductor.aoti_load_package(path)
+    assert sorted(package.get_constant_fqns()) == ["scales_and_zeros", "weight"]
+    package.load_constants({"weight": layer.weight, "scales_and_zeros": layer.scales_and_zeros},
+                           check_full_update=True, user_managed=True)
+    for rows in (1, 3):
+        assert torch.equal(package(x[:rows]), layer(x[:rows]))
+    from torch._inductor import lowering
+    assert lowering.lowerings[torch.ops.aten._weight_int4pack_mm_for_cpu.default].__module__ != \
+        "torch._inductor.lowering"  # inductor's own lowering is back
+
+
+@pytest.mark.slow
+def test_the_embedded_model_in_int4_is_as_close_to_float32_as_dense_bf16():
+    """Its Q4_1 projections through the int4 matmul (bf16 scales and zeros) against the same file
+    dequantized at load to bf16 (bf16 weights), both against the file's exact weights in float32."""
+    source = resolve_model_source(EngineConfig())
+    int4_model = load_model(source, torch.bfloat16, CPU, progress=False, quantization="gguf")
+    assert all(part.int4 for part in int4_model.layers[0].mlp.down_proj.parts)
+    dense_model = load_model(source, torch.bfloat16, CPU, progress=False)
+    exact_model = load_model(source, torch.float32, CPU, progress=False)
+    logits = {name: PagedDriver(model, num_blocks=32, block_size=4).step(list(PROMPTS.items())).float()
+              for name, model in (("int4", int4_model), ("dense", dense_model), ("exact", exact_model))}
+    int4_error = (logits["int4"] - logits["exact"]).abs()
+    dense_error = (logits["dense"] - logits["exact"]).abs()
+    print(f"int4 {int4_error.mean():.4f} / {int4_error.max():.3f}, bf16 {dense_error.mean():.4f} / "
+          f"{dense_error.max():.3f} (mean / max logit error)", file=sys.stderr)
+    assert int4_error.mean() <= 1.25 * dense_error.mean() and int4_error.max() <= 1.25 * dense_error.max()
+    # the next tokens of the dense bf16 model (prompt "a"'s is not float32's for either of them)
+    assert torch.equal(logits["int4"].argmax(-1), logits["dense"].argmax(-1))
