@@ -12,7 +12,7 @@ import torch
 
 from fitserve.config import EngineConfig
 from fitserve.kernels import cpu_int4, gguf
-from fitserve.layers.formats.gguf import GgufLinear
+from fitserve.layers.formats.gguf import INT4_MAX_ROWS, GgufLinear
 from fitserve.layers.formats.registry import make_linear
 from fitserve.models.loader import load_model
 from fitserve.runner import cpu_aot
@@ -59,48 +59,56 @@ def test_only_bf16_layers_on_the_cpu_hold_the_int4_form():
     assert not cpu_int4.takes(TYPE_IDS["Q8_0"], 64, torch.bfloat16, CPU)
     assert not cpu_int4.takes(TYPE_IDS["Q4_1"], 40, torch.bfloat16, CPU)  # rows in sixteens only
     shards = [packed("Q4_1", 64, 256, 5), packed("Q6_K", 32, 256, 6), packed("Q4_0", 8, 256, 7)]
-    for dtype, int4 in ((torch.bfloat16, [True, False, False]), (torch.float32, [False, False, False])):
-        layer = make_linear(256, (64, 32, 8), dtype, CPU, "gguf")
-        assert isinstance(layer, GgufLinear)
-        for index, shard in enumerate(shards):
-            layer.load(index, "weight", shard)
-        layer.finish_loading()
-        assert [part.int4 for part in layer.parts] == int4
-        assert sorted(layer.state_dict()) == ["packed_0", "packed_1", "packed_2"]  # the int4 form is made at load
+    dense = torch.cat([reference(s.data, s.type_name) for s in shards])
+    for dtype, int4, names in (
+            (torch.bfloat16, [True, False, False], ["int4_0", "int4_scales_0", "packed_1", "packed_2", "weight_0"]),
+            (torch.float32, [False, False, False], ["packed_0", "packed_1", "packed_2"])):
+        layer = int4_layer(shards, dtype)
+        assert [part.int4 for part in layer.parts] == int4 and sorted(layer.state_dict()) == names
         x = torch.randn(2, 256, generator=torch.Generator().manual_seed(7)).to(dtype)
-        dense = torch.cat([reference(s.data, s.type_name) for s in shards])
         assert relative_error(layer(x), x.float() @ dense.T) < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert torch.equal(layer.dequantized().weight, dense)  # float32: the file's weights exactly
+
+
+def int4_layer(shards, dtype=torch.bfloat16) -> GgufLinear:
+    layer = make_linear(256, tuple(s.shape[0] for s in shards), dtype, CPU, "gguf")
+    assert isinstance(layer, GgufLinear)
+    for index, shard in enumerate(shards):
+        layer.load(index, "weight", shard)
+    layer.finish_loading()
+    return layer
+
+
+def test_few_rows_take_the_int4_matmul_and_more_the_bf16_weights():
+    shard = packed("Q4_K", 64, 256, 9)
+    layer = int4_layer([shard])
+    bf16_weights = gguf.dequantize(shard.data, TYPE_IDS["Q4_K"], torch.bfloat16)
+    assert torch.equal(layer.weight_0, bf16_weights) and torch.equal(layer.dequantized().weight, bf16_weights)
+    x = torch.randn(INT4_MAX_ROWS + 1, 256, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    for rows in (1, INT4_MAX_ROWS):
+        assert torch.equal(layer(x[:rows]), cpu_int4.matmul(x[:rows], layer.int4_0, layer.int4_scales_0))
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, bf16_weights))
 
 
 @pytest.mark.skipif(cpu_aot.cpp_compiler() is None, reason="AOTInductor needs a C++ compiler")
-def test_the_package_takes_the_int4_matmul_with_the_models_own_tensors(tmp_path, monkeypatch):
-    """Inductor's own lowering would add a group-size constant that the model's weights do not hold
-    (load_constants then has nothing to give it); compiled as a fallback op it needs only the model's."""
+def test_a_package_serves_both_sides_of_the_rows_choice_with_the_models_own_tensors(tmp_path, monkeypatch):
+    """Exported with symbolic rows the choice is a torch.cond; inductor's own lowering of the int4 matmul
+    would add a group-size constant that the model's tensors do not hold (load_constants then has nothing
+    to give it): compiled as a fallback op (cpu_aot._int4_mm_as_fallback) it needs only the layer's."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-
-    class Int4Layer(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            weight, scales_and_zeros = cpu_int4.int4_form(random_packed("Q4_1", 48, 96, seed=8), TYPE_IDS["Q4_1"])
-            self.register_buffer("weight", weight)
-            self.register_buffer("scales_and_zeros", scales_and_zeros)
-
-        def forward(self, x):
-            return cpu_int4.matmul(x, self.weight, self.scales_and_zeros).relu()
-
-    layer = Int4Layer()
-    x = torch.randn(3, 96).to(torch.bfloat16)
-    exported = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=8)},))
+    layer = int4_layer([packed("Q4_1", 48, 256, 11), packed("Q8_0", 16, 256, 12)])
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
+    exported = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=16)},))
     with cpu_aot._int4_mm_as_fallback():
         path = torch._inductor.aoti_compile_and_package(
             exported, package_path=str(tmp_path / "int4.pt2"),
             inductor_configs={"aot_inductor.package_constants_in_so": False})
     package = torch._inductor.aoti_load_package(path)
-    assert sorted(package.get_constant_fqns()) == ["scales_and_zeros", "weight"]
-    package.load_constants({"weight": layer.weight, "scales_and_zeros": layer.scales_and_zeros},
-                           check_full_update=True, user_managed=True)
-    for rows in (1, 3):
-        assert torch.equal(package(x[:rows]), layer(x[:rows]))
+    fqns = package.get_constant_fqns()
+    assert sorted(fqns) == ["int4_0", "int4_scales_0", "packed_1", "weight_0"]
+    package.load_constants({fqn: getattr(layer, fqn) for fqn in fqns}, check_full_update=True, user_managed=True)
+    for rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 12):
+        torch.testing.assert_close(package(x[:rows]), layer(x[:rows]), rtol=0, atol=0)
     from torch._inductor import lowering
     assert lowering.lowerings[torch.ops.aten._weight_int4pack_mm_for_cpu.default].__module__ != \
         "torch._inductor.lowering"  # inductor's own lowering is back

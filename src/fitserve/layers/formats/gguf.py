@@ -13,9 +13,11 @@ that reads the packed blocks and dequantizes them in registers (a GEMV for the f
 small tensor-core GEMM above); larger batches (prefill) dequantize the part into a scratch buffer
 in the serving dtype (16M weights at a time) and call cuBLAS. On the CPU the layer is dequantized
 in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32 exactly what
-dequantizing at load computes; a bf16 layer's Q4_0 / Q4_1 / Q4_K parts are also held in torch's int4
-CPU layout and multiplied by its packed int4 matmul (kernels/cpu_int4.py), which reads the nibbles and
-dequantizes nothing. Byte counts for the planner come from the file's
+dequantizing at load computes. A bf16 CPU layer holds its Q4_0 / Q4_1 / Q4_K parts twice instead of
+as the file's bytes: in torch's int4 CPU layout, multiplied by its packed int4 matmul (kernels/cpu_int4.py)
+for steps of up to INT4_MAX_ROWS rows (decode), and dequantized to bf16 as at load for more (prefill), where
+the int4 matmul is the slower; about 1.3x the memory of dequantizing at load, for twice the single-stream
+decode speed (docs/quantization.md). Byte counts for the planner come from the file's
 header (plan/gguf_bytes.py), since `weight_specs` cannot know the types before the file is read.
 """
 
@@ -37,6 +39,11 @@ try:  # CUDA builds of torch bring Triton; without it the layer takes the torch 
 except ImportError:
     triton_gguf = None  # type: ignore[assignment]
 
+# Rows up to which a CPU int4 part multiplies by the int4 layout, above by its bf16 weights: on the 2-core
+# AVX512 EPYC the SmolLM2 layer shapes took 0.45x bf16's time at one row, 1.05x at 8, 1.47x at 16 and 2.5x
+# from 256 (docs/benchmarks.md)
+INT4_MAX_ROWS = 8
+
 
 @dataclass(frozen=True, slots=True)
 class PackedPart:
@@ -45,7 +52,7 @@ class PackedPart:
     param_name: str  # "packed_0" (uint8 blocks) or "weight_0" (the serving dtype)
     ggml_type: int | None  # None: a dense part
     num_rows: int
-    int4: bool = False  # also held in torch's int4 CPU layout: buffers int4_<i> and int4_scales_<i>
+    int4: bool = False  # a CPU int4 part: "weight_<i>" (its bf16 weights) and buffers int4_<i>, int4_scales_<i>
 
 
 class GgufLinear(LinearLayer):
@@ -91,14 +98,15 @@ class GgufLinear(LinearLayer):
                 runs.append((ggml_type, [data]))
         parts = []
         for number, (ggml_type, pieces) in enumerate(runs):
-            name = f"{'weight' if ggml_type is None else 'packed'}_{number}"
             data = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
             int4 = ggml_type is not None and cpu_int4.takes(ggml_type, data.shape[0], self.dtype, self.device)
-            if int4:  # not in the state dict: made from packed_<i> at load
+            if int4:
                 weight, scales_and_zeros = cpu_int4.int4_form(data, ggml_type)
-                self.register_buffer(f"int4_{number}", weight, persistent=False)
-                self.register_buffer(f"int4_scales_{number}", scales_and_zeros, persistent=False)
+                self.register_buffer(f"int4_{number}", weight)
+                self.register_buffer(f"int4_scales_{number}", scales_and_zeros)
+                data = gguf.dequantize(data, ggml_type, self.dtype)  # through float32, as at load
+            name = f"{'weight' if ggml_type is None or int4 else 'packed'}_{number}"
+            self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
             parts.append(PackedPart(name, ggml_type, data.shape[0], int4))
         self.parts = tuple(parts)
 
@@ -109,17 +117,34 @@ class GgufLinear(LinearLayer):
 
     def _apply(self, part: PackedPart, x: torch.Tensor) -> torch.Tensor:
         data = getattr(self, part.param_name)
+        if part.int4:
+            return self._int4_or_dense(part, x)
         if part.ggml_type is None:
             return linear(x, data)
-        if part.int4 and x.dtype == torch.bfloat16:
-            number = part.param_name.rsplit("_", 1)[1]
-            return cpu_int4.matmul(x, getattr(self, f"int4_{number}"), getattr(self, f"int4_scales_{number}"))
         if x.is_cuda and triton_gguf is not None:
             if triton_gguf.supports(x, part.ggml_type):
                 return triton_gguf.matmul(x, data, part.ggml_type)
             chunk_rows = max(1, triton_gguf.PREFILL_CHUNK_ELEMENTS // self.in_features)
             return gguf.matmul_reference(x, data, part.ggml_type, chunk_rows=chunk_rows)
         return gguf.matmul_reference(x, data, part.ggml_type)
+
+    def _int4_or_dense(self, part: PackedPart, x: torch.Tensor) -> torch.Tensor:
+        """A CPU int4 part: the int4 matmul up to INT4_MAX_ROWS rows, the bf16 weights above. Traced with
+        symbolic rows (the packaged decode step: runner/cpu_aot.py), the choice is a torch.cond, so one
+        package serves both."""
+        number = part.param_name.rsplit("_", 1)[1]
+        int4, scales = getattr(self, f"int4_{number}"), getattr(self, f"int4_scales_{number}")
+        weight = getattr(self, part.param_name)
+
+        def few_rows(x: torch.Tensor) -> torch.Tensor:
+            return cpu_int4.matmul(x, int4, scales)
+
+        def many_rows(x: torch.Tensor) -> torch.Tensor:
+            return linear(x, weight)
+
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return torch.cond(x.shape[0] <= INT4_MAX_ROWS, few_rows, many_rows, (x,))
+        return few_rows(x) if x.shape[0] <= INT4_MAX_ROWS else many_rows(x)
 
     @torch.no_grad()
     def dequantized(self) -> LinearLayer:
@@ -129,7 +154,7 @@ class GgufLinear(LinearLayer):
         start = 0
         for part in self.parts:
             data = getattr(self, part.param_name)
-            rows = data if part.ggml_type is None else gguf.dequantize(data, part.ggml_type).to(self.dtype)
+            rows = data if part.ggml_type is None or part.int4 else gguf.dequantize(data, part.ggml_type).to(self.dtype)
             layer.weight[start:start + part.num_rows].copy_(rows)
             start += part.num_rows
         return layer
