@@ -10,6 +10,10 @@ case; all of them in int_quant.json.
     python benchmarks/int_quant_bench.py --out $OUT                       # every variant, rows 1 16 64 256
     python benchmarks/int_quant_bench.py --variant baseline words --rows 1 2 16 --bits 4 8
     python benchmarks/int_quant_bench.py --dry-run                        # the cases, no GPU needed
+    python benchmarks/int_quant_bench.py --per-shape --rows 1 --variant words  # each layer shape alone
+
+--per-shape times each of the four shapes' 32 layers alone (bf16 and the variants) and reports the
+registers and spills of every compiled words GEMV and tile kernel (Triton's compiled-kernel metadata).
 """
 
 from __future__ import annotations
@@ -108,6 +112,47 @@ def bench_int(results: list, bits: int, rows_list: list[int], variants: list[str
                    weight_gb=round(gb, 3))
 
 
+def kernel_resources() -> list[dict]:
+    """Registers and spills of every compiled words kernel, with its constexprs and warps."""
+    from fitserve.kernels import triton_int_words
+    found = []
+    for kernel in (triton_int_words._gemv_words_kernel, triton_int_words._tile_words_kernel):
+        for caches in kernel.device_caches.values():
+            for compiled in caches[0].values():
+                constants = getattr(getattr(compiled, "src", None), "constants", {}) or {}
+                found.append(dict(kernel=kernel.fn.__name__, n_regs=getattr(compiled, "n_regs", None),
+                                  n_spills=getattr(compiled, "n_spills", None), num_warps=compiled.metadata.num_warps,
+                                  shared=compiled.metadata.shared,
+                                  constants={str(k): v for k, v in constants.items() if isinstance(v, (int, bool))}))
+    return found
+
+
+def bench_per_shape(results: list, bits: int, rows_list: list[int], variants: list[str], time_graph) -> None:
+    """Each shape's 32 layers alone: bf16 (the Triton GEMV at one row, cuBLAS above) and each variant."""
+    from fitserve.kernels import triton_gemv, triton_int_quant
+    layers = int_layers(bits, GROUP_SIZE)
+    for shape_index, (shape, (n, k)) in enumerate(SHAPES.items()):
+        mine = layers[shape_index::len(SHAPES)]
+        gb = layer_bytes(mine) / 1e9
+        weights = [torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * 0.01 for _ in range(LAYERS)]
+        for rows in rows_list:
+            x = torch.randn(rows, k, device=DEVICE, dtype=torch.bfloat16)
+            mm = triton_gemv.gemv if rows == 1 else (lambda x, w: x @ w.t())
+            ms = time_graph(lambda: [mm(x, w) for w in weights])
+            report(results, kind="bf16", shape=shape, rows=rows, ms=round(ms, 4),
+                   weight_gb=round(2 * n * k * LAYERS / 1e9, 3))
+            for name in variants:
+                table = triton_int_quant.VARIANTS[name]
+                ms = time_graph(lambda: [triton_int_quant.int_quant_mm(x, q, sc, z, None, bits, table)
+                                         for q, sc, z, _ in mine])
+                report(results, kind=f"int{bits}_g{GROUP_SIZE}", variant=name, shape=shape, rows=rows, ms=round(ms, 4),
+                       weight_gb=round(gb, 3))
+        torch.cuda.empty_cache()
+    for resources in kernel_resources():
+        print(json.dumps(resources), flush=True)
+        results.append(resources)
+
+
 def bench_w8a16(results: list, gemv_rows: list[int], tile_rows: list[int], time_graph) -> None:
     from fitserve.kernels import triton_w8a16
     layers = fp8_layers()
@@ -133,6 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 reference rows")
     parser.add_argument("--w8a16", action="store_true", help="also the fp8 weight-only kernels at 1, 16, 64 rows")
     parser.add_argument("--dry-run", action="store_true", help="print the cases and exit (no GPU needed)")
+    parser.add_argument("--per-shape", action="store_true",
+                        help="each layer shape alone, and the compiled kernels' registers and spills")
     args = parser.parse_args(argv)
     from fitserve.kernels import triton_int_quant  # needs triton; not CUDA
     unknown = sorted(set(args.variant or ()) - set(triton_int_quant.VARIANTS))
@@ -155,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("int_quant_bench times CUDA kernels: no CUDA device here (--dry-run lists the cases)")
     from gguf_gemv_bench import time_graph  # beside this file: one CUDA graph, replayed
     results: list = []
+    if args.per_shape:
+        for bits in args.bits:
+            bench_per_shape(results, bits, args.rows, args.variant, time_graph)
+        Path(args.out, "int_quant_shapes.json").write_text(json.dumps(results, indent=1))
+        return
     if not args.no_bf16:
         bench_bf16(results, args.rows, time_graph)
         torch.cuda.empty_cache()

@@ -135,7 +135,10 @@ VARIANTS = {
 # more of the weight's bytes are in flight at once (the unsplit GEMV reads at about a third of the copy
 # bandwidth). Named gemv_n{BLOCK_N}_t{words}_w{warps}_p{min programs}; the tiles are the default table's.
 for _n, _t, _w, _p in ((16, 256, 8, 512), (16, 128, 4, 1024), (16, 128, 4, 2048), (8, 128, 4, 2048),
-                       (8, 64, 2, 4096), (32, 128, 8, 1024), (16, 64, 2, 4096), (4, 128, 2, 4096)):
+                       (8, 64, 2, 4096), (32, 128, 8, 1024), (16, 64, 2, 4096), (4, 128, 2, 4096),
+                       # around the fastest of those, (16, 128, 4, 1024)
+                       (16, 128, 4, 768), (16, 128, 4, 1536), (16, 64, 4, 2048), (32, 64, 4, 1024),
+                       (8, 256, 4, 1024), (16, 128, 2, 1024), (16, 256, 4, 1024), (16, 128, 8, 1024)):
     VARIANTS[f"gemv_n{_n}_t{_t}_w{_w}_p{_p}"] = replace(VARIANTS["swap_n64_k4_m128s_k2"],
                                                        gemv=GemvChoice(WORDS, _n, _t, _w, _p))
 # The fastest of VARIANTS measured: the words GEMV (16, 256, 8) at one row, 2.59 ms a Llama-3-8B step's 128
