@@ -1,7 +1,8 @@
 """GGUF 4-bit blocks (Q4_0, Q4_1, Q4_K) in torch's int4 CPU layout (kernels/cpu_int4.py): the groups of 32
 give the file's weights, the packed matmul multiplies them, a bf16 CPU layer of `--quantization gguf`
-holds them so (float32 layers keep the exact reference), the AOTInductor package takes the op, and the
-embedded model served so stays as close to its float32 logits as the dense bf16 model."""
+holds them so for few rows and as bf16 weights for more (float32 layers keep the exact reference), the
+AOTInductor package serves both sides of that choice, and the embedded model served so stays as close
+to its float32 logits as the dense bf16 model."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def test_the_groups_of_32_give_the_files_weights(name):
     blocks = random_packed(name, 6, 512, seed=1)
     block = gguf.BLOCK_TYPES[TYPE_IDS[name]]
     q, scale, offset = gguf.nibbles_and_affine(blocks.view(-1, block.block_bytes), TYPE_IDS[name])
-    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == offset.shape == (q.shape[0], q.shape[1] // 32)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    assert scale.shape == offset.shape == (q.shape[0], q.shape[1] // 32)
     weights = (q.float().view(q.shape[0], -1, 32) * scale[..., None] + offset[..., None]).reshape(6, 512)
     torch.testing.assert_close(weights, reference(blocks, name), rtol=1e-6, atol=1e-7)
 
@@ -61,7 +63,8 @@ def test_only_bf16_layers_on_the_cpu_hold_the_int4_form():
     shards = [packed("Q4_1", 64, 256, 5), packed("Q6_K", 32, 256, 6), packed("Q4_0", 8, 256, 7)]
     dense = torch.cat([reference(s.data, s.type_name) for s in shards])
     for dtype, int4, names in (
-            (torch.bfloat16, [True, False, False], ["int4_0", "int4_scales_0", "packed_1", "packed_2", "weight_0"]),
+            # bf16: no file bytes; the Q6_K part and the Q4_0 part of 8 rows (not sixteens) are dense
+            (torch.bfloat16, [True, False, False], ["int4_0", "int4_scales_0", "weight_0", "weight_1", "weight_2"]),
             (torch.float32, [False, False, False], ["packed_0", "packed_1", "packed_2"])):
         layer = int4_layer(shards, dtype)
         assert [part.int4 for part in layer.parts] == int4 and sorted(layer.state_dict()) == names
@@ -105,7 +108,7 @@ def test_a_package_serves_both_sides_of_the_rows_choice_with_the_models_own_tens
             inductor_configs={"aot_inductor.package_constants_in_so": False})
     package = torch._inductor.aoti_load_package(path)
     fqns = package.get_constant_fqns()
-    assert sorted(fqns) == ["int4_0", "int4_scales_0", "packed_1", "weight_0"]
+    assert sorted(fqns) == ["int4_0", "int4_scales_0", "weight_0", "weight_1"]
     package.load_constants({fqn: getattr(layer, fqn) for fqn in fqns}, check_full_update=True, user_managed=True)
     for rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 12):
         torch.testing.assert_close(package(x[:rows]), layer(x[:rows]), rtol=0, atol=0)

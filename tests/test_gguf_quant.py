@@ -199,6 +199,8 @@ def test_the_default_packs_a_gguf_on_one_gpu_only():
     assert gguf_quantization(None, "m.gguf", on_gpu=True, tensor_parallel_size=2) is None
     assert gguf_quantization("fp8", "m.gguf", on_gpu=True) == "fp8"
     assert gguf_quantization("gguf", "m.gguf", on_gpu=False) == "gguf"
+    assert gguf_quantization(None, "m.gguf", on_gpu=False, cpu_int4=True) == "gguf"  # bf16, a CPU with bf16 units
+    assert gguf_quantization(None, "m.gguf", on_gpu=False, tensor_parallel_size=2, cpu_int4=True) is None
     assert gguf_quantization(None, None, on_gpu=True) is None
     with pytest.raises(ConfigError, match="not a .gguf file"):
         gguf_quantization("gguf", None, on_gpu=True)
@@ -211,7 +213,13 @@ def test_serving_the_embedded_model_logs_how_its_weights_are_held(caplog):
     with caplog.at_level("INFO", logger="fitserve.weights.gguf_packed"):
         assert with_gguf_quantization(EngineConfig(), source, on_gpu=True).quantization == "gguf"
         assert with_gguf_quantization(EngineConfig(), source, on_gpu=False).quantization is None
+        on_bf16_units = with_gguf_quantization(EngineConfig(), source, on_gpu=False, cpu_bf16_units=True)
+        assert on_bf16_units.quantization == "gguf"
+        float32 = with_gguf_quantization(EngineConfig(dtype="float32"), source, on_gpu=False, cpu_bf16_units=True)
+        assert float32.quantization is None
     assert "kept packed (--quantization gguf, the default on CUDA)" in caplog.text
+    assert "int4 CPU layout for decode steps of up to 8 rows" in caplog.text
+    assert "the default on a CPU with bf16 units" in caplog.text
     assert "dequantized at load" in caplog.text
 
 

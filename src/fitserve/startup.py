@@ -35,6 +35,7 @@ from fitserve.engine.llm_engine import EngineLimits, LLMEngine
 from fitserve.engine.metrics import EngineMetrics
 from fitserve.engine.structured_output import GrammarCompiler
 from fitserve.engine.tokenizer import Tokenizer
+from fitserve.kernels.cpu_matmul import cpu_has_bf16_units
 from fitserve.layers.formats.registry import get_weight_format
 from fitserve.layers.parallel import SINGLE, TensorParallel
 from fitserve.longrope import LongRopeScaling
@@ -355,7 +356,7 @@ def build_engine(config: EngineConfig, progress: bool = True) -> BuiltEngine:
     if device.type == "cpu":
         log_cpu_matmul(resolve_dtype(config.dtype))
         set_cpu_threads(config.cpu_threads)
-    config = with_gguf_quantization(config, source, on_gpu=device.type == "cuda")
+    config = with_gguf_quantization(config, source, on_gpu=device.type == "cuda", cpu_bf16_units=cpu_has_bf16_units())
     max_model_len = resolve_max_model_len(config.scheduler.max_model_len, source.arch)
     source = served_source(source, max_model_len)
     check_tensor_parallel(config, source, device)

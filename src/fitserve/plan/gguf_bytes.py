@@ -67,14 +67,15 @@ def read_packed_linear_bytes(path: str) -> GgufLinearBytes:
 
 
 def gguf_quantization(requested: str | None, gguf_path: str | None, on_gpu: bool,
-                      tensor_parallel_size: int = 1) -> str | None:
+                      tensor_parallel_size: int = 1, cpu_int4: bool = False) -> str | None:
     """The --quantization a model runs with, as far as GGUF decides it: a .gguf model (`gguf_path`)
-    keeps its blocks packed by default on one GPU, where the packed kernels read a quarter of the
-    bytes; on the CPU (and split over GPUs) it is dequantized at load unless asked
-    (docs/quantization.md: the packed CPU path measured slower). ConfigError for `gguf` asked of a
-    model that is not a .gguf file."""
+    takes `gguf` by default on one GPU, where the packed kernels read a quarter of the bytes, and on a
+    CPU where `cpu_int4` (bf16 serving on a CPU with bf16 units: its 4-bit projections decode through
+    torch's int4 matmul at twice the dequantized model's single-stream speed, docs/quantization.md);
+    elsewhere (float32 on the CPU, split over GPUs) it is dequantized at load unless asked. ConfigError
+    for `gguf` asked of a model that is not a .gguf file."""
     if requested == "gguf" and gguf_path is None:
         raise ConfigError("--quantization gguf keeps a .gguf file's blocks packed; this model is not a .gguf file.")
-    if requested is None and gguf_path is not None and on_gpu and tensor_parallel_size == 1:
+    if requested is None and gguf_path is not None and (on_gpu or cpu_int4) and tensor_parallel_size == 1:
         return "gguf"
     return requested

@@ -19,7 +19,7 @@ import torch
 
 from fitserve.config import EngineConfig
 from fitserve.plan.gguf_bytes import PACKED_TYPES, gguf_quantization, is_projection, packed_linear_bytes
-from fitserve.plan.shapes import ParamCounts, with_packed_linears
+from fitserve.plan.shapes import ParamCounts, resolve_dtype, with_packed_linears
 from fitserve.weights.source import ModelSource
 
 logger = logging.getLogger(__name__)
@@ -73,16 +73,23 @@ def _packed_tensors(reader: Any, source: ModelSource) -> Iterator[tuple[str, tor
         yield name, PackedGgufTensor(data, int(tensor.tensor_type), tensor.tensor_type.name, (num_rows, in_features))
 
 
-def with_gguf_quantization(config: EngineConfig, source: ModelSource, on_gpu: bool) -> EngineConfig:
-    """The config to serve `source` with: a .gguf model's --quantization gguf by default on a GPU
-    (plan/gguf_bytes.py gguf_quantization); logs how the GGUF weights are held. A dummy in the
-    Q4_K_M layout (weights/dummy_layouts.py) keeps its --quantization gguf."""
+def with_gguf_quantization(config: EngineConfig, source: ModelSource, on_gpu: bool,
+                           cpu_bf16_units: bool = False) -> EngineConfig:
+    """The config to serve `source` with: a .gguf model's --quantization gguf by default on a GPU, and on
+    a CPU with bf16 units (AVX512_BF16 or AMX: kernels/cpu_matmul.py) serving bf16 (plan/gguf_bytes.py
+    gguf_quantization); logs how the GGUF weights are held. A dummy in the Q4_K_M layout
+    (weights/dummy_layouts.py) keeps its --quantization gguf."""
     if source.dummy_layout == "gguf":
         return config
     gguf_path = source.weights_path if source.kind == "gguf" else None
-    quantization = gguf_quantization(config.quantization, gguf_path, on_gpu, config.tensor_parallel_size)
+    cpu_int4 = not on_gpu and cpu_bf16_units and resolve_dtype(config.dtype) == "bfloat16"
+    quantization = gguf_quantization(config.quantization, gguf_path, on_gpu, config.tensor_parallel_size, cpu_int4)
     if gguf_path is not None:
-        if quantization == "gguf":
+        if quantization == "gguf" and not on_gpu and resolve_dtype(config.dtype) == "bfloat16":
+            logger.info("GGUF weights: Q4_0/Q4_1/Q4_K projections in torch's int4 CPU layout for decode steps of up "
+                        "to 8 rows, and every projection dequantized to bf16 for larger steps (--quantization gguf%s)",
+                        "" if config.quantization else ", the default on a CPU with bf16 units")
+        elif quantization == "gguf":
             logger.info("GGUF weights: block projections kept packed (--quantization gguf%s)",
                         "" if config.quantization else ", the default on CUDA")
         else:

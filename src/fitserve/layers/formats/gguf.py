@@ -13,11 +13,11 @@ that reads the packed blocks and dequantizes them in registers (a GEMV for the f
 small tensor-core GEMM above); larger batches (prefill) dequantize the part into a scratch buffer
 in the serving dtype (16M weights at a time) and call cuBLAS. On the CPU the layer is dequantized
 in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32 exactly what
-dequantizing at load computes. A bf16 CPU layer holds its Q4_0 / Q4_1 / Q4_K parts twice instead of
-as the file's bytes: in torch's int4 CPU layout, multiplied by its packed int4 matmul (kernels/cpu_int4.py)
-for steps of up to INT4_MAX_ROWS rows (decode), and dequantized to bf16 as at load for more (prefill), where
-the int4 matmul is the slower; about 1.3x the memory of dequantizing at load, for twice the single-stream
-decode speed (docs/quantization.md). Byte counts for the planner come from the file's
+dequantizing at load computes. A bf16 CPU layer holds no file bytes: its Q4_0 / Q4_1 / Q4_K parts in
+torch's int4 CPU layout, multiplied by its packed int4 matmul (kernels/cpu_int4.py) for steps of up to
+INT4_MAX_ROWS rows (decode), and every part dequantized to bf16 as at load, for more rows (prefill, where
+the int4 matmul is the slower) and for the other types; about 1.3x the memory of dequantizing at load, for
+twice the single-stream decode speed (docs/quantization.md). Byte counts for the planner come from the file's
 header (plan/gguf_bytes.py), since `weight_specs` cannot know the types before the file is read.
 """
 
@@ -97,6 +97,7 @@ class GgufLinear(LinearLayer):
             else:
                 runs.append((ggml_type, [data]))
         parts = []
+        cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
         for number, (ggml_type, pieces) in enumerate(runs):
             data = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
             int4 = ggml_type is not None and cpu_int4.takes(ggml_type, data.shape[0], self.dtype, self.device)
@@ -104,7 +105,9 @@ class GgufLinear(LinearLayer):
                 weight, scales_and_zeros = cpu_int4.int4_form(data, ggml_type)
                 self.register_buffer(f"int4_{number}", weight)
                 self.register_buffer(f"int4_scales_{number}", scales_and_zeros)
+            if ggml_type is not None and cpu_bf16:  # the other types: dense, faster than dequantizing every step
                 data = gguf.dequantize(data, ggml_type, self.dtype)  # through float32, as at load
+                ggml_type = ggml_type if int4 else None
             name = f"{'weight' if ggml_type is None or int4 else 'packed'}_{number}"
             self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
             parts.append(PackedPart(name, ggml_type, data.shape[0], int4))
