@@ -99,6 +99,12 @@ def test_integer_pieces_load_into_their_layer_with_valid_scales_and_zeros(method
     assert 0.5 * DUMMY_INIT_STD < rms < 2 * DUMMY_INIT_STD
 
 
+def cpu_dtype(quantization: str) -> torch.dtype:
+    """float32 for gguf: a bf16 CPU layer holds its blocks as bf16 and int4 weights, not as the file's bytes
+    (layers/formats/gguf.py), which the plan (the GPU's layout) counts."""
+    return torch.float32 if quantization == "gguf" else torch.bfloat16
+
+
 def _source(folder, quantization, **fields):
     return resolve_model_source(EngineConfig(model=str(folder), load_format="dummy", quantization=quantization,
                                              **fields))
@@ -108,7 +114,7 @@ def _source(folder, quantization, **fields):
 def test_dummy_model_is_packed_and_its_logits_finite(tmp_path, quantization):
     folder = write_model_folder(tmp_path / "m", **TINY_PACKED)
     source = _source(folder, quantization)
-    model = load_model(source, torch.bfloat16, torch.device("cpu"), progress=False, quantization=quantization)
+    model = load_model(source, cpu_dtype(quantization), torch.device("cpu"), progress=False, quantization=quantization)
     layers = [m for m in model.modules() if isinstance(m, (IntQuantLinear, GgufLinear))]
     assert len(layers) == 4 * 8
     if quantization == "gguf":
@@ -150,8 +156,9 @@ def test_plan_counts_the_bytes_the_dummy_model_holds(tmp_path, capsys, quantizat
     from fitserve.cli import main
 
     folder = write_model_folder(tmp_path / "m", **{**TINY_PACKED, **overrides})
+    dtype = cpu_dtype(quantization)
     flags = ["plan", "--model", str(folder), "--load-format", "dummy", "--quantization", quantization,
-             "--dtype", "bfloat16", "--max-model-len", "128", "--json"]
+             "--dtype", str(dtype).removeprefix("torch."), "--max-model-len", "128", "--json"]
     if overrides and quantization != "gguf":
         assert main(flags) == 2
         assert "576 input columns are not whole groups of 128" in capsys.readouterr().err
@@ -159,11 +166,11 @@ def test_plan_counts_the_bytes_the_dummy_model_holds(tmp_path, capsys, quantizat
     assert main(flags) in (0, 1)
     planned = json.loads(capsys.readouterr().out)["weights"]
     source = _source(folder, quantization)
-    model = load_model(source, torch.bfloat16, torch.device("cpu"), progress=False, quantization=quantization)
+    model = load_model(source, dtype, torch.device("cpu"), progress=False, quantization=quantization)
     held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     assert planned["total_bytes"] == held
     assert planned["linear_dtype"] == quantization
-    assert weight_bytes(source.param_counts(), "bfloat16", quantization).total_bytes == held
+    assert weight_bytes(source.param_counts(), str(dtype).removeprefix("torch."), quantization).total_bytes == held
 
 
 def test_llama_3_8b_plans_at_its_packed_sizes(capsys):
