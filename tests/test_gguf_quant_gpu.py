@@ -1,4 +1,4 @@
-"""The packed-GGUF Triton kernels (GEMV, small-batch GEMM) and the gguf layer on CUDA against the
+"""The packed-GGUF Triton kernels (GEMV, small-batch GEMM, dequantize + cuBLAS) and the gguf layer on CUDA against the
 torch reference (GPU only): every packed type, awkward sizes, both 16-bit dtypes, a CUDA graph,
 prefill and decode batches."""
 
@@ -37,10 +37,12 @@ def in_features_for(name: str) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("num_tokens", [1, 3, triton_gguf.GEMV_MAX_ROWS + 1, 17, triton_gguf.GEMM_MAX_ROWS])
+@pytest.mark.parametrize("num_tokens", [1, 3, triton_gguf.GEMV_MAX_ROWS + 1, triton_gguf.DEQUANT_MIN_ROWS - 1,
+                                        triton_gguf.DEQUANT_MIN_ROWS, 17, triton_gguf.GEMM_MAX_ROWS, 300])
 @pytest.mark.parametrize("name", list(TYPES))
 def test_decode_kernels_match_the_dequantized_product(name, num_tokens, dtype):
-    """The GEMV (a few rows) and the small tensor-core GEMM (more rows), through triton_gguf.matmul."""
+    """The GEMV (a few rows), the small tensor-core GEMM (more rows) and dequant_mm (from DEQUANT_MIN_ROWS),
+    through triton_gguf.matmul."""
     k, n = in_features_for(name), 1000 + 3
     packed = random_packed(name, n, k, seed=n + num_tokens)
     x = torch.randn(num_tokens, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1)).to(dtype)
@@ -64,6 +66,20 @@ def test_q4_k_words_gemv_matches_the_dequantized_product(config, dtype):
             assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("name", list(TYPES))
+def test_dequant_mm_multiplies_the_weights_dequantized_at_load(name):
+    """Its scratch holds the weights as loading the file without --quantization gguf does (float32, rounded
+    once to bf16), within one bf16 rounding where the kernel's float32 arithmetic orders differently."""
+    k = in_features_for(name)
+    packed = random_packed(name, 70, k, seed=5)
+    x = torch.randn(40, k, device="cuda").to(torch.bfloat16)
+    got = triton_gguf.dequant_mm(x, packed, TYPES[name])
+    weight = gguf.dequantize(packed, TYPES[name], torch.bfloat16)
+    scratch = triton_gguf.dequant_scratch(70 * k, torch.bfloat16, x.device).view(70, k)
+    torch.testing.assert_close(scratch, weight, rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(got, x @ weight.t(), rtol=2e-2, atol=2e-2)
+
+
 def test_gemv_replays_in_a_cuda_graph():
     packed = random_packed("Q4_K", 512, 1024, seed=3)
     x = torch.zeros(1, 1024, device="cuda", dtype=torch.bfloat16)
@@ -78,7 +94,7 @@ def test_gemv_replays_in_a_cuda_graph():
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("num_tokens", [1, 40, 100])  # GEMV, small GEMM, prefill (dequantize + cuBLAS)
+@pytest.mark.parametrize("num_tokens", [1, 8, 100])  # GEMV, small GEMM, dequantize + cuBLAS
 def test_a_mixed_type_layer_on_cuda_matches_the_cpu_layer(num_tokens):
     shards = [("Q4_K", 256), ("Q4_K", 128), ("Q6_K", 128)]
     layers = {dev: make_linear(512, tuple(r for _, r in shards), torch.float32, torch.device(dev), "gguf")

@@ -168,3 +168,18 @@ def test_an_integer_checkpoint_plans_the_dequantized_scratch_of_its_largest_proj
     gate_up_bf16 = 2 * 14336 * 4096 * 2 if min_rows is not None else 0
     assert activation(gptq, 2048) - activation(counts_from_arch(arch), 2048) == gate_up_bf16
     assert activation(gptq, 255) == activation(counts_from_arch(arch), 255)
+
+
+def test_gguf_blocks_plan_the_dequantized_scratch_from_a_few_rows():
+    """kernels/triton_gguf.py dequant_mm: from GGUF_DEQUANT_MIN_ROWS (16) rows the layer is dequantized into
+    the same scratch, so any step budget of 16 tokens or more holds the largest projection in bf16."""
+    from fitserve.plan import estimates
+
+    def activation(quantization, budget):
+        return plan_memory(llama_8b_inputs(quantization=quantization, max_num_batched_tokens=budget,
+                                           max_num_seqs=min(budget, 256))).breakdown.activation_peak_bytes
+
+    assert estimates.GGUF_DEQUANT_MIN_ROWS == 16
+    assert activation("gguf", 2048) - activation(None, 2048) == 2 * 14336 * 4096 * 2
+    assert activation("gguf", 16) - activation(None, 16) == 2 * 14336 * 4096 * 2
+    assert activation("gguf", 15) == activation(None, 15)

@@ -5,9 +5,10 @@ instead of 16 is the whole gain. Each program owns BLOCK_N output rows of one in
 K a few whole GGML blocks at a time. A tile is [BLOCK_N, blocks, sub-blocks, weights]: each
 sub-block's scale and offset (from the block's d, dmin and packed scales: kernels/gguf.py's
 layouts, a constexpr switch) are computed once, then every weight is its quant bits times the
-scale plus the offset, in float32 in registers, multiplied and summed across the tile at the end. A decode batch of a few rows more takes the small
-GEMM, which dequantizes each tile once and multiplies all rows with tl.dot; larger batches
-(prefill) dequantize the layer into a scratch buffer and use cuBLAS instead (layers/formats/gguf.py).
+scale plus the offset, in float32 in registers, multiplied and summed across the tile at the end. A decode
+batch of a few rows more takes the small GEMM, which dequantizes each tile once and multiplies all rows
+with tl.dot; from DEQUANT_MIN_ROWS rows (larger decode batches, prefill) `dequant_mm` dequantizes the whole
+layer once into a scratch buffer of the activations' dtype and calls cuBLAS.
 
 The specification is kernels/gguf.py `matmul_reference` (tests compare, also under the Triton
 interpreter on the CPU). q4_k_words_gemv is a second Q4_K GEMV, over int32 words with
@@ -23,8 +24,10 @@ import triton
 import triton.language as tl
 
 from fitserve.kernels import gguf, pdl
+from fitserve.kernels.triton_int_quant import dequant_scratch
 from fitserve.kernels.pdl import begin
 from fitserve.kernels.triton_int_words import MAGIC, MAGIC_BITS, mantissa_value
+from fitserve.plan.estimates import GGUF_DEQUANT_MIN_ROWS
 
 # Rows up to which a batch takes the GEMV (each program dequantizes its tile once per input row);
 # up to GEMM_MAX_ROWS the small-batch GEMM (one dequantized tile, tl.dot over all rows); above,
@@ -32,9 +35,15 @@ from fitserve.kernels.triton_int_words import MAGIC, MAGIC_BITS, mantissa_value
 # step. benchmarks/gguf_gemv_bench.py times them and may replace the configs.
 GEMV_MAX_ROWS = 3
 GEMM_MAX_ROWS = 64
-# Weights dequantized at a time for a prefill (float32, then the serving dtype): with the dequantizer's
-# temporaries a few hundred MB of scratch, whatever K (8192 rows of Llama-3-8B's down_proj would be 1.2 GB)
+# From this many rows (16-bit activations) `dequant_mm`: the whole weight dequantized once into the shared
+# scratch of kernels/triton_int_quant.py, then cuBLAS; below it the small GEMM (plan/estimates.py counts the
+# scratch). The small GEMM made Llama-3-8B Q4_K_M's W1 (20 rows) 3.5x slower than bf16 on an H100
+# (docs/performance.md).
+DEQUANT_MIN_ROWS = GGUF_DEQUANT_MIN_ROWS
+# Weights dequantized at a time for a prefill in float32 (kernels/gguf.py's torch dequantizer, then the
+# serving dtype): with its temporaries a few hundred MB of scratch, whatever K
 PREFILL_CHUNK_ELEMENTS = 1 << 24
+DEQUANT_TILE = (16, 256, 4)  # (BLOCK_N rows, weights along K, num_warps) of `_gguf_dequant_kernel`
 # (BLOCK_N output rows, weights per tile along K, num_warps) of the GEMV and of the small-batch GEMM;
 # a tile holds whole GGML blocks (at least one)
 CONFIG = (2, 1024, 4)  # an H200's fastest for Q4_K at one row (results/int_quant_h200/gguf_gemv.json)
@@ -160,6 +169,41 @@ def _gguf_small_gemm_kernel(x_ptr, w_ptr, y_ptr, M, N, num_blocks, row_bytes, st
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=m_valid[:, None] & row_valid[None, :])
 
 
+@triton.jit
+def _gguf_dequant_kernel(w_ptr, out_ptr, N, num_blocks, row_bytes, stride_out,
+                         TYPE: tl.constexpr, BB: tl.constexpr, S: tl.constexpr, L: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    """out [N, K] = the packed rows dequantized (float32, rounded once to out's dtype), BLOCK_N rows and
+    BLOCKS blocks a program."""
+    BLOCK_K: tl.constexpr = BLOCKS * S * L
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    blocks = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    row_valid, block_valid = rows < N, blocks < num_blocks
+    w = _dequant_blocks(w_ptr, tl.where(row_valid, rows, 0), tl.where(block_valid, blocks, 0), row_bytes, TYPE,
+                        BB, S, L)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = row_valid[:, None] & (cols < num_blocks * (S * L))[None, :]
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
+             tl.reshape(w, [BLOCK_N, BLOCK_K]).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequant_mm(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
+    """x [M, K] (bf16 or fp16, many rows) @ dequantize(packed).T: the weight dequantized once into the
+    shared scratch (triton_int_quant.dequant_scratch) in x's dtype, as the dequantized-at-load model holds it,
+    then torch's matmul (cuBLAS, float32 sums)."""
+    block = gguf.BLOCK_TYPES[ggml_type]
+    num_rows, row_bytes = packed.shape
+    k = x.shape[1]
+    assert packed.dtype == torch.uint8 and packed.is_contiguous() and row_bytes == block.row_bytes(k), packed.shape
+    weight = dequant_scratch(num_rows * k, x.dtype, x.device).view(num_rows, k)
+    block_n, weights_per_tile, num_warps = DEQUANT_TILE
+    shape = _launch_shape(block, weights_per_tile)
+    _gguf_dequant_kernel[(triton.cdiv(num_rows, block_n), triton.cdiv(k // block.block_elements, shape["BLOCKS"]))](
+        packed, weight, num_rows, k // block.block_elements, row_bytes, weight.stride(0), BLOCK_N=block_n, **shape,
+        num_warps=num_warps)
+    return x @ weight.t()
+
+
 Q4_K_ID = 12  # gguf.BLOCK_TYPES' key of Q4_K
 # (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV for benchmarks/gguf_gemv_bench.py --q4k-words:
 # no spills on sm_90 (offline compile); (8, 16, 4) spills
@@ -243,23 +287,25 @@ def _launch_shape(block: gguf.GgmlBlock, weights_per_tile: int) -> dict:
 
 
 def supports(x: torch.Tensor, ggml_type: int) -> bool:
-    """Whether `matmul` takes this product: at most GEMM_MAX_ROWS rows (GEMV_MAX_ROWS in float32,
-    which the tensor-core GEMM does not take), contiguous, a packed type."""
-    max_rows = GEMM_MAX_ROWS if x.dtype in (torch.bfloat16, torch.float16) else GEMV_MAX_ROWS
+    """Whether `matmul` takes this product: any rows in bf16 or fp16 (GEMV_MAX_ROWS in float32, which the
+    tensor-core GEMM and cuBLAS on a 16-bit scratch do not take), contiguous, a packed type."""
+    max_rows = x.shape[0] if x.dtype in (torch.bfloat16, torch.float16) else GEMV_MAX_ROWS
     return (x.dim() == 2 and 0 < x.shape[0] <= max_rows and x.is_floating_point() and x.stride(-1) == 1
             and ggml_type in gguf.BLOCK_TYPES)
 
 
 def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int,
            q4_k_words: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] @ dequantize(packed).T for a decode batch: the GEMV up to GEMV_MAX_ROWS, else the small GEMM.
-    q4_k_words: (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV, which then serves Q4_K's GEMV
-    rows (None: Q4_K_WORDS_GEMV as it is at the call; that None too, the bytes GEMV)."""
+    """x [M, K] @ dequantize(packed).T: the GEMV up to GEMV_MAX_ROWS, the small GEMM below DEQUANT_MIN_ROWS,
+    dequant_mm from there. q4_k_words: (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV, which then
+    serves Q4_K's GEMV rows (None: Q4_K_WORDS_GEMV as it is at the call; that None too, the bytes GEMV)."""
     q4_k_words = q4_k_words or Q4_K_WORDS_GEMV
     if x.shape[0] <= GEMV_MAX_ROWS:
         if q4_k_words is not None and ggml_type == Q4_K_ID:
             return q4_k_words_gemv(x, packed, *q4_k_words)
         return gemv(x, packed, ggml_type)
+    if x.shape[0] >= DEQUANT_MIN_ROWS:
+        return dequant_mm(x, packed, ggml_type)
     return small_gemm(x, packed, ggml_type)
 
 
@@ -276,7 +322,7 @@ def _check(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> gguf.GgmlBl
 def small_gemm(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """x [M, K] (bf16 or fp16, M <= GEMM_MAX_ROWS) @ dequantize(packed [N, row_bytes]).T -> [M, N]."""
     block = _check(x, packed, ggml_type)
-    assert x.dtype in (torch.bfloat16, torch.float16), "the tensor-core GEMM takes 16-bit rows"
+    assert x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= GEMM_MAX_ROWS, "a few 16-bit rows"
     num_rows, row_bytes = packed.shape
     block_m = max(16, triton.next_power_of_2(x.shape[0]))
     block_n, weights_per_tile, num_warps = GEMM_CONFIG

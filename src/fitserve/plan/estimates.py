@@ -29,6 +29,9 @@ RUNTIME_NON_TORCH_BYTES = 80 * MIB
 # step's layers take 14.0 ms this way against the words tile's 15.3 (bf16 6.7); at 128, 13.0 against the
 # 128-row split-K tile's 8.2. None turns it off.
 DEQUANT_MATMUL_MIN_ROWS: int | None = 256
+# The same for GGUF blocks kept packed (kernels/triton_gguf.py dequant_mm takes this value): from 16 rows, where
+# the small tensor-core GEMM over the blocks made Llama-3-8B Q4_K_M's W1 3.5x slower than bf16 on an H100.
+GGUF_DEQUANT_MIN_ROWS = 16
 # cuBLAS / cuBLASLt workspaces, which torch allocates through its caching allocator. H200: 16 MiB
 # above the forward's tensors.
 GEMM_WORKSPACE_BYTES = 16 * MIB
@@ -129,10 +132,12 @@ def activation_peak_bytes(
     return max(forward, sampling) + GEMM_WORKSPACE_BYTES
 
 
-def dequant_scratch_bytes(arch: ArchConfig, max_num_batched_tokens: int, act_bytes: int) -> int:
-    """Integer group-quantized projections' scratch (kernels/triton_int_quant.py dequant_mm): the largest
-    block projection in the serving dtype, once a step's token budget reaches DEQUANT_MATMUL_MIN_ROWS."""
-    if DEQUANT_MATMUL_MIN_ROWS is None or max_num_batched_tokens < DEQUANT_MATMUL_MIN_ROWS:
+def dequant_scratch_bytes(arch: ArchConfig, max_num_batched_tokens: int, act_bytes: int, gguf: bool = False) -> int:
+    """Packed projections' scratch (kernels/triton_int_quant.py and triton_gguf.py dequant_mm): the largest
+    block projection in the serving dtype, once a step's token budget reaches DEQUANT_MATMUL_MIN_ROWS (integer
+    checkpoints) or GGUF_DEQUANT_MIN_ROWS (`gguf`: GGUF blocks)."""
+    min_rows = GGUF_DEQUANT_MIN_ROWS if gguf else DEQUANT_MATMUL_MIN_ROWS
+    if min_rows is None or max_num_batched_tokens < min_rows:
         return 0
     return max(rows * in_features for rows, in_features in block_projections(arch)) * act_bytes
 

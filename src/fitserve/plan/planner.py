@@ -48,6 +48,9 @@ def estimated_breakdown(inputs: PlanInputs, weights: WeightBytes) -> MemoryBreak
     )
     if inputs.param_counts.packed_always:  # an integer checkpoint: many rows dequantize into a scratch
         activation += estimates.dequant_scratch_bytes(inputs.rank_arch, inputs.max_num_batched_tokens, act_bytes)
+    elif inputs.quantization == "gguf":  # GGUF blocks: from a few rows
+        activation += estimates.dequant_scratch_bytes(inputs.rank_arch, inputs.max_num_batched_tokens, act_bytes,
+                                                      gguf=True)
     graphs = (
         estimates.cuda_graph_pool_bytes(inputs.rank_arch, inputs.max_num_seqs, act_bytes, fp8_linear)
         if inputs.cuda_graphs else 0
