@@ -39,8 +39,10 @@ def four_layer_llama_8b(folder: Path) -> Path:
 @pytest.mark.parametrize("quantization", PACKED)
 def test_a_dummy_engine_plans_its_bytes_and_generates(tmp_path, quantization):
     folder = four_layer_llama_8b(tmp_path / "m")
+    # the KV cache sized by --gpu-memory-utilization: start-up measures the weights only then (a fixed cache
+    # size skips the measurement)
     config = EngineConfig(model=str(folder), load_format="dummy", quantization=quantization, device="cuda",
-                          enforce_eager=True, cache=CacheConfig(num_gpu_blocks_override=64),
+                          enforce_eager=True, cache=CacheConfig(gpu_memory_utilization=0.3),
                           scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=4))
     built = startup.build_engine(config, progress=False)
     model = built.engine.runner.model
