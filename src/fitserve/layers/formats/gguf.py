@@ -105,10 +105,11 @@ class GgufLinear(LinearLayer):
                 weight, scales_and_zeros = cpu_int4.int4_form(data, ggml_type)
                 self.register_buffer(f"int4_{number}", weight)
                 self.register_buffer(f"int4_scales_{number}", scales_and_zeros)
-            if ggml_type is not None and cpu_bf16:  # the other types: dense, faster than dequantizing every step
-                data = gguf.dequantize(data, ggml_type, self.dtype)  # through float32, as at load
-                ggml_type = ggml_type if int4 else None
-            name = f"{'weight' if ggml_type is None or int4 else 'packed'}_{number}"
+            if ggml_type is not None and cpu_bf16:  # bf16 weights for many rows; other types only them (faster
+                data = gguf.dequantize(data, ggml_type, self.dtype)  # than dequantizing at every step); as at load
+                if not int4:
+                    ggml_type = None  # a dense part
+            name = f"{'packed' if ggml_type is not None and not int4 else 'weight'}_{number}"
             self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
             parts.append(PackedPart(name, ggml_type, data.shape[0], int4))
         self.parts = tuple(parts)
