@@ -17,6 +17,7 @@ from fitserve.layers.formats.gguf import INT4_MAX_ROWS, GgufLinear
 from fitserve.layers.formats.registry import make_linear
 from fitserve.models.loader import load_model
 from fitserve.runner import cpu_aot
+from fitserve.runner.cpu_compile import lower_int4_mm_as_fallback
 from fitserve.weights.source import resolve_model_source
 from paged_helpers import PagedDriver
 from test_gguf_quant import PROMPTS, TYPE_IDS, packed, random_packed, reference
@@ -97,24 +98,33 @@ def test_few_rows_take_the_int4_matmul_and_more_the_bf16_weights():
 def test_a_package_serves_both_sides_of_the_rows_choice_with_the_models_own_tensors(tmp_path, monkeypatch):
     """Exported with symbolic rows the choice is a torch.cond; inductor's own lowering of the int4 matmul
     would add a group-size constant that the model's tensors do not hold (load_constants then has nothing
-    to give it): compiled as a fallback op (cpu_aot._int4_mm_as_fallback) it needs only the layer's."""
+    to give it): lowered as a fallback op (cpu_compile.lower_int4_mm_as_fallback) it needs only the layer's."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     layer = int4_layer([packed("Q4_1", 48, 256, 11), packed("Q8_0", 16, 256, 12)])
     x = torch.randn(12, 256, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16)
     exported = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=1, max=16)},))
-    with cpu_aot._int4_mm_as_fallback():
-        path = torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(tmp_path / "int4.pt2"),
-            inductor_configs={"aot_inductor.package_constants_in_so": False})
+    lower_int4_mm_as_fallback()
+    path = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "int4.pt2"),
+                                                    inductor_configs={"aot_inductor.package_constants_in_so": False})
     package = torch._inductor.aoti_load_package(path)
     fqns = package.get_constant_fqns()
     assert sorted(fqns) == ["int4_0", "int4_scales_0", "weight_0", "weight_1"]
     package.load_constants({fqn: getattr(layer, fqn) for fqn in fqns}, check_full_update=True, user_managed=True)
     for rows in (1, INT4_MAX_ROWS, INT4_MAX_ROWS + 1, 12):
         torch.testing.assert_close(package(x[:rows]), layer(x[:rows]), rtol=0, atol=0)
-    from torch._inductor import lowering
-    assert lowering.lowerings[torch.ops.aten._weight_int4pack_mm_for_cpu.default].__module__ != \
-        "torch._inductor.lowering"  # inductor's own lowering is back
+
+
+@pytest.mark.skipif(cpu_aot.cpp_compiler() is None, reason="inductor's CPU code needs a C++ compiler")
+def test_torch_compile_takes_the_int4_layer_on_both_sides(tmp_path, monkeypatch):
+    """--cpu-compile decode compiles the step with torch.compile: inductor's own lowering of the int4 matmul
+    fails there ("group size must be a scalar"); the fallback serves one row (specialized) and more."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    lower_int4_mm_as_fallback()
+    layer = int4_layer([packed("Q4_K", 32, 256, 14)])
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    x = torch.randn(12, 256, generator=torch.Generator().manual_seed(15)).to(torch.bfloat16)
+    for rows in (1, 3, 12):
+        torch.testing.assert_close(compiled(x[:rows]), layer(x[:rows]), rtol=0, atol=0)
 
 
 @pytest.mark.slow

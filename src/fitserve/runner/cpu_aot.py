@@ -27,12 +27,12 @@ models with several KV cache groups.
 A `--quantization gguf` model's 4-bit layers call torch's int4 CPU matmul (kernels/cpu_int4.py). Inductor's
 lowering of that op makes its group size a tensor constant of the package's own, which a package whose
 constants are the model's weights is never given; the build lowers it as a plain fallback op instead
-(`_int4_mm_as_fallback`: AOTInductor calls it through its proxy executor, a few microseconds a call).
+(runner/cpu_compile.py `lower_int4_mm_as_fallback`: AOTInductor calls it through its proxy executor, a few
+microseconds a call).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -49,7 +49,7 @@ from torch import nn
 
 import fitserve
 from fitserve.core.outputs import ScheduledRequest
-from fitserve.runner.cpu_compile import decode_forward, decode_inputs, is_decode_batch
+from fitserve.runner.cpu_compile import decode_forward, decode_inputs, is_decode_batch, lower_int4_mm_as_fallback
 from fitserve.runner.input_batch import PlaceholderFill, chunks_on_blocks
 from fitserve.sampling_params import SamplingParams
 
@@ -227,9 +227,9 @@ class CpuDecodePackage:
             self.step.model.bind_kv_cache(self.kv_caches)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(f"{self.path.stem}.{os.getpid()}.partial.pt2")
-        with _int4_mm_as_fallback():
-            torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
+        lower_int4_mm_as_fallback()
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(partial), inductor_configs={"aot_inductor.package_constants_in_so": False})
         os.replace(partial, self.path)  # whole or absent: another process never loads half a package
 
     def _example_batch(self) -> tuple[ScheduledRequest, ...]:
@@ -237,17 +237,3 @@ class CpuDecodePackage:
         return chunks_on_blocks([((0,), self.step.block_size + 1)] * 3, "export", self.step.block_size,
                                 SamplingParams())
 
-
-@contextlib.contextmanager
-def _int4_mm_as_fallback():
-    """While compiling: torch's int4 CPU matmul lowered as a fallback op, not by inductor's own lowering (which
-    adds a group-size constant that the model's weights do not hold)."""
-    from torch._inductor import lowering
-    packet = torch.ops.aten._weight_int4pack_mm_for_cpu
-    saved = {op: lowering.lowerings.pop(op) for op in (packet, packet.default) if op in lowering.lowerings}
-    lowering.make_fallback(packet.default, warn=False)
-    try:
-        yield
-    finally:
-        lowering.lowerings.pop(packet.default, None)
-        lowering.lowerings.update(saved)
