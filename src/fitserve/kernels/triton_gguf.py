@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from fitserve.kernels import gguf, pdl
-from fitserve.kernels.triton_int_quant import dequant_scratch
 from fitserve.kernels.pdl import begin
+from fitserve.kernels.triton_int_quant import dequant_scratch
 from fitserve.kernels.triton_int_words import MAGIC, MAGIC_BITS, mantissa_value
 from fitserve.plan.estimates import GGUF_DEQUANT_MIN_ROWS
 

@@ -109,6 +109,25 @@ def _segment_words(q_ptr, cols, stride_q, s0, num_segments, SEG_WORDS: tl.conste
 
 
 @triton.jit
+def _store_sums(acc, y_at, part_at, part_stride, count_ptr, tile, pid_k, ok, SPLIT_K: tl.constexpr):
+    """Store a product's float32 sums `acc` at y_at (y's dtype). With K split (SPLIT_K > 1) each program
+    stores its range's sums at part_at + pid_k * part_stride, and the last of the tile's SPLIT_K programs to
+    finish (the per-tile counter count_ptr + tile, which that program resets) adds them in order and stores
+    y: one launch, the same bits every time."""
+    if SPLIT_K == 1:
+        tl.store(y_at, acc.to(y_at.dtype.element_ty), mask=ok)
+    else:
+        tl.store(part_at + pid_k * part_stride, acc, mask=ok)
+        tl.debug_barrier()  # every thread's sums stored before the counter says so (release is cumulative)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for part in tl.static_range(SPLIT_K):
+                total += tl.load(part_at + part * part_stride, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_at, total.to(y_at.dtype.element_ty), mask=ok)
+            tl.store(count_ptr + tile, 0)  # ready for the next product
+
+
+@triton.jit
 def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments, steps_per_split,
                        magic_bits, stride_x, stride_q, stride_s, stride_y,
                        BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
@@ -118,8 +137,8 @@ def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
     segments and gives each thread all BLOCK_N columns of its words, so each x is loaded, converted and
     scaled once for BLOCK_N weights, and the sums stay in a thread's registers until the end.
     SPLIT_K > 1 cuts K into ranges of steps_per_split steps (program axis 2), so a layer of few column
-    tiles still has programs enough to keep every SM's loads in flight; the sums meet as in
-    _tile_words_kernel (the last program of a column tile adds them in order: deterministic)."""
+    tiles still has programs enough to keep every SM's loads in flight; the ranges' sums meet in
+    _store_sums."""
     pid_n, m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -145,20 +164,8 @@ def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
         for v in tl.static_range(PER_WORD):
             dot += _value_times_x(words, high, zero, x_row + word * PER_WORD, magic_bits, v, BITS)
         acc += dot * scale[:, :, None]
-    y = tl.sum(tl.sum(acc, axis=2), axis=0)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + m * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
-    else:
-        at_part = m * N + cols
-        tl.store(part_ptr + pid_k * M * N + at_part, y, mask=col_ok)
-        tl.debug_barrier()  # every thread's sums stored before the counter says so (release is cumulative)
-        tile = m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for part in tl.static_range(SPLIT_K):
-                total += tl.load(part_ptr + part * M * N + at_part, mask=col_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + m * stride_y + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
-            tl.store(count_ptr + tile, 0)  # ready for the next product
+    _store_sums(tl.sum(tl.sum(acc, axis=2), axis=0), y_ptr + m * stride_y + cols, part_ptr + m * N + cols, M * N,
+                count_ptr, m * tl.num_programs(0) + pid_n, pid_k, col_ok, SPLIT_K)
 
 
 @triton.jit
@@ -222,9 +229,7 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
     SWAP computes the transposed product (W x^T, the dequantized weights as the dot's first operand, which
     a Hopper tensor-core MMA can take from registers; x^T from shared memory), for few rows. SPLIT_K > 1
     cuts K into SPLIT_K ranges of steps_per_split loop steps (program axis 2; the last range's steps past K
-    load nothing): each program stores its float32 sums
-    in part_ptr, and the last of a tile's programs to finish (a counter per tile, count_ptr, reset by that
-    program) adds the SPLIT_K sums in order and stores y: deterministic, one launch."""
+    load nothing), whose sums meet in _store_sums."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,21 +257,9 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
     if SWAP:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-    at_y = rows[:, None].to(tl.int64) * stride_y + cols[None, :]
-    ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptr + at_y, acc.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        at_part = rows[:, None].to(tl.int64) * N + cols[None, :]
-        tl.store(part_ptr + pid_k * M * N + at_part, acc, mask=ok)
-        tl.debug_barrier()  # every thread's sums stored before the counter says so (release is cumulative)
-        tile = pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for part in tl.static_range(SPLIT_K):
-                total += tl.load(part_ptr + part * M * N + at_part, mask=ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + at_y, total.to(y_ptr.dtype.element_ty), mask=ok)
-            tl.store(count_ptr + tile, 0)  # ready for the next product
+    _store_sums(acc, y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :],
+                part_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], M * N, count_ptr,
+                pid_m * tl.num_programs(1) + pid_n, pid_k, row_ok[:, None] & col_ok[None, :], SPLIT_K)
 
 
 @triton.jit

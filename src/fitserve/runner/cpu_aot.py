@@ -236,4 +236,3 @@ class CpuDecodePackage:
         """Three made-up decode requests of two blocks each (export traces them on fake tensors)."""
         return chunks_on_blocks([((0,), self.step.block_size + 1)] * 3, "export", self.step.block_size,
                                 SamplingParams())
-

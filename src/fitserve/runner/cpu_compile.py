@@ -21,6 +21,7 @@ tracing is not cached (docs/benchmarks.md has both start-up times).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -36,24 +37,20 @@ from fitserve.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 MIN_TABLE_WIDTH_BLOCKS = 2  # dynamo specializes a dimension of size 1: narrower tables are padded to 2
-_int4_fallback_installed = False
+DYNAMO_RECOMPILE_LIMIT = 16  # the two buckets, times the runners one process may hold (tests, benchmarks)
 
 
+@functools.cache
 def lower_int4_mm_as_fallback() -> None:
     """From now on in this process, inductor lowers torch's int4 CPU matmul (kernels/cpu_int4.py) as a plain
     fallback op. Its own lowering makes the group size a tensor constant of the compiled code: an AOTInductor
     package whose constants are the model's own weights is never given it (runner/cpu_aot.py), and under
-    torch.compile the kernel it calls refuses it ("group size must be a scalar"). Idempotent."""
-    global _int4_fallback_installed
-    if _int4_fallback_installed:
-        return
+    torch.compile the kernel it calls refuses it ("group size must be a scalar"). Once a process."""
     from torch._inductor import lowering
     packet = torch.ops.aten._weight_int4pack_mm_for_cpu
     for op in (packet, packet.default):
         lowering.lowerings.pop(op, None)
     lowering.make_fallback(packet.default, warn=False)
-    _int4_fallback_installed = True
-DYNAMO_RECOMPILE_LIMIT = 16  # the two buckets, times the runners one process may hold (tests, benchmarks)
 
 
 def decode_forward(model: torch.nn.Module, block_size: int, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -82,10 +82,11 @@ def with_gguf_quantization(config: EngineConfig, source: ModelSource, on_gpu: bo
     if source.dummy_layout == "gguf":
         return config
     gguf_path = source.weights_path if source.kind == "gguf" else None
-    cpu_int4 = not on_gpu and cpu_bf16_units and resolve_dtype(config.dtype) == "bfloat16"
-    quantization = gguf_quantization(config.quantization, gguf_path, on_gpu, config.tensor_parallel_size, cpu_int4)
+    cpu_bf16 = not on_gpu and resolve_dtype(config.dtype) == "bfloat16"
+    quantization = gguf_quantization(config.quantization, gguf_path, on_gpu, config.tensor_parallel_size,
+                                     cpu_int4=cpu_bf16 and cpu_bf16_units)
     if gguf_path is not None:
-        if quantization == "gguf" and not on_gpu and resolve_dtype(config.dtype) == "bfloat16":
+        if quantization == "gguf" and cpu_bf16:
             logger.info("GGUF weights: Q4_0/Q4_1/Q4_K projections in torch's int4 CPU layout for decode steps of up "
                         "to 8 rows, and every projection dequantized to bf16 for larger steps (--quantization gguf%s)",
                         "" if config.quantization else ", the default on a CPU with bf16 units")

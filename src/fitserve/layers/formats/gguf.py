@@ -120,9 +120,9 @@ class GgufLinear(LinearLayer):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def _apply(self, part: PackedPart, x: torch.Tensor) -> torch.Tensor:
-        data = getattr(self, part.param_name)
         if part.int4:
             return self._int4_or_dense(part, x)
+        data = getattr(self, part.param_name)
         if part.ggml_type is None:
             return linear(x, data)
         if x.is_cuda and triton_gguf is not None:
