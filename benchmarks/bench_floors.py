@@ -18,7 +18,7 @@ second parameter formula here. What a step reads, in BENCHMARKS.md's terms (docs
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # id: (requests, concurrency, prompt tokens, output tokens); BENCHMARKS.md
@@ -149,7 +149,9 @@ def model_figures(config_dir: Path, quant_variant: str) -> ModelFigures:
     if variant.quantization in PACKED_QUANTIZATIONS and not counts.packed_linear_params:
         raise FiguresUnavailable(f"{quant_variant}: the plan holds no packed projections for a dummy "
                                  f"--quantization {variant.quantization} model (needs dummy packed weights).")
-    weights = weight_bytes(counts, inputs.dtype, inputs.quantization)
+    # the protocol's floor reads a GGUF type's own bits (Q4_K 4.5), not the 4.625 of the K-quant form that a
+    # 16-bit GPU layer holds (plan/gguf_bytes.py HELD_BLOCK_BYTES): the stricter floor
+    weights = weight_bytes(replace(counts, packed_16bit_extra_bytes=0), inputs.dtype, inputs.quantization)
     dtype_bytes = DTYPE_BYTES[inputs.dtype]
     resident = weights.total_bytes - weights.rotary_bytes
     input_table = 0 if arch.tie_word_embeddings else weights.embedding_bytes // 2

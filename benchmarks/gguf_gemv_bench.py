@@ -5,13 +5,14 @@ each backend captured in one CUDA graph and replayed. Prints one JSON line per c
 gguf_gemv.json to --out.
 
     python benchmarks/gguf_gemv_bench.py --out $OUT
-    python benchmarks/gguf_gemv_bench.py --q4k-words --out $OUT   # Q4_K bytes against words GEMV
+    python benchmarks/gguf_gemv_bench.py --k-form --out $OUT   # Q4_K as stored against the K-quant form
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, 
 
 
 GEMV_CONFIGS = [(8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 1024, 8), (4, 1024, 4), (16, 512, 8), (2, 1024, 4)]
+K_FORM_ROWS = (1, 2, 4, 16, 20, 64, 256)
 GEMM_CONFIGS = [(64, 256, 4), (32, 256, 4), (64, 128, 4), (128, 256, 8), (32, 512, 8)]
 
 
@@ -83,11 +85,11 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--sweep", nargs="*", default=["Q4_K", "Q6_K"], help="types whose tile configs are swept")
-    parser.add_argument("--q4k-words", action="store_true",
-                        help="only bf16 (one row) and Q4_K at 1 to GEMV_MAX_ROWS rows: the bytes GEMV against each words config")
+    parser.add_argument("--k-form", action="store_true",
+                        help="only bf16 and Q4_K, as stored against the K-quant form, at K_FORM_ROWS rows")
     args = parser.parse_args()
-    if args.q4k_words:
-        return q4_k_words_cases(args)
+    if args.k_form:
+        return k_form_cases(args)
     results = []
     x_by_k = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
     weights = packed_layers(None, args.layers)
@@ -115,39 +117,58 @@ def main() -> None:
     Path(args.out, "gguf_gemv.json").write_text(json.dumps(results, indent=1))
 
 
-def q4_k_words_cases(args: argparse.Namespace) -> None:
-    """bf16, the Q4_K bytes GEMV and the words GEMV (triton_gguf.Q4_K_WORDS_CONFIGS) at 1 to GEMV_MAX_ROWS
-    rows, each checked against matmul_reference on the first layer of each shape (rel_err); gguf_q4k_words.json."""
-    triton_gguf.Q4_K_WORDS_GEMV = None  # config None below is the bytes GEMV, whatever the default
+def k_form_cases(args: argparse.Namespace) -> None:
+    """Q4_K as the file stores it (triton_gguf.matmul) against the K-quant form (triton_int_quant.int_quant_mm with
+    supers: what a 16-bit CUDA layer now holds) and bf16 (layers/linear.py: the GEMV at one row, cuBLAS above),
+    at K_FORM_ROWS rows, each checked against matmul_reference on the first layer of each shape (rel_err);
+    gguf_k_form.json."""
+    from fitserve.kernels import triton_int_quant
+    from fitserve.layers.linear import linear
+    from fitserve.weights.dummy_gguf import random_blocks
+
+    def run_all(kind: str, weights: list, x_by_k: dict) -> None:
+        for w, k in weights:
+            x = x_by_k[k]
+            if kind == "bf16":
+                linear(x, w)
+            elif kind == "Q4_K bytes":
+                triton_gguf.matmul(x, w, TYPES["Q4_K"])
+            else:
+                triton_int_quant.int_quant_mm(x, w[0], w[1], w[2], None, 4, supers=w[3])
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [shape for _ in range(args.layers) for shape in SHAPES.values()]
     results = []
-    all_rows = range(1, triton_gguf.GEMV_MAX_ROWS + 1)
-    for name, ggml_type, configs in (("bf16", None, (None,)), ("Q4_K", TYPES["Q4_K"],
-                                                               (None, *triton_gguf.Q4_K_WORDS_CONFIGS))):
-        weights = packed_layers(ggml_type, args.layers)
-        if ggml_type is not None:  # small finite float16 d and dmin, as a real file's
-            for w, _, _ in weights:
-                blocks = w.view(-1, 144)
-                scales = torch.rand(blocks.shape[0], 2, device="cuda") * 0.01
-                blocks[:, :4] = scales.to(torch.float16).view(torch.uint8)
-        gb = sum(w.numel() * w.element_size() for w, _, _ in weights) / 1e9
-        for rows in all_rows if ggml_type is not None else (1,):
+    for kind in ("bf16", "Q4_K bytes", "Q4_K k-form"):
+        if kind == "bf16":
+            weights = [(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.01, k) for n, k in shapes]
+        else:
+            weights = [(random_blocks("Q4_K", (n, k), gen, torch.device("cuda")), k) for n, k in shapes]
+            if kind == "Q4_K k-form":
+                weights = [(gguf.q4_k_words_form(w), k) for w, k in weights]
+        held = [t for w, _ in weights for t in (w if isinstance(w, tuple) else (w,))]
+        gb = sum(t.numel() * t.element_size() for t in held) / 1e9
+        for rows in K_FORM_ROWS:
             x_by_k = {k: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for k in (HIDDEN, INTER)}
-            for cfg in configs:
-                err = None
-                if ggml_type is not None:
-                    err = 0.0
-                    for w, _, k in weights[:len(SHAPES)]:
-                        got = triton_gguf.matmul(x_by_k[k], w, ggml_type, cfg).float()
-                        expected = gguf.matmul_reference(x_by_k[k], w, ggml_type).float()
-                        err = max(err, ((got - expected).norm() / expected.norm()).item())
-                ms = time_graph(step(weights, x_by_k, cfg))
-                result = {"rows": rows, "type": name, "q4_k_words": cfg, "rel_err": err, "ms": round(ms, 3),
-                          "weight_gb": round(gb, 3), "tb_per_s": round(gb / ms, 2)}
-                print(json.dumps(result), flush=True)
-                results.append(result)
-        del weights
+            err = None
+            if kind != "bf16":
+                err = 0.0
+                for index, (n, k) in enumerate(shapes[:len(SHAPES)]):
+                    packed = random_blocks("Q4_K", (n, k), torch.Generator(device="cuda").manual_seed(index),
+                                           torch.device("cuda"))
+                    w = packed if kind == "Q4_K bytes" else gguf.q4_k_words_form(packed)
+                    got = (triton_gguf.matmul(x_by_k[k], w, TYPES["Q4_K"]) if kind == "Q4_K bytes" else
+                           triton_int_quant.int_quant_mm(x_by_k[k], w[0], w[1], w[2], None, 4, supers=w[3]))
+                    expected = gguf.matmul_reference(x_by_k[k], packed, TYPES["Q4_K"]).float()
+                    err = max(err, ((got.float() - expected).norm() / expected.norm()).item())
+            ms = time_graph(partial(run_all, kind, weights, x_by_k))
+            result = {"rows": rows, "type": kind, "rel_err": err, "ms": round(ms, 3), "weight_gb": round(gb, 3),
+                      "tb_per_s": round(gb / ms, 2)}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+        weights = held = []
         torch.cuda.empty_cache()
-    Path(args.out, "gguf_q4k_words.json").write_text(json.dumps(results, indent=1))
+    Path(args.out, "gguf_k_form.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ def test_an_unsupported_type_is_refused_naming_it_and_the_tensor():
                                               ("blk.0.attn_k.weight", "F16", 512, 256),
                                               ("blk.0.attn_norm.weight", "F32", 1024, 256)))
     assert (counted.packed_bytes, counted.packed_params) == (354, 512)
+    assert counted.extra_16bit == 148 - 144  # Q4_K in the K-quant form, served in 16 bits on a GPU
     assert counted.types == (("F16", 1), ("Q4_K", 1), ("Q6_K", 1))
 
 

@@ -109,3 +109,61 @@ def test_a_mixed_type_layer_on_cuda_matches_the_cpu_layer(num_tokens):
     expected = layers["cpu"](x)
     got = layers["cuda"](x.cuda().to(torch.bfloat16)).float().cpu()
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def k_form_layer(dtype: torch.dtype, k: int = 256 * 5) -> tuple[object, list[tuple[str, torch.Tensor]]]:
+    """A CUDA gguf layer of Q4_K, Q6_K and Q4_K shards in `dtype`, and its shards' packed rows."""
+    shards = [("Q4_K", 256), ("Q6_K", 128), ("Q4_K", 136)]
+    layer = make_linear(k, tuple(rows for _, rows in shards), dtype, torch.device("cuda"), "gguf")
+    datas = []
+    for index, (name, rows) in enumerate(shards):
+        data = random_packed(name, rows, k, seed=10 + index)
+        layer.load(index, "weight", PackedGgufTensor(data, TYPES[name], name, (rows, k)))
+        datas.append((name, data))
+    layer.finish_loading()
+    return layer, datas
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_tokens", [1, 2, 20, 100, 300])  # split GEMV, words tiles, words dequant + cuBLAS
+def test_q4_k_served_in_16_bits_is_held_in_the_k_form_and_multiplies_as_the_file_says(num_tokens, dtype):
+    """Q4_K parts take int_quant's K-quant form (the words kernels), the Q6_K part its GGUF kernels; the
+    layer's weights are the file's bit for bit, its bytes 148 a Q4_K block, its product the dequantized one."""
+    layer, datas = k_form_layer(dtype)
+    assert [part.k_form for part in layer.parts] == [True, False, True]
+    expected_w = torch.cat([gguf.dequantize(data, TYPES[name]) for name, data in datas])
+    assert torch.equal(layer.dequantized().weight, expected_w.to(dtype))
+    q4_k_blocks = (256 + 136) * 5
+    assert layer.packed_bytes() == q4_k_blocks * 148 + datas[1][1].numel()
+    x = torch.randn(num_tokens, 256 * 5, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    got = layer(x.to(dtype))
+    expected = x.to(dtype).float() @ expected_w.T
+    assert got.shape == (num_tokens, 520) and got.dtype == dtype
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_the_k_form_dequantizer_writes_the_weights_dequantized_at_load():
+    from fitserve.kernels import triton_int_quant
+
+    packed = random_packed("Q4_K", 70, 256 * 3, seed=7)
+    qweight, sub_scales, sub_mins, supers = gguf.q4_k_words_form(packed)
+    x = torch.randn(300, 256 * 3, device="cuda").to(torch.bfloat16)
+    got = triton_int_quant.dequant_mm(x, qweight, sub_scales, sub_mins, 4, supers)
+    weight = gguf.dequantize(packed, TYPES["Q4_K"], torch.bfloat16)
+    scratch = triton_int_quant.dequant_scratch(70 * 256 * 3, torch.bfloat16, x.device).view(70, 256 * 3)
+    assert torch.equal(scratch, weight)
+    torch.testing.assert_close(got, x @ weight.t(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_k_form_split_gemv_replays_in_a_cuda_graph():
+    layer, _ = k_form_layer(torch.bfloat16, k=256 * 16)
+    x = torch.zeros(1, 256 * 16, device="cuda", dtype=torch.bfloat16)
+    layer(x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    for seed in (1, 2):
+        x.copy_(torch.randn(1, 256 * 16, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, layer(x))

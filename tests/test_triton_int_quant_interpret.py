@@ -65,7 +65,34 @@ def check_all() -> list[str]:
                     if got.dtype != dtype or not err < TOLERANCE:
                         failures.append(f"{name} bits={bits} shape={(num_cols, inner, group_size)} "
                                         f"rows={num_rows} act_order={order is not None}: {err:.2e}")
-    return failures + check_q4_k_words()
+    return failures + check_q4_k_words() + check_k_form()
+
+
+def check_k_form():
+    """GGUF Q4_K in the K-quant form (kernels/gguf.py q4_k_words_form): every distinct GEMV and tile table
+    at its row counts, and the words dequantizer (a table that takes it from 17 rows), against the
+    form's reference; 3 and 5 blocks of 256 a row (partial tiles), columns not a multiple of a block."""
+    from dataclasses import replace
+
+    from fitserve.kernels import gguf, int_quant, triton_int_quant
+    from fitserve.weights.dummy_gguf import random_blocks
+
+    failures = []
+    gen = torch.Generator().manual_seed(2)
+    dequant = replace(triton_int_quant.DEFAULT_TABLE, dequant_min_rows=17)
+    cases = distinct_cases(triton_int_quant.VARIANTS) + [("dequant_mm", dequant, rows) for rows in ROWS[2:]]
+    for num_cols, inner in ((37, 768), (20, 1280)):
+        form = gguf.q4_k_words_form(random_blocks("Q4_K", (num_cols, inner), gen, torch.device("cpu")))
+        qweight, sub_scales, sub_mins, supers = form
+        for name, table, num_rows in cases:
+            dtype = torch.float16 if num_rows % 2 else torch.float32
+            x = torch.randn(num_rows, inner, generator=gen).to(dtype)
+            got = triton_int_quant.int_quant_mm(x, qweight, sub_scales, sub_mins, None, 4, table, supers=supers)
+            expected = int_quant.int_quant_mm_reference(x, qweight, sub_scales, sub_mins, None, 4, supers=supers)
+            err = relative_error(got, expected)
+            if got.dtype != dtype or not err < TOLERANCE:
+                failures.append(f"K-quant form {name} shape={(num_cols, inner)} rows={num_rows}: {err:.2e}")
+    return failures
 
 
 def check_q4_k_words() -> list[str]:

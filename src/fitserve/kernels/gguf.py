@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fitserve.kernels import int_quant
+
 
 @dataclass(frozen=True, slots=True)
 class GgmlBlock:
@@ -39,6 +41,7 @@ BLOCK_TYPES: dict[int, GgmlBlock] = {b.ggml_type: b for b in (
     GgmlBlock("Q8_0", 8, 32, 34), GgmlBlock("Q4_K", 12, 256, 144), GgmlBlock("Q5_K", 13, 256, 176),
     GgmlBlock("Q6_K", 14, 256, 210),
 )}
+Q4_K = 12  # BLOCK_TYPES' key of Q4_K
 K_SCALE_BYTES = 12  # Q4_K / Q5_K: eight 6-bit scales and eight 6-bit mins in 12 bytes
 # Rows dequantized at a time by `matmul_reference`: a bounded float32 scratch (16 MiB at K 4096)
 CHUNK_ROWS = 1024
@@ -149,6 +152,19 @@ def nibbles_and_affine(blocks: torch.Tensor, ggml_type: int) -> tuple[torch.Tens
     if name == "Q4_1":
         return _nibbles_32(blocks[:, 4:]), d, _f16(blocks[:, 2:4])
     raise ValueError(f"{name} is not a 4-bit type with groups of 32")
+
+
+def q4_k_words_form(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K rows [N, row_bytes] -> kernels/int_quant.py's K-quant form: (qweight uint8 [N, K / 2], each
+    sub-block's scale sc and min mn uint8 [N, K / 32], supers float16 [N, K / 256, 2] (d, dmin)); the same
+    weights bit for bit, 148 bytes a block of 256 against the file's 144."""
+    num_rows = packed.shape[0]
+    blocks = packed.reshape(-1, BLOCK_TYPES[Q4_K].block_bytes)
+    q, _, _ = _q4_k_parts(blocks)
+    sc, mn = _k_scale_min(blocks[:, 4:4 + K_SCALE_BYTES])
+    supers = blocks[:, :4].contiguous().view(torch.float16).reshape(num_rows, -1, 2)
+    return (int_quant.pack_nibbles(q.reshape(num_rows, -1)).contiguous(), sc.reshape(num_rows, -1).contiguous(),
+            mn.reshape(num_rows, -1).contiguous(), supers.contiguous())
 
 
 def block_type(ggml_type: int) -> GgmlBlock:

@@ -20,13 +20,20 @@ The checkpoints pack values into int32 words, lowest bits first (`unpack_int32`)
   weight_zero_point [N * bits / 32, G] packed along N (asymmetric only), weight_g_idx [K]; values
   are signed and packed plus 2^(bits - 1), so the unsigned values above come out directly and a
   symmetric scheme's zero is 2^(bits - 1).
+
+GGUF's Q4_K takes the same 4-bit qweight in a second form, its scales in two levels as the file
+stores them (`supers`, the K-quant form; kernels/gguf.py q4_k_words_form): groups of 32, `scales`
+and `zeros` uint8 [N, G] hold each group's 6-bit scale sc and min mn, and `supers` float16
+[N, G / SUPER_GROUPS, 2] each super-block's d and dmin: W[n, k] = q * (d * sc) - dmin * mn, in
+float32 with one rounding (d * sc and dmin * mn are exact), as kernels/gguf.py dequantizes the file.
 """
 
 from __future__ import annotations
 
 import torch
 
-AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_PACK_ORDER[i]
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+SUPER_GROUPS = 8  # the K-quant form: groups of 32 in a super-block (Q4_K's block of 256)  # nibble i of an AWQ word holds column AWQ_PACK_ORDER[i]
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -100,8 +107,22 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     return ((q.float() - zeros[:, groups].float()) * scales[:, groups]).to(dtype)
 
 
+def dequantize_k(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, supers: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The K-quant form -> W [N, K] in `dtype` (q * (d * sc) - dmin * mn in float32, one rounding)."""
+    q = unpack_nibbles(qweight).float()
+    per_value = q.shape[1] // scales.shape[1]
+    d, dmin = (supers[..., i].float().repeat_interleave(SUPER_GROUPS, dim=1) for i in (0, 1))
+    scale = (d * scales.float()).repeat_interleave(per_value, dim=1)
+    offset = (dmin * mins.float()).repeat_interleave(per_value, dim=1)
+    return (q * scale - offset).to(dtype)
+
+
 def int_quant_mm_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                           g_idx: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """x [T, K] -> x @ W.T [T, N] in x's dtype: W rounded to x's dtype, float32 sums (the kernel's numerics)."""
-    weight = dequantize(qweight, scales, zeros, g_idx, bits, x.dtype)
+                           g_idx: torch.Tensor | None, bits: int, supers: torch.Tensor | None = None
+                           ) -> torch.Tensor:
+    """x [T, K] -> x @ W.T [T, N] in x's dtype: W rounded to x's dtype, float32 sums (the kernel's numerics).
+    supers: the K-quant form (zeros then hold the mins; 4 bits, no g_idx)."""
+    weight = (dequantize(qweight, scales, zeros, g_idx, bits, x.dtype) if supers is None
+              else dequantize_k(qweight, scales, zeros, supers, x.dtype))
     return (x.float() @ weight.float().t()).to(x.dtype)

@@ -261,19 +261,28 @@ def dequant_scratch(num_elements: int, dtype: torch.dtype, device: torch.device)
 
 
 def dequant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bits: int) -> torch.Tensor:
+               bits: int, supers: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T for many rows: W dequantized once into the scratch in x's dtype, then torch's matmul
     (cuBLAS, float32 sums): the specification's numerics, at cuBLAS's speed plus one pass over W."""
     _common_args(x, qweight, scales, zeros, None, bits)
     num_cols, num_inner = qweight.shape[0], x.shape[1]
     weight = dequant_scratch(num_cols * num_inner, x.dtype, x.device).view(num_cols, num_inner)
-    if triton_int_words.words_take(qweight, scales, None, bits):
-        return x @ triton_int_words.dequantize_words(qweight, scales, zeros, bits, weight).t()
+    if _words(qweight, scales, None, bits, supers):
+        return x @ triton_int_words.dequantize_words(qweight, scales, zeros, bits, weight, supers).t()
     block_n, block_k, num_warps = DEQUANT_TILE
     _dequant_kernel[(triton.cdiv(num_cols, block_n), triton.cdiv(num_inner, block_k))](
         qweight, scales, zeros, weight, num_cols, num_inner, num_inner // scales.shape[1], qweight.stride(0),
         scales.stride(0), weight.stride(0), BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return x @ weight.t()
+
+
+def _words(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None, bits: int,
+           supers: torch.Tensor | None, words_chosen: bool = True) -> bool:
+    """Whether the words kernels serve this layer: chosen and taking it. The K-quant form (supers) has only
+    them: AssertionError where they do not take it (its loader made it so that they do)."""
+    takes = words_chosen and triton_int_words.words_take(qweight, scales, g_idx, bits)
+    assert takes or supers is None, "the K-quant form is multiplied by the words kernels only"
+    return takes
 
 
 def _common_args(x, qweight, scales, zeros, g_idx, bits):
@@ -291,14 +300,16 @@ def gemv_takes(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor 
 
 
 def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-         g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None) -> torch.Tensor:
+         g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None,
+         supers: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (a few rows) @ W.T -> [M, N] in x's dtype; W multiplied as float32 (not rounded to x's
     dtype: within the rounding of the reference). Layers neither GEMV takes go to tile_gemm."""
     table = table or DEFAULT_TABLE
     choice = table.gemv
-    if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
+    if _words(qweight, scales, g_idx, bits, supers, choice.kernel == WORDS or supers is not None):
+        choice = choice if choice.kernel == WORDS else DEFAULT_TABLE.gemv
         return triton_int_words.gemv_words(x, qweight, scales, zeros, bits, choice.block_n, choice.tile,
-                                           choice.num_warps, choice.min_programs)
+                                           choice.num_warps, choice.min_programs, supers)
     if not gemv_takes(qweight, scales, g_idx):
         return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table)
     _common_args(x, qweight, scales, zeros, g_idx, bits)
@@ -315,15 +326,17 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
 
 
 def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None) -> torch.Tensor:
+              g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None,
+              supers: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N]: each weight tile dequantized once for BLOCK_M rows, tl.dot."""
     table = table or DEFAULT_TABLE
     num_rows, num_inner = x.shape
     choice = table.tile_for(num_rows)
-    if choice.kernel == WORDS and triton_int_words.words_take(qweight, scales, g_idx, bits):
+    if _words(qweight, scales, g_idx, bits, supers, choice.kernel == WORDS or supers is not None):
+        choice = choice if choice.kernel == WORDS else DEFAULT_TABLE.tile_for(num_rows)
         return triton_int_words.tile_words(x, qweight, scales, zeros, bits, choice.block_m, choice.block_n,
                                            choice.block_k, choice.num_warps, choice.num_stages, choice.swap,
-                                           choice.split_k)
+                                           choice.split_k, supers)
     if choice.kernel != BYTES:
         choice = BASELINE.tile_for(num_rows)
     num_cols = qweight.shape[0]
@@ -337,13 +350,16 @@ def tile_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 
 
 def int_quant_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None) -> torch.Tensor:
+                 g_idx: torch.Tensor | None, bits: int, table: KernelTable | None = None,
+                 supers: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] bf16/fp16 -> [M, N] in x's dtype, W in int_quant's layout, by the table's path for M rows
-    (table None: DEFAULT_TABLE as it is at the call, which benchmarks/gpu_bench.py --int-kernels replaces)."""
+    (table None: DEFAULT_TABLE as it is at the call, which benchmarks/gpu_bench.py --int-kernels replaces).
+    supers: the K-quant form (int_quant.py; zeros hold the mins), which only the words kernels take (a
+    table's bytes choice gives way to DEFAULT_TABLE's)."""
     table = table or DEFAULT_TABLE
     x = x.contiguous()
     if x.shape[0] <= table.gemv_max_rows:
-        return gemv(x, qweight, scales, zeros, g_idx, bits, table)
+        return gemv(x, qweight, scales, zeros, g_idx, bits, table, supers)
     if x.shape[0] >= table.dequant_min_rows and g_idx is None:
-        return dequant_mm(x, qweight, scales, zeros, bits)
-    return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table)
+        return dequant_mm(x, qweight, scales, zeros, bits, supers)
+    return tile_gemm(x, qweight, scales, zeros, g_idx, bits, table, supers)

@@ -18,6 +18,11 @@ layout), with fewer instructions per weight than its byte kernels:
 A tile of either kernel is SEGS_PER_TILE segments of SEG_WORDS words of each column, a segment
 inside one group (words_geometry), so groups of 32 values to whole rows take the same code.
 Act-order (g_idx) layers and rows whose packed bytes are not whole words take the byte kernels.
+
+The K-quant form (kernels/int_quant.py: GGUF's Q4_K, `supers` given, constexpr KQ = its groups a
+super-block) has no zero: a group's scale is d * sc and its offset -dmin * mn (the two loads of
+_group_affine). The GEMV then sums q * x and x per word and applies scale and offset after the products;
+the tile GEMM's weight is q * scale - dmin * mn, the reference's weight bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fitserve.kernels import pdl
+from fitserve.kernels.int_quant import SUPER_GROUPS
 from fitserve.kernels.pdl import begin
 
 # float32 2^23: a value OR-ed into its mantissa (below 2^23) reads 2^23 + value; MAGIC is that float
@@ -37,6 +43,14 @@ MAGIC = tl.constexpr(8388608.0)
 HALF_BITS = 16  # values come from 16-bit halves, so bit j * bits + bits stays below bit 23 (kernels: 16 // BITS)
 WORD_BITS = 32
 MIN_INNER = 16  # tl.dot's smallest K: a tile holds at least min(block_k, K) inputs
+
+
+def _supers_args(scales: torch.Tensor, supers: torch.Tensor | None) -> tuple[torch.Tensor, int, int]:
+    """(pointer, row stride, KQ) of the K-quant form's super-block scales; scales and 0s without them."""
+    if supers is None:
+        return scales, 0, 0
+    assert supers.is_contiguous() and supers.shape == (scales.shape[0], scales.shape[1] // SUPER_GROUPS, 2)
+    return supers, supers.stride(0), SUPER_GROUPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +123,21 @@ def _segment_words(q_ptr, cols, stride_q, s0, num_segments, SEG_WORDS: tl.conste
 
 
 @triton.jit
+def _group_affine(s_ptr, z_ptr, sup_ptr, cols, groups, ok, stride_s, stride_sup, KQ: tl.constexpr):
+    """(scale, second) of the groups at cols * stride_s + groups (broadcast shapes), scale 0 where not ok.
+    Plain (KQ 0): the stored scale and the zero. K-quant form: d * sc and dmin * mn (0 where not ok),
+    d and dmin from the super-block's pair at cols * stride_sup + 2 * (groups // KQ)."""
+    at_group = cols * stride_s + groups
+    if KQ > 0:
+        at_super = cols * stride_sup + (groups // KQ) * 2
+        scale = tl.load(sup_ptr + at_super).to(tl.float32) * tl.load(s_ptr + at_group).to(tl.float32)
+        second = tl.load(sup_ptr + at_super + 1).to(tl.float32) * tl.load(z_ptr + at_group).to(tl.float32)
+        return tl.where(ok, scale, 0.0), tl.where(ok, second, 0.0)
+    else:
+        return tl.where(ok, tl.load(s_ptr + at_group), 0.0), tl.load(z_ptr + at_group).to(tl.float32)
+
+
+@triton.jit
 def _store_sums(acc, y_at, part_at, part_stride, count_ptr, tile, pid_k, ok, SPLIT_K: tl.constexpr):
     """Store a product's float32 sums `acc` at y_at (y's dtype). With K split (SPLIT_K > 1) each program
     stores its range's sums at part_at + pid_k * part_stride, and the last of the tile's SPLIT_K programs to
@@ -128,10 +157,11 @@ def _store_sums(acc, y_at, part_at, part_stride, count_ptr, tile, pid_k, ok, SPL
 
 
 @triton.jit
-def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments, steps_per_split,
-                       magic_bits, stride_x, stride_q, stride_s, stride_y,
+def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, sup_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments,
+                       steps_per_split, magic_bits, stride_x, stride_q, stride_s, stride_sup, stride_y,
                        BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
-                       SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+                       SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, KQ: tl.constexpr,
+                       PDL: tl.constexpr):
     """Input row m against BLOCK_N output columns, SEGS_PER_TILE segments a step. The loop's tensors are
     [S, BLOCK_N, W] (value v of each word its own tensor): Triton then spreads threads over words and
     segments and gives each thread all BLOCK_N columns of its words, so each x is loaded, converted and
@@ -156,14 +186,21 @@ def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
         word = segs[:, None] * SEG_WORDS + tl.arange(0, SEG_WORDS)[None, :]  # [S, W]
         words = tl.load(q_ptr + cols[None, :, None].to(tl.int64) * stride_q + word[:, None, :],
                         mask=seg_ok[:, None, None], other=0)  # [S, N, W]; a partial last step reads no memory
-        at_group = cols[None, :] * stride_s + (segs // SEGS_PER_GROUP)[:, None]  # [S, BLOCK_N]
-        scale = tl.where(seg_ok[:, None], tl.load(s_ptr + at_group), 0.0)
-        zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]  # [S, BLOCK_N, 1]
+        scale, second = _group_affine(s_ptr, z_ptr, sup_ptr, cols[None, :], (segs // SEGS_PER_GROUP)[:, None],
+                                      seg_ok[:, None], stride_s, stride_sup, KQ)  # [S, BLOCK_N]
         high = words >> 16
         dot = tl.zeros([SEGS_PER_TILE, BLOCK_N, SEG_WORDS], dtype=tl.float32)
-        for v in tl.static_range(PER_WORD):
-            dot += _value_times_x(words, high, zero, x_row + word * PER_WORD, magic_bits, v, BITS)
-        acc += dot * scale[:, :, None]
+        if KQ > 0:  # q * x and x summed per word; the group's offset times its inputs' sum after
+            x_sum = tl.zeros([SEGS_PER_TILE, SEG_WORDS], dtype=tl.float32)
+            for v in tl.static_range(PER_WORD):
+                q_x, x = _unsigned_value_times_x(words, high, x_row + word * PER_WORD, magic_bits, v, BITS)
+                dot += q_x
+                x_sum += x
+            acc += dot * scale[:, :, None] - second[:, :, None] * x_sum[:, None, :]
+        else:
+            for v in tl.static_range(PER_WORD):
+                dot += _value_times_x(words, high, second[:, :, None], x_row + word * PER_WORD, magic_bits, v, BITS)
+            acc += dot * scale[:, :, None]
     _store_sums(tl.sum(tl.sum(acc, axis=2), axis=0), y_ptr + m * stride_y + cols, part_ptr + m * N + cols, M * N,
                 count_ptr, m * tl.num_programs(0) + pid_n, pid_k, col_ok, SPLIT_K)
 
@@ -178,52 +215,64 @@ def _value_times_x(words, high, zero, x_at_word, magic_bits, V: tl.constexpr, BI
 
 
 @triton.jit
-def _weight(words, high, zero, scale, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
-    """Value V of each word dequantized: (q - zero) * scale in float32, the reference's one rounding
-    (the powers of two are exact)."""
+def _unsigned_value_times_x(words, high, x_at_word, magic_bits, V: tl.constexpr, BITS: tl.constexpr):
+    """([S, BN, W] float32 q * x for value V of each word, x [S, W]): _value_times_x without a zero."""
     UP: tl.constexpr = 1 << _place_bits(V, BITS)
-    return (mantissa_value(words, high, magic_bits, V, BITS) - (MAGIC + zero * UP)) * (scale * (1.0 / UP))
+    x = tl.load(x_at_word + V).to(tl.float32)
+    return (mantissa_value(words, high, magic_bits, V, BITS) - MAGIC) * (x * (1.0 / UP))[:, None, :], x
 
 
 @triton.jit
-def _tile_weights(words, zero, scale, magic, BITS: tl.constexpr):
+def _weight(words, high, second, scale, magic_bits, V: tl.constexpr, BITS: tl.constexpr, KQ: tl.constexpr):
+    """Value V of each word dequantized in float32 with the reference's one rounding (the powers of two and,
+    in the K-quant form, q * scale are exact): (q - zero) * scale, or q * scale - second (dmin * mn)."""
+    UP: tl.constexpr = 1 << _place_bits(V, BITS)
+    if KQ > 0:
+        return (mantissa_value(words, high, magic_bits, V, BITS) - MAGIC) * (scale * (1.0 / UP)) - second
+    else:
+        return (mantissa_value(words, high, magic_bits, V, BITS) - (MAGIC + second * UP)) * (scale * (1.0 / UP))
+
+
+@triton.jit
+def _tile_weights(words, second, scale, magic, BITS: tl.constexpr, KQ: tl.constexpr):
     """Words [BN, S, W] -> float32 weights [BN, S, W, 32 / BITS], value v of word w at [..., w, v]
     (tl.join adds a minor dimension: the last join is over v's lowest bit)."""
     hi = words >> 16
+    z, s = second, scale
     if BITS == 4:
-        w_0 = tl.join(_weight(words, hi, zero, scale, magic, 0, 4), _weight(words, hi, zero, scale, magic, 4, 4))
-        w_1 = tl.join(_weight(words, hi, zero, scale, magic, 1, 4), _weight(words, hi, zero, scale, magic, 5, 4))
-        w_2 = tl.join(_weight(words, hi, zero, scale, magic, 2, 4), _weight(words, hi, zero, scale, magic, 6, 4))
-        w_3 = tl.join(_weight(words, hi, zero, scale, magic, 3, 4), _weight(words, hi, zero, scale, magic, 7, 4))
+        w_0 = tl.join(_weight(words, hi, z, s, magic, 0, 4, KQ), _weight(words, hi, z, s, magic, 4, 4, KQ))
+        w_1 = tl.join(_weight(words, hi, z, s, magic, 1, 4, KQ), _weight(words, hi, z, s, magic, 5, 4, KQ))
+        w_2 = tl.join(_weight(words, hi, z, s, magic, 2, 4, KQ), _weight(words, hi, z, s, magic, 6, 4, KQ))
+        w_3 = tl.join(_weight(words, hi, z, s, magic, 3, 4, KQ), _weight(words, hi, z, s, magic, 7, 4, KQ))
         w = tl.join(tl.join(w_0, w_2), tl.join(w_1, w_3))  # [..., h, a, c]: value 4h + 2a + c
     else:
-        w_0 = tl.join(_weight(words, hi, zero, scale, magic, 0, 8), _weight(words, hi, zero, scale, magic, 2, 8))
-        w_1 = tl.join(_weight(words, hi, zero, scale, magic, 1, 8), _weight(words, hi, zero, scale, magic, 3, 8))
+        w_0 = tl.join(_weight(words, hi, z, s, magic, 0, 8, KQ), _weight(words, hi, z, s, magic, 2, 8, KQ))
+        w_1 = tl.join(_weight(words, hi, z, s, magic, 1, 8, KQ), _weight(words, hi, z, s, magic, 3, 8, KQ))
         w = tl.join(w_0, w_1)  # [..., h, c]: value 2h + c
     return w
 
 
 @triton.jit
-def _dequantized_tile(q_ptr, s_ptr, z_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s,
-                      BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
-                      SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequantized_tile(q_ptr, s_ptr, z_ptr, sup_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s,
+                      stride_sup, BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
+                      SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, KQ: tl.constexpr):
     """float32 weights [BLOCK_N, BLOCK_K] of columns cols_in and segments s0 .. s0 + SEGS_PER_TILE, as
     the reference dequantizes them; segments past num_segments read nothing and come out 0."""
     BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * (32 // BITS)
     words, word, groups, seg_ok = _segment_words(q_ptr, cols_in, stride_q, s0, num_segments, SEG_WORDS,
                                                   SEGS_PER_TILE, SEGS_PER_GROUP)
-    at_group = cols_in[:, None] * stride_s + groups[None, :]  # [BLOCK_N, S]
-    scale = tl.where(seg_ok[None, :], tl.load(s_ptr + at_group), 0.0)[:, :, None]
-    zero = tl.load(z_ptr + at_group).to(tl.float32)[:, :, None]
-    return tl.reshape(_tile_weights(words, zero, scale, magic_bits, BITS), (BLOCK_N, BLOCK_K))
+    scale, second = _group_affine(s_ptr, z_ptr, sup_ptr, cols_in[:, None], groups[None, :], seg_ok[None, :],
+                                  stride_s, stride_sup, KQ)  # [BLOCK_N, S]
+    weights = _tile_weights(words, second[:, :, None], scale[:, :, None], magic_bits, BITS, KQ)
+    return tl.reshape(weights, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments, steps_per_split,
-                       magic_bits, stride_x, stride_q, stride_s, stride_y,
+def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, sup_ptr, y_ptr, part_ptr, count_ptr, M, N, num_segments,
+                       steps_per_split, magic_bits, stride_x, stride_q, stride_s, stride_sup, stride_y,
                        BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
                        SEGS_PER_TILE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       SWAP: tl.constexpr, SPLIT_K: tl.constexpr):
+                       SWAP: tl.constexpr, SPLIT_K: tl.constexpr, KQ: tl.constexpr):
     """BLOCK_M rows against BLOCK_N columns; each weight tile dequantized once, then tl.dot.
 
     SWAP computes the transposed product (W x^T, the dequantized weights as the dot's first operand, which
@@ -245,8 +294,8 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(0, steps_per_split):
         s0 = s_begin + step * SEGS_PER_TILE
-        w = _dequantized_tile(q_ptr, s_ptr, z_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s, BITS,
-                              SEG_WORDS, SEGS_PER_GROUP, SEGS_PER_TILE, BLOCK_N)
+        w = _dequantized_tile(q_ptr, s_ptr, z_ptr, sup_ptr, cols_in, s0, num_segments, magic_bits, stride_q,
+                              stride_s, stride_sup, BITS, SEG_WORDS, SEGS_PER_GROUP, SEGS_PER_TILE, BLOCK_N, KQ)
         k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
         k_ok = k < num_segments * (SEG_WORDS * PER_WORD)
         if SWAP:
@@ -263,10 +312,11 @@ def _tile_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, part_ptr, count_ptr, M
 
 
 @triton.jit
-def _dequant_words_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, num_segments, magic_bits, stride_q, stride_s, stride_w,
-                          BITS: tl.constexpr, SEG_WORDS: tl.constexpr, SEGS_PER_GROUP: tl.constexpr,
-                          SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W[n, k] = (q - zero) * scale in float32, stored in w's dtype, for BLOCK_N columns and one tile of
+def _dequant_words_kernel(q_ptr, s_ptr, z_ptr, sup_ptr, w_ptr, N, num_segments, magic_bits, stride_q, stride_s,
+                          stride_sup, stride_w, BITS: tl.constexpr, SEG_WORDS: tl.constexpr,
+                          SEGS_PER_GROUP: tl.constexpr, SEGS_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+                          KQ: tl.constexpr):
+    """W[n, k] (as the reference dequantizes it, in float32) stored in w's dtype, for BLOCK_N columns and one tile of
     segments: the tile GEMM's dequantization (_dequantized_tile), written out instead of multiplied."""
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     s0 = tl.program_id(1) * SEGS_PER_TILE
@@ -274,8 +324,8 @@ def _dequant_words_kernel(q_ptr, s_ptr, z_ptr, w_ptr, N, num_segments, magic_bit
     cols_in = tl.where(col_ok, cols, 0)
     PER_WORD: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = SEGS_PER_TILE * SEG_WORDS * PER_WORD
-    w = _dequantized_tile(q_ptr, s_ptr, z_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s, BITS,
-                          SEG_WORDS, SEGS_PER_GROUP, SEGS_PER_TILE, BLOCK_N)
+    w = _dequantized_tile(q_ptr, s_ptr, z_ptr, sup_ptr, cols_in, s0, num_segments, magic_bits, stride_q, stride_s,
+                          stride_sup, BITS, SEG_WORDS, SEGS_PER_GROUP, SEGS_PER_TILE, BLOCK_N, KQ)
     k = s0 * (SEG_WORDS * PER_WORD) + tl.arange(0, BLOCK_K)
     ok = col_ok[:, None] & (k < num_segments * (SEG_WORDS * PER_WORD))[None, :]
     tl.store(w_ptr + cols[:, None].to(tl.int64) * stride_w + k[None, :], w.to(w_ptr.dtype.element_ty), mask=ok)
@@ -285,16 +335,19 @@ DEQUANT_WORDS_TILE = (32, 32, 4)  # (BLOCK_N, words a column, num_warps): 256 4-
 
 
 def dequantize_words(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-                     out: torch.Tensor) -> torch.Tensor:
-    """The whole weight [N, K] dequantized into out (bf16/fp16, contiguous rows); the caller checked words_take."""
+                     out: torch.Tensor, supers: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole weight [N, K] dequantized into out (bf16/fp16, contiguous rows); the caller checked words_take.
+    supers: the K-quant form (module docstring)."""
     num_cols, num_groups = scales.shape
     block_n, tile_words, num_warps = DEQUANT_WORDS_TILE
     geo = words_geometry(qweight.shape[1], num_groups, tile_words)
     assert out.shape == (num_cols, qweight.shape[1] * 8 // bits) and out.stride(1) == 1, out.shape
+    sup, stride_sup, kq = _supers_args(scales, supers)
     _dequant_words_kernel[(triton.cdiv(num_cols, block_n), triton.cdiv(geo.num_segments, geo.segs_per_tile))](
-        qweight.view(torch.int32), scales, zeros, out, num_cols, geo.num_segments, MAGIC_BITS, geo.words_per_row,
-        scales.stride(0), out.stride(0), BITS=bits, SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group,
-        SEGS_PER_TILE=geo.segs_per_tile, BLOCK_N=block_n, num_warps=num_warps)
+        qweight.view(torch.int32), scales, zeros, sup, out, num_cols, geo.num_segments, MAGIC_BITS,
+        geo.words_per_row, scales.stride(0), stride_sup, out.stride(0), BITS=bits, SEG_WORDS=geo.seg_words,
+        SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile, BLOCK_N=block_n, KQ=kq,
+        num_warps=num_warps)
     return out
 
 
@@ -307,9 +360,10 @@ def gemv_split(num_steps: int, programs_unsplit: int, min_programs: int) -> tupl
 
 
 def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
-               block_n: int, tile_words: int, num_warps: int, min_programs: int = 0) -> torch.Tensor:
+               block_n: int, tile_words: int, num_warps: int, min_programs: int = 0,
+               supers: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (a few rows; one program row each) @ W.T -> [M, N] in x's dtype; the caller checked words_take.
-    min_programs: split K (gemv_split) until the launch has that many programs."""
+    min_programs: split K (gemv_split) until the launch has that many programs; supers: the K-quant form."""
     num_rows = x.shape[0]
     num_cols, num_groups = scales.shape
     assert x.shape[1] == qweight.shape[1] * 8 // bits and x.is_contiguous(), (x.shape, qweight.shape)
@@ -320,11 +374,12 @@ def gemv_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     y = torch.empty(num_rows, num_cols, dtype=x.dtype, device=x.device)
     parts, counts = split_buffers(split_k * num_rows * num_cols, col_tiles * num_rows, x.device) if split_k > 1 \
         else (y, y)
+    sup, stride_sup, kq = _supers_args(scales, supers)
     _gemv_words_kernel[(col_tiles, num_rows, split_k)](
-        x, qweight.view(torch.int32), scales, zeros, y, parts, counts, num_rows, num_cols, geo.num_segments,
-        steps_per_split, MAGIC_BITS, x.stride(0), geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits,
-        SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile,
-        BLOCK_N=block_n, SPLIT_K=split_k, num_warps=num_warps, **pdl.options(x.device))
+        x, qweight.view(torch.int32), scales, zeros, sup, y, parts, counts, num_rows, num_cols, geo.num_segments,
+        steps_per_split, MAGIC_BITS, x.stride(0), geo.words_per_row, scales.stride(0), stride_sup, y.stride(0),
+        BITS=bits, SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile,
+        BLOCK_N=block_n, SPLIT_K=split_k, KQ=kq, num_warps=num_warps, **pdl.options(x.device))
     return y
 
 
@@ -349,9 +404,10 @@ def split_buffers(num_partials: int, num_tiles: int, device: torch.device) -> tu
 
 def tile_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, swap: bool = False,
-               split_k: int = 1) -> torch.Tensor:
+               split_k: int = 1, supers: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ W.T -> [M, N] in x's dtype, BLOCK_M rows a program; the caller checked words_take.
-    swap: the product computed transposed; split_k: K cut into that many ranges (see the kernel)."""
+    swap: the product computed transposed; split_k: K cut into that many ranges (see the kernel); supers:
+    the K-quant form."""
     num_rows = x.shape[0]
     num_cols, num_groups = scales.shape
     assert x.shape[1] == qweight.shape[1] * 8 // bits and x.is_contiguous(), (x.shape, qweight.shape)
@@ -363,9 +419,11 @@ def tile_words(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(num_cols, block_n), split_k)
     parts, counts = split_buffers(split_k * num_rows * num_cols, grid[0] * grid[1], x.device) if split_k > 1 \
         else (y, y)
+    sup, stride_sup, kq = _supers_args(scales, supers)
     _tile_words_kernel[grid](
-        x, qweight.view(torch.int32), scales, zeros, y, parts, counts, num_rows, num_cols, geo.num_segments,
-        steps_per_split, MAGIC_BITS, x.stride(0), geo.words_per_row, scales.stride(0), y.stride(0), BITS=bits,
-        SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile,
-        BLOCK_M=block_m, BLOCK_N=block_n, SWAP=swap, SPLIT_K=split_k, num_warps=num_warps, num_stages=num_stages)
+        x, qweight.view(torch.int32), scales, zeros, sup, y, parts, counts, num_rows, num_cols, geo.num_segments,
+        steps_per_split, MAGIC_BITS, x.stride(0), geo.words_per_row, scales.stride(0), stride_sup, y.stride(0),
+        BITS=bits, SEG_WORDS=geo.seg_words, SEGS_PER_GROUP=geo.segs_per_group, SEGS_PER_TILE=geo.segs_per_tile,
+        BLOCK_M=block_m, BLOCK_N=block_n, SWAP=swap, SPLIT_K=split_k, KQ=kq, num_warps=num_warps,
+        num_stages=num_stages)
     return y

@@ -87,7 +87,7 @@ def plan_inputs_from_args(args: argparse.Namespace, source: ModelSourceLike) -> 
     counts = source.param_counts() or model_param_counts(source.arch, folder)
     if quantization == "gguf" and gguf_path is not None and source.dummy_layout is None:
         packed = read_packed_linear_bytes(gguf_path)
-        counts = with_packed_linears(counts, packed.packed_params, packed.packed_bytes)
+        counts = with_packed_linears(counts, packed.packed_params, packed.packed_bytes, extra_16bit=packed.extra_16bit)
     return PlanInputs(
         arch=source.arch, model_name=source.name, param_counts=counts,
         max_model_len=resolve_max_model_len(scheduler.max_model_len, source.arch), dtype=resolve_dtype(config.dtype),

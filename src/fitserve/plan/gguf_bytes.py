@@ -2,7 +2,9 @@
 
 The header (gguf.GGUFReader, which maps the file and reads no tensor data) gives each tensor's
 GGML type and byte size. A block projection (attn_q/k/v/output, Phi-3's fused attn_qkv, ffn_gate/up/down) in one of
-`PACKED_TYPES` is held as its bytes, exactly as stored; one in F32/F16/BF16 is dequantized to
+`PACKED_TYPES` is held as its bytes, exactly as stored, except that serving in 16 bits on a GPU holds Q4_K
+in the integer kernels' K-quant form (`HELD_BLOCK_BYTES`: 148 bytes a block of 256 against 144; the planner
+counts it for any 16-bit --dtype); one in F32/F16/BF16 is dequantized to
 `--dtype` as without the flag, and so are the embedding, output and norm tensors. A projection in
 any other quantized type (Q2_K, IQ4_XS, ...) is refused here, naming the type and the tensor,
 before a weight is read. kernels/gguf.py holds the same types' block layouts.
@@ -17,6 +19,9 @@ from fitserve.config import ConfigError
 # The GGML types fitserve multiplies in packed form (kernels/gguf.py BLOCK_TYPES, a test checks)
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 DENSE_TYPES = ("F32", "F16", "BF16")  # dequantized to --dtype like the other tensors
+# Bytes of a block served in 16 bits on a GPU where they differ from the file's (layers/formats/gguf.py
+# takes_k_form)
+HELD_BLOCK_BYTES = {"Q4_K": (144, 148)}  # type: (file, held)
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_qkv")  # qkv: Phi-3
 
 
@@ -25,8 +30,15 @@ class GgufLinearBytes:
     """The block projections of a GGUF file as `--quantization gguf` holds them."""
 
     packed_bytes: int  # bytes of the projections in PACKED_TYPES, as stored
+    extra_16bit: int  # what serving them in 16 bits on a GPU adds (HELD_BLOCK_BYTES)
     packed_params: int  # their elements (the rest of the linear elements are dequantized to --dtype)
     types: tuple[tuple[str, int], ...]  # (GGML type name, projection tensors of that type), by name
+
+
+def held_bytes_16bit(type_name: str, file_bytes: int) -> int:
+    """Bytes a packed projection of `file_bytes` in the file takes served in 16 bits on a GPU."""
+    file_block, held_block = HELD_BLOCK_BYTES.get(type_name, (1, 1))
+    return file_bytes // file_block * held_block
 
 
 def is_projection(gguf_name: str) -> bool:
@@ -38,7 +50,7 @@ def is_projection(gguf_name: str) -> bool:
 def packed_linear_bytes(reader: object) -> GgufLinearBytes:
     """Count the projections of a parsed file (a gguf.GGUFReader); ConfigError for a projection in a
     quantized type fitserve cannot keep packed."""
-    packed_bytes = packed_params = 0
+    packed_bytes = packed_params = extra_16bit = 0
     types: dict[str, int] = {}
     for tensor in reader.tensors:  # type: ignore[attr-defined]
         if not is_projection(tensor.name):
@@ -52,8 +64,9 @@ def packed_linear_bytes(reader: object) -> GgufLinearBytes:
         types[type_name] = types.get(type_name, 0) + 1
         if type_name in PACKED_TYPES:
             packed_bytes += int(tensor.n_bytes)
+            extra_16bit += held_bytes_16bit(type_name, int(tensor.n_bytes)) - int(tensor.n_bytes)
             packed_params += int(tensor.n_elements)
-    return GgufLinearBytes(packed_bytes, packed_params, tuple(sorted(types.items())))
+    return GgufLinearBytes(packed_bytes, extra_16bit, packed_params, tuple(sorted(types.items())))
 
 
 def read_packed_linear_bytes(path: str) -> GgufLinearBytes:

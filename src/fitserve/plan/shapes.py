@@ -85,6 +85,7 @@ class ParamCounts:
     # elements (part of linear_params) and stored bytes; 0 for other models
     packed_linear_params: int = 0
     packed_linear_bytes: int = 0
+    packed_16bit_extra_bytes: int = 0  # what serving them in 16 bits adds (Q4_K's K-quant form on a GPU)
     packed_format: str = "gguf"  # the report's name for them: "gguf", or an integer checkpoint's method
     # an integer checkpoint is always held as stored; a GGUF's blocks only with --quantization gguf
     packed_always: bool = False
@@ -211,11 +212,13 @@ class WeightBytes:
 
 
 def with_packed_linears(counts: ParamCounts, packed_params: int, packed_bytes: int, packed_format: str = "gguf",
-                        source: str = "the GGUF header", always: bool = False) -> ParamCounts:
+                        source: str = "the GGUF header", always: bool = False, extra_16bit: int = 0) -> ParamCounts:
     """`counts` of a model whose projections can be held as stored: a GGUF's blocks (under --quantization
-    gguf), or an integer checkpoint's values, scales and zeros (`always`: weights/int_checkpoint.py)."""
+    gguf), or an integer checkpoint's values, scales and zeros (`always`: weights/int_checkpoint.py);
+    extra_16bit: what serving them in 16 bits adds (plan/gguf_bytes.py HELD_BLOCK_BYTES)."""
     return replace(counts, packed_linear_params=packed_params, packed_linear_bytes=packed_bytes,
-                   packed_format=packed_format, packed_always=always, source=f"{counts.source} and {source}")
+                   packed_16bit_extra_bytes=extra_16bit, packed_format=packed_format, packed_always=always,
+                   source=f"{counts.source} and {source}")
 
 
 def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> WeightBytes:
@@ -226,7 +229,8 @@ def weight_bytes(counts: ParamCounts, dtype: str, quantization: str | None) -> W
     if quantization == "gguf" or counts.packed_always:
         # held as stored (GGUF blocks, an integer checkpoint's values), any other projection in --dtype
         linear_dtype = counts.packed_format
-        linear = counts.packed_linear_bytes + (counts.linear_params - counts.packed_linear_params) * dtype_bytes
+        linear = (counts.packed_linear_bytes + (counts.packed_16bit_extra_bytes if dtype_bytes == 2 else 0)
+                  + (counts.linear_params - counts.packed_linear_params) * dtype_bytes)
     else:
         linear_dtype = "fp8" if quantization is not None else dtype
         linear = counts.linear_params * DTYPE_BYTES[linear_dtype]

@@ -25,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from fitserve.arch_config import ArchConfig
 from fitserve.config import ConfigError
+from fitserve.plan.gguf_bytes import held_bytes_16bit
 from fitserve.plan.shapes import ParamCounts, counts_from_arch, with_packed_linears
 from fitserve.weights.int_checkpoint import IntQuantScheme
 
@@ -98,13 +99,16 @@ def packed_bytes(ggml_type: str, num_rows: int, in_features: int) -> int:
 
 def dummy_gguf_param_counts(arch: ArchConfig) -> ParamCounts:
     """The counts of a dummy Q4_K_M model: its packed projections at their bytes, the rest in --dtype."""
-    elements = num_bytes = 0
+    elements = num_bytes = extra_16bit = 0
     for projection in block_projections(arch):
         ggml_type = q4_k_m_type(projection, arch)
         if ggml_type != DENSE:
             elements += projection.num_rows * projection.in_features
-            num_bytes += packed_bytes(ggml_type, projection.num_rows, projection.in_features)
-    return with_packed_linears(counts_from_arch(arch), elements, num_bytes, "gguf", "the dummy Q4_K_M layout")
+            stored = packed_bytes(ggml_type, projection.num_rows, projection.in_features)
+            num_bytes += stored
+            extra_16bit += held_bytes_16bit(ggml_type, stored) - stored
+    return with_packed_linears(counts_from_arch(arch), elements, num_bytes, "gguf", "the dummy Q4_K_M layout",
+                               extra_16bit=extra_16bit)
 
 
 def check_dummy_packed(arch: ArchConfig, quantization: str) -> None:

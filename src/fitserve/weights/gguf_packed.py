@@ -105,4 +105,4 @@ def gguf_param_counts(counts: ParamCounts, source: ModelSource, quantization: st
         return counts
     from fitserve.weights.gguf_file import open_gguf
     packed = packed_linear_bytes(open_gguf(source.weights_path))
-    return with_packed_linears(counts, packed.packed_params, packed.packed_bytes)
+    return with_packed_linears(counts, packed.packed_params, packed.packed_bytes, extra_16bit=packed.extra_16bit)

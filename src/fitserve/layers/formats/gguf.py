@@ -8,10 +8,14 @@ parameters are created at load: after the checkpoint, consecutive shards of one 
 one parameter (`packed_<i>`, or `weight_<i>` in the serving dtype for a shard the file stores
 in F16/F32), and `forward` multiplies each part and concatenates the outputs.
 
-The matmul: on CUDA a decode batch (up to triton_gguf.GEMM_MAX_ROWS rows) takes a Triton kernel
-that reads the packed blocks and dequantizes them in registers (a GEMV for the first few rows, a
-small tensor-core GEMM above); larger batches (prefill) dequantize the part into a scratch buffer
-in the serving dtype (16M weights at a time) and call cuBLAS. On the CPU the layer is dequantized
+The matmul: on CUDA a decode batch of a few rows takes a Triton kernel that reads the packed blocks
+and dequantizes them in registers (a GEMV for the first few rows, a small tensor-core GEMM above);
+from triton_gguf.DEQUANT_MIN_ROWS rows the part is dequantized into a scratch buffer in the serving
+dtype and multiplied by cuBLAS. A Q4_K part served in bf16/fp16 on CUDA is held instead in the integer
+kernels' K-quant form (kernels/int_quant.py: the same 4-bit values as int32 words, each sub-block's
+6-bit scale and min, each block's d and dmin; 148 bytes a block against the file's 144) and multiplied
+as GPTQ's int4 is (triton_int_quant.int_quant_mm: the words GEMV with K split, the words tiles, the
+words dequantizer before cuBLAS), the same weights bit for bit. On the CPU the layer is dequantized
 in row chunks and multiplied (kernels/gguf.py matmul_reference): in float32 exactly what
 dequantizing at load computes. A bf16 CPU layer holds no file bytes: its Q4_0 / Q4_1 / Q4_K parts in
 torch's int4 CPU layout, multiplied by its packed int4 matmul (kernels/cpu_int4.py) for steps of up to
@@ -28,16 +32,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fitserve.kernels import cpu_int4, gguf
+from fitserve.kernels import cpu_int4, gguf, int_quant
 from fitserve.layers.formats.unquantized import UNQUANTIZED
 from fitserve.layers.linear import linear
 from fitserve.layers.weight_format import WEIGHT, LinearLayer, WeightFormat, WeightSpec
 from fitserve.weights.gguf_packed import PackedGgufTensor
 
 try:  # CUDA builds of torch bring Triton; without it the layer takes the torch path
-    from fitserve.kernels import triton_gguf
+    from fitserve.kernels import triton_gguf, triton_int_quant
 except ImportError:
-    triton_gguf = None  # type: ignore[assignment]
+    triton_gguf = triton_int_quant = None  # type: ignore[assignment]
 
 # Rows up to which a CPU int4 part multiplies by the int4 layout, above by its bf16 weights: on the 2-core
 # AVX512 EPYC the SmolLM2 layer shapes took 0.45x bf16's time at one row, 1.05x at 8, 1.47x at 16 and 2.5x
@@ -53,6 +57,15 @@ class PackedPart:
     ggml_type: int | None  # None: a dense part
     num_rows: int
     int4: bool = False  # a CPU int4 part: "weight_<i>" (its bf16 weights) and buffers int4_<i>, int4_scales_<i>
+    k_form: bool = False  # a Q4_K part in int_quant's K-quant form: "packed_<i>" (the 4-bit values) and
+    # buffers sub_scales_<i>, sub_mins_<i>, supers_<i>
+
+
+def takes_k_form(ggml_type: int | None, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a part is held in the K-quant form (kernels/int_quant.py) for the integer words kernels: Q4_K
+    served in 16 bits on CUDA (plan/gguf_bytes.py counts it)."""
+    return (ggml_type == gguf.Q4_K and dtype in (torch.bfloat16, torch.float16) and torch.device(device).type == "cuda"
+            and triton_int_quant is not None)
 
 
 class GgufLinear(LinearLayer):
@@ -109,9 +122,15 @@ class GgufLinear(LinearLayer):
                 data = gguf.dequantize(data, ggml_type, self.dtype)  # than dequantizing at every step); as at load
                 if not int4:
                     ggml_type = None  # a dense part
+            k_form = takes_k_form(ggml_type, self.dtype, self.device)
+            if k_form:
+                data, sub_scales, sub_mins, supers = gguf.q4_k_words_form(data)
+                self.register_buffer(f"sub_scales_{number}", sub_scales)
+                self.register_buffer(f"sub_mins_{number}", sub_mins)
+                self.register_buffer(f"supers_{number}", supers)
             name = f"{'packed' if ggml_type is not None and not int4 else 'weight'}_{number}"
             self.register_parameter(name, nn.Parameter(data.contiguous(), requires_grad=False))
-            parts.append(PackedPart(name, ggml_type, data.shape[0], int4))
+            parts.append(PackedPart(name, ggml_type, data.shape[0], int4, k_form))
         self.parts = tuple(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +144,9 @@ class GgufLinear(LinearLayer):
         data = getattr(self, part.param_name)
         if part.ggml_type is None:
             return linear(x, data)
+        if part.k_form:
+            return triton_int_quant.int_quant_mm(x, data, *self._k_form_scales(part), None, 4,
+                                                 supers=getattr(self, f"supers_{self._number(part)}"))
         if x.is_cuda and triton_gguf is not None:
             if triton_gguf.supports(x, part.ggml_type):
                 return triton_gguf.matmul(x, data, part.ggml_type)
@@ -132,11 +154,19 @@ class GgufLinear(LinearLayer):
             return gguf.matmul_reference(x, data, part.ggml_type, chunk_rows=chunk_rows)
         return gguf.matmul_reference(x, data, part.ggml_type)
 
+    @staticmethod
+    def _number(part: PackedPart) -> str:
+        return part.param_name.rsplit("_", 1)[1]
+
+    def _k_form_scales(self, part: PackedPart) -> tuple[torch.Tensor, torch.Tensor]:
+        number = self._number(part)
+        return getattr(self, f"sub_scales_{number}"), getattr(self, f"sub_mins_{number}")
+
     def _int4_or_dense(self, part: PackedPart, x: torch.Tensor) -> torch.Tensor:
         """A CPU int4 part: the int4 matmul up to INT4_MAX_ROWS rows, the bf16 weights above. Traced with
         symbolic rows (the packaged decode step: runner/cpu_aot.py), the choice is a torch.cond, so one
         package serves both."""
-        number = part.param_name.rsplit("_", 1)[1]
+        number = self._number(part)
         int4, scales = getattr(self, f"int4_{number}"), getattr(self, f"int4_scales_{number}")
         weight = getattr(self, part.param_name)
 
@@ -158,14 +188,21 @@ class GgufLinear(LinearLayer):
         start = 0
         for part in self.parts:
             data = getattr(self, part.param_name)
-            rows = data if part.ggml_type is None or part.int4 else gguf.dequantize(data, part.ggml_type).to(self.dtype)
+            if part.k_form:
+                rows = int_quant.dequantize_k(data, *self._k_form_scales(part),
+                                              getattr(self, f"supers_{self._number(part)}"), self.dtype)
+            elif part.ggml_type is None or part.int4:
+                rows = data
+            else:
+                rows = gguf.dequantize(data, part.ggml_type).to(self.dtype)
             layer.weight[start:start + part.num_rows].copy_(rows)
             start += part.num_rows
         return layer
 
     def packed_bytes(self) -> int:
-        """Bytes this layer holds (its parameters), after finish_loading."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes this layer holds (its parameters and the K-quant form's scales), after finish_loading."""
+        held = [*self.parameters(), *(b for name, b in self.named_buffers() if not name.startswith("int4"))]
+        return sum(t.numel() * t.element_size() for t in held)
 
 
 @dataclass(frozen=True, slots=True)
