@@ -42,15 +42,14 @@ def time_graph(fn, repeats: int = 20) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, torch.Tensor],
-         q4_k_words: tuple[int, int, int] | None = None):
+def step(weights: list[tuple[torch.Tensor, int | None, int]], x_by_k: dict[int, torch.Tensor]):
     def run() -> None:
         for w, ggml_type, k in weights:
             x = x_by_k[k]
             if ggml_type is None:
                 triton_gemv.gemv(x, w)
             else:
-                triton_gguf.matmul(x, w, ggml_type, q4_k_words)
+                triton_gguf.matmul(x, w, ggml_type)
     return run
 
 

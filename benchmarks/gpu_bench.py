@@ -101,19 +101,14 @@ def load_fp8_small_table(path: str) -> None:
     print("fp8 small-batch table:", small.SMALL_M_TABLE, flush=True)
 
 
-def choose_int_kernels(int_kernels: str | None, q4k_words: str | None) -> None:
-    """The integer and GGUF kernels of this run: --int-kernels names a triton_int_quant.VARIANTS table for
-    DEFAULT_TABLE, --q4k-words "BLOCK_N,BLOCKS,WARPS" the Q4_K words GEMV (triton_gguf.Q4_K_WORDS_GEMV)."""
+def choose_int_kernels(int_kernels: str | None) -> None:
+    """The integer kernels of this run: --int-kernels names a triton_int_quant.VARIANTS table for
+    DEFAULT_TABLE (GGUF's Q4_K in the K-quant form takes it too)."""
     if int_kernels:
         from fitserve.kernels import triton_int_quant
 
         triton_int_quant.DEFAULT_TABLE = triton_int_quant.VARIANTS[int_kernels]
         print("integer kernel table:", int_kernels, triton_int_quant.DEFAULT_TABLE, flush=True)
-    if q4k_words:
-        from fitserve.kernels import triton_gguf
-
-        triton_gguf.Q4_K_WORDS_GEMV = tuple(int(v) for v in q4k_words.split(","))
-        print("Q4_K words GEMV:", triton_gguf.Q4_K_WORDS_GEMV, flush=True)
 
 
 def force_fp8_weight_only() -> None:
@@ -134,7 +129,7 @@ def build_fitserve(args: argparse.Namespace, with_memory: bool = False):
     utilization = budget_utilization(args.budget_gib) if args.budget_gib else args.gpu_memory_utilization
     if args.fp8_small_table:
         load_fp8_small_table(args.fp8_small_table)
-    choose_int_kernels(args.int_kernels, args.q4k_words)
+    choose_int_kernels(args.int_kernels)
     if not args.pdl:  # the A/B switch: every Triton kernel launched as before programmatic dependent launch
         from fitserve.kernels import pdl
 
@@ -580,8 +575,6 @@ def main() -> None:
                         help="fp8_decode_bench.py's fp8_small_table.json: its rows replace SMALL_M_TABLE's")
     parser.add_argument("--int-kernels", default=None,
                         help="a kernels/triton_int_quant.py VARIANTS table for the integer formats (default: DEFAULT_TABLE)")
-    parser.add_argument("--q4k-words", default=None,
-                        help="BLOCK_N,BLOCKS,WARPS: Q4_K's GEMV rows on the words GEMV (default: triton_gguf's choice)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--part-timeout-s", type=float, default=280)
     parser.add_argument("--hf-timeout-s", type=float, default=300)

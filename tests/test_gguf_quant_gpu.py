@@ -52,20 +52,6 @@ def test_decode_kernels_match_the_dequantized_product(name, num_tokens, dtype):
     assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("config", triton_gguf.Q4_K_WORDS_CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_q4_k_words_gemv_matches_the_dequantized_product(config, dtype):
-    """The Q4_K words GEMV through matmul, 1 to GEMV_MAX_ROWS rows, 5 and 56 blocks a row (partial steps)."""
-    for num_tokens in range(1, triton_gguf.GEMV_MAX_ROWS + 1):
-        for k, n in ((256 * 5, 1003), (256 * 56, 77)):
-            packed = random_packed("Q4_K", n, k, seed=k + num_tokens)
-            x = torch.randn(num_tokens, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
-            got = triton_gguf.matmul(x.to(dtype), packed, TYPES["Q4_K"], q4_k_words=config)
-            expected = x.to(dtype).float() @ gguf.dequantize(packed, TYPES["Q4_K"]).T
-            assert got.shape == (num_tokens, n) and got.dtype == dtype
-            assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
-
-
 @pytest.mark.parametrize("name", list(TYPES))
 def test_dequant_mm_multiplies_the_weights_dequantized_at_load(name):
     """Its scratch holds the weights as loading the file without --quantization gguf does (float32, rounded

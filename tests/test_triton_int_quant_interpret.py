@@ -1,8 +1,8 @@
 """The integer GEMV and GEMM kernels (kernels/triton_int_quant.py, triton_int_words.py) in Triton's
 interpreter, on CPU tensors, against int_quant.int_quant_mm_reference: every kernel table of
 VARIANTS at a row count in each of its buckets, 4 and 8 bits, groups of 32 and 128, whole rows and
-act-order, columns that are not a multiple of a block; and the Q4_K words GEMV (triton_gguf) in each
-of its configs against the dequantized product. Runs wherever triton is importable (the
+act-order, columns that are not a multiple of a block; and GGUF's Q4_K in the K-quant form through every
+table against the form's reference. Runs wherever triton is importable (the
 interpreter needs no GPU; it has no bf16, so fp16 and fp32), in a child process because
 TRITON_INTERPRET is read when the kernels are defined; skipped without triton (CPU torch).
 
@@ -65,7 +65,7 @@ def check_all() -> list[str]:
                     if got.dtype != dtype or not err < TOLERANCE:
                         failures.append(f"{name} bits={bits} shape={(num_cols, inner, group_size)} "
                                         f"rows={num_rows} act_order={order is not None}: {err:.2e}")
-    return failures + check_q4_k_words() + check_k_form()
+    return failures + check_k_form()
 
 
 def check_k_form():
@@ -92,27 +92,6 @@ def check_k_form():
             err = relative_error(got, expected)
             if got.dtype != dtype or not err < TOLERANCE:
                 failures.append(f"K-quant form {name} shape={(num_cols, inner)} rows={num_rows}: {err:.2e}")
-    return failures
-
-
-def check_q4_k_words() -> list[str]:
-    """triton_gguf's Q4_K words GEMV, each config, 1 and 3 rows, 5 and 9 blocks a row (partial steps)."""
-    from fitserve.kernels import gguf, triton_gguf
-
-    failures = []
-    gen = torch.Generator().manual_seed(1)
-    for num_blocks, num_cols in ((5, 37), (9, 11)):
-        packed = torch.randint(0, 256, (num_cols, num_blocks * 144), dtype=torch.uint8, generator=gen)
-        d_dmin = (torch.rand(num_cols * num_blocks, 2, generator=gen) * 0.02 - 0.01).to(torch.float16)
-        packed.view(-1, 144)[:, :4] = d_dmin.view(torch.uint8)  # small finite d and dmin
-        expected_w = gguf.dequantize(packed, triton_gguf.Q4_K_ID)
-        for config in triton_gguf.Q4_K_WORDS_CONFIGS:
-            for num_rows in (1, 3):
-                x = torch.randn(num_rows, num_blocks * 256, generator=gen).to(torch.float16)
-                got = triton_gguf.matmul(x, packed, triton_gguf.Q4_K_ID, q4_k_words=config)
-                err = relative_error(got, x.float() @ expected_w.T)
-                if not err < 1e-3:
-                    failures.append(f"Q4_K words {config} blocks={num_blocks} rows={num_rows}: {err:.2e}")
     return failures
 
 

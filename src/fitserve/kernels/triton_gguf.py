@@ -11,10 +11,8 @@ with tl.dot; from DEQUANT_MIN_ROWS rows (larger decode batches, prefill) `dequan
 layer once into a scratch buffer of the activations' dtype and calls cuBLAS.
 
 The specification is kernels/gguf.py `matmul_reference` (tests compare, also under the Triton
-interpreter on the CPU). q4_k_words_gemv is a second Q4_K GEMV, over int32 words with
-kernels/triton_int_words.py's mantissa trick and the sub-block scales applied after the products;
-matmul takes it only when asked (q4_k_words): on an H200 it measured 6.6-11 ms a Llama-3-8B step
-against the bytes GEMV's 4.3 (benchmarks/results/int_quant_h200/q4k_words.jsonl).
+interpreter on the CPU). A Q4_K layer served in 16 bits does not come here: layers/formats/gguf.py holds
+it in the integer kernels' K-quant form (kernels/int_quant.py, triton_int_words.py).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import triton.language as tl
 from fitserve.kernels import gguf, pdl
 from fitserve.kernels.pdl import begin
 from fitserve.kernels.triton_int_quant import dequant_scratch
-from fitserve.kernels.triton_int_words import MAGIC, MAGIC_BITS, mantissa_value
 from fitserve.plan.estimates import GGUF_DEQUANT_MIN_ROWS
 
 # Rows up to which a batch takes the GEMV (each program dequantizes its tile once per input row);
@@ -204,82 +201,6 @@ def dequant_mm(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.T
     return x @ weight.t()
 
 
-Q4_K_ID = 12  # gguf.BLOCK_TYPES' key of Q4_K
-# (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV for benchmarks/gguf_gemv_bench.py --q4k-words:
-# no spills on sm_90 (offline compile); (8, 16, 4) spills
-Q4_K_WORDS_CONFIGS = ((8, 8, 4), (4, 16, 4), (8, 4, 4), (16, 4, 8))
-# the words GEMV's config that matmul uses for Q4_K's GEMV rows; None: the bytes GEMV, which measured faster.
-# benchmarks/gpu_bench.py --q4k-words replaces it for a run.
-Q4_K_WORDS_GEMV: tuple[int, int, int] | None = None
-# a Q4_K block in int32 words: d and dmin (one word), 12 scale bytes (3 words), 128 nibble bytes (32 words)
-Q4_K_WORDS = tl.constexpr(36)
-Q4_K_QS_WORD = tl.constexpr(4)  # the first nibble word of a block
-
-
-@triton.jit
-def _q4_k_words_gemv_kernel(x_ptr, q_ptr, b_ptr, y_ptr, N, num_blocks, magic_bits, row_words, stride_x, stride_y,
-                            BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """Q4_K GEMV over int32 words (kernels/triton_int_words.py's mantissa trick): input row m against
-    BLOCK_N columns, BLOCKS blocks a step. Tensors are [4 pairs, BLOCKS, BLOCK_N, 8 words]: the 32 bytes of
-    pair j hold sub-block 2j in their low nibbles and 2j + 1 in their high ones, weight l = byte; so value
-    p of word w of pair j is weight 4w + p // 2 of sub-block 2j + p % 2. Per sub-block, sum q * x and x,
-    then y += d * scale * sum(q x) - dmin * min * sum(x): the scales after the products."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.program_id(1)
-    col_ok = cols < N
-    cols = tl.where(col_ok, cols, 0)
-    pair = tl.arange(0, 4)[:, None, None]  # [4, 1, 1]
-    word = tl.arange(0, 8)[None, None, None, :]  # [1, 1, 1, 8]
-    x_row = x_ptr + m * stride_x
-    begin(PDL)
-    acc = tl.zeros([4, BLOCKS, BLOCK_N, 8], dtype=tl.float32)
-    for b0 in range(0, num_blocks, BLOCKS):
-        blocks = b0 + tl.arange(0, BLOCKS)
-        block_ok = (blocks < num_blocks)[None, :, None]  # [1, B, 1]
-        blocks = tl.where(blocks < num_blocks, blocks, 0)[None, :, None]
-        at_block = cols[None, None, :].to(tl.int64) * row_words + blocks * Q4_K_WORDS  # [1, B, BN] in words
-        words = tl.load(q_ptr + (at_block + Q4_K_QS_WORD + pair * 8)[:, :, :, None] + word)  # [4, B, BN, 8]
-        base = b_ptr + at_block * 4  # the block's first byte
-        d = tl.where(block_ok, _f16_at(base), 0.0)  # out-of-range blocks (block 0 again) count nothing
-        dmin = tl.where(block_ok, _f16_at(base + 2), 0.0)
-        sc_lo, mn_lo = _k_scale_min(base + 4, 2 * pair)  # [4, B, BN]
-        sc_hi, mn_hi = _k_scale_min(base + 4, 2 * pair + 1)
-        high = words >> 16
-        x_at = x_row + ((blocks * 256 + pair * 64)[:, :, :, None] + 4 * word)  # [4, B, 1, 8]: weight 4w, sub 2j
-        dot_lo = tl.zeros([4, BLOCKS, BLOCK_N, 8], dtype=tl.float32)
-        dot_hi = tl.zeros([4, BLOCKS, BLOCK_N, 8], dtype=tl.float32)
-        sum_lo = tl.zeros([4, BLOCKS, 1, 8], dtype=tl.float32)
-        sum_hi = tl.zeros([4, BLOCKS, 1, 8], dtype=tl.float32)
-        for p in tl.static_range(8):
-            x = tl.load(x_at + (p % 2) * 32 + p // 2).to(tl.float32)
-            q = mantissa_value(words, high, magic_bits, p, 4) - MAGIC  # q * 16^(p % 4), exact
-            if p % 2 == 0:
-                dot_lo += q * (x * (1.0 / (1 << (4 * (p % 4)))))
-                sum_lo += x
-            else:
-                dot_hi += q * (x * (1.0 / (1 << (4 * (p % 4)))))
-                sum_hi += x
-        acc += (dot_lo * (d * sc_lo)[:, :, :, None] + dot_hi * (d * sc_hi)[:, :, :, None]
-                - sum_lo * (dmin * mn_lo)[:, :, :, None] - sum_hi * (dmin * mn_hi)[:, :, :, None])
-    y = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1), axis=0)
-    tl.store(y_ptr + m * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
-
-
-def q4_k_words_gemv(x: torch.Tensor, packed: torch.Tensor, block_n: int, blocks_per_tile: int,
-                    num_warps: int) -> torch.Tensor:
-    """x [M, K] @ dequantize(packed Q4_K [N, row_bytes]).T -> [M, N]: the words GEMV (one program row a row)."""
-    block = _check(x, packed, Q4_K_ID)
-    assert block.name == "Q4_K" and packed.storage_offset() % 4 == 0
-    num_rows, row_bytes = packed.shape
-    num_blocks = x.shape[1] // block.block_elements
-    out = torch.empty(x.shape[0], num_rows, dtype=x.dtype, device=x.device)
-    _q4_k_words_gemv_kernel[(triton.cdiv(num_rows, block_n), x.shape[0])](
-        x, packed.view(torch.int32), packed, out, num_rows, num_blocks, MAGIC_BITS, row_bytes // 4, x.stride(0),
-        out.stride(0), BLOCKS=min(blocks_per_tile, triton.next_power_of_2(num_blocks)), BLOCK_N=block_n,
-        num_warps=num_warps, **pdl.options(x.device))
-    return out
-
-
 def _launch_shape(block: gguf.GgmlBlock, weights_per_tile: int) -> dict:
     sub_blocks, per_sub = SUB_BLOCKS[block.name]
     return {"TYPE": TYPE_IDS[block.name], "BB": block.block_bytes, "S": sub_blocks, "L": per_sub,
@@ -294,15 +215,10 @@ def supports(x: torch.Tensor, ggml_type: int) -> bool:
             and ggml_type in gguf.BLOCK_TYPES)
 
 
-def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int,
-           q4_k_words: tuple[int, int, int] | None = None) -> torch.Tensor:
+def matmul(x: torch.Tensor, packed: torch.Tensor, ggml_type: int) -> torch.Tensor:
     """x [M, K] @ dequantize(packed).T: the GEMV up to GEMV_MAX_ROWS, the small GEMM below DEQUANT_MIN_ROWS,
-    dequant_mm from there. q4_k_words: (BLOCK_N, blocks a step, num_warps) of the Q4_K words GEMV, which then
-    serves Q4_K's GEMV rows (None: Q4_K_WORDS_GEMV as it is at the call; that None too, the bytes GEMV)."""
-    q4_k_words = q4_k_words or Q4_K_WORDS_GEMV
+    dequant_mm from there."""
     if x.shape[0] <= GEMV_MAX_ROWS:
-        if q4_k_words is not None and ggml_type == Q4_K_ID:
-            return q4_k_words_gemv(x, packed, *q4_k_words)
         return gemv(x, packed, ggml_type)
     if x.shape[0] >= DEQUANT_MIN_ROWS:
         return dequant_mm(x, packed, ggml_type)
