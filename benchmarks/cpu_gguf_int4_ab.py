@@ -20,21 +20,30 @@ from fitserve.sampling_params import SamplingParams
 OUTPUT_TOKENS = 64
 
 
-def main() -> None:
+def random_prompts(count: int = 16, length: int = 128) -> list[list[int]]:
     rng = random.Random(0)
-    prompts = [[rng.randint(100, 30000) for _ in range(128)] for _ in range(16)]
-    llms = {"int4": LLM(cpu_compile="aot", quantization="gguf"), "bf16": LLM(cpu_compile="aot")}
+    return [[rng.randint(100, 30000) for _ in range(length)] for _ in range(count)]
+
+
+def time_streams(llm: LLM, prompts: list[list[int]], variant: str, repeat: int) -> None:
+    """16 streams, then one: a warm-up token, then OUTPUT_TOKENS greedy tokens each; a JSON line per run."""
     params = SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0.0, ignore_eos=True)
+    for streams in (16, 1):
+        batch = prompts[:streams]
+        llm.generate(batch, SamplingParams(max_tokens=1, ignore_eos=True))  # warm
+        start = time.perf_counter()
+        llm.generate(batch, params)
+        seconds = time.perf_counter() - start
+        print(json.dumps({"repeat": repeat, "variant": variant, "streams": streams,
+                          "output_tok_s": round(streams * OUTPUT_TOKENS / seconds, 1)}), flush=True)
+
+
+def main() -> None:
+    prompts = random_prompts()
+    llms = {"int4": LLM(cpu_compile="aot", quantization="gguf"), "bf16": LLM(cpu_compile="aot")}
     for repeat in range(3):
         for name, llm in llms.items():
-            for streams in (16, 1):
-                batch = prompts[:streams]
-                llm.generate(batch, SamplingParams(max_tokens=1, ignore_eos=True))  # warm
-                start = time.perf_counter()
-                llm.generate(batch, params)
-                seconds = time.perf_counter() - start
-                print(json.dumps({"repeat": repeat, "variant": name, "streams": streams,
-                                  "output_tok_s": round(streams * OUTPUT_TOKENS / seconds, 1)}), flush=True)
+            time_streams(llm, prompts, name, repeat)
 
 
 if __name__ == "__main__":
