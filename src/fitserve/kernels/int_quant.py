@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import torch
 
-AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-SUPER_GROUPS = 8  # the K-quant form: groups of 32 in a super-block (Q4_K's block of 256)  # nibble i of an AWQ word holds column AWQ_PACK_ORDER[i]
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_PACK_ORDER[i]
+SUPER_GROUPS = 8  # the K-quant form: groups of 32 in a super-block (Q4_K's block of 256)
 
 
 def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -145,8 +145,8 @@ class GgufLinear(LinearLayer):
         if part.ggml_type is None:
             return linear(x, data)
         if part.k_form:
-            return triton_int_quant.int_quant_mm(x, data, *self._k_form_scales(part), None, 4,
-                                                 supers=getattr(self, f"supers_{self._number(part)}"))
+            sub_scales, sub_mins, supers = self._k_form(part)
+            return triton_int_quant.int_quant_mm(x, data, sub_scales, sub_mins, None, 4, supers=supers)
         if x.is_cuda and triton_gguf is not None:
             if triton_gguf.supports(x, part.ggml_type):
                 return triton_gguf.matmul(x, data, part.ggml_type)
@@ -158,9 +158,10 @@ class GgufLinear(LinearLayer):
     def _number(part: PackedPart) -> str:
         return part.param_name.rsplit("_", 1)[1]
 
-    def _k_form_scales(self, part: PackedPart) -> tuple[torch.Tensor, torch.Tensor]:
+    def _k_form(self, part: PackedPart) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A K-quant part's (sub_scales, sub_mins, supers) buffers."""
         number = self._number(part)
-        return getattr(self, f"sub_scales_{number}"), getattr(self, f"sub_mins_{number}")
+        return tuple(getattr(self, f"{name}_{number}") for name in ("sub_scales", "sub_mins", "supers"))
 
     def _int4_or_dense(self, part: PackedPart, x: torch.Tensor) -> torch.Tensor:
         """A CPU int4 part: the int4 matmul up to INT4_MAX_ROWS rows, the bf16 weights above. Traced with
@@ -189,8 +190,7 @@ class GgufLinear(LinearLayer):
         for part in self.parts:
             data = getattr(self, part.param_name)
             if part.k_form:
-                rows = int_quant.dequantize_k(data, *self._k_form_scales(part),
-                                              getattr(self, f"supers_{self._number(part)}"), self.dtype)
+                rows = int_quant.dequantize_k(data, *self._k_form(part), self.dtype)
             elif part.ggml_type is None or part.int4:
                 rows = data
             else:
