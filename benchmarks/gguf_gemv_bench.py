@@ -125,15 +125,17 @@ def k_form_cases(args: argparse.Namespace) -> None:
     from fitserve.layers.linear import linear
     from fitserve.weights.dummy_gguf import random_blocks
 
+    def multiply(kind: str, x: torch.Tensor, w) -> torch.Tensor:
+        if kind == "bf16":
+            return linear(x, w)
+        if kind == "Q4_K bytes":
+            return triton_gguf.matmul(x, w, TYPES["Q4_K"])
+        qweight, sub_scales, sub_mins, supers = w
+        return triton_int_quant.int_quant_mm(x, qweight, sub_scales, sub_mins, None, 4, supers=supers)
+
     def run_all(kind: str, weights: list, x_by_k: dict) -> None:
         for w, k in weights:
-            x = x_by_k[k]
-            if kind == "bf16":
-                linear(x, w)
-            elif kind == "Q4_K bytes":
-                triton_gguf.matmul(x, w, TYPES["Q4_K"])
-            else:
-                triton_int_quant.int_quant_mm(x, w[0], w[1], w[2], None, 4, supers=w[3])
+            multiply(kind, x_by_k[k], w)
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [shape for _ in range(args.layers) for shape in SHAPES.values()]
@@ -155,9 +157,7 @@ def k_form_cases(args: argparse.Namespace) -> None:
                 for index, (n, k) in enumerate(shapes[:len(SHAPES)]):
                     packed = random_blocks("Q4_K", (n, k), torch.Generator(device="cuda").manual_seed(index),
                                            torch.device("cuda"))
-                    w = packed if kind == "Q4_K bytes" else gguf.q4_k_words_form(packed)
-                    got = (triton_gguf.matmul(x_by_k[k], w, TYPES["Q4_K"]) if kind == "Q4_K bytes" else
-                           triton_int_quant.int_quant_mm(x_by_k[k], w[0], w[1], w[2], None, 4, supers=w[3]))
+                    got = multiply(kind, x_by_k[k], packed if kind == "Q4_K bytes" else gguf.q4_k_words_form(packed))
                     expected = gguf.matmul_reference(x_by_k[k], packed, TYPES["Q4_K"]).float()
                     err = max(err, ((got.float() - expected).norm() / expected.norm()).item())
             ms = time_graph(partial(run_all, kind, weights, x_by_k))

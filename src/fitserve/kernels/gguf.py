@@ -97,13 +97,22 @@ def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: (d, dmin float32 [B], the sub-blocks' 6-bit scales and mins uint8 [B, 8])."""
+    sc, mn = _k_scale_min(blocks[:, 4:4 + K_SCALE_BYTES])
+    return _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), sc, mn
+
+
+def _k_nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """Q4_K / Q5_K: 128 bytes of nibbles a block [B, 128] -> [B, 8, 32] (sub-block 2j in the low nibbles of
+    bytes 32j..32j + 31, 2j + 1 in their high ones)."""
+    return ((qs.reshape(-1, 4, 1, 32) >> _shifts(4, 2, qs.device).reshape(1, 1, 2, 1)) & 0x0F).reshape(-1, 8, 32)
+
+
 def _q4_k_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_K: (q [B, 8, 32] uint8, d * sc [B, 8], dmin * mn [B, 8] float32): w = (d * sc) q - dmin * mn."""
-    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    sc, mn = _k_scale_min(blocks[:, 4:4 + K_SCALE_BYTES])
-    qs = blocks[:, 4 + K_SCALE_BYTES:]
-    q = (qs.reshape(-1, 4, 1, 32) >> _shifts(4, 2, blocks.device).reshape(1, 1, 2, 1)) & 0x0F
-    return q.reshape(-1, 8, 32), d * sc.to(torch.float32), dmin * mn.to(torch.float32)
+    d, dmin, sc, mn = _k_scales(blocks)
+    return _k_nibbles(blocks[:, 4 + K_SCALE_BYTES:]), d * sc.to(torch.float32), dmin * mn.to(torch.float32)
 
 
 def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
@@ -112,14 +121,12 @@ def _dequant_q4_k(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _dequant_q5_k(blocks: torch.Tensor) -> torch.Tensor:
-    d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
-    sc, mn = _k_scale_min(blocks[:, 4:4 + K_SCALE_BYTES])
+    d, dmin, sc, mn = _k_scales(blocks)
     qh, qs = blocks[:, 16:48], blocks[:, 48:]
     d = (d * sc.to(torch.float32)).reshape(-1, 8, 1)
     dm = (dmin * mn.to(torch.float32)).reshape(-1, 8, 1)
-    low = (qs.reshape(-1, 4, 1, 32) >> _shifts(4, 2, blocks.device).reshape(1, 1, 2, 1)) & 0x0F
     high = (qh.reshape(-1, 1, 32) >> _shifts(1, 8, blocks.device).reshape(1, 8, 1)) & 0x01
-    q = low.reshape(-1, 8, 32) | (high << 4)
+    q = _k_nibbles(qs) | (high << 4)
     return (d * q.to(torch.float32) - dm).reshape(-1, 256)
 
 
@@ -160,11 +167,11 @@ def q4_k_words_form(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     weights bit for bit, 148 bytes a block of 256 against the file's 144."""
     num_rows = packed.shape[0]
     blocks = packed.reshape(-1, BLOCK_TYPES[Q4_K].block_bytes)
-    q, _, _ = _q4_k_parts(blocks)
-    sc, mn = _k_scale_min(blocks[:, 4:4 + K_SCALE_BYTES])
-    supers = blocks[:, :4].contiguous().view(torch.float16).reshape(num_rows, -1, 2)
-    return (int_quant.pack_nibbles(q.reshape(num_rows, -1)).contiguous(), sc.reshape(num_rows, -1).contiguous(),
-            mn.reshape(num_rows, -1).contiguous(), supers.contiguous())
+    _, _, sc, mn = _k_scales(blocks)
+    q = _k_nibbles(blocks[:, 4 + K_SCALE_BYTES:]).reshape(num_rows, -1)
+    supers = blocks[:, :4].contiguous().view(torch.float16).reshape(num_rows, -1, 2)  # d and dmin as stored
+    return (int_quant.pack_nibbles(q).contiguous(), sc.reshape(num_rows, -1).contiguous(),
+            mn.reshape(num_rows, -1).contiguous(), supers)
 
 
 def block_type(ggml_type: int) -> GgmlBlock:
