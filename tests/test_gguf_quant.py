@@ -296,3 +296,18 @@ def test_dequantize_makes_no_tensor_from_host_data(monkeypatch):
     for ggml_type, packed in rows.items():
         assert gguf.dequantize(packed, ggml_type).shape == (3, 256)
     monkeypatch.setattr(torch, "tensor", real)
+
+
+def test_the_k_quant_form_holds_a_q4_k_files_weights_bit_for_bit():
+    """kernels/gguf.py q4_k_words_form -> int_quant.dequantize_k gives gguf's own dequantization of the blocks,
+    in 148 bytes a block (what a 16-bit CUDA layer holds and the triton words kernels read)."""
+    from fitserve.kernels import int_quant
+    from fitserve.weights.dummy_gguf import random_blocks
+
+    packed = random_blocks("Q4_K", (37, 256 * 3), torch.Generator().manual_seed(4), torch.device("cpu"))
+    form = gguf.q4_k_words_form(packed)
+    qweight, sub_scales, sub_mins, supers = form
+    assert (qweight.shape, sub_scales.shape, sub_mins.shape, supers.shape) == ((37, 384), (37, 24), (37, 24), (37, 3, 2))
+    assert sum(t.numel() * t.element_size() for t in form) == 37 * 3 * 148
+    expected = gguf_dequantize(packed.numpy(), GGMLQuantizationType.Q4_K)
+    assert torch.equal(int_quant.dequantize_k(*form, torch.float32), torch.from_numpy(expected).reshape(37, -1))
